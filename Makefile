@@ -1,0 +1,36 @@
+# deltafleet developer entry points. Needs only Python 3.11+ on PATH; everything else is installed here.
+PYTHON ?= python3
+SYSTEM_UV := $(shell command -v uv 2>/dev/null)
+UV := $(if $(SYSTEM_UV),$(SYSTEM_UV),$(CURDIR)/.tools/bin/uv)
+RUN := $(UV) run --frozen --no-sync
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(CURDIR)/.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet --disable-pip-version-check uv
+
+.venv/.installed: $(UV) pyproject.toml uv.lock shared/pyproject.toml agent/pyproject.toml server/pyproject.toml
+	$(UV) sync --frozen --all-packages --all-extras
+	@touch $@
+
+install: .venv/.installed
+
+demo: install
+	$(RUN) python scripts/demo.py
+
+test: install
+	$(RUN) pytest
+
+test-fast: install
+	$(RUN) pytest tests/unit
+
+lint: install
+	$(RUN) ruff check shared agent server scripts tests migrations
+	$(RUN) mypy shared/src agent/src server/src
+
+bench: install
+	$(RUN) python scripts/bench/run_all.py
+
+clean:
+	rm -rf .venv .tools .pytest_cache .demo

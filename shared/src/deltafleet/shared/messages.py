@@ -1,0 +1,323 @@
+"""Wire messages: frozen, slotted dataclasses with explicit to_wire()/from_wire().
+
+Every message carries ``v`` (its format version). ``from_wire`` checks every field's type and
+raises WireError on anything else, so a handler never sees a half-valid message.
+
+Manifest (server -> device, signed): the desired state of one model on one device.
+Hello, Event, ChunkRequest, Status (device -> server): unsigned JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .canonical import canonical_json, parse_json_object
+from .errors import WireError
+from .hashing import chunk_count, is_sha256
+from .topics import check_device_id
+
+WIRE_VERSION = 1
+MAX_CHUNK_SIZE_BYTES = 1 << 20
+MODEL_FORMATS = ("onnx", "tflite")
+ARTIFACT_KINDS = ("full", "delta")
+CODECS = ("identity", "bsdiff4")
+
+
+def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], *, optional: bool = False):
+    if key not in d or d[key] is None:
+        if optional:
+            return None
+        raise WireError(f"missing field {key!r}")
+    value = d[key]
+    if isinstance(value, bool) and kind is not bool and not (
+        isinstance(kind, tuple) and bool in kind
+    ):
+        raise WireError(f"field {key!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise WireError(f"field {key!r} has the wrong type")
+    return value
+
+
+def _sha(d: dict[str, Any], key: str, *, optional: bool = False) -> str | None:
+    value = _get(d, key, str, optional=optional)
+    if value is not None and not is_sha256(value):
+        raise WireError(f"field {key!r} is not a lowercase hex sha256")
+    return value
+
+
+def _nonneg(d: dict[str, Any], key: str) -> int:
+    value = _get(d, key, int)
+    if value < 0:
+        raise WireError(f"field {key!r} is negative")
+    return value
+
+
+def _check_version(d: dict[str, Any]) -> None:
+    if d.get("v") != WIRE_VERSION:
+        raise WireError(f"unsupported message version {d.get('v')!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactRef:
+    """What travels: the full model or a delta from ``base_sha256``, cut into chunks."""
+
+    kind: str  # "full" | "delta"
+    codec: str  # "identity" | "bsdiff4"
+    sha256: str
+    size_bytes: int
+    chunk_size_bytes: int
+    chunks: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["chunks"] = list(self.chunks)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: Any) -> ArtifactRef:
+        if not isinstance(d, dict):
+            raise WireError("artifact must be an object")
+        kind = _get(d, "kind", str)
+        codec = _get(d, "codec", str)
+        if kind not in ARTIFACT_KINDS:
+            raise WireError(f"unknown artifact kind {kind!r}")
+        chunk_size = _nonneg(d, "chunk_size_bytes")
+        size = _nonneg(d, "size_bytes")
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE_BYTES:
+            raise WireError(f"chunk size {chunk_size} out of range")
+        chunks = _get(d, "chunks", list)
+        if len(chunks) != chunk_count(size, chunk_size) or not all(map(is_sha256, chunks)):
+            raise WireError("chunk list does not match the artifact size")
+        return cls(kind, codec, _sha(d, "sha256"), size, chunk_size, tuple(chunks))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Signed desired state for one model on one device."""
+
+    manifest_id: str
+    device_id: str
+    serial: int  # strictly increasing per device
+    issued_at: int  # unix seconds
+    expires_at: int  # unix seconds
+    rollout_id: int | None
+    model: str
+    version: str
+    variant: str
+    format: str  # "onnx" | "tflite"
+    target_sha256: str
+    target_size_bytes: int
+    base_sha256: str | None
+    artifact: ArtifactRef
+
+    def to_wire(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "artifact"}
+        d["artifact"] = self.artifact.to_wire()
+        d["v"] = WIRE_VERSION
+        d["type"] = "manifest"
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Manifest:
+        _check_version(d)
+        if d.get("type") != "manifest":
+            raise WireError("payload is not a manifest")
+        fmt = _get(d, "format", str)
+        if fmt not in MODEL_FORMATS:
+            raise WireError(f"unknown model format {fmt!r}")
+        artifact = ArtifactRef.from_wire(d.get("artifact"))
+        base = _sha(d, "base_sha256", optional=True)
+        if artifact.kind == "delta" and base is None:
+            raise WireError("a delta artifact needs base_sha256")
+        return cls(
+            manifest_id=_get(d, "manifest_id", str),
+            device_id=check_device_id(_get(d, "device_id", str)),
+            serial=_nonneg(d, "serial"),
+            issued_at=_nonneg(d, "issued_at"),
+            expires_at=_nonneg(d, "expires_at"),
+            rollout_id=_get(d, "rollout_id", int, optional=True),
+            model=_get(d, "model", str),
+            version=_get(d, "version", str),
+            variant=_get(d, "variant", str),
+            format=fmt,
+            target_sha256=_sha(d, "target_sha256"),  # type: ignore[arg-type]
+            target_size_bytes=_nonneg(d, "target_size_bytes"),
+            base_sha256=base,
+            artifact=artifact,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """One model a device runs."""
+
+    model: str
+    version: str
+    sha256: str
+    variant: str = "default"
+    format: str = "onnx"
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: Any) -> ModelState:
+        if not isinstance(d, dict):
+            raise WireError("model entry must be an object")
+        return cls(
+            model=_get(d, "model", str),
+            version=_get(d, "version", str),
+            sha256=_sha(d, "sha256"),  # type: ignore[arg-type]
+            variant=_get(d, "variant", str, optional=True) or "default",
+            format=_get(d, "format", str, optional=True) or "onnx",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Sent on every connect: who the device is, what it can run, and what it runs now."""
+
+    device_id: str
+    agent_version: str
+    profile: dict[str, Any]  # arch, os, cpu, memory_bytes, accelerator, runtimes, disk_free_bytes
+    labels: dict[str, str]
+    models: tuple[ModelState, ...]
+    sent_at: int = field(default_factory=lambda: int(time.time()))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": WIRE_VERSION,
+            "type": "hello",
+            "device_id": self.device_id,
+            "agent_version": self.agent_version,
+            "profile": self.profile,
+            "labels": self.labels,
+            "models": [m.to_wire() for m in self.models],
+            "sent_at": self.sent_at,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Hello:
+        _check_version(d)
+        labels = _get(d, "labels", dict)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise WireError("labels must map strings to strings")
+        return cls(
+            device_id=check_device_id(_get(d, "device_id", str)),
+            agent_version=_get(d, "agent_version", str),
+            profile=_get(d, "profile", dict),
+            labels=labels,
+            models=tuple(ModelState.from_wire(m) for m in _get(d, "models", list)),
+            sent_at=_nonneg(d, "sent_at"),
+        )
+
+
+EVENT_STATES = ("downloading", "applying", "active", "failed", "rejected")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Progress or result of applying one manifest. ``event_id`` makes delivery idempotent."""
+
+    event_id: str
+    device_id: str
+    manifest_id: str | None
+    rollout_id: int | None
+    model: str
+    version: str
+    state: str
+    reason: str = ""
+    sha256: str | None = None  # sha the device runs after this event (for active/failed)
+    bytes_received: int = 0
+    chunks_total: int = 0
+    chunks_reused: int = 0  # chunks found on disk from an earlier attempt
+    at: int = field(default_factory=lambda: int(time.time()))
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["v"] = WIRE_VERSION
+        d["type"] = "event"
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Event:
+        _check_version(d)
+        state = _get(d, "state", str)
+        if state not in EVENT_STATES:
+            raise WireError(f"unknown event state {state!r}")
+        return cls(
+            event_id=_get(d, "event_id", str),
+            device_id=check_device_id(_get(d, "device_id", str)),
+            manifest_id=_get(d, "manifest_id", str, optional=True),
+            rollout_id=_get(d, "rollout_id", int, optional=True),
+            model=_get(d, "model", str),
+            version=_get(d, "version", str),
+            state=state,
+            reason=_get(d, "reason", str, optional=True) or "",
+            sha256=_sha(d, "sha256", optional=True),
+            bytes_received=_nonneg(d, "bytes_received"),
+            chunks_total=_nonneg(d, "chunks_total"),
+            chunks_reused=_nonneg(d, "chunks_reused"),
+            at=_nonneg(d, "at"),
+        )
+
+
+MAX_INDICES_PER_REQUEST = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRequest:
+    device_id: str
+    artifact_sha256: str
+    indices: tuple[int, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": WIRE_VERSION,
+            "type": "chunkreq",
+            "device_id": self.device_id,
+            "artifact_sha256": self.artifact_sha256,
+            "indices": list(self.indices),
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> ChunkRequest:
+        _check_version(d)
+        indices = _get(d, "indices", list)
+        if len(indices) > MAX_INDICES_PER_REQUEST or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices
+        ):
+            raise WireError("indices must be a list of non-negative integers")
+        return cls(
+            device_id=check_device_id(_get(d, "device_id", str)),
+            artifact_sha256=_sha(d, "artifact_sha256"),  # type: ignore[arg-type]
+            indices=tuple(indices),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Retained presence; the last will publishes ``online=False``."""
+
+    device_id: str
+    online: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": WIRE_VERSION, "type": "status", "device_id": self.device_id,
+                "online": self.online}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Status:
+        _check_version(d)
+        return cls(check_device_id(_get(d, "device_id", str)), _get(d, "online", bool))
+
+
+def encode(message: Hello | Event | ChunkRequest | Status | Manifest) -> bytes:
+    return canonical_json(message.to_wire())
+
+
+def decode(cls, data: bytes, *, max_bytes: int = 256 * 1024):
+    """Parse ``data`` as message class ``cls``; raises WireError on anything malformed."""
+    return cls.from_wire(parse_json_object(data, max_bytes=max_bytes))
