@@ -2,6 +2,7 @@
 PYTHON ?= python3
 SYSTEM_UV := $(shell command -v uv 2>/dev/null)
 UV := $(if $(SYSTEM_UV),$(SYSTEM_UV),$(CURDIR)/.tools/bin/uv)
+export FLEET_UV := $(UV)
 RUN := $(UV) run --frozen --no-sync
 
 .PHONY: install demo test test-fast lint bench clean

@@ -1,0 +1,21 @@
+"""Exception root for deltafleet.agent, subclassed by whose fault it is."""
+
+from __future__ import annotations
+
+from deltafleet.shared import DeltafleetError
+
+
+class AgentError(DeltafleetError):
+    """Root of the agent's own errors."""
+
+
+class ConfigError(AgentError):
+    """The agent's config file or environment is invalid."""
+
+
+class UpdateRejected(AgentError):
+    """An update failed a check (signature, binding, hash, size); the running model is kept."""
+
+
+class ModelRuntimeError(AgentError):
+    """A model failed to load or to run in its inference runtime."""

@@ -1,0 +1,29 @@
+"""Exception root for deltafleet.server, subclassed by whose fault it is."""
+
+from __future__ import annotations
+
+from deltafleet.shared import DeltafleetError
+
+
+class ServerError(DeltafleetError):
+    """Root of the server's own errors."""
+
+
+class UsageError(ServerError):
+    """The operator asked for something invalid: fix the input and retry (exit code 2)."""
+
+
+class NotFoundError(UsageError):
+    """A named device, group, model, version or rollout does not exist."""
+
+
+class ConflictError(UsageError):
+    """The thing already exists (duplicate model version, group name, ...)."""
+
+
+class CatalogError(UsageError):
+    """A file is not a valid ONNX or TFLite model."""
+
+
+class DeltaError(ServerError):
+    """A delta could not be built or did not round-trip."""

@@ -1,0 +1,222 @@
+"""ORM schema (SQLAlchemy 2.0 typed). Alembic migrations are the only thing that creates it.
+
+Tables: devices, device_models, groups, models, model_versions, variants, artifacts, deltas,
+rollouts, rollout_targets, audit_log.
+
+Rollout target states (per device)::
+
+    pending -> notified -> downloading -> applying -> active
+                    \\-----------\\-------------\\----> failed | rejected
+    pending -> skipped   (the device cannot take any variant of the model)
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+SHA = String(64)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hardware_id: Mapped[str | None] = mapped_column(String(128))
+    arch: Mapped[str | None] = mapped_column(String(32))
+    os: Mapped[str | None] = mapped_column(String(64))
+    cpu: Mapped[str | None] = mapped_column(String(128))
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    accelerator: Mapped[str | None] = mapped_column(String(64))
+    runtimes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # name -> version
+    disk_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # str -> str
+    agent_version: Mapped[str | None] = mapped_column(String(32))
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    manifest_serial: Mapped[int] = mapped_column(BigInteger, default=0)  # last serial signed
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    models: Mapped[list[DeviceModel]] = relationship(
+        back_populates="device", lazy="raise", cascade="all, delete-orphan"
+    )
+
+
+class DeviceModel(Base):
+    """What model (by sha256) a device reports it runs, one row per model name."""
+
+    __tablename__ = "device_models"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str | None] = mapped_column(String(64))
+    variant: Mapped[str | None] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(SHA)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    device: Mapped[Device] = relationship(back_populates="models", lazy="raise")
+
+
+class Group(Base):
+    """A device group: ``selector`` maps label names or profile fields (arch, os, accelerator)
+    to the value a device must have. An empty selector matches every device."""
+
+    __tablename__ = "groups"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    selector: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    versions: Mapped[list[ModelVersion]] = relationship(back_populates="model", lazy="raise")
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="versions", lazy="raise")
+    variants: Mapped[list[Variant]] = relationship(back_populates="version", lazy="raise")
+
+
+class Artifact(Base):
+    """A content-addressed blob on disk (``$FLEET_HOME/blobs/<sha[:2]>/<sha>``)."""
+
+    __tablename__ = "artifacts"
+
+    sha256: Mapped[str] = mapped_column(SHA, primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))  # "model" | "delta"
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Variant(Base):
+    """One deployable file of a model version: a format and precision for some devices."""
+
+    __tablename__ = "variants"
+    __table_args__ = (UniqueConstraint("version_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    name: Mapped[str] = mapped_column(String(64), default="default")
+    format: Mapped[str] = mapped_column(String(16))  # "onnx" | "tflite"
+    precision: Mapped[str] = mapped_column(String(8), default="fp32")  # fp32 | fp16 | int8
+    artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # catalog metadata
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    version: Mapped[ModelVersion] = relationship(back_populates="variants", lazy="raise")
+
+
+class Delta(Base):
+    """A cached binary delta from ``base_sha256`` to ``target_sha256``."""
+
+    __tablename__ = "deltas"
+    __table_args__ = (UniqueConstraint("base_sha256", "target_sha256", "codec"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_sha256: Mapped[str] = mapped_column(SHA)
+    target_sha256: Mapped[str] = mapped_column(SHA)
+    codec: Mapped[str] = mapped_column(String(16))
+    artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    build_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Rollout(Base):
+    """Rollout states: running -> completed | failed; running -> aborted (operator)."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    targets: Mapped[list[RolloutTarget]] = relationship(back_populates="rollout", lazy="raise")
+
+
+class RolloutTarget(Base):
+    __tablename__ = "rollout_targets"
+    __table_args__ = (UniqueConstraint("rollout_id", "device_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    variant_id: Mapped[int | None] = mapped_column(ForeignKey("variants.id"))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    base_sha256: Mapped[str | None] = mapped_column(SHA)
+    target_sha256: Mapped[str | None] = mapped_column(SHA)
+    artifact_sha256: Mapped[str | None] = mapped_column(SHA)
+    artifact_kind: Mapped[str | None] = mapped_column(String(8))  # "full" | "delta"
+    bytes_to_send: Mapped[int | None] = mapped_column(BigInteger)
+    full_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    manifest_id: Mapped[str | None] = mapped_column(String(32))
+    serial: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    rollout: Mapped[Rollout] = relationship(back_populates="targets", lazy="raise")
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(256))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
