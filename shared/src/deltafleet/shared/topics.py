@@ -4,7 +4,8 @@
     {prefix}/dev/{device_id}/status     device -> server  retained online/offline (last will)
     {prefix}/dev/{device_id}/events     device -> server  update progress and results
     {prefix}/dev/{device_id}/chunkreq   device -> server  chunk indices it still needs
-    {prefix}/dev/{device_id}/desired    server -> device  retained signed manifest (desired state)
+    {prefix}/dev/{device_id}/desired/{model}
+                                        server -> device  retained signed manifest (desired state)
     {prefix}/art/{sha256}/{index}       server -> devices artifact chunk, content-addressed
 """
 
@@ -46,8 +47,11 @@ class Topics:
     def chunk_request(self, device_id: str) -> str:
         return self.dev(device_id, "chunkreq")
 
-    def desired(self, device_id: str) -> str:
-        return self.dev(device_id, "desired")
+    def desired(self, device_id: str, model: str) -> str:
+        return f"{self.dev(device_id, 'desired')}/{model}"
+
+    def desired_filter(self, device_id: str) -> str:
+        return f"{self.dev(device_id, 'desired')}/+"
 
     def chunk(self, artifact_sha256: str, index: int) -> str:
         return f"{self.prefix}/art/{artifact_sha256}/{index}"

@@ -26,6 +26,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -43,6 +44,32 @@ SHA = String(64)
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    SQLite has no timezone type: SQLAlchemy stores the wall clock and reads back a naive value.
+    This type converts to UTC before storing and marks values read back as UTC, so code can
+    compare timestamps without caring which database it runs on. Naive input is taken as UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -64,9 +91,9 @@ class Device(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # str -> str
     agent_version: Mapped[str | None] = mapped_column(String(32))
     online: Mapped[bool] = mapped_column(Boolean, default=False)
-    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime())
     manifest_serial: Mapped[int] = mapped_column(BigInteger, default=0)  # last serial signed
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     models: Mapped[list[DeviceModel]] = relationship(
         back_populates="device", lazy="raise", cascade="all, delete-orphan"
@@ -85,7 +112,7 @@ class DeviceModel(Base):
     version: Mapped[str | None] = mapped_column(String(64))
     variant: Mapped[str | None] = mapped_column(String(64))
     sha256: Mapped[str] = mapped_column(SHA)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     device: Mapped[Device] = relationship(back_populates="models", lazy="raise")
 
@@ -99,7 +126,7 @@ class Group(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     selector: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Model(Base):
@@ -107,7 +134,7 @@ class Model(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     versions: Mapped[list[ModelVersion]] = relationship(back_populates="model", lazy="raise")
 
@@ -119,7 +146,7 @@ class ModelVersion(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
     version: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions", lazy="raise")
     variants: Mapped[list[Variant]] = relationship(back_populates="version", lazy="raise")
@@ -133,7 +160,7 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(SHA, primary_key=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(16))  # "model" | "delta"
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Variant(Base):
@@ -149,7 +176,7 @@ class Variant(Base):
     precision: Mapped[str] = mapped_column(String(8), default="fp32")  # fp32 | fp16 | int8
     artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # catalog metadata
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     version: Mapped[ModelVersion] = relationship(back_populates="variants", lazy="raise")
 
@@ -167,7 +194,7 @@ class Delta(Base):
     artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     build_seconds: Mapped[float] = mapped_column(Float, default=0.0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Rollout(Base):
@@ -181,9 +208,9 @@ class Rollout(Base):
     group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
     state: Mapped[str] = mapped_column(String(16), default="running")
     created_by: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     targets: Mapped[list[RolloutTarget]] = relationship(back_populates="rollout", lazy="raise")
 
@@ -206,7 +233,8 @@ class RolloutTarget(Base):
     full_bytes: Mapped[int | None] = mapped_column(BigInteger)
     manifest_id: Mapped[str | None] = mapped_column(String(32))
     serial: Mapped[int | None] = mapped_column(BigInteger)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    manifest: Mapped[str | None] = mapped_column(Text)  # signed envelope, re-sent on hello
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     rollout: Mapped[Rollout] = relationship(back_populates="targets", lazy="raise")
 
@@ -215,7 +243,7 @@ class AuditEntry(Base):
     __tablename__ = "audit_log"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     actor: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str] = mapped_column(String(256))

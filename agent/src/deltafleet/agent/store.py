@@ -1,0 +1,122 @@
+"""The device's model store and its state file.
+
+Layout under ``state_dir``::
+
+    state.json                  current and previous model per name, last serial, failed ids
+    models/<sha256>.<onnx|tflite>   content-addressed, verified model files (current + previous)
+    downloads/<artifact sha256>/<index>   verified chunks of an artifact being fetched
+
+``state.json`` is only ever replaced atomically (temp + fsync + rename + fsync dir), so after a
+power loss the device runs the old or the new verified model, never a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from deltafleet.shared import ModelState, atomic_write_bytes, atomic_write_json
+
+EXTENSIONS = {"onnx": "onnx", "tflite": "tflite"}
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledModel:
+    model: str
+    version: str
+    sha256: str
+    variant: str
+    format: str
+    serial: int = 0
+    manifest_id: str | None = None
+
+    def as_state(self) -> ModelState:
+        return ModelState(self.model, self.version, self.sha256, self.variant, self.format)
+
+
+class LocalStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir)
+        self.models_dir = self.root / "models"
+        self.downloads_dir = self.root / "downloads"
+        self.state_file = self.root / "state.json"
+        for d in (self.root, self.models_dir, self.downloads_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._state = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        if not self.state_file.exists():
+            return {"current": {}, "previous": {}, "last_serial": 0, "failed": {}}
+        data = json.loads(self.state_file.read_text())
+        data.setdefault("failed", {})
+        return data
+
+    def _write(self) -> None:
+        atomic_write_json(self.state_file, self._state)
+
+    # -- queries ---------------------------------------------------------------------------
+    def current(self, model: str) -> InstalledModel | None:
+        entry = self._state["current"].get(model)
+        return InstalledModel(**entry) if entry else None
+
+    def previous(self, model: str) -> InstalledModel | None:
+        entry = self._state["previous"].get(model)
+        return InstalledModel(**entry) if entry else None
+
+    def all_current(self) -> list[InstalledModel]:
+        return [InstalledModel(**e) for e in self._state["current"].values()]
+
+    @property
+    def last_serial(self) -> int:
+        return int(self._state.get("last_serial", 0))
+
+    def failed_manifest(self, model: str) -> str | None:
+        return self._state["failed"].get(model)
+
+    def model_path(self, sha256: str, fmt: str) -> Path:
+        return self.models_dir / f"{sha256}.{EXTENSIONS[fmt]}"
+
+    # -- mutations (each one durable) ------------------------------------------------------
+    def stage(self, sha256: str, fmt: str, data: bytes) -> Path:
+        """Write verified model bytes to their content address; idempotent."""
+        path = self.model_path(sha256, fmt)
+        if not path.exists():
+            atomic_write_bytes(path, data)
+        return path
+
+    def activate(self, new: InstalledModel) -> None:
+        """Make ``new`` current; the old current becomes previous (kept on disk for rollback)."""
+        old = self._state["current"].get(new.model)
+        if old and old["sha256"] != new.sha256:
+            self._state["previous"][new.model] = old
+        self._state["current"][new.model] = asdict(new)
+        self._state["last_serial"] = max(self.last_serial, new.serial)
+        self._state["failed"].pop(new.model, None)
+        self._write()
+        self._collect_garbage()
+
+    def note_serial(self, serial: int) -> None:
+        if serial > self.last_serial:
+            self._state["last_serial"] = serial
+            self._write()
+
+    def mark_failed(self, model: str, manifest_id: str, serial: int) -> None:
+        self._state["failed"][model] = manifest_id
+        self._state["last_serial"] = max(self.last_serial, serial)
+        self._write()
+
+    def download_dir(self, artifact_sha256: str) -> Path:
+        return self.downloads_dir / artifact_sha256
+
+    def drop_download(self, artifact_sha256: str) -> None:
+        shutil.rmtree(self.download_dir(artifact_sha256), ignore_errors=True)
+
+    def _collect_garbage(self) -> None:
+        keep = {self.model_path(e["sha256"], e["format"]).name
+                for part in ("current", "previous") for e in self._state[part].values()}
+        for f in self.models_dir.iterdir():
+            if f.name not in keep and not f.name.startswith("."):
+                f.unlink(missing_ok=True)

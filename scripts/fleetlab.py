@@ -1,0 +1,160 @@
+"""A small lab of real processes: broker, `fleetctl server`, `fleet-agent`s, `fleetctl` calls.
+
+Used by the demo (`make demo`) and the end-to-end tests, so both exercise exactly what an
+operator runs. Every process started here is stopped by ``Lab.close()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class Lab:
+    def __init__(self, root: Path, *, mqtt_url: str | None = None, db_url: str | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.home = self.root / "server-home"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.mqtt_url = mqtt_url
+        self.env = dict(os.environ)
+        self.env["FLEET_HOME"] = str(self.home)
+        self.env["PYTHONUNBUFFERED"] = "1"
+        if db_url:
+            self.env["FLEET_DB_URL"] = db_url
+        else:
+            self.env.pop("FLEET_DB_URL", None)
+        if mqtt_url:
+            self.env["FLEET_MQTT_URL"] = mqtt_url
+
+    # -- processes -------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env or self.env,
+                                start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_broker(self) -> str:
+        """Mosquitto on a free port when its binary exists, else an embedded amqtt broker."""
+        port = free_port()
+        mosquitto = shutil.which("mosquitto") or (
+            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        if mosquitto:
+            conf = self.root / "mosquitto.conf"
+            conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                            "persistence false\nmax_queued_messages 10000\n")
+            self._spawn("broker", [mosquitto, "-c", str(conf)])
+            kind = "mosquitto"
+        else:
+            conf = self.root / "amqtt.yaml"
+            conf.write_text(f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
+                            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+                            "    allow_anonymous: true\n")
+            self._spawn("broker", [str(BIN / "amqtt"), "-c", str(conf)])
+            kind = "amqtt (MQTT 3.1.1)"
+        wait_port(port)
+        self.mqtt_url = f"mqtt://127.0.0.1:{port}"
+        self.env["FLEET_MQTT_URL"] = self.mqtt_url
+        self.broker_kind = kind
+        return self.mqtt_url
+
+    def start_server(self) -> subprocess.Popen[bytes]:
+        return self._spawn("server", [str(BIN / "fleetctl"), "server"])
+
+    def agent_dir(self, device_id: str) -> Path:
+        return self.root / "devices" / device_id
+
+    def start_agent(self, device_id: str, labels: dict[str, str], *,
+                    extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        assert self.mqtt_url, "start or name a broker first"
+        argv = [str(BIN / "fleet-agent"), "run", "--device-id", device_id,
+                "--broker", self.mqtt_url, "--state-dir", str(self.agent_dir(device_id)),
+                "--trusted-key", str(self.home / "keys" / "signing.pub")]
+        for k, v in labels.items():
+            argv += ["--label", f"{k}={v}"]
+        env = dict(self.env)
+        env.update(extra_env or {})
+        return self._spawn(f"agent-{device_id}", argv, env)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def close(self) -> None:
+        for name in [n for n in self.procs if n != "broker"] + ["broker"]:
+            self.stop(name)
+
+    # -- fleetctl / fleet-agent ------------------------------------------------------------
+    def fleetctl(self, *args: str, check: bool = True, echo: bool = False) -> subprocess.CompletedProcess[str]:
+        if echo:
+            print(f"$ fleetctl {' '.join(args)}", flush=True)
+        res = subprocess.run([str(BIN / "fleetctl"), *args], env=self.env, text=True,
+                             capture_output=True, timeout=300)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"fleetctl {' '.join(args)} exited {res.returncode}: "
+                               f"{res.stderr.strip() or res.stdout.strip()}")
+        return res
+
+    def fleetctl_json(self, *args: str) -> Any:
+        return json.loads(self.fleetctl(*args, "--json").stdout)
+
+    def agent_status(self, device_id: str) -> list[dict[str, Any]]:
+        res = subprocess.run([str(BIN / "fleet-agent"), "status", "--json", "--state-dir",
+                              str(self.agent_dir(device_id))], text=True, capture_output=True)
+        return json.loads(res.stdout) if res.returncode == 0 else []
+
+    def online_devices(self) -> set[str]:
+        return {d["id"] for d in self.fleetctl_json("device", "list") if d.get("online")}
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""

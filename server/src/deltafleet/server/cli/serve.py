@@ -1,0 +1,27 @@
+"""`fleetctl server`: run the MQTT handler, rollout reconciler and delta builder."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Annotated
+
+import typer
+
+from ..config import ServerConfig
+from ._common import open_store
+
+
+def server(
+    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run the server in the foreground until SIGTERM/SIGINT."""
+    from ..daemon import FleetServer
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ServerConfig.from_env()
+    srv = FleetServer(cfg, open_store())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: srv.stop_event.set())
+    srv.run()

@@ -1,0 +1,60 @@
+"""Pure rollout planning: which variant a device gets and whether a delta is worth sending.
+
+No I/O here; the daemon and `fleetctl rollout plan` feed it rows and act on its answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# A delta is sent only when it is at least this much smaller than the full artifact.
+DELTA_MIN_SAVING = 0.10
+
+FORMAT_RUNTIMES = {
+    "onnx": ("onnxruntime",),
+    "tflite": ("litert", "tflite-runtime", "tensorflow"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class VariantOption:
+    variant_id: int
+    name: str
+    format: str
+    precision: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    variant: VariantOption | None
+    reason: str = ""
+
+
+def supported_formats(runtimes: dict[str, str]) -> set[str]:
+    return {fmt for fmt, names in FORMAT_RUNTIMES.items() if any(n in runtimes for n in names)}
+
+
+def choose_variant(
+    runtimes: dict[str, str], running_variant: str | None, options: list[VariantOption]
+) -> Choice:
+    """Prefer the variant the device already runs (deltas stay small), then "default"."""
+    formats = supported_formats(runtimes)
+    fitting = [o for o in options if o.format in formats]
+    if not fitting:
+        have = ", ".join(sorted(runtimes)) or "none"
+        want = ", ".join(sorted({o.format for o in options})) or "none"
+        return Choice(None, f"no variant for this device: it has runtimes [{have}], "
+                            f"the version has formats [{want}]")
+    for preferred in (running_variant, "default"):
+        for o in fitting:
+            if o.name == preferred:
+                return Choice(o)
+    return Choice(sorted(fitting, key=lambda o: o.name)[0])
+
+
+def delta_worth_it(delta_size_bytes: int | None, full_size_bytes: int) -> bool:
+    return delta_size_bytes is not None and delta_size_bytes <= full_size_bytes * (
+        1 - DELTA_MIN_SAVING
+    )

@@ -1,0 +1,208 @@
+"""The one class that owns a paho-mqtt client (callback API v2).
+
+Rules (after Home Assistant's MQTT client):
+- subscriptions are tracked and replayed on every CONNACK, so a reconnect loses nothing;
+- callbacks never block paho's network thread: messages and connection changes go into
+  ``inbox`` and the owner consumes them on its own thread;
+- a last will is always set; auth refusal is final (no reconnect storm);
+- MQTT 5 is used where the broker offers it, 3.1.1 otherwise (protocol="auto").
+
+Inbox items are ``(topic, payload)``; connection changes arrive as ``(CONNECTED, b"")`` and
+``(DISCONNECTED, b"")``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .errors import DeltafleetError
+
+log = logging.getLogger(__name__)
+
+CONNECTED = "$connected"
+DISCONNECTED = "$disconnected"
+# CONNACK codes that mean "this broker will never accept these credentials".
+_AUTH_REFUSALS = {4, 5, 0x86, 0x87, 0x8A, 0x8C}
+_BAD_PROTOCOL = {1, 0x84}
+
+
+class TransportError(DeltafleetError):
+    """The broker could not be reached, refused us, or did not acknowledge in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+    qos: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    url: str  # mqtt://host:port or mqtts://host:port
+    client_id: str
+    keepalive_s: int = 30
+    protocol: str = "auto"  # "auto" | "5" | "3.1.1"
+    will: Will | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 10.0
+
+    def endpoint(self) -> tuple[str, int, bool]:
+        u = urlparse(self.url)
+        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise TransportError(f"broker URL {self.url!r} must start with mqtt:// or mqtts://")
+        tls = u.scheme in ("mqtts", "ssl")
+        return u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), tls
+
+
+class MqttClient:
+    def __init__(self, settings: MqttSettings) -> None:
+        self.settings = settings
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connected = threading.Event()
+        self.protocol_in_use = "5" if settings.protocol in ("auto", "5") else "3.1.1"
+        self.fatal: str | None = None
+        self._subs: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._ever_connected = False
+        self._stopped = False
+        self._client = self._make_client()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        v5 = self.protocol_in_use == "5"
+        kwargs = {} if v5 else {"clean_session": True}
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            **kwargs,
+        )
+        if s.username:
+            c.username_pw_set(s.username, s.password)
+        _, _, tls = s.endpoint()
+        if tls:
+            c.tls_set(
+                ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file,
+                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if s.will:
+            c.will_set(s.will.topic, s.will.payload, qos=s.will.qos, retain=s.will.retain)
+        c.reconnect_delay_set(min_delay=max(1, int(s.reconnect_min_s)), max_delay=int(s.reconnect_max_s))
+        c.max_inflight_messages_set(64)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        return c
+
+    def start(self) -> None:
+        host, port, _ = self.settings.endpoint()
+        try:
+            if self.protocol_in_use == "5":
+                self._client.connect_async(host, port, self.settings.keepalive_s,
+                                           clean_start=True)
+            else:
+                self._client.connect_async(host, port, self.settings.keepalive_s)
+        except (OSError, ValueError) as e:
+            raise TransportError(f"cannot connect to {self.settings.url}: {e}") from e
+        self._client.loop_start()
+
+    def wait_connected(self, timeout_s: float) -> None:
+        if not self.connected.wait(timeout_s):
+            why = self.fatal or f"no CONNACK from {self.settings.url} within {timeout_s:.0f} s"
+            raise TransportError(why)
+
+    def stop(self, *, publish_will_first: bool = False) -> None:
+        """Disconnect cleanly. A clean disconnect does not fire the will, so an owner that
+        wants its presence marked offline publishes that itself before stopping."""
+        self._stopped = True
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+
+    # -- subscriptions and publishing -------------------------------------------------------
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        with self._lock:
+            self._subs[topic_filter] = qos
+        if self.connected.is_set():
+            self._client.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            known = self._subs.pop(topic_filter, None)
+        if known is not None and self.connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
+        return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_wait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                     timeout_s: float = 10.0) -> None:
+        info = self.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError) as e:
+            raise TransportError(f"publish to {topic} failed: {e}") from e
+        if not info.is_published():
+            raise TransportError(f"publish to {topic} not acknowledged within {timeout_s} s")
+
+    # -- paho callbacks (network thread: never block here) ----------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        code = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
+        if code != 0:
+            log.warning("broker refused connection: %s", reason_code)
+            if code in _AUTH_REFUSALS:
+                self.fatal = f"broker refused the connection: {reason_code}"
+                client.disconnect()
+            elif code in _BAD_PROTOCOL and self.settings.protocol == "auto":
+                threading.Thread(target=self._fall_back_to_311, daemon=True).start()
+            return
+        self._ever_connected = True
+        with self._lock:
+            subs = list(self._subs.items())
+        if subs:
+            client.subscribe(subs)
+        self.connected.set()
+        self.inbox.put((CONNECTED, b""))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was:
+            self.inbox.put((DISCONNECTED, b""))
+        elif (
+            not self._ever_connected and not self._stopped and self.fatal is None
+            and self.settings.protocol == "auto" and self.protocol_in_use == "5"
+        ):
+            # Dropped before any CONNACK: an MQTT 3.1.1-only broker closing on a v5 CONNECT.
+            threading.Thread(target=self._fall_back_to_311, daemon=True).start()
+
+    def _fall_back_to_311(self) -> None:
+        with self._lock:
+            if self.protocol_in_use != "5" or self._stopped:
+                return
+            self.protocol_in_use = "3.1.1"
+        log.info("broker does not speak MQTT 5; using 3.1.1")
+        old = self._client
+        old.loop_stop()
+        self._client = self._make_client()
+        self.start()
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        self.inbox.put((msg.topic, bytes(msg.payload)))
