@@ -105,11 +105,13 @@ class Lab:
         return self.root / "devices" / device_id
 
     def start_agent(self, device_id: str, labels: dict[str, str], *,
-                    extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+                    extra_env: dict[str, str] | None = None,
+                    trusted_key: Path | None = None) -> subprocess.Popen[bytes]:
         assert self.mqtt_url, "start or name a broker first"
+        key = trusted_key or self.home / "keys" / "signing.pub"
         argv = [str(BIN / "fleet-agent"), "run", "--device-id", device_id,
                 "--broker", self.mqtt_url, "--state-dir", str(self.agent_dir(device_id)),
-                "--trusted-key", str(self.home / "keys" / "signing.pub")]
+                "--trusted-key", str(key)]
         for k, v in labels.items():
             argv += ["--label", f"{k}={v}"]
         env = dict(self.env)

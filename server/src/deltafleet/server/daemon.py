@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
 from deltafleet.shared import (
     ArtifactRef,
     ChunkRequest,
@@ -40,6 +37,8 @@ from deltafleet.shared import (
     read_chunk,
 )
 from deltafleet.shared.mqtt import CONNECTED, MqttClient, MqttSettings, Will
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from . import registry
 from .config import ServerConfig

@@ -10,7 +10,16 @@ from sqlalchemy.orm import Session
 
 from . import registry
 from .errors import NotFoundError, UsageError
-from .store.models import Device, DeviceModel, Group, Model, ModelVersion, Rollout, RolloutTarget, Variant
+from .store.models import (
+    Device,
+    DeviceModel,
+    Group,
+    Model,
+    ModelVersion,
+    Rollout,
+    RolloutTarget,
+    Variant,
+)
 
 FINAL_ROLLOUT_STATES = frozenset({"completed", "failed", "aborted"})
 

@@ -6,7 +6,7 @@ out, 2 bad input (unknown group or version, ...).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
 from typing import Annotated
 
@@ -14,21 +14,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..rollouts import FINAL_ROLLOUT_STATES, create_rollout, get_rollout, list_rollouts, rollout_json
-from ._common import actor, open_store
+from ..rollouts import (
+    FINAL_ROLLOUT_STATES,
+    create_rollout,
+    get_rollout,
+    list_rollouts,
+    rollout_json,
+)
+from ..store import Store
+from ._common import actor, fmt_bytes, open_store, print_json
 
 app = typer.Typer(no_args_is_help=True, help="Roll model versions out to device groups.")
-console = Console()
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+console = Console(highlight=False)
 
 
 def _print_status(data: dict) -> None:
@@ -37,13 +34,13 @@ def _print_status(data: dict) -> None:
     table = Table("device", "state", "variant", "artifact", "sent", "full", "running", "reason")
     for t in data["targets"]:
         table.add_row(t["device"], t["state"], t["variant"] or "-", t["artifact"] or "-",
-                      _fmt_bytes(t["bytes_sent"]), _fmt_bytes(t["full_bytes"]),
+                      fmt_bytes(t["bytes_sent"]), fmt_bytes(t["full_bytes"]),
                       (t["running_sha256"] or "-")[:12], t["reason"] or "")
     console.print(table)
     if data["full_bytes"]:
         pct = 100 * data["bytes_sent"] / data["full_bytes"]
-        console.print(f"bytes sent {_fmt_bytes(data['bytes_sent'])} of "
-                      f"{_fmt_bytes(data['full_bytes'])} full ({pct:.1f}%)")
+        console.print(f"bytes sent {fmt_bytes(data['bytes_sent'])} of "
+                      f"{fmt_bytes(data['full_bytes'])} full ({pct:.1f}%)")
 
 
 @app.command("model")
@@ -57,48 +54,41 @@ def rollout_model(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Start a rollout; a running `fleetctl server` delivers it."""
-    store = open_store()
-    with store.session() as s:
-        r = create_rollout(s, spec, group, actor(), allow_empty=allow_empty)
-        rollout_id = r.id
-    if not as_json:
-        console.print(f"rollout {rollout_id} started")
-    if wait:
-        rollout_id_final = _wait(store, rollout_id, timeout_s, quiet=as_json)
+    with open_store() as store:
         with store.session() as s:
-            data = rollout_json(s, get_rollout(s, rollout_id_final))
-        if as_json:
-            print(json.dumps(data, indent=2))
-        else:
-            _print_status(data)
-        if data["state"] != "completed":
-            raise typer.Exit(1)
-    elif as_json:
-        print(json.dumps({"id": rollout_id}))
+            rollout_id = create_rollout(s, spec, group, actor(), allow_empty=allow_empty).id
+        if not as_json:
+            console.print(f"rollout {rollout_id} started")
+        if not wait:
+            if as_json:
+                print_json({"id": rollout_id})
+            return
+        _wait(store, rollout_id, timeout_s, quiet=as_json)
+        with store.session() as s:
+            data = rollout_json(s, get_rollout(s, rollout_id))
+    if as_json:
+        print_json(data)
+    else:
+        _print_status(data)
+    if data["state"] != "completed":
+        raise typer.Exit(1)
 
 
-def _wait(store, rollout_id: int, timeout_s: float, *, quiet: bool) -> int:
+def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> None:
     deadline = time.monotonic() + timeout_s
-    with console.status("waiting for devices...", spinner="dots") if not quiet else _Null() as st:
+    status = console.status("waiting for devices...") if not quiet else contextlib.nullcontext()
+    with status as st:
         while True:
             with store.session() as s:
                 data = rollout_json(s, get_rollout(s, rollout_id), with_targets=False)
             if st is not None:
                 st.update(f"rollout {rollout_id}: {data['state']} {data['counts']}")
             if data["state"] in FINAL_ROLLOUT_STATES:
-                return rollout_id
+                return
             if time.monotonic() > deadline:
                 console.print(f"[red]timed out after {timeout_s:.0f} s[/red]")
-                return rollout_id
+                return
             time.sleep(0.5)
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @app.command("status")
@@ -107,10 +97,10 @@ def rollout_status(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Show each device's state and the bytes sent against the full size."""
-    with open_store().session() as s:
+    with open_store() as store, store.session() as s:
         data = rollout_json(s, get_rollout(s, rollout_id))
     if as_json:
-        print(json.dumps(data, indent=2))
+        print_json(data)
     else:
         _print_status(data)
 
@@ -118,14 +108,14 @@ def rollout_status(
 @app.command("list")
 def rollout_list(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """List rollouts, newest first."""
-    with open_store().session() as s:
+    with open_store() as store, store.session() as s:
         rows = [rollout_json(s, r, with_targets=False) for r in list_rollouts(s)]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print_json(rows)
         return
     table = Table("id", "model", "version", "group", "state", "devices", "sent", "full")
     for r in rows:
         table.add_row(str(r["id"]), r["model"], r["version"], r["group"], r["state"],
-                      str(sum(r["counts"].values())), _fmt_bytes(r["bytes_sent"]),
-                      _fmt_bytes(r["full_bytes"]))
+                      str(sum(r["counts"].values())), fmt_bytes(r["bytes_sent"]),
+                      fmt_bytes(r["full_bytes"]))
     console.print(table)

@@ -21,7 +21,8 @@ def server(
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServerConfig.from_env()
-    srv = FleetServer(cfg, open_store())
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: srv.stop_event.set())
-    srv.run()
+    with open_store(cfg) as store:
+        srv = FleetServer(cfg, store)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: srv.stop_event.set())
+        srv.run()

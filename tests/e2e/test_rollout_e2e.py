@@ -1,0 +1,89 @@
+"""The foundation slice end to end: fleetctl + fleetctl server + three fleet-agent processes on a
+real Mosquitto, v1 to the fleet as full artifacts, v2 to the jetson group as bsdiff deltas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deltafleet.shared import sha256_file
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+DEVICES = {"jetson-1": "jetson", "jetson-2": "jetson", "rpi-1": "rpi"}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, broker):
+    from fleetlab import Lab, wait_for
+    from modelgen import make_onnx_pair
+
+    root = tmp_path_factory.mktemp("e2e")
+    lab = Lab(root / "lab", mqtt_url=broker.url)
+    lab.env["FLEET_TOPIC_PREFIX"] = "e2e/v1"  # the session broker is shared with other tests
+    try:
+        v1, v2 = make_onnx_pair(root / "models", size_mb=2.0)
+        lab.fleetctl("init")
+        lab.fleetctl("model", "add", "detector", "v1", str(v1))
+        lab.fleetctl("model", "add", "detector", "v2", str(v2))
+        lab.fleetctl("group", "create", "fleet", "--match", "site=lab")
+        lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson")
+        lab.start_server()
+        for device_id, hw in DEVICES.items():
+            lab.start_agent(device_id, {"hw": hw, "site": "lab"})
+        wait_for(lambda: lab.online_devices() >= set(DEVICES), 30, "agents online")
+        r1 = lab.fleetctl_json("rollout", "model", "v1", "--group", "fleet", "--wait",
+                               "--timeout", "90")
+        r2 = lab.fleetctl_json("rollout", "model", "detector:v2", "--group", "jetson", "--wait",
+                               "--timeout", "90")
+        yield {"lab": lab, "v1": v1, "v2": v2, "r1": r1, "r2": r2}
+    finally:
+        lab.close()
+
+
+def test_first_rollout_ships_full_models_to_every_device(fleet):
+    r1 = fleet["r1"]
+    assert r1["state"] == "completed"
+    assert {t["device"]: t["artifact"] for t in r1["targets"]} == dict.fromkeys(DEVICES, "full")
+
+
+def test_jetson_devices_run_v2_after_receiving_a_delta(fleet):
+    lab, r2 = fleet["lab"], fleet["r2"]
+    assert r2["state"] == "completed"
+    assert {t["device"] for t in r2["targets"]} == {"jetson-1", "jetson-2"}
+    for t in r2["targets"]:
+        assert t["state"] == "active"
+        assert t["artifact"] == "delta"
+        assert t["bytes_sent"] < 0.5 * t["full_bytes"]
+        assert t["running_sha256"] == sha256_file(fleet["v2"])
+        assert lab.agent_status(t["device"])[0]["sha256"] == sha256_file(fleet["v2"])
+
+
+def test_device_outside_the_group_stays_on_v1(fleet):
+    lab = fleet["lab"]
+    status = lab.agent_status("rpi-1")[0]
+    assert status["version"] == "v1" and status["sha256"] == sha256_file(fleet["v1"])
+
+
+def test_previous_model_stays_on_disk_for_rollback(fleet):
+    lab = fleet["lab"]
+    models_dir: Path = lab.agent_dir("jetson-1") / "models"
+    assert {p.stem for p in models_dir.iterdir()} == {sha256_file(fleet["v1"]),
+                                                      sha256_file(fleet["v2"])}
+    assert lab.agent_status("jetson-1")[0]["previous"] == "v1"
+
+
+def test_server_records_what_each_device_runs(fleet):
+    lab = fleet["lab"]
+    shown = lab.fleetctl_json("device", "show", "jetson-2")
+    text = str(shown)
+    assert sha256_file(fleet["v2"]) in text
+
+
+def test_unknown_group_or_version_is_one_clear_error(fleet):
+    lab = fleet["lab"]
+    res = lab.fleetctl("rollout", "model", "v2", "--group", "nope", check=False)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "nope" in res.stderr
+    res = lab.fleetctl("rollout", "model", "v9", "--group", "jetson", check=False)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "v9" in res.stderr
