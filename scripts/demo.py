@@ -26,6 +26,7 @@ def main() -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="deltafleet-demo-") as tmp:
         lab = Lab(Path(tmp), mqtt_url=os.environ.get("FLEET_MQTT_URL"))
+        lab.env.setdefault("COLUMNS", "120")
         try:
             if lab.mqtt_url is None:
                 lab.start_broker()

@@ -119,6 +119,7 @@ class Agent:
     def run(self) -> None:
         self.load_installed()
         self.mqtt.subscribe(self.topics.desired_filter(self.cfg.device_id))
+        self.mqtt.subscribe(self.topics.server_status())
         self.mqtt.start()
         log.info("agent %s started; broker %s", self.cfg.device_id, self.cfg.broker_url)
         try:
@@ -154,6 +155,9 @@ class Agent:
             self.on_connected()
         elif topic == DISCONNECTED:
             log.warning("disconnected from broker; paho reconnects")
+        elif topic == self.topics.server_status():
+            if payload == b"online":
+                self.send_hello()  # a (re)started server has not heard our hello yet
         elif topic.startswith(f"{self.topics.prefix}/art/"):
             sha, index = self.topics.parse_chunk(topic)
             self.on_chunk(sha, index, payload)
@@ -165,6 +169,12 @@ class Agent:
     def on_connected(self) -> None:
         did = self.cfg.device_id
         self.mqtt.publish(self.topics.status(did), encode(Status(did, True)), retain=True)
+        self.send_hello()
+        for dl in self.downloads.values():
+            self.request_missing(dl)
+
+    def send_hello(self) -> None:
+        did = self.cfg.device_id
         hello = Hello(
             device_id=did,
             agent_version=agent_version(),
@@ -173,8 +183,6 @@ class Agent:
             models=tuple(m.as_state() for m in self.store.all_current()),
         )
         self.mqtt.publish(self.topics.hello(did), encode(hello))
-        for dl in self.downloads.values():
-            self.request_missing(dl)
 
     def on_manifest(self, model: str, payload: bytes) -> None:
         try:

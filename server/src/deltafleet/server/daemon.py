@@ -96,7 +96,7 @@ class FleetServer:
         self.mqtt = MqttClient(MqttSettings(
             url=cfg.mqtt_url,
             client_id=f"fleet-server-{uuid.uuid4().hex[:8]}",
-            will=Will(f"{cfg.topic_prefix}/server/status", b"offline", retain=True),
+            will=Will(self.topics.server_status(), b"offline", retain=True),
         ))
         for leaf in ("hello", "status", "events", "chunkreq"):
             self.mqtt.subscribe(self.topics.all_devices(leaf))
@@ -123,12 +123,14 @@ class FleetServer:
                     self.reconcile()
                     next_reconcile = now + RECONCILE_EVERY_S
         finally:
+            if self.mqtt.connected.is_set():
+                self.mqtt.publish(self.topics.server_status(), b"offline", retain=True)
             self.mqtt.stop()
             self.deltas.shutdown()
 
     def handle(self, topic: str, payload: bytes) -> None:
         if topic == CONNECTED:
-            self.mqtt.publish(f"{self.cfg.topic_prefix}/server/status", b"online", retain=True)
+            self.mqtt.publish(self.topics.server_status(), b"online", retain=True)
             return
         if topic.startswith("$"):
             return

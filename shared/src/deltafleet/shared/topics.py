@@ -7,6 +7,8 @@
     {prefix}/dev/{device_id}/desired/{model}
                                         server -> device  retained signed manifest (desired state)
     {prefix}/art/{sha256}/{index}       server -> devices artifact chunk, content-addressed
+    {prefix}/server/status              server -> devices retained "online"/"offline"; devices
+                                        send a fresh hello whenever it turns "online"
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class Topics:
 
     def chunk_filter(self, artifact_sha256: str) -> str:
         return f"{self.prefix}/art/{artifact_sha256}/+"
+
+    def server_status(self) -> str:
+        return f"{self.prefix}/server/status"
 
     def all_devices(self, leaf: str) -> str:
         return f"{self.prefix}/dev/+/{leaf}"

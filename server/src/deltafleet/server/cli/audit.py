@@ -1,0 +1,55 @@
+"""`fleetctl audit`: who changed what, when."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .. import registry
+from ..errors import UsageError
+from ._common import JSON_HELP, console, fmt_time, open_store, print_json
+
+_RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """``30m``, ``24h``, ``7d``, ``2w`` (ago) or an ISO 8601 time (naive = UTC)."""
+    now = now or datetime.now(UTC)
+    text = text.strip()
+    m = _RELATIVE.match(text)
+    if m:
+        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"invalid --since {text!r}: use an ISO 8601 time or a duration like 30m, 24h, 7d"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def audit(
+    since: Annotated[
+        str | None,
+        typer.Option(help="Only entries since this ISO 8601 time or duration ago (30m, 24h, 7d)."),
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Show the audit log (oldest first): every change made through fleetctl."""
+    start = parse_since(since) if since else None
+    with open_store() as store, store.session() as s:
+        rows = [registry.audit_to_json(e) for e in registry.list_audit(s, start)]
+    if json_:
+        print_json(rows)
+        return
+    table = Table("at (UTC)", "actor", "action", "subject", "details")
+    for e in rows:
+        table.add_row(fmt_time(e["at"]), e["actor"], e["action"], e["subject"],
+                      json.dumps(e["details"], sort_keys=True))
+    console.print(table if rows else "no audit entries")

@@ -1,0 +1,128 @@
+"""`fleetctl model`: register model versions and variants, list and show them."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .. import registry
+from ..store import BlobStore, Store
+from ..store.models import Artifact
+from ._common import (
+    JSON_HELP,
+    actor,
+    blob_store,
+    console,
+    err_console,
+    fmt_bytes,
+    fmt_shape,
+    fmt_time,
+    load_config,
+    open_store,
+    print_json,
+)
+
+app = typer.Typer(no_args_is_help=True, help="Model versions and their variants.")
+
+
+@app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="Model name (lowercase, e.g. 'detector').")],
+    version: Annotated[str, typer.Argument(help="Version label, e.g. 'v2' or '1.4.0'.")],
+    file: Annotated[Path, typer.Argument(help="ONNX or TFLite model file.")],
+    variant: Annotated[
+        str, typer.Option(help="Variant name, for another file of the same version "
+                          "(e.g. 'tflite-int8').")
+    ] = "default",
+    precision: Annotated[str, typer.Option(help="Numeric precision: fp32, fp16 or int8.")] = "fp32",
+) -> None:
+    """Inspect FILE and register it as VERSION of model NAME (all or nothing)."""
+    cfg = load_config()
+    blobs = blob_store(cfg)
+    with open_store(cfg) as store:
+        new_blobs: set[str] = set()
+        try:
+            with (
+                err_console.status(f"inspecting and storing {file.name}"),
+                store.session() as s,
+            ):
+                new_blobs = s.info.setdefault(registry.NEW_BLOBS_KEY, set())
+                row = registry.add_model_version(s, blobs, name, version, file,
+                                                 variant=variant, precision=precision)
+                registry.audit(s, actor(), "model.add", f"{name}:{version}", {
+                    "variant": variant, "precision": precision, "format": row.format,
+                    "sha256": row.artifact_sha256, "file": str(file),
+                })
+        except BaseException:
+            _forget_unreferenced(store, blobs, new_blobs)
+            raise
+    size = (row.info or {}).get("size_bytes")
+    console.print(
+        f"added {name}:{version} variant {variant} ({row.format}, {precision}, "
+        f"{fmt_bytes(size)}, sha256 {row.artifact_sha256[:16]})"
+    )
+
+
+def _forget_unreferenced(store: Store, blobs: BlobStore, shas: set[str]) -> None:
+    """Remove blobs a failed add wrote first, unless a committed artifact row uses them."""
+    for sha in shas:
+        with contextlib.suppress(Exception), store.session() as s:
+            if s.get(Artifact, sha) is None:
+                blobs.delete(sha)
+
+
+@app.command("list")
+def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+    """List models with their versions and variants."""
+    with open_store() as store, store.session() as s:
+        models = [registry.model_to_json(m, detail=False) for m in registry.list_models(s)]
+    if json_:
+        print_json(models)
+        return
+    table = Table("model", "version", "variant", "format", "precision", "size", "sha256",
+                  "added")
+    for m in models:
+        for v in m["versions"]:
+            for x in v["variants"]:
+                table.add_row(m["name"], v["version"], x["name"], x["format"], x["precision"],
+                              fmt_bytes(x["size_bytes"]), x["sha256"][:12],
+                              fmt_time(x["created_at"]))
+    console.print(table if models else "no models; add one with `fleetctl model add`")
+
+
+@app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Show one model: versions, variants, format, precision, sha256, size and IO signature."""
+    with open_store() as store, store.session() as s:
+        model = registry.model_to_json(registry.get_model(s, name))
+    if json_:
+        print_json(model)
+        return
+    console.print(f"[bold]{model['name']}[/bold]  (latest {model['latest'] or '-'})")
+    for v in model["versions"]:
+        console.print(f"\n[bold]{model['name']}:{v['version']}[/bold]  added "
+                      f"{fmt_time(v['created_at'])}")
+        for x in v["variants"]:
+            table = Table(title=f"variant {x['name']}", title_justify="left", show_header=False)
+            table.add_column("field", style="dim")
+            table.add_column("value", overflow="fold")
+            info = x["info"]
+            table.add_row("format", x["format"])
+            table.add_row("precision", x["precision"])
+            table.add_row("size", fmt_bytes(x["size_bytes"]))
+            table.add_row("sha256", x["sha256"])
+            table.add_row("params", str(info.get("param_count", "-")))
+            if info.get("opset"):
+                table.add_row("opset", ", ".join(f"{k} {n}" for k, n in info["opset"].items()))
+            for t in x["inputs"]:
+                table.add_row("input", f"{t['name']} {t['dtype']} {fmt_shape(t['shape'])}")
+            for t in x["outputs"]:
+                table.add_row("output", f"{t['name']} {t['dtype']} {fmt_shape(t['shape'])}")
+            console.print(table)
