@@ -10,6 +10,8 @@ from pathlib import Path
 import modelgen
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
+
 from deltafleet.agent import runtime
 from deltafleet.agent.errors import ModelRuntimeError
 from deltafleet.agent.runtime import (
@@ -19,15 +21,6 @@ from deltafleet.agent.runtime import (
     load_model,
     smoke_test,
     zero_feeds,
-)
-from onnx import TensorProto, helper
-
-NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
-TFLITE_RUNTIME_NEEDS_NUMPY_1 = pytest.mark.xfail(
-    NUMPY_2,
-    reason="tflite-runtime 2.14 wheels are built against NumPy 1.x; this env has NumPy 2",
-    raises=ModelRuntimeError,
-    strict=True,
 )
 
 
@@ -163,21 +156,12 @@ def test_tflite_missing_input_is_a_runtime_error(tflite_path: Path) -> None:
         model.run({})
 
 
-@TFLITE_RUNTIME_NEEDS_NUMPY_1
 def test_tflite_runtime_computes_the_fully_connected_layer(tflite_path: Path) -> None:
     with load_model(tflite_path, "tflite", prefer="tflite-runtime") as model:
         assert model.runtime == "tflite-runtime"
         out = model.run({"input": _x()})["output"]
         np.testing.assert_allclose(out, _expected_tflite(_x()), rtol=1e-5, atol=1e-6)
         assert smoke_test(model)["output"].shape == (1, 4)
-
-
-@pytest.mark.skipif(not NUMPY_2, reason="only NumPy 2 breaks tflite-runtime 2.14")
-def test_tflite_runtime_under_numpy_2_fails_in_one_line_with_the_fix(tflite_path: Path) -> None:
-    with pytest.raises(ModelRuntimeError) as info:
-        load_model(tflite_path, "tflite", prefer="tflite-runtime").close()
-    message = str(info.value)
-    assert "\n" not in message and "numpy<2" in message
 
 
 # ------------------------------------------------------------------------------- failures
