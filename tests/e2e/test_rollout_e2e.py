@@ -53,7 +53,7 @@ def test_jetson_devices_run_v2_after_receiving_a_delta(fleet):
     assert r2["state"] == "completed"
     assert {t["device"] for t in r2["targets"]} == {"jetson-1", "jetson-2"}
     for t in r2["targets"]:
-        assert t["state"] == "active"
+        assert t["state"] == "healthy"
         assert t["artifact"] == "delta"
         assert t["bytes_sent"] < 0.5 * t["full_bytes"]
         assert t["running_sha256"] == sha256_file(fleet["v2"])

@@ -57,8 +57,8 @@ def test_tampered_chunk_is_refetched_and_the_update_still_succeeds(lab, key, mod
         peer.tamper = tamper_once
         start(lab, pub)
         m = peer.offer("dev-1", "detector", "v1", v1, serial=1)
-        ev = peer.wait_event(lambda e: e.state in ("active", "failed"), 60)
-        assert ev.state == "active", ev.reason
+        ev = peer.wait_event(lambda e: e.state in ("healthy", "failed"), 60)
+        assert ev.state == "healthy", ev.reason
         assert ev.sha256 == m.target_sha256
         assert [i for _, i in peer.requests].count(3) == 2  # asked again after the bad copy
         assert lab.agent_status("dev-1")[0]["sha256"] == sha256_file(v1)
@@ -73,7 +73,7 @@ def test_manifest_signed_by_another_key_is_refused_and_the_device_keeps_its_mode
     try:
         start(lab, pub)
         peer.offer("dev-1", "detector", "v1", v1, serial=1)
-        peer.wait_event(lambda e: e.state == "active", 60)
+        peer.wait_event(lambda e: e.state == "healthy", 60)
         peer.offer("dev-1", "detector", "v2", v2, serial=2, key=SigningKey.generate())
         ev = peer.wait_event(lambda e: e.state == "rejected", 30)
         assert "signature" in ev.reason
@@ -97,7 +97,7 @@ def test_agent_restarted_mid_download_resumes_without_refetching_completed_chunk
         assert len(on_disk) == 5
         first_round = len(peer.requests)
         start(lab, pub)
-        ev = peer.wait_event(lambda e: e.state == "active", 60)
+        ev = peer.wait_event(lambda e: e.state == "trial", 60)
         assert ev.chunks_reused == 5
         asked_after_restart = {i for _, i in peer.requests[first_round:]}
         assert asked_after_restart == set(range(total)) - on_disk

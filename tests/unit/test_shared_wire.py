@@ -94,7 +94,8 @@ def test_device_messages_round_trip():
     hello = Hello("dev-1", "0.1.0", {"arch": "x86_64"}, {"hw": "jetson"},
                   (ModelState("detector", "v1", SHA_A),), sent_at=5)
     assert decode(Hello, encode(hello)) == hello
-    ev = Event("e1", "dev-1", "m1", 7, "detector", "v2", "active", sha256=SHA_B, at=9)
+    ev = Event("e1", "dev-1", "m1", 7, "detector", "v2", "healthy", sha256=SHA_B,
+               health={"p95_us": 900}, at=9)
     assert decode(Event, encode(ev)) == ev
     req = ChunkRequest("dev-1", SHA_A, (0, 3))
     assert decode(ChunkRequest, encode(req)) == req

@@ -2,7 +2,7 @@
 
 Per model, the update moves through::
 
-    idle -> downloading -> applying -> (load + smoke inference) -> active
+    idle -> downloading -> applying -> (load + smoke inference, activate) -> trial -> healthy
                   \\-------------\\---------------------------------> failed | rejected
 
 Every failure leaves the running model untouched and is reported to the server.
@@ -30,6 +30,7 @@ from deltafleet.shared import (
     Topics,
     encode,
     load_public_key,
+    sha256_file,
 )
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, MqttSettings, Will
 
@@ -71,6 +72,12 @@ def device_profile(cfg: AgentConfig) -> dict:
 
 
 @dataclass
+class Trial:
+    manifest: Manifest
+    ends_at: float
+
+
+@dataclass
 class ActiveDownload:
     manifest: Manifest
     chunks: ChunkSet
@@ -86,6 +93,7 @@ class Agent:
         self.trusted = [load_public_key(p) for p in cfg.trusted_keys]
         self.loaded: dict[str, LoadedModel] = {}
         self.downloads: dict[str, ActiveDownload] = {}  # by model name
+        self.trials: dict[str, Trial] = {}  # by model name
         self.stop_event = threading.Event()
         self._crash_after = int(os.environ.get("FLEET_AGENT_CRASH_AFTER_CHUNKS", "0") or 0)
         self._chunks_this_run = 0
@@ -200,7 +208,7 @@ class Agent:
                 self.store.activate(InstalledModel(
                     model, manifest.version, current.sha256, manifest.variant, manifest.format,
                     manifest.serial, manifest.manifest_id))
-                self.report(manifest, "active", sha256=current.sha256, reason="already running")
+                self.report(manifest, "healthy", sha256=current.sha256, reason="already running")
             return
         if self.store.failed_manifest(model) == manifest.manifest_id:
             return  # already tried and reported; wait for a new manifest
@@ -215,6 +223,12 @@ class Agent:
             check_base(manifest, current)
         except UpdateRejected as e:
             self.fail(manifest, "rejected", str(e))
+            return
+        local = self.store.model_path(manifest.target_sha256, manifest.format)
+        if local.exists() and sha256_file(local) == manifest.target_sha256:
+            # e.g. a rollback to the previous model, which is still on disk: nothing to fetch
+            self.report(manifest, "applying", reason="target already on disk")
+            self.install(manifest, None, reused=0)
             return
         chunks = ChunkSet(manifest, self.store.download_dir(manifest.artifact.sha256))
         dl = ActiveDownload(manifest, chunks)
@@ -251,6 +265,10 @@ class Agent:
 
     def tick(self) -> None:
         now = time.monotonic()
+        for name, trial in list(self.trials.items()):
+            if now >= trial.ends_at:
+                del self.trials[name]
+                self.report(trial.manifest, "healthy", sha256=trial.manifest.target_sha256)
         for dl in list(self.downloads.values()):
             if now - dl.started > self.cfg.download_timeout_s:
                 self.fail(dl.manifest, "failed", "download timed out")
@@ -264,12 +282,19 @@ class Agent:
         self.downloads.pop(m.model, None)
         self.report(m, "applying", bytes_received=dl.chunks.bytes_received(),
                     chunks_reused=dl.chunks.reused)
+        self.install(m, dl.chunks, reused=dl.chunks.reused)
+
+    def install(self, m: Manifest, chunks: ChunkSet | None, *, reused: int) -> None:
+        """Patch (when ``chunks`` holds an artifact), stage, load, smoke-test, activate."""
         try:
-            artifact = dl.chunks.assemble()
-            current = self.store.current(m.model)
-            base = self.store.model_path(current.sha256, current.format) if current else None
-            target = apply_artifact(m, artifact, base)
-            path = self.store.stage(m.target_sha256, m.format, target)
+            if chunks is not None:
+                artifact = chunks.assemble()
+                current = self.store.current(m.model)
+                base = self.store.model_path(current.sha256, current.format) if current else None
+                target = apply_artifact(m, artifact, base)
+                path = self.store.stage(m.target_sha256, m.format, target)
+            else:
+                path = self.store.model_path(m.target_sha256, m.format)
             new_model = load_model(path, m.format)
             try:
                 smoke_test(new_model)
@@ -288,8 +313,11 @@ class Agent:
             old.close()
         self.store.drop_download(m.artifact.sha256)
         log.info("now running %s %s (%s)", m.model, m.version, m.target_sha256[:12])
-        self.report(m, "active", sha256=m.target_sha256,
-                    bytes_received=m.artifact.size_bytes, chunks_reused=dl.chunks.reused)
+        self.report(m, "trial", sha256=m.target_sha256,
+                    bytes_received=m.artifact.size_bytes if chunks else 0, chunks_reused=reused)
+        self.trials[m.model] = Trial(m, time.monotonic() + m.trial_window_s)
+        if m.trial_window_s == 0:
+            self.tick()
 
     def fail(self, m: Manifest, state: str, reason: str) -> None:
         log.warning("update of %s to %s %s: %s", m.model, m.version, state, reason)

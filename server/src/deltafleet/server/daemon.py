@@ -60,9 +60,9 @@ from .store.models import (
 
 log = logging.getLogger(__name__)
 
-TERMINAL = frozenset({"active", "failed", "rejected", "skipped"})
-IN_FLIGHT = ("notified", "downloading", "applying")
-EVENT_ORDER = {"pending": 0, "notified": 1, "downloading": 2, "applying": 3}
+TERMINAL = frozenset({"healthy", "failed", "rejected", "rolled_back", "skipped"})
+IN_FLIGHT = ("notified", "downloading", "applying", "trial")
+EVENT_ORDER = {"pending": 0, "notified": 1, "downloading": 2, "applying": 3, "trial": 4}
 CHUNK_WINDOW_S = 0.05
 RECONCILE_EVERY_S = 0.5
 
@@ -163,7 +163,7 @@ class FleetServer:
             running = {m.model: m.sha256 for m in hello.models}
             for t, model_name in self._open_targets(s, device_id):
                 if t.target_sha256 and running.get(model_name) == t.target_sha256:
-                    self._set_state(t, "active", "device already runs the target")
+                    self._set_state(t, "healthy", "device already runs the target")
                 elif t.state in IN_FLIGHT and t.manifest:
                     resend.append((model_name, t.manifest))
         for model_name, manifest in resend:
@@ -184,12 +184,12 @@ class FleetServer:
                     continue
                 if ev.manifest_id is None or t.manifest_id == ev.manifest_id:
                     target = t
-            if ev.state == "active" and ev.sha256:
+            if ev.state in ("trial", "healthy", "rolled_back") and ev.sha256:
                 registry.record_device_model(s, device_id, ev.model, ev.version, None,
                                              ev.sha256, utcnow())
             if target is None:
                 return
-            if ev.state in ("downloading", "applying"):
+            if ev.state in EVENT_ORDER:
                 if EVENT_ORDER.get(target.state, 9) < EVENT_ORDER[ev.state]:
                     self._set_state(target, ev.state, "")
             else:
@@ -278,7 +278,7 @@ class FleetServer:
                 servable.add(t.artifact_sha256)
                 self._chunk_hashes_for(t.artifact_sha256)
         if targets and all(t.state in TERMINAL for t in targets.values()):
-            ok = all(t.state in ("active", "skipped") for t in targets.values())
+            ok = all(t.state in ("healthy", "skipped") for t in targets.values())
             r.state = "completed" if ok else "failed"
             r.finished_at = r.updated_at = utcnow()
             log.info("rollout %d %s", r.id, r.state)
@@ -297,7 +297,7 @@ class FleetServer:
         v = choice.variant
         t.variant_id, t.target_sha256, t.full_bytes = v.variant_id, v.sha256, v.size_bytes
         if running is not None and running.sha256 == v.sha256:
-            self._set_state(t, "active", "device already runs the target")
+            self._set_state(t, "healthy", "device already runs the target")
             return None
         base = running.sha256 if running is not None and self.blobs.has(running.sha256) else None
         kind, codec, artifact_sha, artifact_size = "full", "identity", v.sha256, v.size_bytes

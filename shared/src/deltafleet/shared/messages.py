@@ -22,7 +22,6 @@ WIRE_VERSION = 1
 MAX_CHUNK_SIZE_BYTES = 1 << 20
 MODEL_FORMATS = ("onnx", "tflite")
 ARTIFACT_KINDS = ("full", "delta")
-CODECS = ("identity", "bsdiff4")
 
 
 def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], *, optional: bool = False):
@@ -51,6 +50,14 @@ def _nonneg(d: dict[str, Any], key: str) -> int:
     value = _get(d, key, int)
     if value < 0:
         raise WireError(f"field {key!r} is negative")
+    return value
+
+
+def _int_map(d: dict[str, Any], key: str) -> dict[str, int]:
+    value = _get(d, key, dict, optional=True) or {}
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+               for k, v in value.items()):
+        raise WireError(f"field {key!r} must map names to integers")
     return value
 
 
@@ -111,9 +118,12 @@ class Manifest:
     target_size_bytes: int
     base_sha256: str | None
     artifact: ArtifactRef
+    trial_window_s: int = 0  # health window after the swap before the device reports healthy
+    health_policy: dict[str, int] = field(default_factory=dict)  # e.g. max_error_rate_ppm
 
     def to_wire(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "artifact"}
+        d["health_policy"] = dict(self.health_policy)
         d["artifact"] = self.artifact.to_wire()
         d["v"] = WIRE_VERSION
         d["type"] = "manifest"
@@ -146,6 +156,8 @@ class Manifest:
             target_size_bytes=_nonneg(d, "target_size_bytes"),
             base_sha256=base,
             artifact=artifact,
+            trial_window_s=_get(d, "trial_window_s", int, optional=True) or 0,
+            health_policy=_int_map(d, "health_policy"),
         )
 
 
@@ -214,7 +226,8 @@ class Hello:
         )
 
 
-EVENT_STATES = ("downloading", "applying", "active", "failed", "rejected")
+# downloading -> applying -> trial -> healthy | rolled_back; failed / rejected at any step.
+EVENT_STATES = ("downloading", "applying", "trial", "healthy", "rolled_back", "failed", "rejected")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +242,11 @@ class Event:
     version: str
     state: str
     reason: str = ""
-    sha256: str | None = None  # sha the device runs after this event (for active/failed)
+    sha256: str | None = None  # sha the device runs after this event
     bytes_received: int = 0
     chunks_total: int = 0
     chunks_reused: int = 0  # chunks found on disk from an earlier attempt
+    health: dict[str, int] = field(default_factory=dict)  # trial figures, e.g. p95_us, errors
     at: int = field(default_factory=lambda: int(time.time()))
 
     def to_wire(self) -> dict[str, Any]:
@@ -260,6 +274,7 @@ class Event:
             bytes_received=_nonneg(d, "bytes_received"),
             chunks_total=_nonneg(d, "chunks_total"),
             chunks_reused=_nonneg(d, "chunks_reused"),
+            health=_int_map(d, "health"),
             at=_nonneg(d, "at"),
         )
 

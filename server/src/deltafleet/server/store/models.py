@@ -5,8 +5,8 @@ rollouts, rollout_targets, audit_log.
 
 Rollout target states (per device)::
 
-    pending -> notified -> downloading -> applying -> active
-                    \\-----------\\-------------\\----> failed | rejected
+    pending -> notified -> downloading -> applying -> trial -> healthy | rolled_back
+                    \\-----------\\-------------\\----------\\----> failed | rejected
     pending -> skipped   (the device cannot take any variant of the model)
 """
 
