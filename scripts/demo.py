@@ -48,9 +48,9 @@ def main() -> int:
             print(f"agents online: {', '.join(DEVICES)}")
 
             lab.fleetctl("rollout", "model", "v1", "--group", "fleet", "--wait",
-                         "--timeout", "60", echo=True)
+                         "--timeout", "60", "--health-window", "1s", echo=True)
             res = lab.fleetctl("rollout", "model", "v2", "--group", "jetson", "--wait",
-                               "--timeout", "60", echo=True)
+                               "--timeout", "60", "--health-window", "1s", echo=True)
             print(res.stdout)
             print(f"{'device':<10} {'group':<7} {'runs':<5} {'sha256':<14} {'v2 bytes sent':>14} "
                   f"{'full':>10}")

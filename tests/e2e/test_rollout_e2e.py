@@ -34,9 +34,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, broker):
             lab.start_agent(device_id, {"hw": hw, "site": "lab"})
         wait_for(lambda: lab.online_devices() >= set(DEVICES), 30, "agents online")
         r1 = lab.fleetctl_json("rollout", "model", "v1", "--group", "fleet", "--wait",
-                               "--timeout", "90")
+                               "--timeout", "90", "--health-window", "1s")
         r2 = lab.fleetctl_json("rollout", "model", "detector:v2", "--group", "jetson", "--wait",
-                               "--timeout", "90")
+                               "--timeout", "90", "--health-window", "1s")
         yield {"lab": lab, "v1": v1, "v2": v2, "r1": r1, "r2": r2}
     finally:
         lab.close()

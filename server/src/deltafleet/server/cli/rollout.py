@@ -1,24 +1,30 @@
-"""`fleetctl rollout ...`: start a rollout, watch it, list them.
+"""`fleetctl rollout ...`: plan, start, watch, pause, resume, abort and roll back rollouts.
 
-Exit codes: 0 ok (and, with --wait, the rollout completed), 1 the rollout failed or --wait timed
-out, 2 bad input (unknown group or version, ...).
+Exit codes: 0 ok (with --wait: the rollout completed); 1 the rollout paused, aborted, rolled
+back or --wait timed out; 2 bad input (unknown group or version, invalid option, an action the
+rollout's state does not allow).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 
+from ..policy import RolloutPolicy, parse_duration, parse_pct, parse_waves
 from ..rollouts import (
     FINAL_ROLLOUT_STATES,
+    WAIT_ENDS,
+    act_on_rollout,
     create_rollout,
     get_rollout,
     list_rollouts,
+    plan_rollout,
     rollout_json,
 )
 from ..store import Store
@@ -27,49 +33,90 @@ from ._common import actor, fmt_bytes, open_store, print_json
 app = typer.Typer(no_args_is_help=True, help="Roll model versions out to device groups.")
 console = Console(highlight=False)
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+IdArg = Annotated[int, typer.Argument(help="rollout id (see `fleetctl rollout list`)")]
 
-def _print_status(data: dict) -> None:
-    console.print(f"rollout {data['id']}: {data['model']} {data['version']} -> group "
-                  f"{data['group']}  [bold]{data['state']}[/bold]")
-    table = Table("device", "state", "variant", "artifact", "sent", "full", "running", "reason")
+
+def _render(data: dict[str, Any]) -> Group:
+    head = (f"rollout {data['id']}: {data['model']} {data['version']} -> group {data['group']}"
+            f"  [bold]{data['state']}[/bold]  wave {data['current_wave'] + 1}"
+            + (f"  ({data['state_reason']})" if data.get("state_reason") else ""))
+    by_wave: dict[int, dict[str, int]] = {}
     for t in data["targets"]:
-        table.add_row(t["device"], t["state"], t["variant"] or "-", t["artifact"] or "-",
-                      fmt_bytes(t["bytes_sent"]), fmt_bytes(t["full_bytes"]),
-                      (t["running_sha256"] or "-")[:12], t["reason"] or "")
-    console.print(table)
+        counts = by_wave.setdefault(t["wave"], {})
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    waves = Table("wave", "devices", "states", title="by wave", title_justify="left")
+    for w in sorted(by_wave):
+        c = by_wave[w]
+        waves.add_row(str(w + 1), str(sum(c.values())),
+                      ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+    devices = Table("device", "wave", "state", "variant", "artifact", "sent", "full", "running",
+                    "reason")
+    for t in data["targets"]:
+        devices.add_row(t["device"], str(t["wave"] + 1), t["state"], t["variant"] or "-",
+                        t["artifact"] or "-", fmt_bytes(t["bytes_sent"]),
+                        fmt_bytes(t["full_bytes"]), (t["running_sha256"] or "-")[:12],
+                        t["reason"] or "")
+    parts: list[Any] = [head, waves, devices]
     if data["full_bytes"]:
         pct = 100 * data["bytes_sent"] / data["full_bytes"]
-        console.print(f"bytes sent {fmt_bytes(data['bytes_sent'])} of "
-                      f"{fmt_bytes(data['full_bytes'])} full ({pct:.1f}%)")
+        parts.append(f"bytes sent {fmt_bytes(data['bytes_sent'])} of "
+                     f"{fmt_bytes(data['full_bytes'])} full ({pct:.1f}%)")
+    return Group(*parts)
 
 
 @app.command("model")
 def rollout_model(
     spec: Annotated[str, typer.Argument(help="[NAME:]VERSION to roll out")],
     group: Annotated[str, typer.Option("--group", "-g", help="device group to target")],
-    wait: Annotated[bool, typer.Option("--wait", help="block until the rollout finishes")] = False,
-    timeout_s: Annotated[float, typer.Option("--timeout", help="seconds --wait waits")] = 600,
+    canary: Annotated[str | None, typer.Option(
+        "--canary", help="first wave: N devices or N% of the group")] = None,
+    waves: Annotated[str, typer.Option(
+        "--waves", help="cumulative waves after the canary, e.g. 10%,50%,100%")] = "100%",
+    max_failure: Annotated[str, typer.Option(
+        "--max-failure", help="failures allowed, as a % of the devices dispatched so far")] = "5%",
+    on_failure: Annotated[str, typer.Option(
+        "--on-failure", help="pause | abort | rollback when --max-failure is exceeded")] = "pause",
+    health_window: Annotated[str, typer.Option(
+        "--health-window", help="trial window on each device before it counts as healthy")] = "60s",
+    max_concurrent: Annotated[int | None, typer.Option(
+        "--max-concurrent", help="devices updating at once")] = None,
+    max_attempts: Annotated[int, typer.Option(
+        "--max-attempts", help="attempts per device before it is held out for good")] = 3,
+    retry_backoff: Annotated[str, typer.Option(
+        "--retry-backoff", help="first hold after a failure; doubles each time")] = "30s",
+    state_timeout: Annotated[str, typer.Option(
+        "--state-timeout", help="time a device may spend in one state")] = "600s",
+    wait: Annotated[bool, typer.Option("--wait", help="block until the rollout ends or pauses")] = False,
+    timeout: Annotated[str, typer.Option("--timeout", help="how long --wait waits")] = "600s",
     allow_empty: Annotated[bool, typer.Option(
         "--allow-empty", help="allow a group with no device yet")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Start a rollout; a running `fleetctl server` delivers it."""
+    """Start a rollout; a running `fleetctl server` delivers it wave by wave."""
+    policy = RolloutPolicy(
+        canary=canary, waves=parse_waves(waves), max_failure_pct=parse_pct(max_failure, "--max-failure"),
+        on_failure=on_failure, health_window_s=parse_duration(health_window),
+        max_concurrent=max_concurrent, max_attempts=max_attempts,
+        retry_backoff_s=parse_duration(retry_backoff), state_timeout_s=parse_duration(state_timeout),
+    )
     with open_store() as store:
         with store.session() as s:
-            rollout_id = create_rollout(s, spec, group, actor(), allow_empty=allow_empty).id
+            rollout_id = create_rollout(s, spec, group, actor(), policy=policy,
+                                        allow_empty=allow_empty).id
         if not as_json:
             console.print(f"rollout {rollout_id} started")
         if not wait:
             if as_json:
                 print_json({"id": rollout_id})
             return
-        _wait(store, rollout_id, timeout_s, quiet=as_json)
+        _wait(store, rollout_id, parse_duration(timeout), quiet=as_json)
         with store.session() as s:
             data = rollout_json(s, get_rollout(s, rollout_id))
     if as_json:
         print_json(data)
     else:
-        _print_status(data)
+        console.print(_render(data))
     if data["state"] != "completed":
         raise typer.Exit(1)
 
@@ -82,40 +129,112 @@ def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> No
             with store.session() as s:
                 data = rollout_json(s, get_rollout(s, rollout_id), with_targets=False)
             if st is not None:
-                st.update(f"rollout {rollout_id}: {data['state']} {data['counts']}")
-            if data["state"] in FINAL_ROLLOUT_STATES:
+                st.update(f"rollout {rollout_id}: {data['state']}, wave "
+                          f"{data['current_wave'] + 1}, {data['counts']}")
+            if data["state"] in WAIT_ENDS:
                 return
             if time.monotonic() > deadline:
-                console.print(f"[red]timed out after {timeout_s:.0f} s[/red]")
+                if not quiet:
+                    console.print(f"[red]timed out after {timeout_s:.0f} s[/red]")
                 return
             time.sleep(0.5)
 
 
+@app.command("plan")
+def rollout_plan(
+    spec: Annotated[str, typer.Argument(help="[NAME:]VERSION to plan")],
+    group: Annotated[str, typer.Option("--group", "-g", help="device group to target")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Per device: the variant it would get, its base, delta or full, bytes to send, and which
+    devices cannot take the model and why. Sends nothing."""
+    with open_store() as store, store.session() as s:
+        plan = plan_rollout(s, spec, group)
+    if as_json:
+        print_json(plan)
+        return
+    table = Table("device", "online", "runs", "variant", "artifact", "bytes", "full", "note")
+    for d in plan["devices"]:
+        table.add_row(d["device"], "yes" if d["online"] else "no", d["runs"] or "-",
+                      d.get("variant") or "-", d.get("artifact") or "cannot take",
+                      fmt_bytes(d.get("bytes")), fmt_bytes(d.get("full_bytes")), d["reason"])
+    console.print(f"plan: {plan['model']} {plan['version']} -> group {plan['group']}")
+    console.print(table)
+    console.print(f"{fmt_bytes(plan['bytes'])} to send instead of {fmt_bytes(plan['full_bytes'])}"
+                  f" full; {plan['cannot_take']} device(s) cannot take the model")
+
+
 @app.command("status")
 def rollout_status(
-    rollout_id: Annotated[int, typer.Argument(help="rollout id")],
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    rollout_id: IdArg,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="live view until it ends")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Show each device's state and the bytes sent against the full size."""
-    with open_store() as store, store.session() as s:
-        data = rollout_json(s, get_rollout(s, rollout_id))
-    if as_json:
-        print_json(data)
-    else:
-        _print_status(data)
+    """Each device's wave, state and reason; bytes sent against the full size."""
+    with open_store() as store:
+        with store.session() as s:
+            data = rollout_json(s, get_rollout(s, rollout_id))
+        if as_json:
+            print_json(data)
+            return
+        if not watch:
+            console.print(_render(data))
+            return
+        with Live(_render(data), console=console, refresh_per_second=2) as live:
+            while data["state"] not in FINAL_ROLLOUT_STATES:
+                time.sleep(1)
+                with store.session() as s:
+                    data = rollout_json(s, get_rollout(s, rollout_id))
+                live.update(_render(data))
 
 
 @app.command("list")
-def rollout_list(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def rollout_list(as_json: JsonOpt = False) -> None:
     """List rollouts, newest first."""
     with open_store() as store, store.session() as s:
         rows = [rollout_json(s, r, with_targets=False) for r in list_rollouts(s)]
     if as_json:
         print_json(rows)
         return
-    table = Table("id", "model", "version", "group", "state", "devices", "sent", "full")
+    table = Table("id", "model", "version", "group", "state", "wave", "devices", "sent", "full")
     for r in rows:
         table.add_row(str(r["id"]), r["model"], r["version"], r["group"], r["state"],
-                      str(sum(r["counts"].values())), fmt_bytes(r["bytes_sent"]),
-                      fmt_bytes(r["full_bytes"]))
+                      str(r["current_wave"] + 1), str(sum(r["counts"].values())),
+                      fmt_bytes(r["bytes_sent"]), fmt_bytes(r["full_bytes"]))
     console.print(table)
+
+
+def _action(action: str, rollout_id: int, as_json: bool) -> None:
+    with open_store() as store, store.session() as s:
+        r, changed = act_on_rollout(s, rollout_id, action, actor())
+        out = {"id": r.id, "state": r.state, "changed": changed}
+    if as_json:
+        print_json(out)
+    elif changed:
+        console.print(f"rollout {rollout_id}: {action} requested; state is now {out['state']}")
+    else:
+        console.print(f"rollout {rollout_id} is already {out['state']}; nothing to do")
+
+
+@app.command("pause")
+def rollout_pause(rollout_id: IdArg, as_json: JsonOpt = False) -> None:
+    """Stop dispatching to more devices (devices already updating finish)."""
+    _action("pause", rollout_id, as_json)
+
+
+@app.command("resume")
+def rollout_resume(rollout_id: IdArg, as_json: JsonOpt = False) -> None:
+    """Continue a paused rollout; failures so far are acknowledged, new ones count."""
+    _action("resume", rollout_id, as_json)
+
+
+@app.command("abort")
+def rollout_abort(rollout_id: IdArg, as_json: JsonOpt = False) -> None:
+    """Stop the rollout for good; undelivered manifests are withdrawn."""
+    _action("abort", rollout_id, as_json)
+
+
+@app.command("rollback")
+def rollout_rollback(rollout_id: IdArg, as_json: JsonOpt = False) -> None:
+    """Return every device the rollout touched to the version it ran before."""
+    _action("rollback", rollout_id, as_json)

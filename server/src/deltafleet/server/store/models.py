@@ -198,7 +198,14 @@ class Delta(Base):
 
 
 class Rollout(Base):
-    """Rollout states: running -> completed | failed; running -> aborted (operator)."""
+    """Rollout states::
+
+        running <-> paused            (failure threshold breached with on_failure=pause; resume)
+        running -> completed          (every wave dispatched, every target terminal)
+        running | paused -> aborted   (operator or on_failure=abort)
+        running | paused -> rolling_back -> rolled_back   (operator or on_failure=rollback)
+        running | paused -> superseded   (a newer rollout of the same model took over)
+    """
 
     __tablename__ = "rollouts"
 
@@ -207,6 +214,12 @@ class Rollout(Base):
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
     state: Mapped[str] = mapped_column(String(16), default="running")
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # RolloutPolicy.to_json()
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    failures_acknowledged: Mapped[int] = mapped_column(Integer, default=0)  # by `resume`
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -234,6 +247,13 @@ class RolloutTarget(Base):
     manifest_id: Mapped[str | None] = mapped_column(String(32))
     serial: Mapped[int | None] = mapped_column(BigInteger)
     manifest: Mapped[str | None] = mapped_column(Text)  # signed envelope, re-sent on hello
+    wave: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    hold_until: Mapped[datetime | None] = mapped_column(UTCDateTime)  # held out after failures
+    state_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime)  # timeout of the state
+    previous_sha256: Mapped[str | None] = mapped_column(SHA)  # what the device ran before
+    previous_version: Mapped[str | None] = mapped_column(String(64))
+    health: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # trial figures
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     rollout: Mapped[Rollout] = relationship(back_populates="targets", lazy="raise")

@@ -1,0 +1,409 @@
+"""The rollout controller: a reconciler over SQL state. It does no network I/O; it returns
+the retained manifests to publish and the daemon publishes them.
+
+Per rollout, every tick::
+
+    running      add targets for devices that joined the group; release expired holds;
+                 time out stuck devices; check the failure threshold (-> pause | abort |
+                 rollback); dispatch pending targets of the waves opened so far (respecting
+                 --max-concurrent and holds); open the next wave when the current one is
+                 settled; complete when every wave is open and every target is terminal.
+    paused       nothing new is dispatched; device events are still recorded.
+    aborting     clear undelivered manifests, cancel what has not finished -> aborted.
+    rolling_back every device the rollout touched gets a new manifest for the model it ran
+                 before (a higher serial, never a replay) -> rolled_back when all reverted.
+
+Target states: pending -> notified -> downloading -> applying -> trial -> healthy; a failure
+(failed / rejected / rolled_back by the agent, or a timeout) holds the device out for an
+exponentially growing while (held -> pending) until --max-attempts, then it stays failed.
+Rollback: -> reverting -> reverted. Never dispatched: skipped (cannot take the model) or
+cancelled (rollout aborted / superseded / rolled back before it got there).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from deltafleet.shared import (
+    ArtifactRef,
+    Event,
+    Hello,
+    Manifest,
+    SigningKey,
+    Topics,
+    chunk_hashes_file,
+)
+
+from . import registry
+from .deltas import DeltaBuilder
+from .planner import VariantOption, choose_variant, delta_worth_it
+from .policy import (
+    IN_FLIGHT_STATES,
+    TERMINAL_STATES,
+    RolloutPolicy,
+    WaveView,
+    failures_breach,
+    wave_settled,
+)
+from .store import BlobStore
+from .store.models import (
+    Artifact,
+    Delta,
+    Device,
+    DeviceModel,
+    Group,
+    Model,
+    ModelVersion,
+    Rollout,
+    RolloutTarget,
+    Variant,
+)
+
+log = logging.getLogger(__name__)
+
+ACTIVE_ROLLOUT_STATES = ("running", "paused", "aborting", "rolling_back")
+PROGRESS_ORDER = {"pending": 0, "notified": 1, "downloading": 2, "applying": 3, "trial": 4}
+CONTROLLER = "controller"
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+class RolloutController:
+    def __init__(self, *, blobs: BlobStore, key: SigningKey, topics: Topics,
+                 deltas: DeltaBuilder, chunk_size_bytes: int, manifest_ttl_s: int) -> None:
+        self.blobs = blobs
+        self.key = key
+        self.topics = topics
+        self.deltas = deltas
+        self.chunk_size_bytes = chunk_size_bytes
+        self.manifest_ttl_s = manifest_ttl_s
+        self._chunk_hashes: dict[str, list[str]] = {}
+
+    def chunk_hashes(self, sha: str) -> list[str]:
+        hashes = self._chunk_hashes.get(sha)
+        if hashes is None:
+            hashes = chunk_hashes_file(self.blobs.path(sha), self.chunk_size_bytes)
+            self._chunk_hashes[sha] = hashes
+        return hashes
+
+    # -- device messages -------------------------------------------------------------------
+    def open_targets(self, s: Session, device_id: str) -> list[tuple[RolloutTarget, Rollout, str]]:
+        rows = s.execute(
+            select(RolloutTarget, Rollout, Model.name)
+            .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+            .join(Model, Model.id == Rollout.model_id)
+            .where(RolloutTarget.device_id == device_id,
+                   Rollout.state.in_(ACTIVE_ROLLOUT_STATES),
+                   RolloutTarget.state.not_in(TERMINAL_STATES))
+            .order_by(RolloutTarget.id)
+        ).all()
+        return [(t, r, name) for t, r, name in rows]
+
+    def on_hello(self, s: Session, hello: Hello, now: datetime) -> list[Publish]:
+        """Record the device; re-send manifests still in flight (a broker may have lost them)."""
+        registry.upsert_device_from_hello(s, hello, now)
+        out = []
+        for t, _r, model_name in self.open_targets(s, hello.device_id):
+            if t.state in IN_FLIGHT_STATES and t.manifest:
+                out.append(Publish(self.topics.desired(hello.device_id, model_name),
+                                   t.manifest.encode()))
+        return out
+
+    def on_event(self, s: Session, ev: Event, now: datetime) -> None:
+        if ev.sha256:
+            registry.record_device_model(s, ev.device_id, ev.model, ev.version
+                                         if ev.version != "?" else None, None, ev.sha256, now)
+        match = None
+        for t, r, model_name in self.open_targets(s, ev.device_id):
+            if model_name == ev.model and (ev.manifest_id is None
+                                           or t.manifest_id == ev.manifest_id):
+                match = (t, r)
+        if match is None:
+            return
+        t, r = match
+        policy = RolloutPolicy.from_json(r.policy)
+        if t.state == "reverting":
+            if ev.state == "healthy":
+                self._set(t, "reverted", "back on the version it ran before", now)
+            elif ev.state in ("failed", "rejected", "rolled_back"):
+                self._set(t, "failed", f"rollback failed: {ev.reason}", now)
+            return
+        if ev.state in PROGRESS_ORDER:
+            if PROGRESS_ORDER.get(t.state, 9) < PROGRESS_ORDER[ev.state]:
+                window = policy.health_window_s if ev.state == "trial" else 0
+                self._set(t, ev.state, "", now, timeout_s=policy.state_timeout_s + window)
+        elif ev.state == "healthy":
+            t.health = dict(ev.health)
+            self._set(t, "healthy", ev.reason, now)
+        else:  # failed | rejected | rolled_back
+            t.health = dict(ev.health)
+            self._fail(t, policy, ev.state, ev.reason, now)
+
+    # -- reconciliation --------------------------------------------------------------------
+    def reconcile(self, s: Session, now: datetime) -> tuple[list[Publish], set[str]]:
+        """One pass over every active rollout. Returns manifests to publish and the artifact
+        shas devices may ask chunks of."""
+        out: list[Publish] = []
+        servable: set[str] = set()
+        for r in s.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
+                           .order_by(Rollout.id)).all():
+            model = s.get(Model, r.model_id)
+            assert model is not None
+            targets = list(s.scalars(select(RolloutTarget)
+                                     .where(RolloutTarget.rollout_id == r.id)).all())
+            if r.state == "running":
+                out += self._run(s, r, model, targets, now)
+            elif r.state == "paused":
+                self._expire(s, r, targets, now)
+            elif r.state == "aborting":
+                out += self._abort(r, model, targets, now)
+            elif r.state == "rolling_back":
+                self._expire(s, r, targets, now)
+                out += self._roll_back(s, r, model, targets, now)
+            for t in targets:
+                if t.state in IN_FLIGHT_STATES and t.artifact_sha256:
+                    servable.add(t.artifact_sha256)
+        return out, servable
+
+    def _run(self, s: Session, r: Rollout, model: Model, targets: list[RolloutTarget],
+             now: datetime) -> list[Publish]:
+        policy = RolloutPolicy.from_json(r.policy)
+        group = s.get(Group, r.group_id)
+        assert group is not None
+        devices = {d.id: d for d in s.scalars(select(Device)).all()}
+        have = {t.device_id for t in targets}
+        for device in devices.values():
+            if device.id not in have and registry.device_matches(device, group.selector):
+                t = RolloutTarget(rollout_id=r.id, device_id=device.id, state="pending",
+                                  reason="joined the group during the rollout",
+                                  wave=r.current_wave, attempts=0, health={}, updated_at=now)
+                s.add(t)
+                targets.append(t)
+        self._expire(s, r, targets, now)
+        views = [WaveView(t.wave, t.state, devices[t.device_id].online) for t in targets
+                 if t.device_id in devices]
+        breached, failures, dispatched = failures_breach(views, r.current_wave, policy,
+                                                         r.failures_acknowledged)
+        if breached:
+            reason = (f"{failures} of {dispatched} devices failed, more than the "
+                      f"{policy.max_failure_pct:g}% allowed")
+            next_state = {"pause": "paused", "abort": "aborting",
+                          "rollback": "rolling_back"}[policy.on_failure]
+            log.warning("rollout %d: %s -> %s", r.id, reason, next_state)
+            self._set_rollout(r, next_state, reason, now)
+            registry.audit(s, CONTROLLER, f"rollout.{policy.on_failure}", f"rollout/{r.id}",
+                           {"reason": reason, "automatic": True})
+            return []
+        out = self._dispatch(s, r, model, policy, targets, devices, now)
+        last_wave = policy.wave_count() - 1
+        views = [WaveView(t.wave, t.state, devices[t.device_id].online) for t in targets
+                 if t.device_id in devices]
+        while r.current_wave < last_wave and wave_settled(views, r.current_wave):
+            r.current_wave += 1
+            r.updated_at = now
+            log.info("rollout %d: wave %d opened", r.id, r.current_wave)
+            out += self._dispatch(s, r, model, policy, targets, devices, now)
+            views = [WaveView(t.wave, t.state, devices[t.device_id].online) for t in targets
+                     if t.device_id in devices]
+        if r.current_wave >= last_wave and targets and all(
+                t.state in TERMINAL_STATES for t in targets):
+            failed = sum(1 for t in targets if t.state not in ("healthy", "skipped"))
+            self._set_rollout(r, "completed",
+                              f"{failed} device(s) did not update" if failed else "", now)
+            r.finished_at = now
+            log.info("rollout %d completed", r.id)
+        return out
+
+    def _expire(self, s: Session, r: Rollout, targets: list[RolloutTarget], now: datetime) -> None:
+        """Release holds that ran out; fail devices stuck in a state past its deadline."""
+        policy = RolloutPolicy.from_json(r.policy)
+        for t in targets:
+            if t.state == "held" and t.hold_until is not None and t.hold_until <= now:
+                self._set(t, "pending", f"retrying after: {t.reason}", now)
+            elif (t.state in IN_FLIGHT_STATES and t.state_deadline is not None
+                  and t.state_deadline <= now):
+                device = s.get(Device, t.device_id)
+                if t.state in ("notified", "reverting") and device is not None and not device.online:
+                    continue  # offline devices converge when they come back
+                if t.state == "reverting":
+                    self._set(t, "failed", "rollback timed out", now)
+                else:
+                    self._fail(t, policy, "failed", f"timed out in state {t.state}", now)
+
+    def _dispatch(self, s: Session, r: Rollout, model: Model, policy: RolloutPolicy,
+                  targets: list[RolloutTarget], devices: dict[str, Device],
+                  now: datetime) -> list[Publish]:
+        version = s.get(ModelVersion, r.version_id)
+        assert version is not None
+        options = [
+            VariantOption(v.id, v.name, v.format, v.precision, v.artifact_sha256, size)
+            for v, size in s.execute(
+                select(Variant, Artifact.size_bytes)
+                .join(Artifact, Artifact.sha256 == Variant.artifact_sha256)
+                .where(Variant.version_id == version.id)).all()
+        ]
+        in_flight = sum(1 for t in targets if t.state in IN_FLIGHT_STATES)
+        out = []
+        for t in sorted(targets, key=lambda t: (t.wave, t.device_id)):
+            if t.state != "pending" or t.wave > r.current_wave:
+                continue
+            if policy.max_concurrent is not None and in_flight >= policy.max_concurrent:
+                break
+            device = devices.get(t.device_id)
+            if device is None:
+                continue
+            published = self._plan_target(s, r, model, version, policy, options, t, device, now)
+            if published is not None:
+                out.append(published)
+                in_flight += 1
+        return out
+
+    def _plan_target(self, s: Session, r: Rollout, model: Model, version: ModelVersion,
+                     policy: RolloutPolicy, options: list[VariantOption], t: RolloutTarget,
+                     device: Device, now: datetime) -> Publish | None:
+        running = s.get(DeviceModel, (device.id, model.name))
+        choice = choose_variant(device.runtimes or {}, running.variant if running else None,
+                                options)
+        if choice.variant is None:
+            self._set(t, "skipped", choice.reason, now)
+            return None
+        v = choice.variant
+        t.variant_id, t.target_sha256, t.full_bytes = v.variant_id, v.sha256, v.size_bytes
+        if t.attempts == 0:
+            t.previous_sha256 = running.sha256 if running else None
+            t.previous_version = running.version if running else None
+        if running is not None and running.sha256 == v.sha256:
+            self._set(t, "healthy", "device already runs the target", now)
+            return None
+        base = running.sha256 if running is not None and self.blobs.has(running.sha256) else None
+        kind, codec, artifact_sha, artifact_size = "full", "identity", v.sha256, v.size_bytes
+        if base is not None:
+            delta = s.scalar(select(Delta).where(Delta.base_sha256 == base,
+                                                 Delta.target_sha256 == v.sha256)
+                             .order_by(Delta.size_bytes).limit(1))
+            if delta is None and (base, v.sha256) not in self.deltas.failed:
+                self.deltas.submit(base, self.blobs.path(base), v.sha256, self.blobs.path(v.sha256))
+                t.reason = "building delta"
+                return None  # stays pending until the delta is built
+            if delta is not None and delta_worth_it(delta.size_bytes, v.size_bytes):
+                kind, codec = "delta", delta.codec
+                artifact_sha, artifact_size = delta.artifact_sha256, delta.size_bytes
+        t.attempts += 1
+        return self._send(s, r, t, device, model.name, version.version, v.name, v.format,
+                          v.sha256, v.size_bytes, base if kind == "delta" else None,
+                          ArtifactRef(kind, codec, artifact_sha, artifact_size,
+                                      self.chunk_size_bytes,
+                                      tuple(self.chunk_hashes(artifact_sha))),
+                          policy, "notified", now)
+
+    def _send(self, s: Session, r: Rollout, t: RolloutTarget, device: Device, model: str,
+              version: str, variant: str, fmt: str, target_sha: str, target_size: int,
+              base_sha: str | None, artifact: ArtifactRef, policy: RolloutPolicy, state: str,
+              now: datetime) -> Publish:
+        device.manifest_serial = (device.manifest_serial or 0) + 1
+        issued = int(time.time())
+        manifest = Manifest(
+            manifest_id=uuid.uuid4().hex, device_id=device.id, serial=device.manifest_serial,
+            issued_at=issued, expires_at=issued + self.manifest_ttl_s, rollout_id=r.id,
+            model=model, version=version, variant=variant, format=fmt,
+            target_sha256=target_sha, target_size_bytes=target_size, base_sha256=base_sha,
+            artifact=artifact, trial_window_s=policy.health_window_s,
+            health_policy=dict(policy.health),
+        )
+        signed = self.key.sign_bytes(manifest.to_wire())
+        t.base_sha256 = base_sha
+        t.artifact_sha256, t.artifact_kind = artifact.sha256, artifact.kind
+        t.bytes_to_send = artifact.size_bytes
+        t.manifest_id, t.serial, t.manifest = manifest.manifest_id, manifest.serial, signed.decode()
+        self._set(t, state, "", now, timeout_s=policy.state_timeout_s)
+        return Publish(self.topics.desired(device.id, model), signed)
+
+    def _abort(self, r: Rollout, model: Model, targets: list[RolloutTarget],
+               now: datetime) -> list[Publish]:
+        out = []
+        for t in targets:
+            if t.state in TERMINAL_STATES:
+                continue
+            if t.state == "notified":  # not started: withdraw the retained manifest
+                out.append(Publish(self.topics.desired(t.device_id, model.name), b""))
+            reason = ("rollout aborted" if t.state in ("pending", "held", "notified")
+                      else f"rollout aborted while the device was in {t.state}")
+            self._set(t, "cancelled", reason, now)
+        self._set_rollout(r, "aborted", r.state_reason, now)
+        r.finished_at = now
+        return out
+
+    def _roll_back(self, s: Session, r: Rollout, model: Model, targets: list[RolloutTarget],
+                   now: datetime) -> list[Publish]:
+        policy = RolloutPolicy.from_json(r.policy)
+        out = []
+        for t in targets:
+            if t.state in ("reverting", "reverted", "skipped", "cancelled"):
+                continue
+            if t.manifest_id is None:  # never got a manifest: nothing to undo
+                self._set(t, "cancelled", "rollout rolled back before this device", now)
+                continue
+            device = s.get(Device, t.device_id)
+            assert device is not None
+            if t.previous_sha256 is None:
+                out.append(Publish(self.topics.desired(t.device_id, model.name), b""))
+                self._set(t, "failed", "nothing to roll back to: the device ran no version "
+                                       "of this model before", now)
+                continue
+            prev = s.execute(
+                select(Variant, ModelVersion.version, Artifact.size_bytes)
+                .join(ModelVersion, ModelVersion.id == Variant.version_id)
+                .join(Artifact, Artifact.sha256 == Variant.artifact_sha256)
+                .where(Variant.artifact_sha256 == t.previous_sha256,
+                       ModelVersion.model_id == model.id)).first()
+            if prev is None or not self.blobs.has(t.previous_sha256):
+                self._set(t, "failed", "the previous model is not in the catalog", now)
+                continue
+            v, version, size = prev
+            artifact = ArtifactRef("full", "identity", t.previous_sha256, size,
+                                   self.chunk_size_bytes,
+                                   tuple(self.chunk_hashes(t.previous_sha256)))
+            out.append(self._send(s, r, t, device, model.name, version, v.name, v.format,
+                                  t.previous_sha256, size, None, artifact, policy,
+                                  "reverting", now))
+        if all(t.state != "reverting" for t in targets):
+            self._set_rollout(r, "rolled_back", r.state_reason, now)
+            r.finished_at = now
+        return out
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _fail(self, t: RolloutTarget, policy: RolloutPolicy, state: str, reason: str,
+              now: datetime) -> None:
+        if t.attempts < policy.max_attempts:
+            hold = policy.hold_seconds(t.attempts)
+            t.hold_until = now + timedelta(seconds=hold)
+            self._set(t, "held", f"{state}: {reason} (attempt {t.attempts} of "
+                                 f"{policy.max_attempts}; retry in {hold} s)", now)
+        else:
+            self._set(t, state, f"{reason} (held out after {t.attempts} failed attempts)", now)
+
+    @staticmethod
+    def _set(t: RolloutTarget, state: str, reason: str, now: datetime, *,
+             timeout_s: int | None = None) -> None:
+        t.state, t.reason, t.updated_at = state, reason, now
+        t.state_deadline = now + timedelta(seconds=timeout_s) if timeout_s else None
+
+    @staticmethod
+    def _set_rollout(r: Rollout, state: str, reason: str, now: datetime) -> None:
+        r.state, r.state_reason, r.updated_at = state, reason, now
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,157 @@
+"""Rollout policy: parsing operator input and the pure wave / threshold / retry rules.
+
+No I/O here. The controller feeds it target rows and acts on its answers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import UsageError
+
+ON_FAILURE = ("pause", "abort", "rollback")
+# Per-device states that count as a failure of the wave they belong to.
+FAILURE_STATES = frozenset({"failed", "rejected", "rolled_back", "held"})
+SUCCESS_STATES = frozenset({"healthy"})
+# States no further device event can change (for this rollout).
+TERMINAL_STATES = frozenset(
+    {"healthy", "failed", "rejected", "rolled_back", "skipped", "cancelled", "reverted"}
+)
+IN_FLIGHT_STATES = ("notified", "downloading", "applying", "trial", "reverting")
+
+
+def parse_duration(text: str) -> int:
+    """'120s', '2m', '1h', '90' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise UsageError(f"invalid duration {text!r}: use e.g. 120s, 2m or 1h")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def parse_count_or_pct(text: str, what: str) -> tuple[int, bool]:
+    """'5%' -> (5, True); '3' -> (3, False)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", text or "")
+    if not m:
+        raise UsageError(f"invalid {what} {text!r}: use a count (3) or a percentage (5%)")
+    value = float(m.group(1))
+    if m.group(2):
+        if not 0 < value <= 100:
+            raise UsageError(f"{what} {text!r} must be between 0% and 100%")
+        return math.ceil(value) if value > 1 else 1, True  # type: ignore[return-value]
+    if value != int(value) or value < 1:
+        raise UsageError(f"{what} {text!r} must be a whole number of devices")
+    return int(value), False
+
+
+def parse_waves(text: str) -> tuple[float, ...]:
+    """'10%,50%,100%' -> (10.0, 50.0, 100.0); the last wave is always 100%."""
+    waves: list[float] = []
+    for part in (p.strip() for p in (text or "").split(",") if p.strip()):
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)%", part)
+        if not m or not 0 < float(m.group(1)) <= 100:
+            raise UsageError(f"invalid wave {part!r}: use percentages such as 10%,50%,100%")
+        waves.append(float(m.group(1)))
+    if waves != sorted(waves) or len(set(waves)) != len(waves):
+        raise UsageError("waves must be increasing cumulative percentages, e.g. 10%,50%,100%")
+    if not waves or waves[-1] != 100.0:
+        waves.append(100.0)
+    return tuple(waves)
+
+
+def parse_pct(text: str, what: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%?\s*", text or "")
+    if not m or not 0 <= float(m.group(1)) <= 100:
+        raise UsageError(f"invalid {what} {text!r}: use a percentage such as 5%")
+    return float(m.group(1))
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutPolicy:
+    canary: str | None = None  # "N" devices or "N%" of the group, wave 0
+    waves: tuple[float, ...] = (100.0,)  # cumulative percentages after the canary
+    max_failure_pct: float = 5.0  # failures allowed, as % of the devices dispatched so far
+    on_failure: str = "pause"
+    health_window_s: int = 60
+    max_concurrent: int | None = None  # devices in flight at once (None = no limit)
+    max_attempts: int = 3  # per device, then it is held out for good
+    retry_backoff_s: int = 30  # first hold; doubles with every failed attempt
+    state_timeout_s: int = 600  # notified (while online) / downloading / applying / trial
+    health: dict[str, int] = field(default_factory=lambda: {
+        "max_error_rate_ppm": 10_000, "max_p95_ratio_pct": 150, "min_requests": 20})
+
+    def __post_init__(self) -> None:
+        if self.on_failure not in ON_FAILURE:
+            raise UsageError(f"--on-failure must be one of {', '.join(ON_FAILURE)}")
+        if self.canary is not None:
+            parse_count_or_pct(self.canary, "canary")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise UsageError("--max-concurrent must be at least 1")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["waves"] = list(self.waves)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RolloutPolicy:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "waves" in known:
+            known["waves"] = tuple(known["waves"])
+        return cls(**known)
+
+    def wave_count(self) -> int:
+        return len(self.waves) + (1 if self.canary else 0)
+
+    def hold_seconds(self, attempts: int) -> int:
+        return self.retry_backoff_s * (2 ** max(0, attempts - 1))
+
+
+def assign_waves(device_ids: list[str], policy: RolloutPolicy) -> dict[str, int]:
+    """Deterministic wave per device: canary first (if any), then cumulative percentages."""
+    ids = sorted(device_ids)
+    n = len(ids)
+    cutoffs: list[int] = []
+    if policy.canary:
+        value, pct = parse_count_or_pct(policy.canary, "canary")
+        cutoffs.append(min(n, math.ceil(n * value / 100) if pct else value))
+    for p in policy.waves:
+        cutoffs.append(max(cutoffs[-1] if cutoffs else 0, math.ceil(n * p / 100)))
+    out: dict[str, int] = {}
+    wave = 0
+    for i, device_id in enumerate(ids):
+        while wave < len(cutoffs) - 1 and i >= cutoffs[wave]:
+            wave += 1
+        out[device_id] = wave
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class WaveView:
+    """What the controller needs to know about one target to judge its wave."""
+
+    wave: int
+    state: str
+    online: bool
+
+
+def failures_breach(targets: list[WaveView], current_wave: int, policy: RolloutPolicy,
+                    acknowledged: int) -> tuple[bool, int, int]:
+    """(breached?, failures, dispatched) over the waves dispatched so far."""
+    dispatched = [t for t in targets if t.wave <= current_wave and t.state != "skipped"]
+    failures = sum(1 for t in dispatched if t.state in FAILURE_STATES) - acknowledged
+    allowed = policy.max_failure_pct / 100 * len(dispatched)
+    return failures > 0 and failures > allowed, max(failures, 0), len(dispatched)
+
+
+def wave_settled(targets: list[WaveView], wave: int) -> bool:
+    """Every online device of ``wave`` has a verdict, and at least one device proved the
+    version healthy (a wave whose devices are all offline proves nothing, so it waits)."""
+    members = [t for t in targets if t.wave == wave]
+    if all(t.state in TERMINAL_STATES for t in members):
+        return True
+    return all(
+        t.state in TERMINAL_STATES or t.state == "held" or not t.online for t in members
+    ) and any(t.state in SUCCESS_STATES for t in members)
