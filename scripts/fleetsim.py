@@ -73,6 +73,7 @@ class SimDevice:
         self.models = dict(models)  # model name -> what runs now
         self.previous: dict[str, Installed] = {}
         self.knobs = Knobs()
+        self.runtimes = {"onnxruntime": "sim"}
         self.manifests: list[Received] = []  # every verified manifest, in arrival order
         self.events: list[Event] = []
         self.timeline: list[tuple[str, float]] = []  # (event state, monotonic time)
@@ -143,7 +144,7 @@ class SimDevice:
         t = self.fleet.topics
         hello = Hello(self.device_id, "sim", {
             "arch": "x86_64", "os": "Linux sim", "cpu": "sim", "memory_bytes": 1 << 30,
-            "accelerator": "none", "runtimes": {"onnxruntime": "sim"},
+            "accelerator": "none", "runtimes": dict(self.runtimes),
             "disk_free_bytes": 1 << 34}, self.labels,
             tuple(ModelState(name, m.version, m.sha256) for name, m in self.models.items()))
         self._publish(t.hello(self.device_id), encode(hello))

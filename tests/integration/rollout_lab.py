@@ -72,6 +72,10 @@ class RolloutLab:
         with self.store.session() as s:
             return bool(registry.get_device(s, device_id).online)
 
+    def status_runtimes(self, device_id: str) -> dict[str, str]:
+        with self.store.session() as s:
+            return dict(registry.get_device(s, device_id).runtimes or {})
+
     def group(self, name: str, **selector: str) -> None:
         with self.store.session() as s:
             registry.create_group(s, name, selector)
