@@ -36,7 +36,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, broker):
         r1 = lab.fleetctl_json("rollout", "model", "v1", "--group", "fleet", "--wait",
                                "--timeout", "90", "--health-window", "1s")
         r2 = lab.fleetctl_json("rollout", "model", "detector:v2", "--group", "jetson", "--wait",
-                               "--timeout", "90", "--health-window", "1s")
+                               "--timeout", "90", "--health-window", "1s", "--canary", "1")
         yield {"lab": lab, "v1": v1, "v2": v2, "r1": r1, "r2": r2}
     finally:
         lab.close()
@@ -52,6 +52,7 @@ def test_jetson_devices_run_v2_after_receiving_a_delta(fleet):
     lab, r2 = fleet["lab"], fleet["r2"]
     assert r2["state"] == "completed"
     assert {t["device"] for t in r2["targets"]} == {"jetson-1", "jetson-2"}
+    assert {t["device"]: t["wave"] for t in r2["targets"]} == {"jetson-1": 0, "jetson-2": 1}
     for t in r2["targets"]:
         assert t["state"] == "healthy"
         assert t["artifact"] == "delta"
