@@ -86,12 +86,11 @@ class MqttClient:
     def _make_client(self) -> paho.Client:
         s = self.settings
         v5 = self.protocol_in_use == "5"
-        kwargs = {} if v5 else {"clean_session": True}
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            **kwargs,
+            clean_session=None if v5 else True,  # v5 sets clean_start on connect instead
         )
         if s.username:
             c.username_pw_set(s.username, s.password)
