@@ -14,7 +14,6 @@ import os
 import time
 from pathlib import Path
 
-import bsdiff4
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from deltafleet.shared import (
@@ -26,6 +25,7 @@ from deltafleet.shared import (
     verify_envelope,
 )
 
+from . import codecs
 from .errors import UpdateRejected
 from .store import InstalledModel
 
@@ -121,19 +121,32 @@ class ChunkSet:
         return data
 
 
-def apply_artifact(manifest: Manifest, artifact: bytes, base_path: Path | None) -> bytes:
-    """Turn a verified artifact into the target model bytes, verified against the manifest."""
-    if manifest.artifact.codec == "identity":
-        target = artifact
-    elif manifest.artifact.codec == "bsdiff4":
-        if base_path is None or not base_path.exists():
-            raise UpdateRejected("delta needs the base model, which is not on disk")
-        try:
-            target = bsdiff4.patch(base_path.read_bytes(), artifact)
-        except (ValueError, MemoryError, OverflowError) as e:
-            raise UpdateRejected(f"bspatch failed: {e}") from e
-    else:
-        raise UpdateRejected(f"unknown codec {manifest.artifact.codec!r}")
+def apply_artifact(
+    manifest: Manifest,
+    artifact: bytes,
+    base_path: Path | None,
+    *,
+    max_memory_bytes: int | None = None,
+) -> bytes:
+    """Turn a verified artifact into the target model bytes, verified against the manifest.
+
+    Every codec of ``codecs`` is decoded within ``max_memory_bytes`` (default: half the
+    machine's memory); an unknown codec or a decode over the cap is refused before any work.
+    """
+    try:
+        target = codecs.decode(
+            manifest.artifact.codec,
+            artifact,
+            base_path,
+            target_size=manifest.target_size_bytes,
+            max_memory_bytes=max_memory_bytes,
+        )
+    except codecs.UnknownCodec as e:
+        raise UpdateRejected(f"unknown codec {manifest.artifact.codec!r}") from e
+    except codecs.CodecError as e:
+        raise UpdateRejected(f"{manifest.artifact.codec} patch failed: {e}") from e
+    except MemoryError as e:
+        raise UpdateRejected(f"{manifest.artifact.codec} patch ran out of memory") from e
     if len(target) != manifest.target_size_bytes or sha256_bytes(target) != manifest.target_sha256:
         raise UpdateRejected("target hash mismatch: patched model is not the signed target")
-    return target
+    return target  # type: ignore[return-value]  # a bytearray: no copy of a large model

@@ -18,6 +18,13 @@ Target states: pending -> notified -> downloading -> applying -> trial -> health
 exponentially growing while (held -> pending) until --max-attempts, then it stays failed.
 Rollback: -> reverting -> reverted. Never dispatched: skipped (cannot take the model) or
 cancelled (rollout aborted / superseded / rolled back before it got there).
+
+Several server replicas may run against one PostgreSQL: each rollout is worked by the replica
+holding its row lease (``lease_owner`` / ``lease_until``, renewed every tick, taken over when it
+expires). Rows are read ``FOR UPDATE SKIP LOCKED`` so two replicas never work one rollout in the
+same instant. A replica that takes over re-sends the manifests already recorded as sent, because
+the old owner may have died between its commit and its publish (agents ignore a manifest they
+already have).
 """
 
 from __future__ import annotations
@@ -80,9 +87,14 @@ class Publish:
     retain: bool = True
 
 
+LEASE_S = 5.0
+
+
 class RolloutController:
     def __init__(self, *, blobs: BlobStore, key: SigningKey, topics: Topics,
-                 deltas: DeltaBuilder, chunk_size_bytes: int, manifest_ttl_s: int) -> None:
+                 deltas: DeltaBuilder, chunk_size_bytes: int, manifest_ttl_s: int,
+                 owner: str = "local") -> None:
+        self.owner = owner
         self.blobs = blobs
         self.key = key
         self.topics = topics
@@ -99,8 +111,9 @@ class RolloutController:
         return hashes
 
     # -- device messages -------------------------------------------------------------------
-    def open_targets(self, s: Session, device_id: str) -> list[tuple[RolloutTarget, Rollout, str]]:
-        rows = s.execute(
+    def open_targets(self, s: Session, device_id: str, *,
+                     lock: bool = False) -> list[tuple[RolloutTarget, Rollout, str]]:
+        query = (
             select(RolloutTarget, Rollout, Model.name)
             .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
             .join(Model, Model.id == Rollout.model_id)
@@ -108,7 +121,10 @@ class RolloutController:
                    Rollout.state.in_(ACTIVE_ROLLOUT_STATES),
                    RolloutTarget.state.not_in(TERMINAL_STATES))
             .order_by(RolloutTarget.id)
-        ).all()
+        )
+        if lock:
+            query = query.with_for_update(of=RolloutTarget)
+        rows = s.execute(query).all()
         return [(t, r, name) for t, r, name in rows]
 
     def on_hello(self, s: Session, hello: Hello, now: datetime) -> list[Publish]:
@@ -126,7 +142,7 @@ class RolloutController:
             registry.record_device_model(s, ev.device_id, ev.model, ev.version
                                          if ev.version != "?" else None, None, ev.sha256, now)
         match = None
-        for t, r, model_name in self.open_targets(s, ev.device_id):
+        for t, r, model_name in self.open_targets(s, ev.device_id, lock=True):
             if model_name == ev.model and (ev.manifest_id is None
                                            or t.manifest_id == ev.manifest_id):
                 match = (t, r)
@@ -158,11 +174,19 @@ class RolloutController:
         out: list[Publish] = []
         servable: set[str] = set()
         for r in s.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
-                           .order_by(Rollout.id)).all():
+                           .order_by(Rollout.id)
+                           .with_for_update(skip_locked=True)).all():
+            took_over = self._take_lease(r, now)
+            if took_over is None:
+                continue  # another replica holds it
             model = s.get(Model, r.model_id)
             assert model is not None
             targets = list(s.scalars(select(RolloutTarget)
-                                     .where(RolloutTarget.rollout_id == r.id)).all())
+                                     .where(RolloutTarget.rollout_id == r.id)
+                                     .with_for_update()).all())
+            if took_over:
+                out += [Publish(self.topics.desired(t.device_id, model.name), t.manifest.encode())
+                        for t in targets if t.state in IN_FLIGHT_STATES and t.manifest]
             if r.state == "running":
                 out += self._run(s, r, model, targets, now)
             elif r.state == "paused":
@@ -384,6 +408,19 @@ class RolloutController:
         return out
 
     # -- helpers ---------------------------------------------------------------------------
+    def _take_lease(self, r: Rollout, now: datetime) -> bool | None:
+        """None: another replica holds the lease. True: taken over from a replica whose lease
+        expired. False: ours already (or new)."""
+        if r.lease_owner not in (None, self.owner) and r.lease_until is not None \
+                and r.lease_until > now:
+            return None
+        took_over = r.lease_owner not in (None, self.owner)
+        if took_over:
+            log.warning("rollout %d: taking over from %s", r.id, r.lease_owner)
+        r.lease_owner = self.owner
+        r.lease_until = now + timedelta(seconds=LEASE_S)
+        return took_over
+
     def _fail(self, t: RolloutTarget, policy: RolloutPolicy, state: str, reason: str,
               now: datetime) -> None:
         if t.attempts < policy.max_attempts:

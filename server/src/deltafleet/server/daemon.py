@@ -13,7 +13,9 @@ content-addressed topic, serving every device subscribed to it.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -70,10 +72,11 @@ class FleetServer:
         self.blobs = BlobStore(cfg.blobs_dir)
         self.topics = Topics(cfg.topic_prefix)
         self.deltas = DeltaBuilder(cfg.home / "work")
+        self.replica_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.controller = RolloutController(
             blobs=self.blobs, key=SigningKey.load(cfg.signing_key_path), topics=self.topics,
             deltas=self.deltas, chunk_size_bytes=cfg.chunk_size_bytes,
-            manifest_ttl_s=cfg.manifest_ttl_s)
+            manifest_ttl_s=cfg.manifest_ttl_s, owner=self.replica_id)
         self.stats = ServerStats()
         self.stop_event = threading.Event()
         self._servable: set[str] = set()
@@ -86,8 +89,13 @@ class FleetServer:
             client_id=f"fleet-server-{uuid.uuid4().hex[:8]}",
             will=Will(self.topics.server_status(), b"offline", retain=True),
         ))
+        # With FLEET_SHARE_GROUP set, replicas share device traffic: the broker hands each
+        # message to one member of the shared subscription ($share works on MQTT 5 and, with
+        # Mosquitto 2, on 3.1.1 too).
+        share = os.environ.get("FLEET_SHARE_GROUP")
         for leaf in ("hello", "status", "events", "chunkreq"):
-            self.mqtt.subscribe(self.topics.all_devices(leaf))
+            topic = self.topics.all_devices(leaf)
+            self.mqtt.subscribe(f"$share/{share}/{topic}" if share else topic)
 
     # -- loop ------------------------------------------------------------------------------
     def run(self, *, connect_timeout_s: float = 15.0) -> None:

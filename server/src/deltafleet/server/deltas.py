@@ -1,6 +1,9 @@
-"""Delta engine: builds bsdiff4 deltas in a worker process, off the MQTT loop, and caches
-one per (base, target) pair. Every delta is round-tripped (patch(base, delta) == target sha256)
-before it is stored; a delta that fails is never published and the full artifact is sent.
+"""Delta engine: builds deltas in a worker process, off the MQTT loop, and caches one per
+(base, target) pair: the smallest that fits the memory and time budget (see ``codecs``).
+
+Every candidate is round-tripped (decode(base, delta) == target sha256, streamed through the
+agent's own decoder) before it can win; a pair where no delta beats the compressed full model
+ends in ``failed`` with the reason, and the daemon then sends the full artifact.
 """
 
 from __future__ import annotations
@@ -8,18 +11,15 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
-import os
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import bsdiff4
+from deltafleet.shared import sha256_file
 
-from deltafleet.shared import sha256_bytes
+from .codecs import DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_TIME_BUDGET_S, Attempt, Budget, choose
 
 log = logging.getLogger(__name__)
-CODEC = "bsdiff4"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,31 +31,52 @@ class BuiltDelta:
     sha256: str
     size_bytes: int
     build_seconds: float
+    attempts: tuple[Attempt, ...] = field(default=(), compare=False)
 
 
-def build_bsdiff_delta(base_path: str, target_path: str, target_sha256: str, out_dir: str) -> BuiltDelta:
-    """Worker-process entry point. Raises ValueError if the round trip fails."""
+class NoDeltaWorthIt(ValueError):
+    """No codec produced a verified delta smaller than the compressed full model."""
+
+
+def build_best_delta(
+    base_path: str,
+    target_path: str,
+    target_sha256: str,
+    out_dir: str,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+) -> BuiltDelta:
+    """Worker-process entry point. Raises NoDeltaWorthIt when the full model should be sent."""
     t0 = time.perf_counter()
-    base = Path(base_path).read_bytes()
-    target = Path(target_path).read_bytes()
-    delta = bsdiff4.diff(base, target)
-    if sha256_bytes(bsdiff4.patch(base, delta)) != target_sha256:
-        raise ValueError("delta does not round-trip to the target")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".delta.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(delta)
-        f.flush()
-        os.fsync(f.fileno())
-    return BuiltDelta(sha256_bytes(base), target_sha256, CODEC, Path(tmp), sha256_bytes(delta),
-                      len(delta), time.perf_counter() - t0)
+    choice = choose(
+        Path(base_path),
+        Path(target_path),
+        Path(out_dir),
+        budget=Budget(memory_budget_bytes, time_budget_s),
+        target_sha256=target_sha256,
+    )
+    if choice.codec is None or choice.path is None or choice.size_bytes is None:
+        raise NoDeltaWorthIt(choice.reason)
+    return BuiltDelta(sha256_file(Path(base_path)), target_sha256, choice.codec, choice.path,
+                      sha256_file(choice.path), choice.size_bytes, time.perf_counter() - t0,
+                      tuple(choice.attempts))
 
 
 class DeltaBuilder:
-    """Submits builds to a process pool and hands back the finished ones."""
+    """Submits builds to a process pool and hands back the finished ones (one per pair)."""
 
-    def __init__(self, work_dir: Path, max_workers: int = 1) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        max_workers: int = 1,
+        *,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+        time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+    ) -> None:
         self.work_dir = work_dir
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.memory_budget_bytes = memory_budget_bytes
+        self.time_budget_s = time_budget_s
         self._pool = cf.ProcessPoolExecutor(
             max_workers=max_workers, mp_context=multiprocessing.get_context("spawn")
         )
@@ -69,9 +90,10 @@ class DeltaBuilder:
         key = (base, target)
         if key in self._futures or key in self.failed:
             return
-        log.info("building %s delta %s -> %s", CODEC, base[:12], target[:12])
+        log.info("building delta %s -> %s", base[:12], target[:12])
         self._futures[key] = self._pool.submit(
-            build_bsdiff_delta, str(base_path), str(target_path), target, str(self.work_dir)
+            build_best_delta, str(base_path), str(target_path), target, str(self.work_dir),
+            self.memory_budget_bytes, self.time_budget_s,
         )
 
     def finished(self) -> list[BuiltDelta]:
@@ -82,6 +104,10 @@ class DeltaBuilder:
             del self._futures[key]
             try:
                 done.append(fut.result())
+            except NoDeltaWorthIt as e:
+                log.info("no delta for %s -> %s, the full model will be sent: %s",
+                         key[0][:12], key[1][:12], e)
+                self.failed[key] = str(e)
             except Exception as e:  # noqa: BLE001 - a failed build means "send the full model"
                 log.error("delta %s -> %s failed: %s", key[0][:12], key[1][:12], e)
                 self.failed[key] = str(e)

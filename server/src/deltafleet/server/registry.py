@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deltafleet.shared import Hello
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
+
+from deltafleet.shared import Hello
 
 from .catalog import inspect_model
 from .errors import ConflictError, NotFoundError, UsageError

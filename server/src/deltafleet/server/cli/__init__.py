@@ -15,11 +15,12 @@ import sys
 from typing import Any
 
 import typer
-from deltafleet.shared import DeltafleetError
 from typer.core import TyperGroup
 
+from deltafleet.shared import DeltafleetError
+
 from ..errors import UsageError
-from . import audit, db, device, group, init, model, rollout, serve
+from . import audit, db, delta, device, group, init, model, rollout, serve
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -59,6 +60,7 @@ _SUB_APPS: list[tuple[str, typer.Typer]] = [
     ("device", device.app),
     ("group", group.app),
     ("rollout", rollout.app),
+    ("delta", delta.app),
 ]
 for _name, _sub in _SUB_APPS:
     app.add_typer(_sub, name=_name)

@@ -1,0 +1,404 @@
+"""Delta decoders: turn (base model, verified delta) into the target bytes within a memory cap.
+
+Pure numpy / zstandard / bsdiff4, so the agent can apply every codec the server may choose
+without onnx, protobuf or any server code. The server imports this module to round-trip every
+delta it builds, so encoder and decoder can never drift apart.
+
+Codecs (the manifest's ``artifact.codec``):
+
+``identity``
+    The artifact is the target.
+``bsdiff4``
+    Classic bsdiff. Needs base, target and delta in memory at once.
+``zstd-dict``
+    zstd frame compressed with the whole base as a raw-content dictionary and a window that
+    covers it (the semantics of ``zstd --patch-from``). Needs base and target in memory.
+``tensor-xor``
+    Model-aware container (built by the server from the ONNX/TFLite structure, applied here on
+    raw bytes). Layout, all integers little-endian::
+
+        b"DFTX" | u8 version (1) | u32 header length | header | payload
+
+    The header is a zstd-compressed JSON object::
+
+        {"target_size": int, "base_size": int, "chunk_bytes": int,
+         "base_ranges": [[offset, length], ...],     # tensor bytes of the base, sorted
+         "skeleton": [payload_offset, payload_length, raw_length],
+         "segments": [[target_offset, length, op, itemsize, base_offset, [plane lengths]], ...]}
+
+    ``segments`` cover tensor bytes of the target, in target order and non-overlapping. Their
+    payload frames follow one another in the payload, in segment order. ``op`` is one of
+    ``copy`` (base bytes as they are, no payload), ``raw`` (the target's elements split into
+    ``itemsize`` byte planes, each plane one zstd frame), ``xor`` / ``sub`` (the same for
+    ``target ^ base`` / ``target - base`` taken as unsigned ``itemsize``-byte integers).
+    Every target byte no segment covers comes, in order, from the *skeleton*: one zstd frame
+    compressed with the base's skeleton (the base minus ``base_ranges``) as a raw-content
+    dictionary, so graph structure is diffed against the old graph.
+
+    Decoding streams: base and delta are read range by range and the target is written
+    segment by segment, so the peak is about target + delta + one chunk, and a verifier can
+    hash the output without ever holding it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import bsdiff4
+import numpy as np
+import zstandard as zstd
+
+IDENTITY = "identity"
+BSDIFF4 = "bsdiff4"
+ZSTD_DICT = "zstd-dict"
+TENSOR_XOR = "tensor-xor"
+CODECS = (IDENTITY, BSDIFF4, ZSTD_DICT, TENSOR_XOR)
+
+TX_MAGIC = b"DFTX"
+TX_VERSION = 1
+TX_PREFIX = struct.Struct("<4sBI")
+MAX_HEADER_BYTES = 256 << 20
+_UINT: dict[int, np.dtype[Any]] = {
+    1: np.dtype(np.uint8), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")
+}
+# Interpreter, numpy and zstd contexts, counted once in every prediction.
+_FIXED_OVERHEAD_BYTES = 64 << 20
+
+
+class CodecError(ValueError):
+    """The delta cannot be applied: malformed, wrong base, or over the memory cap."""
+
+
+class UnknownCodec(CodecError):
+    pass
+
+
+class MemoryCapExceeded(CodecError):
+    pass
+
+
+class Source(Protocol):
+    size: int
+
+    def read_at(self, offset: int, length: int) -> bytes | memoryview: ...
+
+
+class BytesSource:
+    """Random access to bytes already in memory (no copy)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self.size = len(self._view)
+
+    def read_at(self, offset: int, length: int) -> memoryview:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CodecError(f"range {offset}+{length} is outside the data ({self.size} bytes)")
+        return self._view[offset : offset + length]
+
+
+class FileSource:
+    """Random access to a file with pread: nothing but the range asked for is in memory."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self._fd).st_size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CodecError(f"range {offset}+{length} is outside the file ({self.size} bytes)")
+        out = os.pread(self._fd, length, offset)
+        while len(out) < length:  # pread may return short on some filesystems
+            out += os.pread(self._fd, length - len(out), offset + len(out))
+        return out
+
+    def read_all(self) -> bytes:
+        return self.read_at(0, self.size)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------ memory predictions
+
+
+def predicted_decode_bytes(codec: str, base_size: int, target_size: int, delta_size: int) -> int:
+    """Upper estimate of the decoder's peak memory when the output is kept in memory."""
+    if codec == IDENTITY:
+        return _FIXED_OVERHEAD_BYTES + delta_size
+    if codec == BSDIFF4:
+        return _FIXED_OVERHEAD_BYTES + base_size + 2 * target_size + delta_size
+    if codec == ZSTD_DICT:
+        return _FIXED_OVERHEAD_BYTES + 2 * base_size + target_size + delta_size
+    if codec == TENSOR_XOR:
+        return _FIXED_OVERHEAD_BYTES + target_size + delta_size + 8 * TX_CHUNK_BYTES
+    raise UnknownCodec(f"unknown codec {codec!r}")
+
+
+TX_CHUNK_BYTES = 4 << 20  # one segment never covers more than this many target bytes
+
+
+def default_memory_cap_bytes() -> int:
+    """Half the machine's physical memory (a device also runs the model it serves)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+# ------------------------------------------------------------------ tensor-xor container
+
+
+def planes_of(elements: np.ndarray) -> list[np.ndarray]:
+    """Split unsigned little-endian elements into byte planes (plane k = byte k of each)."""
+    width = elements.dtype.itemsize
+    as_bytes = elements.view(np.uint8).reshape(-1, width)
+    return [np.ascontiguousarray(as_bytes[:, k]) for k in range(width)]
+
+
+def read_tx_header(delta: Source) -> tuple[dict, int]:
+    """The parsed header and the offset where the payload starts."""
+    if delta.size < TX_PREFIX.size:
+        raise CodecError("tensor-xor delta is truncated")
+    magic, version, header_len = TX_PREFIX.unpack(bytes(delta.read_at(0, TX_PREFIX.size)))
+    if magic != TX_MAGIC or version != TX_VERSION:
+        raise CodecError("not a tensor-xor v1 delta")
+    if header_len > MAX_HEADER_BYTES or TX_PREFIX.size + header_len > delta.size:
+        raise CodecError("tensor-xor header is truncated or too large")
+    raw = delta.read_at(TX_PREFIX.size, header_len)
+    try:
+        header = json.loads(zstd.ZstdDecompressor().decompress(raw, max_output_size=MAX_HEADER_BYTES))
+    except (zstd.ZstdError, ValueError) as e:
+        raise CodecError(f"tensor-xor header is corrupt: {e}") from e
+    return header, TX_PREFIX.size + header_len
+
+
+def base_skeleton(base: Source, ranges: list[list[int]]) -> bytes:
+    """The base without its tensor bytes: what the target skeleton is diffed against."""
+    parts: list[bytes | memoryview] = []
+    pos = 0
+    for off, length in ranges:
+        if off < pos:
+            raise CodecError("base ranges overlap or are unsorted")
+        parts.append(base.read_at(pos, off - pos))
+        pos = off + length
+    parts.append(base.read_at(pos, base.size - pos))
+    return b"".join(parts)
+
+
+def _decompress(data: bytes | memoryview, size: int, dctx: zstd.ZstdDecompressor) -> bytes:
+    try:
+        out = dctx.decompress(data, max_output_size=size)
+    except zstd.ZstdError as e:
+        raise CodecError(f"corrupt payload frame: {e}") from e
+    if len(out) != size:
+        raise CodecError("payload frame has the wrong length")
+    return out
+
+
+def _iter_tensor_xor(delta: Source, base: Source) -> Iterator[bytes | memoryview]:
+    header, payload_start = read_tx_header(delta)
+    if header["base_size"] != base.size:
+        raise CodecError("delta was built for a different base (size differs)")
+    dctx = zstd.ZstdDecompressor()
+    skel_off, skel_len, skel_raw = header["skeleton"]
+    skel_dict = zstd.ZstdCompressionDict(
+        base_skeleton(base, header["base_ranges"]), dict_type=zstd.DICT_TYPE_RAWCONTENT
+    )
+    skel_frame = delta.read_at(payload_start + skel_off, skel_len)
+    skeleton = _decompress(skel_frame, skel_raw, zstd.ZstdDecompressor(dict_data=skel_dict))
+    del skel_dict
+    skel_pos = 0
+    target_pos = 0
+    payload_pos = payload_start + skel_off + skel_len
+    for t_off, length, op, width, b_off, plane_lens in header["segments"]:
+        if t_off < target_pos or length > header["chunk_bytes"] or width not in _UINT:
+            raise CodecError("tensor-xor segments are malformed")
+        gap = t_off - target_pos
+        if gap:
+            yield skeleton[skel_pos : skel_pos + gap]
+            skel_pos += gap
+        if op == "copy":
+            yield base.read_at(b_off, length)
+        else:
+            if length % width or len(plane_lens) != width:
+                raise CodecError("tensor-xor segment does not match its element width")
+            n = length // width
+            elements = np.empty((n, width), dtype=np.uint8)
+            for k, plane_len in enumerate(plane_lens):
+                frame = delta.read_at(payload_pos, plane_len)
+                payload_pos += plane_len
+                elements[:, k] = np.frombuffer(_decompress(frame, n, dctx), dtype=np.uint8)
+            values = elements.reshape(-1).view(_UINT[width])
+            if op in ("xor", "sub"):
+                old = np.frombuffer(base.read_at(b_off, length), dtype=_UINT[width])
+                if op == "xor":
+                    np.bitwise_xor(values, old, out=values)
+                else:
+                    np.add(values, old, out=values)
+            elif op != "raw":
+                raise CodecError(f"unknown segment op {op!r}")
+            yield values.view(np.uint8).data
+        target_pos = t_off + length
+    tail = header["target_size"] - target_pos
+    if tail != skel_raw - skel_pos:
+        raise CodecError("tensor-xor skeleton does not fill the target")
+    if tail:
+        yield skeleton[skel_pos:]
+
+
+# ------------------------------------------------------------------ entry points
+
+
+def _zstd_dict_decompressor(base: bytes) -> zstd.ZstdDecompressor:
+    dictionary = zstd.ZstdCompressionDict(base, dict_type=zstd.DICT_TYPE_RAWCONTENT)
+    return zstd.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << 31)
+
+
+def decode_stream(
+    codec: str,
+    delta: Source,
+    base: Source | None,
+    sink: Callable[[bytes | memoryview], object],
+    *,
+    target_size: int | None = None,
+) -> None:
+    """Write the target to ``sink`` piece by piece. Raises CodecError (UnknownCodec, ...)."""
+    if codec not in CODECS:
+        raise UnknownCodec(f"unknown codec {codec!r}")
+    if codec == IDENTITY:
+        sink(delta.read_at(0, delta.size))
+        return
+    if base is None:
+        raise CodecError(f"codec {codec} needs the base model")
+    if codec == TENSOR_XOR:
+        for piece in _iter_tensor_xor(delta, base):
+            sink(piece)
+        return
+    base_bytes = bytes(base.read_at(0, base.size))
+    delta_bytes = delta.read_at(0, delta.size)
+    try:
+        if codec == BSDIFF4:
+            sink(bsdiff4.patch(base_bytes, bytes(delta_bytes)))
+        else:
+            reader = _zstd_dict_decompressor(base_bytes).stream_reader(delta_bytes)
+            written = 0
+            while chunk := reader.read(TX_CHUNK_BYTES):
+                written += len(chunk)
+                if target_size is not None and written > target_size:
+                    raise CodecError("zstd-dict output is longer than the target")
+                sink(chunk)
+    except (zstd.ZstdError, MemoryError, OverflowError) as e:
+        raise CodecError(f"{codec} failed: {e}") from e
+    except ValueError as e:
+        if isinstance(e, CodecError):
+            raise
+        raise CodecError(f"{codec} failed: {e}") from e
+
+
+def target_size_of(codec: str, delta: Source) -> int | None:
+    """The target size a delta declares, where its format records one."""
+    if codec == TENSOR_XOR:
+        return int(read_tx_header(delta)[0]["target_size"])
+    return None
+
+
+def decode(
+    codec: str,
+    delta: bytes | bytearray | memoryview,
+    base_path: Path | None,
+    *,
+    target_size: int,
+    max_memory_bytes: int | None = None,
+) -> bytes | bytearray:
+    """The target bytes, refusing (MemoryCapExceeded) a decode predicted to exceed the cap.
+
+    The caller still checks the result against the signed target sha256 and size.
+    """
+    if codec not in CODECS:
+        raise UnknownCodec(f"unknown codec {codec!r}")
+    if codec == IDENTITY:
+        return bytes(delta) if not isinstance(delta, bytes) else delta
+    cap = default_memory_cap_bytes() if max_memory_bytes is None else max_memory_bytes
+    base: FileSource | None = None
+    if codec != IDENTITY:
+        if base_path is None or not Path(base_path).exists():
+            raise CodecError("delta needs the base model, which is not on disk")
+        base = FileSource(base_path)
+    try:
+        need = predicted_decode_bytes(codec, base.size if base else 0, target_size, len(delta))
+        if need > cap:
+            raise MemoryCapExceeded(
+                f"applying a {codec} delta needs about {need >> 20} MiB, "
+                f"over the {cap >> 20} MiB cap"
+            )
+        out = bytearray(target_size)
+        view = memoryview(out)
+        pos = 0
+
+        def sink(piece: bytes | memoryview) -> None:
+            nonlocal pos
+            n = len(piece)
+            if pos + n > target_size:
+                raise CodecError("patched output is longer than the target")
+            view[pos : pos + n] = piece
+            pos += n
+
+        decode_stream(codec, BytesSource(delta), base, sink, target_size=target_size)
+        if pos != target_size:
+            raise CodecError("patched output is shorter than the target")
+        view.release()
+        return out
+    finally:
+        if base is not None:
+            base.close()
+
+
+def decode_sha256(codec: str, delta_path: Path, base_path: Path | None) -> tuple[str, int]:
+    """(sha256, size) of the decoded target, streamed: used by the server to verify a delta."""
+    h = hashlib.sha256()
+    size = 0
+
+    def sink(piece: bytes | memoryview) -> None:
+        nonlocal size
+        h.update(piece)
+        size += len(piece)
+
+    with FileSource(delta_path) as delta:
+        base = FileSource(base_path) if base_path is not None else None
+        try:
+            decode_stream(codec, delta, base, sink)
+        finally:
+            if base is not None:
+                base.close()
+    return h.hexdigest(), size
+
+
+__all__ = [
+    "BSDIFF4",
+    "CODECS",
+    "IDENTITY",
+    "TENSOR_XOR",
+    "ZSTD_DICT",
+    "BytesSource",
+    "CodecError",
+    "FileSource",
+    "MemoryCapExceeded",
+    "Source",
+    "UnknownCodec",
+    "decode",
+    "decode_sha256",
+    "decode_stream",
+    "predicted_decode_bytes",
+]

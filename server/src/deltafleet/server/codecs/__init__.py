@@ -1,0 +1,281 @@
+"""Delta encoders behind one interface, and the rule that picks the one to ship.
+
+Every encoder predicts its peak memory and time from the file sizes *before* it runs; the
+chooser skips any whose prediction exceeds the budget, runs the rest (cheapest first), and
+keeps the smallest output whose round trip (decode with the agent's decoder, streamed, ==
+target sha256) checks out. A result that is not smaller than the compressed full target is
+no delta at all: ``choose`` then returns no winner and the full model is shipped.
+
+Decoders live in ``deltafleet.agent.codecs`` so devices need neither onnx nor server code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bsdiff4
+import zstandard as zstd
+
+from deltafleet.agent.codecs import (
+    BSDIFF4,
+    TENSOR_XOR,
+    ZSTD_DICT,
+    FileSource,
+    decode_sha256,
+)
+
+from .layout import model_tensors
+from .tensor import encode_tensor_xor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+DEFAULT_TIME_BUDGET_S = 60.0
+_OVERHEAD_BYTES = 96 << 20  # interpreter + numpy + onnx-free server imports in a worker
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits for building one delta. A codec predicted to exceed either is not run."""
+
+    memory_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    time_s: float = DEFAULT_TIME_BUDGET_S
+
+
+class Encoder(ABC):
+    name: str
+
+    @abstractmethod
+    def predicted_peak_bytes(self, base_size: int, target_size: int) -> int: ...
+
+    @abstractmethod
+    def predicted_seconds(self, base_size: int, target_size: int) -> float: ...
+
+    def applicable(self, base_path: Path, target_path: Path) -> bool:
+        return True
+
+    @abstractmethod
+    def encode(self, base_path: Path, target_path: Path, out_path: Path) -> None: ...
+
+
+class Bsdiff4Encoder(Encoder):
+    """The baseline. Suffix sorting costs ~17x the base in memory and ~1 s per MB on one core."""
+
+    name = BSDIFF4
+
+    def predicted_peak_bytes(self, base_size: int, target_size: int) -> int:
+        return _OVERHEAD_BYTES + 17 * base_size + 2 * target_size
+
+    def predicted_seconds(self, base_size: int, target_size: int) -> float:
+        return 1.2 * (base_size + target_size) / 2 / 1e6
+
+    def encode(self, base_path: Path, target_path: Path, out_path: Path) -> None:
+        out_path.write_bytes(bsdiff4.diff(base_path.read_bytes(), target_path.read_bytes()))
+
+
+class ZstdDictEncoder(Encoder):
+    """zstd with the base as a raw-content dictionary and long-distance matching
+    (``zstd --patch-from``): finds moved and unchanged byte runs anywhere in the base."""
+
+    name = ZSTD_DICT
+
+    def __init__(self, level: int = 6) -> None:
+        self.level = level
+
+    def predicted_peak_bytes(self, base_size: int, target_size: int) -> int:
+        # base read + dictionary copy + target read + output, plus zstd tables for the window.
+        return _OVERHEAD_BYTES + 2 * base_size + 2 * target_size + (base_size + target_size) // 2
+
+    def predicted_seconds(self, base_size: int, target_size: int) -> float:
+        return (base_size + target_size) / 100e6
+
+    def encode(self, base_path: Path, target_path: Path, out_path: Path) -> None:
+        base = base_path.read_bytes()
+        target = target_path.read_bytes()
+        window_log = max(20, min(31, (len(base) + len(target)).bit_length()))
+        params = zstd.ZstdCompressionParameters.from_level(
+            self.level, window_log=window_log, enable_ldm=True, source_size=len(target)
+        )
+        dictionary = zstd.ZstdCompressionDict(base, dict_type=zstd.DICT_TYPE_RAWCONTENT)
+        del base
+        out_path.write_bytes(
+            zstd.ZstdCompressor(dict_data=dictionary, compression_params=params).compress(target)
+        )
+
+
+class TensorXorEncoder(Encoder):
+    """Model-aware: see ``tensor.py``. Streams both models; memory does not grow with size."""
+
+    name = TENSOR_XOR
+
+    def __init__(self, level: int = 6) -> None:
+        self.level = level
+
+    def predicted_peak_bytes(self, base_size: int, target_size: int) -> int:
+        # Skeletons are a few MB for real models; chunks are 4 MiB.
+        return _OVERHEAD_BYTES + (64 << 20) + (base_size + target_size) // 64
+
+    def predicted_seconds(self, base_size: int, target_size: int) -> float:
+        return (base_size + target_size) / 40e6
+
+    def applicable(self, base_path: Path, target_path: Path) -> bool:
+        with FileSource(base_path) as b, FileSource(target_path) as t:
+            lb, lt = model_tensors(b), model_tensors(t)
+        return lb is not None and lt is not None and lb[0] == lt[0]
+
+    def encode(self, base_path: Path, target_path: Path, out_path: Path) -> None:
+        if encode_tensor_xor(base_path, target_path, out_path, level=self.level) is None:
+            raise ValueError("not a pair of ONNX or TFLite models")
+
+
+def default_encoders() -> list[Encoder]:
+    """Cheapest first, so a slow baseline never delays a good fast result."""
+    return [TensorXorEncoder(), ZstdDictEncoder(), Bsdiff4Encoder()]
+
+
+@dataclass
+class Attempt:
+    codec: str
+    size_bytes: int | None = None
+    seconds: float = 0.0
+    verified: bool = False
+    skipped: str = ""  # why it did not run or was rejected
+
+
+@dataclass
+class Choice:
+    """The winner (None: ship the full model) and what every codec did."""
+
+    codec: str | None
+    path: Path | None
+    size_bytes: int | None
+    reference_bytes: int  # the compressed full target a delta has to beat
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str:
+        ran = ", ".join(
+            f"{a.codec}={a.size_bytes}" if a.size_bytes is not None else f"{a.codec}: {a.skipped}"
+            for a in self.attempts
+        )
+        return f"no delta smaller than the compressed full model ({self.reference_bytes}); {ran}"
+
+
+def compressed_full_size(target_path: Path, level: int | None = None) -> int:
+    """Size of the zstd-compressed target: level 19 up to 32 MiB, level 3 above (on model
+    weights level 3 is within ~1% of 19 and 60x faster)."""
+    size = target_path.stat().st_size
+    if level is None:
+        level = 19 if size <= (32 << 20) else 3
+    cctx = zstd.ZstdCompressor(level=level, threads=-1)
+    total = 0
+    with open(target_path, "rb") as f:
+        for piece in cctx.read_to_iter(f, size=size, read_size=1 << 20, write_size=1 << 20):
+            total += len(piece)
+    return total
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def choose(
+    base_path: Path,
+    target_path: Path,
+    out_dir: Path,
+    *,
+    budget: Budget | None = None,
+    encoders: list[Encoder] | None = None,
+    target_sha256: str | None = None,
+) -> Choice:
+    """Run every encoder that fits the budget; keep the smallest verified delta.
+
+    Losers' files are deleted; the winner's file is left in ``out_dir`` for the caller.
+    """
+    budget = budget or Budget()
+    encoders = default_encoders() if encoders is None else encoders
+    base_size, target_size = base_path.stat().st_size, target_path.stat().st_size
+    target_sha256 = target_sha256 or _sha256_file(target_path)
+    reference = compressed_full_size(target_path)
+    attempts: list[Attempt] = []
+    results: list[tuple[int, str, Path]] = []
+    for enc in encoders:
+        attempt = Attempt(enc.name)
+        attempts.append(attempt)
+        need = enc.predicted_peak_bytes(base_size, target_size)
+        if need > budget.memory_bytes:
+            attempt.skipped = (
+                f"predicted {need >> 20} MiB over the {budget.memory_bytes >> 20} MiB budget"
+            )
+            continue
+        secs = enc.predicted_seconds(base_size, target_size)
+        if secs > budget.time_s:
+            attempt.skipped = f"predicted {secs:.0f} s over the {budget.time_s:.0f} s budget"
+            continue
+        if not enc.applicable(base_path, target_path):
+            attempt.skipped = "not applicable to these files"
+            continue
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".delta.{enc.name}.", suffix=".tmp")
+        os.close(fd)
+        t0 = time.perf_counter()
+        try:
+            enc.encode(base_path, target_path, Path(tmp))
+        except (ValueError, MemoryError, zstd.ZstdError) as e:
+            Path(tmp).unlink(missing_ok=True)
+            attempt.skipped = f"failed: {e}"
+            log.warning("%s encode failed: %s", enc.name, e)
+            continue
+        attempt.seconds = time.perf_counter() - t0
+        attempt.size_bytes = os.path.getsize(tmp)
+        results.append((attempt.size_bytes, enc.name, Path(tmp)))
+
+    results.sort()
+    winner: tuple[int, str, Path] | None = None
+    for size, name, path in results:
+        attempt = next(a for a in attempts if a.codec == name)
+        if winner is not None or size >= reference:
+            if size >= reference:
+                attempt.skipped = "not smaller than the compressed full model"
+            path.unlink(missing_ok=True)
+            continue
+        try:
+            sha, out_size = decode_sha256(name, path, base_path)
+        except (ValueError, MemoryError) as e:
+            sha, out_size = f"error: {e}", -1
+        if sha == target_sha256 and out_size == target_size:
+            attempt.verified = True
+            winner = (size, name, path)
+        else:
+            attempt.skipped = "round trip did not reproduce the target"
+            log.error("%s delta does not round-trip (%s); discarded", name, sha[:40])
+            path.unlink(missing_ok=True)
+    if winner is None:
+        return Choice(None, None, None, reference, attempts)
+    return Choice(winner[1], winner[2], winner[0], reference, attempts)
+
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "DEFAULT_TIME_BUDGET_S",
+    "Attempt",
+    "Bsdiff4Encoder",
+    "Budget",
+    "Choice",
+    "Encoder",
+    "TensorXorEncoder",
+    "ZstdDictEncoder",
+    "choose",
+    "compressed_full_size",
+    "default_encoders",
+]

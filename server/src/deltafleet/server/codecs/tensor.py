@@ -1,0 +1,217 @@
+"""The model-aware encoder: tensor-xor (container format documented in deltafleet.agent.codecs).
+
+Pairing, per target tensor, first match wins:
+1. a base tensor with exactly the same bytes (renamed or moved layers) -> ``copy``;
+2. the base tensor with the same name, type and length;
+3. the first unused base tensor with the same type and length (layers renamed by an insert).
+Each paired tensor is cut into chunks of at most ``TX_CHUNK_BYTES``; a chunk equal to its base
+is a ``copy``, otherwise the op (``xor``, ``sub`` or ``raw``) that compresses a sample of the
+chunk best is used for the whole chunk. Unpaired tensors are ``raw`` (byte planes + zstd,
+which beats zstd of the plain bytes on float data, so a complete retrain still gains a little).
+Tensors under ``MIN_TENSOR_BYTES`` stay in the skeleton, where zstd against the base skeleton
+handles them better than per-plane frames would.
+
+Memory: both models are read chunk by chunk with pread; the payload goes to a temp file. Peak
+is the skeletons plus a few chunks, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zstandard as zstd
+
+from deltafleet.agent.codecs import (
+    _UINT,
+    TX_CHUNK_BYTES,
+    TX_MAGIC,
+    TX_PREFIX,
+    TX_VERSION,
+    FileSource,
+    Source,
+    base_skeleton,
+    planes_of,
+)
+
+from .layout import TensorRange, model_tensors
+
+MIN_TENSOR_BYTES = 4096
+_SAMPLE_BLOCKS = 8
+_SAMPLE_BLOCK_ELEMENTS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class TensorStats:
+    tensors: int
+    copied_bytes: int
+    diffed_bytes: int
+    raw_bytes: int
+    skeleton_bytes: int
+
+
+def _digest(src: Source, t: TensorRange) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for off in range(t.offset, t.offset + t.length, TX_CHUNK_BYTES):
+        h.update(src.read_at(off, min(TX_CHUNK_BYTES, t.offset + t.length - off)))
+    return h.digest()
+
+
+def _pair(
+    base_src: Source, base_t: list[TensorRange], target_src: Source, target_t: list[TensorRange]
+) -> list[tuple[TensorRange, TensorRange | None, bool]]:
+    """(target tensor, paired base tensor or None, identical?) for every target tensor."""
+    by_digest: dict[bytes, TensorRange] = {}
+    for t in base_t:
+        by_digest.setdefault(_digest(base_src, t), t)
+    by_name = {t.name: t for t in base_t}
+    used: set[int] = set()
+    out: list[tuple[TensorRange, TensorRange | None, bool]] = []
+    pending: list[int] = []
+    for t in target_t:
+        same = by_digest.get(_digest(target_src, t))
+        if same is not None and same.length == t.length:
+            out.append((t, same, True))
+            used.add(same.offset)
+            continue
+        named = by_name.get(t.name)
+        if named is not None and named.length == t.length and named.dtype == t.dtype:
+            out.append((t, named, False))
+            used.add(named.offset)
+            continue
+        out.append((t, None, False))
+        pending.append(len(out) - 1)
+    for i in pending:
+        t = out[i][0]
+        for b in base_t:
+            if b.offset not in used and b.length == t.length and b.dtype == t.dtype:
+                out[i] = (t, b, False)
+                used.add(b.offset)
+                break
+    return out
+
+
+def _compress_planes(values: np.ndarray, cctx: zstd.ZstdCompressor) -> list[bytes]:
+    return [cctx.compress(p.data) for p in planes_of(values)]
+
+
+def _sample(values: np.ndarray) -> np.ndarray:
+    n = values.shape[0]
+    if n <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK_ELEMENTS * 2:
+        return values
+    step = n // _SAMPLE_BLOCKS
+    return np.concatenate(
+        [values[i * step : i * step + _SAMPLE_BLOCK_ELEMENTS] for i in range(_SAMPLE_BLOCKS)]
+    )
+
+
+def _encode_chunk(
+    new: np.ndarray, old: np.ndarray | None, cctx: zstd.ZstdCompressor, trial: zstd.ZstdCompressor
+) -> tuple[str, list[bytes]]:
+    candidates: dict[str, np.ndarray] = {"raw": new}
+    if old is not None:
+        candidates["xor"] = np.bitwise_xor(new, old)
+        candidates["sub"] = np.subtract(new, old)
+    if len(candidates) > 1:
+        sizes = {
+            op: sum(len(f) for f in _compress_planes(_sample(v), trial))
+            for op, v in candidates.items()
+        }
+        best = min(sizes, key=lambda op: (sizes[op], op != "xor"))
+    else:
+        best = "raw"
+    return best, _compress_planes(candidates[best], cctx)
+
+
+def encode_tensor_xor(
+    base_path: Path, target_path: Path, out_path: Path, *, level: int = 6
+) -> TensorStats | None:
+    """Write a tensor-xor delta to ``out_path``; None if either file is not a known model."""
+    with FileSource(base_path) as base, FileSource(target_path) as target:
+        base_layout, target_layout = model_tensors(base), model_tensors(target)
+        if base_layout is None or target_layout is None or base_layout[0] != target_layout[0]:
+            return None
+        base_t = [t for t in base_layout[1] if t.length >= MIN_TENSOR_BYTES]
+        target_t = [t for t in target_layout[1] if t.length >= MIN_TENSOR_BYTES]
+        pairs = _pair(base, base_t, target, target_t)
+
+        cctx = zstd.ZstdCompressor(level=level)
+        trial = zstd.ZstdCompressor(level=1)
+        segments: list[list[object]] = []
+        skeleton_parts: list[bytes | memoryview] = []
+        copied = diffed = raw = 0
+        pos = 0
+        fd, payload_tmp = tempfile.mkstemp(dir=out_path.parent, prefix=".tx-payload.")
+        try:
+            with os.fdopen(fd, "wb") as payload:
+                for t, b, identical in pairs:
+                    skeleton_parts.append(target.read_at(pos, t.offset - pos))
+                    pos = t.offset + t.length
+                    step = TX_CHUNK_BYTES - TX_CHUNK_BYTES % t.itemsize
+                    for rel in range(0, t.length, step):
+                        n = min(step, t.length - rel)
+                        b_off = b.offset + rel if b is not None else 0
+                        if identical:
+                            segments.append([t.offset + rel, n, "copy", 1, b_off, []])
+                            copied += n
+                            continue
+                        new_bytes = target.read_at(t.offset + rel, n)
+                        old_bytes = base.read_at(b_off, n) if b is not None else None
+                        if old_bytes is not None and old_bytes == new_bytes:
+                            segments.append([t.offset + rel, n, "copy", 1, b_off, []])
+                            copied += n
+                            continue
+                        width = t.itemsize if n % t.itemsize == 0 else 1
+                        dtype = _UINT[width]
+                        new = np.frombuffer(new_bytes, dtype=dtype)
+                        old = np.frombuffer(old_bytes, dtype=dtype) if old_bytes else None
+                        op, frames = _encode_chunk(new, old, cctx, trial)
+                        for f in frames:
+                            payload.write(f)
+                        segments.append(
+                            [t.offset + rel, n, op, width, b_off, [len(f) for f in frames]]
+                        )
+                        if op == "raw":
+                            raw += n
+                        else:
+                            diffed += n
+                skeleton_parts.append(target.read_at(pos, target.size - pos))
+            skeleton = b"".join(skeleton_parts)
+            del skeleton_parts
+            base_ranges = [[t.offset, t.length] for t in base_t]
+            dictionary = zstd.ZstdCompressionDict(
+                base_skeleton(base, base_ranges), dict_type=zstd.DICT_TYPE_RAWCONTENT
+            )
+            skel_level = 19 if len(skeleton) < (8 << 20) else level
+            params = zstd.ZstdCompressionParameters.from_level(
+                skel_level,
+                window_log=max(20, min(31, (len(skeleton) + len(dictionary.as_bytes())).bit_length())),
+            )
+            skel_frame = zstd.ZstdCompressor(
+                dict_data=dictionary, compression_params=params
+            ).compress(skeleton)
+            header = {
+                "target_size": target.size,
+                "base_size": base.size,
+                "chunk_bytes": TX_CHUNK_BYTES,
+                "base_ranges": base_ranges,
+                "skeleton": [0, len(skel_frame), len(skeleton)],
+                "segments": segments,
+            }
+            packed = zstd.ZstdCompressor(level=19).compress(
+                json.dumps(header, separators=(",", ":")).encode()
+            )
+            with open(out_path, "wb") as out, open(payload_tmp, "rb") as payload_in:
+                out.write(TX_PREFIX.pack(TX_MAGIC, TX_VERSION, len(packed)))
+                out.write(packed)
+                out.write(skel_frame)
+                shutil.copyfileobj(payload_in, out, 1 << 20)
+        finally:
+            os.unlink(payload_tmp)
+        return TensorStats(len(target_t), copied, diffed, raw, len(skeleton))

@@ -1,0 +1,202 @@
+"""Delta codecs: every codec round-trips every update kind; the chooser keeps the smallest
+verified delta within the budget; the agent decodes within a memory cap and refuses what it
+does not know."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+import modelgen
+import pytest
+from bench.delta import KINDS_INT8, make_pair
+
+from deltafleet.agent import codecs as agent_codecs
+from deltafleet.agent.errors import UpdateRejected
+from deltafleet.agent.update import apply_artifact
+from deltafleet.server.codecs import (
+    Bsdiff4Encoder,
+    Budget,
+    TensorXorEncoder,
+    ZstdDictEncoder,
+    choose,
+    default_encoders,
+)
+from deltafleet.server.codecs.layout import model_tensors
+from deltafleet.server.deltas import DeltaBuilder
+from deltafleet.shared import ArtifactRef, Manifest, sha256_bytes
+
+SIZE_MB = 0.25
+KINDS_FP32 = [k for k in KINDS_INT8 if k != "requant"]
+CASES = [("fp32", k) for k in KINDS_FP32] + [("int8", k) for k in KINDS_INT8]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("pairs")
+    return {
+        (precision, kind): make_pair(kind, root / f"{precision}-{kind}", size_mb=SIZE_MB,
+                                     precision=precision)
+        for precision, kind in CASES
+    }
+
+
+def manifest_for(target: bytes, artifact: bytes, codec: str) -> Manifest:
+    return Manifest(
+        manifest_id="m1", device_id="dev-1", serial=1, issued_at=0,
+        expires_at=int(time.time()) + 60, rollout_id=1, model="m", version="v2",
+        variant="default", format="onnx", target_sha256=sha256_bytes(target),
+        target_size_bytes=len(target), base_sha256="0" * 64,
+        artifact=ArtifactRef("delta", codec, sha256_bytes(artifact), len(artifact), 65536,
+                             (sha256_bytes(artifact),)),
+    )
+
+
+@pytest.mark.parametrize("encoder", default_encoders(), ids=lambda e: e.name)
+@pytest.mark.parametrize(("precision", "kind"), CASES)
+def test_every_codec_round_trips_every_update_kind(pairs, tmp_path, encoder, precision, kind):
+    base, target = pairs[(precision, kind)]
+    out = tmp_path / "delta"
+    encoder.encode(base, target, out)
+    restored = agent_codecs.decode(encoder.name, out.read_bytes(), base,
+                                   target_size=target.stat().st_size)
+    assert restored == target.read_bytes()
+
+
+def test_model_aware_codec_finds_every_initializer(pairs):
+    base, _ = pairs[("fp32", "finetune")]
+    with agent_codecs.FileSource(base) as src:
+        fmt, tensors = model_tensors(src)  # type: ignore[misc]
+    assert fmt == "onnx"
+    assert {t.name for t in tensors} >= {f"fc{i}.weight" for i in range(7)}
+    assert all(t.itemsize == 4 for t in tensors if t.name.endswith(".weight"))
+
+
+def test_tflite_models_round_trip_through_the_model_aware_codec(tmp_path):
+    base = modelgen.make_tflite_model(tmp_path / "a.tflite", input_dim=64, output_dim=32)
+    target = modelgen.make_tflite_model(tmp_path / "b.tflite", input_dim=64, output_dim=32,
+                                        retrain=True)
+    with agent_codecs.FileSource(base) as src:
+        fmt, tensors = model_tensors(src)  # type: ignore[misc]
+    assert fmt == "tflite" and any(t.name == "dense/weights" for t in tensors)
+    out = tmp_path / "delta"
+    TensorXorEncoder().encode(base, target, out)
+    assert agent_codecs.decode_sha256("tensor-xor", out, base)[0] == sha256_bytes(
+        target.read_bytes())
+
+
+def test_full_fine_tune_is_much_smaller_than_bsdiff4(pairs, tmp_path):
+    base, target = pairs[("fp32", "finetune")]
+    tx, bs = tmp_path / "tx", tmp_path / "bs"
+    TensorXorEncoder().encode(base, target, tx)
+    Bsdiff4Encoder().encode(base, target, bs)
+    assert tx.stat().st_size <= 0.7 * bs.stat().st_size
+
+
+def test_chooser_keeps_the_smallest_verified_delta(pairs, tmp_path):
+    base, target = pairs[("fp32", "layer_inserted")]
+    choice = choose(base, target, tmp_path)
+    sizes = {a.codec: a.size_bytes for a in choice.attempts if a.size_bytes is not None}
+    assert set(sizes) == {"tensor-xor", "zstd-dict", "bsdiff4"}
+    assert choice.codec == min(sizes, key=lambda c: sizes[c])
+    assert choice.path is not None and choice.path.stat().st_size == sizes[choice.codec]
+    assert [a.verified for a in choice.attempts if a.codec == choice.codec] == [True]
+    assert [p.name for p in tmp_path.iterdir()] == [choice.path.name]  # losers deleted
+
+
+def test_codec_over_the_memory_budget_is_skipped(pairs, tmp_path):
+    base, target = pairs[("fp32", "head_only")]
+    budget = Budget(memory_bytes=Bsdiff4Encoder().predicted_peak_bytes(
+        base.stat().st_size, target.stat().st_size) - 1)
+    choice = choose(base, target, tmp_path, budget=budget)
+    bsdiff = next(a for a in choice.attempts if a.codec == "bsdiff4")
+    assert bsdiff.size_bytes is None and "budget" in bsdiff.skipped
+    assert choice.codec in ("tensor-xor", "zstd-dict")
+
+
+def test_complete_retrain_is_never_worse_than_the_compressed_full_model(pairs, tmp_path):
+    base, target = pairs[("fp32", "complete_retrain")]
+    choice = choose(base, target, tmp_path)
+    assert choice.size_bytes is None or choice.size_bytes < choice.reference_bytes
+
+
+def test_no_winner_when_nothing_beats_the_full_model(tmp_path):
+    base, target = tmp_path / "a.bin", tmp_path / "b.bin"
+    base.write_bytes(hashlib.sha256(b"a").digest() * 2000)
+    target.write_bytes(bytes(range(256)) * 4)  # tiny and unrelated: zstd of it wins
+    choice = choose(base, target, tmp_path, encoders=[ZstdDictEncoder(), Bsdiff4Encoder()])
+    assert choice.codec is None and "compressed full model" in choice.reason
+    assert list(tmp_path.glob(".delta.*")) == []
+
+
+def test_delta_builder_returns_one_winner_per_pair(pairs, tmp_path):
+    base, target = pairs[("fp32", "head_only")]
+    tsha = sha256_bytes(target.read_bytes())
+    builder = DeltaBuilder(tmp_path / "work")
+    try:
+        builder.submit("b" * 64, base, tsha, target)
+        deadline = time.monotonic() + 60
+        done: list = []
+        while not done and time.monotonic() < deadline and not builder.failed:
+            done = builder.finished()
+            time.sleep(0.05)
+    finally:
+        builder.shutdown()
+    assert not builder.failed and len(done) == 1
+    built = done[0]
+    assert built.codec == "tensor-xor" and built.target_sha256 == tsha
+    assert built.size_bytes == built.path.stat().st_size < target.stat().st_size // 10
+
+
+def test_agent_applies_a_model_aware_delta(pairs, tmp_path):
+    base, target = pairs[("int8", "requant")]
+    out = tmp_path / "delta"
+    TensorXorEncoder().encode(base, target, out)
+    data = target.read_bytes()
+    artifact = out.read_bytes()
+    assert apply_artifact(manifest_for(data, artifact, "tensor-xor"), artifact, base) == data
+
+
+def test_unknown_codec_is_refused_by_the_agent(pairs):
+    base, target = pairs[("fp32", "head_only")]
+    m = manifest_for(target.read_bytes(), b"whatever", "xdelta9")
+    with pytest.raises(UpdateRejected, match="unknown codec 'xdelta9'"):
+        apply_artifact(m, b"whatever", base)
+
+
+def test_agent_refuses_a_decode_over_its_memory_cap(pairs, tmp_path):
+    base, target = pairs[("fp32", "head_only")]
+    out = tmp_path / "delta"
+    Bsdiff4Encoder().encode(base, target, out)
+    artifact = out.read_bytes()
+    m = manifest_for(target.read_bytes(), artifact, "bsdiff4")
+    with pytest.raises(UpdateRejected, match="cap"):
+        apply_artifact(m, artifact, base, max_memory_bytes=64 << 20)
+
+
+def test_corrupt_model_aware_delta_is_refused(pairs, tmp_path):
+    base, target = pairs[("fp32", "finetune")]
+    out = tmp_path / "delta"
+    TensorXorEncoder().encode(base, target, out)
+    artifact = bytearray(out.read_bytes())
+    artifact[len(artifact) // 2] ^= 0xFF
+    m = manifest_for(target.read_bytes(), bytes(artifact), "tensor-xor")
+    with pytest.raises(UpdateRejected):
+        apply_artifact(m, bytes(artifact), base)
+
+
+def test_model_aware_delta_for_another_base_is_refused(pairs, tmp_path):
+    base, target = pairs[("fp32", "finetune")]
+    _, other = pairs[("fp32", "complete_retrain")]
+    out = tmp_path / "delta"
+    TensorXorEncoder().encode(base, target, out)
+    m = manifest_for(target.read_bytes(), out.read_bytes(), "tensor-xor")
+    with pytest.raises(UpdateRejected):
+        apply_artifact(m, out.read_bytes(), other)
+
+
+def test_budget_is_a_frozen_config():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Budget().memory_bytes = 1  # type: ignore[misc]
