@@ -287,7 +287,7 @@ def markdown(rows: list[dict]) -> str:
                              "| | | | | | | | |")
                 continue
             label = f"**auto → {c['winner']}**" if name == "auto" else name
-            pct = lambda ref: f"{100 * c['bytes'] / ref:.1f}" if ref else "-"  # noqa: E731
+            pct = lambda ref, c=c: f"{100 * c['bytes'] / ref:.1f}" if ref else "-"  # noqa: E731
             lines.append(
                 f"| {r['pair']} | {label} | {_fmt_mb(c['bytes'])} | {pct(r['full_bytes'])} "
                 f"| {pct(r['zstd19_bytes'])} | {pct(r['bsdiff4_bytes'])} "
