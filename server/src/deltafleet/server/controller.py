@@ -127,15 +127,23 @@ class RolloutController:
         rows = s.execute(query).all()
         return [(t, r, name) for t, r, name in rows]
 
-    def on_hello(self, s: Session, hello: Hello, now: datetime) -> list[Publish]:
-        """Record the device; re-send manifests still in flight (a broker may have lost them)."""
-        registry.upsert_device_from_hello(s, hello, now)
-        out = []
-        for t, _r, model_name in self.open_targets(s, hello.device_id):
-            if t.state in IN_FLIGHT_STATES and t.manifest:
-                out.append(Publish(self.topics.desired(hello.device_id, model_name),
-                                   t.manifest.encode()))
-        return out
+    def on_hellos(self, s: Session, hellos: list[Hello], now: datetime) -> list[Publish]:
+        """Record the devices; re-send manifests still in flight (a broker may have lost them).
+        A fixed number of queries per batch, whatever its size."""
+        if not hellos:
+            return []
+        registry.upsert_devices_from_hellos(s, hellos, now)
+        rows = s.execute(
+            select(RolloutTarget.device_id, RolloutTarget.manifest, Model.name)
+            .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+            .join(Model, Model.id == Rollout.model_id)
+            .where(RolloutTarget.device_id.in_({h.device_id for h in hellos}),
+                   Rollout.state.in_(ACTIVE_ROLLOUT_STATES),
+                   RolloutTarget.state.in_(IN_FLIGHT_STATES),
+                   RolloutTarget.manifest.is_not(None))
+        ).all()
+        return [Publish(self.topics.desired(device_id, model_name), manifest.encode())
+                for device_id, manifest, model_name in rows]
 
     def on_event(self, s: Session, ev: Event, now: datetime) -> None:
         if ev.sha256:
@@ -168,11 +176,11 @@ class RolloutController:
             self._fail(t, policy, ev.state, ev.reason, now)
 
     # -- reconciliation --------------------------------------------------------------------
-    def reconcile(self, s: Session, now: datetime) -> tuple[list[Publish], set[str]]:
-        """One pass over every active rollout. Returns manifests to publish and the artifact
-        shas devices may ask chunks of."""
+    def reconcile(self, s: Session, now: datetime) -> tuple[list[Publish], dict[str, int]]:
+        """One pass over every active rollout. Returns manifests to publish and the artifacts
+        devices may ask chunks of, each with its bandwidth cap in bytes/s (0 = none)."""
         out: list[Publish] = []
-        servable: set[str] = set()
+        servable: dict[str, int] = {}
         for r in s.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
                            .order_by(Rollout.id)
                            .with_for_update(skip_locked=True)).all():
@@ -196,9 +204,12 @@ class RolloutController:
             elif r.state == "rolling_back":
                 self._expire(s, r, targets, now)
                 out += self._roll_back(s, r, model, targets, now)
+            rate = int(r.policy.get("bandwidth_bytes_per_s") or 0)
             for t in targets:
                 if t.state in IN_FLIGHT_STATES and t.artifact_sha256:
-                    servable.add(t.artifact_sha256)
+                    known = servable.get(t.artifact_sha256)
+                    caps = [x for x in (known, rate) if x]  # the tightest cap wins
+                    servable[t.artifact_sha256] = min(caps) if caps else 0
         return out, servable
 
     def _run(self, s: Session, r: Rollout, model: Model, targets: list[RolloutTarget],

@@ -47,9 +47,30 @@ from .store.models import Artifact, Delta
 
 log = logging.getLogger(__name__)
 
-CHUNK_WINDOW_S = 0.05
+CHUNK_WINDOW_S = 0.05  # gather repair requests this long before answering
+FIRST_WINDOW_S = 0.5  # ... and this long for the first request of an artifact
+REPUBLISH_AFTER_S = 1.0  # never publish the same chunk twice within this interval
 RECONCILE_EVERY_S = 0.5
 SEEN_EVENTS_MAX = 100_000
+BATCH_MAX = 500  # device messages applied in one transaction
+INBOX_UNACKED = 1000  # backpressure: QoS 1 messages the broker may have outstanding to us
+
+
+class TokenBucket:
+    """Bandwidth cap for one artifact: ``rate`` bytes/s, bursts of one second."""
+
+    def __init__(self, rate_bytes_per_s: int) -> None:
+        self.rate = rate_bytes_per_s
+        self.tokens = float(rate_bytes_per_s)
+        self.stamp = time.monotonic()
+
+    def take(self, n: int, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
 
 
 def utcnow() -> datetime:
@@ -62,6 +83,7 @@ class ServerStats:
     invalid_messages: int = 0
     duplicate_events: int = 0
     chunks_published: int = 0
+    chunks_deduplicated: int = 0
     chunk_bytes_published: int = 0
 
 
@@ -84,10 +106,13 @@ class FleetServer:
         self._pending_chunks: dict[str, set[int]] = defaultdict(set)
         self._chunk_deadline: float | None = None
         self._seen_events: OrderedDict[str, None] = OrderedDict()
+        self._published_at: dict[tuple[str, int], float] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         self.mqtt = MqttClient(MqttSettings(
             url=cfg.mqtt_url,
             client_id=f"fleet-server-{uuid.uuid4().hex[:8]}",
             will=Will(self.topics.server_status(), b"offline", retain=True),
+            max_unacked=INBOX_UNACKED,
         ))
         # With FLEET_SHARE_GROUP set, replicas share device traffic: the broker hands each
         # message to one member of the shared subscription ($share works on MQTT 5 and, with
@@ -101,20 +126,19 @@ class FleetServer:
     def run(self, *, connect_timeout_s: float = 15.0) -> None:
         self.mqtt.start()
         self.mqtt.wait_connected(connect_timeout_s)
-        log.info("server connected to %s", self.cfg.mqtt_url)
+        log.info("server %s connected to %s", self.replica_id, self.cfg.mqtt_url)
         next_reconcile = 0.0
         try:
             while not self.stop_event.is_set():
                 timeout = CHUNK_WINDOW_S if self._chunk_deadline else 0.2
-                try:
-                    topic, payload = self.mqtt.inbox.get(timeout=timeout)
-                except queue.Empty:
-                    pass
-                else:
+                batch = self._drain(timeout)
+                if batch:
                     try:
-                        self.handle(topic, payload)
+                        self.handle_batch(batch)
                     except DeltafleetError as e:
-                        log.error("handling %s failed: %s", topic, e)
+                        log.error("a batch of %d device messages failed: %s", len(batch), e)
+                    finally:
+                        self.mqtt.processed(len(batch))
                 now = time.monotonic()
                 if self._chunk_deadline is not None and now >= self._chunk_deadline:
                     self.flush_chunks()
@@ -127,61 +151,82 @@ class FleetServer:
             self.mqtt.stop()
             self.deltas.shutdown()
 
+    def _drain(self, timeout_s: float) -> list[tuple[str, bytes]]:
+        """Up to BATCH_MAX inbox items: wait for the first, then take what is already there."""
+        try:
+            batch = [self.mqtt.inbox.get(timeout=timeout_s)]
+        except queue.Empty:
+            return []
+        while len(batch) < BATCH_MAX:
+            try:
+                batch.append(self.mqtt.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
     def publish(self, items: list[Publish]) -> None:
         for p in items:
             self.mqtt.publish(p.topic, p.payload, retain=p.retain)
 
     def handle(self, topic: str, payload: bytes) -> None:
-        if topic == CONNECTED:
-            self.mqtt.publish(self.topics.server_status(), b"online", retain=True)
-            return
-        if topic.startswith("$"):
-            return
-        self.stats.messages += 1
-        try:
-            device_id, leaf = self.topics.parse_dev(topic)
-            if leaf == "hello":
-                self.on_hello(device_id, decode(Hello, payload))
-            elif leaf == "status":
-                self.on_status(device_id, decode(Status, payload))
-            elif leaf == "events":
-                self.on_event(device_id, decode(Event, payload))
-            elif leaf == "chunkreq":
-                self.on_chunk_request(device_id, decode(ChunkRequest, payload))
-        except WireError as e:
-            self.stats.invalid_messages += 1
-            log.warning("dropped invalid message on %s: %s", topic, e)
+        self.handle_batch([(topic, payload)])
 
-    # -- device messages -------------------------------------------------------------------
-    @staticmethod
-    def _same_device(topic_device: str, claimed: str) -> None:
-        if topic_device != claimed:
-            raise WireError(f"device {claimed} spoke on the topic of {topic_device}")
-
-    def on_hello(self, device_id: str, hello: Hello) -> None:
-        self._same_device(device_id, hello.device_id)
+    def handle_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        """Validate every message, then apply the batch in ONE database transaction."""
+        hellos: list[Hello] = []
+        presence: dict[str, bool] = {}
+        events: list[Event] = []
+        for topic, payload in batch:
+            if topic == CONNECTED:
+                self.mqtt.publish(self.topics.server_status(), b"online", retain=True)
+                continue
+            if topic.startswith("$"):
+                continue
+            self.stats.messages += 1
+            try:
+                device_id, leaf = self.topics.parse_dev(topic)
+                if leaf == "hello":
+                    hellos.append(self._mine(device_id, decode(Hello, payload)))
+                elif leaf == "status":
+                    status = self._mine(device_id, decode(Status, payload))
+                    presence[device_id] = status.online
+                elif leaf == "events":
+                    ev = self._mine(device_id, decode(Event, payload))
+                    if ev.event_id in self._seen_events:
+                        self.stats.duplicate_events += 1
+                    else:
+                        events.append(ev)
+                elif leaf == "chunkreq":
+                    self.on_chunk_request(device_id, self._mine(device_id,
+                                                                decode(ChunkRequest, payload)))
+            except WireError as e:
+                self.stats.invalid_messages += 1
+                log.warning("dropped invalid message on %s: %s", topic, e)
+        if not (hellos or presence or events):
+            return
+        now = utcnow()
         with self.store.session() as s:
-            resend = self.controller.on_hello(s, hello, utcnow())
+            resend = self.controller.on_hellos(s, hellos, now)
+            # a hello also says "online"; a later status in the same batch may say otherwise
+            registry.set_devices_presence(
+                s, {d: o for d, o in presence.items() if d not in {h.device_id for h in hellos}
+                    or not o}, now)
+            for ev in events:
+                self.controller.on_event(s, ev, now)
+        for ev in events:
+            self._seen_events[ev.event_id] = None
+        while len(self._seen_events) > SEEN_EVENTS_MAX:
+            self._seen_events.popitem(last=False)
         self.publish(resend)
 
-    def on_status(self, device_id: str, status: Status) -> None:
-        self._same_device(device_id, status.device_id)
-        with self.store.session() as s:
-            registry.set_device_online(s, device_id, status.online, utcnow())
+    @staticmethod
+    def _mine(topic_device: str, message):  # type: ignore[no-untyped-def]
+        if topic_device != message.device_id:
+            raise WireError(f"device {message.device_id} spoke on the topic of {topic_device}")
+        return message
 
-    def on_event(self, device_id: str, ev: Event) -> None:
-        self._same_device(device_id, ev.device_id)
-        if ev.event_id in self._seen_events:
-            self.stats.duplicate_events += 1
-            return  # at-least-once delivery from the agent's outbox; apply each event once
-        with self.store.session() as s:
-            self.controller.on_event(s, ev, utcnow())
-        self._seen_events[ev.event_id] = None
-        if len(self._seen_events) > SEEN_EVENTS_MAX:
-            self._seen_events.popitem(last=False)
-
+    # -- chunks ----------------------------------------------------------------------------
     def on_chunk_request(self, device_id: str, req: ChunkRequest) -> None:
-        self._same_device(device_id, req.device_id)
         total = self._chunk_totals.get(req.artifact_sha256)
         if req.artifact_sha256 not in self._servable or total is None:
             log.warning("device %s asked for unknown artifact %s", device_id,
@@ -189,18 +234,35 @@ class FleetServer:
             return
         self._pending_chunks[req.artifact_sha256].update(i for i in req.indices if i < total)
         if self._chunk_deadline is None:
-            self._chunk_deadline = time.monotonic() + CHUNK_WINDOW_S
+            # The first request for an artifact opens a longer window, so that the burst of
+            # requests from a whole wave is answered by one publish per chunk.
+            fresh = not any(k[0] == req.artifact_sha256 for k in self._published_at)
+            self._chunk_deadline = time.monotonic() + (FIRST_WINDOW_S if fresh else CHUNK_WINDOW_S)
 
     def flush_chunks(self) -> None:
+        """Publish each requested chunk once. A chunk published less than REPUBLISH_AFTER_S
+        ago is not sent again: devices subscribed before it went out have it, and a device
+        that really missed it asks again after its retry interval (3 s)."""
+        now = time.monotonic()
         pending, self._pending_chunks = self._pending_chunks, defaultdict(set)
         self._chunk_deadline = None
         for sha, indices in pending.items():
             path = self.blobs.path(sha)
+            bucket = self._buckets.get(sha)
             for i in sorted(indices):
+                if now - self._published_at.get((sha, i), -1e9) < REPUBLISH_AFTER_S:
+                    self.stats.chunks_deduplicated += 1
+                    continue
+                if bucket is not None and not bucket.take(self.cfg.chunk_size_bytes, now):
+                    self._pending_chunks[sha].add(i)  # over the bandwidth cap: next window
+                    continue
                 data = read_chunk(path, i, self.cfg.chunk_size_bytes)
                 self.mqtt.publish(self.topics.chunk(sha, i), data, qos=1)
+                self._published_at[(sha, i)] = now
                 self.stats.chunks_published += 1
                 self.stats.chunk_bytes_published += len(data)
+        if self._pending_chunks:
+            self._chunk_deadline = now + CHUNK_WINDOW_S
 
     # -- reconciliation --------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -208,9 +270,13 @@ class FleetServer:
             self._store_finished_deltas()
             with self.store.session() as s:
                 publishes, servable = self.controller.reconcile(s, utcnow())
-            self._servable = servable
-            for sha in servable:
+            self._servable = set(servable)
+            for sha, rate in servable.items():
                 self._chunk_totals[sha] = len(self.controller.chunk_hashes(sha))
+                if rate and (sha not in self._buckets or self._buckets[sha].rate != rate):
+                    self._buckets[sha] = TokenBucket(rate)
+                elif not rate:
+                    self._buckets.pop(sha, None)
             self.publish(publishes)
         except DeltafleetError as e:
             log.error("reconcile failed: %s", e)

@@ -61,6 +61,16 @@ def parse_waves(text: str) -> tuple[float, ...]:
     return tuple(waves)
 
 
+def parse_rate(text: str) -> int:
+    """'10MB/s', '512KB/s', '1000000' -> bytes per second."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?(?:/s)?\s*", text or "")
+    if not m or float(m.group(1)) <= 0:
+        raise UsageError(f"invalid bandwidth {text!r}: use e.g. 10MB/s or 512KB/s")
+    unit = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1024,
+            "MiB": 1024**2, "GiB": 1024**3}[m.group(2)]
+    return int(float(m.group(1)) * unit)
+
+
 def parse_pct(text: str, what: str) -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%?\s*", text or "")
     if not m or not 0 <= float(m.group(1)) <= 100:
@@ -79,6 +89,7 @@ class RolloutPolicy:
     max_attempts: int = 3  # per device, then it is held out for good
     retry_backoff_s: int = 30  # first hold; doubles with every failed attempt
     state_timeout_s: int = 600  # notified (while online) / downloading / applying / trial
+    bandwidth_bytes_per_s: int | None = None  # cap on chunk bytes the server publishes
     health: dict[str, int] = field(default_factory=lambda: {
         "max_error_rate_ppm": 10_000, "max_p95_ratio_pct": 150, "min_requests": 20})
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -77,10 +77,34 @@ def upsert_device_from_hello(session: Session, hello: Hello, now: datetime) -> D
     The device's model rows are replaced by what the hello reports (a model it no longer
     reports is removed; an unchanged row keeps its ``updated_at``).
     """
-    device = session.get(Device, hello.device_id)
-    if device is None:
-        device = Device(id=hello.device_id, created_at=now, manifest_serial=0)
-        session.add(device)
+    return upsert_devices_from_hellos(session, [hello], now)[0]
+
+
+def upsert_devices_from_hellos(session: Session, hellos: list[Hello],
+                               now: datetime) -> list[Device]:
+    """Batch form of ``upsert_device_from_hello``: two SELECTs and one flush for the batch,
+    whatever its size (the server ingests device traffic this way). A device appearing more
+    than once in ``hellos`` ends with its last hello."""
+    latest = {h.device_id: h for h in hellos}
+    ids = list(latest)
+    devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))}
+    models: dict[str, dict[str, DeviceModel]] = {i: {} for i in ids}
+    for row in session.scalars(select(DeviceModel).where(DeviceModel.device_id.in_(ids))):
+        models[row.device_id][row.model_name] = row
+    out = []
+    for device_id, hello in latest.items():
+        device = devices.get(device_id)
+        if device is None:
+            device = Device(id=device_id, created_at=now, manifest_serial=0)
+            session.add(device)
+        _apply_hello(session, device, models[device_id], hello, now)
+        out.append(device)
+    session.flush()
+    return out
+
+
+def _apply_hello(session: Session, device: Device, existing: dict[str, DeviceModel],
+                 hello: Hello, now: datetime) -> None:
     p = hello.profile
     device.hardware_id = _text(p.get("hardware_id"), 128)
     device.arch = _text(p.get("arch"), 32)
@@ -96,12 +120,6 @@ def upsert_device_from_hello(session: Session, hello: Hello, now: datetime) -> D
     device.last_seen = now
 
     reported = {m.model[:128]: m for m in hello.models}
-    existing = {
-        row.model_name: row
-        for row in session.scalars(
-            select(DeviceModel).where(DeviceModel.device_id == hello.device_id)
-        )
-    }
     for name, gone in existing.items():
         if name not in reported:
             session.delete(gone)
@@ -115,8 +133,15 @@ def upsert_device_from_hello(session: Session, hello: Hello, now: datetime) -> D
             for k, v in fields.items():
                 setattr(current, k, v)
             current.updated_at = now
-    session.flush()
-    return device
+
+
+def set_devices_presence(session: Session, presence: dict[str, bool], now: datetime) -> None:
+    """Batch presence/heartbeat update: one UPDATE per distinct value, unknown ids ignored."""
+    for online in (True, False):
+        ids = [d for d, o in presence.items() if o is online]
+        if ids:
+            session.execute(update(Device).where(Device.id.in_(ids))
+                            .values(online=online, last_seen=now))
 
 
 def set_device_online(session: Session, device_id: str, online: bool, now: datetime) -> None:

@@ -9,10 +9,17 @@ Rules (after Home Assistant's MQTT client):
 
 Inbox items are ``(topic, payload)``; connection changes arrive as ``(CONNECTED, b"")`` and
 ``(DISCONNECTED, b"")``.
+
+Backpressure (``max_unacked`` set): QoS 1 messages are acknowledged only when the owner calls
+``processed()`` for them, after it has acted on them (e.g. committed a batch). The broker sends
+at most ``max_unacked`` unacknowledged messages (MQTT 5 Receive Maximum; Mosquitto's
+``max_inflight_messages`` on 3.1.1), so the inbox cannot grow without bound and paho's thread
+never blocks.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import ssl
@@ -22,6 +29,8 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .errors import DeltafleetError
 
@@ -60,6 +69,7 @@ class MqttSettings:
     key_file: str | None = None
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 10.0
+    max_unacked: int | None = None  # manual acks + Receive Maximum (see module doc)
 
     def endpoint(self) -> tuple[str, int, bool]:
         u = urlparse(self.url)
@@ -78,6 +88,7 @@ class MqttClient:
         self.fatal: str | None = None
         self._subs: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._acks: collections.deque[tuple[int, int] | None] = collections.deque()
         self._ever_connected = False
         self._stopped = False
         self._client = self._make_client()
@@ -104,6 +115,8 @@ class MqttClient:
             c.will_set(s.will.topic, s.will.payload, qos=s.will.qos, retain=s.will.retain)
         c.reconnect_delay_set(min_delay=max(1, int(s.reconnect_min_s)), max_delay=int(s.reconnect_max_s))
         c.max_inflight_messages_set(64)
+        if s.max_unacked:
+            c.manual_ack_set(True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -113,8 +126,12 @@ class MqttClient:
         host, port, _ = self.settings.endpoint()
         try:
             if self.protocol_in_use == "5":
+                props = None
+                if self.settings.max_unacked:
+                    props = Properties(PacketTypes.CONNECT)
+                    props.ReceiveMaximum = self.settings.max_unacked
                 self._client.connect_async(host, port, self.settings.keepalive_s,
-                                           clean_start=True)
+                                           clean_start=True, properties=props)
             else:
                 self._client.connect_async(host, port, self.settings.keepalive_s)
         except (OSError, ValueError) as e:
@@ -148,7 +165,8 @@ class MqttClient:
         if known is not None and self.connected.is_set():
             self._client.unsubscribe(topic_filter)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1,
+                retain: bool = False) -> paho.MQTTMessageInfo:
         return self._client.publish(topic, payload, qos=qos, retain=retain)
 
     def publish_wait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
@@ -178,15 +196,20 @@ class MqttClient:
         if subs:
             client.subscribe(subs)
         self.connected.set()
-        self.inbox.put((CONNECTED, b""))
+        with self._lock:
+            self._acks.append(None)
+            self.inbox.put((CONNECTED, b""))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self.connected.is_set()
         self.connected.clear()
-        if was:
-            self.inbox.put((DISCONNECTED, b""))
-        elif (
-            not self._ever_connected and not self._stopped and self.fatal is None
+        with self._lock:  # message ids of a dead connection must never be acked on a new one
+            self._acks = collections.deque(None for _ in self._acks)
+            if was:
+                self._acks.append(None)
+                self.inbox.put((DISCONNECTED, b""))
+        if (
+            not was and not self._ever_connected and not self._stopped and self.fatal is None
             and self.settings.protocol == "auto" and self.protocol_in_use == "5"
         ):
             # Dropped before any CONNACK: an MQTT 3.1.1-only broker closing on a v5 CONNECT.
@@ -204,4 +227,18 @@ class MqttClient:
         self.start()
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
-        self.inbox.put((msg.topic, bytes(msg.payload)))
+        with self._lock:
+            manual = self.settings.max_unacked and msg.qos
+            self._acks.append((msg.mid, msg.qos) if manual else None)
+            self.inbox.put((msg.topic, bytes(msg.payload)))
+
+    def processed(self, count: int = 1) -> None:
+        """Acknowledge the next ``count`` inbox items the owner has finished with (only needed
+        with ``max_unacked``; control items count too). Items are acknowledged in inbox order."""
+        if not self.settings.max_unacked:
+            return
+        with self._lock:
+            done = [self._acks.popleft() for _ in range(min(count, len(self._acks)))]
+        for item in done:
+            if item is not None:
+                self._client.ack(*item)

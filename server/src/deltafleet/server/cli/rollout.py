@@ -16,7 +16,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from ..policy import RolloutPolicy, parse_duration, parse_pct, parse_waves
+from ..policy import RolloutPolicy, parse_duration, parse_pct, parse_rate, parse_waves
 from ..rollouts import (
     FINAL_ROLLOUT_STATES,
     WAIT_ENDS,
@@ -87,6 +87,8 @@ def rollout_model(
         "--retry-backoff", help="first hold after a failure; doubles each time")] = "30s",
     state_timeout: Annotated[str, typer.Option(
         "--state-timeout", help="time a device may spend in one state")] = "600s",
+    bandwidth: Annotated[str | None, typer.Option(
+        "--bandwidth", help="cap on artifact bytes the server publishes, e.g. 10MB/s")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="block until the rollout ends or pauses")] = False,
     timeout: Annotated[str, typer.Option("--timeout", help="how long --wait waits")] = "600s",
     allow_empty: Annotated[bool, typer.Option(
@@ -99,6 +101,7 @@ def rollout_model(
         on_failure=on_failure, health_window_s=parse_duration(health_window),
         max_concurrent=max_concurrent, max_attempts=max_attempts,
         retry_backoff_s=parse_duration(retry_backoff), state_timeout_s=parse_duration(state_timeout),
+        bandwidth_bytes_per_s=parse_rate(bandwidth) if bandwidth else None,
     )
     with open_store() as store:
         with store.session() as s:
