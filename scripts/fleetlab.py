@@ -98,8 +98,8 @@ class Lab:
         self.broker_kind = kind
         return self.mqtt_url
 
-    def start_server(self) -> subprocess.Popen[bytes]:
-        return self._spawn("server", [str(BIN / "fleetctl"), "server"])
+    def start_server(self, name: str = "server") -> subprocess.Popen[bytes]:
+        return self._spawn(name, [str(BIN / "fleetctl"), "server"])
 
     def agent_dir(self, device_id: str) -> Path:
         return self.root / "devices" / device_id

@@ -19,11 +19,12 @@ from deltafleet.shared import SigningKey
 
 
 class RolloutLab:
-    def __init__(self, root: Path, broker_url: str, model_files: dict[str, Path]) -> None:
+    def __init__(self, root: Path, broker_url: str, model_files: dict[str, Path], *,
+                 db_url: str | None = None) -> None:
         from fleetsim import Installed, SimFleet
 
         self.Installed = Installed
-        self.cfg = ServerConfig(home=root / "home", db_url=f"sqlite:///{root}/fleet.db",
+        self.cfg = ServerConfig(home=root / "home", db_url=db_url or f"sqlite:///{root}/fleet.db",
                                 mqtt_url=broker_url,
                                 topic_prefix=f"t{uuid.uuid4().hex[:8]}/v1")
         upgrade(self.cfg.db_url)
