@@ -1,0 +1,324 @@
+"""Fleet-scale benchmarks (JSON on stdout), against a real Mosquitto this script starts.
+
+1. fanout: N simulated devices (default 1,000) take one rollout of a 1 MB artifact. Reports
+   bytes the server published on artifact topics / artifact size (counted by a broker-side
+   observer subscribed to every chunk topic), wall time to all healthy, server CPU seconds and
+   peak RSS (the server runs as its own `fleetctl server` process).
+2. heartbeats: N lightweight device connections (default 10,000; asyncio, raw MQTT 3.1.1, real
+   deltafleet payloads) send a hello, then a status heartbeat every 30 s. Reports the time until
+   every hello is in the database, then the server's CPU share and peak RSS over a steady window.
+3. failover: two `fleetctl server` replicas on PostgreSQL share the device traffic; the one
+   holding the rollout lease is killed mid-rollout; reports the time to completion.
+
+BENCH_QUICK=1 runs small sizes. Needs the mosquitto binary and, for failover, PostgreSQL at
+127.0.0.1:5432 (skipped with a note when absent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import signal
+import struct
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1]))
+
+from fleetlab import Lab, wait_for  # noqa: E402
+from fleetsim import SimFleet  # noqa: E402
+
+from deltafleet.server import registry  # noqa: E402
+from deltafleet.server.policy import RolloutPolicy  # noqa: E402
+from deltafleet.server.rollouts import create_rollout, get_rollout, rollout_json  # noqa: E402
+from deltafleet.server.store import BlobStore, Store, upgrade  # noqa: E402
+from deltafleet.server.store.models import Device, Rollout  # noqa: E402
+from deltafleet.shared import Hello, SigningKey, Status, encode  # noqa: E402
+from deltafleet.shared.mqtt import MqttClient, MqttSettings  # noqa: E402
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+PG_URL = os.environ.get("FLEET_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+class Watch:
+    """Samples a process's CPU time and RSS in the background."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.1)
+
+    def cpu_s(self) -> float:
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def setup(root: Path, db_url: str, model: Path, prefix: str, mqtt_url: str) -> tuple[Lab, Store]:
+    lab = Lab(root, mqtt_url=mqtt_url, db_url=db_url)
+    lab.env["FLEET_TOPIC_PREFIX"] = prefix
+    home = Path(lab.env["FLEET_HOME"])
+    upgrade(db_url)
+    SigningKey.generate().save(home / "keys" / "signing.key", home / "keys" / "signing.pub")
+    store = Store(db_url)
+    with store.session() as s:
+        registry.add_model_version(s, BlobStore(home / "blobs"), "detector", "v1", model)
+        registry.create_group(s, "all", {"hw": "cam"})
+    return lab, store
+
+
+def rollout(store: Store, **policy) -> int:
+    with store.session() as s:
+        return create_rollout(s, "detector:v1", "all", "bench", policy=RolloutPolicy(**policy)).id
+
+
+def status(store: Store, rid: int) -> dict:
+    with store.session() as s:
+        return rollout_json(s, get_rollout(s, rid), with_targets=False)
+
+
+def bench_fanout(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
+    prefix = f"b{uuid.uuid4().hex[:6]}/v1"
+    lab, store = setup(tmp / "fanout", f"sqlite:///{tmp}/fanout.db", model, prefix, mqtt_url)
+    observer = MqttClient(MqttSettings(mqtt_url, "bench-observer"))
+    published = {"bytes": 0, "msgs": 0}
+    observer.subscribe(f"{prefix}/art/#", qos=0)
+    observer.start()
+    observer.wait_connected(10)
+
+    def count() -> None:
+        while True:
+            topic, payload = observer.inbox.get()
+            if topic.startswith(prefix):
+                published["bytes"] += len(payload)
+                published["msgs"] += 1
+
+    threading.Thread(target=count, daemon=True).start()
+    fleet = SimFleet(mqtt_url, Path(lab.env["FLEET_HOME"]) / "keys" / "signing.pub", prefix=prefix)
+    try:
+        server = lab.start_server()
+        watch = Watch(server.pid)
+        for i in range(n):
+            fleet.add(f"cam-{i:05d}", {"hw": "cam"})
+        fleet.wait_connected(120)
+        wait_for(lambda: store_count(store) >= n, 120, "devices registered", 0.5)
+        cpu0 = watch.cpu_s()
+        t0 = time.monotonic()
+        rid = rollout(store, health_window_s=1, state_timeout_s=600)
+        wait_for(lambda: status(store, rid)["state"] == "completed", 600, "rollout completed", 0.5)
+        wall = time.monotonic() - t0
+        time.sleep(1.0)
+        size = model.stat().st_size
+        return {
+            "devices": n, "artifact_bytes": size,
+            "bytes_published": published["bytes"], "chunk_publishes": published["msgs"],
+            "published_over_artifact": round(published["bytes"] / size, 3),
+            "unicast_would_be": n,
+            "wall_s_to_all_healthy": round(wall, 1),
+            "server_cpu_s": round(watch.cpu_s() - cpu0, 2),
+            "server_peak_rss_mb": round(watch.peak_rss / 2**20, 1),
+        }
+    finally:
+        fleet.close()
+        observer.stop()
+        lab.close()
+        store.dispose()
+
+
+def store_count(store: Store) -> int:
+    from sqlalchemy import func, select
+
+    with store.session() as s:
+        return int(s.scalar(select(func.count()).select_from(Device)) or 0)
+
+
+# -- a minimal MQTT 3.1.1 client for many connections in one asyncio loop ----------------------
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("!H", len(b)) + b
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    n, out = len(body), bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return bytes([kind]) + bytes(out) + body
+
+
+def _connect(client_id: str, will_topic: str, will: bytes, keepalive: int) -> bytes:
+    flags = 0x02 | 0x04 | 0x20  # clean session, will, will retain (qos 0)
+    body = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + _str(client_id)
+    return _packet(0x10, body + _str(will_topic) + struct.pack("!H", len(will)) + will)
+
+
+def _publish(topic: str, payload: bytes, retain: bool = False) -> bytes:
+    return _packet(0x30 | (1 if retain else 0), _str(topic) + payload)
+
+
+async def _device(host: str, port: int, prefix: str, device_id: str, interval_s: float,
+                  stop: asyncio.Event, connected: list[int]) -> None:
+    t = f"{prefix}/dev/{device_id}"
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(_connect(f"hb-{device_id}", f"{t}/status",
+                          encode(Status(device_id, False)), 120))
+    await writer.drain()
+    await reader.readexactly(4)  # CONNACK
+    connected[0] += 1
+    hello = Hello(device_id, "bench", {"arch": "x86_64", "os": "Linux", "cpu": "bench",
+                                       "memory_bytes": 1 << 30, "accelerator": "none",
+                                       "runtimes": {"onnxruntime": "1"},
+                                       "disk_free_bytes": 1 << 34}, {"hw": "hb"}, ())
+    writer.write(_publish(f"{t}/status", encode(Status(device_id, True)), retain=True))
+    writer.write(_publish(f"{t}/hello", encode(hello)))
+    await writer.drain()
+    beat = encode(Status(device_id, True))
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval_s)
+            except TimeoutError:
+                writer.write(_publish(f"{t}/status", beat, retain=True))
+                await writer.drain()
+    finally:
+        writer.write(b"\xe0\x00")  # DISCONNECT
+        await writer.drain()
+        writer.close()
+
+
+def bench_heartbeats(tmp: Path, mqtt_url: str, model: Path, n: int, steady_s: float) -> dict:
+    prefix = f"h{uuid.uuid4().hex[:6]}/v1"
+    lab, store = setup(tmp / "hb", f"sqlite:///{tmp}/hb.db", model, prefix, mqtt_url)
+    host, port = "127.0.0.1", int(mqtt_url.rsplit(":", 1)[1])
+    try:
+        server = lab.start_server()
+        watch = Watch(server.pid)
+        wait_for(lambda: "connected" in lab.log("server"), 30, "server connected")
+        result: dict = {"devices": n, "heartbeat_interval_s": 30}
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            connected = [0]
+            t0 = time.monotonic()
+            tasks = []
+            for i in range(n):
+                tasks.append(asyncio.create_task(
+                    _device(host, port, prefix, f"hb-{i:05d}", 30.0, stop, connected)))
+                if i % 200 == 199:
+                    await asyncio.sleep(0.05)  # connect in bursts, as a fleet reconnects
+            while store_count(store) < n:
+                await asyncio.sleep(0.5)
+                if time.monotonic() - t0 > 600:
+                    break
+            result["connected"] = connected[0]
+            result["hellos_in_db"] = store_count(store)
+            result["s_until_all_hellos_in_db"] = round(time.monotonic() - t0, 1)
+            await asyncio.sleep(2)
+            cpu0, w0 = watch.cpu_s(), time.monotonic()
+            await asyncio.sleep(steady_s)
+            cpu = watch.cpu_s() - cpu0
+            result["steady_window_s"] = round(time.monotonic() - w0, 1)
+            result["server_cpu_share_of_one_core_pct"] = round(100 * cpu / steady_s, 1)
+            result["server_peak_rss_mb"] = round(watch.peak_rss / 2**20, 1)
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run(main())
+        return result
+    finally:
+        lab.close()
+        store.dispose()
+
+
+def bench_failover(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
+    from sqlalchemy import create_engine, text
+
+    name = f"fleet_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as e:  # noqa: BLE001
+        return {"skipped": f"PostgreSQL not available: {str(e).splitlines()[0]}"}
+    db_url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    prefix = f"f{uuid.uuid4().hex[:6]}/v1"
+    lab, store = setup(tmp / "fo", db_url, model, prefix, mqtt_url)
+    lab.env["FLEET_SHARE_GROUP"] = "bench"
+    fleet = SimFleet(mqtt_url, Path(lab.env["FLEET_HOME"]) / "keys" / "signing.pub", prefix=prefix)
+    try:
+        a, b = lab.start_server("server-a"), lab.start_server("server-b")
+        for i in range(n):
+            fleet.add(f"fo-{i:04d}", {"hw": "cam"})
+        fleet.wait_connected(60)
+        wait_for(lambda: store_count(store) >= n, 60, "devices registered")
+        rid = rollout(store, canary="5%", waves=(50.0, 100.0), health_window_s=2)
+        wait_for(lambda: status(store, rid)["current_wave"] >= 1, 120, "wave 2 opened")
+        with store.session() as s:
+            owner = s.get(Rollout, rid).lease_owner
+        pid = int(owner.split(":")[1])
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: status(store, rid)["state"] == "completed", 300, "rollout completed")
+        took = time.monotonic() - t0
+        twice = sum(1 for d in fleet.devices.values() if len(d.manifests) > 1)
+        return {"devices": n, "killed": "server-a" if pid == a.pid else "server-b",
+                "s_from_kill_to_completed": round(took, 1), "devices_updated_twice": twice}
+    finally:
+        fleet.close()
+        lab.close()
+        store.dispose()
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def main() -> None:
+    from modelgen import make_onnx_model
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp_s:
+        tmp = Path(tmp_s)
+        model = make_onnx_model(tmp / "m.onnx", size_mb=1.0)
+        lab = Lab(tmp / "broker")
+        lab.start_broker()
+        try:
+            out = {
+                "machine": {"cores": os.cpu_count(),
+                            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
+                "fanout": bench_fanout(tmp, lab.mqtt_url, model, 100 if QUICK else 1000),
+                "heartbeats": bench_heartbeats(tmp, lab.mqtt_url, model,
+                                               500 if QUICK else 10_000, 10 if QUICK else 60),
+                "failover": bench_failover(tmp, lab.mqtt_url, model, 20 if QUICK else 100),
+            }
+        finally:
+            lab.close()
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
