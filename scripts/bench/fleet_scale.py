@@ -270,7 +270,8 @@ def bench_failover(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
     lab.env["FLEET_SHARE_GROUP"] = "bench"
     fleet = SimFleet(mqtt_url, Path(lab.env["FLEET_HOME"]) / "keys" / "signing.pub", prefix=prefix)
     try:
-        a, b = lab.start_server("server-a"), lab.start_server("server-b")
+        a = lab.start_server("server-a")
+        lab.start_server("server-b")
         for i in range(n):
             fleet.add(f"fo-{i:04d}", {"hw": "cam"})
         fleet.wait_connected(60)
