@@ -26,6 +26,7 @@ from .messages import (
 )
 from .signing import SigningKey, key_id, load_public_key, verify_envelope
 from .topics import DEFAULT_PREFIX, Topics, check_device_id
+from .trust import KeyList, RootMetadata, TrustBundle, TrustStore, sign_payload, trust_topic
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE_BYTES",
@@ -37,11 +38,15 @@ __all__ = [
     "Event",
     "Hello",
     "KeyFileError",
+    "KeyList",
     "Manifest",
     "ModelState",
+    "RootMetadata",
     "SigningKey",
     "Status",
     "Topics",
+    "TrustBundle",
+    "TrustStore",
     "VerificationError",
     "WireError",
     "atomic_copy",
@@ -61,5 +66,7 @@ __all__ = [
     "read_chunk",
     "sha256_bytes",
     "sha256_file",
+    "sign_payload",
+    "trust_topic",
     "verify_envelope",
 ]

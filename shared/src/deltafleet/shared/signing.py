@@ -117,7 +117,8 @@ def verify_envelope(
     for entry in sigs:
         if not isinstance(entry, dict):
             raise WireError("signature entry is not an object")
-        key = by_id.get(entry.get("keyid"))  # type: ignore[arg-type]
+        kid = entry.get("keyid")
+        key = by_id.get(kid) if isinstance(kid, str) else None  # a list keyid is unhashable
         sig = entry.get("sig")
         if key is None or not isinstance(sig, str):
             continue

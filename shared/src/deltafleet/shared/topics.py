@@ -80,6 +80,8 @@ class Topics:
     def parse_chunk(self, topic: str) -> tuple[str, int]:
         head = f"{self.prefix}/art/"
         parts = topic[len(head):].split("/") if topic.startswith(head) else []
-        if len(parts) != 2 or not parts[1].isdigit():
+        # isdigit() alone admits "²" and 5000-digit strings, on which int() raises ValueError
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()
+                                   and len(parts[1]) <= 12):
             raise WireError(f"not a chunk topic: {topic}")
         return parts[0], int(parts[1])

@@ -21,6 +21,8 @@ from deltafleet.shared import DeltafleetError
 
 from ..errors import UsageError
 from . import audit, db, delta, device, group, init, model, rollout, serve
+from . import broker as broker_cli
+from . import keys as keys_cli
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -61,6 +63,8 @@ _SUB_APPS: list[tuple[str, typer.Typer]] = [
     ("group", group.app),
     ("rollout", rollout.app),
     ("delta", delta.app),
+    ("keys", keys_cli.app),
+    ("broker", broker_cli.app),
 ]
 for _name, _sub in _SUB_APPS:
     app.add_typer(_sub, name=_name)

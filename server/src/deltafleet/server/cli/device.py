@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from .. import registry
-from ._common import JSON_HELP, console, fmt_bytes, fmt_time, open_store, print_json
+from .. import enroll, registry
+from ._common import (
+    JSON_HELP,
+    actor,
+    console,
+    fmt_bytes,
+    fmt_time,
+    load_config,
+    open_store,
+    print_json,
+)
 
 app = typer.Typer(no_args_is_help=True, help="Devices in the fleet.")
 
@@ -77,3 +87,47 @@ def show(
         models.add_row(m["model"], m["version"] or "-", m["variant"] or "-",
                        fmt_time(m["updated_at"]), m["sha256"])
     console.print(models if d["models"] else "runs no reported models")
+
+
+@app.command("enroll")
+def enroll_cmd(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="Device id (certificate CN).")],
+    out: Annotated[Path | None, typer.Option(
+        help="Bundle directory (default: ./enroll-ID).")] = None,
+    broker_url: Annotated[str | None, typer.Option(
+        help="mqtts:// URL the device connects to (default: FLEET_MQTT_URL).")] = None,
+    install_dir: Annotated[str, typer.Option(
+        help="Where the bundle's files will live on the device (for agent.toml).")
+    ] = "/etc/deltafleet",
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Issue a client certificate and write an enrollment bundle: client.crt/key, ca.crt,
+    root.json (the root of trust to pin), trust.json (current key list) and agent.toml.
+    The bundle holds a private key: copy it to the device over a trusted channel, then delete."""
+    cfg = load_config()
+    result = enroll.enroll_device(cfg, device_id, out or Path(f"enroll-{device_id}"),
+                                  broker_url=broker_url, install_dir=install_dir)
+    with open_store(cfg) as store, store.session() as s:
+        registry.audit(s, actor(), "device.enroll", device_id,
+                       {"serial": str(result.serial), "broker_url": result.broker_url})
+    if json_:
+        print_json({"device_id": device_id, "directory": str(result.directory),
+                    "serial": str(result.serial), "files": [str(f) for f in result.files]})
+        return
+    console.print(f"enrolled {device_id}: bundle in {result.directory}")
+
+
+@app.command("revoke")
+def revoke_cmd(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="Device id.")],
+    reason: Annotated[str, typer.Option(help="Recorded in the deny list and audit log.")] = "",
+) -> None:
+    """Deny the device on the server and put its certificates on the CRL. Reload the broker
+    (restart Mosquitto) so it reads the new CRL."""
+    cfg = load_config()
+    serials = enroll.revoke_device(cfg, device_id, reason=reason)
+    with open_store(cfg) as store, store.session() as s:
+        registry.audit(s, actor(), "device.revoke", device_id,
+                       {"serials": [str(x) for x in serials], "reason": reason})
+    console.print(f"revoked {device_id}: {len(serials)} certificate(s) on the CRL; "
+                  "reload the broker to apply it")

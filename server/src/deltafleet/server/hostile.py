@@ -1,0 +1,119 @@
+"""Hostile device input: a pure guard the daemon consults before and after parsing.
+
+Every device message is untrusted. The guard (no I/O, no clock of its own) decides:
+
+1. ``admit(device_id, size)`` before parsing: refuse a payload over the size cap (never parse
+   it) and messages from a device on the deny list (``enroll.is_revoked``).
+2. ``invalid(device_id, reason)`` after a parse/validation failure: count it per device; over
+   ``suspect_threshold`` invalid messages within ``window_s`` the device is marked suspect.
+3. ``valid(device_id)`` after a message that validated (only then may the daemon write to
+   the database).
+
+A suspect device stays suspect until ``clear(device_id)``; the daemon may keep serving it or
+drop its messages (``drop_suspect``). Other devices are never affected. Counters are bounded
+(``max_devices``) so a flood of invented device ids cannot grow memory without limit.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    suspect_threshold: int = 20  # invalid messages within window_s that make a device suspect
+    window_s: float = 600.0
+    drop_suspect: bool = False  # True: refuse every message from a suspect device
+    max_devices: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class DeviceRecord:
+    invalid_total: int = 0
+    valid_total: int = 0
+    oversize_total: int = 0
+    recent: deque[float] = field(default_factory=deque)
+    suspect: bool = False
+    last_reason: str = ""
+
+
+class DeviceMessageGuard:
+    def __init__(self, config: GuardConfig | None = None,
+                 is_denied: Callable[[str], bool] | None = None) -> None:
+        self.config = config or GuardConfig()
+        self._is_denied = is_denied or (lambda _device: False)
+        self._devices: OrderedDict[str, DeviceRecord] = OrderedDict()
+        self.invalid_total = 0
+        self.refused_total = 0
+
+    def _record(self, device_id: str) -> DeviceRecord:
+        rec = self._devices.get(device_id)
+        if rec is None:
+            rec = self._devices[device_id] = DeviceRecord()
+            if len(self._devices) > self.config.max_devices:
+                self._devices.popitem(last=False)
+        else:
+            self._devices.move_to_end(device_id)
+        return rec
+
+    def admit(self, device_id: str, size_bytes: int, now: float) -> Verdict:
+        """Before parsing: may this payload be parsed at all?"""
+        if self._is_denied(device_id):
+            self.refused_total += 1
+            return Verdict(False, f"device {device_id} is revoked")
+        if size_bytes > self.config.max_payload_bytes:
+            rec = self._record(device_id)
+            rec.oversize_total += 1
+            self.invalid(device_id, f"payload of {size_bytes} bytes over the "
+                         f"{self.config.max_payload_bytes}-byte cap", now)
+            self.refused_total += 1
+            return Verdict(False, "payload too large")
+        known = self._devices.get(device_id)
+        if known is not None and known.suspect and self.config.drop_suspect:
+            self.refused_total += 1
+            return Verdict(False, f"device {device_id} is suspect")
+        return Verdict(True)
+
+    def invalid(self, device_id: str, reason: str, now: float) -> bool:
+        """Count one invalid message; returns True if this made the device suspect."""
+        self.invalid_total += 1
+        rec = self._record(device_id)
+        rec.invalid_total += 1
+        rec.last_reason = reason[:200]
+        rec.recent.append(now)
+        while rec.recent and rec.recent[0] < now - self.config.window_s:
+            rec.recent.popleft()
+        if not rec.suspect and len(rec.recent) >= self.config.suspect_threshold:
+            rec.suspect = True
+            return True
+        return False
+
+    def valid(self, device_id: str) -> None:
+        self._record(device_id).valid_total += 1
+
+    def is_suspect(self, device_id: str) -> bool:
+        rec = self._devices.get(device_id)
+        return rec is not None and rec.suspect
+
+    def suspects(self) -> list[str]:
+        return sorted(d for d, r in self._devices.items() if r.suspect)
+
+    def clear(self, device_id: str) -> None:
+        self._devices.pop(device_id, None)
+
+    def snapshot(self, device_id: str) -> DeviceRecord | None:
+        return self._devices.get(device_id)
+
+
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "DeviceMessageGuard", "GuardConfig", "Verdict"]

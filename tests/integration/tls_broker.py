@@ -1,0 +1,137 @@
+"""A Mosquitto started with the config `fleetctl broker config` generates (TLS, client
+certificates, CRL, ACL), on a free loopback port, plus TLS client helpers."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import ssl
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from deltafleet.server import enroll, keys
+from deltafleet.server.config import ServerConfig
+from tests.conftest import _has_mosquitto, free_port, missing, wait_port
+
+
+class TlsBroker:
+    def __init__(self, cfg: ServerConfig, workdir: Path) -> None:
+        self.cfg = cfg
+        self.port = free_port()
+        self.files = enroll.write_broker_config(cfg, workdir, port=self.port, bind="127.0.0.1",
+                                                hosts=["127.0.0.1", "localhost"])
+        if os.geteuid() == 0:  # as root Mosquitto drops to user "mosquitto", who cannot read
+            with open(self.files.conf, "a") as f:  # the test's private tmp dir
+                f.write("user root\n")
+        self.log = open(workdir / "mosquitto.log", "wb")  # noqa: SIM115
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(self.files.conf)],
+                                     stdout=self.log, stderr=self.log)
+        wait_port(self.port)
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class Peer:
+    """A paho client that records what it receives and whether the broker accepted it."""
+
+    def __init__(self, port: int, *, ca: Path | None, cert: Path | None = None,
+                 key: Path | None = None, tls: bool = True) -> None:
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connack: queue.Queue[int] = queue.Queue()
+        self.subacks: queue.Queue[object] = queue.Queue()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"peer-{uuid.uuid4().hex[:8]}",
+                        protocol=paho.MQTTv311)
+        if tls:
+            ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+            if cert is not None:
+                ctx.load_cert_chain(str(cert), str(key))
+            c.tls_set_context(ctx)
+        c.on_connect = lambda _c, _u, _f, rc, _p: self.connack.put(
+            rc.value if hasattr(rc, "value") else int(rc))
+        c.on_message = lambda _c, _u, m: self.inbox.put((m.topic, m.payload))
+        c.on_subscribe = lambda _c, _u, _mid, rcs, _p: self.subacks.put(rcs)
+        c.on_disconnect = lambda *_a: self.connack.put(-1)  # refused during the handshake
+        self.client = c
+        self.port = port
+
+    def connect(self, timeout_s: float = 5.0) -> bool:
+        """True if the broker accepted the connection (CONNACK 0) within ``timeout_s``."""
+        try:
+            self.client.connect("127.0.0.1", self.port, keepalive=10)
+        except (OSError, ssl.SSLError):
+            return False
+        self.client.loop_start()
+        try:
+            return self.connack.get(timeout=timeout_s) == 0
+        except queue.Empty:
+            return False
+
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
+        self.subacks.get(timeout=5)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(5)
+
+    def received(self, within_s: float) -> list[tuple[str, bytes]]:
+        got: list[tuple[str, bytes]] = []
+        deadline = time.monotonic() + within_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got.append(self.inbox.get(timeout=left))
+            except queue.Empty:
+                break
+        return got
+
+    def wait_for(self, topic: str, timeout_s: float = 5.0) -> bytes:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                t, p = self.inbox.get(timeout=left)
+            except queue.Empty:
+                break
+            if t == topic:
+                return p
+        raise AssertionError(f"nothing on {topic} within {timeout_s} s")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def secure_fleet(tmp_path: Path) -> Iterator[tuple[ServerConfig, TlsBroker]]:
+    """FLEET_HOME with keys, CA and two enrolled devices (dev-a, dev-b) and a revoked one
+    (dev-r), and a Mosquitto running the generated config."""
+    if not _has_mosquitto():
+        missing("the mosquitto binary")
+    cfg = ServerConfig.from_env({"FLEET_HOME": str(tmp_path / "home"),
+                                 "FLEET_MQTT_URL": "mqtts://127.0.0.1:8883"})
+    keys.init_keys(cfg)
+    for dev in ("dev-a", "dev-b", "dev-r"):
+        enroll.enroll_device(cfg, dev, tmp_path / f"enroll-{dev}")
+    enroll.revoke_device(cfg, "dev-r", reason="test")
+    (tmp_path / "broker").mkdir()
+    broker = TlsBroker(cfg, tmp_path / "broker")
+    yield cfg, broker
+    broker.stop()
