@@ -12,6 +12,7 @@ content-addressed topic, serving every device subscribed to it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -29,19 +30,21 @@ from deltafleet.shared import (
     DeltafleetError,
     Event,
     Hello,
-    SigningKey,
     Status,
     Topics,
     WireError,
     decode,
     read_chunk,
 )
-from deltafleet.shared.mqtt import CONNECTED, MqttClient, MqttSettings, Will
+from deltafleet.shared.mqtt import CONNECTED, MqttClient, Will
 
 from . import registry
-from .config import ServerConfig
+from .config import ServerConfig, mqtt_settings
 from .controller import Publish, RolloutController
 from .deltas import DeltaBuilder
+from .enroll import revoked_devices
+from .hostile import DeviceMessageGuard
+from .keys import online_signing_key, trust_publications
 from .store import BlobStore, Store
 from .store.models import Artifact, Delta
 
@@ -96,7 +99,7 @@ class FleetServer:
         self.deltas = DeltaBuilder(cfg.home / "work")
         self.replica_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.controller = RolloutController(
-            blobs=self.blobs, key=SigningKey.load(cfg.signing_key_path), topics=self.topics,
+            blobs=self.blobs, key=online_signing_key(cfg), topics=self.topics,
             deltas=self.deltas, chunk_size_bytes=cfg.chunk_size_bytes,
             manifest_ttl_s=cfg.manifest_ttl_s, owner=self.replica_id)
         self.stats = ServerStats()
@@ -108,12 +111,11 @@ class FleetServer:
         self._seen_events: OrderedDict[str, None] = OrderedDict()
         self._published_at: dict[tuple[str, int], float] = {}
         self._buckets: dict[str, TokenBucket] = {}
-        self.mqtt = MqttClient(MqttSettings(
-            url=cfg.mqtt_url,
-            client_id=f"fleet-server-{uuid.uuid4().hex[:8]}",
-            will=Will(self.topics.server_status(), b"offline", retain=True),
-            max_unacked=INBOX_UNACKED,
-        ))
+        self._revoked_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
+        self.guard = DeviceMessageGuard(is_denied=self._is_revoked)
+        settings = mqtt_settings(cfg, f"fleet-server-{uuid.uuid4().hex[:8]}",
+                                 Will(self.topics.server_status(), b"offline", retain=True))
+        self.mqtt = MqttClient(dataclasses.replace(settings, max_unacked=INBOX_UNACKED))
         # With FLEET_SHARE_GROUP set, replicas share device traffic: the broker hands each
         # message to one member of the shared subscription ($share works on MQTT 5 and, with
         # Mosquitto 2, on 3.1.1 too).
@@ -178,13 +180,21 @@ class FleetServer:
         events: list[Event] = []
         for topic, payload in batch:
             if topic == CONNECTED:
+                for trust_topic, bundle in trust_publications(self.cfg):
+                    self.mqtt.publish(trust_topic, bundle, retain=True)
                 self.mqtt.publish(self.topics.server_status(), b"online", retain=True)
                 continue
             if topic.startswith("$"):
                 continue
             self.stats.messages += 1
+            device_id = ""
             try:
                 device_id, leaf = self.topics.parse_dev(topic)
+                verdict = self.guard.admit(device_id, len(payload), time.monotonic())
+                if not verdict.ok:
+                    self.stats.invalid_messages += 1
+                    log.warning("refused a message on %s: %s", topic, verdict.reason)
+                    continue
                 if leaf == "hello":
                     hellos.append(self._mine(device_id, decode(Hello, payload)))
                 elif leaf == "status":
@@ -199,9 +209,12 @@ class FleetServer:
                 elif leaf == "chunkreq":
                     self.on_chunk_request(device_id, self._mine(device_id,
                                                                 decode(ChunkRequest, payload)))
+                self.guard.valid(device_id)
             except WireError as e:
                 self.stats.invalid_messages += 1
                 log.warning("dropped invalid message on %s: %s", topic, e)
+                if device_id and self.guard.invalid(device_id, str(e), time.monotonic()):
+                    log.error("device %s is now suspect: repeated invalid messages", device_id)
         if not (hellos or presence or events):
             return
         now = utcnow()
@@ -218,6 +231,14 @@ class FleetServer:
         while len(self._seen_events) > SEEN_EVENTS_MAX:
             self._seen_events.popitem(last=False)
         self.publish(resend)
+
+    def _is_revoked(self, device_id: str) -> bool:
+        """Server-side deny list (`fleetctl device revoke`), re-read at most every 5 s."""
+        stamp, revoked = self._revoked_cache
+        if time.monotonic() - stamp > 5.0:
+            revoked = frozenset(revoked_devices(self.cfg))
+            self._revoked_cache = (time.monotonic(), revoked)
+        return device_id in revoked
 
     @staticmethod
     def _mine(topic_device: str, message):  # type: ignore[no-untyped-def]
