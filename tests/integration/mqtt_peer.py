@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from deltafleet.shared import (
     ArtifactRef,
@@ -73,9 +74,10 @@ class Peer:
 
     def offer(self, device_id: str, model: str, version: str, target: Path, *,
               serial: int, artifact: Path | None = None, base_sha256: str | None = None,
-              key: SigningKey | None = None) -> Manifest:
+              key: SigningKey | None = None, **fields: Any) -> Manifest:
         """Publish a retained signed manifest; ``artifact`` (a bsdiff delta) defaults to the
-        full target."""
+        full target. ``fields`` sets further manifest fields (trial_window_s, health_policy,
+        io_signature, allow_io_change, golden_inputs)."""
         art = artifact or target
         sha = sha256_file(art)
         self.artifacts[sha] = art
@@ -88,10 +90,14 @@ class Peer:
             artifact=ArtifactRef("delta" if artifact else "full",
                                  "bsdiff4" if artifact else "identity", sha, art.stat().st_size,
                                  CHUNK, tuple(chunk_hashes_file(art, CHUNK))),
+            **fields,
         )
         signed = (key or self.key).sign_bytes(manifest.to_wire())
         self.client.publish_wait(self.topics.desired(device_id, model), signed, retain=True)
         return manifest
+
+    def device_events(self, device_id: str) -> list[Event]:
+        return [e for e in list(self.events) if e.device_id == device_id]
 
     def wait_event(self, predicate: Callable[[Event], bool], timeout_s: float = 30) -> Event:
         deadline = time.monotonic() + timeout_s
@@ -102,3 +108,70 @@ class Peer:
             time.sleep(0.05)
         seen = [(e.device_id, e.state, e.reason) for e in self.events]
         raise TimeoutError(f"no matching event within {timeout_s} s; saw {seen}")
+
+
+# -- models that misbehave, for trial and IO-contract tests (built with onnx.helper) ----------
+
+def _save_onnx(path: Path, nodes: list, inputs: list, outputs: list, inits: list) -> Path:
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, path.stem, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def make_slow_model(path: Path, *, input_dim: int = 64, output_dim: int = 10,
+                    width: int = 512, depth: int = 200) -> Path:
+    """Same IO as modelgen's MLP, but a chain of ``depth`` [width x width] MatMuls (sharing
+    one weight, so the file stays small) makes every inference milliseconds slower."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    w_in = (rng.standard_normal((input_dim, width)) / np.sqrt(input_dim)).astype(np.float32)
+    w_mid = np.eye(width, dtype=np.float32)
+    w_out = (rng.standard_normal((width, output_dim)) / np.sqrt(width)).astype(np.float32)
+    inits = [numpy_helper.from_array(w_in, "w_in"), numpy_helper.from_array(w_mid, "w_mid"),
+             numpy_helper.from_array(w_out, "w_out")]
+    nodes = [helper.make_node("MatMul", ["input", "w_in"], ["h0"])]
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w_mid"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{depth}", "w_out"], ["output"]))
+    return _save_onnx(
+        path, nodes,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", input_dim])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", output_dim])], inits)
+
+
+def make_nan_on_negative_model(path: Path, *, input_dim: int = 64, output_dim: int = 10) -> Path:
+    """Same IO as modelgen's MLP, ``output = sqrt(input) @ w``: zero inputs (smoke test,
+    warm-up) give finite answers, any negative input gives NaN, which the agent counts as a
+    failed inference."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.random.default_rng(3).standard_normal((input_dim, output_dim)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Sqrt", ["input"], ["root"]),
+             helper.make_node("MatMul", ["root", "w"], ["output"])]
+    return _save_onnx(
+        path, nodes,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", input_dim])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", output_dim])],
+        [numpy_helper.from_array(w, "w")])
+
+
+def make_linear_model(path: Path, *, input_dim: int = 64, output_dim: int = 10,
+                      seed: int = 5) -> Path:
+    """A tiny one-layer model: a fallback, or (with another input_dim) a changed IO contract."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.random.default_rng(seed).standard_normal((input_dim, output_dim)) * 0.1).astype(np.float32)
+    return _save_onnx(
+        path, [helper.make_node("MatMul", ["input", "w"], ["output"])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", input_dim])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", output_dim])],
+        [numpy_helper.from_array(w, "w")])

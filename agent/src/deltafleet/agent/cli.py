@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--label", dest="labels", action="append", default=[],
                      help="KEY=VALUE label (repeatable)")
     run.add_argument("--accelerator", help="accelerator name reported in the profile")
+    run.add_argument("--api-port", type=int,
+                     help="local inference API port on 127.0.0.1, 0 disables (FLEET_AGENT_API_PORT)")
     run.add_argument("--log-level", default="INFO")
     sub.choices["status"].add_argument("--json", action="store_true", help="JSON output")
     return p
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config, device_id=args.device_id, state_dir=args.state_dir,
             broker_url=args.broker_url, trusted_keys=args.trusted_keys,
             labels=parse_labels(args.labels) if args.labels else None,
-            accelerator=args.accelerator,
+            accelerator=args.accelerator, api_port=args.api_port,
         )
         from .daemon import Agent
 
@@ -83,7 +85,7 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{r['model']:<20} {r['version']:<12} {r['sha256'][:12]}  {r['format']}")
+            print(f"{r['model']:<20} {r['version']:<12} {str(r['sha256'])[:12]}  {r['format']}")
     return 0
 
 

@@ -11,9 +11,15 @@ Example ``/etc/deltafleet/agent.toml``::
     site = "berlin"
     hw = "jetson"
 
+    api_port = 8470                    # local inference API on 127.0.0.1; 0 disables it
+    [fallback_models]
+    detector = "/opt/models/detector-tiny.onnx"
+
 Environment variables override the file: FLEET_AGENT_DEVICE_ID, FLEET_AGENT_BROKER_URL,
 FLEET_AGENT_STATE_DIR, FLEET_AGENT_TRUSTED_KEYS (comma-separated paths), FLEET_AGENT_LABELS
-(``k=v,k=v``), FLEET_AGENT_ACCELERATOR, FLEET_AGENT_HARDWARE_ID, FLEET_TOPIC_PREFIX.
+(``k=v,k=v``), FLEET_AGENT_ACCELERATOR, FLEET_AGENT_HARDWARE_ID, FLEET_TOPIC_PREFIX,
+FLEET_AGENT_API_PORT, FLEET_AGENT_SWAP_MODE, FLEET_AGENT_FALLBACK (``model=path,...``).
+See docs/agent.md for every key.
 """
 
 from __future__ import annotations
@@ -44,12 +50,40 @@ class AgentConfig:
     chunk_retry_s: float = 3.0  # re-request missing chunks after this long without progress
     download_timeout_s: float = 600.0
     max_artifact_bytes: int = 4 << 30
+    # Local inference API (HTTP on api_host:api_port; api_port = 0 disables it).
+    api_host: str = "127.0.0.1"
+    api_port: int = 8470
+    results_cache_size: int = 100  # last-N inference results kept for the API
+    fallback_models: dict[str, str] = field(default_factory=dict)  # model name -> model file
+    # Hot swap: "auto" loads the new model beside the old one when MemAvailable holds
+    # swap_memory_factor x its file size, else unloads first ("cold") and holds requests.
+    swap_mode: str = "auto"  # "auto" | "warm" | "cold"
+    swap_memory_factor: float = 3.0
+    hold_timeout_s: float = 30.0  # longest a request waits for a cold swap
+    warmup_runs: int = 3
+    # Trial defaults for keys the manifest's health_policy leaves out.
+    trial_max_error_rate_ppm: int = 10_000
+    trial_max_p95_ratio_pct: int = 0
+    trial_min_requests: int = 20
+    trial_p95_slack_us: int = 1_000
+    max_trial_restarts: int = 1  # agent restarts during one trial before it rolls back
+    # Outbox: exponential backoff with full jitter between delivery attempts.
+    outbox_backoff_min_s: float = 0.5
+    outbox_backoff_max_s: float = 30.0
+    outbox_max_messages: int = 10_000
 
     def validate(self) -> AgentConfig:
         try:
             check_device_id(self.device_id)
         except WireError as e:
             raise ConfigError(str(e)) from e
+        if self.swap_mode not in ("auto", "warm", "cold"):
+            raise ConfigError(f"swap_mode {self.swap_mode!r}: use auto, warm or cold")
+        if not 0 <= self.api_port <= 65535:
+            raise ConfigError(f"api_port {self.api_port} is not a TCP port (0 disables the API)")
+        for name, path in self.fallback_models.items():
+            if not Path(path).is_file():
+                raise ConfigError(f"fallback model for {name}: {path} does not exist")
         if not self.trusted_keys:
             raise ConfigError("no trusted key: set trusted_keys (the server's signing.pub)")
         for k in self.trusted_keys:
@@ -92,6 +126,15 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
             values[key] = env[var]
     if env.get("FLEET_AGENT_TRUSTED_KEYS"):
         values["trusted_keys"] = env["FLEET_AGENT_TRUSTED_KEYS"].split(",")
+    if env.get("FLEET_AGENT_API_PORT"):
+        try:
+            values["api_port"] = int(env["FLEET_AGENT_API_PORT"])
+        except ValueError as e:
+            raise ConfigError("FLEET_AGENT_API_PORT must be an integer") from e
+    if env.get("FLEET_AGENT_SWAP_MODE"):
+        values["swap_mode"] = env["FLEET_AGENT_SWAP_MODE"]
+    if env.get("FLEET_AGENT_FALLBACK"):
+        values["fallback_models"] = parse_labels(env["FLEET_AGENT_FALLBACK"])
     if env.get("FLEET_AGENT_LABELS"):
         values["labels"] = parse_labels(env["FLEET_AGENT_LABELS"])
     values.update({k: v for k, v in overrides.items() if v not in (None, (), [], {})})
@@ -101,9 +144,11 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    if isinstance(values.get("fallback_models"), (str, list)):
+        values["fallback_models"] = parse_labels(values["fallback_models"])
     if isinstance(values.get("labels"), (str, list)):
         values["labels"] = parse_labels(values["labels"])
-    values["state_dir"] = Path(values.get("state_dir", AgentConfig.state_dir))
+    values["state_dir"] = Path(values.get("state_dir", "/var/lib/deltafleet"))
     values["trusted_keys"] = tuple(Path(p) for p in values.get("trusted_keys", ()))
     try:
         cfg = AgentConfig(**values)

@@ -1,25 +1,40 @@
-"""The agent's main loop: one thread consumes the MQTT inbox and drives updates.
+"""The agent's main loop: one thread consumes the MQTT inbox and drives updates; request
+threads of the local API run inference concurrently (see ``serving``).
 
-Per model, the update moves through::
+Per model, an update moves through (journal step in brackets, see ``journal``)::
 
-    idle -> downloading -> applying -> (load + smoke inference, activate) -> trial -> healthy
-                  \\-------------\\---------------------------------> failed | rejected
+    idle -> downloading [downloading] -> applying [patching -> staged]
+         -> load + IO check + warm-up (off the request path)
+         -> activate [activating: state.json + pointer flip] -> trial [trial]
+         -> healthy [committing]            (trial within health_policy)
+         -> rolled_back [rolling_back]      (breach: previous model back in service)
+    any step before activation -> failed | rejected (the running model never changed)
 
-Every failure leaves the running model untouched and is reported to the server.
+Reports go through the on-disk outbox with stable event ids (one per manifest and state), so
+they survive broker outages and restarts and the server can apply each one once. After a
+restart the journal is reconciled before anything else: a half-done update resumes, finishes
+its commit, or finishes its rollback by itself.
+
+Fault injection for tests: FLEET_AGENT_CRASH_AT=<download|patch|stage|activate|trial|commit|
+rollback> SIGKILLs the agent at that step; FLEET_AGENT_CRASH_AFTER_CHUNKS=N after N chunks.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import logging
 import os
 import platform
 import shutil
 import signal
+import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
 
 from deltafleet.shared import (
     ChunkRequest,
@@ -36,12 +51,27 @@ from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, MqttSett
 
 from .config import AgentConfig
 from .errors import AgentError, ModelRuntimeError, UpdateRejected
-from .runtime import LoadedModel, available_runtimes, load_model, smoke_test
+from .journal import Journal, Recovery, raw_manifest, reconcile
+from .outbox import Outbox
+from .runtime import LoadedModel, available_runtimes, load_model
+from .serving import (
+    Serving,
+    Session,
+    check_outputs,
+    decode_golden,
+    io_difference,
+    io_signature,
+    probe_feeds,
+)
 from .store import InstalledModel, LocalStore
+from .trial import HealthPolicy, Verdict, evaluate, p95
 from .update import ChunkSet, apply_artifact, check_base, verify_manifest
 
 log = logging.getLogger(__name__)
-TICK_S = 0.25
+TICK_S = 0.1
+CRASH_STEPS = ("download", "patch", "stage", "activate", "trial", "commit", "rollback")
+PROBE_BUDGET_S = 5.0
+API_RETRY_S = 30.0  # longest the agent spends on golden/zero probes for one measurement
 
 
 def agent_version() -> str:
@@ -71,18 +101,51 @@ def device_profile(cfg: AgentConfig) -> dict:
     }
 
 
+def mem_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def event_id(device_id: str, manifest_id: str, state: str) -> str:
+    """Stable per (device, manifest, state): a re-sent or re-made report has the same id."""
+    return hashlib.sha256(f"{device_id}|{manifest_id}|{state}".encode()).hexdigest()[:32]
+
+
 @dataclass
 class Trial:
     manifest: Manifest
-    ends_at: float
+    session: Session
+    policy: HealthPolicy
+    baseline_p95_us: int
+    ends_at: float  # monotonic
+    previous: InstalledModel | None
+    golden: list[Any] = field(default_factory=list)
 
 
 @dataclass
 class ActiveDownload:
     manifest: Manifest
     chunks: ChunkSet
+    raw: bytes
     last_progress: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
+
+
+class _MqttPublisher:
+    def __init__(self, mqtt: MqttClient) -> None:
+        self.mqtt = mqtt
+
+    def is_connected(self) -> bool:
+        return self.mqtt.connected.is_set()
+
+    def publish_acked(self, topic: str, payload: bytes, timeout_s: float) -> None:
+        self.mqtt.publish_wait(topic, payload, qos=1, timeout_s=timeout_s)
 
 
 class Agent:
@@ -90,12 +153,18 @@ class Agent:
         self.cfg = cfg
         self.topics = Topics(cfg.topic_prefix)
         self.store = LocalStore(cfg.state_dir)
+        self.journal = Journal(Path(cfg.state_dir) / "journal")
         self.trusted = [load_public_key(p) for p in cfg.trusted_keys]
-        self.loaded: dict[str, LoadedModel] = {}
+        self.serving = Serving(results_size=cfg.results_cache_size,
+                               hold_timeout_s=cfg.hold_timeout_s)
+        self.defaults = HealthPolicy(cfg.trial_max_error_rate_ppm, cfg.trial_max_p95_ratio_pct,
+                                     cfg.trial_min_requests, cfg.trial_p95_slack_us)
         self.downloads: dict[str, ActiveDownload] = {}  # by model name
         self.trials: dict[str, Trial] = {}  # by model name
+        self.pending: dict[str, bytes] = {}  # manifests that arrived during a trial
         self.stop_event = threading.Event()
         self._crash_after = int(os.environ.get("FLEET_AGENT_CRASH_AFTER_CHUNKS", "0") or 0)
+        self._crash_at = os.environ.get("FLEET_AGENT_CRASH_AT", "")
         self._chunks_this_run = 0
         offline = encode(Status(cfg.device_id, False))
         self.mqtt = MqttClient(MqttSettings(
@@ -105,30 +174,64 @@ class Agent:
             protocol=cfg.mqtt_protocol,
             will=Will(self.topics.status(cfg.device_id), offline, retain=True),
         ))
+        self.outbox = Outbox(Path(cfg.state_dir) / "outbox", _MqttPublisher(self.mqtt),
+                             base_backoff_s=cfg.outbox_backoff_min_s,
+                             max_backoff_s=cfg.outbox_backoff_max_s,
+                             max_messages=cfg.outbox_max_messages)
+        self.api: Any = None
+        self._api_retry_at: float | None = 0.0 if cfg.api_port else None
+
+    def _crash_point(self, step: str) -> None:
+        if self._crash_at == step:
+            log.warning("fault injection: SIGKILL at %s", step)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- lifecycle -------------------------------------------------------------------------
     def load_installed(self) -> None:
-        """Load every current model; a model that no longer loads falls back to previous."""
+        """Load every current model (hash-checked); one that does not load falls back to the
+        previous model. Configured fallback models are loaded beside them."""
+        self.store.clean_temp_files()
+        for name, path in self.cfg.fallback_models.items():
+            try:
+                self.serving.set_fallback(name, Path(path))
+            except ModelRuntimeError as e:
+                log.error("fallback model for %s does not load: %s", name, e)
         for inst in self.store.all_current():
             try:
-                self.loaded[inst.model] = self._load_verified(inst)
+                model = self._load_verified(inst)
             except ModelRuntimeError as e:
                 log.error("current model %s does not load: %s", inst.model, e)
                 prev = self.store.previous(inst.model)
-                if prev is not None:
-                    self.loaded[inst.model] = self._load_verified(prev)
-                    self.store.activate(prev)
+                if prev is None:
+                    continue
+                model = self._load_verified(prev)
+                self.store.rollback(inst.model, inst.manifest_id)
+                inst = prev
+            self.serving.install(inst.model, model, inst.version, inst.sha256)
 
     def _load_verified(self, inst: InstalledModel) -> LoadedModel:
-        model = load_model(self.store.model_path(inst.sha256, inst.format), inst.format)
-        smoke_test(model)
+        path = self.store.model_path(inst.sha256, inst.format)
+        if not path.is_file() or sha256_file(path) != inst.sha256:
+            raise ModelRuntimeError(f"{path.name} is missing or does not match its sha256")
+        model = load_model(path, inst.format)
+        try:
+            self._warm_up(model, [])
+        except ModelRuntimeError:
+            model.close()
+            raise
         return model
 
     def run(self) -> None:
+        plans = self.plan_recovery()
         self.load_installed()
+        self.recover(plans)
+        _freeze_heap()
+        self._start_api()
         self.mqtt.subscribe(self.topics.desired_filter(self.cfg.device_id))
         self.mqtt.subscribe(self.topics.server_status())
         self.mqtt.start()
+        self.outbox.start()
         log.info("agent %s started; broker %s", self.cfg.device_id, self.cfg.broker_url)
         try:
             while not self.stop_event.is_set():
@@ -140,6 +243,9 @@ class Agent:
                     self.handle(topic, payload)
                 self.tick()
         finally:
+            if self.api is not None:
+                self.api.stop()
+            self.outbox.stop()
             if self.mqtt.connected.is_set():
                 try:
                     self.mqtt.publish_wait(self.topics.status(self.cfg.device_id),
@@ -150,19 +256,106 @@ class Agent:
                 except Exception:  # noqa: BLE001 - best effort on shutdown
                     log.debug("could not publish offline status", exc_info=True)
             self.mqtt.stop()
-            for m in self.loaded.values():
-                m.close()
+            self.serving.close()
+
+    def _start_api(self) -> None:
+        """Serve the local API; a port in use is logged and retried, never fatal (updates and
+        reports go on without it)."""
+        if self._api_retry_at is None or time.monotonic() < self._api_retry_at:
+            return
+        from .api import InferenceApi
+
+        try:
+            self.api = InferenceApi(self.serving, self.describe, self.cfg.api_host,
+                                    self.cfg.api_port)
+        except OSError as e:
+            log.error("local inference API cannot listen on %s:%d (%s); retrying in %.0f s",
+                      self.cfg.api_host, self.cfg.api_port, e, API_RETRY_S)
+            self._api_retry_at = time.monotonic() + API_RETRY_S
+            return
+        self._api_retry_at = None
+        # Request threads get the GIL back within 1 ms while the agent thread loads, hashes or
+        # warms a model (default 5 ms), which keeps the swap-time p99 down.
+        sys.setswitchinterval(0.001)
+        self.api.start()
+        log.info("local inference API on http://%s:%d", self.cfg.api_host, self.api.port)
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
+
+    # -- crash recovery --------------------------------------------------------------------
+    def plan_recovery(self) -> list[tuple[Manifest, dict[str, Any], Recovery]]:
+        """Before any model is loaded: decide what each journal record needs and make the
+        decisions durable that must hold even if loading crashes the agent again (a trial
+        restart is counted; a rollback switches state.json back to the previous model)."""
+        plans = []
+        for model, rec in self.journal.all().items():
+            current = self.store.current(model)
+            try:  # our own journal of a manifest verified before; expiry no longer matters
+                m = verify_manifest(raw_manifest(rec), self.trusted, device_id=self.cfg.device_id,
+                                    now=0, max_artifact_bytes=self.cfg.max_artifact_bytes)
+            except UpdateRejected as e:
+                log.error("journal of %s holds an unusable manifest (%s); dropping it", model, e)
+                self.journal.clear(model)
+                continue
+            on_disk = self.store.model_path(m.target_sha256, m.format).is_file()
+            decision = reconcile(rec, current.sha256 if current else None, on_disk,
+                                 max_trial_restarts=self.cfg.max_trial_restarts)
+            log.warning("recovering %s from journal step %s: %s (%s)", model, rec["step"],
+                        decision.action, decision.reason)
+            if decision.action == "resume_trial" and rec["step"] == "trial":
+                trial = dict(rec.get("trial") or {})
+                trial["restarts"] = int(trial.get("restarts", 0)) + 1
+                rec = self.journal.advance(model, "trial", trial=trial)
+            elif decision.action == "finish_rollback":
+                if rec["step"] != "rolling_back":
+                    rec = self.journal.advance(model, "rolling_back", verdict=rec.get("verdict") or {
+                        "reason": decision.reason, "figures": {}})
+                if current is not None and current.sha256 == m.target_sha256:
+                    self.store.rollback(model, m.manifest_id)  # never load the failed model
+            plans.append((m, rec, decision))
+        return plans
+
+    def recover(self, plans: list[tuple[Manifest, dict[str, Any], Recovery]]) -> None:
+        """After the current models are loaded: carry out each record's recovery."""
+        for m, rec, decision in plans:
+            model = m.model
+            if decision.action == "redo":
+                self.journal.clear(model)
+                self.on_manifest(model, raw_manifest(rec))
+            elif decision.action == "resume_trial":
+                trial = rec.get("trial") or {}
+                previous = self.store.previous(model)
+                if rec["step"] == "activating" or not trial:
+                    baseline = int(rec.get("baseline_p95_us", 0))
+                    window = float(m.trial_window_s)
+                    self.journal.advance(model, "trial", trial={
+                        "ends_at": time.time() + window, "baseline_p95_us": baseline,
+                        "restarts": 0})
+                    self.report(m, "trial", sha256=m.target_sha256,
+                                health={"baseline_p95_us": baseline})
+                    self._start_trial(m, previous, baseline, window)
+                else:
+                    remaining = max(0.0, min(float(m.trial_window_s),
+                                             float(trial.get("ends_at", 0)) - time.time()))
+                    self._start_trial(m, previous, int(trial.get("baseline_p95_us", 0)),
+                                      remaining)
+            elif decision.action == "finish_commit":
+                self._commit(m, Verdict(True, "committed after restart",
+                                        rec.get("verdict", {}).get("figures", {})))
+            elif decision.action == "finish_rollback":
+                verdict = rec.get("verdict") or {"reason": decision.reason, "figures": {}}
+                self._roll_back(m, Verdict(False, verdict["reason"], verdict.get("figures", {})))
+            else:
+                self.journal.clear(model)
 
     # -- message handling ------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
         if topic == CONNECTED:
             self.on_connected()
         elif topic == DISCONNECTED:
-            log.warning("disconnected from broker; paho reconnects")
+            log.warning("disconnected from broker; paho reconnects, reports wait in the outbox")
         elif topic == self.topics.server_status():
             if payload == b"online":
                 self.send_hello()  # a (re)started server has not heard our hello yet
@@ -178,6 +371,7 @@ class Agent:
         did = self.cfg.device_id
         self.mqtt.publish(self.topics.status(did), encode(Status(did, True)), retain=True)
         self.send_hello()
+        self.outbox.wake()
         for dl in self.downloads.values():
             self.request_missing(dl)
 
@@ -200,7 +394,12 @@ class Agent:
                 raise UpdateRejected(f"manifest for {manifest.model} arrived on topic of {model}")
         except UpdateRejected as e:
             log.warning("rejected manifest for %s: %s", model, e)
-            self.report_unverified(model, str(e))
+            self.report_unverified(model, str(e), payload)
+            return
+        trial = self.trials.get(model)
+        if trial is not None:
+            if trial.manifest.manifest_id != manifest.manifest_id:
+                self.pending[model] = payload  # judged after the running trial ends
             return
         current = self.store.current(model)
         if current is not None and current.sha256 == manifest.target_sha256:
@@ -217,21 +416,32 @@ class Agent:
                 f"replayed manifest: serial {manifest.serial} <= {self.store.last_serial}"))
             return
         active = self.downloads.get(model)
-        if active is not None and active.manifest.manifest_id == manifest.manifest_id:
-            return
+        if active is not None:
+            if active.manifest.manifest_id == manifest.manifest_id:
+                return
+            log.info("manifest %s supersedes download of %s", manifest.manifest_id,
+                     active.manifest.manifest_id)
+            self.downloads.pop(model)
+            self.mqtt.unsubscribe(self.topics.chunk_filter(active.manifest.artifact.sha256))
+            self.store.drop_download(active.manifest.artifact.sha256)
         try:
             check_base(manifest, current)
         except UpdateRejected as e:
             self.fail(manifest, "rejected", str(e))
             return
         local = self.store.model_path(manifest.target_sha256, manifest.format)
+        prev_sha = current.sha256 if current else None
         if local.exists() and sha256_file(local) == manifest.target_sha256:
             # e.g. a rollback to the previous model, which is still on disk: nothing to fetch
+            self.journal.begin(model, "staged", payload, manifest.manifest_id,
+                               manifest.target_sha256, prev_sha)
             self.report(manifest, "applying", reason="target already on disk")
             self.install(manifest, None, reused=0)
             return
+        self.journal.begin(model, "downloading", payload, manifest.manifest_id,
+                           manifest.target_sha256, prev_sha)
         chunks = ChunkSet(manifest, self.store.download_dir(manifest.artifact.sha256))
-        dl = ActiveDownload(manifest, chunks)
+        dl = ActiveDownload(manifest, chunks, payload)
         self.downloads[model] = dl
         self.mqtt.subscribe(self.topics.chunk_filter(manifest.artifact.sha256))
         self.report(manifest, "downloading", chunks_reused=chunks.reused)
@@ -257,6 +467,8 @@ class Agent:
                 self._chunks_this_run += 1
                 if self._crash_after and self._chunks_this_run >= self._crash_after:
                     os._exit(137)  # fault injection for tests: die mid-download
+                if self._chunks_this_run == 2 or dl.chunks.total < 2:
+                    self._crash_point("download")
                 if dl.chunks.complete:
                     self.finish(dl)
             elif index < dl.chunks.total and index not in dl.chunks.have:
@@ -265,12 +477,13 @@ class Agent:
 
     def tick(self) -> None:
         now = time.monotonic()
+        if self._api_retry_at is not None:
+            self._start_api()
         for name, trial in list(self.trials.items()):
-            if now >= trial.ends_at:
-                del self.trials[name]
-                self.report(trial.manifest, "healthy", sha256=trial.manifest.target_sha256)
+            self._judge(name, trial, final=now >= trial.ends_at)
         for dl in list(self.downloads.values()):
             if now - dl.started > self.cfg.download_timeout_s:
+                self.journal.clear(dl.manifest.model)
                 self.fail(dl.manifest, "failed", "download timed out")
             elif now - dl.last_progress > self.cfg.chunk_retry_s and self.mqtt.connected.is_set():
                 self.request_missing(dl)
@@ -285,39 +498,235 @@ class Agent:
         self.install(m, dl.chunks, reused=dl.chunks.reused)
 
     def install(self, m: Manifest, chunks: ChunkSet | None, *, reused: int) -> None:
-        """Patch (when ``chunks`` holds an artifact), stage, load, smoke-test, activate."""
+        """Patch (when ``chunks`` holds an artifact) and stage, then swap the new model in."""
         try:
             if chunks is not None:
+                self.journal.advance(m.model, "patching")
                 artifact = chunks.assemble()
                 current = self.store.current(m.model)
                 base = self.store.model_path(current.sha256, current.format) if current else None
                 target = apply_artifact(m, artifact, base)
+                del artifact
+                self._crash_point("patch")
                 path = self.store.stage(m.target_sha256, m.format, target)
+                del target
+                self.journal.advance(m.model, "staged")
+                self._crash_point("stage")
             else:
                 path = self.store.model_path(m.target_sha256, m.format)
-            new_model = load_model(path, m.format)
-            try:
-                smoke_test(new_model)
-            except ModelRuntimeError:
-                new_model.close()
-                raise
+            previous = self.store.current(m.model)
+            session, baseline = self._swap_in(m, path)
         except (UpdateRejected, ModelRuntimeError) as e:
             self.store.drop_download(m.artifact.sha256)
+            self.journal.clear(m.model)
             self.fail(m, "failed", str(e))
             return
-        self.store.activate(InstalledModel(m.model, m.version, m.target_sha256, m.variant,
-                                           m.format, m.serial, m.manifest_id))
-        old = self.loaded.get(m.model)
-        self.loaded[m.model] = new_model
-        if old is not None:
-            old.close()
         self.store.drop_download(m.artifact.sha256)
+        _freeze_heap()
         log.info("now running %s %s (%s)", m.model, m.version, m.target_sha256[:12])
+        window = float(m.trial_window_s)
+        self.journal.advance(m.model, "trial", trial={
+            "ends_at": time.time() + window, "baseline_p95_us": baseline, "restarts": 0})
         self.report(m, "trial", sha256=m.target_sha256,
-                    bytes_received=m.artifact.size_bytes if chunks else 0, chunks_reused=reused)
-        self.trials[m.model] = Trial(m, time.monotonic() + m.trial_window_s)
-        if m.trial_window_s == 0:
-            self.tick()
+                    bytes_received=m.artifact.size_bytes if chunks else 0, chunks_reused=reused,
+                    health={"baseline_p95_us": baseline})
+        self._crash_point("trial")
+        self._start_trial(m, previous, baseline, window, session=session)
+
+    def _golden(self, m: Manifest) -> list[Any]:
+        try:
+            return decode_golden(m.golden_inputs)
+        except (ValueError, TypeError, KeyError) as e:
+            raise UpdateRejected(f"golden inputs do not decode: {e}") from e
+
+    def _warm_up(self, model: LoadedModel, golden: list[Any], runs: int | None = None) -> None:
+        for _ in range(max(1, runs if runs is not None else self.cfg.warmup_runs)):
+            for feeds in probe_feeds(model, golden):
+                check_outputs(model, model.run(feeds), _batch(feeds))
+
+    def _check_io(self, m: Manifest, model: LoadedModel, old_sig: dict[str, Any] | None) -> None:
+        sig = io_signature(model)
+        if m.io_signature is not None:
+            diff = io_difference(sig, m.io_signature)
+            if diff:
+                raise UpdateRejected(f"model does not match the signed IO signature: {diff}")
+        if old_sig is not None and not m.allow_io_change:
+            diff = io_difference(sig, old_sig)
+            if diff:
+                raise UpdateRejected(f"IO contract changed ({diff}) and the manifest does not "
+                                     "allow it (allow_io_change)")
+
+    def _baseline(self, session: Session | None, policy: HealthPolicy, golden: list[Any]) -> int:
+        """p95 of the running version: live traffic when there is enough, else probes."""
+        if session is None:
+            return 0
+        _, _, lat = session.stats.snapshot()
+        lat = lat[-1000:]
+        if len(lat) >= policy.min_requests:
+            return p95(lat)
+        samples = self._probe(session.model, golden, policy.min_requests, None)
+        return p95(samples)
+
+    def _probe(self, model: LoadedModel, golden: list[Any], n: int,
+               session: Session | None) -> list[int]:
+        """Run ``n`` golden/zero inferences (bounded in time); count them on ``session``."""
+        feeds_list = probe_feeds(model, golden)
+        samples: list[int] = []
+        deadline = time.monotonic() + PROBE_BUDGET_S
+        for i in range(n):
+            feeds = feeds_list[i % len(feeds_list)]
+            t0 = time.perf_counter()
+            ok = True
+            try:
+                check_outputs(model, model.run(feeds), _batch(feeds))
+            except ModelRuntimeError:
+                ok = False
+            us = int((time.perf_counter() - t0) * 1e6)
+            if ok:
+                samples.append(us)
+            if session is not None:
+                session.stats.record(us, ok)
+            if time.monotonic() > deadline:
+                break
+        return samples
+
+    def _swap_mode(self, path: Path) -> str:
+        if self.cfg.swap_mode != "auto":
+            return self.cfg.swap_mode
+        free = mem_available_bytes()
+        need = self.cfg.swap_memory_factor * path.stat().st_size
+        return "cold" if free is not None and free < need else "warm"
+
+    def _swap_in(self, m: Manifest, path: Path) -> tuple[Session, int]:
+        """Load, check and warm the new model, then flip to it (warm or cold swap)."""
+        golden = self._golden(m)
+        policy = HealthPolicy.from_manifest(m.health_policy, self.defaults)
+        old = self.serving.current(m.model)
+        old_sig = io_signature(old.model) if old is not None else None
+        baseline = self._baseline(old, policy, golden)
+        new_inst = InstalledModel(m.model, m.version, m.target_sha256, m.variant, m.format,
+                                  m.serial, m.manifest_id)
+
+        def prepare() -> LoadedModel:
+            model = load_model(path, m.format)
+            try:
+                self._check_io(m, model, old_sig)
+                self._warm_up(model, golden)
+            except BaseException:
+                model.close()
+                raise
+            return model
+
+        if self._swap_mode(path) == "warm" or old is None:
+            model = prepare()
+            self.journal.advance(m.model, "activating", baseline_p95_us=baseline)
+            self.store.activate(new_inst)
+            self._crash_point("activate")
+            session = self.serving.install(m.model, model, m.version, m.target_sha256)
+            return session, baseline
+        # Cold: not enough memory for both. Requests are held (not failed) during the gap.
+        log.info("cold swap of %s: unloading %s first", m.model, old.version)
+        slot = self.serving.slot(m.model)
+        slot.close_gap()
+        try:
+            previous = slot.flip(None)
+            if previous is not None:
+                previous.drain_and_close()
+            try:
+                model = prepare()
+            except BaseException:
+                prev_inst = self.store.current(m.model)
+                if prev_inst is not None:
+                    slot.flip(Session(self._load_verified(prev_inst), prev_inst.version,
+                                      prev_inst.sha256))
+                raise
+            self.journal.advance(m.model, "activating", baseline_p95_us=baseline)
+            self.store.activate(new_inst)
+            self._crash_point("activate")
+            session = Session(model, m.version, m.target_sha256)
+            slot.flip(session)
+            return session, baseline
+        finally:
+            slot.open_gap()
+
+    # -- trial -----------------------------------------------------------------------------
+    def _start_trial(self, m: Manifest, previous: InstalledModel | None, baseline: int,
+                     window_s: float, *, session: Session | None = None) -> None:
+        session = session or self.serving.current(m.model)
+        if session is None:
+            self.journal.advance(m.model, "rolling_back", verdict={
+                "reason": "new model is not loaded", "figures": {}})
+            self._roll_back(m, Verdict(False, "new model is not loaded", {}))
+            return
+        policy = HealthPolicy.from_manifest(m.health_policy, self.defaults)
+        trial = Trial(m, session, policy, baseline, time.monotonic() + window_s, previous,
+                      self._golden(m))
+        self.trials[m.model] = trial
+        if window_s <= 0:
+            self._judge(m.model, trial, final=True)
+
+    def _judge(self, name: str, trial: Trial, *, final: bool) -> None:
+        stats = trial.session.stats
+        if final:
+            requests, _, _ = stats.snapshot()
+            if requests < trial.policy.min_requests:
+                self._probe(trial.session.model, trial.golden,
+                            trial.policy.min_requests - requests, trial.session)
+        requests, errors, lat = stats.snapshot()
+        verdict = evaluate(requests, errors, lat, trial.baseline_p95_us, trial.policy,
+                           final=final)
+        if verdict is None:
+            return
+        del self.trials[name]
+        m = trial.manifest
+        if verdict.ok:
+            self.journal.advance(name, "committing", verdict={"reason": verdict.reason,
+                                                              "figures": verdict.figures})
+            self._crash_point("commit")
+            self._commit(m, verdict)
+        else:
+            log.warning("trial of %s %s failed: %s %s", name, m.version, verdict.reason,
+                        verdict.figures)
+            self.journal.advance(name, "rolling_back", verdict={"reason": verdict.reason,
+                                                                "figures": verdict.figures})
+            self._crash_point("rollback")
+            self._roll_back(m, verdict)
+        pending = self.pending.pop(name, None)
+        if pending is not None:
+            self.on_manifest(name, pending)
+
+    def _commit(self, m: Manifest, verdict: Verdict) -> None:
+        self.report(m, "healthy", sha256=m.target_sha256, health=verdict.figures)
+        self.journal.clear(m.model)
+        log.info("committed %s %s: %s", m.model, m.version, verdict.figures)
+
+    def _roll_back(self, m: Manifest, verdict: Verdict) -> None:
+        """Put the previous model back in service (warm when memory allows), then report."""
+        self.trials.pop(m.model, None)
+        current = self.store.current(m.model)
+        if current is not None and current.sha256 == m.target_sha256:
+            prev = self.store.previous(m.model)
+            if prev is not None:
+                path = self.store.model_path(prev.sha256, prev.format)
+                if self._swap_mode(path) == "warm":
+                    model = self._load_verified(prev)
+                    self.store.rollback(m.model, m.manifest_id)
+                    self.serving.install(m.model, model, prev.version, prev.sha256)
+                else:
+                    self.serving.install_cold(m.model, lambda: self._load_verified(prev),
+                                              prev.version, prev.sha256)
+                    self.store.rollback(m.model, m.manifest_id)
+            else:  # first install failed its trial: nothing to go back to but the fallback
+                old = self.serving.slot(m.model).flip(None)
+                self.store.rollback(m.model, m.manifest_id)
+                if old is not None:
+                    old.drain_and_close()
+        else:
+            self.store.mark_failed(m.model, m.manifest_id, m.serial)
+        now = self.store.current(m.model)
+        self.report(m, "rolled_back", reason=verdict.reason, sha256=now.sha256 if now else None,
+                    health=verdict.figures)
+        self.journal.clear(m.model)
 
     def fail(self, m: Manifest, state: str, reason: str) -> None:
         log.warning("update of %s to %s %s: %s", m.model, m.version, state, reason)
@@ -328,22 +737,67 @@ class Agent:
         current = self.store.current(m.model)
         self.report(m, state, reason=reason, sha256=current.sha256 if current else None)
 
+    # -- API view --------------------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        names = {i.model for i in self.store.all_current()} | set(self.serving.slots)
+        for name in sorted(names):
+            inst = self.store.current(name)
+            prev = self.store.previous(name)
+            slot = self.serving.slots.get(name)
+            session = slot.session if slot else None
+            model = session.model if session else (slot.fallback if slot else None)
+            out.append({
+                "name": name,
+                "version": session.version if session else None,
+                "sha256": session.sha256 if session else None,
+                "format": inst.format if inst else None,
+                "previous": prev.version if prev else None,
+                "loaded": session is not None,
+                "fallback": slot.fallback_name if slot else None,
+                "in_trial": name in self.trials,
+                "swaps": slot.swaps if slot else 0,
+                "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
+                           for s in (model.inputs if model else ())],
+                "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
+                            for s in (model.outputs if model else ())],
+            })
+        return out
+
     # -- reporting -------------------------------------------------------------------------
     def report(self, m: Manifest, state: str, *, reason: str = "", sha256: str | None = None,
-               bytes_received: int = 0, chunks_reused: int = 0) -> None:
+               bytes_received: int = 0, chunks_reused: int = 0,
+               health: dict[str, int] | None = None) -> None:
         ev = Event(
-            event_id=uuid.uuid4().hex, device_id=self.cfg.device_id, manifest_id=m.manifest_id,
+            event_id=event_id(self.cfg.device_id, m.manifest_id, state),
+            device_id=self.cfg.device_id, manifest_id=m.manifest_id,
             rollout_id=m.rollout_id, model=m.model, version=m.version, state=state,
             reason=reason, sha256=sha256, bytes_received=bytes_received,
             chunks_total=len(m.artifact.chunks), chunks_reused=chunks_reused,
+            health={k: int(v) for k, v in (health or {}).items()},
         )
-        self.mqtt.publish(self.topics.events(self.cfg.device_id), encode(ev))
+        self.outbox.put(ev.event_id, self.topics.events(self.cfg.device_id), encode(ev))
 
-    def report_unverified(self, model: str, reason: str) -> None:
+    def report_unverified(self, model: str, reason: str, payload: bytes) -> None:
         current = self.store.current(model)
+        eid = hashlib.sha256(b"rejected|" + payload).hexdigest()[:32]
         ev = Event(
-            event_id=uuid.uuid4().hex, device_id=self.cfg.device_id, manifest_id=None,
+            event_id=eid, device_id=self.cfg.device_id, manifest_id=None,
             rollout_id=None, model=model, version="?", state="rejected", reason=reason,
             sha256=current.sha256 if current else None,
         )
-        self.mqtt.publish(self.topics.events(self.cfg.device_id), encode(ev))
+        self.outbox.put(ev.event_id, self.topics.events(self.cfg.device_id), encode(ev))
+
+
+def _freeze_heap() -> None:
+    """Move the long-lived objects (runtimes, models, modules) out of the collector's way, so
+    a full collection under request load takes ~1 ms instead of ~20 ms."""
+    gc.collect()
+    gc.freeze()
+
+
+def _batch(feeds: dict[str, Any]) -> int | None:
+    for v in feeds.values():
+        shape = getattr(v, "shape", ())
+        return int(shape[0]) if shape else None
+    return None

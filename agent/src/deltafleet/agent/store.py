@@ -80,7 +80,7 @@ class LocalStore:
         return self.models_dir / f"{sha256}.{EXTENSIONS[fmt]}"
 
     # -- mutations (each one durable) ------------------------------------------------------
-    def stage(self, sha256: str, fmt: str, data: bytes) -> Path:
+    def stage(self, sha256: str, fmt: str, data: bytes | bytearray) -> Path:
         """Write verified model bytes to their content address; idempotent."""
         path = self.model_path(sha256, fmt)
         if not path.exists():
@@ -97,6 +97,25 @@ class LocalStore:
         self._state["failed"].pop(new.model, None)
         self._write()
         self._collect_garbage()
+
+    def rollback(self, model: str, failed_manifest_id: str | None = None) -> InstalledModel | None:
+        """Make the previous model current again and forget the one that failed its trial."""
+        prev = self._state["previous"].pop(model, None)
+        if prev is None:  # a first install failed: nothing runs but the fallback
+            self._state["current"].pop(model, None)
+        else:
+            self._state["current"][model] = prev
+        if failed_manifest_id is not None:
+            self._state["failed"][model] = failed_manifest_id
+        self._write()
+        self._collect_garbage()
+        return InstalledModel(**prev) if prev else None
+
+    def clean_temp_files(self) -> None:
+        """Drop half-written temp files a crash left behind (never a complete model)."""
+        for d in (self.models_dir, self.root):
+            for f in d.glob(".*.tmp"):
+                f.unlink(missing_ok=True)
 
     def note_serial(self, serial: int) -> None:
         if serial > self.last_serial:

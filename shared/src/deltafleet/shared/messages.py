@@ -120,10 +120,28 @@ class Manifest:
     artifact: ArtifactRef
     trial_window_s: int = 0  # health window after the swap before the device reports healthy
     health_policy: dict[str, int] = field(default_factory=dict)  # e.g. max_error_rate_ppm
+    # Optional IO contract: {"inputs": [{"name", "dtype", "shape"}], "outputs": [...]}, shape
+    # entries are ints or null (dynamic). A model whose IO differs from the running one is
+    # refused unless ``allow_io_change``.
+    io_signature: dict[str, Any] | None = None
+    allow_io_change: bool = False
+    # Optional golden inputs for warm-up and trial probes: a list of {input name:
+    # {"dtype": "float32", "shape": [1, 64], "b64": base64 of the C-order bytes}}.
+    golden_inputs: tuple[dict[str, Any], ...] = ()
+
+    _OPTIONAL = ("io_signature", "allow_io_change", "golden_inputs")
 
     def to_wire(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "artifact"}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__
+             if k != "artifact" and k not in self._OPTIONAL}
         d["health_policy"] = dict(self.health_policy)
+        # Optional fields travel only when set, so older agents and signatures are unaffected.
+        if self.io_signature is not None:
+            d["io_signature"] = self.io_signature
+        if self.allow_io_change:
+            d["allow_io_change"] = True
+        if self.golden_inputs:
+            d["golden_inputs"] = list(self.golden_inputs)
         d["artifact"] = self.artifact.to_wire()
         d["v"] = WIRE_VERSION
         d["type"] = "manifest"
@@ -158,7 +176,39 @@ class Manifest:
             artifact=artifact,
             trial_window_s=_get(d, "trial_window_s", int, optional=True) or 0,
             health_policy=_int_map(d, "health_policy"),
+            io_signature=_io_signature(d),
+            allow_io_change=bool(_get(d, "allow_io_change", bool, optional=True)),
+            golden_inputs=_golden(d),
         )
+
+
+def _io_signature(d: dict[str, Any]) -> dict[str, Any] | None:
+    sig = _get(d, "io_signature", dict, optional=True)
+    if sig is None:
+        return None
+    for part in ("inputs", "outputs"):
+        specs = sig.get(part)
+        if not isinstance(specs, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str)
+            and isinstance(s.get("dtype"), str) and isinstance(s.get("shape"), list)
+            and all(x is None or (isinstance(x, int) and not isinstance(x, bool))
+                    for x in s["shape"])
+            for s in specs
+        ):
+            raise WireError(f"io_signature.{part} must list {{name, dtype, shape}} objects")
+    return sig
+
+
+def _golden(d: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    items = _get(d, "golden_inputs", list, optional=True) or []
+    for item in items:
+        if not isinstance(item, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("dtype"), str)
+            and isinstance(v.get("shape"), list) and isinstance(v.get("b64"), str)
+            for k, v in item.items()
+        ):
+            raise WireError("golden_inputs must be a list of {input: {dtype, shape, b64}}")
+    return tuple(items)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,133 @@
+"""The update journal: one durable record per model with an update in progress.
+
+``journal/<model>.json``::
+
+    {"step": ..., "manifest": <signed envelope, base64>, "manifest_id": ..., "target_sha256": ...,
+     "previous_sha256": <sha that ran before, or null>, "updated_at": unix s,
+     "trial": {"ends_at": unix s, "baseline_p95_us": int, "restarts": int} | absent,
+     "verdict": {"reason": str, "figures": {...}} | absent}
+
+Steps and legal transitions (each write is temp + fsync + rename + fsync dir)::
+
+    downloading -> patching -> staged -> activating -> trial -> committing -> (record removed)
+                                                          \\-> rolling_back -> (record removed)
+    any step before activating -> (record removed) on failure; the running model never changed
+
+The journal is written *before* the step's effect, so after a crash ``reconcile`` (pure) tells
+the agent what to do with what it finds on disk: resume the download / re-apply from verified
+bytes, (re)start the trial on the new model, finish a commit, or finish a rollback.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltafleet.shared import atomic_write_json
+
+STEPS = ("downloading", "patching", "staged", "activating", "trial", "committing",
+         "rolling_back")
+_NEXT = {
+    None: {"downloading", "staged"},
+    "downloading": {"downloading", "patching", "staged"},
+    "patching": {"patching", "staged"},
+    "staged": {"staged", "activating"},
+    "activating": {"activating", "trial", "rolling_back"},
+    "trial": {"trial", "committing", "rolling_back"},
+    "committing": {"committing"},
+    "rolling_back": {"rolling_back"},
+}
+
+
+class Journal:
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def _path(self, model: str) -> Path:
+        return self.dir / f"{model}.json"
+
+    def get(self, model: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._path(model).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # cannot happen with atomic writes; treat as no record
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for p in sorted(self.dir.glob("*.json")):
+            rec = self.get(p.stem)
+            if rec is not None:
+                out[p.stem] = rec
+        return out
+
+    def begin(self, model: str, step: str, raw_manifest: bytes, manifest_id: str,
+              target_sha256: str, previous_sha256: str | None) -> dict[str, Any]:
+        rec = {"step": step, "manifest": base64.b64encode(raw_manifest).decode(),
+               "manifest_id": manifest_id, "target_sha256": target_sha256,
+               "previous_sha256": previous_sha256, "updated_at": int(time.time())}
+        atomic_write_json(self._path(model), rec)
+        return rec
+
+    def advance(self, model: str, step: str, **extra: Any) -> dict[str, Any]:
+        rec = self.get(model)
+        if rec is None:
+            raise KeyError(f"no journal record for {model}")
+        if step not in _NEXT.get(rec["step"], set()):
+            raise ValueError(f"illegal journal transition {rec['step']} -> {step}")
+        rec.update(extra)
+        rec["step"] = step
+        rec["updated_at"] = int(time.time())
+        atomic_write_json(self._path(model), rec)
+        return rec
+
+    def clear(self, model: str) -> None:
+        self._path(model).unlink(missing_ok=True)
+
+
+def raw_manifest(rec: dict[str, Any]) -> bytes:
+    return base64.b64decode(rec["manifest"])
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    action: str  # "redo" | "resume_trial" | "finish_commit" | "finish_rollback" | "drop"
+    reason: str
+
+
+def reconcile(rec: dict[str, Any], current_sha256: str | None, target_on_disk: bool,
+              *, max_trial_restarts: int) -> Recovery:
+    """What to do after a restart with this journal record (pure).
+
+    ``current_sha256`` is what state.json says runs; ``target_on_disk`` whether the verified
+    target file is in the model store.
+    """
+    step, target = rec["step"], rec["target_sha256"]
+    if step in ("downloading", "patching", "staged"):
+        return Recovery("redo", f"interrupted at {step}: resume from verified bytes on disk")
+    if step == "activating":
+        if current_sha256 == target:
+            return Recovery("resume_trial", "activated before the crash: start the trial")
+        return Recovery("redo" if target_on_disk else "drop",
+                        "crashed before activation: the old model still runs")
+    if step == "trial":
+        if current_sha256 != target:
+            return Recovery("drop", "trial record but the new model is not current")
+        restarts = int(rec.get("trial", {}).get("restarts", 0)) + 1
+        if restarts > max_trial_restarts:
+            return Recovery("finish_rollback",
+                            f"agent restarted {restarts} times during the trial")
+        return Recovery("resume_trial", "restarted during the trial: continue it")
+    if step == "committing":
+        return Recovery("finish_commit", "crashed while committing")
+    if step == "rolling_back":
+        return Recovery("finish_rollback", rec.get("verdict", {}).get("reason", "rolling back"))
+    return Recovery("drop", f"unknown step {step!r}")
