@@ -16,8 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 from fleetlab import Lab, wait_for  # noqa: E402
 from modelgen import make_onnx_pair  # noqa: E402
+
+from deltafleet.agent.client import AgentClient  # noqa: E402
 
 DEVICES = {"jetson-1": "jetson", "jetson-2": "jetson", "rpi-1": "rpi"}
 
@@ -63,6 +66,12 @@ def main() -> int:
                 full_s = f"{t['full_bytes']:,}" if t else "-"
                 print(f"{device_id:<10} {hw:<7} {running['version']:<5} "
                       f"{running['sha256'][:12]:<14} {sent_s:>14} {full_s:>10}")
+            x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+            for device_id in DEVICES:
+                with AgentClient(port=lab.api_ports[device_id]) as client:
+                    answer = client.predict("detector", x)
+                print(f"{device_id}: local inference API answered with detector "
+                      f"{answer.version}{' (fallback)' if answer.fallback else ''}")
             ok = status["state"] == "completed" and lab.agent_status("rpi-1")[0]["version"] == "v1"
             print(f"\n{'OK' if ok else 'FAILED'}: demo finished in {time.monotonic() - t0:.1f} s")
             return 0 if ok else 1

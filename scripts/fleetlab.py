@@ -54,6 +54,7 @@ class Lab:
         self.root.mkdir(parents=True, exist_ok=True)
         self.home = self.root / "server-home"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.api_ports: dict[str, int] = {}
         self.mqtt_url = mqtt_url
         self.env = dict(os.environ)
         self.env["FLEET_HOME"] = str(self.home)
@@ -66,7 +67,8 @@ class Lab:
             self.env["FLEET_MQTT_URL"] = mqtt_url
 
     # -- processes -------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, argv: list[str],
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env or self.env,
                                 start_new_session=True)
@@ -109,9 +111,10 @@ class Lab:
                     trusted_key: Path | None = None) -> subprocess.Popen[bytes]:
         assert self.mqtt_url, "start or name a broker first"
         key = trusted_key or self.home / "keys" / "signing.pub"
+        self.api_ports[device_id] = free_port()  # each agent serves its local API on its own port
         argv = [str(BIN / "fleet-agent"), "run", "--device-id", device_id,
                 "--broker", self.mqtt_url, "--state-dir", str(self.agent_dir(device_id)),
-                "--trusted-key", str(key)]
+                "--trusted-key", str(key), "--api-port", str(self.api_ports[device_id])]
         for k, v in labels.items():
             argv += ["--label", f"{k}={v}"]
         env = dict(self.env)
@@ -136,7 +139,8 @@ class Lab:
             self.stop(name)
 
     # -- fleetctl / fleet-agent ------------------------------------------------------------
-    def fleetctl(self, *args: str, check: bool = True, echo: bool = False) -> subprocess.CompletedProcess[str]:
+    def fleetctl(self, *args: str, check: bool = True,
+                 echo: bool = False) -> subprocess.CompletedProcess[str]:
         if echo:
             print(f"$ fleetctl {' '.join(args)}", flush=True)
         res = subprocess.run([str(BIN / "fleetctl"), *args], env=self.env, text=True,

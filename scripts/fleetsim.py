@@ -126,7 +126,7 @@ class SimDevice:
     def _loop(self, client: MqttClient) -> None:
         while not self._stop.is_set():
             try:
-                topic, payload = client.inbox.get(timeout=0.05)
+                topic, payload = client.inbox.get(timeout=0.25)
             except queue.Empty:
                 topic, payload = "", b""
             try:
