@@ -198,6 +198,14 @@ def upgrade() -> None:
         sa.UniqueConstraint("rollout_id", "device_id", name="uq_rollout_targets_rollout_id"),
     )
     op.create_table(
+        "device_events",
+        sa.Column("event_id", sa.String(64), nullable=False),
+        sa.Column("device_id", sa.String(64), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        _ts("at"),
+        sa.PrimaryKeyConstraint("event_id", name="pk_device_events"),
+    )
+    op.create_table(
         "audit_log",
         sa.Column("id", sa.Integer(), nullable=False),
         _ts("at"),
@@ -212,6 +220,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     for table in (
         "audit_log",
+        "device_events",
         "rollout_targets",
         "rollouts",
         "deltas",

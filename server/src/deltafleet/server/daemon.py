@@ -20,10 +20,13 @@ import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from deltafleet.shared import (
     ChunkRequest,
@@ -46,7 +49,7 @@ from .enroll import revoked_devices
 from .hostile import DeviceMessageGuard
 from .keys import online_signing_key, trust_publications
 from .store import BlobStore, Store
-from .store.models import Artifact, Delta
+from .store.models import Artifact, Delta, DeviceEvent
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,8 @@ CHUNK_WINDOW_S = 0.05  # gather repair requests this long before answering
 FIRST_WINDOW_S = 0.5  # ... and this long for the first request of an artifact
 REPUBLISH_AFTER_S = 1.0  # never publish the same chunk twice within this interval
 RECONCILE_EVERY_S = 0.5
-SEEN_EVENTS_MAX = 100_000
+EVENT_IDS_KEPT_S = 7 * 86400  # how long applied event ids are remembered
+PERSISTENT_SESSION_S = 7 * 86400
 BATCH_MAX = 500  # device messages applied in one transaction
 INBOX_UNACKED = 1000  # backpressure: QoS 1 messages the broker may have outstanding to us
 
@@ -108,14 +112,19 @@ class FleetServer:
         self._chunk_totals: dict[str, int] = {}
         self._pending_chunks: dict[str, set[int]] = defaultdict(set)
         self._chunk_deadline: float | None = None
-        self._seen_events: OrderedDict[str, None] = OrderedDict()
         self._published_at: dict[tuple[str, int], float] = {}
+        self._next_prune = 0.0
         self._buckets: dict[str, TokenBucket] = {}
         self._revoked_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
         self.guard = DeviceMessageGuard(is_denied=self._is_revoked)
-        settings = mqtt_settings(cfg, f"fleet-server-{uuid.uuid4().hex[:8]}",
+        # FLEET_SERVER_ID (one per replica, stable across restarts) turns on a persistent
+        # session: the broker queues device events for us while this replica is down.
+        server_id = os.environ.get("FLEET_SERVER_ID")
+        settings = mqtt_settings(cfg, server_id or f"fleet-server-{uuid.uuid4().hex[:8]}",
                                  Will(self.topics.server_status(), b"offline", retain=True))
-        self.mqtt = MqttClient(dataclasses.replace(settings, max_unacked=INBOX_UNACKED))
+        self.mqtt = MqttClient(dataclasses.replace(
+            settings, max_unacked=INBOX_UNACKED,
+            session_expiry_s=PERSISTENT_SESSION_S if server_id else None))
         # With FLEET_SHARE_GROUP set, replicas share device traffic: the broker hands each
         # message to one member of the shared subscription ($share works on MQTT 5 and, with
         # Mosquitto 2, on 3.1.1 too).
@@ -201,11 +210,7 @@ class FleetServer:
                     status = self._mine(device_id, decode(Status, payload))
                     presence[device_id] = status.online
                 elif leaf == "events":
-                    ev = self._mine(device_id, decode(Event, payload))
-                    if ev.event_id in self._seen_events:
-                        self.stats.duplicate_events += 1
-                    else:
-                        events.append(ev)
+                    events.append(self._mine(device_id, decode(Event, payload)))
                 elif leaf == "chunkreq":
                     self.on_chunk_request(device_id, self._mine(device_id,
                                                                 decode(ChunkRequest, payload)))
@@ -219,6 +224,7 @@ class FleetServer:
             return
         now = utcnow()
         with self.store.session() as s:
+            events = self._first_delivery(s, events, now)
             resend = self.controller.on_hellos(s, hellos, now)
             # a hello also says "online"; a later status in the same batch may say otherwise
             registry.set_devices_presence(
@@ -226,11 +232,24 @@ class FleetServer:
                     or not o}, now)
             for ev in events:
                 self.controller.on_event(s, ev, now)
-        for ev in events:
-            self._seen_events[ev.event_id] = None
-        while len(self._seen_events) > SEEN_EVENTS_MAX:
-            self._seen_events.popitem(last=False)
         self.publish(resend)
+
+    def _first_delivery(self, s: Session, events: list[Event], now: datetime) -> list[Event]:
+        """Drop events already applied (by event_id, durable in device_events) and record
+        the others in the same transaction that applies them."""
+        if not events:
+            return []
+        ids = {ev.event_id for ev in events}
+        seen = set(s.scalars(select(DeviceEvent.event_id).where(DeviceEvent.event_id.in_(ids))))
+        fresh: dict[str, Event] = {}
+        for ev in events:
+            if ev.event_id in seen or ev.event_id in fresh:
+                self.stats.duplicate_events += 1
+            else:
+                fresh[ev.event_id] = ev
+        s.add_all(DeviceEvent(event_id=ev.event_id[:64], device_id=ev.device_id,
+                              state=ev.state, at=now) for ev in fresh.values())
+        return list(fresh.values())
 
     def _is_revoked(self, device_id: str) -> bool:
         """Server-side deny list (`fleetctl device revoke`), re-read at most every 5 s."""
@@ -289,6 +308,11 @@ class FleetServer:
     def reconcile(self) -> None:
         try:
             self._store_finished_deltas()
+            if time.monotonic() >= self._next_prune:
+                with self.store.session() as s:
+                    s.execute(delete(DeviceEvent).where(
+                        DeviceEvent.at < utcnow() - timedelta(seconds=EVENT_IDS_KEPT_S)))
+                self._next_prune = time.monotonic() + 3600
             with self.store.session() as s:
                 publishes, servable = self.controller.reconcile(s, utcnow())
             self._servable = set(servable)

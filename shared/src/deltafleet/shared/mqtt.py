@@ -70,6 +70,9 @@ class MqttSettings:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 10.0
     max_unacked: int | None = None  # manual acks + Receive Maximum (see module doc)
+    # Persistent session: the broker keeps our subscriptions and queues QoS 1 messages while we
+    # are away (needs a stable client_id). None = clean session.
+    session_expiry_s: int | None = None
 
     def endpoint(self) -> tuple[str, int, bool]:
         u = urlparse(self.url)
@@ -101,7 +104,8 @@ class MqttClient:
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            clean_session=None if v5 else True,  # v5 sets clean_start on connect instead
+            # v5 sets clean_start on connect instead
+            clean_session=None if v5 else s.session_expiry_s is None,
         )
         if s.username:
             c.username_pw_set(s.username, s.password)
@@ -126,12 +130,14 @@ class MqttClient:
         host, port, _ = self.settings.endpoint()
         try:
             if self.protocol_in_use == "5":
-                props = None
+                props = Properties(PacketTypes.CONNECT)
                 if self.settings.max_unacked:
-                    props = Properties(PacketTypes.CONNECT)
                     props.ReceiveMaximum = self.settings.max_unacked
+                if self.settings.session_expiry_s:
+                    props.SessionExpiryInterval = self.settings.session_expiry_s
                 self._client.connect_async(host, port, self.settings.keepalive_s,
-                                           clean_start=True, properties=props)
+                                           clean_start=self.settings.session_expiry_s is None,
+                                           properties=props)
             else:
                 self._client.connect_async(host, port, self.settings.keepalive_s)
         except (OSError, ValueError) as e:

@@ -259,6 +259,18 @@ class RolloutTarget(Base):
     rollout: Mapped[Rollout] = relationship(back_populates="targets", lazy="raise")
 
 
+class DeviceEvent(Base):
+    """Events already applied, by the id the agent gave them: agents deliver at least once
+    (on-disk outbox), the server applies each event once, across restarts and replicas."""
+
+    __tablename__ = "device_events"
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class AuditEntry(Base):
     __tablename__ = "audit_log"
 
