@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,18 @@ def build_best_delta(
                       tuple(choice.attempts))
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: a worker must not outlive a server that was killed (SIGKILL leaves
+    no chance to shut the pool down)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 class DeltaBuilder:
     """Submits builds to a process pool and hands back the finished ones (one per pair)."""
 
@@ -78,7 +92,8 @@ class DeltaBuilder:
         self.memory_budget_bytes = memory_budget_bytes
         self.time_budget_s = time_budget_s
         self._pool = cf.ProcessPoolExecutor(
-            max_workers=max_workers, mp_context=multiprocessing.get_context("spawn")
+            max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_exit_with_parent, initargs=(os.getpid(),),
         )
         self._futures: dict[tuple[str, str], cf.Future[BuiltDelta]] = {}
         self.failed: dict[tuple[str, str], str] = {}
