@@ -111,7 +111,9 @@ class Lab:
                     trusted_key: Path | None = None) -> subprocess.Popen[bytes]:
         assert self.mqtt_url, "start or name a broker first"
         key = trusted_key or self.home / "keys" / "signing.pub"
-        self.api_ports[device_id] = free_port()  # each agent serves its local API on its own port
+        # each agent serves its local API on its own port (a test may choose it)
+        self.api_ports[device_id] = int((extra_env or {}).get("FLEET_AGENT_API_PORT")
+                                        or free_port())
         argv = [str(BIN / "fleet-agent"), "run", "--device-id", device_id,
                 "--broker", self.mqtt_url, "--state-dir", str(self.agent_dir(device_id)),
                 "--trusted-key", str(key), "--api-port", str(self.api_ports[device_id])]

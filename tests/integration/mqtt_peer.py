@@ -37,10 +37,13 @@ class Peer:
         self.events: list[Event] = []
         self.requests: list[tuple[str, int]] = []  # (artifact sha, index) in arrival order
         self.artifacts: dict[str, Path] = {}
+        self.signed: dict[str, bytes] = {}  # manifest_id -> the signed bytes published
+        self.statuses: list[tuple[str, bytes]] = []  # (topic, payload) of device status
         self.tamper: Callable[[int, bytes], bytes | None] = lambda i, d: None
         self.client = MqttClient(MqttSettings(broker_url, f"test-peer-{uuid.uuid4().hex[:6]}"))
         self.client.subscribe(self.topics.all_devices("events"))
         self.client.subscribe(self.topics.all_devices("chunkreq"))
+        self.client.subscribe(self.topics.all_devices("status"))
         self.client.start()
         self.client.wait_connected(10)
         self._stop = threading.Event()
@@ -58,7 +61,9 @@ class Peer:
                 topic, payload = self.client.inbox.get(timeout=0.1)
             except Exception:  # noqa: BLE001 - queue.Empty
                 continue
-            if topic.endswith("/events"):
+            if topic.endswith("/status"):
+                self.statuses.append((topic, payload))
+            elif topic.endswith("/events"):
                 self.events.append(decode(Event, payload))
             elif topic.endswith("/chunkreq"):
                 req = decode(ChunkRequest, payload)
@@ -74,16 +79,20 @@ class Peer:
 
     def offer(self, device_id: str, model: str, version: str, target: Path, *,
               serial: int, artifact: Path | None = None, base_sha256: str | None = None,
-              key: SigningKey | None = None, **fields: Any) -> Manifest:
+              key: SigningKey | None = None, expires_at: int | None = None,
+              publish_to: str | None = None, **fields: Any) -> Manifest:
         """Publish a retained signed manifest; ``artifact`` (a bsdiff delta) defaults to the
         full target. ``fields`` sets further manifest fields (trial_window_s, health_policy,
-        io_signature, allow_io_change, golden_inputs)."""
+        io_signature, allow_io_change, golden_inputs, hardware_id). ``publish_to`` puts it on
+        another device's topic (a manifest for the wrong device)."""
         art = artifact or target
         sha = sha256_file(art)
         self.artifacts[sha] = art
         manifest = Manifest(
             manifest_id=uuid.uuid4().hex, device_id=device_id, serial=serial,
-            issued_at=int(time.time()), expires_at=int(time.time()) + 3600, rollout_id=None,
+            issued_at=int(time.time()),
+            expires_at=int(time.time()) + 3600 if expires_at is None else expires_at,
+            rollout_id=None,
             model=model, version=version, variant="default", format="onnx",
             target_sha256=sha256_file(target), target_size_bytes=target.stat().st_size,
             base_sha256=base_sha256,
@@ -93,8 +102,19 @@ class Peer:
             **fields,
         )
         signed = (key or self.key).sign_bytes(manifest.to_wire())
-        self.client.publish_wait(self.topics.desired(device_id, model), signed, retain=True)
+        self.signed[manifest.manifest_id] = signed
+        self.publish_manifest(publish_to or device_id, model, signed)
         return manifest
+
+    def publish_manifest(self, device_id: str, model: str, payload: bytes) -> None:
+        """Publish raw bytes as the retained desired state (replays, tampered envelopes)."""
+        self.client.publish_wait(self.topics.desired(device_id, model), payload, retain=True)
+
+    def publish_trust(self, bundle: bytes) -> None:
+        """Publish a trust bundle (root chain + key list) on the retained trust topic."""
+        from deltafleet.shared import trust_topic
+
+        self.client.publish_wait(trust_topic(self.topics.prefix), bundle, retain=True)
 
     def device_events(self, device_id: str) -> list[Event]:
         return [e for e in list(self.events) if e.device_id == device_id]

@@ -90,7 +90,7 @@ def mutated(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
             d.pop(draw(st.sampled_from(sorted(d))))
         elif action == "set" and d:
             d[draw(st.sampled_from(sorted(d)))] = draw(JSON)
-        elif action == "nested" and isinstance(d.get("artifact"), dict):
+        elif action == "nested" and isinstance(d.get("artifact"), dict) and d["artifact"]:
             art = d["artifact"]
             art[draw(st.sampled_from(sorted(art)))] = draw(JSON)
         else:

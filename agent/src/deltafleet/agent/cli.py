@@ -27,7 +27,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--state-dir", type=Path, help="state directory (FLEET_AGENT_STATE_DIR)")
     run.add_argument("--broker", dest="broker_url", help="mqtt://host:port (FLEET_AGENT_BROKER_URL)")
     run.add_argument("--trusted-key", dest="trusted_keys", action="append", type=Path,
-                     help="server signing public key to pin (repeatable)")
+                     help="legacy: server signing public key to pin (repeatable)")
+    run.add_argument("--root-of-trust", type=Path,
+                     help="root.json to pin at first start (FLEET_AGENT_ROOT_OF_TRUST)")
+    run.add_argument("--trust-bundle", type=Path,
+                     help="trust.json key list from enrollment (FLEET_AGENT_TRUST_BUNDLE)")
+    run.add_argument("--mqtt-ca-file", type=Path, help="CA certificate for mqtts://")
+    run.add_argument("--mqtt-cert-file", type=Path, help="client certificate for mqtts://")
+    run.add_argument("--mqtt-key-file", type=Path, help="client key for mqtts://")
     run.add_argument("--label", dest="labels", action="append", default=[],
                      help="KEY=VALUE label (repeatable)")
     run.add_argument("--accelerator", help="accelerator name reported in the profile")
@@ -50,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             broker_url=args.broker_url, trusted_keys=args.trusted_keys,
             labels=parse_labels(args.labels) if args.labels else None,
             accelerator=args.accelerator, api_port=args.api_port,
+            root_of_trust=args.root_of_trust, trust_bundle=args.trust_bundle,
+            mqtt_ca_file=args.mqtt_ca_file, mqtt_cert_file=args.mqtt_cert_file,
+            mqtt_key_file=args.mqtt_key_file,
         )
         from .daemon import Agent
 

@@ -5,8 +5,16 @@ Example ``/etc/deltafleet/agent.toml``::
     device_id = "jetson-001"
     broker_url = "mqtt://fleet.example.com:1883"
     state_dir = "/var/lib/deltafleet"
-    trusted_keys = ["/etc/deltafleet/signing.pub"]
     accelerator = "cuda"
+    # Enrollment bundle (``fleetctl device enroll``): TLS identity and the root of trust.
+    broker_url = "mqtts://fleet.example.com:8883"
+    mqtt_ca_file = "/etc/deltafleet/ca.crt"
+    mqtt_cert_file = "/etc/deltafleet/client.crt"
+    mqtt_key_file = "/etc/deltafleet/client.key"
+    root_of_trust = "/etc/deltafleet/root.json"     # pinned at first start
+    trust_bundle = "/etc/deltafleet/trust.json"     # key list at enrollment
+    # Legacy / simple mode instead of root_of_trust: pin the online key itself.
+    # trusted_keys = ["/etc/deltafleet/signing.pub"]
     [labels]
     site = "berlin"
     hw = "jetson"
@@ -18,7 +26,9 @@ Example ``/etc/deltafleet/agent.toml``::
 Environment variables override the file: FLEET_AGENT_DEVICE_ID, FLEET_AGENT_BROKER_URL,
 FLEET_AGENT_STATE_DIR, FLEET_AGENT_TRUSTED_KEYS (comma-separated paths), FLEET_AGENT_LABELS
 (``k=v,k=v``), FLEET_AGENT_ACCELERATOR, FLEET_AGENT_HARDWARE_ID, FLEET_TOPIC_PREFIX,
-FLEET_AGENT_API_PORT, FLEET_AGENT_SWAP_MODE, FLEET_AGENT_FALLBACK (``model=path,...``).
+FLEET_AGENT_API_PORT, FLEET_AGENT_SWAP_MODE, FLEET_AGENT_FALLBACK (``model=path,...``),
+FLEET_AGENT_MQTT_CA_FILE, FLEET_AGENT_MQTT_CERT_FILE, FLEET_AGENT_MQTT_KEY_FILE,
+FLEET_AGENT_ROOT_OF_TRUST, FLEET_AGENT_TRUST_BUNDLE, FLEET_AGENT_HEARTBEAT_S.
 See docs/agent.md for every key.
 """
 
@@ -40,16 +50,28 @@ class AgentConfig:
     device_id: str
     broker_url: str = "mqtt://127.0.0.1:1883"
     state_dir: Path = Path("/var/lib/deltafleet")
-    trusted_keys: tuple[Path, ...] = ()
+    trusted_keys: tuple[Path, ...] = ()  # legacy: pinned online keys (no rotation)
+    # Root of trust (TUF-style): root.json pinned at first start, trust.json the key list.
+    root_of_trust: Path | None = None
+    trust_bundle: Path | None = None
+    # TLS identity for mqtts:// (the enrollment bundle's ca.crt, client.crt, client.key).
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
     labels: dict[str, str] = field(default_factory=dict)
     accelerator: str = "none"
     hardware_id: str | None = None
     topic_prefix: str = DEFAULT_PREFIX
     mqtt_protocol: str = "auto"
     keepalive_s: int = 30
+    heartbeat_s: float = 30.0  # re-publish the retained online status this often; 0 = off
     chunk_retry_s: float = 3.0  # re-request missing chunks after this long without progress
     download_timeout_s: float = 600.0
     max_artifact_bytes: int = 4 << 30
+    # bspatch runs in a child process with this address-space cap (default: half the
+    # machine's memory) and wall-clock timeout.
+    patch_memory_bytes: int | None = None
+    patch_timeout_s: float = 600.0
     # Local inference API (HTTP on api_host:api_port; api_port = 0 disables it).
     api_host: str = "127.0.0.1"
     api_port: int = 8470
@@ -84,11 +106,22 @@ class AgentConfig:
         for name, path in self.fallback_models.items():
             if not Path(path).is_file():
                 raise ConfigError(f"fallback model for {name}: {path} does not exist")
-        if not self.trusted_keys:
-            raise ConfigError("no trusted key: set trusted_keys (the server's signing.pub)")
-        for k in self.trusted_keys:
-            if not Path(k).is_file():
-                raise ConfigError(f"trusted key file {k} does not exist")
+        if self.root_of_trust is not None and self.trusted_keys:
+            raise ConfigError("set either root_of_trust (enrollment) or trusted_keys (legacy "
+                              "pinned online key), not both")
+        if self.root_of_trust is None and not self.trusted_keys:
+            raise ConfigError("no root of trust: set root_of_trust (root.json from `fleetctl "
+                              "device enroll`) or trusted_keys (the server's signing.pub)")
+        for what, f in [("trusted key file", k) for k in self.trusted_keys] + [
+                ("root_of_trust", self.root_of_trust), ("trust_bundle", self.trust_bundle),
+                ("mqtt_ca_file", self.mqtt_ca_file), ("mqtt_cert_file", self.mqtt_cert_file),
+                ("mqtt_key_file", self.mqtt_key_file)]:
+            if f is not None and not Path(f).is_file():
+                raise ConfigError(f"{what} {f} does not exist")
+        if (self.mqtt_cert_file is None) != (self.mqtt_key_file is None):
+            raise ConfigError("mqtt_cert_file and mqtt_key_file go together")
+        if self.heartbeat_s < 0 or self.patch_timeout_s <= 0:
+            raise ConfigError("heartbeat_s must be >= 0 and patch_timeout_s > 0")
         return self
 
 
@@ -121,6 +154,11 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
         ("accelerator", "FLEET_AGENT_ACCELERATOR"),
         ("hardware_id", "FLEET_AGENT_HARDWARE_ID"),
         ("topic_prefix", "FLEET_TOPIC_PREFIX"),
+        ("mqtt_ca_file", "FLEET_AGENT_MQTT_CA_FILE"),
+        ("mqtt_cert_file", "FLEET_AGENT_MQTT_CERT_FILE"),
+        ("mqtt_key_file", "FLEET_AGENT_MQTT_KEY_FILE"),
+        ("root_of_trust", "FLEET_AGENT_ROOT_OF_TRUST"),
+        ("trust_bundle", "FLEET_AGENT_TRUST_BUNDLE"),
     ]:
         if env.get(var):
             values[key] = env[var]
@@ -131,6 +169,11 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
             values["api_port"] = int(env["FLEET_AGENT_API_PORT"])
         except ValueError as e:
             raise ConfigError("FLEET_AGENT_API_PORT must be an integer") from e
+    if env.get("FLEET_AGENT_HEARTBEAT_S"):
+        try:
+            values["heartbeat_s"] = float(env["FLEET_AGENT_HEARTBEAT_S"])
+        except ValueError as e:
+            raise ConfigError("FLEET_AGENT_HEARTBEAT_S must be a number of seconds") from e
     if env.get("FLEET_AGENT_SWAP_MODE"):
         values["swap_mode"] = env["FLEET_AGENT_SWAP_MODE"]
     if env.get("FLEET_AGENT_FALLBACK"):
@@ -150,6 +193,10 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
         values["labels"] = parse_labels(values["labels"])
     values["state_dir"] = Path(values.get("state_dir", "/var/lib/deltafleet"))
     values["trusted_keys"] = tuple(Path(p) for p in values.get("trusted_keys", ()))
+    for key in ("root_of_trust", "trust_bundle", "mqtt_ca_file", "mqtt_cert_file",
+                "mqtt_key_file"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
     try:
         cfg = AgentConfig(**values)
     except TypeError as e:

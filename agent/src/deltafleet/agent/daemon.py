@@ -15,6 +15,11 @@ they survive broker outages and restarts and the server can apply each one once.
 restart the journal is reconciled before anything else: a half-done update resumes, finishes
 its commit, or finishes its rollback by itself.
 
+Trust: with ``root_of_trust`` the agent follows ``{prefix}/trust/keys`` (see ``trust``); a
+manifest refused for its signature is kept and checked again after the next accepted trust
+update, so a rotation and a manifest signed by the new key may arrive in either order. The
+retained online status is re-published every ``heartbeat_s`` (the server's last_seen).
+
 Fault injection for tests: FLEET_AGENT_CRASH_AT=<download|patch|stage|activate|trial|commit|
 rollback> SIGKILLs the agent at that step; FLEET_AGENT_CRASH_AFTER_CHUNKS=N after N chunks.
 """
@@ -38,19 +43,22 @@ from typing import Any
 
 from deltafleet.shared import (
     ChunkRequest,
+    DeltafleetError,
     Event,
     Hello,
     Manifest,
     Status,
     Topics,
     encode,
-    load_public_key,
+    parse_json_object,
     sha256_file,
+    trust_topic,
 )
+from deltafleet.shared.messages import MAX_HARDWARE_ID_CHARS
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, MqttSettings, Will
 
 from .config import AgentConfig
-from .errors import AgentError, ModelRuntimeError, UpdateRejected
+from .errors import AgentError, ModelRuntimeError, SignatureRejected, UpdateRejected
 from .journal import Journal, Recovery, raw_manifest, reconcile
 from .outbox import Outbox
 from .runtime import LoadedModel, available_runtimes, load_model
@@ -65,7 +73,15 @@ from .serving import (
 )
 from .store import InstalledModel, LocalStore
 from .trial import HealthPolicy, Verdict, evaluate, p95
-from .update import ChunkSet, apply_artifact, check_base, verify_manifest
+from .trust import RootTrust, open_trust
+from .update import (
+    MAX_MANIFEST_BYTES,
+    ChunkSet,
+    apply_artifact,
+    check_base,
+    check_disk,
+    verify_manifest,
+)
 
 log = logging.getLogger(__name__)
 TICK_S = 0.1
@@ -81,14 +97,21 @@ def agent_version() -> str:
         return "0+unknown"
 
 
-def device_profile(cfg: AgentConfig) -> dict:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+def hardware_id(cfg: AgentConfig) -> str | None:
+    """``cfg.hardware_id`` or /etc/machine-id, as reported in the hello and bound in manifests
+    (at most the characters the server stores)."""
     hw = cfg.hardware_id
     if hw is None:
         try:
             hw = open("/etc/machine-id").read().strip() or None  # noqa: SIM115
         except OSError:
             hw = None
+    return hw[:MAX_HARDWARE_ID_CHARS] if hw else None
+
+
+def device_profile(cfg: AgentConfig) -> dict:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    hw = hardware_id(cfg)
     return {
         "arch": platform.machine(),
         "os": f"{platform.system()} {platform.release()}",
@@ -154,14 +177,18 @@ class Agent:
         self.topics = Topics(cfg.topic_prefix)
         self.store = LocalStore(cfg.state_dir)
         self.journal = Journal(Path(cfg.state_dir) / "journal")
-        self.trusted = [load_public_key(p) for p in cfg.trusted_keys]
+        self.trust = open_trust(cfg, int(time.time()))
+        self.hardware_id = hardware_id(cfg)
+        self.unverified: dict[str, bytes] = {}  # by model: refused for its signature; retried
+        self.recovering: set[str] = set()  # manifest ids of journal records being recovered
+        self._last_heartbeat = 0.0
         self.serving = Serving(results_size=cfg.results_cache_size,
                                hold_timeout_s=cfg.hold_timeout_s)
         self.defaults = HealthPolicy(cfg.trial_max_error_rate_ppm, cfg.trial_max_p95_ratio_pct,
                                      cfg.trial_min_requests, cfg.trial_p95_slack_us)
         self.downloads: dict[str, ActiveDownload] = {}  # by model name
         self.trials: dict[str, Trial] = {}  # by model name
-        self.pending: dict[str, bytes] = {}  # manifests that arrived during a trial
+        self.pending: dict[str, tuple[str, bytes]] = {}  # (id, manifest) arriving in a trial
         self.stop_event = threading.Event()
         self._crash_after = int(os.environ.get("FLEET_AGENT_CRASH_AFTER_CHUNKS", "0") or 0)
         self._crash_at = os.environ.get("FLEET_AGENT_CRASH_AT", "")
@@ -173,6 +200,9 @@ class Agent:
             keepalive_s=cfg.keepalive_s,
             protocol=cfg.mqtt_protocol,
             will=Will(self.topics.status(cfg.device_id), offline, retain=True),
+            ca_file=str(cfg.mqtt_ca_file) if cfg.mqtt_ca_file else None,
+            cert_file=str(cfg.mqtt_cert_file) if cfg.mqtt_cert_file else None,
+            key_file=str(cfg.mqtt_key_file) if cfg.mqtt_key_file else None,
         ))
         self.outbox = Outbox(Path(cfg.state_dir) / "outbox", _MqttPublisher(self.mqtt),
                              base_backoff_s=cfg.outbox_backoff_min_s,
@@ -228,6 +258,8 @@ class Agent:
         self.recover(plans)
         _freeze_heap()
         self._start_api()
+        if isinstance(self.trust, RootTrust):  # before desired/: keys first where possible
+            self.mqtt.subscribe(trust_topic(self.topics.prefix))
         self.mqtt.subscribe(self.topics.desired_filter(self.cfg.device_id))
         self.mqtt.subscribe(self.topics.server_status())
         self.mqtt.start()
@@ -292,9 +324,9 @@ class Agent:
         plans = []
         for model, rec in self.journal.all().items():
             current = self.store.current(model)
-            try:  # our own journal of a manifest verified before; expiry no longer matters
-                m = verify_manifest(raw_manifest(rec), self.trusted, device_id=self.cfg.device_id,
-                                    now=0, max_artifact_bytes=self.cfg.max_artifact_bytes)
+            try:  # our own journal of a manifest accepted before: expiry and serial are done
+                m = verify_manifest(raw_manifest(rec), self.trust, device_id=self.cfg.device_id,
+                                    hardware_id=self.hardware_id, check_expiry=False)
             except UpdateRejected as e:
                 log.error("journal of %s holds an unusable manifest (%s); dropping it", model, e)
                 self.journal.clear(model)
@@ -314,6 +346,7 @@ class Agent:
                         "reason": decision.reason, "figures": {}})
                 if current is not None and current.sha256 == m.target_sha256:
                     self.store.rollback(model, m.manifest_id)  # never load the failed model
+            self.recovering.add(m.manifest_id)
             plans.append((m, rec, decision))
         return plans
 
@@ -349,6 +382,7 @@ class Agent:
                 self._roll_back(m, Verdict(False, verdict["reason"], verdict.get("figures", {})))
             else:
                 self.journal.clear(model)
+        self.recovering.clear()
 
     # -- message handling ------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
@@ -356,6 +390,8 @@ class Agent:
             self.on_connected()
         elif topic == DISCONNECTED:
             log.warning("disconnected from broker; paho reconnects, reports wait in the outbox")
+        elif topic == trust_topic(self.topics.prefix) and isinstance(self.trust, RootTrust):
+            self.on_trust(payload)
         elif topic == self.topics.server_status():
             if payload == b"online":
                 self.send_hello()  # a (re)started server has not heard our hello yet
@@ -367,9 +403,26 @@ class Agent:
             if payload:
                 self.on_manifest(model, payload)
 
-    def on_connected(self) -> None:
+    def on_trust(self, payload: bytes) -> None:
+        """A trust bundle (root chain + key list): apply, persist, re-check held manifests."""
+        assert isinstance(self.trust, RootTrust)
+        try:
+            changed = self.trust.apply(payload, int(time.time()))
+        except UpdateRejected as e:
+            log.error("%s; keeping root v%d", e, self.trust.store.root.version)
+            return
+        if changed:
+            for model, held in list(self.unverified.items()):
+                del self.unverified[model]
+                self.on_manifest(model, held)
+
+    def publish_status(self) -> None:
         did = self.cfg.device_id
         self.mqtt.publish(self.topics.status(did), encode(Status(did, True)), retain=True)
+        self._last_heartbeat = time.monotonic()
+
+    def on_connected(self) -> None:
+        self.publish_status()
         self.send_hello()
         self.outbox.wake()
         for dl in self.downloads.values():
@@ -386,20 +439,49 @@ class Agent:
         )
         self.mqtt.publish(self.topics.hello(did), encode(hello))
 
+    def known_manifest_ids(self, model: str) -> set[str]:
+        """The manifests of ``model`` this device holds right now (running, failed, being
+        downloaded, in trial, waiting for a trial, in recovery): seeing one again is a
+        re-delivery, not a replay. A manifest superseded by a newer one is not in here."""
+        ids = set(self.recovering)
+        current = self.store.current(model)
+        ids.add(current.manifest_id if current is not None else None)
+        ids.add(self.store.failed_manifest(model))
+        if model in self.downloads:
+            ids.add(self.downloads[model].manifest.manifest_id)
+        if model in self.trials:
+            ids.add(self.trials[model].manifest.manifest_id)
+        if model in self.pending:
+            ids.add(self.pending[model][0])
+        ids.discard(None)
+        return ids  # type: ignore[return-value]
+
     def on_manifest(self, model: str, payload: bytes) -> None:
+        """Verify (update.verify_manifest, steps 1-5), then act; see update for the order."""
         try:
-            manifest = verify_manifest(payload, self.trusted, device_id=self.cfg.device_id,
-                                       max_artifact_bytes=self.cfg.max_artifact_bytes)
+            manifest = verify_manifest(
+                payload, self.trust, device_id=self.cfg.device_id,
+                hardware_id=self.hardware_id, last_serial=self.store.last_serial_of(model),
+                known_ids=self.known_manifest_ids(model))
             if manifest.model != model:
                 raise UpdateRejected(f"manifest for {manifest.model} arrived on topic of {model}")
         except UpdateRejected as e:
+            if isinstance(e, SignatureRejected) and isinstance(self.trust, RootTrust):
+                self.unverified[model] = payload  # maybe signed by a key not yet received
+            if _claimed_manifest_id(payload) in self.known_manifest_ids(model):
+                # The manifest already accepted, re-delivered (retained) after it expired or
+                # its key was rotated out: nothing to do and nothing new to report.
+                log.info("ignoring re-delivered manifest for %s: %s", model, e)
+                return
             log.warning("rejected manifest for %s: %s", model, e)
             self.report_unverified(model, str(e), payload)
             return
+        self.unverified.pop(model, None)
+        self.store.note_serial(model, manifest.serial)  # no-op for a re-delivery
         trial = self.trials.get(model)
         if trial is not None:
             if trial.manifest.manifest_id != manifest.manifest_id:
-                self.pending[model] = payload  # judged after the running trial ends
+                self.pending[model] = (manifest.manifest_id, payload)  # after the trial
             return
         current = self.store.current(model)
         if current is not None and current.sha256 == manifest.target_sha256:
@@ -411,10 +493,6 @@ class Agent:
             return
         if self.store.failed_manifest(model) == manifest.manifest_id:
             return  # already tried and reported; wait for a new manifest
-        if manifest.serial <= self.store.last_serial:
-            self.report(manifest, "rejected", reason=(
-                f"replayed manifest: serial {manifest.serial} <= {self.store.last_serial}"))
-            return
         active = self.downloads.get(model)
         if active is not None:
             if active.manifest.manifest_id == manifest.manifest_id:
@@ -424,14 +502,20 @@ class Agent:
             self.downloads.pop(model)
             self.mqtt.unsubscribe(self.topics.chunk_filter(active.manifest.artifact.sha256))
             self.store.drop_download(active.manifest.artifact.sha256)
+        local = self.store.model_path(manifest.target_sha256, manifest.format)
+        on_disk = local.exists() and sha256_file(local) == manifest.target_sha256
         try:
             check_base(manifest, current)
+            if not on_disk:
+                dl_dir = self.store.download_dir(manifest.artifact.sha256)
+                have = sum(f.stat().st_size for f in dl_dir.glob("*")) if dl_dir.is_dir() else 0
+                check_disk(manifest, shutil.disk_usage(self.cfg.state_dir).free,
+                           have_bytes=have, max_artifact_bytes=self.cfg.max_artifact_bytes)
         except UpdateRejected as e:
             self.fail(manifest, "rejected", str(e))
             return
-        local = self.store.model_path(manifest.target_sha256, manifest.format)
         prev_sha = current.sha256 if current else None
-        if local.exists() and sha256_file(local) == manifest.target_sha256:
+        if on_disk:
             # e.g. a rollback to the previous model, which is still on disk: nothing to fetch
             self.journal.begin(model, "staged", payload, manifest.manifest_id,
                                manifest.target_sha256, prev_sha)
@@ -479,6 +563,9 @@ class Agent:
         now = time.monotonic()
         if self._api_retry_at is not None:
             self._start_api()
+        if (self.cfg.heartbeat_s and now - self._last_heartbeat >= self.cfg.heartbeat_s
+                and self.mqtt.connected.is_set()):
+            self.publish_status()
         for name, trial in list(self.trials.items()):
             self._judge(name, trial, final=now >= trial.ends_at)
         for dl in list(self.downloads.values()):
@@ -505,7 +592,9 @@ class Agent:
                 artifact = chunks.assemble()
                 current = self.store.current(m.model)
                 base = self.store.model_path(current.sha256, current.format) if current else None
-                target = apply_artifact(m, artifact, base)
+                target = apply_artifact(m, artifact, base,
+                                        max_memory_bytes=self.cfg.patch_memory_bytes,
+                                        timeout_s=self.cfg.patch_timeout_s)
                 del artifact
                 self._crash_point("patch")
                 path = self.store.stage(m.target_sha256, m.format, target)
@@ -691,9 +780,11 @@ class Agent:
                                                                 "figures": verdict.figures})
             self._crash_point("rollback")
             self._roll_back(m, verdict)
-        pending = self.pending.pop(name, None)
-        if pending is not None:
-            self.on_manifest(name, pending)
+        pending = self.pending.get(name)
+        if pending is not None:  # still known (accepted) while it is handled
+            self.on_manifest(name, pending[1])
+            if self.pending.get(name) is pending:
+                del self.pending[name]
 
     def _commit(self, m: Manifest, verdict: Verdict) -> None:
         self.report(m, "healthy", sha256=m.target_sha256, health=verdict.figures)
@@ -787,6 +878,16 @@ class Agent:
             sha256=current.sha256 if current else None,
         )
         self.outbox.put(ev.event_id, self.topics.events(self.cfg.device_id), encode(ev))
+
+
+def _claimed_manifest_id(payload: bytes) -> str | None:
+    """The manifest_id an envelope claims, unverified: only ever used to stay quiet."""
+    try:
+        env = parse_json_object(payload, max_bytes=MAX_MANIFEST_BYTES)
+        mid = env.get("payload", {}).get("manifest_id")
+    except (DeltafleetError, AttributeError):
+        return None
+    return mid if isinstance(mid, str) else None
 
 
 def _freeze_heap() -> None:

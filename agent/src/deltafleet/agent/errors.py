@@ -19,3 +19,7 @@ class UpdateRejected(AgentError):
 
 class ModelRuntimeError(AgentError):
     """A model failed to load or to run in its inference runtime."""
+
+
+class SignatureRejected(UpdateRejected):
+    """A manifest's signature is not made by a currently trusted key."""

@@ -2,7 +2,8 @@
 
 Layout under ``state_dir``::
 
-    state.json                  current and previous model per name, last serial, failed ids
+    state.json                  current and previous model per name, last serial (per model
+                                and device-wide), failed ids
     models/<sha256>.<onnx|tflite>   content-addressed, verified model files (current + previous)
     downloads/<artifact sha256>/<index>   verified chunks of an artifact being fetched
 
@@ -49,9 +50,12 @@ class LocalStore:
 
     def _read(self) -> dict[str, Any]:
         if not self.state_file.exists():
-            return {"current": {}, "previous": {}, "last_serial": 0, "failed": {}}
+            return {"current": {}, "previous": {}, "last_serial": 0, "failed": {},
+                    "serials": {}}
         data = json.loads(self.state_file.read_text())
         data.setdefault("failed", {})
+        if "serials" not in data:  # state written before per-model serials
+            data["serials"] = {m: int(e.get("serial", 0)) for m, e in data["current"].items()}
         return data
 
     def _write(self) -> None:
@@ -73,6 +77,10 @@ class LocalStore:
     def last_serial(self) -> int:
         return int(self._state.get("last_serial", 0))
 
+    def last_serial_of(self, model: str) -> int:
+        """The highest serial accepted for ``model`` (a new manifest must exceed it)."""
+        return int(self._state["serials"].get(model, 0))
+
     def failed_manifest(self, model: str) -> str | None:
         return self._state["failed"].get(model)
 
@@ -93,7 +101,7 @@ class LocalStore:
         if old and old["sha256"] != new.sha256:
             self._state["previous"][new.model] = old
         self._state["current"][new.model] = asdict(new)
-        self._state["last_serial"] = max(self.last_serial, new.serial)
+        self._bump(new.model, new.serial)
         self._state["failed"].pop(new.model, None)
         self._write()
         self._collect_garbage()
@@ -117,14 +125,19 @@ class LocalStore:
             for f in d.glob(".*.tmp"):
                 f.unlink(missing_ok=True)
 
-    def note_serial(self, serial: int) -> None:
-        if serial > self.last_serial:
-            self._state["last_serial"] = serial
+    def _bump(self, model: str, serial: int) -> None:
+        self._state["last_serial"] = max(self.last_serial, serial)
+        self._state["serials"][model] = max(self.last_serial_of(model), serial)
+
+    def note_serial(self, model: str, serial: int) -> None:
+        """Record that a manifest with ``serial`` was accepted for ``model`` (durable)."""
+        if serial > self.last_serial_of(model):
+            self._bump(model, serial)
             self._write()
 
     def mark_failed(self, model: str, manifest_id: str, serial: int) -> None:
         self._state["failed"][model] = manifest_id
-        self._state["last_serial"] = max(self.last_serial, serial)
+        self._bump(model, serial)
         self._write()
 
     def download_dir(self, artifact_sha256: str) -> Path:

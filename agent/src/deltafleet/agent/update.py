@@ -1,10 +1,22 @@
-"""The update pipeline's pure-ish steps: verify a manifest, collect chunks, apply the artifact.
+"""The update pipeline's pure steps: verify a manifest, collect chunks, apply the artifact.
 
-Order of checks for a manifest (stop at the first failure, act on nothing before):
-signature -> payload shape -> device binding -> expiry -> serial (no replay) -> base matches
-what runs -> artifact size cap. Chunks are checked one by one against the signed chunk list;
-the whole artifact against its signed sha256 before bspatch ever sees it; the patched result
-against the signed target sha256 and size before it is staged.
+Order of checks (stop at the first failure; nothing is acted on before, the running model is
+never touched by a refused update):
+
+1. size cap of the manifest bytes (``MAX_MANIFEST_BYTES``), before parsing
+2. signature: a key of the current, unexpired key list (``trust.RootTrust``) or a pinned key
+3. serial: must exceed the last serial seen for that model (no replay, no rollback; going
+   back is a new manifest with a higher serial). A manifest this device already accepted
+   (same ``manifest_id``) is a re-delivery, not a replay.
+4. expiry (no indefinite freeze)
+5. device id, then hardware id binding
+6. base: a delta's ``base_sha256`` must be what runs (``check_base``)
+7. artifact size cap and free disk for artifact + target (``check_disk``)
+8. each chunk against its signed hash (``ChunkSet.accept``)
+9. the whole artifact against its signed sha256 and size (``ChunkSet.assemble``)
+10. bsdiff4 only: the patch header's output length must equal ``target_size_bytes``, then
+    bspatch runs in a child process with a memory cap and a timeout (``bspatch``)
+11. the result against the signed target sha256 and size (``apply_artifact``)
 """
 
 from __future__ import annotations
@@ -12,50 +24,68 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from deltafleet.shared import (
     Manifest,
-    VerificationError,
     WireError,
     atomic_write_bytes,
     sha256_bytes,
-    verify_envelope,
 )
 
-from . import codecs
+from . import bspatch, codecs
 from .errors import UpdateRejected
 from .store import InstalledModel
+from .trust import ManifestVerifier, PinnedKeys
 
-MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_BYTES = 1 << 20  # ~15k chunk hashes: a 1 GB artifact in 64 KiB chunks
 
 
 def verify_manifest(
     data: bytes,
-    trusted: list[Ed25519PublicKey],
+    trust: ManifestVerifier | list[Ed25519PublicKey],
     *,
     device_id: str,
+    hardware_id: str | None = None,
+    last_serial: int | None = None,
+    known_ids: Collection[str] = (),
     now: float | None = None,
-    max_artifact_bytes: int = 4 << 30,
+    check_expiry: bool = True,
 ) -> Manifest:
-    """Return the manifest if it is signed by a trusted key and meant for this device."""
+    """Steps 1-5: the manifest, if it is signed by a trusted key, newer than the last one seen
+    (``last_serial``; None skips the check), unexpired and meant for this device and hardware.
+
+    Raises UpdateRejected with the reason of the first failed check.
+    """
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise UpdateRejected(f"manifest of {len(data)} bytes exceeds the "
+                             f"{MAX_MANIFEST_BYTES}-byte cap")
+    t = now if now is not None else time.time()
+    verifier = PinnedKeys(trust) if isinstance(trust, list) else trust
+    payload = verifier.verify(data, int(t), MAX_MANIFEST_BYTES)
     try:
-        payload = verify_envelope(data, trusted, max_bytes=MAX_MANIFEST_BYTES)
         manifest = Manifest.from_wire(payload)
-    except (VerificationError, WireError) as e:
+    except WireError as e:
         raise UpdateRejected(f"manifest refused: {e}") from e
+    if (last_serial is not None and manifest.serial <= last_serial
+            and manifest.manifest_id not in known_ids):
+        raise UpdateRejected(f"replayed or rolled-back manifest: serial {manifest.serial} "
+                             f"<= {last_serial}, the last one seen")
+    if check_expiry and manifest.expires_at < t:
+        raise UpdateRejected(f"manifest has expired (at {manifest.expires_at})")
     if manifest.device_id != device_id:
         raise UpdateRejected(f"manifest is for device {manifest.device_id}, not {device_id}")
-    if manifest.expires_at < (now if now is not None else time.time()):
-        raise UpdateRejected("manifest has expired")
-    if manifest.artifact.size_bytes > max_artifact_bytes:
-        raise UpdateRejected(f"artifact of {manifest.artifact.size_bytes} bytes exceeds the cap")
+    if manifest.hardware_id is not None and manifest.hardware_id != hardware_id:
+        raise UpdateRejected(f"manifest is for hardware {manifest.hardware_id[:40]!r}, "
+                             f"this device is {str(hardware_id)[:40]!r}")
     return manifest
 
 
 def check_base(manifest: Manifest, current: InstalledModel | None) -> None:
+    """Step 6: a delta applies only to the model that runs (no mix-and-match)."""
     if manifest.artifact.kind != "delta":
         return
     running = current.sha256 if current else None
@@ -64,6 +94,19 @@ def check_base(manifest: Manifest, current: InstalledModel | None) -> None:
             f"base mismatch: delta is from {str(manifest.base_sha256)[:12]}, "
             f"device runs {str(running)[:12]}"
         )
+
+
+def check_disk(manifest: Manifest, free_bytes: int, *, have_bytes: int = 0,
+               max_artifact_bytes: int = 4 << 30) -> None:
+    """Step 7: the artifact is under the cap, and it (less the chunks already on disk) and
+    the target fit the free space of the state directory."""
+    art = manifest.artifact.size_bytes
+    if art > max_artifact_bytes:
+        raise UpdateRejected(f"artifact of {art} bytes exceeds the {max_artifact_bytes}-byte cap")
+    need = max(0, art - have_bytes) + manifest.target_size_bytes
+    if need > free_bytes:
+        raise UpdateRejected(f"not enough disk: artifact + target need {need >> 20} MiB, "
+                             f"{free_bytes >> 20} MiB free")
 
 
 class ChunkSet:
@@ -127,12 +170,25 @@ def apply_artifact(
     base_path: Path | None,
     *,
     max_memory_bytes: int | None = None,
+    timeout_s: float = 600.0,
 ) -> bytes:
-    """Turn a verified artifact into the target model bytes, verified against the manifest.
+    """Steps 10-11: turn a verified artifact into the target bytes, verified against the
+    manifest.
 
-    Every codec of ``codecs`` is decoded within ``max_memory_bytes`` (default: half the
-    machine's memory); an unknown codec or a decode over the cap is refused before any work.
+    bsdiff4 patches run in a child process (``bspatch.apply``) once their header declares
+    the signed target size; the other codecs decode in-process within ``max_memory_bytes``
+    (default: half the machine's memory), refused before any work when over it.
     """
+    if manifest.artifact.codec == codecs.BSDIFF4:
+        if base_path is None or not Path(base_path).is_file():
+            raise UpdateRejected("bsdiff4 patch needs the base model, which is not on disk")
+        try:
+            bspatch.check_header(artifact, manifest.target_size_bytes)
+            target = bspatch.apply(Path(base_path), artifact, manifest.target_size_bytes,
+                                   max_memory_bytes=max_memory_bytes, timeout_s=timeout_s)
+        except bspatch.PatchRefused as e:
+            raise UpdateRejected(f"bsdiff4 patch refused: {e}") from e
+        return _checked_target(manifest, target)
     try:
         target = codecs.decode(
             manifest.artifact.codec,
@@ -147,6 +203,10 @@ def apply_artifact(
         raise UpdateRejected(f"{manifest.artifact.codec} patch failed: {e}") from e
     except MemoryError as e:
         raise UpdateRejected(f"{manifest.artifact.codec} patch ran out of memory") from e
+    return _checked_target(manifest, target)
+
+
+def _checked_target(manifest: Manifest, target: bytes | bytearray) -> bytes:
     if len(target) != manifest.target_size_bytes or sha256_bytes(target) != manifest.target_sha256:
         raise UpdateRejected("target hash mismatch: patched model is not the signed target")
     return target  # type: ignore[return-value]  # a bytearray: no copy of a large model

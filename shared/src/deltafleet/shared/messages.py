@@ -128,8 +128,11 @@ class Manifest:
     # Optional golden inputs for warm-up and trial probes: a list of {input name:
     # {"dtype": "float32", "shape": [1, 64], "b64": base64 of the C-order bytes}}.
     golden_inputs: tuple[dict[str, Any], ...] = ()
+    # Optional hardware binding: the device's hardware id (its /etc/machine-id or configured
+    # ``hardware_id``) as reported in its hello; a device with another id refuses the manifest.
+    hardware_id: str | None = None
 
-    _OPTIONAL = ("io_signature", "allow_io_change", "golden_inputs")
+    _OPTIONAL = ("io_signature", "allow_io_change", "golden_inputs", "hardware_id")
 
     def to_wire(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__
@@ -142,6 +145,8 @@ class Manifest:
             d["allow_io_change"] = True
         if self.golden_inputs:
             d["golden_inputs"] = list(self.golden_inputs)
+        if self.hardware_id is not None:
+            d["hardware_id"] = self.hardware_id
         d["artifact"] = self.artifact.to_wire()
         d["v"] = WIRE_VERSION
         d["type"] = "manifest"
@@ -179,7 +184,18 @@ class Manifest:
             io_signature=_io_signature(d),
             allow_io_change=bool(_get(d, "allow_io_change", bool, optional=True)),
             golden_inputs=_golden(d),
+            hardware_id=_hardware_id(d),
         )
+
+
+MAX_HARDWARE_ID_CHARS = 128  # the server stores at most this many characters
+
+
+def _hardware_id(d: dict[str, Any]) -> str | None:
+    value = _get(d, "hardware_id", str, optional=True)
+    if value is not None and len(value) > MAX_HARDWARE_ID_CHARS:
+        raise WireError(f"field 'hardware_id' is over {MAX_HARDWARE_ID_CHARS} characters")
+    return value or None
 
 
 def _io_signature(d: dict[str, Any]) -> dict[str, Any] | None:
