@@ -356,6 +356,7 @@ class RolloutController:
             target_sha256=target_sha, target_size_bytes=target_size, base_sha256=base_sha,
             artifact=artifact, trial_window_s=policy.health_window_s,
             health_policy=dict(policy.health), hardware_id=device.hardware_id,
+            allow_io_change=policy.allow_io_change,
         )
         signed = self.key.sign_bytes(manifest.to_wire())
         t.base_sha256 = base_sha

@@ -90,6 +90,7 @@ class RolloutPolicy:
     retry_backoff_s: int = 30  # first hold; doubles with every failed attempt
     state_timeout_s: int = 600  # notified (while online) / downloading / applying / trial
     bandwidth_bytes_per_s: int | None = None  # cap on chunk bytes the server publishes
+    allow_io_change: bool = False  # devices accept a model whose inputs/outputs differ
     health: dict[str, int] = field(default_factory=lambda: {
         "max_error_rate_ppm": 10_000, "max_p95_ratio_pct": 150, "min_requests": 20})
 

@@ -89,6 +89,9 @@ def rollout_model(
         "--state-timeout", help="time a device may spend in one state")] = "600s",
     bandwidth: Annotated[str | None, typer.Option(
         "--bandwidth", help="cap on artifact bytes the server publishes, e.g. 10MB/s")] = None,
+    allow_io_change: Annotated[bool, typer.Option(
+        "--allow-io-change", help="let devices accept a model whose inputs/outputs differ "
+        "from the one they run (refused otherwise)")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="block until the rollout ends or pauses")] = False,
     timeout: Annotated[str, typer.Option("--timeout", help="how long --wait waits")] = "600s",
     allow_empty: Annotated[bool, typer.Option(
@@ -102,6 +105,7 @@ def rollout_model(
         max_concurrent=max_concurrent, max_attempts=max_attempts,
         retry_backoff_s=parse_duration(retry_backoff), state_timeout_s=parse_duration(state_timeout),
         bandwidth_bytes_per_s=parse_rate(bandwidth) if bandwidth else None,
+        allow_io_change=allow_io_change,
     )
     with open_store() as store:
         with store.session() as s:
