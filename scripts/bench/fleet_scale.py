@@ -10,7 +10,8 @@
 3. failover: two `fleetctl server` replicas on PostgreSQL share the device traffic; the one
    holding the rollout lease is killed mid-rollout; reports the time to completion.
 
-BENCH_QUICK=1 runs small sizes; BENCH_ONLY=fanout,heartbeats,failover picks some. Needs the mosquitto binary and, for failover, PostgreSQL at
+BENCH_QUICK=1 runs small sizes; BENCH_ONLY=fanout,heartbeats,failover picks some.
+Needs the mosquitto binary and, for failover, PostgreSQL at
 127.0.0.1:5432 (skipped with a note when absent).
 """
 
@@ -99,6 +100,40 @@ def status(store: Store, rid: int) -> dict:
         return rollout_json(s, get_rollout(s, rid), with_targets=False)
 
 
+SHARD = 250  # paho's select() loop cannot use file descriptors >= 1024: ~300 clients a process
+
+
+def _sim_shard(mqtt_url: str, key: str, prefix: str, ids: list[str], ready, stop) -> None:
+    """One process of simulated devices (spawned)."""
+    sys.path.insert(0, str(HERE.parent))
+    from fleetsim import SimFleet
+
+    fleet = SimFleet(mqtt_url, Path(key), prefix=prefix)
+    for device_id in ids:
+        fleet.add(device_id, {"hw": "cam"})
+    fleet.wait_connected(300)
+    ready.put(len(ids))
+    stop.wait()
+    fleet.close()
+
+
+def sim_processes(mqtt_url: str, key: Path, prefix: str, n: int, id_prefix: str):
+    """Start ``n`` simulated devices in shards of SHARD per process; returns (stop, procs)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    ids = [f"{id_prefix}-{i:05d}" for i in range(n)]
+    procs = [ctx.Process(target=_sim_shard, daemon=True,
+                         args=(mqtt_url, str(key), prefix, ids[i:i + SHARD], ready, stop))
+             for i in range(0, n, SHARD)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=600)
+    return stop, procs
+
+
 def bench_fanout(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
     prefix = f"b{uuid.uuid4().hex[:6]}/v1"
     lab, store = setup(tmp / "fanout", f"sqlite:///{tmp}/fanout.db", model, prefix, mqtt_url)
@@ -116,13 +151,12 @@ def bench_fanout(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
                 published["msgs"] += 1
 
     threading.Thread(target=count, daemon=True).start()
-    fleet = SimFleet(mqtt_url, Path(lab.env["FLEET_HOME"]) / "keys" / "signing.pub", prefix=prefix)
+    stop = procs = None
     try:
         server = lab.start_server()
         watch = Watch(server.pid)
-        for i in range(n):
-            fleet.add(f"cam-{i:05d}", {"hw": "cam"})
-        fleet.wait_connected(600)
+        stop, procs = sim_processes(mqtt_url, Path(lab.env["FLEET_HOME"]) / "keys" / "signing.pub",
+                                    prefix, n, "cam")
         wait_for(lambda: store_count(store) >= n, 120, "devices registered", 0.5)
         cpu0 = watch.cpu_s()
         t0 = time.monotonic()
@@ -141,7 +175,10 @@ def bench_fanout(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
             "server_peak_rss_mb": round(watch.peak_rss / 2**20, 1),
         }
     finally:
-        fleet.close()
+        if stop is not None:
+            stop.set()
+            for p in procs or []:
+                p.join(30)
         observer.stop()
         lab.close()
         store.dispose()

@@ -535,10 +535,12 @@ class Agent:
             self.request_missing(dl)
 
     def request_missing(self, dl: ActiveDownload, indices: list[int] | None = None) -> None:
+        """Ask for chunks; explicit ``indices`` are repairs (a copy arrived and failed its
+        hash), which the server answers even if it published them a moment ago."""
         missing = indices if indices is not None else dl.chunks.missing()
         for start in range(0, len(missing), 1024):
             req = ChunkRequest(self.cfg.device_id, dl.manifest.artifact.sha256,
-                               tuple(missing[start:start + 1024]))
+                               tuple(missing[start:start + 1024]), repair=indices is not None)
             self.mqtt.publish(self.topics.chunk_request(self.cfg.device_id), encode(req))
         dl.last_progress = time.monotonic()
 

@@ -54,8 +54,9 @@ from .store.models import Artifact, Delta, DeviceEvent
 log = logging.getLogger(__name__)
 
 CHUNK_WINDOW_S = 0.05  # gather repair requests this long before answering
-FIRST_WINDOW_S = 0.5  # ... and this long for the first request of an artifact
-REPUBLISH_AFTER_S = 1.0  # never publish the same chunk twice within this interval
+FIRST_WINDOW_S = 1.0  # ... and this long for the first request of an artifact
+REPUBLISH_AFTER_S = 2.0  # never publish the same chunk twice within this interval
+STALE_S = 30.0  # a chunk published longer ago than this is sent again to whoever asks
 RECONCILE_EVERY_S = 0.5
 EVENT_IDS_KEPT_S = 7 * 86400  # how long applied event ids are remembered
 PERSISTENT_SESSION_S = 7 * 86400
@@ -113,6 +114,8 @@ class FleetServer:
         self._pending_chunks: dict[str, set[int]] = defaultdict(set)
         self._chunk_deadline: float | None = None
         self._published_at: dict[tuple[str, int], float] = {}
+        # device -> artifact -> when it first asked (this connection; reset by its hello)
+        self._first_request: dict[str, dict[str, float]] = {}
         self._next_prune = 0.0
         self._buckets: dict[str, TokenBucket] = {}
         self._revoked_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
@@ -220,6 +223,8 @@ class FleetServer:
                 log.warning("dropped invalid message on %s: %s", topic, e)
                 if device_id and self.guard.invalid(device_id, str(e), time.monotonic()):
                     log.error("device %s is now suspect: repeated invalid messages", device_id)
+        for hello in hellos:  # a hello means a (re)connect: earlier subscriptions are gone
+            self._first_request.pop(hello.device_id, None)
         if not (hellos or presence or events):
             return
         now = utcnow()
@@ -267,31 +272,49 @@ class FleetServer:
 
     # -- chunks ----------------------------------------------------------------------------
     def on_chunk_request(self, device_id: str, req: ChunkRequest) -> None:
-        total = self._chunk_totals.get(req.artifact_sha256)
-        if req.artifact_sha256 not in self._servable or total is None:
-            log.warning("device %s asked for unknown artifact %s", device_id,
-                        req.artifact_sha256[:12])
+        """Queue the chunks this request needs published. A device that was already asking
+        for an artifact when a chunk of it went out was subscribed then, and QoS 1 delivers
+        that publish to it: its repeat request (it is merely slow) publishes nothing. Chunks
+        go out again only for devices that started asking after their last publish (late
+        joiners, reconnects), for repairs (a copy failed its hash on the device), or when a
+        publish is older than STALE_S (a broker queue may have overflowed)."""
+        sha = req.artifact_sha256
+        total = self._chunk_totals.get(sha)
+        if sha not in self._servable or total is None:
+            log.warning("device %s asked for unknown artifact %s", device_id, sha[:12])
             return
-        self._pending_chunks[req.artifact_sha256].update(i for i in req.indices if i < total)
-        if self._chunk_deadline is None:
-            # The first request for an artifact opens a longer window, so that the burst of
-            # requests from a whole wave is answered by one publish per chunk.
-            fresh = not any(k[0] == req.artifact_sha256 for k in self._published_at)
-            self._chunk_deadline = time.monotonic() + (FIRST_WINDOW_S if fresh else CHUNK_WINDOW_S)
+        now = time.monotonic()
+        first = self._first_request.setdefault(device_id, {}).setdefault(sha, now)
+        pending = self._pending_chunks[sha]
+        for i in req.indices:
+            if i >= total:
+                continue
+            last = self._published_at.get((sha, i))
+            if last is None or first > last or req.repair or now - last > STALE_S:
+                pending.add(i)
+        if pending and self._chunk_deadline is None:
+            fresh = not any(k[0] == sha for k in self._published_at)
+            # the first request for an artifact opens a longer window, so that the burst of
+            # requests from a whole wave is answered by one publish per chunk
+            self._chunk_deadline = now + (FIRST_WINDOW_S if fresh else CHUNK_WINDOW_S)
 
     def flush_chunks(self) -> None:
-        """Publish each requested chunk once. A chunk published less than REPUBLISH_AFTER_S
-        ago is not sent again: devices subscribed before it went out have it, and a device
-        that really missed it asks again after its retry interval (3 s)."""
+        """Publish each queued chunk once, never the same chunk twice within
+        REPUBLISH_AFTER_S (requests in between wait for the next publish), within the
+        rollout's bandwidth cap."""
         now = time.monotonic()
         pending, self._pending_chunks = self._pending_chunks, defaultdict(set)
         self._chunk_deadline = None
+        wake = now + CHUNK_WINDOW_S
         for sha, indices in pending.items():
             path = self.blobs.path(sha)
             bucket = self._buckets.get(sha)
             for i in sorted(indices):
-                if now - self._published_at.get((sha, i), -1e9) < REPUBLISH_AFTER_S:
+                since = now - self._published_at.get((sha, i), -1e9)
+                if since < REPUBLISH_AFTER_S:
                     self.stats.chunks_deduplicated += 1
+                    self._pending_chunks[sha].add(i)
+                    wake = max(wake, now + REPUBLISH_AFTER_S - since)
                     continue
                 if bucket is not None and not bucket.take(self.cfg.chunk_size_bytes, now):
                     self._pending_chunks[sha].add(i)  # over the bandwidth cap: next window
@@ -302,7 +325,7 @@ class FleetServer:
                 self.stats.chunks_published += 1
                 self.stats.chunk_bytes_published += len(data)
         if self._pending_chunks:
-            self._chunk_deadline = now + CHUNK_WINDOW_S
+            self._chunk_deadline = min(wake, now + REPUBLISH_AFTER_S)
 
     # -- reconciliation --------------------------------------------------------------------
     def reconcile(self) -> None:

@@ -353,6 +353,7 @@ class ChunkRequest:
     device_id: str
     artifact_sha256: str
     indices: tuple[int, ...]
+    repair: bool = False  # these chunks arrived and failed their hash: send them again
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -361,6 +362,7 @@ class ChunkRequest:
             "device_id": self.device_id,
             "artifact_sha256": self.artifact_sha256,
             "indices": list(self.indices),
+            **({"repair": True} if self.repair else {}),
         }
 
     @classmethod
@@ -375,6 +377,7 @@ class ChunkRequest:
             device_id=check_device_id(_get(d, "device_id", str)),
             artifact_sha256=_sha(d, "artifact_sha256"),  # type: ignore[arg-type]
             indices=tuple(indices),
+            repair=bool(_get(d, "repair", bool, optional=True)),
         )
 
 
