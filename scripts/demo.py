@@ -8,6 +8,7 @@ and prints what each device runs. Leaves no process behind.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -23,6 +24,20 @@ from modelgen import make_onnx_pair  # noqa: E402
 from deltafleet.agent.client import AgentClient  # noqa: E402
 
 DEVICES = {"jetson-1": "jetson", "jetson-2": "jetson", "rpi-1": "rpi"}
+
+
+def online(lab: Lab) -> set[str]:
+    """Devices the server has marked online (read from its database: polling through
+    `fleetctl device list` would pay the CLI's start-up on every poll)."""
+    from deltafleet.server import registry
+    from deltafleet.server.store import Store
+
+    store = Store(lab.env.get("FLEET_DB_URL") or f"sqlite:///{lab.home}/fleet.db")
+    try:
+        with store.session() as s:
+            return {d.id for d in registry.list_devices(s) if d.online}
+    finally:
+        store.dispose()
 
 
 def main() -> int:
@@ -47,17 +62,18 @@ def main() -> int:
             lab.start_server()
             for device_id, hw in DEVICES.items():
                 lab.start_agent(device_id, {"hw": hw, "site": "demo"})
-            wait_for(lambda: lab.online_devices() >= set(DEVICES), 30, "3 agents online")
+            wait_for(lambda: online(lab) >= set(DEVICES), 30, "3 agents online")
             print(f"agents online: {', '.join(DEVICES)}")
 
             lab.fleetctl("rollout", "model", "v1", "--group", "fleet", "--wait",
                          "--timeout", "60", "--health-window", "1s", echo=True)
             res = lab.fleetctl("rollout", "model", "v2", "--group", "jetson", "--wait",
-                               "--timeout", "60", "--health-window", "1s", echo=True)
-            print(res.stdout)
+                               "--timeout", "60", "--health-window", "1s", "--json", echo=True)
+            status = json.loads(res.stdout)
+            print(f"rollout {status['id']}: {status['state']}; bytes sent "
+                  f"{status['bytes_sent']:,} of {status['full_bytes']:,} full\n")
             print(f"{'device':<10} {'group':<7} {'runs':<5} {'sha256':<14} {'v2 bytes sent':>14} "
                   f"{'full':>10}")
-            status = lab.fleetctl_json("rollout", "status", "2")
             sent = {t["device"]: t for t in status["targets"]}
             for device_id, hw in DEVICES.items():
                 running = lab.agent_status(device_id)[0]
