@@ -71,6 +71,14 @@ def parse_rate(text: str) -> int:
     return int(float(m.group(1)) * unit)
 
 
+def parse_pct_any(text: str, what: str) -> float:
+    """A percentage that may exceed 100 (e.g. a latency ratio of 150%)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%?\s*", text or "")
+    if not m or float(m.group(1)) <= 0:
+        raise UsageError(f"invalid {what} {text!r}: use a percentage such as 150%")
+    return float(m.group(1))
+
+
 def parse_pct(text: str, what: str) -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%?\s*", text or "")
     if not m or not 0 <= float(m.group(1)) <= 100:
@@ -91,8 +99,11 @@ class RolloutPolicy:
     state_timeout_s: int = 600  # notified (while online) / downloading / applying / trial
     bandwidth_bytes_per_s: int | None = None  # cap on chunk bytes the server publishes
     allow_io_change: bool = False  # devices accept a model whose inputs/outputs differ
+    # Trial limits sent to devices. The p95 slack keeps timer noise on fast models (sub-ms
+    # inference on a busy CPU jitters by milliseconds) from rolling back a good version.
     health: dict[str, int] = field(default_factory=lambda: {
-        "max_error_rate_ppm": 10_000, "max_p95_ratio_pct": 150, "min_requests": 20})
+        "max_error_rate_ppm": 10_000, "max_p95_ratio_pct": 150, "min_requests": 50,
+        "p95_slack_us": 5_000})
 
     def __post_init__(self) -> None:
         if self.on_failure not in ON_FAILURE:

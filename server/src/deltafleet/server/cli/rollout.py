@@ -16,7 +16,14 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from ..policy import RolloutPolicy, parse_duration, parse_pct, parse_rate, parse_waves
+from ..policy import (
+    RolloutPolicy,
+    parse_duration,
+    parse_pct,
+    parse_pct_any,
+    parse_rate,
+    parse_waves,
+)
 from ..rollouts import (
     FINAL_ROLLOUT_STATES,
     WAIT_ENDS,
@@ -79,6 +86,12 @@ def rollout_model(
         "--on-failure", help="pause | abort | rollback when --max-failure is exceeded")] = "pause",
     health_window: Annotated[str, typer.Option(
         "--health-window", help="trial window on each device before it counts as healthy")] = "60s",
+    max_error_rate: Annotated[str, typer.Option(
+        "--max-error-rate", help="trial: errors allowed on a device, % of its requests")] = "1%",
+    max_p95_ratio: Annotated[str, typer.Option(
+        "--max-p95-ratio", help="trial: new p95 latency allowed, % of the previous version's")] = "150%",
+    p95_slack_ms: Annotated[float, typer.Option(
+        "--p95-slack-ms", help="trial: p95 rises smaller than this never count")] = 5.0,
     max_concurrent: Annotated[int | None, typer.Option(
         "--max-concurrent", help="devices updating at once")] = None,
     max_attempts: Annotated[int, typer.Option(
@@ -106,6 +119,9 @@ def rollout_model(
         retry_backoff_s=parse_duration(retry_backoff), state_timeout_s=parse_duration(state_timeout),
         bandwidth_bytes_per_s=parse_rate(bandwidth) if bandwidth else None,
         allow_io_change=allow_io_change,
+        health={"max_error_rate_ppm": int(parse_pct(max_error_rate, "--max-error-rate") * 10_000),
+                "max_p95_ratio_pct": int(parse_pct_any(max_p95_ratio, "--max-p95-ratio")),
+                "min_requests": 50, "p95_slack_us": int(p95_slack_ms * 1000)},
     )
     with open_store() as store:
         with store.session() as s:
