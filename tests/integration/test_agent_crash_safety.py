@@ -43,7 +43,7 @@ def test_sigkill_at_every_update_step_ends_on_a_verified_model(tmp_path: Path, b
     from modelgen import make_onnx_pair
 
     v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.5)
-    slow = make_slow_model(tmp_path / "models" / "slow.onnx")
+    slow = make_slow_model(tmp_path / "models" / "slow.onnx", depth=400)  # ~13 ms an inference
     delta = tmp_path / "models" / "v1-v2.bsdiff"
     bsdiff4.file_diff(str(v1), str(v2), str(delta))
     shas = {"v1": sha256_file(v1), "v2": sha256_file(v2)}
@@ -51,7 +51,10 @@ def test_sigkill_at_every_update_step_ends_on_a_verified_model(tmp_path: Path, b
     key.save(tmp_path / "signing.key", tmp_path / "signing.pub")
     lab = Lab(tmp_path / "lab", mqtt_url=broker.url)
     peer = Peer(broker.url, key)
-    policy = {"max_error_rate_ppm": 1000, "max_p95_ratio_pct": 150, "min_requests": 20}
+    # 14 agents probe at once on a small machine: allow 4 ms of p95 jitter, far below the
+    # slow model's extra latency, so only the breaching model is rolled back
+    policy = {"max_error_rate_ppm": 1000, "max_p95_ratio_pct": 150, "min_requests": 20,
+              "p95_slack_us": 4000}
     devices = {f"crash-{step}-{i}": step for step in STEPS for i in range(REPEATS)}
     manifests = {}
     try:
