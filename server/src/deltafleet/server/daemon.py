@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from deltafleet.shared import (
@@ -148,9 +149,7 @@ class FleetServer:
                 batch = self._drain(timeout)
                 if batch:
                     try:
-                        self.handle_batch(batch)
-                    except DeltafleetError as e:
-                        log.error("a batch of %d device messages failed: %s", len(batch), e)
+                        self._handle_with_retry(batch)
                     finally:
                         self.mqtt.processed(len(batch))
                 now = time.monotonic()
@@ -164,6 +163,19 @@ class FleetServer:
                 self.mqtt.publish(self.topics.server_status(), b"offline", retain=True)
             self.mqtt.stop()
             self.deltas.shutdown()
+
+    def _handle_with_retry(self, batch: list[tuple[str, bytes]]) -> None:
+        """Apply a batch; retry once when the database refused it (another replica inserted
+        the same new device a moment before, a serialization failure, a dropped connection).
+        A batch that fails twice is logged and dropped: the server keeps serving."""
+        for attempt in (1, 2):
+            try:
+                self.handle_batch(batch)
+                return
+            except (DeltafleetError, SQLAlchemyError) as e:
+                level = logging.WARNING if attempt == 1 else logging.ERROR
+                log.log(level, "a batch of %d device messages failed (attempt %d): %s",
+                        len(batch), attempt, str(e).splitlines()[0])
 
     def _drain(self, timeout_s: float) -> list[tuple[str, bytes]]:
         """Up to BATCH_MAX inbox items: wait for the first, then take what is already there."""
@@ -346,8 +358,8 @@ class FleetServer:
                 elif not rate:
                     self._buckets.pop(sha, None)
             self.publish(publishes)
-        except DeltafleetError as e:
-            log.error("reconcile failed: %s", e)
+        except (DeltafleetError, SQLAlchemyError) as e:
+            log.error("reconcile failed (retried next tick): %s", str(e).splitlines()[0])
 
     def _store_finished_deltas(self) -> None:
         for built in self.deltas.finished():
