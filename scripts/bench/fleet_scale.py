@@ -100,6 +100,26 @@ def status(store: Store, rid: int) -> dict:
         return rollout_json(s, get_rollout(s, rid), with_targets=False)
 
 
+def count_chunk_publishes(mqtt_url: str, prefix: str) -> tuple[MqttClient, dict[str, int]]:
+    """A broker-side observer on every artifact topic: it receives each server publish once,
+    so its byte count is what the server published."""
+    observer = MqttClient(MqttSettings(mqtt_url, f"bench-observer-{uuid.uuid4().hex[:6]}"))
+    published = {"bytes": 0, "msgs": 0}
+    observer.subscribe(f"{prefix}/art/#", qos=0)
+    observer.start()
+    observer.wait_connected(10)
+
+    def count() -> None:
+        while True:
+            topic, payload = observer.inbox.get()
+            if topic.startswith(prefix):
+                published["bytes"] += len(payload)
+                published["msgs"] += 1
+
+    threading.Thread(target=count, daemon=True).start()
+    return observer, published
+
+
 SHARD = 250  # paho's select() loop cannot use file descriptors >= 1024: ~300 clients a process
 
 
@@ -137,20 +157,7 @@ def sim_processes(mqtt_url: str, key: Path, prefix: str, n: int, id_prefix: str)
 def bench_fanout(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
     prefix = f"b{uuid.uuid4().hex[:6]}/v1"
     lab, store = setup(tmp / "fanout", f"sqlite:///{tmp}/fanout.db", model, prefix, mqtt_url)
-    observer = MqttClient(MqttSettings(mqtt_url, "bench-observer"))
-    published = {"bytes": 0, "msgs": 0}
-    observer.subscribe(f"{prefix}/art/#", qos=0)
-    observer.start()
-    observer.wait_connected(10)
-
-    def count() -> None:
-        while True:
-            topic, payload = observer.inbox.get()
-            if topic.startswith(prefix):
-                published["bytes"] += len(payload)
-                published["msgs"] += 1
-
-    threading.Thread(target=count, daemon=True).start()
+    observer, published = count_chunk_publishes(mqtt_url, prefix)
     stop = procs = None
     try:
         server = lab.start_server()
@@ -369,20 +376,7 @@ def bench_fanout_async(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
                        mqtt_url)
     host, port = "127.0.0.1", int(mqtt_url.rsplit(":", 1)[1])
     trusted = [load_public_key(Path(lab.env["FLEET_HOME"]) / "keys" / "signing.pub")]
-    observer = MqttClient(MqttSettings(mqtt_url, "bench-observer-async"))
-    published = {"bytes": 0, "msgs": 0}
-    observer.subscribe(f"{prefix}/art/#", qos=0)
-    observer.start()
-    observer.wait_connected(10)
-
-    def count() -> None:
-        while True:
-            topic, payload = observer.inbox.get()
-            if topic.startswith(prefix):
-                published["bytes"] += len(payload)
-                published["msgs"] += 1
-
-    threading.Thread(target=count, daemon=True).start()
+    observer, published = count_chunk_publishes(mqtt_url, prefix)
     try:
         server = lab.start_server()
         watch = Watch(server.pid)
