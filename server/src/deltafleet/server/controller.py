@@ -62,7 +62,6 @@ from .policy import (
 from .store import BlobStore
 from .store.models import (
     Artifact,
-    Delta,
     Device,
     DeviceModel,
     Group,
@@ -142,7 +141,7 @@ class RolloutController:
                    RolloutTarget.state.in_(IN_FLIGHT_STATES),
                    RolloutTarget.manifest.is_not(None))
         ).all()
-        return [Publish(self.topics.desired(device_id, model_name), manifest.encode())
+        return [Publish(self.topics.desired(device_id, model_name), str(manifest).encode())
                 for device_id, manifest, model_name in rows]
 
     def on_event(self, s: Session, ev: Event, now: datetime) -> None:
@@ -282,13 +281,7 @@ class RolloutController:
                   now: datetime) -> list[Publish]:
         version = s.get(ModelVersion, r.version_id)
         assert version is not None
-        options = [
-            VariantOption(v.id, v.name, v.format, v.precision, v.artifact_sha256, size)
-            for v, size in s.execute(
-                select(Variant, Artifact.size_bytes)
-                .join(Artifact, Artifact.sha256 == Variant.artifact_sha256)
-                .where(Variant.version_id == version.id)).all()
-        ]
+        options = registry.variant_options(s, version.id)
         in_flight = sum(1 for t in targets if t.state in IN_FLIGHT_STATES)
         out = []
         for t in sorted(targets, key=lambda t: (t.wave, t.device_id)):
@@ -325,9 +318,7 @@ class RolloutController:
         base = running.sha256 if running is not None and self.blobs.has(running.sha256) else None
         kind, codec, artifact_sha, artifact_size = "full", "identity", v.sha256, v.size_bytes
         if base is not None:
-            delta = s.scalar(select(Delta).where(Delta.base_sha256 == base,
-                                                 Delta.target_sha256 == v.sha256)
-                             .order_by(Delta.size_bytes).limit(1))
+            delta = registry.best_delta(s, base, v.sha256)
             if delta is None and (base, v.sha256) not in self.deltas.failed:
                 self.deltas.submit(base, self.blobs.path(base), v.sha256, self.blobs.path(v.sha256))
                 t.reason = "building delta"

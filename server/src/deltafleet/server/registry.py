@@ -22,10 +22,12 @@ from deltafleet.shared import Hello
 
 from .catalog import inspect_model
 from .errors import ConflictError, NotFoundError, UsageError
+from .planner import VariantOption
 from .store.blobs import BlobStore
 from .store.models import (
     Artifact,
     AuditEntry,
+    Delta,
     Device,
     DeviceModel,
     Group,
@@ -547,3 +549,21 @@ def audit_to_json(entry: AuditEntry) -> dict[str, Any]:
         "subject": entry.subject,
         "details": entry.details or {},
     }
+
+
+def variant_options(session: Session, version_id: int) -> list[VariantOption]:
+    """The deployable variants of a version, with their sizes, as the planner wants them."""
+    return [
+        VariantOption(v.id, v.name, v.format, v.precision, v.artifact_sha256, size)
+        for v, size in session.execute(
+            select(Variant, Artifact.size_bytes)
+            .join(Artifact, Artifact.sha256 == Variant.artifact_sha256)
+            .where(Variant.version_id == version_id)).all()
+    ]
+
+
+def best_delta(session: Session, base_sha256: str, target_sha256: str) -> Delta | None:
+    """The smallest stored delta from ``base_sha256`` to ``target_sha256``, if any."""
+    return session.scalar(select(Delta).where(Delta.base_sha256 == base_sha256,
+                                              Delta.target_sha256 == target_sha256)
+                          .order_by(Delta.size_bytes).limit(1))

@@ -10,11 +10,9 @@ from sqlalchemy.orm import Session
 
 from . import registry
 from .errors import NotFoundError, UsageError
-from .planner import VariantOption, choose_variant, delta_worth_it
+from .planner import choose_variant, delta_worth_it
 from .policy import TERMINAL_STATES, RolloutPolicy, assign_waves
 from .store.models import (
-    Artifact,
-    Delta,
     Device,
     DeviceModel,
     Group,
@@ -117,13 +115,7 @@ def plan_rollout(s: Session, spec: str, group_name: str) -> dict[str, Any]:
     version = registry.resolve_version(s, spec)
     model = s.get(Model, version.model_id)
     assert model is not None
-    options = [
-        VariantOption(v.id, v.name, v.format, v.precision, v.artifact_sha256, size)
-        for v, size in s.execute(
-            select(Variant, Artifact.size_bytes)
-            .join(Artifact, Artifact.sha256 == Variant.artifact_sha256)
-            .where(Variant.version_id == version.id)).all()
-    ]
+    options = registry.variant_options(s, version.id)
     rows = []
     total = full = 0
     for d in registry.devices_in_group(s, group_name):
@@ -144,9 +136,7 @@ def plan_rollout(s: Session, spec: str, group_name: str) -> dict[str, Any]:
         elif running is None:
             row.update(artifact="full", bytes=v.size_bytes, reason="runs no version of the model")
         else:
-            delta = s.scalar(select(Delta).where(Delta.base_sha256 == running.sha256,
-                                                 Delta.target_sha256 == v.sha256)
-                             .order_by(Delta.size_bytes).limit(1))
+            delta = registry.best_delta(s, running.sha256, v.sha256)
             if delta is None:
                 row.update(artifact="delta?", bytes=v.size_bytes,
                            reason="delta not built yet (the server builds it; full size shown "
