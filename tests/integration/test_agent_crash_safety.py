@@ -43,7 +43,7 @@ def test_sigkill_at_every_update_step_ends_on_a_verified_model(tmp_path: Path, b
     from modelgen import make_onnx_pair
 
     v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.5)
-    slow = make_slow_model(tmp_path / "models" / "slow.onnx", depth=400)  # ~13 ms an inference
+    slow = make_slow_model(tmp_path / "models" / "slow.onnx", depth=1200)  # 4-40 ms an inference
     delta = tmp_path / "models" / "v1-v2.bsdiff"
     bsdiff4.file_diff(str(v1), str(v2), str(delta))
     shas = {"v1": sha256_file(v1), "v2": sha256_file(v2)}

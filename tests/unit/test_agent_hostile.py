@@ -7,6 +7,8 @@ import bz2
 import dataclasses
 import json
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -219,10 +221,28 @@ def test_patch_whose_header_lies_about_the_output_size_is_refused(base_file: Pat
         apply_artifact(manifest(lying), lying, base_file)
 
 
-def test_child_refuses_bad_headers_even_without_the_parent_check(base_file: Path) -> None:
+def test_child_refuses_bad_headers_even_without_the_parent_check(base_file: Path,
+                                                                 tmp_path: Path) -> None:
     bad = bsdiff_patch(b"", b"", b"", len(TARGET), lengths=(-5, 3))
-    with pytest.raises(bspatch.PatchRefused, match="bad lengths"):
-        bspatch.apply(base_file, bad, len(TARGET))
+    out = tmp_path / "out"
+    out.touch()
+    res = subprocess.run([sys.executable, "-I", str(bspatch.WORKER), str(base_file), str(out),
+                          str(len(TARGET)), str(256 << 20)], input=bad, capture_output=True,
+                         check=False)
+    assert res.returncode == bspatch.EXIT_MALFORMED
+    assert b"bad lengths" in res.stderr
+    assert out.read_bytes() == b""
+
+
+def test_control_triples_that_overrun_the_output_are_refused(base_file: Path) -> None:
+    ctrl = b"".join(bspatch_int64(n) for n in (len(TARGET), 5, 0))  # x + y > new size
+    bad = bsdiff_patch(ctrl, b"\0" * len(TARGET), b"\0" * 5, len(TARGET))
+    with pytest.raises(UpdateRejected, match="past the declared output size"):
+        apply_artifact(manifest(bad), bad, base_file)
+    short = bsdiff_patch(b"".join(bspatch_int64(n) for n in (10, 0, 0)), b"\0" * 10, b"",
+                         len(TARGET))
+    with pytest.raises(UpdateRejected, match="patch produced 10 bytes"):
+        apply_artifact(manifest(short), short, base_file)
 
 
 def test_patch_over_the_memory_cap_is_refused_before_it_runs(base_file: Path) -> None:

@@ -7,12 +7,16 @@ delta it builds, so encoder and decoder can never drift apart.
 Codecs (the manifest's ``artifact.codec``):
 
 ``identity``
-    The artifact is the target.
+    The artifact is the target (a full model, shipped as it is).
+``zstd``
+    A full model as one zstd frame (no base). Streams with a window of at most 128 MiB.
 ``bsdiff4``
-    Classic bsdiff. Needs base, target and delta in memory at once.
+    Classic bsdiff (BSDIFF40). Applied by ``bspatch`` in a memory-capped child process that
+    streams: the base is read range by range and the target written as it is produced.
 ``zstd-dict``
     zstd frame compressed with the whole base as a raw-content dictionary and a window that
-    covers it (the semantics of ``zstd --patch-from``). Needs base and target in memory.
+    covers it (the semantics of ``zstd --patch-from``). The decoder holds the dictionary (one
+    copy of the base) and its window (up to the target size); the output streams.
 ``tensor-xor``
     Model-aware container (built by the server from the ONNX/TFLite structure, applied here on
     raw bytes). Layout, all integers little-endian::
@@ -29,36 +33,50 @@ Codecs (the manifest's ``artifact.codec``):
     ``segments`` cover tensor bytes of the target, in target order and non-overlapping. Their
     payload frames follow one another in the payload, in segment order. ``op`` is one of
     ``copy`` (base bytes as they are, no payload), ``raw`` (the target's elements split into
-    ``itemsize`` byte planes, each plane one zstd frame), ``xor`` / ``sub`` (the same for
-    ``target ^ base`` / ``target - base`` taken as unsigned ``itemsize``-byte integers).
+    ``itemsize`` byte planes, each plane one compressed frame), ``xor`` / ``sub`` (the same for
+    ``target ^ base`` / ``target - base`` taken as unsigned ``itemsize``-byte integers), ``zsub``
+    (``target - base`` as a signed integer, zigzag-mapped so that small differences of either
+    sign have zero high bytes: ``(d << 1) ^ (d >> (8 * itemsize - 1))``). A plane frame is a zstd
+    frame, or a bz2 stream (``BZh`` magic) where bz2 packs a sparse plane tighter.
     Every target byte no segment covers comes, in order, from the *skeleton*: one zstd frame
     compressed with the base's skeleton (the base minus ``base_ranges``) as a raw-content
     dictionary, so graph structure is diffed against the old graph.
 
     Decoding streams: base and delta are read range by range and the target is written
-    segment by segment, so the peak is about target + delta + one chunk, and a verifier can
-    hash the output without ever holding it.
+    segment by segment, so the peak is the skeleton plus one chunk, and a verifier can hash
+    the output without ever holding it.
+
+Every decoder writes to a *sink* piece by piece (``decode_stream``): the agent writes the
+pieces to a staging file while hashing them (``decode_to_file``), so no codec holds the
+target in memory.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol, cast
 
-import bsdiff4
 import numpy as np
 import zstandard as zstd
 
+from ._bspatch_worker import stream_patch
+
 IDENTITY = "identity"
+ZSTD = "zstd"
 BSDIFF4 = "bsdiff4"
 ZSTD_DICT = "zstd-dict"
 TENSOR_XOR = "tensor-xor"
-CODECS = (IDENTITY, BSDIFF4, ZSTD_DICT, TENSOR_XOR)
+CODECS = (IDENTITY, ZSTD, BSDIFF4, ZSTD_DICT, TENSOR_XOR)
+FULL_CODECS = (IDENTITY, ZSTD)  # no base needed
+ZSTD_MAX_WINDOW_BYTES = 1 << 27  # a full-model frame may not ask a device for more
 
 TX_MAGIC = b"DFTX"
 TX_VERSION = 1
@@ -67,6 +85,11 @@ MAX_HEADER_BYTES = 256 << 20
 _UINT: dict[int, np.dtype[Any]] = {
     1: np.dtype(np.uint8), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")
 }
+_INT: dict[int, np.dtype[Any]] = {
+    1: np.dtype(np.int8), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")
+}
+BZ2_MAGIC = b"BZh"
+STREAM_PIECE_BYTES = 1 << 20
 # Interpreter, numpy and zstd contexts, counted once in every prediction.
 _FIXED_OVERHEAD_BYTES = 64 << 20
 
@@ -130,19 +153,40 @@ class FileSource:
         self.close()
 
 
+class SourceReader:
+    """A file-like ``read(n)`` over a Source, for stream decompressors."""
+
+    def __init__(self, source: Source) -> None:
+        self._src = source
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._src.size - self._pos
+        n = left if n is None or n < 0 else min(n, left)
+        out = bytes(self._src.read_at(self._pos, n))
+        self._pos += n
+        return out
+
+
 # ------------------------------------------------------------------ memory predictions
 
 
 def predicted_decode_bytes(codec: str, base_size: int, target_size: int, delta_size: int) -> int:
-    """Upper estimate of the decoder's peak memory when the output is kept in memory."""
+    """Upper estimate of the decoder's peak memory when the output streams to a file
+    (``decode_to_file``); ``decode`` adds the target it returns. bsdiff4's figure is its
+    child process's (see ``bspatch``)."""
     if codec == IDENTITY:
-        return _FIXED_OVERHEAD_BYTES + delta_size
+        return _FIXED_OVERHEAD_BYTES + STREAM_PIECE_BYTES
+    if codec == ZSTD:
+        return _FIXED_OVERHEAD_BYTES + min(target_size, ZSTD_MAX_WINDOW_BYTES) + 2 * STREAM_PIECE_BYTES
     if codec == BSDIFF4:
-        return _FIXED_OVERHEAD_BYTES + base_size + 2 * target_size + delta_size
+        return _FIXED_OVERHEAD_BYTES + delta_size + 8 * STREAM_PIECE_BYTES
     if codec == ZSTD_DICT:
-        return _FIXED_OVERHEAD_BYTES + 2 * base_size + target_size + delta_size
+        # base read, then its dictionary copy (the read is freed), plus the window
+        return _FIXED_OVERHEAD_BYTES + max(2 * base_size, base_size + target_size)
     if codec == TENSOR_XOR:
-        return _FIXED_OVERHEAD_BYTES + target_size + delta_size + 8 * TX_CHUNK_BYTES
+        # the skeletons are the model minus its tensors: small, bounded here by a fraction
+        return _FIXED_OVERHEAD_BYTES + (base_size + target_size) // 16 + 8 * TX_CHUNK_BYTES
     raise UnknownCodec(f"unknown codec {codec!r}")
 
 
@@ -198,6 +242,16 @@ def base_skeleton(base: Source, ranges: list[list[int]]) -> bytes:
 
 
 def _decompress(data: bytes | memoryview, size: int, dctx: zstd.ZstdDecompressor) -> bytes:
+    """One payload frame of exactly ``size`` bytes: zstd, or bz2 (bounded: no bombs)."""
+    if bytes(data[:3]) == BZ2_MAGIC:
+        d = bz2.BZ2Decompressor()
+        try:
+            out = d.decompress(data, max_length=size + 1)
+        except (OSError, EOFError, ValueError) as e:
+            raise CodecError(f"corrupt payload frame: {e}") from e
+        if len(out) != size or not d.eof:
+            raise CodecError("payload frame has the wrong length")
+        return out
     try:
         out = dctx.decompress(data, max_output_size=size)
     except zstd.ZstdError as e:
@@ -205,6 +259,22 @@ def _decompress(data: bytes | memoryview, size: int, dctx: zstd.ZstdDecompressor
     if len(out) != size:
         raise CodecError("payload frame has the wrong length")
     return out
+
+
+def zigzag(diff: np.ndarray) -> np.ndarray:
+    """Signed differences (as unsigned elements) -> zigzag: small magnitudes, small values."""
+    bits = 8 * diff.dtype.itemsize
+    signed = diff.view(_INT[diff.dtype.itemsize])
+    return ((signed << 1) ^ (signed >> (bits - 1))).view(diff.dtype)
+
+
+def unzigzag(values: np.ndarray) -> np.ndarray:
+    """Inverse of ``zigzag``, in place; returns the signed differences as unsigned elements."""
+    low = values & 1
+    values >>= 1
+    np.negative(low, out=low)  # 0 -> 0, 1 -> all ones
+    np.bitwise_xor(values, low, out=values)
+    return values
 
 
 def _iter_tensor_xor(delta: Source, base: Source) -> Iterator[bytes | memoryview]:
@@ -241,11 +311,13 @@ def _iter_tensor_xor(delta: Source, base: Source) -> Iterator[bytes | memoryview
                 payload_pos += plane_len
                 elements[:, k] = np.frombuffer(_decompress(frame, n, dctx), dtype=np.uint8)
             values = elements.reshape(-1).view(_UINT[width])
-            if op in ("xor", "sub"):
+            if op in ("xor", "sub", "zsub"):
                 old = np.frombuffer(base.read_at(b_off, length), dtype=_UINT[width])
                 if op == "xor":
                     np.bitwise_xor(values, old, out=values)
                 else:
+                    if op == "zsub":
+                        unzigzag(values)
                     np.add(values, old, out=values)
             elif op != "raw":
                 raise CodecError(f"unknown segment op {op!r}")
@@ -261,9 +333,16 @@ def _iter_tensor_xor(delta: Source, base: Source) -> Iterator[bytes | memoryview
 # ------------------------------------------------------------------ entry points
 
 
-def _zstd_dict_decompressor(base: bytes) -> zstd.ZstdDecompressor:
-    dictionary = zstd.ZstdCompressionDict(base, dict_type=zstd.DICT_TYPE_RAWCONTENT)
-    return zstd.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << 31)
+def _stream_zstd(dctx: zstd.ZstdDecompressor, delta: Source, sink: Callable[[bytes | memoryview], object],
+                 target_size: int | None, codec: str) -> None:
+    written = 0
+    source = cast(IO[bytes], SourceReader(delta))  # read(n) is all the reader uses
+    with dctx.stream_reader(source, read_size=STREAM_PIECE_BYTES) as reader:
+        while chunk := reader.read(STREAM_PIECE_BYTES):
+            written += len(chunk)
+            if target_size is not None and written > target_size:
+                raise CodecError(f"{codec} output is longer than the target")
+            sink(chunk)
 
 
 def decode_stream(
@@ -274,31 +353,36 @@ def decode_stream(
     *,
     target_size: int | None = None,
 ) -> None:
-    """Write the target to ``sink`` piece by piece. Raises CodecError (UnknownCodec, ...)."""
+    """Write the target to ``sink`` piece by piece. Raises CodecError (UnknownCodec, ...).
+
+    bsdiff4 is decoded in-process here (the server's round trip, on trusted bytes); the agent
+    applies bsdiff4 through ``bspatch``, in a contained child process."""
     if codec not in CODECS:
         raise UnknownCodec(f"unknown codec {codec!r}")
-    if codec == IDENTITY:
-        sink(delta.read_at(0, delta.size))
-        return
-    if base is None:
-        raise CodecError(f"codec {codec} needs the base model")
-    if codec == TENSOR_XOR:
-        for piece in _iter_tensor_xor(delta, base):
-            sink(piece)
-        return
-    base_bytes = bytes(base.read_at(0, base.size))
-    delta_bytes = delta.read_at(0, delta.size)
     try:
-        if codec == BSDIFF4:
-            sink(bsdiff4.patch(base_bytes, bytes(delta_bytes)))
+        if codec == IDENTITY:
+            for off in range(0, delta.size, STREAM_PIECE_BYTES):
+                sink(delta.read_at(off, min(STREAM_PIECE_BYTES, delta.size - off)))
+            return
+        if codec == ZSTD:
+            _stream_zstd(zstd.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW_BYTES), delta, sink,
+                         target_size, codec)
+            return
+        if base is None:
+            raise CodecError(f"codec {codec} needs the base model")
+        if codec == TENSOR_XOR:
+            for piece in _iter_tensor_xor(delta, base):
+                sink(piece)
+        elif codec == BSDIFF4:
+            try:
+                stream_patch(delta, base, sink, target_size)
+            except ValueError as e:
+                raise CodecError(f"bsdiff4 patch is malformed: {e}") from e
         else:
-            reader = _zstd_dict_decompressor(base_bytes).stream_reader(delta_bytes)
-            written = 0
-            while chunk := reader.read(TX_CHUNK_BYTES):
-                written += len(chunk)
-                if target_size is not None and written > target_size:
-                    raise CodecError("zstd-dict output is longer than the target")
-                sink(chunk)
+            dictionary = zstd.ZstdCompressionDict(bytes(base.read_at(0, base.size)),
+                                                  dict_type=zstd.DICT_TYPE_RAWCONTENT)
+            dctx = zstd.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << 31)
+            _stream_zstd(dctx, delta, sink, target_size, codec)
     except (zstd.ZstdError, MemoryError, OverflowError) as e:
         raise CodecError(f"{codec} failed: {e}") from e
     except ValueError as e:
@@ -314,6 +398,71 @@ def target_size_of(codec: str, delta: Source) -> int | None:
     return None
 
 
+def check_memory(codec: str, base_size: int, target_size: int, delta_size: int,
+                 max_memory_bytes: int | None) -> None:
+    """MemoryCapExceeded before any work when the decode is predicted to exceed the cap."""
+    if codec not in CODECS:
+        raise UnknownCodec(f"unknown codec {codec!r}")
+    cap = default_memory_cap_bytes() if max_memory_bytes is None else max_memory_bytes
+    need = predicted_decode_bytes(codec, base_size, target_size, delta_size)
+    if need > cap:
+        raise MemoryCapExceeded(
+            f"applying a {codec} artifact needs about {need >> 20} MiB, over the {cap >> 20} MiB cap"
+        )
+
+
+def decode_to_file(
+    codec: str,
+    delta: Source,
+    base_path: Path | None,
+    dest: Path,
+    *,
+    target_size: int,
+    max_memory_bytes: int | None = None,
+) -> str:
+    """Decode into ``dest`` durably (temp file, fsync, rename, fsync dir) and return the sha256
+    of what was written. Nothing is left at ``dest`` or beside it when decoding fails.
+
+    The caller compares the sha256 with the signed target before renaming anything it trusts;
+    ``dest`` is a content address, so a wrong result is never mistaken for the right one:
+    use a temporary ``dest`` and rename after the check (``update.apply_to_file`` does)."""
+    base: FileSource | None = None
+    if codec not in FULL_CODECS:
+        if base_path is None or not Path(base_path).exists():
+            raise CodecError("delta needs the base model, which is not on disk")
+        base = FileSource(base_path)
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    h = hashlib.sha256()
+    written = 0
+    try:
+        check_memory(codec, base.size if base else 0, target_size, delta.size, max_memory_bytes)
+        with os.fdopen(fd, "wb") as out:
+
+            def sink(piece: bytes | memoryview) -> None:
+                nonlocal written
+                written += len(piece)
+                if written > target_size:
+                    raise CodecError("patched output is longer than the target")
+                h.update(piece)
+                out.write(piece)
+
+            decode_stream(codec, delta, base, sink, target_size=target_size)
+            if written != target_size:
+                raise CodecError("patched output is shorter than the target")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    finally:
+        if base is not None:
+            base.close()
+    return h.hexdigest()
+
+
 def decode(
     codec: str,
     delta: bytes | bytearray | memoryview,
@@ -322,27 +471,18 @@ def decode(
     target_size: int,
     max_memory_bytes: int | None = None,
 ) -> bytes | bytearray:
-    """The target bytes, refusing (MemoryCapExceeded) a decode predicted to exceed the cap.
-
-    The caller still checks the result against the signed target sha256 and size.
-    """
+    """The target bytes in memory (tests, simulators and small models; the agent itself
+    streams to disk with ``decode_to_file``). The caller checks the signed sha256."""
     if codec not in CODECS:
         raise UnknownCodec(f"unknown codec {codec!r}")
-    if codec == IDENTITY:
-        return bytes(delta) if not isinstance(delta, bytes) else delta
-    cap = default_memory_cap_bytes() if max_memory_bytes is None else max_memory_bytes
     base: FileSource | None = None
-    if codec != IDENTITY:
+    if codec not in FULL_CODECS:
         if base_path is None or not Path(base_path).exists():
             raise CodecError("delta needs the base model, which is not on disk")
         base = FileSource(base_path)
     try:
-        need = predicted_decode_bytes(codec, base.size if base else 0, target_size, len(delta))
-        if need > cap:
-            raise MemoryCapExceeded(
-                f"applying a {codec} delta needs about {need >> 20} MiB, "
-                f"over the {cap >> 20} MiB cap"
-            )
+        check_memory(codec, base.size if base else 0, target_size, len(delta),
+                     None if max_memory_bytes is None else max_memory_bytes - target_size)
         out = bytearray(target_size)
         view = memoryview(out)
         pos = 0
@@ -388,17 +528,24 @@ def decode_sha256(codec: str, delta_path: Path, base_path: Path | None) -> tuple
 __all__ = [
     "BSDIFF4",
     "CODECS",
+    "FULL_CODECS",
     "IDENTITY",
     "TENSOR_XOR",
+    "ZSTD",
     "ZSTD_DICT",
     "BytesSource",
     "CodecError",
     "FileSource",
     "MemoryCapExceeded",
     "Source",
+    "SourceReader",
     "UnknownCodec",
+    "check_memory",
     "decode",
     "decode_sha256",
     "decode_stream",
+    "decode_to_file",
     "predicted_decode_bytes",
+    "unzigzag",
+    "zigzag",
 ]

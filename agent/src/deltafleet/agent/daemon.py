@@ -77,7 +77,7 @@ from .trust import RootTrust, open_trust
 from .update import (
     MAX_MANIFEST_BYTES,
     ChunkSet,
-    apply_artifact,
+    apply_to_file,
     check_base,
     check_disk,
     verify_manifest,
@@ -445,16 +445,15 @@ class Agent:
         re-delivery, not a replay. A manifest superseded by a newer one is not in here."""
         ids = set(self.recovering)
         current = self.store.current(model)
-        ids.add(current.manifest_id if current is not None else None)
-        ids.add(self.store.failed_manifest(model))
+        failed = self.store.failed_manifest(model)
+        ids.update(i for i in (current.manifest_id if current else None, failed) if i)
         if model in self.downloads:
             ids.add(self.downloads[model].manifest.manifest_id)
         if model in self.trials:
             ids.add(self.trials[model].manifest.manifest_id)
         if model in self.pending:
             ids.add(self.pending[model][0])
-        ids.discard(None)
-        return ids  # type: ignore[return-value]
+        return ids
 
     def on_manifest(self, model: str, payload: bytes) -> None:
         """Verify (update.verify_manifest, steps 1-5), then act; see update for the order."""
@@ -591,16 +590,15 @@ class Agent:
         try:
             if chunks is not None:
                 self.journal.advance(m.model, "patching")
-                artifact = chunks.assemble()
+                artifact = chunks.source()  # verified against the signed artifact sha256
                 current = self.store.current(m.model)
                 base = self.store.model_path(current.sha256, current.format) if current else None
-                target = apply_artifact(m, artifact, base,
-                                        max_memory_bytes=self.cfg.patch_memory_bytes,
-                                        timeout_s=self.cfg.patch_timeout_s)
-                del artifact
+                path = self.store.model_path(m.target_sha256, m.format)
+                if not path.exists():  # streamed to disk and verified before it appears
+                    apply_to_file(m, artifact, base, path,
+                                  max_memory_bytes=self.cfg.patch_memory_bytes,
+                                  timeout_s=self.cfg.patch_timeout_s)
                 self._crash_point("patch")
-                path = self.store.stage(m.target_sha256, m.format, target)
-                del target
                 self.journal.advance(m.model, "staged")
                 self._crash_point("stage")
             else:

@@ -16,13 +16,17 @@ never touched by a refused update):
 9. the whole artifact against its signed sha256 and size (``ChunkSet.assemble``)
 10. bsdiff4 only: the patch header's output length must equal ``target_size_bytes``, then
     bspatch runs in a child process with a memory cap and a timeout (``bspatch``)
-11. the result against the signed target sha256 and size (``apply_artifact``)
+11. the result against the signed target sha256 and size (``apply_to_file``): the target is
+    decoded into a temp file beside its content address while being hashed, and renamed into
+    place only when it matches. No codec holds the target (or the artifact) in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import tempfile
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -33,6 +37,7 @@ from deltafleet.shared import (
     Manifest,
     WireError,
     atomic_write_bytes,
+    fsync_dir,
     sha256_bytes,
 )
 
@@ -153,60 +158,136 @@ class ChunkSet:
     def bytes_received(self) -> int:
         return sum((self.dir / str(i)).stat().st_size for i in self.have)
 
-    def assemble(self) -> bytes:
-        data = b"".join((self.dir / str(i)).read_bytes() for i in range(self.total))
-        if len(data) != self.art.size_bytes or sha256_bytes(data) != self.art.sha256:
+    def source(self) -> ChunkSource:
+        """The whole artifact, verified against its signed sha256 and size, read in place
+        from the chunk files (never assembled in memory or copied on disk)."""
+        src = ChunkSource(self.dir, self.total, self.art.chunk_size_bytes)
+        h = hashlib.sha256()
+        size = 0
+        try:
+            for i in range(self.total):
+                data = (self.dir / str(i)).read_bytes()
+                h.update(data)
+                size += len(data)
+                if i < self.total - 1 and len(data) != self.art.chunk_size_bytes:
+                    raise UpdateRejected(f"chunk {i} is shorter than the chunk size")
+        except FileNotFoundError as e:
+            raise UpdateRejected(f"a chunk vanished from disk: {e.filename}") from e
+        except UpdateRejected:
+            size = -1
+        if size != self.art.size_bytes or h.hexdigest() != self.art.sha256:
             for i in range(self.total):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.dir / str(i))
             self.have.clear()
             raise UpdateRejected("artifact hash mismatch after assembly")
-        return data
+        src.size = size
+        return src
+
+    def assemble(self) -> bytes:
+        """The verified artifact in memory (small artifacts, tests)."""
+        src = self.source()
+        return bytes(src.read_at(0, src.size))
+
+
+class ChunkSource:
+    """Random access (``codecs.Source``) to an artifact stored as fixed-size chunk files."""
+
+    def __init__(self, directory: Path, count: int, chunk_size: int) -> None:
+        self.dir = directory
+        self.count = count
+        self.chunk_size = chunk_size
+        self.size = 0
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise codecs.CodecError(f"range {offset}+{length} is outside the artifact "
+                                    f"({self.size} bytes)")
+        parts = []
+        while length > 0:
+            i, rel = divmod(offset, self.chunk_size)
+            n = min(length, self.chunk_size - rel)
+            with open(self.dir / str(i), "rb") as f:
+                f.seek(rel)
+                part = f.read(n)
+            if len(part) != n:
+                raise codecs.CodecError(f"chunk {i} changed on disk")
+            parts.append(part)
+            offset += n
+            length -= n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def apply_to_file(
+    manifest: Manifest,
+    artifact: codecs.Source,
+    base_path: Path | None,
+    dest: Path,
+    *,
+    max_memory_bytes: int | None = None,
+    timeout_s: float = 600.0,
+) -> Path:
+    """Steps 10-11: decode a verified artifact into ``dest`` (the target's content address),
+    streamed and hashed on the way; ``dest`` appears (durably) only if the result is the
+    signed target. Raises UpdateRejected; nothing is left behind on failure.
+
+    bsdiff4 patches run in a child process (``bspatch``) once their header declares the signed
+    target size; the other codecs decode in-process within ``max_memory_bytes`` (default: half
+    the machine's memory), refused before any work when predicted to exceed it.
+    """
+    codec = manifest.artifact.codec
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if codec == codecs.BSDIFF4:
+        if base_path is None or not Path(base_path).is_file():
+            raise UpdateRejected("bsdiff4 patch needs the base model, which is not on disk")
+        try:
+            bspatch.apply_to_file(Path(base_path), artifact, manifest.target_size_bytes, dest,
+                                  expect_sha256=manifest.target_sha256,
+                                  max_memory_bytes=max_memory_bytes, timeout_s=timeout_s)
+        except bspatch.PatchRefused as e:
+            if "sha256 differs" in str(e):
+                raise UpdateRejected("target hash mismatch: patched model is not the signed "
+                                     "target") from e
+            raise UpdateRejected(f"bsdiff4 patch refused: {e}") from e
+        return dest
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            digest = codecs.decode_to_file(codec, artifact, base_path, tmp,
+                                           target_size=manifest.target_size_bytes,
+                                           max_memory_bytes=max_memory_bytes)
+        except codecs.UnknownCodec as e:
+            raise UpdateRejected(f"unknown codec {codec!r}") from e
+        except codecs.CodecError as e:
+            raise UpdateRejected(f"{codec} patch failed: {e}") from e
+        except MemoryError as e:
+            raise UpdateRejected(f"{codec} patch ran out of memory") from e
+        if digest != manifest.target_sha256:
+            raise UpdateRejected("target hash mismatch: patched model is not the signed target")
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(dest.parent)
+    return dest
 
 
 def apply_artifact(
     manifest: Manifest,
-    artifact: bytes,
+    artifact: bytes | bytearray,
     base_path: Path | None,
     *,
     max_memory_bytes: int | None = None,
     timeout_s: float = 600.0,
 ) -> bytes:
-    """Steps 10-11: turn a verified artifact into the target bytes, verified against the
-    manifest.
-
-    bsdiff4 patches run in a child process (``bspatch.apply``) once their header declares
-    the signed target size; the other codecs decode in-process within ``max_memory_bytes``
-    (default: half the machine's memory), refused before any work when over it.
-    """
-    if manifest.artifact.codec == codecs.BSDIFF4:
-        if base_path is None or not Path(base_path).is_file():
-            raise UpdateRejected("bsdiff4 patch needs the base model, which is not on disk")
-        try:
-            bspatch.check_header(artifact, manifest.target_size_bytes)
-            target = bspatch.apply(Path(base_path), artifact, manifest.target_size_bytes,
-                                   max_memory_bytes=max_memory_bytes, timeout_s=timeout_s)
-        except bspatch.PatchRefused as e:
-            raise UpdateRejected(f"bsdiff4 patch refused: {e}") from e
-        return _checked_target(manifest, target)
-    try:
-        target = codecs.decode(
-            manifest.artifact.codec,
-            artifact,
-            base_path,
-            target_size=manifest.target_size_bytes,
-            max_memory_bytes=max_memory_bytes,
-        )
-    except codecs.UnknownCodec as e:
-        raise UpdateRejected(f"unknown codec {manifest.artifact.codec!r}") from e
-    except codecs.CodecError as e:
-        raise UpdateRejected(f"{manifest.artifact.codec} patch failed: {e}") from e
-    except MemoryError as e:
-        raise UpdateRejected(f"{manifest.artifact.codec} patch ran out of memory") from e
-    return _checked_target(manifest, target)
-
-
-def _checked_target(manifest: Manifest, target: bytes | bytearray) -> bytes:
-    if len(target) != manifest.target_size_bytes or sha256_bytes(target) != manifest.target_sha256:
-        raise UpdateRejected("target hash mismatch: patched model is not the signed target")
-    return target  # type: ignore[return-value]  # a bytearray: no copy of a large model
+    """``apply_to_file`` for an artifact in memory, returning the verified target bytes (the
+    simulator and tests; the agent streams from its chunk files)."""
+    with tempfile.TemporaryDirectory(prefix="deltafleet-apply-") as tmp:
+        dest = apply_to_file(manifest, codecs.BytesSource(artifact), base_path,
+                             Path(tmp) / "target", max_memory_bytes=max_memory_bytes,
+                             timeout_s=timeout_s)
+        return dest.read_bytes()
