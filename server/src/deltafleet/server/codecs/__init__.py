@@ -32,7 +32,7 @@ from deltafleet.agent.codecs import (
 )
 
 from .layout import model_tensors
-from .tensor import encode_tensor_xor
+from .tensor import encode_tensor_xor, plane_level
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,17 @@ class TensorXorEncoder(Encoder):
 
     name = TENSOR_XOR
 
-    def __init__(self, level: int = 6) -> None:
-        self.level = level
+    def __init__(self, level: int | None = None) -> None:
+        self.level = level  # None: tensor.plane_level(target size)
 
     def predicted_peak_bytes(self, base_size: int, target_size: int) -> int:
         # Skeletons are a few MB for real models; chunks are 4 MiB.
         return _OVERHEAD_BYTES + (64 << 20) + (base_size + target_size) // 64
 
     def predicted_seconds(self, base_size: int, target_size: int) -> float:
-        return (base_size + target_size) / 40e6
+        level = self.level if self.level is not None else plane_level(target_size)
+        rate = 15e6 if level >= 19 else 40e6 if level >= 12 else 100e6  # bytes of both, per s
+        return (base_size + target_size) / rate
 
     def applicable(self, base_path: Path, target_path: Path) -> bool:
         with FileSource(base_path) as b, FileSource(target_path) as t:

@@ -153,10 +153,23 @@ def _encode_chunk(
     return best, _compress_planes(candidates[best], cctx)
 
 
+def plane_level(target_size: int) -> int:
+    """zstd level for the planes: as high as the 100 MB-in-15 s build target allows. Most
+    plane bytes of a fine-tune are noise that every level stores as-is, so the cost is in
+    the few compressible planes (25 MB FP32 fine-tune: level 6 0.25 s, 15 1.2 s (-1.3%),
+    19 2.9 s (-1.7%))."""
+    if target_size <= (32 << 20):
+        return 19
+    if target_size <= (256 << 20):
+        return 15
+    return 9
+
+
 def encode_tensor_xor(
-    base_path: Path, target_path: Path, out_path: Path, *, level: int = 6
+    base_path: Path, target_path: Path, out_path: Path, *, level: int | None = None
 ) -> TensorStats | None:
-    """Write a tensor-xor delta to ``out_path``; None if either file is not a known model."""
+    """Write a tensor-xor delta to ``out_path``; None if either file is not a known model.
+    ``level`` (zstd, planes) defaults to ``plane_level(target size)``."""
     with FileSource(base_path) as base, FileSource(target_path) as target:
         base_layout, target_layout = model_tensors(base), model_tensors(target)
         if base_layout is None or target_layout is None or base_layout[0] != target_layout[0]:
@@ -165,6 +178,7 @@ def encode_tensor_xor(
         target_t = [t for t in target_layout[1] if t.length >= MIN_TENSOR_BYTES]
         pairs = _pair(base, base_t, target, target_t)
 
+        level = plane_level(target.size) if level is None else level
         cctx = zstd.ZstdCompressor(level=level)
         trial = zstd.ZstdCompressor(level=1)
         segments: list[list[object]] = []
