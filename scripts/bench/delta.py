@@ -13,6 +13,10 @@ DequantizeLinear):
   layer_inserted    a new hidden layer in the middle, existing layers unchanged
   complete_retrain  every weight new
 
+Real pairs: every directory under scripts/bench/data/ holding two ``*.onnx`` / ``*.tflite``
+files (sorted by name: base, then target) is measured too — today silero-vad 5.1 -> 6.0.0
+from the PyPI wheels (see its README). ``BENCH_REAL=0`` skips them.
+
 Environment:
   BENCH_QUICK=1        2 MB models only (smoke test, ~1 min)
   BENCH_SIZES=25,100   FP32 sizes in MiB (INT8 variants are a quarter of the FP32 bytes
@@ -298,6 +302,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def real_pairs() -> list[tuple[Path, Path, str]]:
+    """(base, target, label) for each shipped real model pair."""
+    out = []
+    data = Path(__file__).resolve().parent / "data"
+    for d in sorted(p for p in data.iterdir() if p.is_dir()) if data.is_dir() else []:
+        models = sorted([*d.glob("*.onnx"), *d.glob("*.tflite")])
+        if len(models) == 2:
+            out.append((models[0], models[1], f"real {models[0].stem} -> {models[1].stem}"))
+    return out
+
+
 def main() -> int:
     quick = os.environ.get("BENCH_QUICK") == "1"
     sizes_env = os.environ.get("BENCH_SIZES", "25,100")
@@ -323,6 +338,11 @@ def main() -> int:
         rows.append(measure_pair(label, base, target, d, codecs=codecs))
         base.unlink()
         target.unlink()
+    if os.environ.get("BENCH_REAL", "1") == "1":
+        for base, target, label in real_pairs():
+            print(f"[delta bench] {label}", file=sys.stderr)
+            rows.append(measure_pair(label, base, target, work,
+                                     codecs=["auto", "tensor-xor", "zstd-dict", "bsdiff4"]))
     if os.environ.get("BENCH_1GB") == "1":
         d = work / "fp32-1024-finetune"
         base, target = make_pair("finetune", d, size_mb=1024, precision="fp32")

@@ -99,8 +99,46 @@ def _onnx_tensor(src: Source, start: int, end: int) -> TensorRange | None:
     return TensorRange(name, data[0], data[1], _width(_ONNX_WIDTH.get(dtype, 1)), f"onnx:{dtype}")
 
 
+_MAX_GRAPH_DEPTH = 16
+
+
+def _onnx_graph(src: Source, start: int, end: int, out: list[TensorRange], depth: int) -> None:
+    """Initializers of a GraphProto, and tensors held in node attributes (``Constant`` values,
+    anywhere in ``If`` / ``Loop`` / ``Scan`` subgraphs): exporters put weights there too."""
+    if depth > _MAX_GRAPH_DEPTH:
+        raise _Malformed("subgraphs nested too deep")
+    for number, wire, value in _fields(src, start, end):
+        if number == 5 and wire == 2:  # GraphProto.initializer
+            t = _onnx_tensor(src, value[0], value[0] + value[1])
+            if t is not None:
+                out.append(t)
+        elif number == 1 and wire == 2:  # GraphProto.node
+            _onnx_node(src, value[0], value[0] + value[1], out, depth)
+
+
+def _onnx_node(src: Source, start: int, end: int, out: list[TensorRange], depth: int) -> None:
+    first_output = ""
+    attributes = []
+    for number, wire, value in _fields(src, start, end):
+        if number == 2 and wire == 2 and not first_output:  # NodeProto.output
+            off, length = value
+            first_output = bytes(src.read_at(off, min(length, 4096))).decode("utf-8", "replace")
+        elif number == 5 and wire == 2:  # NodeProto.attribute
+            attributes.append(value)
+    for a_off, a_len in attributes:
+        for number, wire, value in _fields(src, a_off, a_off + a_len):
+            if number in (5, 10) and wire == 2:  # AttributeProto.t / .tensors
+                t = _onnx_tensor(src, value[0], value[0] + value[1])
+                if t is not None:
+                    out.append(t if t.name else TensorRange(first_output, t.offset, t.length,
+                                                            t.itemsize, t.dtype))
+            elif number in (6, 11) and wire == 2:  # AttributeProto.g / .graphs
+                _onnx_graph(src, value[0], value[0] + value[1], out, depth + 1)
+
+
 def onnx_tensors(src: Source) -> list[TensorRange] | None:
-    """Initializer data ranges of an ONNX ModelProto, or None if it is not one."""
+    """Weight data ranges of an ONNX ModelProto (initializers and constant attributes, in
+    subgraphs too), in file order, or None if it is not one."""
     try:
         graph = None
         has_ir_version = False
@@ -111,13 +149,10 @@ def onnx_tensors(src: Source) -> list[TensorRange] | None:
                 graph = value
         if graph is None or not has_ir_version:
             return None
-        tensors = []
+        tensors: list[TensorRange] = []
         g_start, g_len = graph
-        for number, wire, value in _fields(src, g_start, g_start + g_len):
-            if number == 5 and wire == 2:  # GraphProto.initializer
-                t = _onnx_tensor(src, value[0], value[0] + value[1])
-                if t is not None:
-                    tensors.append(t)
+        _onnx_graph(src, g_start, g_start + g_len, tensors, 0)
+        tensors.sort(key=lambda t: t.offset)
         return tensors
     except (_Malformed, ValueError):
         return None
