@@ -8,9 +8,10 @@ is only used by autogenerate; version scripts never import the ORM models.
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy.engine import Connection
+
 from deltafleet.server.store.db import make_engine
 from deltafleet.server.store.models import Base
-from sqlalchemy.engine import Connection
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,9 +1,10 @@
-"""`make demo`: a model update reaching real agents as a verified bsdiff delta over MQTT.
+"""`make demo`: a model update reaching real agents as a verified delta over MQTT.
 
 Starts a broker (Mosquitto if installed, else embedded amqtt; or FLEET_MQTT_URL), a server with
 SQLite in a temp home, and three agents as separate processes (jetson-1, jetson-2, rpi-1). Rolls
-v1 to the whole fleet (full artifact), then v2 (last layer retrained) to `--group jetson` (delta),
-and prints what each device runs. Leaves no process behind.
+v1 to the whole fleet (full artifact: the model zstd-compressed), then v2 (last layer retrained)
+to `--group jetson` (delta), and prints what each device runs and, per rollout, the bytes sent
+against the model's own size. Leaves no process behind.
 """
 
 from __future__ import annotations
@@ -40,6 +41,23 @@ def online(lab: Lab) -> set[str]:
         store.dispose()
 
 
+def rollout(lab: Lab, version: str, group: str) -> dict:
+    """Roll ``version`` out to ``group``, wait for it, and print what it sent: a full artifact
+    is the model zstd-compressed (smaller than the model), a delta far smaller still."""
+    res = lab.fleetctl("rollout", "model", version, "--group", group, "--wait", "--timeout",
+                       "60", "--health-window", "1s", "--json", echo=True)
+    status = json.loads(res.stdout)
+    kinds = sorted({t["artifact"] for t in status["targets"] if t["artifact"]})
+    print(f"rollout {status['id']}: {status['state']}; sent {' and '.join(kinds) or 'no'} "
+          f"artifacts, {status['bytes_sent']:,} bytes for {status['full_bytes']:,} bytes of model "
+          f"({100 * status['bytes_sent'] / max(1, status['full_bytes']):.1f}%)")
+    return status
+
+
+def sent(target: dict | None) -> str:
+    return f"{target['bytes_sent']:,} ({target['artifact']})" if target else "-"
+
+
 def main() -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="deltafleet-demo-") as tmp:
@@ -55,8 +73,9 @@ def main() -> int:
             v1, v2 = make_onnx_pair(Path(tmp) / "models", size_mb=4.0)
             print(f"generated detector v1 and v2 (last layer retrained), "
                   f"{v1.stat().st_size / 1e6:.1f} MB each")
-            lab.fleetctl("model", "add", "detector", "v1", str(v1), echo=True)
-            lab.fleetctl("model", "add", "detector", "v2", str(v2), echo=True)
+            for version, path in (("v1", v1), ("v2", v2)):  # prints what full installs ship
+                print(lab.fleetctl("model", "add", "detector", version, str(path),
+                                   echo=True).stdout.strip())
             lab.fleetctl("group", "create", "fleet", "--match", "site=demo", echo=True)
             lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson", echo=True)
             lab.start_server()
@@ -65,30 +84,27 @@ def main() -> int:
             wait_for(lambda: online(lab) >= set(DEVICES), 30, "3 agents online")
             print(f"agents online: {', '.join(DEVICES)}")
 
-            lab.fleetctl("rollout", "model", "v1", "--group", "fleet", "--wait",
-                         "--timeout", "60", "--health-window", "1s", echo=True)
-            res = lab.fleetctl("rollout", "model", "v2", "--group", "jetson", "--wait",
-                               "--timeout", "60", "--health-window", "1s", "--json", echo=True)
-            status = json.loads(res.stdout)
-            print(f"rollout {status['id']}: {status['state']}; bytes sent "
-                  f"{status['bytes_sent']:,} of {status['full_bytes']:,} full\n")
-            print(f"{'device':<10} {'group':<7} {'runs':<5} {'sha256':<14} {'v2 bytes sent':>14} "
-                  f"{'full':>10}")
-            sent = {t["device"]: t for t in status["targets"]}
+            first = rollout(lab, "v1", "fleet")
+            status = rollout(lab, "v2", "jetson")
+            print(f"\n{'device':<10} {'group':<7} {'runs':<5} {'sha256':<14} "
+                  f"{'v1 bytes sent':>20} {'v2 bytes sent':>18} {'model size':>11}")
+            v1_sent = {t["device"]: t for t in first["targets"]}
+            v2_sent = {t["device"]: t for t in status["targets"]}
             for device_id, hw in DEVICES.items():
                 running = lab.agent_status(device_id)[0]
-                t = sent.get(device_id)
-                sent_s = f"{t['bytes_sent']:,} ({t['artifact']})" if t else "-"
-                full_s = f"{t['full_bytes']:,}" if t else "-"
+                t1, t2 = v1_sent.get(device_id), v2_sent.get(device_id)
+                model_size = (t2 or t1 or {}).get("full_bytes")
                 print(f"{device_id:<10} {hw:<7} {running['version']:<5} "
-                      f"{running['sha256'][:12]:<14} {sent_s:>14} {full_s:>10}")
+                      f"{running['sha256'][:12]:<14} {sent(t1):>20} {sent(t2):>18} "
+                      f"{model_size or 0:>11,}")
             x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
             for device_id in DEVICES:
                 with AgentClient(port=lab.api_ports[device_id]) as client:
                     answer = client.predict("detector", x)
                 print(f"{device_id}: local inference API answered with detector "
                       f"{answer.version}{' (fallback)' if answer.fallback else ''}")
-            ok = status["state"] == "completed" and lab.agent_status("rpi-1")[0]["version"] == "v1"
+            ok = (first["state"] == status["state"] == "completed"
+                  and lab.agent_status("rpi-1")[0]["version"] == "v1")
             print(f"\n{'OK' if ok else 'FAILED'}: demo finished in {time.monotonic() - t0:.1f} s")
             return 0 if ok else 1
         except Exception as e:  # noqa: BLE001 - the demo reports, then cleans up

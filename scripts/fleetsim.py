@@ -1,8 +1,11 @@
 """Fleet simulator: many simulated devices in one process, each with its own MQTT connection
 to a real broker, speaking the real protocol through the project's own code (manifest
 signature, device binding, expiry and serial checks via ``deltafleet.agent.update``; every
-chunk and the whole artifact checked against the signed hashes; bsdiff4 patches verified
-against the target sha256).
+chunk and the whole artifact checked against the signed hashes; every artifact -- a full model,
+zstd-compressed or as it is, or a delta -- decoded by the agent's own decoder and verified
+against the target sha256). A model the fleet already holds (``SimFleet.model_cache``, like the
+agent's previous model on disk) is installed without a download; clear it to make a rollback
+download.
 
 Knobs per device inject failures: ``fail_apply`` (report failed after download),
 ``fail_health`` (the trial fails: report rolled_back to the previous model), ``go_offline()`` /

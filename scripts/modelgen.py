@@ -139,6 +139,33 @@ def make_onnx_pair(
     return v1, v2
 
 
+def make_incompressible_onnx_model(path: Path | str, *, seed: int = 0,
+                                   size_mb: float = 0.1) -> Path:
+    """Write an ONNX model zstd cannot shrink: ``output = input + noise`` over uint8 vectors,
+    with ``noise`` uniformly random bytes (what encrypted or already-compressed weights look
+    like). Its full artifact is the file as it is."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = Path(path)
+    n = max(1, round(size_mb * BYTES_PER_MB))
+    noise = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input", "noise"], ["output"], name="add_noise")],
+        "deltafleet_noise",
+        [helper.make_tensor_value_info("input", TensorProto.UINT8, [n])],
+        [helper.make_tensor_value_info("output", TensorProto.UINT8, [n])],
+        initializer=[numpy_helper.from_array(noise, "noise")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name=PRODUCER_NAME, producer_version=PRODUCER_VERSION)
+    model.ir_version = helper.find_min_ir_version_for(model.opset_import)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 def tflite_weights(
     *, seed: int = 0, input_dim: int = 8, output_dim: int = 4, retrain: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -100,6 +100,17 @@ def status(store: Store, rid: int) -> dict:
         return rollout_json(s, get_rollout(s, rid), with_targets=False)
 
 
+def artifact_bytes(store: Store, rid: int) -> int:
+    """What one device downloads in this rollout (full models ship zstd-compressed)."""
+    from sqlalchemy import func, select
+
+    from deltafleet.server.store.models import RolloutTarget
+
+    with store.session() as s:
+        return int(s.scalar(select(func.max(RolloutTarget.bytes_to_send))
+                            .where(RolloutTarget.rollout_id == rid)) or 0)
+
+
 def count_chunk_publishes(mqtt_url: str, prefix: str) -> tuple[MqttClient, dict[str, int]]:
     """A broker-side observer on every artifact topic: it receives each server publish once,
     so its byte count is what the server published."""
@@ -171,9 +182,9 @@ def bench_fanout(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
         wait_for(lambda: status(store, rid)["state"] == "completed", 600, "rollout completed", 0.5)
         wall = time.monotonic() - t0
         time.sleep(1.0)
-        size = model.stat().st_size
+        size = artifact_bytes(store, rid)
         return {
-            "devices": n, "artifact_bytes": size,
+            "devices": n, "artifact_bytes": size, "model_bytes": model.stat().st_size,
             "bytes_published": published["bytes"], "chunk_publishes": published["msgs"],
             "published_over_artifact": round(published["bytes"] / size, 3),
             "unicast_would_be": n,
@@ -310,6 +321,7 @@ async def _fanout_device(host: str, port: int, prefix: str, device_id: str, trus
                          done: dict[str, float]) -> None:
     """A simulated device: hello, verified manifest (the agent's own checks), chunk requests,
     every chunk and the whole artifact checked against the signed hashes, then healthy."""
+    from deltafleet.agent import codecs
     from deltafleet.agent.errors import UpdateRejected
     from deltafleet.agent.update import verify_manifest
     from deltafleet.shared import ChunkRequest, Event, Topics, sha256_bytes
@@ -356,7 +368,10 @@ async def _fanout_device(host: str, port: int, prefix: str, device_id: str, trus
         await mqtt.writer.drain()
         if manifest is not None and len(chunks) == len(manifest.artifact.chunks):
             data = b"".join(chunks[i] for i in range(len(chunks)))
-            assert sha256_bytes(data) == manifest.artifact.sha256 == manifest.target_sha256
+            assert sha256_bytes(data) == manifest.artifact.sha256
+            target = codecs.decode(manifest.artifact.codec, data, None,  # full: zstd / identity
+                                   target_size=manifest.target_size_bytes)
+            assert sha256_bytes(target) == manifest.target_sha256
             for state in ("trial", "healthy"):
                 mqtt.publish(t.events(device_id), encode(Event(
                     uuid.uuid4().hex, device_id, manifest.manifest_id, manifest.rollout_id,
@@ -392,6 +407,7 @@ def bench_fanout_async(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
             cpu0 = watch.cpu_s()
             t0 = time.monotonic()
             rid = await asyncio.to_thread(rollout, store, health_window_s=0, state_timeout_s=600)
+            rids.append(rid)
             while status(store, rid)["state"] != "completed":
                 await asyncio.sleep(0.5)
                 if time.monotonic() - t0 > 900:
@@ -401,10 +417,12 @@ def bench_fanout_async(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
             result["server_peak_rss_mb"] = round(watch.peak_rss / 2**20, 1)
             await asyncio.gather(*tasks, return_exceptions=True)
 
+        rids: list[int] = []
         asyncio.run(main())
         time.sleep(1.0)
-        size = model.stat().st_size
-        result.update(artifact_bytes=size, bytes_published=published["bytes"],
+        size = artifact_bytes(store, rids[0])
+        result.update(artifact_bytes=size, model_bytes=model.stat().st_size,
+                      bytes_published=published["bytes"],
                       chunk_publishes=published["msgs"],
                       published_over_artifact=round(published["bytes"] / size, 3),
                       unicast_would_be=n)

@@ -1,5 +1,6 @@
 """The foundation slice end to end: fleetctl + fleetctl server + three fleet-agent processes on a
-real Mosquitto, v1 to the fleet as full artifacts, v2 to the jetson group as bsdiff deltas."""
+real Mosquitto, v1 to the fleet as full artifacts (the model zstd-compressed), v2 to the jetson
+group as deltas."""
 
 from __future__ import annotations
 
@@ -46,6 +47,18 @@ def test_first_rollout_ships_full_models_to_every_device(fleet):
     r1 = fleet["r1"]
     assert r1["state"] == "completed"
     assert {t["device"]: t["artifact"] for t in r1["targets"]} == dict.fromkeys(DEVICES, "full")
+
+
+def test_first_installs_ship_the_model_zstd_compressed_and_end_on_its_sha(fleet):
+    lab, r1 = fleet["lab"], fleet["r1"]
+    shown = lab.fleetctl_json("model", "show", "detector")
+    (v1,) = next(v for v in shown["versions"] if v["version"] == "v1")["variants"]
+    packed = v1["compressed"]
+    assert packed["codec"] == "zstd" and packed["size_bytes"] < v1["size_bytes"]
+    for t in r1["targets"]:
+        assert t["state"] == "healthy"
+        assert t["bytes_sent"] == packed["size_bytes"] < t["full_bytes"] == v1["size_bytes"]
+        assert t["running_sha256"] == sha256_file(fleet["v1"])
 
 
 def test_jetson_devices_run_v2_after_receiving_a_delta(fleet):

@@ -43,6 +43,9 @@ def test_delta_build_stores_the_winner_like_the_daemon(home: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["codec"] == "tensor-xor" and data["worth_sending"] is True
+    assert data["full_artifact_codec"] == "zstd"  # a delta is weighed against what ships
+    assert data["full_artifact_bytes"] < data["target_size_bytes"]
+    assert data["ratio"] == round(data["size_bytes"] / data["full_artifact_bytes"], 4)
     assert data["base"] == "det:v1/default" and data["target"] == "det:v2/default"
     with Store(f"sqlite:///{home}/fleet.db") as store, store.session() as s:
         delta = s.scalars(select(Delta)).one()

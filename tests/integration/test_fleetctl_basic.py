@@ -11,11 +11,12 @@ from pathlib import Path
 
 import modelgen
 import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner, Result
+
 from deltafleet.server.cli import app
 from deltafleet.server.store import Store
 from deltafleet.server.store.models import Base
-from sqlalchemy import func, select
-from typer.testing import CliRunner, Result
 
 REPO = Path(__file__).resolve().parents[2]
 FLEETCTL = REPO / ".venv" / "bin" / "fleetctl"
@@ -87,6 +88,19 @@ def test_added_model_is_listed_in_model_list_json(home: Path, onnx_file: Path) -
     assert (variant["name"], variant["format"], variant["precision"]) == ("default", "onnx", "fp32")
     assert variant["size_bytes"] == onnx_file.stat().st_size
     assert (home / "blobs" / variant["sha256"][:2] / variant["sha256"]).is_file()
+    packed = variant["compressed"]
+    assert packed["codec"] == "zstd" and packed["size_bytes"] < variant["size_bytes"]
+    assert (home / "blobs" / packed["sha256"][:2] / packed["sha256"]).is_file()
+
+
+def test_model_show_prints_what_a_full_install_ships(home: Path, onnx_file: Path) -> None:
+    fleetctl("model", "add", "det", "v1", str(onnx_file))
+    packed = json.loads(fleetctl("model", "show", "det", "--json").stdout)[
+        "versions"][0]["variants"][0]["compressed"]
+    result = fleetctl("model", "show", "det")
+    assert result.exit_code == 0, result.output
+    assert "full install" in result.stdout and "zstd sha256" in result.stdout
+    assert packed["sha256"][:32] in result.stdout
 
 
 def test_model_show_json_has_the_io_signature(home: Path, onnx_file: Path) -> None:

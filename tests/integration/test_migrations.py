@@ -9,6 +9,8 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
 from deltafleet.server.store import (
     alembic_config,
     current_revision,
@@ -18,7 +20,6 @@ from deltafleet.server.store import (
     upgrade,
 )
 from deltafleet.server.store.models import Base
-from sqlalchemy import inspect
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import modelgen
 import pytest
+from sqlalchemy import func, inspect, select
+
+from deltafleet.agent.codecs import decode_sha256
 from deltafleet.server import registry
 from deltafleet.server.errors import CatalogError, ConflictError, NotFoundError, UsageError
+from deltafleet.server.planner import FullArtifact
 from deltafleet.server.store import (
     BlobStore,
     Store,
@@ -24,8 +28,7 @@ from deltafleet.server.store.models import (
     Device,
     DeviceModel,
 )
-from deltafleet.shared import Hello, ModelState
-from sqlalchemy import func, inspect, select
+from deltafleet.shared import Hello, ModelState, sha256_file
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SHA_A = "a" * 64
@@ -233,6 +236,36 @@ class TestModels:
             assert variant.info["sha256"] == variant.artifact_sha256
             assert s.get(Artifact, variant.artifact_sha256).kind == "model"  # type: ignore[union-attr]
 
+    def test_add_model_version_stores_the_compressed_form_full_installs_ship(
+        self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
+    ) -> None:
+        with store.session() as s:
+            v = registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+        packed = v.info["compressed"]
+        assert packed["codec"] == "zstd" and packed["size_bytes"] < v.info["size_bytes"]
+        assert sha256_file(blobs.path(packed["sha256"])) == packed["sha256"]
+        assert decode_sha256("zstd", blobs.path(packed["sha256"]), None) == (
+            v.artifact_sha256, v.info["size_bytes"])
+        with store.session() as s:
+            artifact = s.get(Artifact, packed["sha256"])
+            assert artifact is not None
+            assert (artifact.kind, artifact.size_bytes) == ("compressed", packed["size_bytes"])
+            (option,) = registry.variant_options(s, v.version_id)
+            assert option.full == FullArtifact("zstd", packed["sha256"], packed["size_bytes"])
+
+    def test_model_zstd_cannot_shrink_is_stored_without_a_compressed_form(
+        self, store: Store, blobs: BlobStore, tmp_path: Path
+    ) -> None:
+        noise = modelgen.make_incompressible_onnx_model(tmp_path / "noise.onnx", size_mb=0.05)
+        with store.session() as s:
+            v = registry.add_model_version(s, blobs, "det", "v1", noise)
+        assert "compressed" not in v.info
+        assert blob_files(blobs) == [f"{v.artifact_sha256[:2]}/{v.artifact_sha256}"]
+        with store.session() as s:
+            assert counts(store)["artifacts"] == 1
+            (option,) = registry.variant_options(s, v.version_id)
+            assert option.full == FullArtifact("identity", v.artifact_sha256, noise.stat().st_size)
+
     def test_duplicate_version_is_a_conflict_and_writes_nothing(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
@@ -313,10 +346,13 @@ class TestModels:
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
         with store.session() as s:
-            registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
-            registry.add_model_version(s, blobs, "det", "v2", onnx_files[0])
+            v1 = registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            v2 = registry.add_model_version(s, blobs, "det", "v2", onnx_files[0])
+            assert v1.info["compressed"] == v2.info["compressed"]
         c = counts(store)
-        assert (c["artifacts"], c["variants"], c["model_versions"], c["models"]) == (1, 2, 2, 1)
+        # the model and its compressed form, each stored once
+        assert (c["artifacts"], c["variants"], c["model_versions"], c["models"]) == (2, 2, 2, 1)
+        assert len(blob_files(blobs)) == 2
 
 
 class TestAudit:
@@ -347,3 +383,4 @@ class TestAudit:
             raise RuntimeError("boom")
         with store.session() as s:
             assert s.scalar(select(func.count()).select_from(AuditEntry)) == 0
+

@@ -16,12 +16,15 @@ from bench.delta import KINDS_INT8, make_pair
 from deltafleet.agent import codecs as agent_codecs
 from deltafleet.agent.errors import UpdateRejected
 from deltafleet.agent.update import apply_artifact
+from deltafleet.server import codecs as server_codecs
 from deltafleet.server.codecs import (
     Bsdiff4Encoder,
     Budget,
     TensorXorEncoder,
     ZstdDictEncoder,
+    build_compressed_full,
     choose,
+    compressed_full_size,
     default_encoders,
 )
 from deltafleet.server.codecs.layout import model_tensors
@@ -129,6 +132,40 @@ def test_no_winner_when_nothing_beats_the_full_model(tmp_path):
     choice = choose(base, target, tmp_path, encoders=[ZstdDictEncoder(), Bsdiff4Encoder()])
     assert choice.codec is None and "compressed full model" in choice.reason
     assert list(tmp_path.glob(".delta.*")) == []
+
+
+def test_chooser_weighs_deltas_against_the_full_artifact_it_is_given(pairs, tmp_path):
+    base, target = pairs[("fp32", "head_only")]
+    choice = choose(base, target, tmp_path, reference_bytes=1)
+    assert choice.codec is None and choice.reference_bytes == 1
+    assert list(tmp_path.glob(".delta.*")) == []
+
+
+def test_full_model_becomes_one_zstd_frame_the_agent_decodes(tmp_path):
+    model = modelgen.make_onnx_model(tmp_path / "m.onnx", size_mb=0.1)
+    data = model.read_bytes()
+    built = build_compressed_full(model, tmp_path / "out")
+    assert built is not None and built.codec == "zstd" and built.level == 19
+    packed = built.path.read_bytes()
+    assert sha256_bytes(packed) == built.sha256 and len(packed) == built.size_bytes < len(data)
+    assert built.size_bytes == compressed_full_size(model)  # one compressor for both
+    m = dataclasses.replace(manifest_for(data, packed, "zstd"), base_sha256=None,
+                            artifact=ArtifactRef("full", "zstd", built.sha256, len(packed), 65536,
+                                                 (built.sha256,)))
+    assert apply_artifact(m, packed, None) == data
+
+
+def test_model_that_zstd_cannot_shrink_has_no_compressed_form(tmp_path):
+    noise = modelgen.make_incompressible_onnx_model(tmp_path / "noise.onnx", size_mb=0.1)
+    assert build_compressed_full(noise, tmp_path / "out") is None
+    assert list((tmp_path / "out").iterdir()) == []  # nothing left behind
+
+
+def test_compressed_form_that_does_not_round_trip_is_discarded(tmp_path, monkeypatch):
+    model = modelgen.make_onnx_model(tmp_path / "m.onnx", size_mb=0.1)
+    monkeypatch.setattr(server_codecs, "decode_sha256", lambda *args: ("0" * 64, 1))
+    assert build_compressed_full(model, tmp_path / "out") is None
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_delta_builder_returns_one_winner_per_pair(pairs, tmp_path):

@@ -12,10 +12,11 @@ import numpy as np
 import onnx
 import pytest
 import tflite
+from onnx import TensorProto, helper, numpy_helper
+
 from deltafleet.server.catalog import ModelInfo, TensorSpec, detect_format, inspect_model
 from deltafleet.server.errors import CatalogError
 from deltafleet.shared import sha256_file
-from onnx import TensorProto, helper, numpy_helper
 
 MB = modelgen.BYTES_PER_MB
 

@@ -50,7 +50,7 @@ from deltafleet.shared import (
 
 from . import registry
 from .deltas import DeltaBuilder
-from .planner import VariantOption, choose_variant, delta_worth_it
+from .planner import FullArtifact, VariantOption, choose_variant, delta_worth_it
 from .policy import (
     IN_FLIGHT_STATES,
     TERMINAL_STATES,
@@ -316,14 +316,16 @@ class RolloutController:
             self._set(t, "healthy", "device already runs the target", now)
             return None
         base = running.sha256 if running is not None and self.blobs.has(running.sha256) else None
-        kind, codec, artifact_sha, artifact_size = "full", "identity", v.sha256, v.size_bytes
+        full = self._full_artifact(v)
+        kind, codec, artifact_sha, artifact_size = "full", full.codec, full.sha256, full.size_bytes
         if base is not None:
             delta = registry.best_delta(s, base, v.sha256)
             if delta is None and (base, v.sha256) not in self.deltas.failed:
-                self.deltas.submit(base, self.blobs.path(base), v.sha256, self.blobs.path(v.sha256))
+                self.deltas.submit(base, self.blobs.path(base), v.sha256, self.blobs.path(v.sha256),
+                                   reference_bytes=full.size_bytes)
                 t.reason = "building delta"
                 return None  # stays pending until the delta is built
-            if delta is not None and delta_worth_it(delta.size_bytes, v.size_bytes):
+            if delta is not None and delta_worth_it(delta.size_bytes, full.size_bytes):
                 kind, codec = "delta", delta.codec
                 artifact_sha, artifact_size = delta.artifact_sha256, delta.size_bytes
         t.attempts += 1
@@ -399,9 +401,9 @@ class RolloutController:
                 self._set(t, "failed", "the previous model is not in the catalog", now)
                 continue
             v, version, size = prev
-            artifact = ArtifactRef("full", "identity", t.previous_sha256, size,
-                                   self.chunk_size_bytes,
-                                   tuple(self.chunk_hashes(t.previous_sha256)))
+            full = self._full_artifact(registry.variant_option(v, size))
+            artifact = ArtifactRef("full", full.codec, full.sha256, full.size_bytes,
+                                   self.chunk_size_bytes, tuple(self.chunk_hashes(full.sha256)))
             out.append(self._send(s, r, t, device, model.name, version, v.name, v.format,
                                   t.previous_sha256, size, None, artifact, policy,
                                   "reverting", now))
@@ -411,6 +413,15 @@ class RolloutController:
         return out
 
     # -- helpers ---------------------------------------------------------------------------
+    def _full_artifact(self, v: VariantOption) -> FullArtifact:
+        """The compressed model when the catalog has one and its blob is in the store, else the
+        model file as it is (variants registered before full models shipped compressed)."""
+        if v.compressed is not None and not self.blobs.has(v.compressed.sha256):
+            log.warning("compressed form %s of %s is missing from the blob store; shipping "
+                        "the model as it is", v.compressed.sha256[:12], v.sha256[:12])
+            return v.identity
+        return v.full
+
     def _take_lease(self, r: Rollout, now: datetime) -> bool | None:
         """None: another replica holds the lease. True: taken over from a replica whose lease
         expired. False: ours already (or new)."""

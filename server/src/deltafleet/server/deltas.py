@@ -2,8 +2,9 @@
 (base, target) pair: the smallest that fits the memory and time budget (see ``codecs``).
 
 Every candidate is round-tripped (decode(base, delta) == target sha256, streamed through the
-agent's own decoder) before it can win; a pair where no delta beats the compressed full model
-ends in ``failed`` with the reason, and the daemon then sends the full artifact.
+agent's own decoder) before it can win; a pair where no delta beats the full artifact (the
+compressed model) ends in ``failed`` with the reason, and the daemon then sends the full
+artifact.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def build_best_delta(
     out_dir: str,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+    reference_bytes: int | None = None,
 ) -> BuiltDelta:
-    """Worker-process entry point. Raises NoDeltaWorthIt when the full model should be sent."""
+    """Worker-process entry point. Raises NoDeltaWorthIt when the full model should be sent.
+    ``reference_bytes``: the size of the target's full artifact, when known (see ``choose``)."""
     t0 = time.perf_counter()
     choice = choose(
         Path(base_path),
@@ -56,6 +59,7 @@ def build_best_delta(
         Path(out_dir),
         budget=Budget(memory_budget_bytes, time_budget_s),
         target_sha256=target_sha256,
+        reference_bytes=reference_bytes,
     )
     if choice.codec is None or choice.path is None or choice.size_bytes is None:
         raise NoDeltaWorthIt(choice.reason)
@@ -101,14 +105,17 @@ class DeltaBuilder:
     def building(self, base: str, target: str) -> bool:
         return (base, target) in self._futures
 
-    def submit(self, base: str, base_path: Path, target: str, target_path: Path) -> None:
+    def submit(self, base: str, base_path: Path, target: str, target_path: Path, *,
+               reference_bytes: int | None = None) -> None:
+        """Build a delta for the pair unless one is building or failed. ``reference_bytes``:
+        the size of the target's full artifact, a delta has to beat it (computed if None)."""
         key = (base, target)
         if key in self._futures or key in self.failed:
             return
         log.info("building delta %s -> %s", base[:12], target[:12])
         self._futures[key] = self._pool.submit(
             build_best_delta, str(base_path), str(target_path), target, str(self.work_dir),
-            self.memory_budget_bytes, self.time_budget_s,
+            self.memory_budget_bytes, self.time_budget_s, reference_bytes,
         )
 
     def finished(self) -> list[BuiltDelta]:

@@ -1,4 +1,5 @@
-"""Pure rollout planning: which variant a device gets and whether a delta is worth sending.
+"""Pure rollout planning: which variant a device gets, what a full install of it ships, and
+whether a delta is worth sending instead.
 
 No I/O here; the daemon and `fleetctl rollout plan` feed it rows and act on its answers.
 """
@@ -6,6 +7,8 @@ No I/O here; the daemon and `fleetctl rollout plan` feed it rows and act on its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from deltafleet.agent.codecs import IDENTITY
 
 # A delta is sent only when it is at least this much smaller than the full artifact.
 DELTA_MIN_SAVING = 0.10
@@ -17,13 +20,33 @@ FORMAT_RUNTIMES = {
 
 
 @dataclass(frozen=True, slots=True)
+class FullArtifact:
+    """What a full install ships: the model file as it is (codec "identity", sha256 = the
+    model's) or its compressed form (codec "zstd", its own sha256 and size)."""
+
+    codec: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class VariantOption:
     variant_id: int
     name: str
     format: str
     precision: str
     sha256: str
-    size_bytes: int
+    size_bytes: int  # the model file
+    compressed: FullArtifact | None = None  # recorded when it is smaller than the model
+
+    @property
+    def identity(self) -> FullArtifact:
+        return FullArtifact(IDENTITY, self.sha256, self.size_bytes)
+
+    @property
+    def full(self) -> FullArtifact:
+        """The full artifact: the compressed model when the catalog has one, else the model."""
+        return self.compressed if self.compressed is not None else self.identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +77,10 @@ def choose_variant(
     return Choice(sorted(fitting, key=lambda o: o.name)[0])
 
 
-def delta_worth_it(delta_size_bytes: int | None, full_size_bytes: int) -> bool:
-    return delta_size_bytes is not None and delta_size_bytes <= full_size_bytes * (
+def delta_worth_it(delta_size_bytes: int | None, full_artifact_bytes: int) -> bool:
+    """True when the delta is at least DELTA_MIN_SAVING smaller than the full artifact it
+    replaces: what a full install would ship (``VariantOption.full``, the compressed model
+    when there is one), not the model file's own size."""
+    return delta_size_bytes is not None and delta_size_bytes <= full_artifact_bytes * (
         1 - DELTA_MIN_SAVING
     )

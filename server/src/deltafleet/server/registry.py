@@ -18,11 +18,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from deltafleet.shared import Hello
+from deltafleet.agent.codecs import IDENTITY, ZSTD
+from deltafleet.shared import Hello, is_sha256
 
 from .catalog import inspect_model
+from .codecs import build_compressed_full
 from .errors import ConflictError, NotFoundError, UsageError
-from .planner import VariantOption
+from .planner import FullArtifact, VariantOption
 from .store.blobs import BlobStore
 from .store.models import (
     Artifact,
@@ -44,6 +46,7 @@ SELECTOR_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")
 PRECISIONS = ("fp32", "fp16", "int8")
 PROFILE_SELECTOR_KEYS = ("arch", "os", "accelerator", "cpu")
 NEW_BLOBS_KEY = "deltafleet.new_blobs"  # session.info: blobs this transaction wrote first
+COMPRESSED_KIND = "compressed"  # artifacts.kind of a model's compressed form (full installs)
 
 
 # ------------------------------------------------------------------------------- devices
@@ -291,10 +294,11 @@ def add_model_version(
     """Register ``file`` as variant ``variant`` of model ``name`` at ``version``.
 
     Order: validate names -> inspect the file (CatalogError for anything not a valid model) ->
-    refuse an existing (model, version, variant) with ConflictError -> store the blob -> add
-    the rows. So every refusal happens before anything is written. A blob this call wrote
-    for the first time is listed in ``session.info[NEW_BLOBS_KEY]`` so a caller whose commit
-    fails can remove it again. Adding another variant to an existing version is allowed.
+    refuse an existing (model, version, variant) with ConflictError -> store the blob -> build
+    its compressed form (``_compressed_form``) -> add the rows. So every refusal happens
+    before anything is written. Blobs this call wrote for the first time are listed in
+    ``session.info[NEW_BLOBS_KEY]`` so a caller whose commit fails can remove them again.
+    Adding another variant to an existing version is allowed.
     """
     _check_name("model name", name, MODEL_NAME_RE,
                 "use 1-64 lowercase letters, digits, '.', '_' or '-', starting alphanumeric")
@@ -334,6 +338,10 @@ def add_model_version(
         session.info.setdefault(NEW_BLOBS_KEY, set()).add(sha)
     if sha != info.sha256:
         raise UsageError(f"{file} changed while it was being added; try again")
+    compressed = _compressed_form(session, blobs, sha)
+    variant_info = info.to_json()
+    if compressed is not None:
+        variant_info["compressed"] = compressed
 
     now = datetime.now(UTC)
     try:
@@ -348,13 +356,17 @@ def add_model_version(
                 session.flush()
             if session.get(Artifact, sha) is None:
                 session.add(Artifact(sha256=sha, size_bytes=size, kind="model", created_at=now))
+            if compressed is not None and session.get(Artifact, compressed["sha256"]) is None:
+                session.add(Artifact(sha256=compressed["sha256"],
+                                     size_bytes=compressed["size_bytes"], kind=COMPRESSED_KIND,
+                                     created_at=now))
             row = Variant(
                 version_id=mv.id,
                 name=variant,
                 format=info.format,
                 precision=precision,
                 artifact_sha256=sha,
-                info=info.to_json(),
+                info=variant_info,
                 created_at=now,
             )
             session.add(row)
@@ -362,6 +374,59 @@ def add_model_version(
     except IntegrityError as e:  # a concurrent add of the same thing won the race
         raise ConflictError(f"{name}:{version} variant {variant!r} already exists") from e
     return row
+
+
+def _compressed_form(session: Session, blobs: BlobStore, model_sha256: str) -> dict[str, Any] | None:
+    """The stored model's compressed form, as ``Variant.info["compressed"]`` records it:
+    reused from a variant of the same file registered before, else built, round-tripped and
+    stored as a blob. None when compression does not make the model smaller (the model then
+    ships as it is)."""
+    for other in session.scalars(select(Variant.info)
+                                 .where(Variant.artifact_sha256 == model_sha256)):
+        known = compressed_artifact(other)
+        if (known is not None and blobs.has(known.sha256)
+                and session.get(Artifact, known.sha256) is not None):
+            return dict(other["compressed"])
+    built = build_compressed_full(blobs.path(model_sha256), blobs.root,
+                                  model_sha256=model_sha256)
+    if built is None:
+        return None
+    try:
+        was_stored = blobs.has(built.sha256)
+        sha, size = blobs.put_file(built.path)
+    finally:
+        built.path.unlink(missing_ok=True)
+    if not was_stored:
+        session.info.setdefault(NEW_BLOBS_KEY, set()).add(sha)
+    return {"codec": built.codec, "sha256": sha, "size_bytes": size, "level": built.level}
+
+
+def compressed_artifact(info: Mapping[str, Any] | None) -> FullArtifact | None:
+    """The compressed form a variant's catalog info records, if any (variants registered
+    before full models shipped compressed, and models compression does not shrink, have
+    none: they ship as they are)."""
+    entry = (info or {}).get("compressed")
+    if not isinstance(entry, Mapping):
+        return None
+    codec, sha, size = entry.get("codec"), entry.get("sha256"), entry.get("size_bytes")
+    if codec != ZSTD or not isinstance(sha, str) or not is_sha256(sha):
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        return None
+    return FullArtifact(codec, sha, size)
+
+
+def full_artifact(session: Session, model_sha256: str) -> FullArtifact | None:
+    """What a full install of a registered model file ships; None for an unknown file."""
+    size = session.scalar(select(Artifact.size_bytes).where(Artifact.sha256 == model_sha256))
+    if size is None:
+        return None
+    for info in session.scalars(select(Variant.info)
+                                .where(Variant.artifact_sha256 == model_sha256)):
+        compressed = compressed_artifact(info)
+        if compressed is not None:
+            return compressed
+    return FullArtifact(IDENTITY, model_sha256, size)
 
 
 def get_model(session: Session, name: str) -> Model:
@@ -499,6 +564,7 @@ def variant_to_json(variant: Variant, *, detail: bool = True) -> dict[str, Any]:
         "precision": variant.precision,
         "sha256": variant.artifact_sha256,
         "size_bytes": info.get("size_bytes"),
+        "compressed": _compressed_json(info),
         "created_at": _iso(variant.created_at),
     }
     if detail:
@@ -506,6 +572,13 @@ def variant_to_json(variant: Variant, *, detail: bool = True) -> dict[str, Any]:
         out["outputs"] = info.get("outputs", [])
         out["info"] = info
     return out
+
+
+def _compressed_json(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a full install ships besides the model itself (None: the model as it is)."""
+    c = compressed_artifact(info)
+    return None if c is None else {"codec": c.codec, "sha256": c.sha256,
+                                   "size_bytes": c.size_bytes}
 
 
 def model_to_json(model: Model, *, detail: bool = True) -> dict[str, Any]:
@@ -551,10 +624,16 @@ def audit_to_json(entry: AuditEntry) -> dict[str, Any]:
     }
 
 
+def variant_option(variant: Variant, size_bytes: int) -> VariantOption:
+    """A variant as the planner wants it: its model file and compressed form."""
+    return VariantOption(variant.id, variant.name, variant.format, variant.precision,
+                         variant.artifact_sha256, size_bytes, compressed_artifact(variant.info))
+
+
 def variant_options(session: Session, version_id: int) -> list[VariantOption]:
     """The deployable variants of a version, with their sizes, as the planner wants them."""
     return [
-        VariantOption(v.id, v.name, v.format, v.precision, v.artifact_sha256, size)
+        variant_option(v, size)
         for v, size in session.execute(
             select(Variant, Artifact.size_bytes)
             .join(Artifact, Artifact.sha256 == Variant.artifact_sha256)

@@ -111,7 +111,9 @@ def act_on_rollout(s: Session, rollout_id: int, action: str, actor: str) -> tupl
 
 
 def plan_rollout(s: Session, spec: str, group_name: str) -> dict[str, Any]:
-    """What a rollout would do, per device, before anything is sent."""
+    """What a rollout would do, per device, before anything is sent. ``bytes`` is what the
+    device would be sent (a full artifact: the compressed model when the catalog has one);
+    ``full_bytes`` is the model file's size."""
     version = registry.resolve_version(s, spec)
     model = s.get(Model, version.model_id)
     assert model is not None
@@ -129,23 +131,26 @@ def plan_rollout(s: Session, spec: str, group_name: str) -> dict[str, Any]:
             rows.append(row)
             continue
         v = choice.variant
+        full_artifact = v.full
         row.update(can_take=True, variant=v.name, format=v.format, precision=v.precision,
                    full_bytes=v.size_bytes, target_sha256=v.sha256)
+        full_row = {"artifact": "full", "bytes": full_artifact.size_bytes,
+                    "codec": full_artifact.codec}
         if running is not None and running.sha256 == v.sha256:
             row.update(artifact="none", bytes=0, reason="already runs the target")
         elif running is None:
-            row.update(artifact="full", bytes=v.size_bytes, reason="runs no version of the model")
+            row.update(full_row, reason="runs no version of the model")
         else:
             delta = registry.best_delta(s, running.sha256, v.sha256)
             if delta is None:
-                row.update(artifact="delta?", bytes=v.size_bytes,
-                           reason="delta not built yet (the server builds it; full size shown "
-                                  "as the upper bound)")
-            elif delta_worth_it(delta.size_bytes, v.size_bytes):
+                row.update(artifact="delta?", bytes=full_artifact.size_bytes,
+                           reason="delta not built yet (the server builds it; the full "
+                                  "artifact's size shown as the upper bound)")
+            elif delta_worth_it(delta.size_bytes, full_artifact.size_bytes):
                 row.update(artifact="delta", bytes=delta.size_bytes, codec=delta.codec, reason="")
             else:
-                row.update(artifact="full", bytes=v.size_bytes,
-                           reason="delta not at least 10% smaller")
+                row.update(full_row, reason="delta not at least 10% smaller than the full "
+                                            "artifact")
         total += row["bytes"]
         full += v.size_bytes if row["artifact"] != "none" else 0
         rows.append(row)

@@ -71,7 +71,7 @@ class ArtifactRef:
     """What travels: the full model or a delta from ``base_sha256``, cut into chunks."""
 
     kind: str  # "full" | "delta"
-    codec: str  # "identity" | "bsdiff4"
+    codec: str  # full: "identity" | "zstd"; delta: "bsdiff4" | "zstd-dict" | "tensor-xor"
     sha256: str
     size_bytes: int
     chunk_size_bytes: int

@@ -66,8 +66,11 @@ def _labels(session: Session, shas: set[str]) -> dict[str, str]:
 
 
 def _delta_json(session: Session, d: Delta) -> dict[str, Any]:
+    """A cached delta; ``ratio`` and ``worth_sending`` weigh it against the target's full
+    artifact (what a full install ships: the compressed model when the catalog has one)."""
     labels = _labels(session, {d.base_sha256, d.target_sha256})
-    full = session.get(Artifact, d.target_sha256)
+    target = session.get(Artifact, d.target_sha256)
+    full = registry.full_artifact(session, d.target_sha256)
     full_bytes = full.size_bytes if full else None
     return {
         "id": d.id,
@@ -78,7 +81,9 @@ def _delta_json(session: Session, d: Delta) -> dict[str, Any]:
         "codec": d.codec,
         "artifact_sha256": d.artifact_sha256,
         "size_bytes": d.size_bytes,
-        "target_size_bytes": full_bytes,
+        "target_size_bytes": target.size_bytes if target else None,
+        "full_artifact_codec": full.codec if full else None,
+        "full_artifact_bytes": full_bytes,
         "ratio": round(d.size_bytes / full_bytes, 4) if full_bytes else None,
         "worth_sending": delta_worth_it(d.size_bytes, full_bytes) if full_bytes else None,
         "build_seconds": round(d.build_seconds, 3),
@@ -116,12 +121,14 @@ def build(
                 data = _delta_json(s, existing) | {"cached": True}
                 _print_built(data, json_out)
                 return
+            full = registry.full_artifact(s, target_sha)
         work = cfg.home / "work"
         work.mkdir(parents=True, exist_ok=True)
         with err_console.status(f"building delta {base_label} -> {target_label}"):
             choice = choose(blobs.path(base_sha), blobs.path(target_sha), work,
                             budget=Budget(memory_budget_mb << 20, time_budget_s),
-                            target_sha256=target_sha)
+                            target_sha256=target_sha,
+                            reference_bytes=full.size_bytes if full else None)
         attempts = [
             {"codec": a.codec, "size_bytes": a.size_bytes, "seconds": round(a.seconds, 3),
              "verified": a.verified, "skipped": a.skipped or None}
@@ -157,7 +164,9 @@ def _print_built(data: dict[str, Any], json_out: bool) -> None:
     if json_out:
         print_json(data)
         return
-    ratio = f"{100 * data['ratio']:.1f}% of full" if data.get("ratio") is not None else ""
+    ratio = (f"{100 * data['ratio']:.1f}% of the full artifact, "
+             f"{data['full_artifact_codec']} {fmt_bytes(data['full_artifact_bytes'])}"
+             if data.get("ratio") is not None else "")
     verb = "cached" if data.get("cached") else "built"
     console.print(f"{verb} delta {data['id']}: {data['base']} -> {data['target']}  "
                   f"{data['codec']}  {fmt_bytes(data['size_bytes'])} ({ratio})"
@@ -171,7 +180,8 @@ def _print_built(data: dict[str, Any], json_out: bool) -> None:
 
 @app.command("list")
 def list_deltas(json_out: JsonOpt = False) -> None:
-    """List cached deltas: base, target, codec, size vs the full target."""
+    """List cached deltas: base, target, codec, size vs the target's full artifact (the
+    compressed model when it is smaller)."""
     with open_store() as store, store.session() as s:
         rows = [_delta_json(s, d) for d in s.scalars(select(Delta).order_by(Delta.id)).all()]
     if json_out:

@@ -1,4 +1,8 @@
-"""`fleetctl model`: register model versions and variants, list and show them."""
+"""`fleetctl model`: register model versions and variants, list and show them.
+
+A registered file is also stored zstd-compressed (verified to decompress to the model) when
+that is smaller: full installs ship the compressed form, and `list` / `show` print its size.
+"""
 
 from __future__ import annotations
 
@@ -40,22 +44,25 @@ def add(
     ] = "default",
     precision: Annotated[str, typer.Option(help="Numeric precision: fp32, fp16 or int8.")] = "fp32",
 ) -> None:
-    """Inspect FILE and register it as VERSION of model NAME (all or nothing)."""
+    """Inspect FILE and register it as VERSION of model NAME (all or nothing); also store its
+    zstd-compressed form, which full installs ship, when that is smaller."""
     cfg = load_config()
     blobs = blob_store(cfg)
     with open_store(cfg) as store:
         new_blobs: set[str] = set()
         try:
             with (
-                err_console.status(f"inspecting and storing {file.name}"),
+                err_console.status(f"inspecting, storing and compressing {file.name}"),
                 store.session() as s,
             ):
                 new_blobs = s.info.setdefault(registry.NEW_BLOBS_KEY, set())
                 row = registry.add_model_version(s, blobs, name, version, file,
                                                  variant=variant, precision=precision)
+                compressed = registry.compressed_artifact(row.info)
                 registry.audit(s, actor(), "model.add", f"{name}:{version}", {
                     "variant": variant, "precision": precision, "format": row.format,
                     "sha256": row.artifact_sha256, "file": str(file),
+                    "compressed_sha256": compressed.sha256 if compressed else None,
                 })
         except BaseException:
             _forget_unreferenced(store, blobs, new_blobs)
@@ -63,7 +70,9 @@ def add(
     size = (row.info or {}).get("size_bytes")
     console.print(
         f"added {name}:{version} variant {variant} ({row.format}, {precision}, "
-        f"{fmt_bytes(size)}, sha256 {row.artifact_sha256[:16]})"
+        f"{fmt_bytes(size)}, sha256 {row.artifact_sha256[:16]}); full installs ship "
+        + (f"{compressed.codec} {fmt_bytes(compressed.size_bytes)}" if compressed
+           else "the file as it is (compression does not make it smaller)")
     )
 
 
@@ -83,13 +92,15 @@ def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = Fa
     if json_:
         print_json(models)
         return
-    table = Table("model", "version", "variant", "format", "precision", "size", "sha256",
-                  "added")
+    table = Table("model", "version", "variant", "format", "precision", "size", "zstd",
+                  "sha256", "added")
     for m in models:
         for v in m["versions"]:
             for x in v["variants"]:
                 table.add_row(m["name"], v["version"], x["name"], x["format"], x["precision"],
-                              fmt_bytes(x["size_bytes"]), x["sha256"][:12],
+                              fmt_bytes(x["size_bytes"]),
+                              fmt_bytes(x["compressed"]["size_bytes"]) if x["compressed"] else "-",
+                              x["sha256"][:12],
                               fmt_time(x["created_at"]))
     console.print(table if models else "no models; add one with `fleetctl model add`")
 
@@ -99,7 +110,8 @@ def show(
     name: Annotated[str, typer.Argument(help="Model name.")],
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """Show one model: versions, variants, format, precision, sha256, size and IO signature."""
+    """Show one model: versions, variants, format, precision, sha256, size, what a full
+    install ships (the zstd-compressed file when smaller) and IO signature."""
     with open_store() as store, store.session() as s:
         model = registry.model_to_json(registry.get_model(s, name))
     if json_:
@@ -118,6 +130,15 @@ def show(
             table.add_row("precision", x["precision"])
             table.add_row("size", fmt_bytes(x["size_bytes"]))
             table.add_row("sha256", x["sha256"])
+            compressed = x["compressed"]
+            if compressed:
+                pct = (f" ({100 * compressed['size_bytes'] / x['size_bytes']:.0f}% of the file)"
+                       if x["size_bytes"] else "")
+                table.add_row("full install",
+                              f"{compressed['codec']}, {fmt_bytes(compressed['size_bytes'])}{pct}")
+                table.add_row(f"{compressed['codec']} sha256", compressed["sha256"])
+            else:
+                table.add_row("full install", "the file as it is (identity)")
             table.add_row("params", str(info.get("param_count", "-")))
             if info.get("opset"):
                 table.add_row("opset", ", ".join(f"{k} {n}" for k, n in info["opset"].items()))

@@ -169,8 +169,9 @@ def rollout_plan(
     group: Annotated[str, typer.Option("--group", "-g", help="device group to target")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Per device: the variant it would get, its base, delta or full, bytes to send, and which
-    devices cannot take the model and why. Sends nothing."""
+    """Per device: the variant it would get, its base, delta or full (with its codec), bytes
+    to send (a full model ships compressed when that is smaller) against the model's size, and
+    which devices cannot take the model and why. Sends nothing."""
     with open_store() as store, store.session() as s:
         plan = plan_rollout(s, spec, group)
     if as_json:
@@ -178,8 +179,11 @@ def rollout_plan(
         return
     table = Table("device", "online", "runs", "variant", "artifact", "bytes", "full", "note")
     for d in plan["devices"]:
+        artifact = d.get("artifact") or "cannot take"
+        if d.get("codec"):
+            artifact += f" ({d['codec']})"
         table.add_row(d["device"], "yes" if d["online"] else "no", d["runs"] or "-",
-                      d.get("variant") or "-", d.get("artifact") or "cannot take",
+                      d.get("variant") or "-", artifact,
                       fmt_bytes(d.get("bytes")), fmt_bytes(d.get("full_bytes")), d["reason"])
     console.print(f"plan: {plan['model']} {plan['version']} -> group {plan['group']}")
     console.print(table)

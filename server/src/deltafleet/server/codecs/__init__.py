@@ -3,8 +3,13 @@
 Every encoder predicts its peak memory and time from the file sizes *before* it runs; the
 chooser skips any whose prediction exceeds the budget, runs the rest (cheapest first), and
 keeps the smallest output whose round trip (decode with the agent's decoder, streamed, ==
-target sha256) checks out. A result that is not smaller than the compressed full target is
-no delta at all: ``choose`` then returns no winner and the full model is shipped.
+target sha256) checks out. A result that is not smaller than the full artifact (what a full
+install ships: the zstd-compressed target, or the target itself when compression does not
+help) is no delta at all: ``choose`` then returns no winner and the full model is shipped.
+
+Full models ship compressed: ``compress_full`` is the one place a full model is compressed
+(one zstd frame, the agent's ``zstd`` codec), both for the shipped artifact
+(``build_compressed_full``, run when a model is registered) and for the size a delta must beat.
 
 Decoders live in ``deltafleet.agent.codecs`` so devices need neither onnx nor server code.
 """
@@ -17,6 +22,7 @@ import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +32,9 @@ import zstandard as zstd
 from deltafleet.agent.codecs import (
     BSDIFF4,
     TENSOR_XOR,
+    ZSTD,
     ZSTD_DICT,
+    CodecError,
     FileSource,
     decode_sha256,
 )
@@ -158,7 +166,7 @@ class Choice:
     codec: str | None
     path: Path | None
     size_bytes: int | None
-    reference_bytes: int  # the compressed full target a delta has to beat
+    reference_bytes: int  # the full artifact (compressed target) a delta has to beat
     attempts: list[Attempt] = field(default_factory=list)
 
     @property
@@ -170,18 +178,95 @@ class Choice:
         return f"no delta smaller than the compressed full model ({self.reference_bytes}); {ran}"
 
 
-def compressed_full_size(target_path: Path, level: int | None = None) -> int:
-    """Size of the zstd-compressed target: level 19 up to 32 MiB, level 3 above (on model
-    weights level 3 is within ~1% of 19 and 60x faster)."""
-    size = target_path.stat().st_size
-    if level is None:
-        level = 19 if size <= (32 << 20) else 3
-    cctx = zstd.ZstdCompressor(level=level, threads=-1)
+FULL_LEVEL_SWITCH_BYTES = 32 << 20
+
+
+def full_level(size_bytes: int) -> int:
+    """zstd level for a full model: 19 up to 32 MiB, 3 above (on model weights level 3 is
+    within ~1% of 19 and 60x faster)."""
+    return 19 if size_bytes <= FULL_LEVEL_SWITCH_BYTES else 3
+
+
+def compress_full(model_path: Path, sink: Callable[[bytes], object],
+                  level: int | None = None) -> int:
+    """Stream ``model_path`` into ``sink`` as one zstd frame (the agent's ``zstd`` codec) and
+    return its size. The one place a full model is compressed: the artifact a full install
+    ships and the size a delta has to beat come from here. Reads 1 MiB at a time; the frame
+    records the content size, and its window (at most 8 MiB at these levels) is far below the
+    agent's ``ZSTD_MAX_WINDOW_BYTES``."""
+    size = model_path.stat().st_size
+    cctx = zstd.ZstdCompressor(level=full_level(size) if level is None else level, threads=-1)
     total = 0
-    with open(target_path, "rb") as f:
+    with open(model_path, "rb") as f:
         for piece in cctx.read_to_iter(f, size=size, read_size=1 << 20, write_size=1 << 20):
             total += len(piece)
+            sink(piece)
     return total
+
+
+def compressed_full_size(target_path: Path, level: int | None = None) -> int:
+    """Size of the zstd-compressed target (``compress_full``), nothing written."""
+    return compress_full(target_path, lambda piece: None, level)
+
+
+def full_artifact_size(target_path: Path) -> int:
+    """What a full install of the target ships: its compressed size, or its own size when
+    compression does not make it smaller (it then ships as it is)."""
+    return min(target_path.stat().st_size, compressed_full_size(target_path))
+
+
+@dataclass(frozen=True)
+class CompressedFull:
+    """A verified compressed form of a model, in a temp file the caller stores and deletes."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    level: int
+    codec: str = ZSTD
+
+
+def build_compressed_full(model_path: Path, out_dir: Path, *,
+                          model_sha256: str | None = None) -> CompressedFull | None:
+    """Compress ``model_path`` into a temp file in ``out_dir`` and decode it again with the
+    agent's decoder (streamed): the result must reproduce the model's sha256 and size.
+
+    None, leaving nothing behind, when the frame is not smaller than the model (the model
+    then ships as it is) or does not round-trip (logged: a compressor bug must not reach a
+    device; the model ships as it is)."""
+    model_size = model_path.stat().st_size
+    model_sha256 = model_sha256 or _sha256_file(model_path)
+    level = full_level(model_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".compress.", suffix=".tmp")
+    path = Path(tmp)
+    keep = False
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+
+            def sink(piece: bytes) -> None:
+                h.update(piece)
+                out.write(piece)
+
+            size = compress_full(model_path, sink, level)
+        if size >= model_size:
+            log.info("zstd does not shrink %s (%d -> %d bytes); it ships as it is",
+                     model_path.name, model_size, size)
+            return None
+        try:
+            sha, out_size = decode_sha256(ZSTD, path, None)
+        except CodecError as e:
+            sha, out_size = f"error: {e}", -1
+        if (sha, out_size) != (model_sha256, model_size):
+            log.error("compressed %s does not round-trip (%s); it ships as it is",
+                      model_path.name, sha[:40])
+            return None
+        keep = True
+        return CompressedFull(path, h.hexdigest(), size, level)
+    finally:
+        if not keep:
+            path.unlink(missing_ok=True)
 
 
 def _sha256_file(path: Path) -> str:
@@ -200,16 +285,19 @@ def choose(
     budget: Budget | None = None,
     encoders: list[Encoder] | None = None,
     target_sha256: str | None = None,
+    reference_bytes: int | None = None,
 ) -> Choice:
     """Run every encoder that fits the budget; keep the smallest verified delta.
 
+    ``reference_bytes``: the full artifact a delta must beat, when the caller knows it (the
+    catalog records it when a model is registered); computed (``full_artifact_size``) if not.
     Losers' files are deleted; the winner's file is left in ``out_dir`` for the caller.
     """
     budget = budget or Budget()
     encoders = default_encoders() if encoders is None else encoders
     base_size, target_size = base_path.stat().st_size, target_path.stat().st_size
     target_sha256 = target_sha256 or _sha256_file(target_path)
-    reference = compressed_full_size(target_path)
+    reference = full_artifact_size(target_path) if reference_bytes is None else reference_bytes
     attempts: list[Attempt] = []
     results: list[tuple[int, str, Path]] = []
     for enc in encoders:
@@ -274,10 +362,15 @@ __all__ = [
     "Bsdiff4Encoder",
     "Budget",
     "Choice",
+    "CompressedFull",
     "Encoder",
     "TensorXorEncoder",
     "ZstdDictEncoder",
+    "build_compressed_full",
     "choose",
+    "compress_full",
     "compressed_full_size",
     "default_encoders",
+    "full_artifact_size",
+    "full_level",
 ]

@@ -159,7 +159,7 @@ class Artifact(Base):
 
     sha256: Mapped[str] = mapped_column(SHA, primary_key=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    kind: Mapped[str] = mapped_column(String(16))  # "model" | "delta"
+    kind: Mapped[str] = mapped_column(String(16))  # "model" | "delta" | "compressed" (a model's)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -175,7 +175,9 @@ class Variant(Base):
     format: Mapped[str] = mapped_column(String(16))  # "onnx" | "tflite"
     precision: Mapped[str] = mapped_column(String(8), default="fp32")  # fp32 | fp16 | int8
     artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
-    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # catalog metadata
+    # catalog metadata; "compressed": {"codec", "sha256", "size_bytes", "level"} names the
+    # artifact a full install ships when it is smaller than the model (none: the model itself)
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     version: Mapped[ModelVersion] = relationship(back_populates="variants", lazy="raise")
@@ -242,8 +244,8 @@ class RolloutTarget(Base):
     target_sha256: Mapped[str | None] = mapped_column(SHA)
     artifact_sha256: Mapped[str | None] = mapped_column(SHA)
     artifact_kind: Mapped[str | None] = mapped_column(String(8))  # "full" | "delta"
-    bytes_to_send: Mapped[int | None] = mapped_column(BigInteger)
-    full_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    bytes_to_send: Mapped[int | None] = mapped_column(BigInteger)  # the artifact's size
+    full_bytes: Mapped[int | None] = mapped_column(BigInteger)  # the target model file's size
     manifest_id: Mapped[str | None] = mapped_column(String(32))
     serial: Mapped[int | None] = mapped_column(BigInteger)
     manifest: Mapped[str | None] = mapped_column(Text)  # signed envelope, re-sent on hello
