@@ -384,3 +384,44 @@ class TestAudit:
         with store.session() as s:
             assert s.scalar(select(func.count()).select_from(AuditEntry)) == 0
 
+
+@pytest.mark.postgres
+def test_two_replicas_ingesting_hellos_of_the_same_new_devices_both_succeed(pg_url: str) -> None:
+    """With $share/ subscriptions two replicas see hellos of one new device (a device says
+    hello again whenever a server announces itself): overlapping batches, in opposite orders,
+    at the same moment, must neither fail on duplicate keys nor deadlock."""
+    import threading
+
+    upgrade(pg_url)
+    stores = [Store(pg_url), Store(pg_url)]
+    ids = [f"race-{i:03d}" for i in range(60)]
+    models = (ModelState("detector", "v1", "default", "a" * 64),)
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def ingest(store: Store, order: list[str]) -> None:
+        try:
+            start.wait()
+            for _ in range(5):
+                with store.session() as s:
+                    registry.upsert_devices_from_hellos(
+                        s, [hello(i, models=models) for i in order], datetime.now(UTC))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ingest, args=(stores[0], ids)),
+               threading.Thread(target=ingest, args=(stores[1], ids[::-1]))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[0]
+        with stores[0].session() as s:
+            assert s.scalar(select(func.count()).select_from(Device)
+                            .where(Device.id.in_(ids))) == len(ids)
+            assert s.scalar(select(func.count()).select_from(DeviceModel)
+                            .where(DeviceModel.device_id.in_(ids))) == len(ids)
+    finally:
+        for st in stores:
+            st.dispose()

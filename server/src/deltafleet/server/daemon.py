@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import queue
+import random
 import socket
 import threading
 import time
@@ -165,17 +166,19 @@ class FleetServer:
             self.deltas.shutdown()
 
     def _handle_with_retry(self, batch: list[tuple[str, bytes]]) -> None:
-        """Apply a batch; retry once when the database refused it (another replica inserted
-        the same new device a moment before, a serialization failure, a dropped connection).
-        A batch that fails twice is logged and dropped: the server keeps serving."""
-        for attempt in (1, 2):
+        """Apply a batch; retry when the database refused it (a deadlock or serialization
+        failure with another replica, a dropped connection), after a short random pause so
+        two replicas do not collide again. A batch that fails three times is logged and
+        dropped: the server keeps serving."""
+        for attempt in (1, 2, 3):
             try:
                 self.handle_batch(batch)
                 return
             except (DeltafleetError, SQLAlchemyError) as e:
-                level = logging.WARNING if attempt == 1 else logging.ERROR
+                level = logging.WARNING if attempt < 3 else logging.ERROR
                 log.log(level, "a batch of %d device messages failed (attempt %d): %s",
                         len(batch), attempt, str(e).splitlines()[0])
+                time.sleep(random.uniform(0.05, 0.25) * attempt)
 
     def _drain(self, timeout_s: float) -> list[tuple[str, bytes]]:
         """Up to BATCH_MAX inbox items: wait for the first, then take what is already there."""

@@ -90,22 +90,45 @@ def upsert_devices_from_hellos(session: Session, hellos: list[Hello],
     """Batch form of ``upsert_device_from_hello``: two SELECTs and one flush for the batch,
     whatever its size (the server ingests device traffic this way). A device appearing more
     than once in ``hellos`` ends with its last hello."""
-    latest = {h.device_id: h for h in hellos}
-    ids = list(latest)
-    devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))}
+    latest = {h.device_id: h for h in sorted(hellos, key=lambda h: h.device_id)}
+    ids = sorted(latest)
+    known = set(session.scalars(select(Device.id).where(Device.id.in_(ids))))
+    # New devices are inserted first, in id order, skipping any another replica inserted a
+    # moment ago (with $share/ subscriptions two replicas can see hellos of one new device):
+    # no duplicate-key failure, no deadlock between replicas inserting overlapping batches.
+    _insert_missing(session, Device, ["id"], [
+        {"id": i, "created_at": now, "manifest_serial": 0} for i in ids if i not in known])
+    devices = {d.id: d for d in session.scalars(
+        select(Device).where(Device.id.in_(ids)).order_by(Device.id).with_for_update())}
     models: dict[str, dict[str, DeviceModel]] = {i: {} for i in ids}
     for row in session.scalars(select(DeviceModel).where(DeviceModel.device_id.in_(ids))):
         models[row.device_id][row.model_name] = row
     out = []
     for device_id, hello in latest.items():
         device = devices.get(device_id)
-        if device is None:
+        if device is None:  # a dialect without ON CONFLICT: plain insert (single server)
             device = Device(id=device_id, created_at=now, manifest_serial=0)
             session.add(device)
         _apply_hello(session, device, models[device_id], hello, now)
         out.append(device)
     session.flush()
     return out
+
+
+def _insert_missing(session: Session, table: type[Any], keys: list[str],
+                    rows: list[dict[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING on PostgreSQL and SQLite; nothing elsewhere (the
+    caller adds ORM objects for rows still missing)."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert  # noqa: PLC0415
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]  # noqa: PLC0415
+    else:
+        return
+    session.execute(upsert(table).values(rows).on_conflict_do_nothing(index_elements=keys))
 
 
 def _apply_hello(session: Session, device: Device, existing: dict[str, DeviceModel],
