@@ -19,7 +19,7 @@ from deltafleet.shared import sha256_file
 
 from .errors import CatalogError
 
-__all__ = ["ModelInfo", "TensorSpec", "detect_format", "inspect_model"]
+__all__ = ["ModelInfo", "TensorSpec", "detect_format", "inspect_model", "io_signature", "load_golden"]
 
 TFLITE_FILE_IDENTIFIER = b"TFL3"
 # onnx.checker's full_check (strict shape inference) on models up to this size; larger models
@@ -361,3 +361,77 @@ def _tflite_op_name(opcode: Any, tflite: Any) -> str:
         return str(tflite.opcode2name(code))
     except ValueError:
         return f"BUILTIN_{code}"
+
+
+# ------------------------------------------------------------------ manifest IO contract
+
+# dtypes whose names the agent's runtimes report the same way the catalog does; a model with
+# any other IO type gets no signed IO signature (the agent then compares with the running model)
+_SIGNATURE_DTYPES = frozenset({
+    "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64", "bool",
+})
+GOLDEN_MAX_FILES = 8
+GOLDEN_MAX_BYTES = 256 * 1024  # all golden inputs of a variant, before base64 (manifest cap 1 MiB)
+
+
+def io_signature(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The IO contract a manifest signs, from a variant's catalog info: names, numpy dtypes and
+    shapes with every dynamic dimension as null, exactly as the agent's runtime adapters
+    report them. None when the info has no IO or an IO type the agent names differently."""
+    if not info or "inputs" not in info or "outputs" not in info:
+        return None
+    sig: dict[str, Any] = {}
+    for part in ("inputs", "outputs"):
+        specs = []
+        for spec in info[part]:
+            if spec.get("dtype") not in _SIGNATURE_DTYPES:
+                return None
+            shape = [d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else None
+                     for d in spec.get("shape", [])]
+            specs.append({"name": spec["name"], "dtype": spec["dtype"], "shape": shape})
+        sig[part] = specs
+    return sig
+
+
+def load_golden(paths: list[Path], inputs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+    """Golden inputs for a model, one ``.npz`` per sample (one array per model input, named
+    like it), in the manifest's form ``{input: {dtype, shape, b64}}``. CatalogError (one line)
+    for a file that does not fit the model's inputs or the size cap."""
+    import base64
+
+    import numpy as np
+
+    if len(paths) > GOLDEN_MAX_FILES:
+        raise CatalogError(f"at most {GOLDEN_MAX_FILES} golden input files per variant")
+    wanted = {s.name: s for s in inputs}
+    out: list[dict[str, Any]] = []
+    total = 0
+    for path in paths:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: np.ascontiguousarray(npz[k]) for k in npz.files}
+        except (OSError, ValueError, EOFError) as e:
+            raise CatalogError(f"golden inputs {path.name}: not a readable .npz ({_one_line(e)})") from e
+        if set(arrays) != set(wanted):
+            raise CatalogError(f"golden inputs {path.name}: arrays {sorted(arrays)} do not match "
+                               f"the model inputs {sorted(wanted)}")
+        sample = {}
+        for name, arr in arrays.items():
+            spec = wanted[name]
+            if arr.dtype.name != spec.dtype:
+                raise CatalogError(f"golden inputs {path.name}: {name!r} is {arr.dtype.name}, "
+                                   f"the model wants {spec.dtype}")
+            if len(arr.shape) != len(spec.shape) or any(
+                    isinstance(d, int) and d >= 0 and d != n for d, n in zip(spec.shape, arr.shape,
+                                                                            strict=True)):
+                raise CatalogError(f"golden inputs {path.name}: {name!r} has shape "
+                                   f"{list(arr.shape)}, the model wants {list(spec.shape)}")
+            total += arr.nbytes
+            sample[name] = {"dtype": arr.dtype.name, "shape": list(arr.shape),
+                            "b64": base64.b64encode(arr.tobytes()).decode()}
+        out.append(sample)
+    if total > GOLDEN_MAX_BYTES:
+        raise CatalogError(f"golden inputs are {total} bytes, over the {GOLDEN_MAX_BYTES}-byte "
+                           "cap (they travel in every manifest)")
+    return out

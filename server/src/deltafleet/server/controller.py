@@ -334,12 +334,12 @@ class RolloutController:
                           ArtifactRef(kind, codec, artifact_sha, artifact_size,
                                       self.chunk_size_bytes,
                                       tuple(self.chunk_hashes(artifact_sha))),
-                          policy, "notified", now)
+                          policy, "notified", now, option=v)
 
     def _send(self, s: Session, r: Rollout, t: RolloutTarget, device: Device, model: str,
               version: str, variant: str, fmt: str, target_sha: str, target_size: int,
               base_sha: str | None, artifact: ArtifactRef, policy: RolloutPolicy, state: str,
-              now: datetime) -> Publish:
+              now: datetime, option: VariantOption | None = None) -> Publish:
         device.manifest_serial = (device.manifest_serial or 0) + 1
         issued = int(time.time())
         manifest = Manifest(
@@ -350,6 +350,8 @@ class RolloutController:
             artifact=artifact, trial_window_s=policy.health_window_s,
             health_policy=dict(policy.health), hardware_id=device.hardware_id,
             allow_io_change=policy.allow_io_change,
+            io_signature=option.io_signature if option is not None else None,
+            golden_inputs=option.golden if option is not None else (),
         )
         signed = self.key.sign_bytes(manifest.to_wire())
         t.base_sha256 = base_sha
@@ -401,12 +403,13 @@ class RolloutController:
                 self._set(t, "failed", "the previous model is not in the catalog", now)
                 continue
             v, version, size = prev
-            full = self._full_artifact(registry.variant_option(v, size))
+            option = registry.variant_option(v, size)
+            full = self._full_artifact(option)
             artifact = ArtifactRef("full", full.codec, full.sha256, full.size_bytes,
                                    self.chunk_size_bytes, tuple(self.chunk_hashes(full.sha256)))
             out.append(self._send(s, r, t, device, model.name, version, v.name, v.format,
                                   t.previous_sha256, size, None, artifact, policy,
-                                  "reverting", now))
+                                  "reverting", now, option=option))
         if all(t.state != "reverting" for t in targets):
             self._set_rollout(r, "rolled_back", r.state_reason, now)
             r.finished_at = now

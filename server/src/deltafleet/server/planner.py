@@ -6,7 +6,8 @@ No I/O here; the daemon and `fleetctl rollout plan` feed it rows and act on its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from deltafleet.agent.codecs import IDENTITY
 
@@ -38,6 +39,10 @@ class VariantOption:
     sha256: str
     size_bytes: int  # the model file
     compressed: FullArtifact | None = None  # recorded when it is smaller than the model
+    # signed into manifests: the IO contract the agent checks the loaded model against, and
+    # golden inputs it warms the model up on and probes it with during the trial
+    io_signature: dict[str, Any] | None = field(default=None, compare=False)
+    golden: tuple[dict[str, Any], ...] = field(default=(), compare=False)
 
     @property
     def identity(self) -> FullArtifact:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, selectinload
 from deltafleet.agent.codecs import IDENTITY, ZSTD
 from deltafleet.shared import Hello, is_sha256
 
-from .catalog import inspect_model
+from .catalog import inspect_model, io_signature, load_golden
 from .codecs import build_compressed_full
 from .errors import ConflictError, NotFoundError, UsageError
 from .planner import FullArtifact, VariantOption
@@ -313,8 +313,12 @@ def add_model_version(
     file: Path,
     variant: str = "default",
     precision: str = "fp32",
+    golden: list[Path] | None = None,
 ) -> Variant:
     """Register ``file`` as variant ``variant`` of model ``name`` at ``version``.
+
+    ``golden``: ``.npz`` files of inputs (one array per model input) that devices warm the
+    model up on and probe it with during its trial; they travel in every manifest.
 
     Order: validate names -> inspect the file (CatalogError for anything not a valid model) ->
     refuse an existing (model, version, variant) with ConflictError -> store the blob -> build
@@ -336,6 +340,7 @@ def add_model_version(
         raise UsageError(f"no such file: {file}")
 
     info = inspect_model(file)
+    golden_inputs = load_golden([Path(g) for g in golden or []], info.inputs)
 
     model = session.scalars(select(Model).where(Model.name == name)).first()
     mv = None
@@ -365,6 +370,8 @@ def add_model_version(
     variant_info = info.to_json()
     if compressed is not None:
         variant_info["compressed"] = compressed
+    if golden_inputs:
+        variant_info["golden"] = golden_inputs
 
     now = datetime.now(UTC)
     try:
@@ -588,12 +595,14 @@ def variant_to_json(variant: Variant, *, detail: bool = True) -> dict[str, Any]:
         "sha256": variant.artifact_sha256,
         "size_bytes": info.get("size_bytes"),
         "compressed": _compressed_json(info),
+        "golden_inputs": len(info.get("golden") or []),
         "created_at": _iso(variant.created_at),
     }
     if detail:
         out["inputs"] = info.get("inputs", [])
         out["outputs"] = info.get("outputs", [])
-        out["info"] = info
+        out["io_signature"] = io_signature(info)  # what manifests sign (None: not signed)
+        out["info"] = {k: v for k, v in info.items() if k != "golden"}
     return out
 
 
@@ -649,8 +658,12 @@ def audit_to_json(entry: AuditEntry) -> dict[str, Any]:
 
 def variant_option(variant: Variant, size_bytes: int) -> VariantOption:
     """A variant as the planner wants it: its model file and compressed form."""
+    info = variant.info or {}
+    golden = info.get("golden")
     return VariantOption(variant.id, variant.name, variant.format, variant.precision,
-                         variant.artifact_sha256, size_bytes, compressed_artifact(variant.info))
+                         variant.artifact_sha256, size_bytes, compressed_artifact(info),
+                         io_signature=io_signature(info),
+                         golden=tuple(golden) if isinstance(golden, list) else ())
 
 
 def variant_options(session: Session, version_id: int) -> list[VariantOption]:

@@ -43,9 +43,17 @@ def add(
                           "(e.g. 'tflite-int8').")
     ] = "default",
     precision: Annotated[str, typer.Option(help="Numeric precision: fp32, fp16 or int8.")] = "fp32",
+    golden: Annotated[
+        list[Path] | None, typer.Option(
+            "--golden", help="Golden inputs: an .npz with one array per model input (repeat for "
+            "more samples, up to 8; 256 KiB in all). Devices warm the model up on them before "
+            "the swap, refuse it if they give an error or non-finite output, and probe with "
+            "them during the trial when there is no live traffic.")
+    ] = None,
 ) -> None:
     """Inspect FILE and register it as VERSION of model NAME (all or nothing); also store its
-    zstd-compressed form, which full installs ship, when that is smaller."""
+    zstd-compressed form, which full installs ship, when that is smaller. Manifests carry the
+    model's IO signature, which devices check the loaded model against."""
     cfg = load_config()
     blobs = blob_store(cfg)
     with open_store(cfg) as store:
@@ -57,12 +65,14 @@ def add(
             ):
                 new_blobs = s.info.setdefault(registry.NEW_BLOBS_KEY, set())
                 row = registry.add_model_version(s, blobs, name, version, file,
-                                                 variant=variant, precision=precision)
+                                                 variant=variant, precision=precision,
+                                                 golden=golden or [])
                 compressed = registry.compressed_artifact(row.info)
                 registry.audit(s, actor(), "model.add", f"{name}:{version}", {
                     "variant": variant, "precision": precision, "format": row.format,
                     "sha256": row.artifact_sha256, "file": str(file),
                     "compressed_sha256": compressed.sha256 if compressed else None,
+                    "golden_inputs": len((row.info or {}).get("golden", [])),
                 })
         except BaseException:
             _forget_unreferenced(store, blobs, new_blobs)
@@ -146,4 +156,8 @@ def show(
                 table.add_row("input", f"{t['name']} {t['dtype']} {fmt_shape(t['shape'])}")
             for t in x["outputs"]:
                 table.add_row("output", f"{t['name']} {t['dtype']} {fmt_shape(t['shape'])}")
+            table.add_row("IO signed", "yes" if x["io_signature"] else
+                          "no (an IO type devices name differently)")
+            table.add_row("golden inputs", str(x["golden_inputs"]) if x["golden_inputs"] else
+                          "none (warm-up and probes use zeros)")
             console.print(table)
