@@ -251,7 +251,7 @@ def apply_to_file(
                                      "target") from e
             raise UpdateRejected(f"bsdiff4 patch refused: {e}") from e
         return dest
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
