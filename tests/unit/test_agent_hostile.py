@@ -3,6 +3,7 @@ change anything, in the order update.py documents, with a reason that says which
 
 from __future__ import annotations
 
+import base64
 import bz2
 import dataclasses
 import json
@@ -83,6 +84,19 @@ def test_a_good_manifest_passes_every_check() -> None:
 def test_manifest_over_the_size_cap_is_refused_before_parsing() -> None:
     with pytest.raises(UpdateRejected, match="cap"):
         check(manifest(TARGET), data=b"{" + b" " * MAX_MANIFEST_BYTES + b"}")
+
+
+def test_manifest_of_a_4_gib_artifact_with_golden_inputs_fits_the_cap() -> None:
+    chunk = 65536  # what the server uses
+    chunks = tuple(sha256_bytes(i.to_bytes(4, "little")) for i in range((4 << 30) // chunk))
+    golden = ({"input": {"dtype": "float32", "shape": [1024, 64],
+                         "b64": base64.b64encode(bytes(256 * 1024)).decode()}},)
+    m = dataclasses.replace(
+        manifest(TARGET, codec="identity"), golden_inputs=golden,
+        artifact=ArtifactRef("full", "identity", sha256_bytes(b"x"), 4 << 30, chunk, chunks))
+    data = KEY.sign_bytes(m.to_wire())
+    assert len(data) > 4 << 20
+    assert check(m, data=data) == m
 
 
 def test_tampered_manifest_is_refused_for_its_signature() -> None:

@@ -372,7 +372,7 @@ _SIGNATURE_DTYPES = frozenset({
     "uint8", "uint16", "uint32", "uint64", "bool",
 })
 GOLDEN_MAX_FILES = 8
-GOLDEN_MAX_BYTES = 256 * 1024  # all golden inputs of a variant, before base64 (manifest cap 1 MiB)
+GOLDEN_MAX_BYTES = 256 * 1024  # all golden inputs of a variant, before base64 (manifest cap 6 MiB)
 
 
 def io_signature(info: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -253,7 +253,7 @@ def render_mosquitto_conf(*, port: int, bind: str | None, cafile: Path, certfile
         "use_identity_as_username true",
         f"crlfile {crlfile}",
         f"acl_file {aclfile}",
-        "max_packet_size 2097152",
+        "max_packet_size 8388608",  # retained manifests of multi-GB models (~4.4 MB at 4 GiB)
     ]
     if persistence_dir is not None:
         lines += ["persistence true", f"persistence_location {persistence_dir}/"]
