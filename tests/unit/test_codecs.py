@@ -237,3 +237,39 @@ def test_model_aware_delta_for_another_base_is_refused(pairs, tmp_path):
 def test_budget_is_a_frozen_config():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Budget().memory_bytes = 1  # type: ignore[misc]
+
+
+def test_tensor_xor_header_packs_offsets_as_gaps_and_round_trips() -> None:
+    header = {"target_size": 100, "base_size": 90, "chunk_bytes": 16,
+              "base_ranges": [[10, 20], [40, 30]], "skeleton": [0, 5, 40],
+              "segments": [[12, 20, "copy", 1, 10, []], [35, 8, "zsub", 4, 44, [3, 3, 3, 3]],
+                           [50, 8, "raw", 4, 0, [1, 1, 1, 1]]]}
+    packed = agent_codecs.pack_tx_header(header)
+    assert packed["base_ranges"] == [[10, 20], [10, 30]]
+    assert packed["segments"][1][:6] == [3, 8, "zsub", 4, 1, 4]
+    assert agent_codecs.unpack_tx_header(packed) == header
+
+
+@pytest.mark.parametrize("bad", [
+    {"base_ranges": [[-1, 20]]},
+    {"segments": [[0, 40, "copy", 1, 0, 0, []]]},  # runs past its base range (20 bytes)
+    {"segments": [[0, 4, "xor", 4, 5, 0, [1, 1, 1, 1]]]},  # no such range
+    {"segments": [[-3, 4, "copy", 1, 0, 0, []]]},
+])
+def test_malformed_tensor_xor_headers_are_refused(bad) -> None:
+    packed = {"target_size": 100, "base_size": 90, "chunk_bytes": 16,
+              "base_ranges": [[10, 20]], "skeleton": [0, 5, 40], "segments": []}
+    with pytest.raises(ValueError):
+        agent_codecs.unpack_tx_header({**packed, **bad})
+
+
+def test_an_unchanged_tensor_is_one_copy_segment_however_large(pairs, tmp_path) -> None:
+    base, target = pairs[("fp32", "graph_only")]
+    out = tmp_path / "delta"
+    TensorXorEncoder().encode(base, target, out)
+    with agent_codecs.FileSource(out) as src:
+        header, _ = agent_codecs.read_tx_header(src)
+    assert all(seg[2] == "copy" for seg in header["segments"])
+    assert len(header["segments"]) == len(header["base_ranges"])
+    assert agent_codecs.decode("tensor-xor", out.read_bytes(), base,
+                               target_size=target.stat().st_size) == target.read_bytes()

@@ -21,18 +21,26 @@ Codecs (the manifest's ``artifact.codec``):
     Model-aware container (built by the server from the ONNX/TFLite structure, applied here on
     raw bytes). Layout, all integers little-endian::
 
-        b"DFTX" | u8 version (1) | u32 header length | header | payload
+        b"DFTX" | u8 version (2) | u32 header length | header | payload
 
-    The header is a zstd-compressed JSON object::
+    The header is a zstd-compressed JSON object, offsets stored as gaps so that it stays a few
+    hundred bytes for a graph-only change::
 
         {"target_size": int, "base_size": int, "chunk_bytes": int,
-         "base_ranges": [[offset, length], ...],     # tensor bytes of the base, sorted
+         "base_ranges": [[gap, length], ...],   # tensor bytes of the base, in order; gap from
+                                                # the end of the previous range (or 0)
          "skeleton": [payload_offset, payload_length, raw_length],
-         "segments": [[target_offset, length, op, itemsize, base_offset, [plane lengths]], ...]}
+         "segments": [[gap, length, op, itemsize, base_range, base_rel, [plane lengths]], ...]}
+
+    A segment starts ``gap`` bytes after the end of the previous one (or 0); its base bytes are
+    at ``base_ranges[base_range]`` + ``base_rel`` (``base_range`` -1: none, for ``raw``).
+    ``unpack_tx_header`` turns this into absolute ``[target_offset, length, op, itemsize,
+    base_offset, planes]`` rows.
 
     ``segments`` cover tensor bytes of the target, in target order and non-overlapping. Their
     payload frames follow one another in the payload, in segment order. ``op`` is one of
-    ``copy`` (base bytes as they are, no payload), ``raw`` (the target's elements split into
+    ``copy`` (base bytes as they are, no payload, any length: decoded in ``chunk_bytes``
+    pieces), ``raw`` (the target's elements split into
     ``itemsize`` byte planes, each plane one compressed frame), ``xor`` / ``sub`` (the same for
     ``target ^ base`` / ``target - base`` taken as unsigned ``itemsize``-byte integers), ``zsub``
     (``target - base`` as a signed integer, zigzag-mapped so that small differences of either
@@ -79,7 +87,7 @@ FULL_CODECS = (IDENTITY, ZSTD)  # no base needed
 ZSTD_MAX_WINDOW_BYTES = 1 << 27  # a full-model frame may not ask a device for more
 
 TX_MAGIC = b"DFTX"
-TX_VERSION = 1
+TX_VERSION = 2
 TX_PREFIX = struct.Struct("<4sBI")
 MAX_HEADER_BYTES = 256 << 20
 _UINT: dict[int, np.dtype[Any]] = {
@@ -216,16 +224,66 @@ def read_tx_header(delta: Source) -> tuple[dict, int]:
     if delta.size < TX_PREFIX.size:
         raise CodecError("tensor-xor delta is truncated")
     magic, version, header_len = TX_PREFIX.unpack(bytes(delta.read_at(0, TX_PREFIX.size)))
-    if magic != TX_MAGIC or version != TX_VERSION:
-        raise CodecError("not a tensor-xor v1 delta")
+    if magic != TX_MAGIC or version not in (1, TX_VERSION):
+        raise CodecError(f"not a tensor-xor v1/v{TX_VERSION} delta")
     if header_len > MAX_HEADER_BYTES or TX_PREFIX.size + header_len > delta.size:
         raise CodecError("tensor-xor header is truncated or too large")
     raw = delta.read_at(TX_PREFIX.size, header_len)
     try:
-        header = json.loads(zstd.ZstdDecompressor().decompress(raw, max_output_size=MAX_HEADER_BYTES))
-    except (zstd.ZstdError, ValueError) as e:
+        packed = json.loads(zstd.ZstdDecompressor().decompress(raw, max_output_size=MAX_HEADER_BYTES))
+        # v1 (deltas a server built before v2) stored absolute offsets
+        header = unpack_tx_header(packed) if version == TX_VERSION else packed
+    except (zstd.ZstdError, ValueError, TypeError, KeyError, IndexError) as e:
         raise CodecError(f"tensor-xor header is corrupt: {e}") from e
     return header, TX_PREFIX.size + header_len
+
+
+def pack_tx_header(header: dict[str, Any]) -> dict[str, Any]:
+    """Absolute header (``base_ranges`` as [offset, length], segments as [target_offset,
+    length, op, itemsize, base_offset, planes]) -> the stored form (gaps and range indexes)."""
+    ranges = header["base_ranges"]
+    starts = {off: i for i, (off, _) in enumerate(ranges)}
+    stored_ranges, end = [], 0
+    for off, length in ranges:
+        stored_ranges.append([off - end, length])
+        end = off + length
+    segments, end, r = [], 0, 0
+    for t_off, length, op, width, b_off, planes in header["segments"]:
+        if op == "raw":
+            index, rel = -1, 0
+        else:  # ranges are sorted: find the one holding b_off, searching on from the last
+            if not (ranges[r][0] <= b_off < ranges[r][0] + ranges[r][1]):
+                r = starts.get(b_off, r)
+                while not (ranges[r][0] <= b_off < ranges[r][0] + ranges[r][1]):
+                    r = (r + 1) % len(ranges)
+            index, rel = r, b_off - ranges[r][0]
+        segments.append([t_off - end, length, op, width, index, rel, planes])
+        end = t_off + length
+    return {**header, "base_ranges": stored_ranges, "segments": segments}
+
+
+def unpack_tx_header(packed: dict[str, Any]) -> dict[str, Any]:
+    """The stored header -> absolute offsets (see ``pack_tx_header``); ValueError if malformed."""
+    ranges, end = [], 0
+    for gap, length in packed["base_ranges"]:
+        if gap < 0 or length < 0:
+            raise ValueError("negative base range")
+        ranges.append([end + gap, length])
+        end = end + gap + length
+    segments, end = [], 0
+    for gap, length, op, width, index, rel, planes in packed["segments"]:
+        if gap < 0 or length < 0 or rel < 0 or not -1 <= index < len(ranges):
+            raise ValueError("malformed segment")
+        if index == -1:
+            b_off = 0
+        else:
+            off, size = ranges[index]
+            if rel + length > size:
+                raise ValueError("segment runs past its base range")
+            b_off = off + rel
+        segments.append([end + gap, length, op, width, b_off, planes])
+        end = end + gap + length
+    return {**packed, "base_ranges": ranges, "segments": segments}
 
 
 def base_skeleton(base: Source, ranges: list[list[int]]) -> bytes:
@@ -293,14 +351,16 @@ def _iter_tensor_xor(delta: Source, base: Source) -> Iterator[bytes | memoryview
     target_pos = 0
     payload_pos = payload_start + skel_off + skel_len
     for t_off, length, op, width, b_off, plane_lens in header["segments"]:
-        if t_off < target_pos or length > header["chunk_bytes"] or width not in _UINT:
+        if t_off < target_pos or width not in _UINT or (
+                op != "copy" and length > header["chunk_bytes"]):
             raise CodecError("tensor-xor segments are malformed")
         gap = t_off - target_pos
         if gap:
             yield skeleton[skel_pos : skel_pos + gap]
             skel_pos += gap
         if op == "copy":
-            yield base.read_at(b_off, length)
+            for rel in range(0, length, TX_CHUNK_BYTES):
+                yield base.read_at(b_off + rel, min(TX_CHUNK_BYTES, length - rel))
         else:
             if length % width or len(plane_lens) != width:
                 raise CodecError("tensor-xor segment does not match its element width")

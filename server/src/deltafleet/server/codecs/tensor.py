@@ -43,6 +43,7 @@ from deltafleet.agent.codecs import (
     FileSource,
     Source,
     base_skeleton,
+    pack_tx_header,
     planes_of,
     zigzag,
 )
@@ -165,6 +166,18 @@ def plane_level(target_size: int) -> int:
     return 9
 
 
+def _add_copy(segments: list[list[object]], t_off: int, n: int, b_off: int) -> None:
+    """A copy segment, merged into the previous one when both are contiguous (an unchanged
+    tensor is one segment, however large)."""
+    if segments:
+        last = segments[-1]
+        if (last[2] == "copy" and last[0] + last[1] == t_off  # type: ignore[operator]
+                and last[4] + last[1] == b_off):  # type: ignore[operator]
+            last[1] += n  # type: ignore[operator]
+            return
+    segments.append([t_off, n, "copy", 1, b_off, []])
+
+
 def encode_tensor_xor(
     base_path: Path, target_path: Path, out_path: Path, *, level: int | None = None
 ) -> TensorStats | None:
@@ -196,13 +209,13 @@ def encode_tensor_xor(
                         n = min(step, t.length - rel)
                         b_off = b.offset + rel if b is not None else 0
                         if identical:
-                            segments.append([t.offset + rel, n, "copy", 1, b_off, []])
+                            _add_copy(segments, t.offset + rel, n, b_off)
                             copied += n
                             continue
                         new_bytes = target.read_at(t.offset + rel, n)
                         old_bytes = base.read_at(b_off, n) if b is not None else None
                         if old_bytes is not None and old_bytes == new_bytes:
-                            segments.append([t.offset + rel, n, "copy", 1, b_off, []])
+                            _add_copy(segments, t.offset + rel, n, b_off)
                             copied += n
                             continue
                         width = t.itemsize if n % t.itemsize == 0 else 1
@@ -243,7 +256,7 @@ def encode_tensor_xor(
                 "segments": segments,
             }
             packed = zstd.ZstdCompressor(level=19).compress(
-                json.dumps(header, separators=(",", ":")).encode()
+                json.dumps(pack_tx_header(header), separators=(",", ":")).encode()
             )
             with open(out_path, "wb") as out, open(payload_tmp, "rb") as payload_in:
                 out.write(TX_PREFIX.pack(TX_MAGIC, TX_VERSION, len(packed)))
