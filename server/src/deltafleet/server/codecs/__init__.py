@@ -108,6 +108,11 @@ class ZstdDictEncoder(Encoder):
         base = base_path.read_bytes()
         target = target_path.read_bytes()
         window_log = max(20, min(31, (len(base) + len(target)).bit_length()))
+        try:
+            out_path.write_bytes(_patch_from(base, target, self.level, window_log))
+            return
+        except ImportError:  # no cffi backend: the dictionary path, weak on large bases
+            pass
         params = zstd.ZstdCompressionParameters.from_level(
             self.level, window_log=window_log, enable_ldm=True, source_size=len(target)
         )
@@ -116,6 +121,43 @@ class ZstdDictEncoder(Encoder):
         out_path.write_bytes(
             zstd.ZstdCompressor(dict_data=dictionary, compression_params=params).compress(target)
         )
+
+
+def _patch_from(base: bytes, target: bytes, level: int, window_log: int) -> bytes:
+    """``zstd --patch-from``: the base referenced as a *prefix* (``ZSTD_CCtx_refPrefix``),
+    with long-distance matching over base and target. python-zstandard only offers
+    dictionaries, which zstd loads as a CDict: it then indexes just the last 2^(hashLog+3)
+    bytes of the base (4 MiB at level 6) and long-distance matching ignores it, so a 25 MB
+    graph-only change came out at 92% of the model (with a prefix: 3 KB). The frame decodes
+    with the base as a raw-content dictionary, as the agent does. ImportError without the
+    binding's cffi backend."""
+    from zstandard import backend_cffi  # noqa: PLC0415 - optional: needs cffi
+
+    lib, ffi = backend_cffi.lib, backend_cffi.ffi
+
+    def check(code: int) -> int:
+        if lib.ZSTD_isError(code):
+            raise ValueError(f"zstd: {ffi.string(lib.ZSTD_getErrorName(code)).decode()}")
+        return code
+
+    cctx = lib.ZSTD_createCCtx()
+    if cctx == ffi.NULL:
+        raise MemoryError("zstd: cannot create a compression context")
+    try:
+        for param, value in ((lib.ZSTD_c_compressionLevel, level),
+                             (lib.ZSTD_c_windowLog, window_log),
+                             (lib.ZSTD_c_enableLongDistanceMatching, 1),
+                             (lib.ZSTD_c_checksumFlag, 1)):
+            check(lib.ZSTD_CCtx_setParameter(cctx, param, value))
+        check(lib.ZSTD_CCtx_setPledgedSrcSize(cctx, len(target)))
+        prefix = ffi.from_buffer(base)
+        check(lib.ZSTD_CCtx_refPrefix(cctx, prefix, len(base)))
+        capacity = lib.ZSTD_compressBound(len(target))
+        out = ffi.new("char[]", capacity)
+        n = check(lib.ZSTD_compress2(cctx, out, capacity, ffi.from_buffer(target), len(target)))
+        return bytes(ffi.buffer(out, n))
+    finally:
+        lib.ZSTD_freeCCtx(cctx)
 
 
 class TensorXorEncoder(Encoder):
