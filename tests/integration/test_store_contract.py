@@ -253,6 +253,27 @@ class TestModels:
             (option,) = registry.variant_options(s, v.version_id)
             assert option.full == FullArtifact("zstd", packed["sha256"], packed["size_bytes"])
 
+    def test_variants_registered_before_compression_are_backfilled_once(
+        self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
+    ) -> None:
+        with store.session() as s:
+            v = registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            packed = v.info["compressed"]
+            v.info = {k: x for k, x in v.info.items() if k != "compressed"}  # as registered before
+        blobs.delete(packed["sha256"])
+        with store.session() as s:
+            s.delete(s.get(Artifact, packed["sha256"]))
+        with store.session() as s:
+            ((variant, form),) = registry.backfill_compressed(s, blobs, "det")
+            assert form == packed  # same frame, same blob address
+        with store.session() as s:
+            (option,) = registry.variant_options(s, v.version_id)
+            assert option.full == FullArtifact("zstd", packed["sha256"], packed["size_bytes"])
+            assert s.get(Artifact, packed["sha256"]).kind == "compressed"  # type: ignore[union-attr]
+            assert registry.backfill_compressed(s, blobs) == []  # nothing left to do
+        assert decode_sha256("zstd", blobs.path(packed["sha256"]), None) == (
+            v.artifact_sha256, v.info["size_bytes"])
+
     def test_model_zstd_cannot_shrink_is_stored_without_a_compressed_form(
         self, store: Store, blobs: BlobStore, tmp_path: Path
     ) -> None:

@@ -431,6 +431,33 @@ def _compressed_form(session: Session, blobs: BlobStore, model_sha256: str) -> d
     return {"codec": built.codec, "sha256": sha, "size_bytes": size, "level": built.level}
 
 
+def backfill_compressed(session: Session, blobs: BlobStore,
+                        model: str | None = None) -> list[tuple[Variant, dict[str, Any] | None]]:
+    """Build the compressed form of every variant that has none (registered before full
+    models shipped compressed); (variant, recorded form or None when compression does not
+    shrink it) for each variant looked at. Idempotent."""
+    query = select(Variant).order_by(Variant.id)
+    if model is not None:
+        query = (query.join(ModelVersion, ModelVersion.id == Variant.version_id)
+                 .join(Model, Model.id == ModelVersion.model_id).where(Model.name == model))
+    done: list[tuple[Variant, dict[str, Any] | None]] = []
+    for variant in session.scalars(query).all():
+        if compressed_artifact(variant.info) is not None:
+            continue
+        if not blobs.has(variant.artifact_sha256):
+            raise NotFoundError(f"the model file of variant {variant.id} "
+                                f"({variant.artifact_sha256[:12]}) is missing from the blob store")
+        form = _compressed_form(session, blobs, variant.artifact_sha256)
+        if form is not None:
+            if session.get(Artifact, form["sha256"]) is None:
+                session.add(Artifact(sha256=form["sha256"], size_bytes=form["size_bytes"],
+                                     kind=COMPRESSED_KIND, created_at=datetime.now(UTC)))
+            variant.info = {**(variant.info or {}), "compressed": form}  # a new dict: saved
+            session.flush()
+        done.append((variant, form))
+    return done
+
+
 def compressed_artifact(info: Mapping[str, Any] | None) -> FullArtifact | None:
     """The compressed form a variant's catalog info records, if any (variants registered
     before full models shipped compressed, and models compression does not shrink, have

@@ -94,6 +94,39 @@ def _forget_unreferenced(store: Store, blobs: BlobStore, shas: set[str]) -> None
                 blobs.delete(sha)
 
 
+@app.command("compress")
+def compress(
+    name: Annotated[str | None, typer.Argument(help="Only this model (default: all).")] = None,
+) -> None:
+    """Store the zstd-compressed form of models registered before full installs shipped
+    compressed (idempotent: variants that have one are left alone)."""
+    cfg = load_config()
+    blobs = blob_store(cfg)
+    with open_store(cfg) as store:
+        new_blobs: set[str] = set()
+        try:
+            with err_console.status("compressing"), store.session() as s:
+                new_blobs = s.info.setdefault(registry.NEW_BLOBS_KEY, set())
+                if name is not None:
+                    registry.get_model(s, name)  # NotFoundError for an unknown model
+                done = registry.backfill_compressed(s, blobs, name)
+                rows = [(v.id, v.artifact_sha256, (v.info or {}).get("size_bytes"), form)
+                        for v, form in done]
+                if done:
+                    registry.audit(s, actor(), "model.compress", name or "*", {
+                        "variants": [r[0] for r in rows],
+                        "compressed": sum(1 for r in rows if r[3] is not None)})
+        except BaseException:
+            _forget_unreferenced(store, blobs, new_blobs)
+            raise
+    if not rows:
+        console.print("every variant already has its compressed form")
+    for vid, sha, size, form in rows:
+        console.print(f"variant {vid} ({sha[:16]}, {fmt_bytes(size)}): " + (
+            f"full installs now ship {form['codec']} {fmt_bytes(form['size_bytes'])}" if form
+            else "compression does not make it smaller; it ships as it is"))
+
+
 @app.command("list")
 def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """List models with their versions and variants."""
