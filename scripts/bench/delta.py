@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deltafleet.shared import sha256_file
+
 ROOT = Path(__file__).resolve().parents[2]
 KINDS_FP32 = ["head_only", "finetune", "graph_only", "layer_inserted", "complete_retrain"]
 KINDS_INT8 = ["head_only", "finetune", "requant", "graph_only", "layer_inserted",
@@ -225,21 +227,11 @@ def _child(code: str, *args: str) -> dict:
     return json.loads(res.stdout)  # type: ignore[no-any-return]
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def measure_pair(
     label: str, base: Path, target: Path, work: Path, *, codecs: list[str]
 ) -> dict:
     full = target.stat().st_size
-    target_sha = _sha256(target)
+    target_sha = sha256_file(target)
     row: dict = {"pair": label, "base_bytes": base.stat().st_size, "full_bytes": full}
     # zstd -19 of 1 GB takes minutes; above 256 MiB the reference is level 3 (within ~1% on
     # model weights) and the row says so.

@@ -38,6 +38,7 @@ from deltafleet.agent.codecs import (
     FileSource,
     decode_sha256,
 )
+from deltafleet.shared import sha256_file
 
 from .layout import model_tensors
 from .tensor import encode_tensor_xor, plane_level
@@ -277,7 +278,7 @@ def build_compressed_full(model_path: Path, out_dir: Path, *,
     then ships as it is) or does not round-trip (logged: a compressor bug must not reach a
     device; the model ships as it is)."""
     model_size = model_path.stat().st_size
-    model_sha256 = model_sha256 or _sha256_file(model_path)
+    model_sha256 = model_sha256 or sha256_file(model_path)
     level = full_level(model_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".compress.", suffix=".tmp")
@@ -311,14 +312,6 @@ def build_compressed_full(model_path: Path, out_dir: Path, *,
             path.unlink(missing_ok=True)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def choose(
     base_path: Path,
     target_path: Path,
@@ -338,7 +331,7 @@ def choose(
     budget = budget or Budget()
     encoders = default_encoders() if encoders is None else encoders
     base_size, target_size = base_path.stat().st_size, target_path.stat().st_size
-    target_sha256 = target_sha256 or _sha256_file(target_path)
+    target_sha256 = target_sha256 or sha256_file(target_path)
     reference = full_artifact_size(target_path) if reference_bytes is None else reference_bytes
     attempts: list[Attempt] = []
     results: list[tuple[int, str, Path]] = []
