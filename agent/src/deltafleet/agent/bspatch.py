@@ -35,7 +35,7 @@ from pathlib import Path
 from deltafleet.shared import fsync_dir
 
 from ._bspatch_worker import stream_patch
-from .codecs import STREAM_PIECE_BYTES, Source, default_memory_cap_bytes
+from .codecs import STREAM_PIECE_BYTES, Source, TargetMismatch, default_memory_cap_bytes
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def apply_to_file(base_path: Path, patch: Source, target_size: int, dest: Path, 
                   expect_sha256: str | None = None, max_memory_bytes: int | None = None,
                   timeout_s: float = 600.0) -> Patched:
     """Patch into ``dest`` through a child process; returns the output's sha256 and the
-    child's peak memory.
+    child's peak memory. TargetMismatch when the output is not ``expect_sha256``.
 
     The output is written to a temp file beside ``dest``, hashed here, and renamed to ``dest``
     (after fsync) only if it has ``target_size`` bytes and, when given, ``expect_sha256``.
@@ -157,7 +157,7 @@ def apply_to_file(base_path: Path, patch: Source, target_size: int, dest: Path, 
             raise PatchRefused(f"bspatch produced {size} bytes, not {target_size}")
         digest = h.hexdigest()
         if expect_sha256 is not None and digest != expect_sha256:
-            raise PatchRefused("patched output is not the signed target (sha256 differs)")
+            raise TargetMismatch("patched output is not the signed target (sha256 differs)")
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

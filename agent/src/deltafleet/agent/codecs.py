@@ -75,6 +75,8 @@ from typing import IO, Any, Protocol, cast
 import numpy as np
 import zstandard as zstd
 
+from deltafleet.shared import fsync_dir
+
 from ._bspatch_worker import stream_patch
 
 IDENTITY = "identity"
@@ -112,6 +114,10 @@ class UnknownCodec(CodecError):
 
 class MemoryCapExceeded(CodecError):
     pass
+
+
+class TargetMismatch(CodecError):
+    """The decoded bytes are not the expected target (sha256 differs)."""
 
 
 class Source(Protocol):
@@ -478,14 +484,13 @@ def decode_to_file(
     dest: Path,
     *,
     target_size: int,
+    expect_sha256: str | None = None,
     max_memory_bytes: int | None = None,
 ) -> str:
-    """Decode into ``dest`` durably (temp file, fsync, rename, fsync dir) and return the sha256
-    of what was written. Nothing is left at ``dest`` or beside it when decoding fails.
-
-    The caller compares the sha256 with the signed target before renaming anything it trusts;
-    ``dest`` is a content address, so a wrong result is never mistaken for the right one:
-    use a temporary ``dest`` and rename after the check (``update.apply_to_file`` does)."""
+    """Decode into ``dest`` durably (temp file beside it, fsync, rename, fsync dir) and return
+    the sha256 of what was written. ``dest`` appears only when the output has ``target_size``
+    bytes and, when given, ``expect_sha256`` (else TargetMismatch); nothing is left at
+    ``dest`` or beside it when decoding fails."""
     base: FileSource | None = None
     if codec not in FULL_CODECS:
         if base_path is None or not Path(base_path).exists():
@@ -510,6 +515,8 @@ def decode_to_file(
             decode_stream(codec, delta, base, sink, target_size=target_size)
             if written != target_size:
                 raise CodecError("patched output is shorter than the target")
+            if expect_sha256 is not None and h.hexdigest() != expect_sha256:
+                raise TargetMismatch("decoded output is not the signed target (sha256 differs)")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, dest)
@@ -520,6 +527,7 @@ def decode_to_file(
     finally:
         if base is not None:
             base.close()
+    fsync_dir(dest.parent)
     return h.hexdigest()
 
 
@@ -599,6 +607,7 @@ __all__ = [
     "MemoryCapExceeded",
     "Source",
     "SourceReader",
+    "TargetMismatch",
     "UnknownCodec",
     "check_memory",
     "decode",

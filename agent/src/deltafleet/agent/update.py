@@ -37,7 +37,6 @@ from deltafleet.shared import (
     Manifest,
     WireError,
     atomic_write_bytes,
-    fsync_dir,
     sha256_bytes,
 )
 
@@ -239,41 +238,28 @@ def apply_to_file(
     codec = manifest.artifact.codec
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if codec == codecs.BSDIFF4:
-        if base_path is None or not Path(base_path).is_file():
-            raise UpdateRejected("bsdiff4 patch needs the base model, which is not on disk")
-        try:
+    try:
+        if codec == codecs.BSDIFF4:
+            if base_path is None or not Path(base_path).is_file():
+                raise UpdateRejected("bsdiff4 patch needs the base model, which is not on disk")
             bspatch.apply_to_file(Path(base_path), artifact, manifest.target_size_bytes, dest,
                                   expect_sha256=manifest.target_sha256,
                                   max_memory_bytes=max_memory_bytes, timeout_s=timeout_s)
-        except bspatch.PatchRefused as e:
-            if "sha256 differs" in str(e):
-                raise UpdateRejected("target hash mismatch: patched model is not the signed "
-                                     "target") from e
-            raise UpdateRejected(f"bsdiff4 patch refused: {e}") from e
-        return dest
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        try:
-            digest = codecs.decode_to_file(codec, artifact, base_path, tmp,
-                                           target_size=manifest.target_size_bytes,
-                                           max_memory_bytes=max_memory_bytes)
-        except codecs.UnknownCodec as e:
-            raise UpdateRejected(f"unknown codec {codec!r}") from e
-        except codecs.CodecError as e:
-            raise UpdateRejected(f"{codec} patch failed: {e}") from e
-        except MemoryError as e:
-            raise UpdateRejected(f"{codec} patch ran out of memory") from e
-        if digest != manifest.target_sha256:
-            raise UpdateRejected("target hash mismatch: patched model is not the signed target")
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(dest.parent)
+        else:
+            codecs.decode_to_file(codec, artifact, base_path, dest,
+                                  target_size=manifest.target_size_bytes,
+                                  expect_sha256=manifest.target_sha256,
+                                  max_memory_bytes=max_memory_bytes)
+    except codecs.TargetMismatch as e:
+        raise UpdateRejected("target hash mismatch: patched model is not the signed target") from e
+    except bspatch.PatchRefused as e:
+        raise UpdateRejected(f"bsdiff4 patch refused: {e}") from e
+    except codecs.UnknownCodec as e:
+        raise UpdateRejected(f"unknown codec {codec!r}") from e
+    except codecs.CodecError as e:
+        raise UpdateRejected(f"{codec} patch failed: {e}") from e
+    except MemoryError as e:
+        raise UpdateRejected(f"{codec} patch ran out of memory") from e
     return dest
 
 
