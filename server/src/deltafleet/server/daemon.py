@@ -197,11 +197,12 @@ class FleetServer:
                         len(items), attempt, str(e).splitlines()[0])
                 time.sleep(random.uniform(0.05, 0.25) * attempt)
             except Exception as e:
-                reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                cause = getattr(e, "orig", None) or e  # the database's own words
+                reason = (str(cause).splitlines() or [type(e).__name__])[0][:200]
                 if len(items) == 1:
                     device_id, message = items[0]
                     kind = "store_refused" if isinstance(e, SQLAlchemyError) else "error"
-                    log.error("device %s: dropped its %s, which the store refused: %s",
+                    log.error("device %s: dropped its %s, which could not be applied: %s",
                               device_id, type(message).__name__.lower(), reason,
                               exc_info=kind == "error")
                     self._refuse(device_id, type(message).__name__.lower(),
@@ -256,16 +257,19 @@ class FleetServer:
         requests are served from memory here. Returns the messages to apply, in order."""
         items: list[tuple[str, Hello | Status | Event]] = []
         for topic, payload in batch:
-            device_id = ""
-            try:
-                if topic == CONNECTED:
+            if topic == CONNECTED:
+                try:
                     for trust_topic, bundle in trust_publications(self.cfg):
                         self.mqtt.publish(trust_topic, bundle, retain=True)
                     self.mqtt.publish(self.topics.server_status(), b"online", retain=True)
-                    continue
-                if topic.startswith("$"):
-                    continue
-                self.stats.messages += 1
+                except Exception:
+                    log.exception("announcing the server after a (re)connect failed")
+                continue
+            if topic.startswith("$"):
+                continue
+            self.stats.messages += 1
+            device_id = ""
+            try:
                 device_id, leaf = self.topics.parse_dev(topic)
                 verdict = self.guard.admit(device_id, len(payload), time.monotonic())
                 if not verdict.ok:
