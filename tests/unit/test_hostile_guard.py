@@ -51,3 +51,16 @@ def test_counters_are_bounded_against_invented_device_ids() -> None:
     for i in range(1000):
         guard.invalid(f"dev-{i}", "bad", now=0)
     assert len(guard.suspects()) <= 10 and guard.invalid_total == 1000
+
+
+def test_refusals_are_counted_per_device_and_kind() -> None:
+    guard = DeviceMessageGuard()
+    guard.invalid("dev-a", "profile.cpu holds a NUL character", now=0, kind="unstorable")
+    guard.invalid("dev-a", "not valid JSON", now=1)
+    guard.invalid("dev-b", "the store refused it", now=1, kind="store_refused")
+    a, b = guard.snapshot("dev-a"), guard.snapshot("dev-b")
+    assert a is not None and a.refusals == {"unstorable": 1, "malformed": 1}
+    assert a.last_reason == "not valid JSON"
+    assert b is not None and b.refusals == {"store_refused": 1}
+    guard.admit("dev-c", 10**9, now=2)
+    assert guard.snapshot("dev-c").refusals == {"oversize": 1}  # type: ignore[union-attr]

@@ -49,8 +49,9 @@ from .controller import Publish, RolloutController
 from .deltas import DeltaBuilder
 from .enroll import revoked_devices
 from .hostile import DeviceMessageGuard
+from .ingest import UnstorableMessage, fits_store
 from .keys import online_signing_key, trust_publications
-from .store import BlobStore, Store
+from .store import BlobStore, Store, StoreError
 from .store.models import Artifact, Delta, DeviceEvent
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ EVENT_IDS_KEPT_S = 7 * 86400  # how long applied event ids are remembered
 PERSISTENT_SESSION_S = 7 * 86400
 BATCH_MAX = 500  # device messages applied in one transaction
 INBOX_UNACKED = 1000  # backpressure: QoS 1 messages the broker may have outstanding to us
+LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRequest}
 
 
 class TokenBucket:
@@ -151,14 +153,19 @@ class FleetServer:
                 if batch:
                     try:
                         self._handle_with_retry(batch)
+                    except Exception:  # a bug must not end the server: log it, keep serving
+                        log.exception("handling a batch of %d device messages failed", len(batch))
                     finally:
                         self.mqtt.processed(len(batch))
                 now = time.monotonic()
-                if self._chunk_deadline is not None and now >= self._chunk_deadline:
-                    self.flush_chunks()
-                if now >= next_reconcile:
-                    self.reconcile()
-                    next_reconcile = now + RECONCILE_EVERY_S
+                try:
+                    if self._chunk_deadline is not None and now >= self._chunk_deadline:
+                        self.flush_chunks()
+                    if now >= next_reconcile:
+                        next_reconcile = now + RECONCILE_EVERY_S
+                        self.reconcile()
+                except Exception:
+                    log.exception("server loop step failed (retried next tick)")
         finally:
             if self.mqtt.connected.is_set():
                 self.mqtt.publish(self.topics.server_status(), b"offline", retain=True)
@@ -166,19 +173,56 @@ class FleetServer:
             self.deltas.shutdown()
 
     def _handle_with_retry(self, batch: list[tuple[str, bytes]]) -> None:
-        """Apply a batch; retry when the database refused it (a deadlock or serialization
-        failure with another replica, a dropped connection), after a short random pause so
-        two replicas do not collide again. A batch that fails three times is logged and
-        dropped: the server keeps serving."""
+        """Validate every message (a bad one is refused alone, before any write), then apply
+        the valid ones in one transaction; see ``_apply_resilient``."""
+        items = self._validate(batch)
+        if items:
+            self._apply_resilient(items)
+
+    def _apply_resilient(self, items: list[tuple[str, Hello | Status | Event]]) -> None:
+        """Apply validated messages in one transaction. A transient database failure (a
+        deadlock or serialization failure with another replica, a dropped connection:
+        StoreError) retries after a short random pause, so two replicas do not collide again;
+        after three failures the batch is logged and dropped: the server keeps serving. Any
+        other failure means a message the database will not take: the batch is then applied
+        message by message, so only that message is dropped (logged with its device id and
+        counted for that device) and every other message lands once."""
         for attempt in (1, 2, 3):
             try:
-                self.handle_batch(batch)
+                self._apply(items)
                 return
-            except (DeltafleetError, SQLAlchemyError) as e:
+            except StoreError as e:
                 level = logging.WARNING if attempt < 3 else logging.ERROR
                 log.log(level, "a batch of %d device messages failed (attempt %d): %s",
-                        len(batch), attempt, str(e).splitlines()[0])
+                        len(items), attempt, str(e).splitlines()[0])
                 time.sleep(random.uniform(0.05, 0.25) * attempt)
+            except Exception as e:
+                cause = getattr(e, "orig", None) or e  # the database's own words
+                reason = (str(cause).splitlines() or [type(e).__name__])[0][:200]
+                if len(items) == 1:
+                    device_id, message = items[0]
+                    kind = "store_refused" if isinstance(e, SQLAlchemyError) else "error"
+                    log.error("device %s: dropped its %s, which could not be applied: %s",
+                              device_id, type(message).__name__.lower(), reason,
+                              exc_info=kind == "error")
+                    self._refuse(device_id, type(message).__name__.lower(),
+                                 f"the store refused it: {reason}", kind)
+                    return
+                log.warning("a batch of %d device messages failed (%s); applying them one by "
+                            "one", len(items), reason)
+                for item in items:
+                    self._apply_resilient([item])
+                return
+        log.error("dropped %d device messages (from %s) after three database failures",
+                  len(items), ", ".join(sorted({d for d, _ in items}))[:300])
+
+    def _refuse(self, device_id: str, where: str, reason: str, kind: str) -> None:
+        """Count one refused device message for its device, with its reason."""
+        self.stats.invalid_messages += 1
+        log.warning("refused a message from %s on %s (%s): %s", device_id or "?", where, kind,
+                    reason)
+        if device_id and self.guard.invalid(device_id, reason, time.monotonic(), kind=kind):
+            log.error("device %s is now suspect: repeated invalid messages", device_id)
 
     def _drain(self, timeout_s: float) -> list[tuple[str, bytes]]:
         """Up to BATCH_MAX inbox items: wait for the first, then take what is already there."""
@@ -201,15 +245,25 @@ class FleetServer:
         self.handle_batch([(topic, payload)])
 
     def handle_batch(self, batch: list[tuple[str, bytes]]) -> None:
-        """Validate every message, then apply the batch in ONE database transaction."""
-        hellos: list[Hello] = []
-        presence: dict[str, bool] = {}
-        events: list[Event] = []
+        """Validate every message, then apply the valid ones in ONE database transaction
+        (which raises if the database refuses it; the run loop uses ``_handle_with_retry``)."""
+        items = self._validate(batch)
+        if items:
+            self._apply(items)
+
+    def _validate(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, Hello | Status | Event]]:
+        """Parse and check every message against what the store can hold (``fits_store``)
+        before any write; a message that fails is refused alone, counted for its device. Chunk
+        requests are served from memory here. Returns the messages to apply, in order."""
+        items: list[tuple[str, Hello | Status | Event]] = []
         for topic, payload in batch:
             if topic == CONNECTED:
-                for trust_topic, bundle in trust_publications(self.cfg):
-                    self.mqtt.publish(trust_topic, bundle, retain=True)
-                self.mqtt.publish(self.topics.server_status(), b"online", retain=True)
+                try:
+                    for trust_topic, bundle in trust_publications(self.cfg):
+                        self.mqtt.publish(trust_topic, bundle, retain=True)
+                    self.mqtt.publish(self.topics.server_status(), b"online", retain=True)
+                except Exception:
+                    log.exception("announcing the server after a (re)connect failed")
                 continue
             if topic.startswith("$"):
                 continue
@@ -222,52 +276,58 @@ class FleetServer:
                     self.stats.invalid_messages += 1
                     log.warning("refused a message on %s: %s", topic, verdict.reason)
                     continue
-                if leaf == "hello":
-                    hellos.append(self._mine(device_id, decode(Hello, payload)))
-                elif leaf == "status":
-                    status = self._mine(device_id, decode(Status, payload))
-                    presence[device_id] = status.online
-                elif leaf == "events":
-                    events.append(self._mine(device_id, decode(Event, payload)))
-                elif leaf == "chunkreq":
-                    self.on_chunk_request(device_id, self._mine(device_id,
-                                                                decode(ChunkRequest, payload)))
+                kind = LEAVES.get(leaf)
+                if kind is None:
+                    raise WireError(f"unknown device topic {leaf!r}")
+                message = self._mine(device_id, decode(kind, payload))
+                fits_store(message)
+                if isinstance(message, ChunkRequest):
+                    self.on_chunk_request(device_id, message)
+                else:
+                    if isinstance(message, Hello):  # a (re)connect: earlier subscriptions gone
+                        self._first_request.pop(device_id, None)
+                    items.append((device_id, message))
                 self.guard.valid(device_id)
             except WireError as e:
-                self.stats.invalid_messages += 1
-                log.warning("dropped invalid message on %s: %s", topic, e)
-                if device_id and self.guard.invalid(device_id, str(e), time.monotonic()):
-                    log.error("device %s is now suspect: repeated invalid messages", device_id)
-        for hello in hellos:  # a hello means a (re)connect: earlier subscriptions are gone
-            self._first_request.pop(hello.device_id, None)
-        if not (hellos or presence or events):
-            return
+                self._refuse(device_id, topic, str(e),
+                             "unstorable" if isinstance(e, UnstorableMessage) else "malformed")
+            except Exception as e:  # a server bug: this message only, never the server
+                log.exception("device %s: unexpected error on a message on %s",
+                              device_id or "?", topic)
+                self._refuse(device_id, topic, f"unexpected error: {type(e).__name__}", "error")
+        return items
+
+    def _apply(self, items: list[tuple[str, Hello | Status | Event]]) -> None:
+        """Apply validated messages in ONE database transaction (raises if it fails)."""
+        hellos = [m for _, m in items if isinstance(m, Hello)]
+        events = [m for _, m in items if isinstance(m, Event)]
+        presence = {m.device_id: m.online for _, m in items if isinstance(m, Status)}
         now = utcnow()
         with self.store.session() as s:
-            events = self._first_delivery(s, events, now)
+            fresh = self._first_delivery(s, events, now)
             resend = self.controller.on_hellos(s, hellos, now)
             # a hello also says "online"; a later status in the same batch may say otherwise
             registry.set_devices_presence(
                 s, {d: o for d, o in presence.items() if d not in {h.device_id for h in hellos}
                     or not o}, now)
-            for ev in events:
+            for ev in fresh:
                 self.controller.on_event(s, ev, now)
+        self.stats.duplicate_events += len(events) - len(fresh)  # counted once committed
         self.publish(resend)
 
     def _first_delivery(self, s: Session, events: list[Event], now: datetime) -> list[Event]:
         """Drop events already applied (by event_id, durable in device_events) and record
-        the others in the same transaction that applies them."""
+        the others in the same transaction that applies them. Ids are stored whole:
+        ``fits_store`` refused any longer than the column."""
         if not events:
             return []
         ids = {ev.event_id for ev in events}
         seen = set(s.scalars(select(DeviceEvent.event_id).where(DeviceEvent.event_id.in_(ids))))
         fresh: dict[str, Event] = {}
         for ev in events:
-            if ev.event_id in seen or ev.event_id in fresh:
-                self.stats.duplicate_events += 1
-            else:
+            if ev.event_id not in seen and ev.event_id not in fresh:
                 fresh[ev.event_id] = ev
-        s.add_all(DeviceEvent(event_id=ev.event_id[:64], device_id=ev.device_id,
+        s.add_all(DeviceEvent(event_id=ev.event_id, device_id=ev.device_id,
                               state=ev.state, at=now) for ev in fresh.values())
         return list(fresh.values())
 

@@ -4,7 +4,8 @@ Every device message is untrusted. The guard (no I/O, no clock of its own) decid
 
 1. ``admit(device_id, size)`` before parsing: refuse a payload over the size cap (never parse
    it) and messages from a device on the deny list (``enroll.is_revoked``).
-2. ``invalid(device_id, reason)`` after a parse/validation failure: count it per device; over
+2. ``invalid(device_id, reason, kind=...)`` after a parse/validation failure: count it per
+   device and per kind (``REFUSAL_KINDS``); over
    ``suspect_threshold`` invalid messages within ``window_s`` the device is marked suspect.
 3. ``valid(device_id)`` after a message that validated (only then may the daemon write to
    the database).
@@ -21,6 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
+# Why a device message was refused (a fixed set, so per-device counters stay bounded):
+# oversize       over the payload cap (never parsed)
+# malformed      the wire parser refused it (bad JSON, wrong shape or type, another device's id)
+# unstorable     it parsed, but a value does not fit the store (ingest.fits_store)
+# store_refused  the database refused it when applied alone (the validator let it through)
+# error          an unexpected error while handling it (a server bug; logged with a traceback)
+REFUSAL_KINDS = ("oversize", "malformed", "unstorable", "store_refused", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,7 @@ class DeviceRecord:
     recent: deque[float] = field(default_factory=deque)
     suspect: bool = False
     last_reason: str = ""
+    refusals: dict[str, int] = field(default_factory=dict)  # kind (REFUSAL_KINDS) -> count
 
 
 class DeviceMessageGuard:
@@ -76,7 +85,7 @@ class DeviceMessageGuard:
             rec = self._record(device_id)
             rec.oversize_total += 1
             self.invalid(device_id, f"payload of {size_bytes} bytes over the "
-                         f"{self.config.max_payload_bytes}-byte cap", now)
+                         f"{self.config.max_payload_bytes}-byte cap", now, kind="oversize")
             self.refused_total += 1
             return Verdict(False, "payload too large")
         known = self._devices.get(device_id)
@@ -85,12 +94,15 @@ class DeviceMessageGuard:
             return Verdict(False, f"device {device_id} is suspect")
         return Verdict(True)
 
-    def invalid(self, device_id: str, reason: str, now: float) -> bool:
+    def invalid(self, device_id: str, reason: str, now: float, *, kind: str = "malformed") -> bool:
         """Count one invalid message; returns True if this made the device suspect."""
+        if kind not in REFUSAL_KINDS:
+            raise ValueError(f"unknown refusal kind {kind!r}")
         self.invalid_total += 1
         rec = self._record(device_id)
         rec.invalid_total += 1
         rec.last_reason = reason[:200]
+        rec.refusals[kind] = rec.refusals.get(kind, 0) + 1
         rec.recent.append(now)
         while rec.recent and rec.recent[0] < now - self.config.window_s:
             rec.recent.popleft()
@@ -116,4 +128,4 @@ class DeviceMessageGuard:
         return self._devices.get(device_id)
 
 
-__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "DeviceMessageGuard", "GuardConfig", "Verdict"]
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "REFUSAL_KINDS", "DeviceMessageGuard", "GuardConfig", "Verdict"]
