@@ -145,6 +145,7 @@ class FileSource:
     """Random access to a file with pread: nothing but the range asked for is in memory."""
 
     def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
         self._fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self._fd).st_size
 
@@ -167,6 +168,35 @@ class FileSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ChunkSource:
+    """Random access to an artifact stored as fixed-size chunk files ``0``, ``1``, ... (the
+    agent's verified download; ``size`` is set once the whole artifact has been checked)."""
+
+    def __init__(self, directory: Path, count: int, chunk_size: int, size: int = 0) -> None:
+        self.dir = Path(directory)
+        self.count = count
+        self.chunk_size = chunk_size
+        self.size = size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CodecError(f"range {offset}+{length} is outside the artifact "
+                             f"({self.size} bytes)")
+        parts = []
+        while length > 0:
+            i, rel = divmod(offset, self.chunk_size)
+            n = min(length, self.chunk_size - rel)
+            with open(self.dir / str(i), "rb") as f:
+                f.seek(rel)
+                part = f.read(n)
+            if len(part) != n:
+                raise CodecError(f"chunk {i} changed on disk")
+            parts.append(part)
+            offset += n
+            length -= n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class SourceReader:
@@ -792,6 +822,7 @@ __all__ = [
     "ZSTD",
     "ZSTD_DICT",
     "BytesSource",
+    "ChunkSource",
     "CodecError",
     "FileSource",
     "MemoryCapExceeded",
