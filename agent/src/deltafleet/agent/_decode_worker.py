@@ -17,12 +17,14 @@ Before it reads a byte of the artifact the child:
 Then it decodes with ``codecs.decode_stream`` (the same code the server round-trips with)
 into ``out``, which the parent created, hashing on the way, and prints
 ``ok <sha256> <peak_rss_bytes>`` on stdout. Exit codes: 0 ok, 2 refused (one line on stderr
-says why), 3 over the memory budget.
+says why), 3 over the memory budget, 4 an I/O error of this device (a full disk: not the
+artifact's fault).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import math
@@ -34,6 +36,7 @@ import sys
 EXIT_OK = 0
 EXIT_REFUSED = 2
 EXIT_NO_MEMORY = 3
+EXIT_ENVIRONMENT = 4
 _PR_SET_PDEATHSIG = 1
 
 
@@ -127,6 +130,12 @@ def _run() -> int:
     except MemoryError:
         print("ran out of memory within its budget", file=sys.stderr)
         return EXIT_NO_MEMORY
+    except OSError as e:
+        if e.errno != errno.EFBIG:  # EFBIG: the output outgrew the target (RLIMIT_FSIZE)
+            print(f"{type(e).__name__}: {e}"[:300], file=sys.stderr)
+            return EXIT_ENVIRONMENT
+        print(f"decoded output outgrew the target: {e}"[:300], file=sys.stderr)
+        return EXIT_REFUSED
     except Exception as e:  # noqa: BLE001 - any failure is a refused artifact, said in one line
         if type(e).__name__ == "MemoryCapExceeded":
             print(str(e)[:300], file=sys.stderr)

@@ -368,7 +368,7 @@ def check_tx_header(header: dict[str, Any], payload_size: int, *,
         if not _ints(r, 2) or r[0] < end or r[0] + r[1] > b_size:
             raise bad("base ranges overlap, are unsorted or run past the base")
         end = r[0] + r[1]
-    if not _ints(skeleton, 3):
+    if not isinstance(skeleton, list) or not _ints(skeleton, 3):
         raise bad("skeleton is not [offset, length, raw length]")
     skel_off, skel_len, skel_raw = skeleton
     payload_end = skel_off + skel_len

@@ -56,6 +56,11 @@ class DecodeRefused(CodecError):
     """The contained decoder refused the artifact (malformed, lying header, crashed)."""
 
 
+class DecodeEnvironmentError(CodecError):
+    """The decode could not run or finish for a reason of this device (no base on disk, no
+    process, a full disk): not the artifact's fault, so it may be tried again later."""
+
+
 class DecodeTimeout(CodecError):
     """The contained decoder did not finish within its time limit and was killed."""
 
@@ -89,7 +94,7 @@ def decode_confined(codec: str, artifact: Source, base_path: Path | None, dest: 
     base_size = 0
     if codec not in FULL_CODECS:
         if base_path is None or not Path(base_path).is_file():
-            raise CodecError("delta needs the base model, which is not on disk")
+            raise DecodeEnvironmentError("delta needs the base model, which is not on disk")
         base_size = Path(base_path).stat().st_size
     cap = _cap(max_memory_bytes)
     check_memory(codec, base_size, target_size, artifact.size, cap)
@@ -112,7 +117,7 @@ def decode_confined(codec: str, artifact: Source, base_path: Path | None, dest: 
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=env)
         except OSError as e:
-            raise DecodeRefused(f"cannot start the decoder: {e}") from e
+            raise DecodeEnvironmentError(f"cannot start the decoder: {e}") from e
         try:
             out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired as e:
@@ -130,6 +135,8 @@ def decode_confined(codec: str, artifact: Source, base_path: Path | None, dest: 
         if rc == worker.EXIT_NO_MEMORY:
             raise MemoryCapExceeded(f"{detail or 'over the memory cap'} "
                                     f"(cap {cap >> 20} MiB)")
+        if rc == worker.EXIT_ENVIRONMENT:
+            raise DecodeEnvironmentError(detail or "decoder hit an I/O error")
         if rc in (-9, -24):  # SIGKILL (the OOM killer), SIGXCPU (its CPU-time backstop)
             raise DecodeTimeout(f"decoder was killed by signal {-rc} (memory or CPU limit)")
         if rc != 0:
@@ -166,4 +173,5 @@ def _hash_file(path: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-__all__ = ["DecodeRefused", "DecodeTimeout", "Decoded", "decode_confined"]
+__all__ = ["DecodeEnvironmentError", "DecodeRefused", "DecodeTimeout", "Decoded",
+           "decode_confined"]

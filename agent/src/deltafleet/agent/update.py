@@ -43,7 +43,7 @@ from deltafleet.shared import (
 
 from . import bspatch, codecs, confined
 from .codecs import ChunkSource
-from .errors import UpdateRejected
+from .errors import ArtifactRefused, DecodeLimitHit, UpdateRejected
 from .store import InstalledModel
 from .trust import ManifestVerifier, PinnedKeys
 
@@ -228,13 +228,23 @@ def apply_to_file(
                                      expect_sha256=manifest.target_sha256,
                                      max_memory_bytes=max_memory_bytes, timeout_s=timeout_s)
     except codecs.TargetMismatch as e:
-        raise UpdateRejected("target hash mismatch: patched model is not the signed target") from e
+        raise ArtifactRefused("target hash mismatch: patched model is not the signed "
+                              "target") from e
     except bspatch.PatchRefused as e:
-        raise UpdateRejected(f"bsdiff4 patch refused: {e}") from e
+        cause = e.__cause__
+        if isinstance(cause, confined.DecodeEnvironmentError):
+            raise UpdateRejected(f"bsdiff4 patch not applied: {e}") from e
+        if isinstance(cause, (codecs.MemoryCapExceeded, confined.DecodeTimeout)):
+            raise DecodeLimitHit(f"bsdiff4 patch refused: {e}") from e
+        raise ArtifactRefused(f"bsdiff4 patch refused: {e}") from e
     except codecs.UnknownCodec as e:
         raise UpdateRejected(f"unknown codec {codec!r}") from e
+    except confined.DecodeEnvironmentError as e:
+        raise UpdateRejected(f"{codec} patch not applied: {e}") from e
+    except (codecs.MemoryCapExceeded, confined.DecodeTimeout) as e:
+        raise DecodeLimitHit(f"{codec} patch refused: {e}") from e
     except codecs.CodecError as e:
-        raise UpdateRejected(f"{codec} patch failed: {e}") from e
+        raise ArtifactRefused(f"{codec} patch failed: {e}") from e
     except MemoryError as e:
         raise UpdateRejected(f"{codec} patch ran out of memory") from e
     return dest
