@@ -317,14 +317,18 @@ def _bounded_zstd(frame: bytes | memoryview, limit: int, what: str) -> bytes:
         raise CodecError(f"{what} is corrupt: {e}") from e
     if declared != zstd.CONTENTSIZE_UNKNOWN and declared > limit:
         raise CodecError(f"{what} declares {declared} bytes, over its {limit}-byte bound")
-    try:
+    parts: list[bytes] = []
+    got = 0
+    try:  # piece by piece: nothing is allocated ahead of what the frame really produces
         with zstd.ZstdDecompressor().stream_reader(bytes(frame)) as reader:
-            out = reader.read(limit + 1)
+            while piece := reader.read(min(STREAM_PIECE_BYTES, limit + 1 - got)):
+                parts.append(piece)
+                got += len(piece)
+                if got > limit:
+                    raise CodecError(f"{what} expands beyond its {limit}-byte bound")
     except zstd.ZstdError as e:
         raise CodecError(f"{what} is corrupt: {e}") from e
-    if len(out) > limit:
-        raise CodecError(f"{what} expands beyond its {limit}-byte bound")
-    return out
+    return b"".join(parts)
 
 
 def _header_parse_bytes(json_bytes: int) -> int:
@@ -616,8 +620,8 @@ def check_zstd_frame(codec: str, delta: Source, base_size: int, target_size: int
                          f"{target_size}")
     bound = zstd_window_bound(codec, base_size, target_size)
     if params.window_size > bound and declared == zstd.CONTENTSIZE_UNKNOWN:
-        raise CodecError(f"{codec} frame asks for a {params.window_size >> 20} MiB window, "
-                         f"over its {bound >> 20} MiB bound")
+        raise CodecError(f"{codec} frame asks for a {params.window_size}-byte window and "
+                         f"declares no size, over its {bound}-byte bound")
 
 
 def decode_stream(
