@@ -542,7 +542,8 @@ def _iter_tensor_xor(delta: Source, base: Source, target_size: int | None = None
         base_skeleton(base, header["base_ranges"]), dict_type=zstd.DICT_TYPE_RAWCONTENT
     )
     skel_frame = delta.read_at(payload_start + skel_off, skel_len)
-    skeleton = _decompress(skel_frame, skel_raw, zstd.ZstdDecompressor(dict_data=skel_dict))
+    skeleton = memoryview(  # sliced without copies: the skeleton is held once
+        _decompress(skel_frame, skel_raw, zstd.ZstdDecompressor(dict_data=skel_dict)))
     del skel_dict, skel_frame
     skel_pos = 0
     target_pos = 0
