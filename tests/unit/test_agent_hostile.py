@@ -7,6 +7,7 @@ import base64
 import bz2
 import dataclasses
 import json
+import os
 import random
 import subprocess
 import sys
@@ -238,8 +239,6 @@ def test_patch_whose_header_lies_about_the_output_size_is_refused(base_file: Pat
 def run_worker(codec: str, artifact: Path, base: Path | None, out: Path, target_size: int,
                budget: int = 256 << 20, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     """The contained decoder child, started by hand (no parent-side checks)."""
-    import os
-
     spec = {"codec": codec, "artifact": {"file": str(artifact)},
             "base": str(base) if base else None, "out": str(out), "target_size": target_size,
             "budget_bytes": budget, "timeout_s": timeout_s, "parent_pid": os.getpid()}

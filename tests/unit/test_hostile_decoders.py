@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -247,9 +249,6 @@ def test_decode_over_the_memory_cap_inside_the_child_fails_there(tmp_path: Path)
     spec = {"codec": "zstd-dict", "artifact": {"file": str(artifact)}, "base": str(base),
             "out": str(out), "target_size": 11, "budget_bytes": 32 << 20, "timeout_s": 60,
             "parent_pid": os.getpid()}
-    import subprocess
-    import sys
-
     res = subprocess.run([sys.executable, "-I", "-m", confined.WORKER_MODULE, json.dumps(spec)],
                          capture_output=True, check=False, timeout=120)
     assert res.returncode == 3, res.stderr
