@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import zstandard as zstd
 
@@ -214,9 +217,9 @@ def test_plane_frame_that_declares_another_length_is_refused(tmp_path: Path) -> 
         apply(tmp_path, tx(header, frame + plane, 1), "tensor-xor")
 
 
-def test_header_crafted_to_run_long_is_killed_at_the_time_limit(tmp_path: Path) -> None:
-    # every field within its bounds: 300,000 one-byte raw segments, each its own zstd frame,
-    # between skeleton bytes of a 64 MiB target: ~5 s in-process here, so it is killed at 1 s
+def long_running() -> tuple[bytes, int]:
+    """Every field within its bounds: 300,000 one-byte raw segments, each its own zstd frame,
+    between skeleton bytes of a 64 MiB target: ~5 s in-process here."""
     size, n = 64 << 20, 300_000
     raw = bytes(size - n)
     d = zstd.ZstdCompressionDict(BASE[TENSOR:], dict_type=zstd.DICT_TYPE_RAWCONTENT)
@@ -228,13 +231,45 @@ def test_header_crafted_to_run_long_is_killed_at_the_time_limit(tmp_path: Path) 
     raw_json = json.dumps(header, separators=(",", ":")).encode()
     assert len(raw_json) < codecs.header_json_limit(size, len(BASE))
     packed = zstd.ZstdCompressor(level=3).compress(raw_json)
-    artifact = (codecs.TX_PREFIX.pack(codecs.TX_MAGIC, 2, len(packed)) + packed + frame
-                + plane * n)
+    return (codecs.TX_PREFIX.pack(codecs.TX_MAGIC, 2, len(packed)) + packed + frame
+            + plane * n), size
+
+
+def test_header_crafted_to_run_long_is_killed_at_the_time_limit(tmp_path: Path) -> None:
+    artifact, size = long_running()
     started = time.monotonic()
     with pytest.raises(DecodeLimitHit, match="did not finish within 1 s"):
         apply(tmp_path, artifact, "tensor-xor", target=b"x", target_size=size, timeout_s=1.0,
               max_memory_bytes=1 << 30)
     assert time.monotonic() - started < 30
+
+
+def test_a_decoder_stopped_by_the_service_manager_is_not_a_refusal(tmp_path: Path) -> None:
+    """systemd stops the whole cgroup with SIGTERM: the artifact is not at fault."""
+    artifact, size = long_running()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            apply(tmp_path, artifact, "tensor-xor", target=b"x", target_size=size,
+                  max_memory_bytes=1 << 30)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    children: list = []
+    while not children and time.monotonic() < deadline and t.is_alive():
+        children = [c for c in psutil.Process().children()
+                    if "_decode_worker" in " ".join(c.cmdline())]
+        time.sleep(0.02)
+    assert children, "the decoder child did not start"
+    children[0].send_signal(signal.SIGTERM)
+    t.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], UpdateRejected)
+    assert not isinstance(errors[0], ArtifactRefused)
+    assert "stopped by signal 15" in str(errors[0])
 
 
 def test_decode_over_the_memory_cap_inside_the_child_fails_there(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -137,6 +138,8 @@ def decode_confined(codec: str, artifact: Source, base_path: Path | None, dest: 
                                     f"(cap {cap >> 20} MiB)")
         if rc == worker.EXIT_ENVIRONMENT:
             raise DecodeEnvironmentError(detail or "decoder hit an I/O error")
+        if rc in (-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP):  # a service stop
+            raise DecodeEnvironmentError(f"decoder was stopped by signal {-rc}")
         if rc in (-9, -24):  # SIGKILL (the OOM killer), SIGXCPU (its CPU-time backstop)
             raise DecodeTimeout(f"decoder was killed by signal {-rc} (memory or CPU limit)")
         if rc != 0:
