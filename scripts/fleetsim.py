@@ -25,8 +25,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deltafleet.agent import codecs
 from deltafleet.agent.errors import UpdateRejected
-from deltafleet.agent.update import apply_artifact, verify_manifest
+from deltafleet.agent.update import verify_manifest
 from deltafleet.shared import (
     ChunkRequest,
     Event,
@@ -233,10 +234,18 @@ class SimDevice:
             self._report(m, "applying")
             current = self.models.get(m.model)
             base = self.fleet.model_file(current) if current is not None else None
-            try:  # the agent's own decoder: every codec, target sha256 and size verified
-                target = bytes(apply_artifact(m, artifact, base))
-            except UpdateRejected as e:
-                self._report(m, "failed", str(e), current.sha256 if current else None)
+            try:  # the agent's own decoder, in-process (trusted test bytes: no child per
+                # simulated device); every codec, target sha256 and size verified
+                target = bytes(codecs.decode(m.artifact.codec, artifact, base,
+                                             target_size=m.target_size_bytes))
+                if sha256_bytes(target) != m.target_sha256:
+                    raise UpdateRejected("target hash mismatch: patched model is not the "
+                                         "signed target")
+            except (UpdateRejected, codecs.CodecError) as e:
+                reason = str(e)
+                if isinstance(e, codecs.UnknownCodec):
+                    reason = f"unknown codec {m.artifact.codec!r}"
+                self._report(m, "failed", reason, current.sha256 if current else None)
                 return
             self._install(m, target)
 

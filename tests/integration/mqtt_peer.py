@@ -80,9 +80,9 @@ class Peer:
     def offer(self, device_id: str, model: str, version: str, target: Path, *,
               serial: int, artifact: Path | None = None, base_sha256: str | None = None,
               key: SigningKey | None = None, expires_at: int | None = None,
-              publish_to: str | None = None, **fields: Any) -> Manifest:
+              publish_to: str | None = None, codec: str = "bsdiff4", **fields: Any) -> Manifest:
         """Publish a retained signed manifest; ``artifact`` (a bsdiff delta) defaults to the
-        full target. ``fields`` sets further manifest fields (trial_window_s, health_policy,
+        full target (``codec`` names the delta's codec). ``fields`` sets further manifest fields (trial_window_s, health_policy,
         io_signature, allow_io_change, golden_inputs, hardware_id). ``publish_to`` puts it on
         another device's topic (a manifest for the wrong device)."""
         art = artifact or target
@@ -97,7 +97,7 @@ class Peer:
             target_sha256=sha256_file(target), target_size_bytes=target.stat().st_size,
             base_sha256=base_sha256,
             artifact=ArtifactRef("delta" if artifact else "full",
-                                 "bsdiff4" if artifact else "identity", sha, art.stat().st_size,
+                                 codec if artifact else "identity", sha, art.stat().st_size,
                                  CHUNK, tuple(chunk_hashes_file(art, CHUNK))),
             **fields,
         )

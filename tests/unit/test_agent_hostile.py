@@ -7,6 +7,7 @@ import base64
 import bz2
 import dataclasses
 import json
+import os
 import random
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import bsdiff4
 import pytest
 
-from deltafleet.agent import bspatch
+from deltafleet.agent import _decode_worker, confined
 from deltafleet.agent.config import AgentConfig
 from deltafleet.agent.errors import SignatureRejected, UpdateRejected
 from deltafleet.agent.trust import STATE_FILE, RootTrust
@@ -235,15 +236,24 @@ def test_patch_whose_header_lies_about_the_output_size_is_refused(base_file: Pat
         apply_artifact(manifest(lying), lying, base_file)
 
 
+def run_worker(codec: str, artifact: Path, base: Path | None, out: Path, target_size: int,
+               budget: int = 256 << 20, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    """The contained decoder child, started by hand (no parent-side checks)."""
+    spec = {"codec": codec, "artifact": {"file": str(artifact)},
+            "base": str(base) if base else None, "out": str(out), "target_size": target_size,
+            "budget_bytes": budget, "timeout_s": timeout_s, "parent_pid": os.getpid()}
+    return subprocess.run([sys.executable, "-I", "-m", confined.WORKER_MODULE, json.dumps(spec)],
+                          capture_output=True, check=False, timeout=120)
+
+
 def test_child_refuses_bad_headers_even_without_the_parent_check(base_file: Path,
                                                                  tmp_path: Path) -> None:
     bad = bsdiff_patch(b"", b"", b"", len(TARGET), lengths=(-5, 3))
+    (tmp_path / "patch").write_bytes(bad)
     out = tmp_path / "out"
     out.touch()
-    res = subprocess.run([sys.executable, "-I", str(bspatch.WORKER), str(base_file), str(out),
-                          str(len(TARGET)), str(256 << 20)], input=bad, capture_output=True,
-                         check=False)
-    assert res.returncode == bspatch.EXIT_MALFORMED
+    res = run_worker("bsdiff4", tmp_path / "patch", base_file, out, len(TARGET))
+    assert res.returncode == _decode_worker.EXIT_REFUSED
     assert b"bad lengths" in res.stderr
     assert out.read_bytes() == b""
 

@@ -1,11 +1,7 @@
-"""Streaming bspatch, and its contained child: ``python -I _bspatch_worker.py BASE OUT SIZE BUDGET``.
+"""Streaming bspatch (standard library only). The agent runs it in the contained decoder child
+(``confined`` / ``_decode_worker``); the server's round trip runs it in-process.
 
-As a child process it reads the patch on stdin and writes the target to OUT, which the parent
-created; it caps its own address space before it reads anything and imports nothing but the
-standard library (no deltafleet, no numpy: the child's own footprint stays ~10 MB). Exit codes:
-0 ok, 2 malformed patch, 3 out of memory.
-
-``stream_patch`` is the decoder itself, also used in-process by the server's round trip. It
+``stream_patch`` is the decoder itself. It
 never holds more than the patch, one piece of each bz2 block and one piece of output: the base
 is read range by range (``read_at``), the three blocks are decompressed as they are consumed,
 each bounded (control <= 24 bytes per output byte, diff and extra <= the output size), and the
@@ -19,10 +15,7 @@ y bytes of the extra block copied, then ``oldpos`` moves by z.
 from __future__ import annotations
 
 import bz2
-import os
-import resource
 import struct
-import sys
 
 PIECE = 1 << 20
 FEED = 1 << 18
@@ -201,77 +194,3 @@ def stream_patch(patch, base, sink, target_size: int | None = None) -> int:  # n
     if newpos != new:
         raise ValueError(f"patch produced {newpos} bytes, declared {new}")
     return newpos
-
-
-# ------------------------------------------------------------------ the child process
-
-
-class _File:
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self._fd).st_size
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        out = os.pread(self._fd, length, offset)
-        while len(out) < length:
-            more = os.pread(self._fd, length - len(out), offset + len(out))
-            if not more:
-                raise ValueError("base model is shorter than it was")
-            out += more
-        return out
-
-
-def _address_space_now() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 256 << 20
-
-
-def _cap_memory(budget: int) -> None:
-    limit = _address_space_now() + budget
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-
-
-def main() -> int:
-    base_path, out_path, target_size, budget = (sys.argv[1], sys.argv[2], int(sys.argv[3]),
-                                                int(sys.argv[4]))
-    _cap_memory(budget)
-    patch = _Bytes(sys.stdin.buffer.read())
-    base = _File(base_path)
-    with open(out_path, "wb") as out:
-        written = stream_patch(patch, base, out.write, target_size)
-        out.flush()
-        os.fsync(out.fileno())
-    if written != target_size:
-        raise ValueError(f"patch produced {written} bytes, expected {target_size}")
-    # for the parent's log: this process's own peak since exec (getrusage's ru_maxrss would
-    # include the parent's pages from before exec)
-    print(f"peak_rss_bytes={_peak_rss()}", file=sys.stderr)
-    return 0
-
-
-def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MemoryError:
-        print("out of memory", file=sys.stderr)
-        sys.exit(3)
-    except Exception as e:  # noqa: BLE001 - any failure is a refused patch
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)

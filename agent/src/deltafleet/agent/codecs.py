@@ -92,6 +92,8 @@ TX_MAGIC = b"DFTX"
 TX_VERSION = 2
 TX_PREFIX = struct.Struct("<4sBI")
 MAX_HEADER_BYTES = 256 << 20
+_HEADER_JSON_FLOOR_BYTES = 1 << 20
+_OPS = ("copy", "raw", "xor", "sub", "zsub")
 _UINT: dict[int, np.dtype[Any]] = {
     1: np.dtype(np.uint8), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")
 }
@@ -143,6 +145,7 @@ class FileSource:
     """Random access to a file with pread: nothing but the range asked for is in memory."""
 
     def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
         self._fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self._fd).st_size
 
@@ -165,6 +168,35 @@ class FileSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ChunkSource:
+    """Random access to an artifact stored as fixed-size chunk files ``0``, ``1``, ... (the
+    agent's verified download; ``size`` is set once the whole artifact has been checked)."""
+
+    def __init__(self, directory: Path, count: int, chunk_size: int, size: int = 0) -> None:
+        self.dir = Path(directory)
+        self.count = count
+        self.chunk_size = chunk_size
+        self.size = size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CodecError(f"range {offset}+{length} is outside the artifact "
+                             f"({self.size} bytes)")
+        parts = []
+        while length > 0:
+            i, rel = divmod(offset, self.chunk_size)
+            n = min(length, self.chunk_size - rel)
+            with open(self.dir / str(i), "rb") as f:
+                f.seek(rel)
+                part = f.read(n)
+            if len(part) != n:
+                raise CodecError(f"chunk {i} changed on disk")
+            parts.append(part)
+            offset += n
+            length -= n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class SourceReader:
@@ -193,18 +225,23 @@ def predicted_decode_bytes(codec: str, base_size: int, target_size: int, delta_s
         return _FIXED_OVERHEAD_BYTES + STREAM_PIECE_BYTES
     if codec == ZSTD:
         return _FIXED_OVERHEAD_BYTES + min(target_size, ZSTD_MAX_WINDOW_BYTES) + 2 * STREAM_PIECE_BYTES
-    if codec == BSDIFF4:
-        return _FIXED_OVERHEAD_BYTES + delta_size + 8 * STREAM_PIECE_BYTES
+    if codec == BSDIFF4:  # the patch is read from its chunk files, range by range
+        return _FIXED_OVERHEAD_BYTES + 8 * STREAM_PIECE_BYTES
     if codec == ZSTD_DICT:
         # base read, then its dictionary copy (the read is freed), plus the window
         return _FIXED_OVERHEAD_BYTES + max(2 * base_size, base_size + target_size)
     if codec == TENSOR_XOR:
-        # the skeletons are the model minus its tensors: small, bounded here by a fraction
-        return _FIXED_OVERHEAD_BYTES + (base_size + target_size) // 16 + 8 * TX_CHUNK_BYTES
+        # the least it can need; the decoder checks the header's own figures (skeleton sizes,
+        # chunk_bytes: ``tx_decode_bytes``) against the cap before it allocates them
+        return _FIXED_OVERHEAD_BYTES + 8 * TX_CHUNK_BYTES
     raise UnknownCodec(f"unknown codec {codec!r}")
 
 
 TX_CHUNK_BYTES = 4 << 20  # one segment never covers more than this many target bytes
+
+
+def _cap(max_memory_bytes: int | None) -> int:
+    return default_memory_cap_bytes() if max_memory_bytes is None else max_memory_bytes
 
 
 def default_memory_cap_bytes() -> int:
@@ -225,8 +262,23 @@ def planes_of(elements: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(as_bytes[:, k]) for k in range(width)]
 
 
-def read_tx_header(delta: Source) -> tuple[dict, int]:
-    """The parsed header and the offset where the payload starts."""
+def header_json_limit(target_size: int, base_size: int) -> int:
+    """The most header JSON a delta between models of these sizes may decompress to.
+
+    The encoder writes one segment (under 80 bytes of JSON) per tensor of at least 1 KiB or
+    per ``TX_CHUNK_BYTES`` of it, and one base range (under 30 bytes) per base tensor, so a
+    genuine header stays below a tenth of the models; a 21 KB frame cannot ask for 256 MiB."""
+    return min(MAX_HEADER_BYTES, _HEADER_JSON_FLOOR_BYTES + (target_size + base_size) // 8)
+
+
+def read_tx_header(delta: Source, *, target_size: int | None = None,
+                   base_size: int | None = None,
+                   max_memory_bytes: int | None = None) -> tuple[dict, int]:
+    """The parsed, checked header (absolute offsets) and the offset where the payload starts.
+
+    Every field is bounded before anything is allocated from it (``check_tx_header``): the
+    compressed header must fit the delta, its JSON ``header_json_limit`` (when the sizes are
+    known), and the parse itself ``max_memory_bytes``. CodecError says which field lies."""
     if delta.size < TX_PREFIX.size:
         raise CodecError("tensor-xor delta is truncated")
     magic, version, header_len = TX_PREFIX.unpack(bytes(delta.read_at(0, TX_PREFIX.size)))
@@ -234,14 +286,138 @@ def read_tx_header(delta: Source) -> tuple[dict, int]:
         raise CodecError(f"not a tensor-xor v1/v{TX_VERSION} delta")
     if header_len > MAX_HEADER_BYTES or TX_PREFIX.size + header_len > delta.size:
         raise CodecError("tensor-xor header is truncated or too large")
-    raw = delta.read_at(TX_PREFIX.size, header_len)
+    limit = MAX_HEADER_BYTES
+    if target_size is not None and base_size is not None:
+        limit = header_json_limit(target_size, base_size)
+    raw = _bounded_zstd(delta.read_at(TX_PREFIX.size, header_len), limit, "tensor-xor header")
+    if max_memory_bytes is not None and _header_parse_bytes(len(raw)) > max_memory_bytes:
+        raise MemoryCapExceeded(f"tensor-xor header of {len(raw)} JSON bytes needs about "
+                                f"{_header_parse_bytes(len(raw)) >> 20} MiB to parse, over the "
+                                f"{max_memory_bytes >> 20} MiB cap")
     try:
-        packed = json.loads(zstd.ZstdDecompressor().decompress(raw, max_output_size=MAX_HEADER_BYTES))
+        packed = json.loads(raw)
+        del raw
+        if not isinstance(packed, dict):
+            raise ValueError("not an object")
         # v1 (deltas a server built before v2) stored absolute offsets
         header = unpack_tx_header(packed) if version == TX_VERSION else packed
-    except (zstd.ZstdError, ValueError, TypeError, KeyError, IndexError) as e:
-        raise CodecError(f"tensor-xor header is corrupt: {e}") from e
-    return header, TX_PREFIX.size + header_len
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
+        raise CodecError(f"tensor-xor header is corrupt: {str(e)[:120]}") from e
+    payload_start = TX_PREFIX.size + header_len
+    check_tx_header(header, delta.size - payload_start,
+                    target_size=target_size, base_size=base_size)
+    return header, payload_start
+
+
+def _bounded_zstd(frame: bytes | memoryview, limit: int, what: str) -> bytes:
+    """A zstd frame decompressed to at most ``limit`` bytes, whatever size it declares."""
+    try:
+        declared = zstd.get_frame_parameters(frame).content_size
+    except zstd.ZstdError as e:
+        raise CodecError(f"{what} is corrupt: {e}") from e
+    if declared != zstd.CONTENTSIZE_UNKNOWN and declared > limit:
+        raise CodecError(f"{what} declares {declared} bytes, over its {limit}-byte bound")
+    parts: list[bytes] = []
+    got = 0
+    try:  # piece by piece: nothing is allocated ahead of what the frame really produces
+        with zstd.ZstdDecompressor().stream_reader(bytes(frame)) as reader:
+            while piece := reader.read(min(STREAM_PIECE_BYTES, limit + 1 - got)):
+                parts.append(piece)
+                got += len(piece)
+                if got > limit:
+                    raise CodecError(f"{what} expands beyond its {limit}-byte bound")
+    except zstd.ZstdError as e:
+        raise CodecError(f"{what} is corrupt: {e}") from e
+    return b"".join(parts)
+
+
+def _header_parse_bytes(json_bytes: int) -> int:
+    """Python objects for a JSON header of this size, parsed and unpacked (worst case: short
+    lists and small numbers, ~16 bytes of objects per JSON byte, twice)."""
+    return 32 * json_bytes
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int
+
+
+def _ints(v: object, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(type(x) is int and x >= 0 for x in v)
+
+
+def check_tx_header(header: dict[str, Any], payload_size: int, *,
+                    target_size: int | None = None, base_size: int | None = None) -> None:
+    """Every field of an absolute header (v1 as stored, v2 unpacked) within what the delta,
+    the base and the signed target size allow, before any of it is allocated or read.
+    CodecError names the first field that lies."""
+    def bad(why: str) -> CodecError:
+        return CodecError(f"tensor-xor header lies: {why}")
+
+    for key in ("target_size", "base_size", "chunk_bytes"):
+        if not _is_int(header.get(key)) or header[key] < 0:
+            raise bad(f"{key} is not a size")
+    t_size, b_size, chunk = header["target_size"], header["base_size"], header["chunk_bytes"]
+    if target_size is not None and t_size != target_size:
+        raise bad(f"target_size {t_size} is not the signed {target_size}")
+    if base_size is not None and b_size != base_size:
+        raise CodecError("delta was built for a different base (size differs)")
+    if not 1 <= chunk <= TX_CHUNK_BYTES:
+        raise bad(f"chunk_bytes {chunk} is outside 1..{TX_CHUNK_BYTES}")
+    ranges, segments, skeleton = (header.get("base_ranges"), header.get("segments"),
+                                  header.get("skeleton"))
+    if not isinstance(ranges, list) or not isinstance(segments, list):
+        raise bad("base_ranges and segments must be lists")
+    end = 0
+    for r in ranges:
+        if not _ints(r, 2) or r[0] < end or r[0] + r[1] > b_size:
+            raise bad("base ranges overlap, are unsorted or run past the base")
+        end = r[0] + r[1]
+    if not isinstance(skeleton, list) or not _ints(skeleton, 3):
+        raise bad("skeleton is not [offset, length, raw length]")
+    skel_off, skel_len, skel_raw = skeleton
+    payload_end = skel_off + skel_len
+    if payload_end > payload_size:
+        raise bad("skeleton frame runs past the end of the delta")
+    if len(segments) > max(t_size, 1):
+        raise bad(f"{len(segments)} segments for a {t_size}-byte target")
+    covered = pos = 0
+    for seg in segments:
+        if not isinstance(seg, list) or len(seg) != 6:
+            raise bad("a segment is not [offset, length, op, itemsize, base offset, planes]")
+        t_off, length, op, width, b_off, planes = seg
+        if not (_is_int(t_off) and _is_int(length) and _is_int(width) and _is_int(b_off)):
+            raise bad("a segment field is not an integer")
+        if t_off < pos or length < 1 or t_off + length > t_size:
+            raise bad(f"segment at {t_off}+{length} overlaps or runs past the target")
+        if op not in _OPS or width not in _UINT:
+            raise bad(f"segment op {str(op)[:20]!r} / itemsize {width} is unknown")
+        if op != "raw" and (b_off < 0 or b_off + length > b_size):
+            raise bad(f"segment reads base bytes {b_off}+{length}, past the base")
+        if op == "copy":
+            if planes != []:
+                raise bad("a copy segment has payload planes")
+        else:
+            if length > chunk or length % width:
+                raise bad(f"segment of {length} bytes breaks chunk_bytes {chunk} / itemsize")
+            if not isinstance(planes, list) or len(planes) != width or not all(
+                    type(p) is int and p > 0 for p in planes):
+                raise bad("segment planes do not match its itemsize")
+            payload_end += sum(planes)
+            if payload_end > payload_size:
+                raise bad("payload planes run past the end of the delta")
+        covered += length
+        pos = t_off + length
+    if covered + skel_raw != t_size:
+        raise bad(f"segments ({covered} bytes) and skeleton ({skel_raw}) do not fill the "
+                  f"{t_size}-byte target")
+
+
+def tx_decode_bytes(header: dict[str, Any]) -> int:
+    """Peak memory of ``_iter_tensor_xor`` for a checked header: the base skeleton (read,
+    joined, and its dictionary), the target skeleton, and one chunk's arrays."""
+    base_skel = header["base_size"] - sum(length for _, length in header["base_ranges"])
+    return (_FIXED_OVERHEAD_BYTES + 3 * base_skel + header["skeleton"][2]
+            + 6 * header["chunk_bytes"] + TX_CHUNK_BYTES)
 
 
 def pack_tx_header(header: dict[str, Any]) -> dict[str, Any]:
@@ -306,7 +482,11 @@ def base_skeleton(base: Source, ranges: list[list[int]]) -> bytes:
 
 
 def _decompress(data: bytes | memoryview, size: int, dctx: zstd.ZstdDecompressor) -> bytes:
-    """One payload frame of exactly ``size`` bytes: zstd, or bz2 (bounded: no bombs)."""
+    """One payload frame of exactly ``size`` bytes: zstd, or bz2 (bounded: no bombs).
+
+    Nothing larger than ``size`` is ever allocated: a zstd frame that declares another content
+    size is refused before it is decompressed (python-zstandard would allocate whatever the
+    frame declares), and bz2 output stops one byte past ``size``."""
     if bytes(data[:3]) == BZ2_MAGIC:
         d = bz2.BZ2Decompressor()
         try:
@@ -317,7 +497,13 @@ def _decompress(data: bytes | memoryview, size: int, dctx: zstd.ZstdDecompressor
             raise CodecError("payload frame has the wrong length")
         return out
     try:
-        out = dctx.decompress(data, max_output_size=size)
+        declared = zstd.get_frame_parameters(data).content_size
+    except zstd.ZstdError as e:
+        raise CodecError(f"corrupt payload frame: {e}") from e
+    if declared != zstd.CONTENTSIZE_UNKNOWN and declared != size:
+        raise CodecError(f"payload frame declares {declared} bytes, the header {size}")
+    try:
+        out = dctx.decompress(data, max_output_size=max(size, 1))
     except zstd.ZstdError as e:
         raise CodecError(f"corrupt payload frame: {e}") from e
     if len(out) != size:
@@ -341,25 +527,28 @@ def unzigzag(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _iter_tensor_xor(delta: Source, base: Source) -> Iterator[bytes | memoryview]:
-    header, payload_start = read_tx_header(delta)
-    if header["base_size"] != base.size:
-        raise CodecError("delta was built for a different base (size differs)")
+def _iter_tensor_xor(delta: Source, base: Source, target_size: int | None = None,
+                     max_memory_bytes: int | None = None) -> Iterator[bytes | memoryview]:
+    header, payload_start = read_tx_header(delta, target_size=target_size, base_size=base.size,
+                                           max_memory_bytes=max_memory_bytes)
+    if max_memory_bytes is not None and tx_decode_bytes(header) > max_memory_bytes:
+        raise MemoryCapExceeded(
+            f"applying this tensor-xor delta needs about {tx_decode_bytes(header) >> 20} MiB "
+            f"(skeletons of {header['skeleton'][2] >> 20} MiB), over the "
+            f"{max_memory_bytes >> 20} MiB cap")
     dctx = zstd.ZstdDecompressor()
     skel_off, skel_len, skel_raw = header["skeleton"]
     skel_dict = zstd.ZstdCompressionDict(
         base_skeleton(base, header["base_ranges"]), dict_type=zstd.DICT_TYPE_RAWCONTENT
     )
     skel_frame = delta.read_at(payload_start + skel_off, skel_len)
-    skeleton = _decompress(skel_frame, skel_raw, zstd.ZstdDecompressor(dict_data=skel_dict))
-    del skel_dict
+    skeleton = memoryview(  # sliced without copies: the skeleton is held once
+        _decompress(skel_frame, skel_raw, zstd.ZstdDecompressor(dict_data=skel_dict)))
+    del skel_dict, skel_frame
     skel_pos = 0
     target_pos = 0
     payload_pos = payload_start + skel_off + skel_len
     for t_off, length, op, width, b_off, plane_lens in header["segments"]:
-        if t_off < target_pos or width not in _UINT or (
-                op != "copy" and length > header["chunk_bytes"]):
-            raise CodecError("tensor-xor segments are malformed")
         gap = t_off - target_pos
         if gap:
             yield skeleton[skel_pos : skel_pos + gap]
@@ -368,8 +557,6 @@ def _iter_tensor_xor(delta: Source, base: Source) -> Iterator[bytes | memoryview
             for rel in range(0, length, TX_CHUNK_BYTES):
                 yield base.read_at(b_off + rel, min(TX_CHUNK_BYTES, length - rel))
         else:
-            if length % width or len(plane_lens) != width:
-                raise CodecError("tensor-xor segment does not match its element width")
             n = length // width
             elements = np.empty((n, width), dtype=np.uint8)
             for k, plane_len in enumerate(plane_lens):
@@ -385,8 +572,6 @@ def _iter_tensor_xor(delta: Source, base: Source) -> Iterator[bytes | memoryview
                     if op == "zsub":
                         unzigzag(values)
                     np.add(values, old, out=values)
-            elif op != "raw":
-                raise CodecError(f"unknown segment op {op!r}")
             yield values.view(np.uint8).data
         target_pos = t_off + length
     tail = header["target_size"] - target_pos
@@ -411,6 +596,35 @@ def _stream_zstd(dctx: zstd.ZstdDecompressor, delta: Source, sink: Callable[[byt
             sink(chunk)
 
 
+def zstd_window_bound(codec: str, base_size: int, target_size: int | None) -> int:
+    """The largest window a ``zstd`` / ``zstd-dict`` frame may ask the decoder to allocate:
+    128 MiB for a full model; for ``--patch-from`` the base plus the target, rounded up."""
+    if codec == ZSTD:
+        return ZSTD_MAX_WINDOW_BYTES
+    if target_size is None:
+        return 1 << 31
+    return min(1 << 31, 1 << max(10, (base_size + target_size).bit_length()))
+
+
+def check_zstd_frame(codec: str, delta: Source, base_size: int, target_size: int | None) -> None:
+    """The frame header, before any decoding: its declared content size must be the signed
+    target size and its window within ``zstd_window_bound`` (a window is allocated as the
+    frame declares; with no content size declared it is the whole window)."""
+    head = bytes(delta.read_at(0, min(delta.size, 18)))  # ZSTD_FRAMEHEADERSIZE_MAX
+    try:
+        params = zstd.get_frame_parameters(head)
+    except zstd.ZstdError as e:
+        raise CodecError(f"{codec} frame header is corrupt or truncated: {e}") from e
+    declared = params.content_size
+    if target_size is not None and declared not in (zstd.CONTENTSIZE_UNKNOWN, target_size):
+        raise CodecError(f"{codec} frame declares {declared} output bytes, the manifest "
+                         f"{target_size}")
+    bound = zstd_window_bound(codec, base_size, target_size)
+    if params.window_size > bound and declared == zstd.CONTENTSIZE_UNKNOWN:
+        raise CodecError(f"{codec} frame asks for a {params.window_size}-byte window and "
+                         f"declares no size, over its {bound}-byte bound")
+
+
 def decode_stream(
     codec: str,
     delta: Source,
@@ -418,11 +632,14 @@ def decode_stream(
     sink: Callable[[bytes | memoryview], object],
     *,
     target_size: int | None = None,
+    max_memory_bytes: int | None = None,
 ) -> None:
     """Write the target to ``sink`` piece by piece. Raises CodecError (UnknownCodec, ...).
 
-    bsdiff4 is decoded in-process here (the server's round trip, on trusted bytes); the agent
-    applies bsdiff4 through ``bspatch``, in a contained child process."""
+    With ``target_size`` (the signed size) every header field is checked against it before
+    anything is allocated; with ``max_memory_bytes`` a tensor-xor header whose own figures
+    exceed the cap is refused before its skeleton is built. The agent runs this only in a
+    contained child process (``confined``); the server calls it on its own, trusted bytes."""
     if codec not in CODECS:
         raise UnknownCodec(f"unknown codec {codec!r}")
     try:
@@ -431,13 +648,14 @@ def decode_stream(
                 sink(delta.read_at(off, min(STREAM_PIECE_BYTES, delta.size - off)))
             return
         if codec == ZSTD:
+            check_zstd_frame(codec, delta, 0, target_size)
             _stream_zstd(zstd.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW_BYTES), delta, sink,
                          target_size, codec)
             return
         if base is None:
             raise CodecError(f"codec {codec} needs the base model")
         if codec == TENSOR_XOR:
-            for piece in _iter_tensor_xor(delta, base):
+            for piece in _iter_tensor_xor(delta, base, target_size, max_memory_bytes):
                 sink(piece)
         elif codec == BSDIFF4:
             try:
@@ -445,11 +663,16 @@ def decode_stream(
             except ValueError as e:
                 raise CodecError(f"bsdiff4 patch is malformed: {e}") from e
         else:
+            check_zstd_frame(codec, delta, base.size, target_size)
             dictionary = zstd.ZstdCompressionDict(bytes(base.read_at(0, base.size)),
                                                   dict_type=zstd.DICT_TYPE_RAWCONTENT)
-            dctx = zstd.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << 31)
+            dctx = zstd.ZstdDecompressor(
+                dict_data=dictionary,
+                max_window_size=zstd_window_bound(codec, base.size, target_size))
             _stream_zstd(dctx, delta, sink, target_size, codec)
     except (zstd.ZstdError, MemoryError, OverflowError) as e:
+        if isinstance(e, MemoryError):
+            raise MemoryCapExceeded(f"{codec} decode ran out of memory") from e
         raise CodecError(f"{codec} failed: {e}") from e
     except ValueError as e:
         if isinstance(e, CodecError):
@@ -460,7 +683,7 @@ def decode_stream(
 def target_size_of(codec: str, delta: Source) -> int | None:
     """The target size a delta declares, where its format records one."""
     if codec == TENSOR_XOR:
-        return int(read_tx_header(delta)[0]["target_size"])
+        return int(read_tx_header(delta)[0]["target_size"])  # trusted bytes only (server)
     return None
 
 
@@ -469,7 +692,7 @@ def check_memory(codec: str, base_size: int, target_size: int, delta_size: int,
     """MemoryCapExceeded before any work when the decode is predicted to exceed the cap."""
     if codec not in CODECS:
         raise UnknownCodec(f"unknown codec {codec!r}")
-    cap = default_memory_cap_bytes() if max_memory_bytes is None else max_memory_bytes
+    cap = _cap(max_memory_bytes)
     need = predicted_decode_bytes(codec, base_size, target_size, delta_size)
     if need > cap:
         raise MemoryCapExceeded(
@@ -512,7 +735,8 @@ def decode_to_file(
                 h.update(piece)
                 out.write(piece)
 
-            decode_stream(codec, delta, base, sink, target_size=target_size)
+            decode_stream(codec, delta, base, sink, target_size=target_size,
+                          max_memory_bytes=_cap(max_memory_bytes))
             if written != target_size:
                 raise CodecError("patched output is shorter than the target")
             if expect_sha256 is not None and h.hexdigest() != expect_sha256:
@@ -563,7 +787,8 @@ def decode(
             view[pos : pos + n] = piece
             pos += n
 
-        decode_stream(codec, BytesSource(delta), base, sink, target_size=target_size)
+        decode_stream(codec, BytesSource(delta), base, sink, target_size=target_size,
+                      max_memory_bytes=_cap(max_memory_bytes) - target_size)
         if pos != target_size:
             raise CodecError("patched output is shorter than the target")
         view.release()
@@ -602,6 +827,7 @@ __all__ = [
     "ZSTD",
     "ZSTD_DICT",
     "BytesSource",
+    "ChunkSource",
     "CodecError",
     "FileSource",
     "MemoryCapExceeded",

@@ -57,8 +57,16 @@ from deltafleet.shared import (
 from deltafleet.shared.messages import MAX_HARDWARE_ID_CHARS
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, MqttSettings, Will
 
+from .codecs import ChunkSource, default_memory_cap_bytes
 from .config import AgentConfig
-from .errors import AgentError, ModelRuntimeError, SignatureRejected, UpdateRejected
+from .errors import (
+    AgentError,
+    ArtifactRefused,
+    DecodeLimitHit,
+    ModelRuntimeError,
+    SignatureRejected,
+    UpdateRejected,
+)
 from .journal import Journal, Recovery, raw_manifest, reconcile
 from .outbox import Outbox
 from .runtime import LoadedModel, available_runtimes, load_model
@@ -88,6 +96,7 @@ TICK_S = 0.1
 CRASH_STEPS = ("download", "patch", "stage", "activate", "trial", "commit", "rollback")
 PROBE_BUDGET_S = 5.0
 API_RETRY_S = 30.0  # longest the agent spends on golden/zero probes for one measurement
+MAX_DECODE_STARTS = 2  # decodes of one artifact the agent may die in before refusing it
 
 
 def agent_version() -> str:
@@ -521,6 +530,11 @@ class Agent:
             self.report(manifest, "applying", reason="target already on disk")
             self.install(manifest, None, reused=0)
             return
+        refusal = self.store.artifact_refusal(manifest.artifact.sha256, self._decode_limits())
+        if refusal is not None:  # refused before (maybe under another manifest): final
+            self.fail(manifest, "failed", f"artifact refused earlier, not decoded again: "
+                                          f"{refusal}")
+            return
         self.journal.begin(model, "downloading", payload, manifest.manifest_id,
                            manifest.target_sha256, prev_sha)
         chunks = ChunkSet(manifest, self.store.download_dir(manifest.artifact.sha256))
@@ -595,9 +609,7 @@ class Agent:
                 base = self.store.model_path(current.sha256, current.format) if current else None
                 path = self.store.model_path(m.target_sha256, m.format)
                 if not path.exists():  # streamed to disk and verified before it appears
-                    apply_to_file(m, artifact, base, path,
-                                  max_memory_bytes=self.cfg.patch_memory_bytes,
-                                  timeout_s=self.cfg.patch_timeout_s)
+                    self._decode(m, artifact, base, path)
                 self._crash_point("patch")
                 self.journal.advance(m.model, "staged")
                 self._crash_point("stage")
@@ -621,6 +633,35 @@ class Agent:
                     health={"baseline_p95_us": baseline})
         self._crash_point("trial")
         self._start_trial(m, previous, baseline, window, session=session)
+
+    def _decode_limits(self) -> dict[str, float]:
+        cap = self.cfg.patch_memory_bytes
+        return {"memory_bytes": cap if cap is not None else default_memory_cap_bytes(),
+                "timeout_s": self.cfg.patch_timeout_s}
+
+    def _decode(self, m: Manifest, artifact: ChunkSource, base: Path | None, path: Path) -> None:
+        """Decode in the contained child (``update.apply_to_file``). A refusal is recorded
+        durably for the artifact before it is reported, and so is every start: an agent
+        that dies while decoding (power, OOM) tries once more after the restart, then
+        refuses the artifact instead of looping."""
+        sha = m.artifact.sha256
+        if self.store.note_decode_start(sha) > MAX_DECODE_STARTS:
+            reason = (f"decode refused: the agent stopped while decoding this artifact "
+                      f"{MAX_DECODE_STARTS} times")
+            self.store.refuse_artifact(sha, reason)
+            raise ArtifactRefused(reason)
+        limits = self._decode_limits()
+        try:
+            apply_to_file(m, artifact, base, path, max_memory_bytes=int(limits["memory_bytes"]),
+                          timeout_s=limits["timeout_s"])
+        except DecodeLimitHit as e:
+            self.store.refuse_artifact(sha, str(e), limits=limits)
+            raise
+        except ArtifactRefused as e:
+            self.store.refuse_artifact(sha, str(e))
+            raise
+        finally:
+            self.store.decode_done(sha)
 
     def _golden(self, m: Manifest) -> list[Any]:
         try:

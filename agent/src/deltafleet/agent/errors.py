@@ -17,6 +17,16 @@ class UpdateRejected(AgentError):
     """An update failed a check (signature, binding, hash, size); the running model is kept."""
 
 
+class ArtifactRefused(UpdateRejected):
+    """The artifact itself does not decode into the signed target (malformed, a lying header,
+    another result): the same bytes never will, so the refusal is final for that artifact."""
+
+
+class DecodeLimitHit(ArtifactRefused):
+    """The artifact's decode hit the device's memory cap or time limit (a larger cap or
+    limit may let it through; the same ones never will)."""
+
+
 class ModelRuntimeError(AgentError):
     """A model failed to load or to run in its inference runtime."""
 

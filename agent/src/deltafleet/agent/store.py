@@ -3,7 +3,8 @@
 Layout under ``state_dir``::
 
     state.json                  current and previous model per name, last serial (per model
-                                and device-wide), failed ids
+                                and device-wide), failed ids, refused artifacts and the
+                                decodes started per artifact (see ``refuse_artifact``)
     models/<sha256>.<onnx|tflite>   content-addressed, verified model files (current + previous)
     downloads/<artifact sha256>/<index>   verified chunks of an artifact being fetched
 
@@ -22,6 +23,7 @@ from typing import Any
 from deltafleet.shared import ModelState, atomic_write_bytes, atomic_write_json
 
 EXTENSIONS = {"onnx": "onnx", "tflite": "tflite"}
+MAX_REFUSED = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +53,11 @@ class LocalStore:
     def _read(self) -> dict[str, Any]:
         if not self.state_file.exists():
             return {"current": {}, "previous": {}, "last_serial": 0, "failed": {},
-                    "serials": {}}
+                    "serials": {}, "refused": {}, "decodes": {}}
         data = json.loads(self.state_file.read_text())
         data.setdefault("failed", {})
+        data.setdefault("refused", {})
+        data.setdefault("decodes", {})
         if "serials" not in data:  # state written before per-model serials
             data["serials"] = {m: int(e.get("serial", 0)) for m, e in data["current"].items()}
         return data
@@ -139,6 +143,44 @@ class LocalStore:
         self._state["failed"][model] = manifest_id
         self._bump(model, serial)
         self._write()
+
+    # -- artifacts whose decode was refused: final across restarts ------------------------
+    def refuse_artifact(self, artifact_sha256: str, reason: str, *, limits: dict[str, float]
+                        | None = None) -> None:
+        """Record (durably) that this artifact's decode was refused, so that no restart and no
+        new manifest shipping the same artifact decodes it again. ``limits`` (the memory cap and
+        time limit it hit) make the refusal final only while the device's limits stay within
+        them; without, it is final. The last ``MAX_REFUSED`` refusals are kept."""
+        refused = self._state["refused"]
+        refused.pop(artifact_sha256, None)
+        refused[artifact_sha256] = {"reason": reason[:300], "limits": limits}
+        while len(refused) > MAX_REFUSED:
+            refused.pop(next(iter(refused)))
+        self._state["decodes"].pop(artifact_sha256, None)
+        self._write()
+
+    def artifact_refusal(self, artifact_sha256: str, limits: dict[str, float]) -> str | None:
+        """Why this artifact was refused before, if that still holds under ``limits``."""
+        rec = self._state["refused"].get(artifact_sha256)
+        if rec is None:
+            return None
+        hit = rec.get("limits")
+        if hit and any(float(limits.get(k, 0)) > float(v) for k, v in hit.items()):
+            return None  # the device was given more memory or time since: try again
+        return str(rec.get("reason", "refused"))
+
+    def note_decode_start(self, artifact_sha256: str) -> int:
+        """Count (durably, before it starts) one more decode of this artifact; returns the
+        count. A decode that ends, either way, clears it (``decode_done``), so a count above
+        one means the agent died while decoding."""
+        decodes = self._state["decodes"]
+        decodes[artifact_sha256] = int(decodes.get(artifact_sha256, 0)) + 1
+        self._write()
+        return int(decodes[artifact_sha256])
+
+    def decode_done(self, artifact_sha256: str) -> None:
+        if self._state["decodes"].pop(artifact_sha256, None) is not None:
+            self._write()
 
     def download_dir(self, artifact_sha256: str) -> Path:
         return self.downloads_dir / artifact_sha256

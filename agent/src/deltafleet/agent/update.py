@@ -14,8 +14,9 @@ never touched by a refused update):
 7. artifact size cap and free disk for artifact + target (``check_disk``)
 8. each chunk against its signed hash (``ChunkSet.accept``)
 9. the whole artifact against its signed sha256 and size (``ChunkSet.assemble``)
-10. bsdiff4 only: the patch header's output length must equal ``target_size_bytes``, then
-    bspatch runs in a child process with a memory cap and a timeout (``bspatch``)
+10. decode in a contained child process with the device's memory cap and a time limit
+    (``confined``), every header field bounded before allocation (bsdiff4: the patch header's
+    output length must equal ``target_size_bytes`` before the child starts)
 11. the result against the signed target sha256 and size (``apply_to_file``): the target is
     decoded into a temp file beside its content address while being hashed, and renamed into
     place only when it matches. No codec holds the target (or the artifact) in memory.
@@ -40,8 +41,9 @@ from deltafleet.shared import (
     sha256_bytes,
 )
 
-from . import bspatch, codecs
-from .errors import UpdateRejected
+from . import bspatch, codecs, confined
+from .codecs import ChunkSource
+from .errors import ArtifactRefused, DecodeLimitHit, UpdateRejected
 from .store import InstalledModel
 from .trust import ManifestVerifier, PinnedKeys
 
@@ -190,34 +192,6 @@ class ChunkSet:
         return bytes(src.read_at(0, src.size))
 
 
-class ChunkSource:
-    """Random access (``codecs.Source``) to an artifact stored as fixed-size chunk files."""
-
-    def __init__(self, directory: Path, count: int, chunk_size: int) -> None:
-        self.dir = directory
-        self.count = count
-        self.chunk_size = chunk_size
-        self.size = 0
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise codecs.CodecError(f"range {offset}+{length} is outside the artifact "
-                                    f"({self.size} bytes)")
-        parts = []
-        while length > 0:
-            i, rel = divmod(offset, self.chunk_size)
-            n = min(length, self.chunk_size - rel)
-            with open(self.dir / str(i), "rb") as f:
-                f.seek(rel)
-                part = f.read(n)
-            if len(part) != n:
-                raise codecs.CodecError(f"chunk {i} changed on disk")
-            parts.append(part)
-            offset += n
-            length -= n
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
 def apply_to_file(
     manifest: Manifest,
     artifact: codecs.Source,
@@ -231,9 +205,10 @@ def apply_to_file(
     streamed and hashed on the way; ``dest`` appears (durably) only if the result is the
     signed target. Raises UpdateRejected; nothing is left behind on failure.
 
-    bsdiff4 patches run in a child process (``bspatch``) once their header declares the signed
-    target size; the other codecs decode in-process within ``max_memory_bytes`` (default: half
-    the machine's memory), refused before any work when predicted to exceed it.
+    Every codec decodes in a contained child process (``confined``) within
+    ``max_memory_bytes`` (default: half the machine's memory) and ``timeout_s``; a decode
+    predicted to exceed the cap is refused before it starts, and one that hits a limit is
+    killed. bsdiff4 patches are started only once their header declares the signed size.
     """
     codec = manifest.artifact.codec
     dest = Path(dest)
@@ -246,18 +221,30 @@ def apply_to_file(
                                   expect_sha256=manifest.target_sha256,
                                   max_memory_bytes=max_memory_bytes, timeout_s=timeout_s)
         else:
-            codecs.decode_to_file(codec, artifact, base_path, dest,
-                                  target_size=manifest.target_size_bytes,
-                                  expect_sha256=manifest.target_sha256,
-                                  max_memory_bytes=max_memory_bytes)
+            if codec not in codecs.CODECS:
+                raise codecs.UnknownCodec(codec)
+            confined.decode_confined(codec, artifact, base_path, dest,
+                                     target_size=manifest.target_size_bytes,
+                                     expect_sha256=manifest.target_sha256,
+                                     max_memory_bytes=max_memory_bytes, timeout_s=timeout_s)
     except codecs.TargetMismatch as e:
-        raise UpdateRejected("target hash mismatch: patched model is not the signed target") from e
+        raise ArtifactRefused("target hash mismatch: patched model is not the signed "
+                              "target") from e
     except bspatch.PatchRefused as e:
-        raise UpdateRejected(f"bsdiff4 patch refused: {e}") from e
+        cause = e.__cause__
+        if isinstance(cause, confined.DecodeEnvironmentError):
+            raise UpdateRejected(f"bsdiff4 patch not applied: {e}") from e
+        if isinstance(cause, (codecs.MemoryCapExceeded, confined.DecodeTimeout)):
+            raise DecodeLimitHit(f"bsdiff4 patch refused: {e}") from e
+        raise ArtifactRefused(f"bsdiff4 patch refused: {e}") from e
     except codecs.UnknownCodec as e:
         raise UpdateRejected(f"unknown codec {codec!r}") from e
+    except confined.DecodeEnvironmentError as e:
+        raise UpdateRejected(f"{codec} patch not applied: {e}") from e
+    except (codecs.MemoryCapExceeded, confined.DecodeTimeout) as e:
+        raise DecodeLimitHit(f"{codec} patch refused: {e}") from e
     except codecs.CodecError as e:
-        raise UpdateRejected(f"{codec} patch failed: {e}") from e
+        raise ArtifactRefused(f"{codec} patch failed: {e}") from e
     except MemoryError as e:
         raise UpdateRejected(f"{codec} patch ran out of memory") from e
     return dest
