@@ -6,6 +6,8 @@ through a plain or a ``$share`` subscription; and the servers' share group is a 
 from __future__ import annotations
 
 import dataclasses
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -21,6 +23,7 @@ from deltafleet.server.errors import UsageError
 from deltafleet.server.store import Store, upgrade
 from deltafleet.shared import Status, Topics, encode
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, Will
+from tests.conftest import wait_port
 from tests.integration.tls_broker import Peer, TlsBroker, secure_fleet  # noqa: F401
 
 QUIET_S = 1.0  # how long "nothing happens" is watched after a positive control arrived
@@ -249,3 +252,38 @@ def test_a_guessable_share_group_is_refused(tmp_path: Path) -> None:
     secret = "k3Jx-9vQ_2mW8pLt5Rz"
     cfg = ServerConfig.from_env({"FLEET_HOME": str(tmp_path), "FLEET_SHARE_GROUP": secret})
     assert cfg.share_group == secret
+
+
+def test_the_servers_queued_messages_survive_a_broker_sigkill(fleet) -> None:
+    """The generated config saves sessions every second: a kill -9 of the broker keeps the
+    server's persistent session and the device messages queued in it."""
+    cfg, broker = fleet
+    t = Topics(cfg.topic_prefix)
+    first = server_client(cfg, broker, cfg.server_identity, persistent=True)
+    first.subscribe(t.all_devices("events"))
+    first.start()
+    first.wait_connected(15)
+    first.stop()
+    b = connected(device(broker, cfg, "dev-b"))
+    try:
+        b.publish(t.events("dev-b"), b"queued-before-the-crash")
+    finally:
+        b.close()
+    saved_after = time.time()
+    db = broker.files.conf.parent / "persistence" / "mosquitto.db"
+    deadline = time.monotonic() + 20
+    while not (db.exists() and db.stat().st_mtime > saved_after) and time.monotonic() < deadline:
+        time.sleep(0.1)  # waits for the broker's next autosave, not a fixed time
+    assert db.exists() and db.stat().st_mtime > saved_after, "no autosave within 20 s"
+    broker.proc.send_signal(signal.SIGKILL)
+    broker.proc.wait(10)
+    broker.proc = subprocess.Popen([broker.proc.args[0], "-c", str(broker.files.conf)],
+                                   stdout=broker.log, stderr=broker.log)
+    wait_port(broker.port)
+    again = server_client(cfg, broker, cfg.server_identity, persistent=True)
+    again.start()
+    try:
+        again.wait_connected(15)
+        wait_payload(again, t.events("dev-b"), b"queued-before-the-crash")
+    finally:
+        again.stop()
