@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import resource
+import secrets
 import signal
 import struct
 import sys
@@ -490,7 +491,7 @@ def bench_failover(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
     db_url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
     prefix = f"f{uuid.uuid4().hex[:6]}/v1"
     lab, store = setup(tmp / "fo", db_url, model, prefix, mqtt_url)
-    lab.env["FLEET_SHARE_GROUP"] = "bench"
+    lab.env["FLEET_SHARE_GROUP"] = secrets.token_urlsafe(18)  # a secret, not a name
     fleet = SimFleet(mqtt_url, Path(lab.env["FLEET_HOME"]) / "keys" / "signing.pub", prefix=prefix)
     try:
         a = lab.start_server("server-a")

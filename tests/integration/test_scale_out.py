@@ -5,6 +5,7 @@ PostgreSQL sharing device traffic through a shared subscription)."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_rollout_completes_when_the_replica_working_it_is_killed(tmp_path, broke
     lab = RolloutLab(tmp_path, broker.url, models, db_url=pg_url)
     procs = Lab(tmp_path / "procs", mqtt_url=broker.url, db_url=pg_url)
     procs.env.update(FLEET_HOME=str(lab.cfg.home), FLEET_TOPIC_PREFIX=lab.cfg.topic_prefix,
-                     FLEET_SHARE_GROUP="replicas")
+                     FLEET_SHARE_GROUP=secrets.token_urlsafe(18))
     try:
         a = procs.start_server("server-a")
         b = procs.start_server("server-b")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from pathlib import Path
@@ -18,12 +19,12 @@ pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def lab(tmp_path: Path, broker, monkeypatch: pytest.MonkeyPatch):
+def lab(tmp_path: Path, broker):
     from modelgen import make_onnx_pair
 
-    monkeypatch.setenv("FLEET_SERVER_ID", f"fleet-server-test-{uuid.uuid4().hex[:6]}")
     v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.2)
     lab = RolloutLab(tmp_path, broker.url, {"v1": v1, "v2": v2})
+    lab.cfg = dataclasses.replace(lab.cfg, server_id=f"fleet-server-test-{uuid.uuid4().hex[:6]}")
     lab.start_server()
     yield lab
     lab.close()

@@ -8,6 +8,7 @@ import queue
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -54,22 +55,33 @@ class Peer:
     """A paho client that records what it receives and whether the broker accepted it."""
 
     def __init__(self, port: int, *, ca: Path | None, cert: Path | None = None,
-                 key: Path | None = None, tls: bool = True) -> None:
+                 key: Path | None = None, tls: bool = True, client_id: str | None = None,
+                 clean_session: bool = True) -> None:
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.connack: queue.Queue[int] = queue.Queue()
         self.subacks: queue.Queue[object] = queue.Queue()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"peer-{uuid.uuid4().hex[:8]}",
-                        protocol=paho.MQTTv311)
+        self.disconnected = threading.Event()  # set when the broker closed an accepted session
+        self.session_present: bool | None = None  # from the last CONNACK
+        c = paho.Client(CallbackAPIVersion.VERSION2,
+                        client_id=client_id or f"peer-{uuid.uuid4().hex[:8]}",
+                        protocol=paho.MQTTv311, clean_session=clean_session)
         if tls:
             ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
             if cert is not None:
                 ctx.load_cert_chain(str(cert), str(key))
             c.tls_set_context(ctx)
-        c.on_connect = lambda _c, _u, _f, rc, _p: self.connack.put(
-            rc.value if hasattr(rc, "value") else int(rc))
+        def on_connect(_c, _u, flags, rc, _p) -> None:
+            self.session_present = bool(flags.session_present)
+            self.connack.put(rc.value if hasattr(rc, "value") else int(rc))
+
+        def on_disconnect(*_a) -> None:
+            self.disconnected.set()
+            self.connack.put(-1)  # refused during the handshake
+
+        c.on_connect = on_connect
         c.on_message = lambda _c, _u, m: self.inbox.put((m.topic, m.payload))
         c.on_subscribe = lambda _c, _u, _mid, rcs, _p: self.subacks.put(rcs)
-        c.on_disconnect = lambda *_a: self.connack.put(-1)  # refused during the handshake
+        c.on_disconnect = on_disconnect
         self.client = c
         self.port = port
 

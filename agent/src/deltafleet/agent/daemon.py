@@ -205,7 +205,7 @@ class Agent:
         offline = encode(Status(cfg.device_id, False))
         self.mqtt = MqttClient(MqttSettings(
             url=cfg.broker_url,
-            client_id=f"fleet-agent-{cfg.device_id}",
+            client_id=cfg.device_id,  # = certificate CN, which the broker enforces anyway
             keepalive_s=cfg.keepalive_s,
             protocol=cfg.mqtt_protocol,
             will=Will(self.topics.status(cfg.device_id), offline, retain=True),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,27 @@ from urllib.parse import urlparse
 
 from deltafleet.shared.mqtt import MqttSettings, Will
 
+from .errors import UsageError
+
 DEFAULT_HOME = "~/.local/share/deltafleet"
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_TOPIC_PREFIX = "deltafleet/v1"
 DEFAULT_SERVER_IDENTITY = "fleet-server"  # CN of the server's MQTT client certificate
+SHARE_GROUP_FILE = "share-group"  # under $FLEET_HOME: the replicas' secret $share group
+MIN_SHARE_GROUP_CHARS = 16  # a share group is a secret: a guessable one lets devices join it
+_SHARE_GROUP = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_share_group(group: str, source: str = "FLEET_SHARE_GROUP") -> str:
+    """A share group name must be a secret: whoever knows it can join the servers' shared
+    subscription and take (and, being refused read access, drop) a share of device messages."""
+    if not _SHARE_GROUP.fullmatch(group):
+        raise UsageError(f"{source}: the share group may hold only letters, digits, '_' or '-'")
+    if len(group) < MIN_SHARE_GROUP_CHARS:
+        raise UsageError(f"{source}: a share group of {len(group)} characters is guessable; use "
+                         f"a random secret of {MIN_SHARE_GROUP_CHARS}+ characters (`fleetctl "
+                         "broker config --server-id ...` writes one to $FLEET_HOME/share-group)")
+    return group
 
 
 @dataclass(frozen=True)
@@ -39,6 +57,13 @@ class ServerConfig:
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     server_identity: str = DEFAULT_SERVER_IDENTITY
+    # This replica's stable MQTT client id (FLEET_SERVER_ID): turns on a persistent session.
+    # With the generated broker config the broker names the server by its certificate, so this
+    # must equal the certificate's CN (the server refuses to start otherwise).
+    server_id: str | None = None
+    # Secret $share group of the replicas (FLEET_SHARE_GROUP, else $FLEET_HOME/share-group);
+    # None = a plain subscription (one replica).
+    share_group: str | None = None
     keylist_ttl_s: int = 365 * 86400  # how long a root-signed key list stays valid
 
     @property
@@ -70,7 +95,11 @@ class ServerConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
         """Read FLEET_HOME, FLEET_DB_URL, FLEET_MQTT_URL, FLEET_TOPIC_PREFIX, FLEET_MQTT_CA,
         FLEET_MQTT_CERT, FLEET_MQTT_KEY, FLEET_MQTT_USERNAME, FLEET_MQTT_PASSWORD and
-        FLEET_MQTT_IDENTITY (empty = unset)."""
+        FLEET_MQTT_IDENTITY, FLEET_SERVER_ID and FLEET_SHARE_GROUP (empty = unset).
+
+        The server identity is FLEET_MQTT_IDENTITY, else FLEET_SERVER_ID, else ``fleet-server``;
+        the share group is FLEET_SHARE_GROUP, else the content of ``$FLEET_HOME/share-group``.
+        A share group that is not a secret raises UsageError."""
         env = os.environ if environ is None else environ
         home = Path(env.get("FLEET_HOME") or DEFAULT_HOME).expanduser().absolute()
 
@@ -88,20 +117,41 @@ class ServerConfig:
             mqtt_key_file=path("FLEET_MQTT_KEY"),
             mqtt_username=env.get("FLEET_MQTT_USERNAME") or None,
             mqtt_password=env.get("FLEET_MQTT_PASSWORD") or None,
-            server_identity=env.get("FLEET_MQTT_IDENTITY") or DEFAULT_SERVER_IDENTITY,
+            server_identity=(env.get("FLEET_MQTT_IDENTITY") or env.get("FLEET_SERVER_ID")
+                             or DEFAULT_SERVER_IDENTITY),
+            server_id=env.get("FLEET_SERVER_ID") or None,
+            share_group=_share_group(env, home),
         )
+
+
+def _share_group(env: Mapping[str, str], home: Path) -> str | None:
+    if env.get("FLEET_SHARE_GROUP"):
+        return check_share_group(env["FLEET_SHARE_GROUP"])
+    path = home / SHARE_GROUP_FILE
+    try:
+        group = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UsageError(f"cannot read the share group {path}: {e}") from e
+    return check_share_group(group, str(path))
 
 
 def mqtt_settings(cfg: ServerConfig, client_id: str, will: Will | None) -> MqttSettings:
     """The server's MqttSettings: URL, last will and its credentials.
 
     With an mqtts:// URL, TLS files not set in the environment default to the server identity
-    made by `fleetctl broker config` under ``$FLEET_HOME/pki`` (when those files exist).
+    made by `fleetctl broker config` under ``$FLEET_HOME/pki`` (when those files exist):
+    ``pki/servers/<server_identity>.*``, else ``pki/server-client.*``.
     """
     ca, cert, key = cfg.mqtt_ca_file, cfg.mqtt_cert_file, cfg.mqtt_key_file
     if urlparse(cfg.mqtt_url).scheme in ("mqtts", "ssl"):
         pki = cfg.pki_dir
-        defaults = (pki / "ca.crt", pki / "server-client.crt", pki / "server-client.key")
+        mine = (pki / "servers" / f"{cfg.server_identity}.crt",
+                pki / "servers" / f"{cfg.server_identity}.key")
+        if not (mine[0].exists() and mine[1].exists()):
+            mine = (pki / "server-client.crt", pki / "server-client.key")
+        defaults = (pki / "ca.crt", *mine)
         if ca is None and defaults[0].exists():
             ca = defaults[0]
         if cert is None and key is None and defaults[1].exists() and defaults[2].exists():
@@ -116,3 +166,27 @@ def mqtt_settings(cfg: ServerConfig, client_id: str, will: Will | None) -> MqttS
         cert_file=str(cert) if cert else None,
         key_file=str(key) if key else None,
     )
+
+
+def check_client_identity(settings: MqttSettings) -> None:
+    """Refuse a persistent client id that differs from the CN of the client certificate.
+
+    A broker configured by `fleetctl broker config` names every client by its certificate
+    (``use_username_as_clientid``): the session would silently be the CN's, shared with every
+    replica holding that certificate, and the replicas would take it over from each other.
+    """
+    if not settings.cert_file:
+        return
+    from .pki import PkiError, common_name, load_cert
+
+    try:
+        cn = common_name(load_cert(Path(settings.cert_file).read_bytes()))
+    except (OSError, PkiError) as e:
+        raise UsageError(f"cannot read the MQTT client certificate {settings.cert_file}: {e}") \
+            from e
+    if cn != settings.client_id:
+        raise UsageError(
+            f"FLEET_SERVER_ID {settings.client_id!r} differs from the identity {cn!r} of the "
+            f"certificate {settings.cert_file}: the broker names a client by its certificate. "
+            f"Give each replica its own identity: `fleetctl broker config --server-id "
+            f"{settings.client_id}` (then restart the broker), or set FLEET_SERVER_ID={cn}")

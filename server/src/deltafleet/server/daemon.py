@@ -44,7 +44,7 @@ from deltafleet.shared import (
 from deltafleet.shared.mqtt import CONNECTED, MqttClient, Will
 
 from . import registry
-from .config import ServerConfig, mqtt_settings
+from .config import ServerConfig, check_client_identity, mqtt_settings
 from .controller import Publish, RolloutController
 from .deltas import DeltaBuilder
 from .enroll import revoked_devices
@@ -124,18 +124,21 @@ class FleetServer:
         self._buckets: dict[str, TokenBucket] = {}
         self._revoked_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
         self.guard = DeviceMessageGuard(is_denied=self._is_revoked)
-        # FLEET_SERVER_ID (one per replica, stable across restarts) turns on a persistent
-        # session: the broker queues device events for us while this replica is down.
-        server_id = os.environ.get("FLEET_SERVER_ID")
+        # cfg.server_id (FLEET_SERVER_ID: one per replica, stable across restarts, equal to the
+        # replica's certificate identity) turns on a persistent session: the broker queues
+        # device events for us while this replica is down.
+        server_id = cfg.server_id
         settings = mqtt_settings(cfg, server_id or f"fleet-server-{uuid.uuid4().hex[:8]}",
                                  Will(self.topics.server_status(), b"offline", retain=True))
+        if server_id:
+            check_client_identity(settings)
         self.mqtt = MqttClient(dataclasses.replace(
             settings, max_unacked=INBOX_UNACKED,
             session_expiry_s=PERSISTENT_SESSION_S if server_id else None))
-        # With FLEET_SHARE_GROUP set, replicas share device traffic: the broker hands each
-        # message to one member of the shared subscription ($share works on MQTT 5 and, with
-        # Mosquitto 2, on 3.1.1 too).
-        share = os.environ.get("FLEET_SHARE_GROUP")
+        # With a share group (a secret: cfg.share_group) replicas share device traffic: the
+        # broker hands each message to one member of the shared subscription ($share works on
+        # MQTT 5 and, with Mosquitto 2, on 3.1.1 too).
+        share = cfg.share_group
         for leaf in ("hello", "status", "events", "chunkreq"):
             topic = self.topics.all_devices(leaf)
             self.mqtt.subscribe(f"$share/{share}/{topic}" if share else topic)

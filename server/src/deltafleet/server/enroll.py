@@ -5,19 +5,26 @@ Files under ``$FLEET_HOME``::
     pki/ca.crt, ca.key                the fleet CA (key mode 0600)
     pki/broker.crt, broker.key        Mosquitto's TLS server certificate
     pki/server-client.crt, .key       the server's own MQTT identity (CN = cfg.server_identity)
+    pki/servers/<id>.crt, .key        further server replica identities (`--server-id`)
+    pki/server-identities.json        every server identity the ACL grants the prefix to
+    share-group                       the secret $share group name of the replicas (0600)
     pki/issued.json                   {device id: [certificate serials]}
     pki/crl.pem                       revoked serials (Mosquitto ``crlfile``)
     revoked.json                      server-side deny list of device ids (``is_revoked``)
 
-Mosquitto takes the certificate CN as the username (``use_identity_as_username``); the ACL's
-``%u`` patterns then confine each device to its own topics. Device ids cannot contain MQTT
+Mosquitto takes the certificate CN as the username (``use_identity_as_username``) and the
+username as the client id (``use_username_as_clientid``): whatever client id a client sends, the
+broker names it by its certificate, so one certificate can take over no session but its own. The
+ACL's ``%u`` patterns then confine each device to its own topics. Device ids cannot contain MQTT
 wildcards (``check_device_id``), so ``%u`` never widens a pattern.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +33,7 @@ from urllib.parse import urlparse
 from deltafleet.shared import WireError, atomic_write_bytes, atomic_write_json, check_device_id
 
 from . import keys
-from .config import ServerConfig
+from .config import SHARE_GROUP_FILE, ServerConfig, check_share_group
 from .errors import ConflictError, UsageError
 from .pki import CertPair, create_ca, issue_cert, load_cert, make_crl
 
@@ -68,14 +75,67 @@ def _record_issued(cfg: ServerConfig, identity: str, pair: CertPair) -> None:
     atomic_write_json(cfg.pki_dir / "issued.json", issued)
 
 
-def ensure_server_identity(cfg: ServerConfig) -> tuple[Path, Path]:
-    """The server's client certificate and key (CN = ``cfg.server_identity``)."""
+def server_identities(cfg: ServerConfig) -> list[str]:
+    """Every server (replica) identity: ``cfg.server_identity`` first, then the ones recorded by
+    `fleetctl broker config --server-id`. The ACL grants each of them the whole prefix."""
+    return list(dict.fromkeys([cfg.server_identity, *_recorded_server_identities(cfg)]))
+
+
+def _recorded_server_identities(cfg: ServerConfig) -> list[str]:
+    path = cfg.pki_dir / "server-identities.json"
+    return list(json.loads(path.read_text())) if path.exists() else []
+
+
+def server_cert_paths(cfg: ServerConfig, identity: str) -> tuple[Path, Path]:
+    """Where the certificate of server identity ``identity`` lives: ``pki/servers/<id>.*``, or
+    the original ``pki/server-client.*`` pair when that one names ``identity``."""
+    legacy = cfg.pki_dir / "server-client.crt"
+    if legacy.exists() and certificate_cn(legacy) == identity:
+        return legacy, legacy.with_suffix(".key")
+    return cfg.pki_dir / "servers" / f"{identity}.crt", cfg.pki_dir / "servers" / f"{identity}.key"
+
+
+def ensure_server_identity(cfg: ServerConfig, identity: str | None = None) -> tuple[Path, Path]:
+    """The client certificate and key of a server identity (CN = ``identity``, default
+    ``cfg.server_identity``), issued on first use. Each replica needs its own: the broker names
+    a client by its certificate, so two replicas sharing one would take over each other's
+    session in a loop."""
+    identity = identity or cfg.server_identity
+    try:
+        check_device_id(identity)  # same charset: no MQTT wildcards, no spaces (ACL `user` line)
+    except WireError as e:
+        raise UsageError(f"server identity: {e}") from e
+    known = server_identities(cfg)
+    if identity not in known and identity in _issued(cfg):
+        raise ConflictError(f"{identity!r} is an enrolled device; pick another server identity")
     ca = ensure_ca(cfg)
-    if _pair(cfg, "server-client") is None:
-        pair = issue_cert(ca, cfg.server_identity)
-        _save_pair(cfg.pki_dir / "server-client", pair)
-        _record_issued(cfg, cfg.server_identity, pair)
-    return cfg.pki_dir / "server-client.crt", cfg.pki_dir / "server-client.key"
+    legacy = cfg.pki_dir / "server-client"
+    if identity == cfg.server_identity and _pair(cfg, "server-client") is None:
+        pair = issue_cert(ca, identity)
+        _save_pair(legacy, pair)
+        _record_issued(cfg, identity, pair)
+    crt, key = server_cert_paths(cfg, identity)
+    if not (crt.exists() and key.exists()):
+        crt.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pair = issue_cert(ca, identity)
+        _save_pair(crt.with_suffix(""), pair)
+        _record_issued(cfg, identity, pair)
+    recorded = _recorded_server_identities(cfg)
+    if identity not in recorded:
+        atomic_write_json(cfg.pki_dir / "server-identities.json", [*recorded, identity])
+    return crt, key
+
+
+def ensure_share_group(cfg: ServerConfig) -> str:
+    """The replicas' secret shared-subscription group, ``$FLEET_HOME/share-group`` (made on
+    first use, mode 0600). Only a client that knows it can join the group: a device subscribing
+    to ``$share/<guess>/...`` forms a group of its own and takes nothing from the server's."""
+    path = cfg.home / SHARE_GROUP_FILE
+    if not path.exists():
+        atomic_write_bytes(path, (secrets.token_urlsafe(24) + "\n").encode(), mode=0o600)
+    group = path.read_text().strip()
+    check_share_group(group, str(path))
+    return group
 
 
 def ensure_broker_cert(cfg: ServerConfig, hosts: list[str]) -> tuple[Path, Path]:
@@ -184,7 +244,7 @@ def enroll_device(cfg: ServerConfig, device_id: str, out_dir: Path, *,
         check_device_id(device_id)
     except WireError as e:
         raise UsageError(str(e)) from e
-    if device_id == cfg.server_identity:
+    if device_id in server_identities(cfg):
         raise UsageError(f"{device_id!r} is the server's MQTT identity; pick another device id")
     if is_revoked(cfg, device_id):
         raise ConflictError(f"device {device_id} is revoked; enroll it under a new id")
@@ -215,14 +275,21 @@ def enroll_device(cfg: ServerConfig, device_id: str, out_dir: Path, *,
 
 
 # -- broker config ----------------------------------------------------------------------------
-def render_acl(prefix: str, server_identity: str) -> str:
-    """Mosquitto ACL: the server may do anything under the prefix; a device (username = CN =
-    device id) may publish only its own device topics and read its desired state, artifact
-    chunks, server presence and the trust bundle. Anonymous clients get no rule at all."""
-    lines = [
-        "# deltafleet ACL (generated by `fleetctl broker config`). No rule = no access.",
-        f"user {server_identity}",
-        f"topic readwrite {prefix}/#",
+def render_acl(prefix: str, server_identities: str | Sequence[str]) -> str:
+    """Mosquitto ACL: each server identity (one per replica) may do anything under the prefix;
+    a device (username = client id = CN = device id) may publish only its own device topics and
+    read its desired state, artifact chunks, server presence and the trust bundle. Anonymous
+    clients get no rule at all.
+
+    Mosquitto 2.0's acl_file grants every SUBSCRIBE (``$share/...`` included) and checks read
+    access per delivered message against the message's topic: a device's subscription to
+    another device's topics or to ``$share/<group>/...`` delivers it nothing, and cannot take
+    messages from the servers' group unless it knows the secret group name."""
+    ids = [server_identities] if isinstance(server_identities, str) else list(server_identities)
+    lines = ["# deltafleet ACL (generated by `fleetctl broker config`). No rule = no access."]
+    for identity in ids:
+        lines += [f"user {identity}", f"topic readwrite {prefix}/#"]
+    lines += [
         "",
         "# every other authenticated client: %u is its certificate CN, i.e. its device id",
     ]
@@ -251,12 +318,16 @@ def render_mosquitto_conf(*, port: int, bind: str | None, cafile: Path, certfile
         "tls_version tlsv1.2",
         "require_certificate true",
         "use_identity_as_username true",
+        "use_username_as_clientid true",  # client id = certificate CN, whatever the client sends
         f"crlfile {crlfile}",
         f"acl_file {aclfile}",
         "max_packet_size 8388608",  # retained manifests of multi-GB models (~4.4 MB at 4 GiB)
     ]
     if persistence_dir is not None:
-        lines += ["persistence true", f"persistence_location {persistence_dir}/"]
+        # sessions (the servers' queued device messages) and retained messages survive a
+        # restart; saved every second, so a crash loses at most about one second of changes
+        lines += ["persistence true", f"persistence_location {persistence_dir}/",
+                  "autosave_interval 1"]
     return "\n".join(lines) + "\n"
 
 
@@ -274,16 +345,26 @@ class BrokerFiles:
 
 def write_broker_config(cfg: ServerConfig, out_dir: Path, *, port: int = 8883,
                         bind: str | None = None, hosts: list[str] | None = None,
-                        persistence_dir: Path | None = None) -> BrokerFiles:
+                        persistence_dir: Path | None = None,
+                        server_ids: Sequence[str] = ()) -> BrokerFiles:
     """mosquitto.conf + acl + TLS files in ``out_dir``; makes the CA, the broker certificate and
-    the server identity if missing, and refreshes the CRL."""
+    the server identities (``cfg.server_identity`` plus ``server_ids``, one per replica) if
+    missing, and refreshes the CRL. With more than one server identity the replicas' secret
+    share group (``$FLEET_HOME/share-group``) is made too. Broker persistence goes to
+    ``persistence_dir`` (default ``out_dir/persistence``)."""
     hosts = hosts or [urlparse(cfg.mqtt_url).hostname or "127.0.0.1"]
     ca = ensure_ca(cfg)
     broker_crt, broker_key = ensure_broker_cert(cfg, hosts)
     server_crt, server_key = ensure_server_identity(cfg)
+    for identity in server_ids:
+        ensure_server_identity(cfg, identity)
+    if len(server_identities(cfg)) > 1:
+        ensure_share_group(cfg)
     crl = write_crl(cfg)
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
+    persistence_dir = (persistence_dir or out_dir / "persistence").absolute()
+    persistence_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     dirs = _broker_dirs(cfg)
     if out_dir not in dirs:
         atomic_write_json(cfg.pki_dir / "broker-dirs.json", [str(d) for d in [*dirs, out_dir]])
@@ -296,7 +377,7 @@ def write_broker_config(cfg: ServerConfig, out_dir: Path, *, port: int = 8883,
     atomic_write_bytes(files.cert, broker_crt.read_bytes())
     atomic_write_bytes(files.key, broker_key.read_bytes(), mode=0o600)
     atomic_write_bytes(files.crl, crl.read_bytes())
-    atomic_write_bytes(files.acl, render_acl(cfg.topic_prefix, cfg.server_identity).encode())
+    atomic_write_bytes(files.acl, render_acl(cfg.topic_prefix, server_identities(cfg)).encode())
     atomic_write_bytes(files.conf, render_mosquitto_conf(
         port=port, bind=bind, cafile=files.ca, certfile=files.cert, keyfile=files.key,
         crlfile=files.crl, aclfile=files.acl, persistence_dir=persistence_dir).encode())
@@ -315,11 +396,14 @@ __all__ = [
     "enroll_device",
     "ensure_ca",
     "ensure_server_identity",
+    "ensure_share_group",
     "is_revoked",
     "render_acl",
     "render_mosquitto_conf",
     "revoke_device",
     "revoked_devices",
+    "server_cert_paths",
+    "server_identities",
     "write_broker_config",
     "write_crl",
 ]
