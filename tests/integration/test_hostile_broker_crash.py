@@ -104,13 +104,15 @@ def test_no_event_is_lost_and_the_rollout_completes_across_two_broker_sigkills(
     v1 = make_onnx_model(tmp_path / "v1.onnx", size_mb=0.3, seed=3)
     lab = RolloutLab(tmp_path, crash_broker.url, {"v1": v1}, db_url=pg_url)
     procs = Lab(tmp_path / "procs", mqtt_url=crash_broker.url, db_url=pg_url)
-    # a stable server id = a persistent session, as production runs it
-    procs.env.update(FLEET_HOME=str(lab.cfg.home), FLEET_TOPIC_PREFIX=lab.cfg.topic_prefix,
-                     FLEET_SERVER_ID=f"fleet-server-{uuid.uuid4().hex[:6]}")
+    # The server runs as `fleetctl server` does by default (no FLEET_SERVER_ID: a clean MQTT
+    # session), so after a broker restart nothing is queued for it until it has re-subscribed.
+    procs.env.update(FLEET_HOME=str(lab.cfg.home), FLEET_TOPIC_PREFIX=lab.cfg.topic_prefix)
+    procs.env.pop("FLEET_SERVER_ID", None)
     ids = [f"crash-{i:02d}" for i in range(DEVICES)]
     t0 = time.monotonic()
+    server = None
     try:
-        procs.start_server()
+        server = procs.start_server()
         for d in ids:
             procs.start_agent(d, {"hw": "cam"}, trusted_key=lab.cfg.public_key_path,
                               extra_env={"FLEET_AGENT_API_PORT": "0"})
@@ -122,11 +124,16 @@ def test_no_event_is_lost_and_the_rollout_completes_across_two_broker_sigkills(
         def healthy() -> int:
             return lab.status(rid)["counts"].get("healthy", 0)
 
-        # crash 1: the canary is in its trial, nothing healthy yet reached the server
+        # crash 1: the canary is in its trial. The server stalls (a GC pause, a slow host)
+        # and comes back only after the devices: what they report on reconnecting (the
+        # verdicts reached during the outage) the broker PUBACKs with nobody subscribed.
         lab.wait_for(lambda: lab.status(rid)["counts"].get("trial", 0) >= 2, 60, "canary trial")
+        os.kill(server.pid, signal.SIGSTOP)
         crash_broker.kill()
-        time.sleep(1.5)  # trials end and are reported while there is no broker
+        time.sleep(1.5)  # trials end while there is no broker
         crash_broker.start()
+        time.sleep(3.0)  # the agents reconnect (paho retries every 1-2 s) and report
+        os.kill(server.pid, signal.SIGCONT)
         # crash 2: later waves are downloading and reporting
         lab.wait_for(lambda: 4 <= healthy() < DEVICES and lab.status(rid)["current_wave"] >= 1,
                      60, "wave 2 under way")
@@ -134,7 +141,7 @@ def test_no_event_is_lost_and_the_rollout_completes_across_two_broker_sigkills(
         time.sleep(1.5)
         crash_broker.start()
 
-        data = lab.wait_state(rid, {"completed", "paused", "aborted", "failed"}, 90)
+        data = lab.wait_state(rid, {"completed", "paused", "aborted", "failed"}, 60)
         assert data["state"] == "completed", data
         assert all(t["state"] == "healthy" for t in data["targets"]), data["targets"]
         with lab.store.session() as s:
@@ -161,6 +168,8 @@ def test_no_event_is_lost_and_the_rollout_completes_across_two_broker_sigkills(
         print(f"{DEVICES} agents: rollout created after {started:.1f} s, completed "
               f"{time.monotonic() - t0 - started:.1f} s later across 2 broker SIGKILLs")
     finally:
+        if server is not None and server.poll() is None:
+            os.kill(server.pid, signal.SIGCONT)
         procs.close()
         lab.close()
 
