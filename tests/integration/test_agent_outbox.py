@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from deltafleet.shared import Event, SigningKey, Topics, decode
+from deltafleet.shared import Ack, Event, SigningKey, Topics, decode, encode
 
 from .mqtt_peer import Peer
 
@@ -61,7 +61,8 @@ class DiskBroker:
 
 
 class Recorder:
-    """The server's side of event delivery: a persistent MQTT session, QoS 1."""
+    """The server's side of event delivery: a persistent MQTT session, QoS 1, and an ack per
+    event once it is recorded (the agent's outbox keeps an event until then)."""
 
     def __init__(self, port: int) -> None:
         self.events: list[Event] = []
@@ -75,8 +76,11 @@ class Recorder:
         self.client.loop_start()
 
     def _on_message(self, client, userdata, msg) -> None:
+        ev = decode(Event, msg.payload)
         with self.lock:
-            self.events.append(decode(Event, msg.payload))
+            self.events.append(ev)
+        client.publish(Topics().ack(ev.device_id), encode(Ack(ev.device_id, (ev.event_id,))),
+                       qos=1)
 
     def snapshot(self) -> list[Event]:
         with self.lock:

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deltafleet.shared import (
+    Ack,
     ArtifactRef,
     ChunkRequest,
     DeltafleetError,
@@ -74,6 +75,7 @@ def _valid_wire() -> dict[str, dict[str, Any]]:
         "event": Event("e", "dev-1", None, None, "det", "v1", "healthy").to_wire(),
         "chunkreq": ChunkRequest("dev-1", SHA, (0, 1)).to_wire(),
         "status": Status("dev-1", True).to_wire(),
+        "ack": Ack("dev-1", ("e1", "e2")).to_wire(),
     }
 
 
@@ -115,7 +117,7 @@ def as_bytes(value: Any) -> bytes:
     return json.dumps(value, allow_nan=True).encode()
 
 
-DEVICE_MESSAGES = [Hello, Event, ChunkRequest, Status]
+DEVICE_MESSAGES = [Hello, Event, ChunkRequest, Status, Ack]  # Ack: server -> device
 
 
 # -- device -> server ---------------------------------------------------------------------------
@@ -132,10 +134,11 @@ def test_device_message_parsers_survive_arbitrary_json_objects(obj: dict, cls) -
 
 
 @FUZZ
-@given(st.data(), st.sampled_from(["hello", "event", "chunkreq", "status"]))
+@given(st.data(), st.sampled_from(["hello", "event", "chunkreq", "status", "ack"]))
 def test_device_message_parsers_survive_mutated_valid_messages(data: st.DataObject,
                                                                kind: str) -> None:
-    cls = {"hello": Hello, "event": Event, "chunkreq": ChunkRequest, "status": Status}[kind]
+    cls = {"hello": Hello, "event": Event, "chunkreq": ChunkRequest, "status": Status,
+           "ack": Ack}[kind]
     only_own_errors(decode, cls, as_bytes(data.draw(mutated(VALID[kind]))))
 
 
@@ -223,7 +226,7 @@ def test_topic_parsers_survive_arbitrary_topics(topic: str) -> None:
 def test_the_fuzzed_valid_messages_really_are_valid() -> None:
     """Sanity: the mutation bases parse, so mutations explore the neighbourhood of valid."""
     for kind, cls in [("hello", Hello), ("event", Event), ("chunkreq", ChunkRequest),
-                      ("status", Status)]:
+                      ("status", Status), ("ack", Ack)]:
         decode(cls, canonical_json(VALID[kind]))
     Manifest.from_wire(VALID["manifest"])
     assert verify_envelope(ONLINE.sign_bytes(VALID["manifest"]), [ONLINE.public_key])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deltafleet.shared import (
+    Ack,
     ArtifactRef,
     ChunkRequest,
     Event,
@@ -21,6 +22,7 @@ from deltafleet.shared import (
     sha256_bytes,
     verify_envelope,
 )
+from deltafleet.shared.messages import MAX_ACK_BYTES, MAX_ACK_IDS
 
 SHA_A = sha256_bytes(b"a")
 SHA_B = sha256_bytes(b"b")
@@ -99,6 +101,30 @@ def test_device_messages_round_trip():
     assert decode(Event, encode(ev)) == ev
     req = ChunkRequest("dev-1", SHA_A, (0, 3))
     assert decode(ChunkRequest, encode(req)) == req
+
+
+def test_an_ack_round_trips_and_a_full_one_fits_the_size_cap():
+    ack = Ack("dev-1", ("e1", "e2"))
+    assert decode(Ack, encode(ack)) == ack
+    full = Ack("dev-1", tuple(f"{i:064d}" for i in range(MAX_ACK_IDS)))
+    assert decode(Ack, encode(full), max_bytes=MAX_ACK_BYTES) == full
+    assert Topics("df/v1").ack("dev-1") == "df/v1/dev/dev-1/ack"
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"v":1,"type":"event","device_id":"d","event_ids":["e1"]}',  # not an ack
+    b'{"v":2,"type":"ack","device_id":"d","event_ids":["e1"]}',  # unknown version
+    b'{"v":1,"type":"ack","device_id":"d/#","event_ids":["e1"]}',
+    b'{"v":1,"type":"ack","device_id":"d","event_ids":"e1"}',
+    b'{"v":1,"type":"ack","device_id":"d","event_ids":[1]}',
+    b'{"v":1,"type":"ack","device_id":"d","event_ids":[""]}',
+    b'{"v":1,"type":"ack","device_id":"d","event_ids":["' + b"x" * 65 + b'"]}',
+    b'{"v":1,"type":"ack","device_id":"d","event_ids":[' + b",".join(
+        b'"e"' for _ in range(MAX_ACK_IDS + 1)) + b']}',
+])
+def test_invalid_acks_are_refused(payload):
+    with pytest.raises(WireError):
+        decode(Ack, payload)
 
 
 @pytest.mark.parametrize("payload", [

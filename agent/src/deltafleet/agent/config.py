@@ -93,6 +93,10 @@ class AgentConfig:
     outbox_backoff_min_s: float = 0.5
     outbox_backoff_max_s: float = 30.0
     outbox_max_messages: int = 10_000
+    # An entry sent but not acked by the server (after its database commit) is sent again
+    # after outbox_resend_after_s, doubled per try up to outbox_resend_max_s (jittered).
+    outbox_resend_after_s: float = 5.0
+    outbox_resend_max_s: float = 300.0
 
     def validate(self) -> AgentConfig:
         try:

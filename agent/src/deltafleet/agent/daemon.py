@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from deltafleet.shared import (
+    Ack,
     ChunkRequest,
     DeltafleetError,
     Event,
@@ -49,12 +50,13 @@ from deltafleet.shared import (
     Manifest,
     Status,
     Topics,
+    decode,
     encode,
     parse_json_object,
     sha256_file,
     trust_topic,
 )
-from deltafleet.shared.messages import MAX_HARDWARE_ID_CHARS
+from deltafleet.shared.messages import MAX_ACK_BYTES, MAX_HARDWARE_ID_CHARS
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, MqttSettings, Will
 
 from .codecs import ChunkSource, default_memory_cap_bytes
@@ -216,7 +218,9 @@ class Agent:
         self.outbox = Outbox(Path(cfg.state_dir) / "outbox", _MqttPublisher(self.mqtt),
                              base_backoff_s=cfg.outbox_backoff_min_s,
                              max_backoff_s=cfg.outbox_backoff_max_s,
-                             max_messages=cfg.outbox_max_messages)
+                             max_messages=cfg.outbox_max_messages,
+                             resend_after_s=cfg.outbox_resend_after_s,
+                             max_resend_s=cfg.outbox_resend_max_s)
         self.api: Any = None
         self._api_retry_at: float | None = 0.0 if cfg.api_port else None
 
@@ -271,6 +275,7 @@ class Agent:
             self.mqtt.subscribe(trust_topic(self.topics.prefix))
         self.mqtt.subscribe(self.topics.desired_filter(self.cfg.device_id))
         self.mqtt.subscribe(self.topics.server_status())
+        self.mqtt.subscribe(self.topics.ack(self.cfg.device_id))
         self.mqtt.start()
         self.outbox.start()
         log.info("agent %s started; broker %s", self.cfg.device_id, self.cfg.broker_url)
@@ -401,9 +406,12 @@ class Agent:
             log.warning("disconnected from broker; paho reconnects, reports wait in the outbox")
         elif topic == trust_topic(self.topics.prefix) and isinstance(self.trust, RootTrust):
             self.on_trust(payload)
+        elif topic == self.topics.ack(self.cfg.device_id):
+            self.on_ack(payload)
         elif topic == self.topics.server_status():
             if payload == b"online":
                 self.send_hello()  # a (re)started server has not heard our hello yet
+                self.outbox.resend_all()  # nor, maybe, the reports sent while it was away
         elif topic.startswith(f"{self.topics.prefix}/art/"):
             sha, index = self.topics.parse_chunk(topic)
             self.on_chunk(sha, index, payload)
@@ -425,6 +433,17 @@ class Agent:
                 del self.unverified[model]
                 self.on_manifest(model, held)
 
+    def on_ack(self, payload: bytes) -> None:
+        """The server committed these events: only now do they leave the outbox."""
+        try:
+            ack = decode(Ack, payload, max_bytes=MAX_ACK_BYTES)
+            if ack.device_id != self.cfg.device_id:
+                raise DeltafleetError(f"ack for device {ack.device_id} on our topic")
+        except DeltafleetError as e:
+            log.warning("ignoring an invalid ack: %s", e)
+            return
+        self.outbox.ack(ack.event_ids)
+
     def publish_status(self) -> None:
         did = self.cfg.device_id
         self.mqtt.publish(self.topics.status(did), encode(Status(did, True)), retain=True)
@@ -433,7 +452,7 @@ class Agent:
     def on_connected(self) -> None:
         self.publish_status()
         self.send_hello()
-        self.outbox.wake()
+        self.outbox.resend_all()  # what the broker took before may be lost: send it again
         for dl in self.downloads.values():
             self.request_missing(dl)
 

@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from deltafleet.shared import (
+    Ack,
     ChunkRequest,
     DeltafleetError,
     Event,
@@ -39,8 +40,10 @@ from deltafleet.shared import (
     Topics,
     WireError,
     decode,
+    encode,
     read_chunk,
 )
+from deltafleet.shared.messages import MAX_ACK_IDS, MAX_EVENT_ID_CHARS
 from deltafleet.shared.mqtt import CONNECTED, MqttClient, Will
 
 from . import registry
@@ -94,6 +97,7 @@ class ServerStats:
     messages: int = 0
     invalid_messages: int = 0
     duplicate_events: int = 0
+    acks_published: int = 0
     chunks_published: int = 0
     chunks_deduplicated: int = 0
     chunk_bytes_published: int = 0
@@ -306,6 +310,7 @@ class FleetServer:
         events = [m for _, m in items if isinstance(m, Event)]
         presence = {m.device_id: m.online for _, m in items if isinstance(m, Status)}
         now = utcnow()
+        received = events
         with self.store.session() as s:
             fresh = self._first_delivery(s, events, now)
             resend = self.controller.on_hellos(s, hellos, now)
@@ -317,6 +322,22 @@ class FleetServer:
                 self.controller.on_event(s, ev, now)
         self.stats.duplicate_events += len(events) - len(fresh)  # counted once committed
         self.publish(resend)
+        self.ack_events(received)
+
+    def ack_events(self, events: list[Event]) -> None:
+        """After the commit: tell each device which of its events are recorded (duplicates
+        too), one ack per device and batch. Its outbox deletes only acked events, so an event
+        the broker accepted but lost (a crash, a server not subscribed yet) is sent again."""
+        by_device: dict[str, dict[str, None]] = defaultdict(dict)
+        for ev in events:
+            if 0 < len(ev.event_id) <= MAX_EVENT_ID_CHARS:
+                by_device[ev.device_id][ev.event_id] = None
+        for device_id, ids in by_device.items():
+            order = list(ids)
+            for i in range(0, len(order), MAX_ACK_IDS):
+                self.mqtt.publish(self.topics.ack(device_id),
+                                  encode(Ack(device_id, tuple(order[i:i + MAX_ACK_IDS]))), qos=1)
+                self.stats.acks_published += 1
 
     def _first_delivery(self, s: Session, events: list[Event], now: datetime) -> list[Event]:
         """Drop events already applied (by event_id, durable in device_events) and record

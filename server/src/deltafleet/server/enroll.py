@@ -296,6 +296,7 @@ def render_acl(prefix: str, server_identities: str | Sequence[str]) -> str:
     lines += [f"pattern write {prefix}/dev/%u/{leaf}" for leaf in DEVICE_LEAVES_WRITE]
     lines += [
         f"pattern read {prefix}/dev/%u/desired/#",
+        f"pattern read {prefix}/dev/%u/ack",
         f"pattern read {prefix}/art/#",
         f"pattern read {prefix}/server/status",
         f"pattern read {prefix}/trust/#",

@@ -14,6 +14,7 @@ from .hashing import (
 )
 from .messages import (
     WIRE_VERSION,
+    Ack,
     ArtifactRef,
     ChunkRequest,
     Event,
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE_BYTES",
     "DEFAULT_PREFIX",
     "WIRE_VERSION",
+    "Ack",
     "ArtifactRef",
     "ChunkRequest",
     "DeltafleetError",

@@ -5,6 +5,8 @@ raises WireError on anything else, so a handler never sees a half-valid message.
 
 Manifest (server -> device, signed): the desired state of one model on one device.
 Hello, Event, ChunkRequest, Status (device -> server): unsigned JSON.
+Ack (server -> device): the event ids the server has durably recorded; the outbox deletes
+only those.
 """
 
 from __future__ import annotations
@@ -398,7 +400,37 @@ class Status:
         return cls(check_device_id(_get(d, "device_id", str)), _get(d, "online", bool))
 
 
-def encode(message: Hello | Event | ChunkRequest | Status | Manifest) -> bytes:
+MAX_ACK_IDS = 1000  # event ids in one ack; a larger batch goes out as several acks
+MAX_EVENT_ID_CHARS = 64  # the server stores event ids in a 64-character column
+MAX_ACK_BYTES = 96 * 1024  # a full ack (1000 ids of 64 characters) is ~68 KiB
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Server -> device, after the database commit: these event ids are recorded (first
+    delivery or duplicate alike), so the device may delete them from its outbox."""
+
+    device_id: str
+    event_ids: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": WIRE_VERSION, "type": "ack", "device_id": self.device_id,
+                "event_ids": list(self.event_ids)}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Ack:
+        _check_version(d)
+        if d.get("type") != "ack":
+            raise WireError("payload is not an ack")
+        ids = _get(d, "event_ids", list)
+        if len(ids) > MAX_ACK_IDS:
+            raise WireError(f"an ack carries at most {MAX_ACK_IDS} event ids, got {len(ids)}")
+        if not all(isinstance(i, str) and 0 < len(i) <= MAX_EVENT_ID_CHARS for i in ids):
+            raise WireError(f"event ids must be strings of 1-{MAX_EVENT_ID_CHARS} characters")
+        return cls(check_device_id(_get(d, "device_id", str)), tuple(ids))
+
+
+def encode(message: Hello | Event | ChunkRequest | Status | Manifest | Ack) -> bytes:
     return canonical_json(message.to_wire())
 
 

@@ -6,6 +6,7 @@
     {prefix}/dev/{device_id}/chunkreq   device -> server  chunk indices it still needs
     {prefix}/dev/{device_id}/desired/{model}
                                         server -> device  retained signed manifest (desired state)
+    {prefix}/dev/{device_id}/ack        server -> device  event ids committed to the database
     {prefix}/art/{sha256}/{index}       server -> devices artifact chunk, content-addressed
     {prefix}/server/status              server -> devices retained "online"/"offline"; devices
                                         send a fresh hello whenever it turns "online"
@@ -45,6 +46,9 @@ class Topics:
 
     def events(self, device_id: str) -> str:
         return self.dev(device_id, "events")
+
+    def ack(self, device_id: str) -> str:
+        return self.dev(device_id, "ack")
 
     def chunk_request(self, device_id: str) -> str:
         return self.dev(device_id, "chunkreq")
