@@ -94,6 +94,7 @@ def test_off_means_latency_is_not_judged_at_all():
     off = HealthPolicy(max_error_rate_ppm=1000, max_p95_ratio_pct=0, min_requests=20)
     v = evaluate(150, 0, off, final=True, pairs=[(1000, 10_000)] * 50)
     assert v is not None and v.ok and "latency not judged: off" in v.reason
+    assert v.note == "latency not judged: off"  # reported with the healthy event
     assert HealthPolicy.from_manifest({"max_p95_ratio_pct": -5}, POLICY).max_p95_ratio_pct == 0
 
 
@@ -102,7 +103,8 @@ def test_too_few_pairs_or_no_previous_model_passes_and_says_why():
     assert v is not None and v.ok and "6 latency pairs are too few" in v.reason
     v = evaluate(150, 0, POLICY, final=True, unjudged="the previous version was unloaded "
                  "for a cold swap")
-    assert v is not None and v.ok and "cold swap" in v.reason
+    assert v is not None and v.ok and "cold swap" in v.reason and "cold swap" in v.note
+    assert evaluate(150, 0, POLICY, final=True, pairs=SAME).note == ""  # judged: nothing to say
 
 
 def test_small_absolute_rise_is_below_the_slack_not_a_breach():

@@ -818,7 +818,8 @@ class Agent:
                 del self.pending[name]
 
     def _commit(self, m: Manifest, verdict: Verdict) -> None:
-        self.report(m, "healthy", sha256=m.target_sha256, health=verdict.figures)
+        self.report(m, "healthy", sha256=m.target_sha256, health=verdict.figures,
+                    reason=verdict.note)
         self.journal.clear(m.model)
         log.info("committed %s %s: %s", m.model, m.version, verdict.figures)
 

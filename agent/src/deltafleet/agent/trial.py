@@ -138,6 +138,7 @@ class Verdict:
     ok: bool
     reason: str
     figures: dict[str, int]
+    note: str = ""  # on a pass: what was not judged and why (reported with ``healthy``)
 
 
 def evaluate(requests: int, errors: int, policy: HealthPolicy, *, final: bool,
@@ -163,11 +164,13 @@ def evaluate(requests: int, errors: int, policy: HealthPolicy, *, final: bool,
     if requests < policy.min_requests and errors * 1_000_000 > policy.max_error_rate_ppm * requests:
         return Verdict(False, f"{errors}/{requests} requests failed", figures)
     if not policy.judges_latency:
-        return Verdict(True, "within policy (latency not judged: off)", figures)
+        return Verdict(True, "within policy (latency not judged: off)", figures,
+                       "latency not judged: off")
     cmp = compare_latency(pairs)
     if cmp is None:
         why = unjudged or f"{len(pairs)} latency pairs are too few for a bound"
-        return Verdict(True, f"within policy (latency not judged: {why})", figures)
+        return Verdict(True, f"within policy (latency not judged: {why})", figures,
+                       f"latency not judged: {why}")
     figures.update(cmp.figures())
     if cmp.ratio_low_pct > policy.max_p95_ratio_pct and cmp.rise_low_us > policy.p95_slack_us:
         return Verdict(False, f"latency {cmp.ratio_pct}% of the previous version's on the same "
