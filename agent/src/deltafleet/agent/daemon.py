@@ -70,6 +70,7 @@ from .errors import (
     UpdateRejected,
 )
 from .journal import Journal, Recovery, raw_manifest, reconcile
+from .latency import sample_pairs
 from .outbox import Outbox
 from .runtime import LoadedModel, available_runtimes, load_model
 from .serving import (
@@ -82,7 +83,7 @@ from .serving import (
     probe_feeds,
 )
 from .store import InstalledModel, LocalStore
-from .trial import HealthPolicy, Verdict, evaluate, p95
+from .trial import MIN_PAIRS, HealthPolicy, Verdict, evaluate
 from .trust import RootTrust, open_trust
 from .update import (
     MAX_MANIFEST_BYTES,
@@ -97,6 +98,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.1
 CRASH_STEPS = ("download", "patch", "stage", "activate", "trial", "commit", "rollback")
 PROBE_BUDGET_S = 5.0
+PAIR_BUDGET_S = 10.0  # longest the paired old/new latency probes of one trial take
 API_RETRY_S = 30.0  # longest the agent spends on golden/zero probes for one measurement
 MAX_DECODE_STARTS = 2  # decodes of one artifact the agent may die in before refusing it
 
@@ -156,10 +158,11 @@ class Trial:
     manifest: Manifest
     session: Session
     policy: HealthPolicy
-    baseline_p95_us: int
     ends_at: float  # monotonic
     previous: InstalledModel | None
     golden: list[Any] = field(default_factory=list)
+    partner: Session | None = None  # the previous version, kept loaded for paired probes
+    unjudged: str = ""  # why latency cannot be judged although the policy asks for it
 
 
 @dataclass
@@ -375,19 +378,15 @@ class Agent:
                 trial = rec.get("trial") or {}
                 previous = self.store.previous(model)
                 if rec["step"] == "activating" or not trial:
-                    baseline = int(rec.get("baseline_p95_us", 0))
                     window = float(m.trial_window_s)
                     self.journal.advance(model, "trial", trial={
-                        "ends_at": time.time() + window, "baseline_p95_us": baseline,
-                        "restarts": 0})
-                    self.report(m, "trial", sha256=m.target_sha256,
-                                health={"baseline_p95_us": baseline})
-                    self._start_trial(m, previous, baseline, window)
+                        "ends_at": time.time() + window, "restarts": 0})
+                    self.report(m, "trial", sha256=m.target_sha256)
+                    self._start_trial(m, previous, window)
                 else:
                     remaining = max(0.0, min(float(m.trial_window_s),
                                              float(trial.get("ends_at", 0)) - time.time()))
-                    self._start_trial(m, previous, int(trial.get("baseline_p95_us", 0)),
-                                      remaining)
+                    self._start_trial(m, previous, remaining)
             elif decision.action == "finish_commit":
                 self._commit(m, Verdict(True, "committed after restart",
                                         rec.get("verdict", {}).get("figures", {})))
@@ -635,7 +634,7 @@ class Agent:
             else:
                 path = self.store.model_path(m.target_sha256, m.format)
             previous = self.store.current(m.model)
-            session, baseline = self._swap_in(m, path)
+            session, kept = self._swap_in(m, path)
         except (UpdateRejected, ModelRuntimeError) as e:
             self.store.drop_download(m.artifact.sha256)
             self.journal.clear(m.model)
@@ -646,12 +645,11 @@ class Agent:
         log.info("now running %s %s (%s)", m.model, m.version, m.target_sha256[:12])
         window = float(m.trial_window_s)
         self.journal.advance(m.model, "trial", trial={
-            "ends_at": time.time() + window, "baseline_p95_us": baseline, "restarts": 0})
+            "ends_at": time.time() + window, "restarts": 0})
         self.report(m, "trial", sha256=m.target_sha256,
-                    bytes_received=m.artifact.size_bytes if chunks else 0, chunks_reused=reused,
-                    health={"baseline_p95_us": baseline})
+                    bytes_received=m.artifact.size_bytes if chunks else 0, chunks_reused=reused)
         self._crash_point("trial")
-        self._start_trial(m, previous, baseline, window, session=session)
+        self._start_trial(m, previous, window, session=session, kept=kept, may_load=False)
 
     def _decode_limits(self) -> dict[str, float]:
         cap = self.cfg.patch_memory_bytes
@@ -705,17 +703,6 @@ class Agent:
                 raise UpdateRejected(f"IO contract changed ({diff}) and the manifest does not "
                                      "allow it (allow_io_change)")
 
-    def _baseline(self, session: Session | None, policy: HealthPolicy, golden: list[Any]) -> int:
-        """p95 of the running version: live traffic when there is enough, else probes."""
-        if session is None:
-            return 0
-        _, _, lat = session.stats.snapshot()
-        lat = lat[-1000:]
-        if len(lat) >= policy.min_requests:
-            return p95(lat)
-        samples = self._probe(session.model, golden, policy.min_requests, None)
-        return p95(samples)
-
     def _probe(self, model: LoadedModel, golden: list[Any], n: int,
                session: Session | None) -> list[int]:
         """Run ``n`` golden/zero inferences (bounded in time); count them on ``session``."""
@@ -746,13 +733,13 @@ class Agent:
         need = self.cfg.swap_memory_factor * path.stat().st_size
         return "cold" if free is not None and free < need else "warm"
 
-    def _swap_in(self, m: Manifest, path: Path) -> tuple[Session, int]:
-        """Load, check and warm the new model, then flip to it (warm or cold swap)."""
+    def _swap_in(self, m: Manifest, path: Path) -> tuple[Session, Session | None]:
+        """Load, check and warm the new model, then flip to it (warm or cold swap). Returns
+        the new session and, after a warm swap, the previous one, still loaded (the trial
+        compares the two, see ``_pairing_partner``; the caller closes it)."""
         golden = self._golden(m)
-        policy = HealthPolicy.from_manifest(m.health_policy, self.defaults)
         old = self.serving.current(m.model)
         old_sig = io_signature(old.model) if old is not None else None
-        baseline = self._baseline(old, policy, golden)
         new_inst = InstalledModel(m.model, m.version, m.target_sha256, m.variant, m.format,
                                   m.serial, m.manifest_id)
 
@@ -768,11 +755,11 @@ class Agent:
 
         if self._swap_mode(path) == "warm" or old is None:
             model = prepare()
-            self.journal.advance(m.model, "activating", baseline_p95_us=baseline)
+            self.journal.advance(m.model, "activating")
             self.store.activate(new_inst)
             self._crash_point("activate")
-            session = self.serving.install(m.model, model, m.version, m.target_sha256)
-            return session, baseline
+            session = Session(model, m.version, m.target_sha256)
+            return session, self.serving.slot(m.model).flip(session)
         # Cold: not enough memory for both. Requests are held (not failed) during the gap.
         log.info("cold swap of %s: unloading %s first", m.model, old.version)
         slot = self.serving.slot(m.model)
@@ -789,46 +776,90 @@ class Agent:
                     slot.flip(Session(self._load_verified(prev_inst), prev_inst.version,
                                       prev_inst.sha256))
                 raise
-            self.journal.advance(m.model, "activating", baseline_p95_us=baseline)
+            self.journal.advance(m.model, "activating")
             self.store.activate(new_inst)
             self._crash_point("activate")
             session = Session(model, m.version, m.target_sha256)
             slot.flip(session)
-            return session, baseline
+            return session, None
         finally:
             slot.open_gap()
 
     # -- trial -----------------------------------------------------------------------------
-    def _start_trial(self, m: Manifest, previous: InstalledModel | None, baseline: int,
-                     window_s: float, *, session: Session | None = None) -> None:
+    def _start_trial(self, m: Manifest, previous: InstalledModel | None, window_s: float, *,
+                     session: Session | None = None, kept: Session | None = None,
+                     may_load: bool = True) -> None:
         session = session or self.serving.current(m.model)
         if session is None:
+            if kept is not None:
+                kept.drain_and_close()
             self.journal.advance(m.model, "rolling_back", verdict={
                 "reason": "new model is not loaded", "figures": {}})
             self._roll_back(m, Verdict(False, "new model is not loaded", {}))
             return
         policy = HealthPolicy.from_manifest(m.health_policy, self.defaults)
-        trial = Trial(m, session, policy, baseline, time.monotonic() + window_s, previous,
-                      self._golden(m))
+        partner, unjudged = self._pairing_partner(policy, session, kept, previous,
+                                                  may_load=may_load)
+        trial = Trial(m, session, policy, time.monotonic() + window_s, previous,
+                      self._golden(m), partner, unjudged)
         self.trials[m.model] = trial
         if window_s <= 0:
             self._judge(m.model, trial, final=True)
 
+    def _pairing_partner(self, policy: HealthPolicy, new: Session, kept: Session | None,
+                         previous: InstalledModel | None, *,
+                         may_load: bool) -> tuple[Session | None, str]:
+        """The previous version, loaded beside the new one for the trial's paired latency
+        probes (``kept`` from a warm swap, or loaded now after a restart when memory allows
+        it, by the swap's own rule); else None and why latency cannot be judged."""
+        why = ""
+        if not policy.judges_latency:
+            why = "off"
+        elif kept is None:
+            if previous is None:
+                why = "no previous version to compare with"
+            elif not may_load:
+                why = "the previous version was unloaded for a cold swap"
+            elif self._swap_mode(self.store.model_path(previous.sha256,
+                                                       previous.format)) != "warm":
+                why = "not enough memory to load the previous version beside the new one"
+            else:
+                try:
+                    kept = Session(self._load_verified(previous), previous.version,
+                                   previous.sha256)
+                except ModelRuntimeError as e:
+                    why = f"the previous version does not load: {e}"
+        if kept is not None and not why and io_difference(io_signature(kept.model),
+                                                          io_signature(new.model)):
+            why = "the IO contract changed"
+        if why and kept is not None:
+            kept.drain_and_close()
+            kept = None
+        return kept, why
+
     def _judge(self, name: str, trial: Trial, *, final: bool) -> None:
         stats = trial.session.stats
+        pairs: list[tuple[int, int]] = []
         if final:
+            if trial.partner is not None:  # interleaved old/new calls on the same inputs
+                pairs = sample_pairs(trial.partner.model, trial.session.model,
+                                     probe_feeds(trial.session.model, trial.golden),
+                                     max(trial.policy.min_requests, MIN_PAIRS),
+                                     budget_s=PAIR_BUDGET_S, on_new=stats.record)
             requests, _, _ = stats.snapshot()
             if requests < trial.policy.min_requests:
                 self._probe(trial.session.model, trial.golden,
                             trial.policy.min_requests - requests, trial.session)
-        requests, errors, lat = stats.snapshot()
-        verdict = evaluate(requests, errors, lat, trial.baseline_p95_us, trial.policy,
-                           final=final)
+        requests, errors, _ = stats.snapshot()
+        verdict = evaluate(requests, errors, trial.policy, final=final, pairs=pairs,
+                           unjudged=trial.unjudged)
         if verdict is None:
             return
         del self.trials[name]
         m = trial.manifest
         if verdict.ok:
+            if trial.partner is not None:
+                trial.partner.drain_and_close()
             self.journal.advance(name, "committing", verdict={"reason": verdict.reason,
                                                               "figures": verdict.figures})
             self._crash_point("commit")
@@ -839,7 +870,7 @@ class Agent:
             self.journal.advance(name, "rolling_back", verdict={"reason": verdict.reason,
                                                                 "figures": verdict.figures})
             self._crash_point("rollback")
-            self._roll_back(m, verdict)
+            self._roll_back(m, verdict, loaded=trial.partner)
         pending = self.pending.get(name)
         if pending is not None:  # still known (accepted) while it is handled
             self.on_manifest(name, pending[1])
@@ -847,19 +878,25 @@ class Agent:
                 del self.pending[name]
 
     def _commit(self, m: Manifest, verdict: Verdict) -> None:
-        self.report(m, "healthy", sha256=m.target_sha256, health=verdict.figures)
+        self.report(m, "healthy", sha256=m.target_sha256, health=verdict.figures,
+                    reason=verdict.note)
         self.journal.clear(m.model)
         log.info("committed %s %s: %s", m.model, m.version, verdict.figures)
 
-    def _roll_back(self, m: Manifest, verdict: Verdict) -> None:
-        """Put the previous model back in service (warm when memory allows), then report."""
+    def _roll_back(self, m: Manifest, verdict: Verdict, *, loaded: Session | None = None) -> None:
+        """Put the previous model back in service (warm when memory allows, at once when the
+        trial kept it ``loaded``), then report."""
         self.trials.pop(m.model, None)
         current = self.store.current(m.model)
         if current is not None and current.sha256 == m.target_sha256:
             prev = self.store.previous(m.model)
             if prev is not None:
                 path = self.store.model_path(prev.sha256, prev.format)
-                if self._swap_mode(path) == "warm":
+                if loaded is not None and loaded.sha256 == prev.sha256:
+                    self.store.rollback(m.model, m.manifest_id)
+                    self.serving.install(m.model, loaded.model, prev.version, prev.sha256)
+                    loaded = None
+                elif self._swap_mode(path) == "warm":
                     model = self._load_verified(prev)
                     self.store.rollback(m.model, m.manifest_id)
                     self.serving.install(m.model, model, prev.version, prev.sha256)
@@ -874,6 +911,8 @@ class Agent:
                     old.drain_and_close()
         else:
             self.store.mark_failed(m.model, m.manifest_id, m.serial)
+        if loaded is not None:
+            loaded.drain_and_close()
         now = self.store.current(m.model)
         self.report(m, "rolled_back", reason=verdict.reason, sha256=now.sha256 if now else None,
                     health=verdict.figures)

@@ -4,7 +4,7 @@
 
     {"step": ..., "manifest": <signed envelope, base64>, "manifest_id": ..., "target_sha256": ...,
      "previous_sha256": <sha that ran before, or null>, "updated_at": unix s,
-     "trial": {"ends_at": unix s, "baseline_p95_us": int, "restarts": int} | absent,
+     "trial": {"ends_at": unix s, "restarts": int} | absent,
      "verdict": {"reason": str, "figures": {...}} | absent}
 
 Steps and legal transitions (each write is temp + fsync + rename + fsync dir)::

@@ -3,18 +3,37 @@
 The manifest's ``health_policy`` (integers) sets the bar:
 
     max_error_rate_ppm   errors per million requests allowed during the trial
-    max_p95_ratio_pct    new p95 latency at most this % of the previous version's p95 (0 = off)
+    max_p95_ratio_pct    latency bar: the new version at most this % of the previous one's
+                         latency on the same inputs (0 or less = latency not judged)
     min_requests         fewest samples to judge on; the agent tops up with golden/zero probes
-    p95_slack_us         (optional) a p95 rise smaller than this is never a breach (timer noise)
+    p95_slack_us         (optional) a latency rise smaller than this is never a breach
 
 Missing keys take the agent's defaults (``AgentConfig.trial_*``).
+
+Latency is judged on *paired* samples, never on figures taken at different times: the agent
+keeps the previous model loaded during the trial and, at the end of the window, runs the
+previous and the new model back to back on the same input (alternating which goes first), so
+both see the same CPU load (see ``latency.sample_pairs``). Per pair it forms the ratio
+new/old and the rise new - old. A busy CPU stretches single calls, which spreads these values
+in both directions, but it hardly moves their median, and a wider spread only lowers the
+confidence bound. The verdict is a breach only when the one-sided lower confidence bound
+(``LATENCY_CONFIDENCE``) of the median ratio exceeds ``max_p95_ratio_pct`` *and* the lower
+bound of the median rise exceeds ``p95_slack_us``. The bound is distribution-free (a sign
+test: the k-th smallest of n values, with k from the Binomial(n, 1/2) tail), so it needs no
+assumption about the shape of the noise. The key keeps its historical name (``p95``): the
+policy value is the allowed slowdown; how it is measured is described here and in
+docs/agent.md.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+LATENCY_CONFIDENCE = 0.99  # one-sided, for the median ratio and rise of paired latencies
+MIN_PAIRS = 50  # pairs the agent asks for (at least min_requests); fewer if its budget ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +48,17 @@ class HealthPolicy:
         d = defaults or cls()
         return cls(
             max_error_rate_ppm=int(policy.get("max_error_rate_ppm", d.max_error_rate_ppm)),
-            max_p95_ratio_pct=int(policy.get("max_p95_ratio_pct", d.max_p95_ratio_pct)),
+            max_p95_ratio_pct=max(0, int(policy.get("max_p95_ratio_pct", d.max_p95_ratio_pct))),
             min_requests=max(1, int(policy.get("min_requests", d.min_requests))),
             p95_slack_us=int(policy.get("p95_slack_us", d.p95_slack_us)),
         )
 
+    @property
+    def judges_latency(self) -> bool:
+        return self.max_p95_ratio_pct > 0
 
-def p95(latencies_us: list[int]) -> int:
+
+def p95(latencies_us: Sequence[int]) -> int:
     """Nearest-rank 95th percentile; 0 for no samples."""
     if not latencies_us:
         return 0
@@ -43,19 +66,91 @@ def p95(latencies_us: list[int]) -> int:
     return int(ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)])
 
 
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median of no values")
+    mid = n // 2
+    return float(ordered[mid]) if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def lower_bound_rank(n: int, confidence: float = LATENCY_CONFIDENCE) -> int | None:
+    """0-based index k into n sorted values whose value is a one-sided lower confidence
+    bound for the median: sorted[k] exceeds the median only when at most k of the n values
+    lie below it, which has probability P(Binomial(n, 1/2) <= k) <= 1 - confidence. The largest
+    such k; None when n is too small for any bound (2**-n > 1 - confidence)."""
+    alpha = 1.0 - confidence
+    total = 2 ** n
+    k, tail = -1, 0
+    while k + 1 < n:
+        nxt = tail + math.comb(n, k + 1)
+        if nxt / total > alpha:
+            break
+        k, tail = k + 1, nxt
+    return k if k >= 0 else None
+
+
+def median_lower_bound(values: Sequence[float],
+                       confidence: float = LATENCY_CONFIDENCE) -> float | None:
+    """Distribution-free lower confidence bound of the median of ``values`` (sign test)."""
+    k = lower_bound_rank(len(values), confidence)
+    return None if k is None else float(sorted(values)[k])
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyComparison:
+    """New against previous version on interleaved pairs of calls (figures in us or %)."""
+
+    pairs: int
+    ratio_pct: int  # median of new/old per pair
+    ratio_low_pct: int  # its lower confidence bound
+    rise_us: int  # median of new - old per pair
+    rise_low_us: int  # its lower confidence bound
+    old_p95_us: int
+    new_p95_us: int
+
+    def figures(self) -> dict[str, int]:
+        return {"pairs": self.pairs, "latency_ratio_pct": self.ratio_pct,
+                "latency_ratio_low_pct": self.ratio_low_pct, "latency_rise_us": self.rise_us,
+                "latency_rise_low_us": self.rise_low_us, "p95_us": self.new_p95_us,
+                "baseline_p95_us": self.old_p95_us}
+
+
+def compare_latency(pairs: Sequence[tuple[int, int]],
+                    confidence: float = LATENCY_CONFIDENCE) -> LatencyComparison | None:
+    """Compare ``(old_us, new_us)`` pairs; None when they are too few for a bound."""
+    ratios = [new / max(old, 1) for old, new in pairs]
+    rises = [float(new - old) for old, new in pairs]
+    ratio_low = median_lower_bound(ratios, confidence)
+    rise_low = median_lower_bound(rises, confidence)
+    if ratio_low is None or rise_low is None:
+        return None
+    return LatencyComparison(
+        pairs=len(pairs), ratio_pct=round(100 * median(ratios)),
+        ratio_low_pct=math.floor(100 * ratio_low), rise_us=round(median(rises)),
+        rise_low_us=math.floor(rise_low), old_p95_us=p95([o for o, _ in pairs]),
+        new_p95_us=p95([n for _, n in pairs]))
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     ok: bool
     reason: str
     figures: dict[str, int]
+    note: str = ""  # on a pass: what was not judged and why (reported with ``healthy``)
 
 
-def evaluate(requests: int, errors: int, latencies_us: list[int], baseline_p95_us: int,
-             policy: HealthPolicy, *, final: bool) -> Verdict | None:
-    """Judge a trial. Returns None while undecided (not ``final`` and no breach yet)."""
+def evaluate(requests: int, errors: int, policy: HealthPolicy, *, final: bool,
+             pairs: Sequence[tuple[int, int]] = (), unjudged: str = "") -> Verdict | None:
+    """Judge a trial. Returns None while undecided (not ``final`` and no breach yet).
+
+    ``requests``/``errors`` count every call on the new version (applications' requests and
+    the agent's probes); ``pairs`` are ``(old_us, new_us)`` latencies of interleaved calls on
+    the same inputs. ``unjudged`` says why there are no pairs although the policy judges
+    latency (it goes into the reason of a passing verdict)."""
     figures: dict[str, Any] = {
-        "requests": requests, "errors": errors, "p95_us": p95(latencies_us),
-        "baseline_p95_us": baseline_p95_us,
+        "requests": requests, "errors": errors,
         "error_rate_ppm": (errors * 1_000_000 // requests) if requests else 0,
     }
     if requests >= policy.min_requests and figures["error_rate_ppm"] > policy.max_error_rate_ppm:
@@ -68,10 +163,19 @@ def evaluate(requests: int, errors: int, latencies_us: list[int], baseline_p95_u
         return Verdict(False, "no request could be judged", figures)
     if requests < policy.min_requests and errors * 1_000_000 > policy.max_error_rate_ppm * requests:
         return Verdict(False, f"{errors}/{requests} requests failed", figures)
-    if policy.max_p95_ratio_pct > 0 and baseline_p95_us > 0:
-        limit = baseline_p95_us * policy.max_p95_ratio_pct // 100
-        new = figures["p95_us"]
-        if new > limit and new - baseline_p95_us > policy.p95_slack_us:
-            return Verdict(False, f"p95 latency {new} us > {policy.max_p95_ratio_pct}% of the "
-                                  f"previous version's {baseline_p95_us} us", figures)
+    if not policy.judges_latency:
+        return Verdict(True, "within policy (latency not judged: off)", figures,
+                       "latency not judged: off")
+    cmp = compare_latency(pairs)
+    if cmp is None:
+        why = unjudged or f"{len(pairs)} latency pairs are too few for a bound"
+        return Verdict(True, f"within policy (latency not judged: {why})", figures,
+                       f"latency not judged: {why}")
+    figures.update(cmp.figures())
+    if cmp.ratio_low_pct > policy.max_p95_ratio_pct and cmp.rise_low_us > policy.p95_slack_us:
+        return Verdict(False, f"latency {cmp.ratio_pct}% of the previous version's on the same "
+                              f"inputs (at least {cmp.ratio_low_pct}% at "
+                              f"{LATENCY_CONFIDENCE:.0%} confidence) > "
+                              f"{policy.max_p95_ratio_pct}% allowed; {cmp.pairs} interleaved "
+                              f"pairs, p95 {cmp.new_p95_us} us vs {cmp.old_p95_us} us", figures)
     return Verdict(True, "within policy", figures)

@@ -71,12 +71,25 @@ def parse_rate(text: str) -> int:
     return int(float(m.group(1)) * unit)
 
 
-def parse_pct_any(text: str, what: str) -> float:
-    """A percentage that may exceed 100 (e.g. a latency ratio of 150%)."""
+LATENCY_OFF = ("off", "0", "0%")
+
+
+def parse_latency_ratio(text: str, what: str = "--max-p95-ratio") -> int:
+    """The trial's latency bar as a whole percentage of the previous version's latency:
+    '150%' / '150' -> 150; 'off', '0' or '0%' -> 0 (latency not judged). Below 100% would
+    roll back a model exactly as fast as the previous one, so it is refused."""
+    if (text or "").strip().lower() in LATENCY_OFF:
+        return 0
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%?\s*", text or "")
-    if not m or float(m.group(1)) <= 0:
-        raise UsageError(f"invalid {what} {text!r}: use a percentage such as 150%")
-    return float(m.group(1))
+    if not m:
+        raise UsageError(f"invalid {what} {text!r}: use a percentage such as 150%, or off")
+    value = float(m.group(1))
+    if value == 0:
+        return 0
+    if value < 100:
+        raise UsageError(f"{what} {text!r} would roll back a model as fast as the previous "
+                         "one: use at least 100%, or off")
+    return math.floor(value)
 
 
 def parse_pct(text: str, what: str) -> float:
@@ -99,11 +112,12 @@ class RolloutPolicy:
     state_timeout_s: int = 600  # notified (while online) / downloading / applying / trial
     bandwidth_bytes_per_s: int | None = None  # cap on chunk bytes the server publishes
     allow_io_change: bool = False  # devices accept a model whose inputs/outputs differ
-    # Trial limits sent to devices. The p95 slack keeps timer noise on fast models (sub-ms
-    # inference on a busy CPU jitters by milliseconds) from rolling back a good version.
+    # Trial limits sent to devices. Devices judge latency on interleaved old/new calls with
+    # a confidence bound (docs/agent.md), so a busy CPU does not need a big slack; the slack
+    # only keeps sub-millisecond rises of tiny models from counting. max_p95_ratio_pct 0 = off.
     health: dict[str, int] = field(default_factory=lambda: {
         "max_error_rate_ppm": 10_000, "max_p95_ratio_pct": 150, "min_requests": 50,
-        "p95_slack_us": 5_000})
+        "p95_slack_us": 1_000})
 
     def __post_init__(self) -> None:
         if self.on_failure not in ON_FAILURE:

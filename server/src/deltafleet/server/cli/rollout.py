@@ -19,8 +19,8 @@ from rich.table import Table
 from ..policy import (
     RolloutPolicy,
     parse_duration,
+    parse_latency_ratio,
     parse_pct,
-    parse_pct_any,
     parse_rate,
     parse_waves,
 )
@@ -89,9 +89,10 @@ def rollout_model(
     max_error_rate: Annotated[str, typer.Option(
         "--max-error-rate", help="trial: errors allowed on a device, % of its requests")] = "1%",
     max_p95_ratio: Annotated[str, typer.Option(
-        "--max-p95-ratio", help="trial: new p95 latency allowed, % of the previous version's")] = "150%",
+        "--max-p95-ratio", help="trial: new latency allowed, % of the previous version's on "
+        "the same inputs (judged with a confidence bound); off or 0 = latency not judged")] = "150%",
     p95_slack_ms: Annotated[float, typer.Option(
-        "--p95-slack-ms", help="trial: p95 rises smaller than this never count")] = 5.0,
+        "--p95-slack-ms", help="trial: latency rises smaller than this never count")] = 1.0,
     max_concurrent: Annotated[int | None, typer.Option(
         "--max-concurrent", help="devices updating at once")] = None,
     max_attempts: Annotated[int, typer.Option(
@@ -120,7 +121,7 @@ def rollout_model(
         bandwidth_bytes_per_s=parse_rate(bandwidth) if bandwidth else None,
         allow_io_change=allow_io_change,
         health={"max_error_rate_ppm": int(parse_pct(max_error_rate, "--max-error-rate") * 10_000),
-                "max_p95_ratio_pct": int(parse_pct_any(max_p95_ratio, "--max-p95-ratio")),
+                "max_p95_ratio_pct": parse_latency_ratio(max_p95_ratio),
                 "min_requests": 50, "p95_slack_us": int(p95_slack_ms * 1000)},
     )
     with open_store() as store:
