@@ -385,7 +385,8 @@ class Agent:
                     rec = self._advance_soft(model, "rolling_back", verdict=verdict) or dict(
                         rec, verdict=verdict)
                 if current is not None and current.sha256 == m.target_sha256:
-                    # never load the failed model (in memory only if state.json cannot be written)
+                    # never load the failed model (if state.json cannot be written, it is
+                    # loaded, then swapped out again by the rollback in recover())
                     self._soft("roll state.json back", self.store.rollback, model, m.manifest_id)
             self.recovering.add(m.manifest_id)
             plans.append((m, rec, decision))
@@ -700,16 +701,17 @@ class Agent:
         for sha in self.store.drop_downloads_except(keep):
             log.info("removed the leftover chunks of artifact %s", sha[:12])
 
-    def _soft(self, what: str, fn: Any, *args: Any) -> Any:
+    def _soft(self, what: str, fn: Any, *args: Any) -> bool:
         """Run a durable write whose failure for disk space must not stop the step (rollback,
-        failure marks): logged; the journal finishes it after a restart."""
+        failure marks); False (logged) if it could not be written."""
         try:
-            return fn(*args)
+            fn(*args)
         except OSError as e:
             if not is_no_space(e):
                 raise
-            log.error("disk full: could not %s (%s); going on in memory", what, e.strerror)
-            return None
+            log.error("disk full: could not %s (%s); going on", what, e.strerror)
+            return False
+        return True
 
     def _advance_soft(self, model: str, step: str, **extra: Any) -> dict[str, Any] | None:
         """Advance the journal after activation; on ENOSPC/EDQUOT the record stays a step behind
@@ -994,6 +996,7 @@ class Agent:
     def _roll_back(self, m: Manifest, verdict: Verdict) -> None:
         """Put the previous model back in service (warm when memory allows), then report."""
         self.trials.pop(m.model, None)
+        durable = True
         current = self.store.current(m.model)
         if current is not None and current.sha256 == m.target_sha256:
             prev = self.store.previous(m.model)
@@ -1001,25 +1004,31 @@ class Agent:
                 path = self.store.model_path(prev.sha256, prev.format)
                 if self._swap_mode(path) == "warm":
                     model = self._load_verified(prev)
-                    self._soft("roll state.json back", self.store.rollback, m.model,
-                               m.manifest_id)
+                    durable = self._soft("roll state.json back", self.store.rollback,
+                                         m.model, m.manifest_id)
                     self.serving.install(m.model, model, prev.version, prev.sha256)
                 else:
                     self.serving.install_cold(m.model, lambda: self._load_verified(prev),
                                               prev.version, prev.sha256)
-                    self._soft("roll state.json back", self.store.rollback, m.model,
-                               m.manifest_id)
+                    durable = self._soft("roll state.json back", self.store.rollback,
+                                         m.model, m.manifest_id)
             else:  # first install failed its trial: nothing to go back to but the fallback
                 old = self.serving.slot(m.model).flip(None)
-                self._soft("roll state.json back", self.store.rollback, m.model, m.manifest_id)
+                durable = self._soft("roll state.json back", self.store.rollback, m.model,
+                                     m.manifest_id)
                 if old is not None:
                     old.drain_and_close()
         else:
-            self._soft("mark the manifest failed", self.store.mark_failed, m.model,
-                       m.manifest_id, m.serial)
-        now = self.store.current(m.model)
+            durable = self._soft("mark the manifest failed", self.store.mark_failed, m.model,
+                                 m.manifest_id, m.serial)
+        # what runs now (state.json; what serves if state.json could not be written)
+        now = self.store.current(m.model) if durable else self.serving.current(m.model)
         self.report(m, "rolled_back", reason=verdict.reason, sha256=now.sha256 if now else None,
                     health=verdict.figures)
+        if not durable:  # state.json still names the failed model: a restart must finish this
+            log.error("rollback of %s done in memory only; the journal finishes it at the next "
+                      "restart", m.model)
+            return
         self.journal.clear(m.model)
         self._journal_behind.discard(m.model)
 
