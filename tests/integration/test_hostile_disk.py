@@ -74,12 +74,11 @@ def fill(directory: Path, leave_bytes: int = 0) -> Path:
     ``leave_bytes``."""
     filler = directory / "filler"
     block = b"\xff" * (64 << 10)
-    with open(filler, "ab") as f:
+    with open(filler, "ab", buffering=0) as f:
         while shutil.disk_usage(directory).free > leave_bytes:
             room = shutil.disk_usage(directory).free - leave_bytes
             try:
                 f.write(block[:max(4096, min(len(block), room))])
-                f.flush()
             except OSError as e:
                 assert e.errno == errno.ENOSPC
                 break
@@ -100,6 +99,10 @@ def wait_for(predicate, timeout_s: float, what: str):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.1)
+
+
+def chunk_files(state: Path) -> list[Path]:
+    return [p for p in (state / "downloads").glob("*/*") if p.name.isdigit()]
 
 
 def leftovers(state: Path) -> list[str]:
@@ -166,7 +169,8 @@ def test_disk_filled_mid_download_is_survived_and_the_update_finishes_when_space
     fillers: list[Path] = []
 
     def fill_before_chunk_5(index: int, data: bytes) -> bytes | None:
-        if index == 5 and not fillers:
+        if index == 5 and not fillers:  # (on the peer's thread: chunk 5 waits for this)
+            wait_for(lambda: len(chunk_files(state)) >= 5, 60, "chunks 0-4 on the device")
             fillers.append(fill(state))  # the disk is full from chunk 5 on
         return None
 
@@ -179,6 +183,9 @@ def test_disk_filled_mid_download_is_survived_and_the_update_finishes_when_space
                  "the agent to hit the full disk")
         assert proc.poll() is None
         assert serves(port, "v1")  # local inference goes on, on the current model
+        # the outbox could not store the report either: it waits in memory, said in the log
+        wait_for(lambda: "kept in memory, not in the outbox" in lab.log("agent-dev-1"), 30,
+                 "the agent to say it holds the report in memory")
         fetched = len(peer.requests)
         time.sleep(2)  # (no progress is expected; the download waits for space)
         assert len(peer.requests) == fetched
