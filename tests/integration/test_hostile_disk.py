@@ -25,7 +25,7 @@ from deltafleet.agent.client import AgentClient
 from deltafleet.shared import SigningKey, sha256_file
 from tests.conftest import missing
 
-from .mqtt_peer import Peer
+from .mqtt_peer import CHUNK, Peer
 
 pytestmark = pytest.mark.broker
 
@@ -200,6 +200,50 @@ def test_disk_filled_mid_download_is_survived_and_the_update_finishes_when_space
         resumed = [e for e in said if e.state == "downloading"][-1]
         assert resumed.chunks_reused >= 5  # the chunks written before the disk filled
         assert proc.poll() is None
+        wait_for(lambda: serves(port, "v2"), 30, "v2 to answer")
+        assert leftovers(state) == []
+    finally:
+        peer.close()
+        for f in fillers:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+
+
+def test_disk_filled_before_the_target_is_written_keeps_the_chunks_and_installs_later(
+        lab, key, models) -> None:
+    signing, pub = key
+    v1, v2 = models
+    state = lab.agent_dir("dev-1")
+    total = -(-v2.stat().st_size // CHUNK)
+    last = v2.stat().st_size - (total - 1) * CHUNK
+    peer = Peer(lab.mqtt_url, signing)
+    fillers: list[Path] = []
+
+    def fill_before_the_last_chunk(index: int, data: bytes) -> bytes | None:
+        if index == total - 1 and not fillers:
+            wait_for(lambda: len(chunk_files(state)) >= total - 1, 60, "all but one chunk")
+            # room for the last chunk, the journal and a report; not for the 1 MB target
+            fillers.append(fill(state, leave_bytes=-(-last // 4096) * 4096 + (64 << 10)))
+        return None
+
+    try:
+        proc = start_on_v1(lab, peer, pub, v1)
+        port = lab.api_ports["dev-1"]
+        peer.tamper = fill_before_the_last_chunk
+        m2 = peer.offer("dev-1", "detector", "v2", v2, serial=2)
+        ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
+                             and e.state == "failed", 60)
+        assert ev.reason.startswith("disk full writing the target"), ev.reason
+        assert ev.sha256 == sha256_file(v1)
+        assert proc.poll() is None and serves(port, "v1")
+        assert len(chunk_files(state)) == total  # the verified artifact waits on disk
+        asked = len(peer.requests)
+
+        fillers[0].unlink()
+        ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
+                             and e.state in ("healthy", "rolled_back"), 90)
+        assert ev.state == "healthy", ev.reason
+        assert len(peer.requests) == asked  # nothing fetched again
         wait_for(lambda: serves(port, "v2"), 30, "v2 to answer")
         assert leftovers(state) == []
     finally:
