@@ -28,7 +28,8 @@ FLEET_AGENT_STATE_DIR, FLEET_AGENT_TRUSTED_KEYS (comma-separated paths), FLEET_A
 (``k=v,k=v``), FLEET_AGENT_ACCELERATOR, FLEET_AGENT_HARDWARE_ID, FLEET_TOPIC_PREFIX,
 FLEET_AGENT_API_PORT, FLEET_AGENT_SWAP_MODE, FLEET_AGENT_FALLBACK (``model=path,...``),
 FLEET_AGENT_MQTT_CA_FILE, FLEET_AGENT_MQTT_CERT_FILE, FLEET_AGENT_MQTT_KEY_FILE,
-FLEET_AGENT_ROOT_OF_TRUST, FLEET_AGENT_TRUST_BUNDLE, FLEET_AGENT_HEARTBEAT_S.
+FLEET_AGENT_ROOT_OF_TRUST, FLEET_AGENT_TRUST_BUNDLE, FLEET_AGENT_HEARTBEAT_S,
+FLEET_AGENT_DISK_MARGIN_BYTES, FLEET_AGENT_DISK_RETRY_S.
 See docs/agent.md for every key.
 """
 
@@ -68,6 +69,11 @@ class AgentConfig:
     chunk_retry_s: float = 3.0  # re-request missing chunks after this long without progress
     download_timeout_s: float = 600.0
     max_artifact_bytes: int = 4 << 30
+    # Free space: a download starts only if artifact + target + this margin fit the state
+    # directory's filesystem (the margin keeps room for the journal, state.json, the outbox).
+    # Too little space, or ENOSPC/EDQUOT on any write, is retried every disk_retry_s.
+    disk_margin_bytes: int = 16 << 20
+    disk_retry_s: float = 30.0
     # bspatch runs in a child process with this address-space cap (default: half the
     # machine's memory) and wall-clock timeout.
     patch_memory_bytes: int | None = None
@@ -124,6 +130,8 @@ class AgentConfig:
                 raise ConfigError(f"{what} {f} does not exist")
         if (self.mqtt_cert_file is None) != (self.mqtt_key_file is None):
             raise ConfigError("mqtt_cert_file and mqtt_key_file go together")
+        if self.disk_margin_bytes < 0 or self.disk_retry_s <= 0:
+            raise ConfigError("disk_margin_bytes must be >= 0 and disk_retry_s > 0")
         if self.heartbeat_s < 0 or self.patch_timeout_s <= 0:
             raise ConfigError("heartbeat_s must be >= 0 and patch_timeout_s > 0")
         return self
@@ -178,6 +186,13 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
             values["heartbeat_s"] = float(env["FLEET_AGENT_HEARTBEAT_S"])
         except ValueError as e:
             raise ConfigError("FLEET_AGENT_HEARTBEAT_S must be a number of seconds") from e
+    for key, var, kind in (("disk_margin_bytes", "FLEET_AGENT_DISK_MARGIN_BYTES", int),
+                           ("disk_retry_s", "FLEET_AGENT_DISK_RETRY_S", float)):
+        if env.get(var):
+            try:
+                values[key] = kind(env[var])
+            except ValueError as e:
+                raise ConfigError(f"{var} must be a number") from e
     if env.get("FLEET_AGENT_SWAP_MODE"):
         values["swap_mode"] = env["FLEET_AGENT_SWAP_MODE"]
     if env.get("FLEET_AGENT_FALLBACK"):

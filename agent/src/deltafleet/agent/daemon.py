@@ -66,8 +66,10 @@ from .errors import (
     ArtifactRefused,
     DecodeLimitHit,
     ModelRuntimeError,
+    NoSpace,
     SignatureRejected,
     UpdateRejected,
+    is_no_space,
 )
 from .journal import Journal, Recovery, raw_manifest, reconcile
 from .latency import sample_pairs
@@ -91,6 +93,8 @@ from .update import (
     apply_to_file,
     check_base,
     check_disk,
+    chunk_bytes_on_disk,
+    space_needed,
     verify_manifest,
 )
 
@@ -174,6 +178,16 @@ class ActiveDownload:
     started: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class SpaceWait:
+    """A manifest held back for disk space (refused before its download, or ENOSPC/EDQUOT
+    during it): tried again at ``retry_at``; its verified chunks stay on disk."""
+    manifest_id: str
+    artifact_sha256: str
+    raw: bytes
+    retry_at: float  # monotonic
+
+
 class _MqttPublisher:
     def __init__(self, mqtt: MqttClient) -> None:
         self.mqtt = mqtt
@@ -203,6 +217,11 @@ class Agent:
         self.downloads: dict[str, ActiveDownload] = {}  # by model name
         self.trials: dict[str, Trial] = {}  # by model name
         self.pending: dict[str, tuple[str, bytes]] = {}  # (id, manifest) arriving in a trial
+        self.waiting: dict[str, SpaceWait] = {}  # by model: held back for disk space
+        self.unsaved: dict[str, tuple[str, bytes]] = {}  # reports the outbox could not store
+        self._unsaved_retry_at = 0.0
+        self._journal_behind: set[str] = set()  # models whose journal missed a step (ENOSPC)
+        self._space_reported: set[tuple[str, str]] = set()  # (manifest id, id key) said once
         self.stop_event = threading.Event()
         self._crash_after = int(os.environ.get("FLEET_AGENT_CRASH_AFTER_CHUNKS", "0") or 0)
         self._crash_at = os.environ.get("FLEET_AGENT_CRASH_AT", "")
@@ -288,9 +307,16 @@ class Agent:
                     topic, payload = self.mqtt.inbox.get(timeout=TICK_S)
                 except Exception:  # queue.Empty
                     topic, payload = "", b""
-                if topic:
-                    self.handle(topic, payload)
-                self.tick()
+                try:
+                    if topic:
+                        self.handle(topic, payload)
+                    self.tick()
+                except OSError as e:
+                    if not is_no_space(e):
+                        raise
+                    log.error("disk full (%s) while handling %s; going on (inference and the "
+                              "broker connection are not affected), retrying later",
+                              e.strerror, topic or "a tick")
         finally:
             if self.api is not None:
                 self.api.stop()
@@ -356,13 +382,24 @@ class Agent:
             if decision.action == "resume_trial" and rec["step"] == "trial":
                 trial = dict(rec.get("trial") or {})
                 trial["restarts"] = int(trial.get("restarts", 0)) + 1
-                rec = self.journal.advance(model, "trial", trial=trial)
-            elif decision.action == "finish_rollback":
+                try:
+                    rec = self.journal.advance(model, "trial", trial=trial)
+                except OSError as e:
+                    if not is_no_space(e):
+                        raise
+                    # a restart that cannot be counted could loop: go back to the old model
+                    decision = Recovery("finish_rollback", "disk full: the restart during the "
+                                        "trial cannot be counted")
+                    log.error("%s: %s", model, decision.reason)
+            if decision.action == "finish_rollback":
                 if rec["step"] != "rolling_back":
-                    rec = self.journal.advance(model, "rolling_back", verdict=rec.get("verdict") or {
-                        "reason": decision.reason, "figures": {}})
+                    verdict = rec.get("verdict") or {"reason": decision.reason, "figures": {}}
+                    rec = self._advance_soft(model, "rolling_back", verdict=verdict) or dict(
+                        rec, verdict=verdict)
                 if current is not None and current.sha256 == m.target_sha256:
-                    self.store.rollback(model, m.manifest_id)  # never load the failed model
+                    # never load the failed model (if state.json cannot be written, it is
+                    # loaded, then swapped out again by the rollback in recover())
+                    self._soft("roll state.json back", self.store.rollback, model, m.manifest_id)
             self.recovering.add(m.manifest_id)
             plans.append((m, rec, decision))
         return plans
@@ -396,6 +433,7 @@ class Agent:
             else:
                 self.journal.clear(model)
         self.recovering.clear()
+        self._clean_downloads()
 
     # -- message handling ------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
@@ -480,6 +518,8 @@ class Agent:
             ids.add(self.trials[model].manifest.manifest_id)
         if model in self.pending:
             ids.add(self.pending[model][0])
+        if model in self.waiting:
+            ids.add(self.waiting[model].manifest_id)
         return ids
 
     def on_manifest(self, model: str, payload: bytes) -> None:
@@ -503,7 +543,17 @@ class Agent:
             self.report_unverified(model, str(e), payload)
             return
         self.unverified.pop(model, None)
-        self.store.note_serial(model, manifest.serial)  # no-op for a re-delivery
+        waiting = self.waiting.pop(model, None)  # retried now, or superseded by this one
+        if waiting is not None and waiting.artifact_sha256 != manifest.artifact.sha256:
+            self.store.drop_download(waiting.artifact_sha256)
+        try:
+            self.store.note_serial(model, manifest.serial)  # no-op for a re-delivery
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            self._wait_for_space(manifest, payload, f"disk full recording the manifest serial "
+                                 f"({e.strerror}); retrying when space is back", "rejected")
+            return
         trial = self.trials.get(model)
         if trial is not None:
             if trial.manifest.manifest_id != manifest.manifest_id:
@@ -527,35 +577,43 @@ class Agent:
                      active.manifest.manifest_id)
             self.downloads.pop(model)
             self.mqtt.unsubscribe(self.topics.chunk_filter(active.manifest.artifact.sha256))
-            self.store.drop_download(active.manifest.artifact.sha256)
+            if active.manifest.artifact.sha256 != manifest.artifact.sha256:
+                self.store.drop_download(active.manifest.artifact.sha256)
         local = self.store.model_path(manifest.target_sha256, manifest.format)
         on_disk = local.exists() and sha256_file(local) == manifest.target_sha256
+        if not on_disk:
+            refusal = self.store.artifact_refusal(manifest.artifact.sha256, self._decode_limits())
+            if refusal is not None:  # refused before (maybe under another manifest): final
+                self.fail(manifest, "failed", f"artifact refused earlier, not decoded again: "
+                                              f"{refusal}")
+                return
         try:
             check_base(manifest, current)
             if not on_disk:
-                dl_dir = self.store.download_dir(manifest.artifact.sha256)
-                have = sum(f.stat().st_size for f in dl_dir.glob("*")) if dl_dir.is_dir() else 0
-                check_disk(manifest, shutil.disk_usage(self.cfg.state_dir).free,
-                           have_bytes=have, max_artifact_bytes=self.cfg.max_artifact_bytes)
+                self._check_space(manifest)
+        except NoSpace as e:
+            self._wait_for_space(manifest, payload, str(e), "rejected")
+            return
         except UpdateRejected as e:
             self.fail(manifest, "rejected", str(e))
             return
         prev_sha = current.sha256 if current else None
+        try:
+            self.journal.begin(model, "staged" if on_disk else "downloading", payload,
+                               manifest.manifest_id, manifest.target_sha256, prev_sha)
+            if not on_disk:
+                chunks = ChunkSet(manifest, self.store.download_dir(manifest.artifact.sha256))
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            self._wait_for_space(manifest, payload, f"disk full starting the update "
+                                 f"({e.strerror}); retrying when space is back", "rejected")
+            return
         if on_disk:
             # e.g. a rollback to the previous model, which is still on disk: nothing to fetch
-            self.journal.begin(model, "staged", payload, manifest.manifest_id,
-                               manifest.target_sha256, prev_sha)
             self.report(manifest, "applying", reason="target already on disk")
-            self.install(manifest, None, reused=0)
+            self.install(manifest, None, reused=0, raw=payload)
             return
-        refusal = self.store.artifact_refusal(manifest.artifact.sha256, self._decode_limits())
-        if refusal is not None:  # refused before (maybe under another manifest): final
-            self.fail(manifest, "failed", f"artifact refused earlier, not decoded again: "
-                                          f"{refusal}")
-            return
-        self.journal.begin(model, "downloading", payload, manifest.manifest_id,
-                           manifest.target_sha256, prev_sha)
-        chunks = ChunkSet(manifest, self.store.download_dir(manifest.artifact.sha256))
         dl = ActiveDownload(manifest, chunks, payload)
         self.downloads[model] = dl
         self.mqtt.subscribe(self.topics.chunk_filter(manifest.artifact.sha256))
@@ -579,7 +637,12 @@ class Agent:
         for dl in list(self.downloads.values()):
             if dl.manifest.artifact.sha256 != sha:
                 continue
-            if dl.chunks.accept(index, data):
+            try:
+                accepted = dl.chunks.accept(index, data)
+            except NoSpace as e:
+                self._pause_download(dl, str(e))
+                return
+            if accepted:
                 dl.last_progress = time.monotonic()
                 self._chunks_this_run += 1
                 if self._crash_after and self._chunks_this_run >= self._crash_after:
@@ -607,6 +670,109 @@ class Agent:
                 self.fail(dl.manifest, "failed", "download timed out")
             elif now - dl.last_progress > self.cfg.chunk_retry_s and self.mqtt.connected.is_set():
                 self.request_missing(dl)
+        if self.unsaved and now >= self._unsaved_retry_at:
+            self._store_unsaved()
+        for name, wait in list(self.waiting.items()):
+            if now >= wait.retry_at:
+                self.on_manifest(name, wait.raw)
+                if self.waiting.get(name) is wait:  # refused on its own now (e.g. expired)
+                    log.warning("giving up on manifest %s of %s held for disk space",
+                                wait.manifest_id, name)
+                    del self.waiting[name]
+                    rec = self.journal.get(name)
+                    if rec is not None and rec.get("manifest_id") == wait.manifest_id:
+                        self.journal.clear(name)
+                    self._clean_downloads()
+
+    # -- disk space ------------------------------------------------------------------------
+    def _free_bytes(self) -> int:
+        return int(shutil.disk_usage(self.cfg.state_dir).free)
+
+    def _check_space(self, m: Manifest) -> None:
+        """check_disk against the state directory's filesystem, less what the other downloads
+        in progress still need (their chunks to come and their targets)."""
+        reserved = sum(space_needed(dl.manifest, have_bytes=dl.chunks.bytes_received())
+                       for name, dl in self.downloads.items() if name != m.model)
+        check_disk(m, self._free_bytes(),
+                   have_bytes=chunk_bytes_on_disk(self.store.download_dir(m.artifact.sha256)),
+                   reserved_bytes=reserved, margin_bytes=self.cfg.disk_margin_bytes,
+                   max_artifact_bytes=self.cfg.max_artifact_bytes)
+
+    def _wait_for_space(self, m: Manifest, raw: bytes, reason: str, state: str) -> None:
+        """Too little disk for ``m``: report it (once per manifest and state), keep its chunks
+        and the journal record, and try the manifest again in ``disk_retry_s``. Never marked
+        failed: the update goes on by itself when space is back."""
+        log.warning("update of %s to %s held back: %s", m.model, m.version, reason)
+        self.waiting[m.model] = SpaceWait(m.manifest_id, m.artifact.sha256, raw,
+                                          time.monotonic() + self.cfg.disk_retry_s)
+        key = f"{state}:disk"
+        if (m.manifest_id, key) in self._space_reported:
+            return  # said once per manifest and step; the retries are in the log
+        self._space_reported.add((m.manifest_id, key))
+        current = self.store.current(m.model)
+        self.report(m, state, reason=reason, sha256=current.sha256 if current else None,
+                    id_key=key)
+
+    def _pause_download(self, dl: ActiveDownload, reason: str) -> None:
+        m = dl.manifest
+        self.mqtt.unsubscribe(self.topics.chunk_filter(m.artifact.sha256))
+        self.downloads.pop(m.model, None)
+        self._wait_for_space(m, dl.raw, reason, "failed")
+
+    def _clean_downloads(self) -> None:
+        """Remove the chunks of every artifact no longer wanted (superseded, refused, done,
+        or left by a crash); not while journal records are being recovered."""
+        if self.recovering:
+            return
+        keep = {dl.manifest.artifact.sha256 for dl in self.downloads.values()}
+        keep |= {w.artifact_sha256 for w in self.waiting.values()}
+        for sha in self.store.drop_downloads_except(keep):
+            log.info("removed the leftover chunks of artifact %s", sha[:12])
+
+    def _soft(self, what: str, fn: Any, *args: Any) -> bool:
+        """Run a durable write whose failure for disk space must not stop the step (rollback,
+        failure marks); False (logged) if it could not be written."""
+        try:
+            fn(*args)
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            log.error("disk full: could not %s (%s); going on", what, e.strerror)
+            return False
+        return True
+
+    def _advance_soft(self, model: str, step: str, **extra: Any) -> dict[str, Any] | None:
+        """Advance the journal after activation; on ENOSPC/EDQUOT the record stays a step behind
+        (recovery after a restart then repeats the trial, which is safe) and later steps of
+        this update are written best effort."""
+        try:
+            rec = self.journal.advance(model, step, **extra)
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            log.error("disk full: journal of %s not advanced to %s (%s)", model, step, e.strerror)
+            self._journal_behind.add(model)
+            return None
+        except ValueError:
+            if model not in self._journal_behind:
+                raise
+            log.error("journal of %s is behind (an earlier write hit a full disk); %s not "
+                      "recorded", model, step)
+            return None
+        return rec
+
+    def _store_unsaved(self) -> None:
+        """Move reports held in memory (the outbox could not write them) to the outbox."""
+        for eid, (topic, payload) in list(self.unsaved.items()):
+            try:
+                self.outbox.put(eid, topic, payload)
+            except OSError as e:
+                if not is_no_space(e):
+                    raise
+                self._unsaved_retry_at = time.monotonic() + self.cfg.disk_retry_s
+                return
+            del self.unsaved[eid]
+            log.info("report %s stored in the outbox now that there is space", eid)
 
     # -- apply -----------------------------------------------------------------------------
     def finish(self, dl: ActiveDownload) -> None:
@@ -615,10 +781,11 @@ class Agent:
         self.downloads.pop(m.model, None)
         self.report(m, "applying", bytes_received=dl.chunks.bytes_received(),
                     chunks_reused=dl.chunks.reused)
-        self.install(m, dl.chunks, reused=dl.chunks.reused)
+        self.install(m, dl.chunks, reused=dl.chunks.reused, raw=dl.raw)
 
-    def install(self, m: Manifest, chunks: ChunkSet | None, *, reused: int) -> None:
-        """Patch (when ``chunks`` holds an artifact) and stage, then swap the new model in."""
+    def install(self, m: Manifest, chunks: ChunkSet | None, *, reused: int, raw: bytes) -> None:
+        """Patch (when ``chunks`` holds an artifact) and stage, then swap the new model in.
+        Disk too full at any step: the old model keeps running and ``raw`` is tried again."""
         try:
             if chunks is not None:
                 self.journal.advance(m.model, "patching")
@@ -635,16 +802,24 @@ class Agent:
                 path = self.store.model_path(m.target_sha256, m.format)
             previous = self.store.current(m.model)
             session, kept = self._swap_in(m, path)
+        except (NoSpace, OSError) as e:
+            if not isinstance(e, NoSpace) and not is_no_space(e):
+                raise
+            reason = str(e) if isinstance(e, NoSpace) else (
+                f"disk full while applying ({e.strerror}); retrying when space is back")
+            self._wait_for_space(m, raw, reason, "failed")  # verified chunks stay for the retry
+            return
         except (UpdateRejected, ModelRuntimeError) as e:
             self.store.drop_download(m.artifact.sha256)
             self.journal.clear(m.model)
             self.fail(m, "failed", str(e))
             return
         self.store.drop_download(m.artifact.sha256)
+        self._clean_downloads()
         _freeze_heap()
         log.info("now running %s %s (%s)", m.model, m.version, m.target_sha256[:12])
         window = float(m.trial_window_s)
-        self.journal.advance(m.model, "trial", trial={
+        self._advance_soft(m.model, "trial", trial={
             "ends_at": time.time() + window, "restarts": 0})
         self.report(m, "trial", sha256=m.target_sha256,
                     bytes_received=m.artifact.size_bytes if chunks else 0, chunks_reused=reused)
@@ -676,6 +851,17 @@ class Agent:
             raise
         except ArtifactRefused as e:
             self.store.refuse_artifact(sha, str(e))
+            raise
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            raise NoSpace(f"disk full writing the target ({e.strerror}); retrying when space "
+                          "is back") from e
+        except UpdateRejected as e:  # not the artifact's fault, e.g. ENOSPC in the child
+            free = self._free_bytes()
+            if free < m.target_size_bytes + self.cfg.disk_margin_bytes:
+                raise NoSpace(f"{e}, with {free >> 10} KiB free for a {m.target_size_bytes >> 10}"
+                              " KiB target: retrying when space is back") from e
             raise
         finally:
             self.store.decode_done(sha)
@@ -753,10 +939,17 @@ class Agent:
                 raise
             return model
 
+        def activate(model: LoadedModel) -> None:
+            try:  # state.json is put back in memory if its write fails (ENOSPC)
+                self.journal.advance(m.model, "activating")
+                self.store.activate(new_inst)
+            except BaseException:
+                model.close()
+                raise
+
         if self._swap_mode(path) == "warm" or old is None:
             model = prepare()
-            self.journal.advance(m.model, "activating")
-            self.store.activate(new_inst)
+            activate(model)
             self._crash_point("activate")
             session = Session(model, m.version, m.target_sha256)
             return session, self.serving.slot(m.model).flip(session)
@@ -770,14 +963,13 @@ class Agent:
                 previous.drain_and_close()
             try:
                 model = prepare()
+                activate(model)
             except BaseException:
                 prev_inst = self.store.current(m.model)
                 if prev_inst is not None:
                     slot.flip(Session(self._load_verified(prev_inst), prev_inst.version,
                                       prev_inst.sha256))
                 raise
-            self.journal.advance(m.model, "activating")
-            self.store.activate(new_inst)
             self._crash_point("activate")
             session = Session(model, m.version, m.target_sha256)
             slot.flip(session)
@@ -860,15 +1052,15 @@ class Agent:
         if verdict.ok:
             if trial.partner is not None:
                 trial.partner.drain_and_close()
-            self.journal.advance(name, "committing", verdict={"reason": verdict.reason,
-                                                              "figures": verdict.figures})
+            self._advance_soft(name, "committing", verdict={"reason": verdict.reason,
+                                                            "figures": verdict.figures})
             self._crash_point("commit")
             self._commit(m, verdict)
         else:
             log.warning("trial of %s %s failed: %s %s", name, m.version, verdict.reason,
                         verdict.figures)
-            self.journal.advance(name, "rolling_back", verdict={"reason": verdict.reason,
-                                                                "figures": verdict.figures})
+            self._advance_soft(name, "rolling_back", verdict={"reason": verdict.reason,
+                                                              "figures": verdict.figures})
             self._crash_point("rollback")
             self._roll_back(m, verdict, loaded=trial.partner)
         pending = self.pending.get(name)
@@ -881,51 +1073,66 @@ class Agent:
         self.report(m, "healthy", sha256=m.target_sha256, health=verdict.figures,
                     reason=verdict.note)
         self.journal.clear(m.model)
+        self._journal_behind.discard(m.model)
         log.info("committed %s %s: %s", m.model, m.version, verdict.figures)
 
     def _roll_back(self, m: Manifest, verdict: Verdict, *, loaded: Session | None = None) -> None:
         """Put the previous model back in service (warm when memory allows, at once when the
         trial kept it ``loaded``), then report."""
         self.trials.pop(m.model, None)
+        durable = True
         current = self.store.current(m.model)
         if current is not None and current.sha256 == m.target_sha256:
             prev = self.store.previous(m.model)
             if prev is not None:
                 path = self.store.model_path(prev.sha256, prev.format)
                 if loaded is not None and loaded.sha256 == prev.sha256:
-                    self.store.rollback(m.model, m.manifest_id)
+                    durable = self._soft("roll state.json back", self.store.rollback,
+                                         m.model, m.manifest_id)
                     self.serving.install(m.model, loaded.model, prev.version, prev.sha256)
                     loaded = None
                 elif self._swap_mode(path) == "warm":
                     model = self._load_verified(prev)
-                    self.store.rollback(m.model, m.manifest_id)
+                    durable = self._soft("roll state.json back", self.store.rollback,
+                                         m.model, m.manifest_id)
                     self.serving.install(m.model, model, prev.version, prev.sha256)
                 else:
                     self.serving.install_cold(m.model, lambda: self._load_verified(prev),
                                               prev.version, prev.sha256)
-                    self.store.rollback(m.model, m.manifest_id)
+                    durable = self._soft("roll state.json back", self.store.rollback,
+                                         m.model, m.manifest_id)
             else:  # first install failed its trial: nothing to go back to but the fallback
                 old = self.serving.slot(m.model).flip(None)
-                self.store.rollback(m.model, m.manifest_id)
+                durable = self._soft("roll state.json back", self.store.rollback, m.model,
+                                     m.manifest_id)
                 if old is not None:
                     old.drain_and_close()
         else:
-            self.store.mark_failed(m.model, m.manifest_id, m.serial)
+            durable = self._soft("mark the manifest failed", self.store.mark_failed, m.model,
+                                 m.manifest_id, m.serial)
         if loaded is not None:
             loaded.drain_and_close()
-        now = self.store.current(m.model)
+        # what runs now (state.json; what serves if state.json could not be written)
+        now = self.store.current(m.model) if durable else self.serving.current(m.model)
         self.report(m, "rolled_back", reason=verdict.reason, sha256=now.sha256 if now else None,
                     health=verdict.figures)
+        if not durable:  # state.json still names the failed model: a restart must finish this
+            log.error("rollback of %s done in memory only; the journal finishes it at the next "
+                      "restart", m.model)
+            return
         self.journal.clear(m.model)
+        self._journal_behind.discard(m.model)
 
     def fail(self, m: Manifest, state: str, reason: str) -> None:
         log.warning("update of %s to %s %s: %s", m.model, m.version, state, reason)
         dl = self.downloads.pop(m.model, None)
         if dl is not None:
             self.mqtt.unsubscribe(self.topics.chunk_filter(m.artifact.sha256))
-        self.store.mark_failed(m.model, m.manifest_id, m.serial)
+        self._soft("mark the manifest failed", self.store.mark_failed, m.model, m.manifest_id,
+                   m.serial)
         current = self.store.current(m.model)
         self.report(m, state, reason=reason, sha256=current.sha256 if current else None)
+        self._clean_downloads()
 
     # -- API view --------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
@@ -957,16 +1164,18 @@ class Agent:
     # -- reporting -------------------------------------------------------------------------
     def report(self, m: Manifest, state: str, *, reason: str = "", sha256: str | None = None,
                bytes_received: int = 0, chunks_reused: int = 0,
-               health: dict[str, int] | None = None) -> None:
+               health: dict[str, int] | None = None, id_key: str | None = None) -> None:
+        """``id_key`` (default ``state``) makes the stable event id: disk-space reports use
+        their own, so the final outcome of the same manifest is never taken as a re-send."""
         ev = Event(
-            event_id=event_id(self.cfg.device_id, m.manifest_id, state),
+            event_id=event_id(self.cfg.device_id, m.manifest_id, id_key or state),
             device_id=self.cfg.device_id, manifest_id=m.manifest_id,
             rollout_id=m.rollout_id, model=m.model, version=m.version, state=state,
             reason=reason, sha256=sha256, bytes_received=bytes_received,
             chunks_total=len(m.artifact.chunks), chunks_reused=chunks_reused,
             health={k: int(v) for k, v in (health or {}).items()},
         )
-        self.outbox.put(ev.event_id, self.topics.events(self.cfg.device_id), encode(ev))
+        self._put_report(ev.event_id, encode(ev))
 
     def report_unverified(self, model: str, reason: str, payload: bytes) -> None:
         current = self.store.current(model)
@@ -976,7 +1185,24 @@ class Agent:
             rollout_id=None, model=model, version="?", state="rejected", reason=reason,
             sha256=current.sha256 if current else None,
         )
-        self.outbox.put(ev.event_id, self.topics.events(self.cfg.device_id), encode(ev))
+        self._put_report(ev.event_id, encode(ev))
+
+    def _put_report(self, eid: str, payload: bytes) -> None:
+        """Into the outbox; if the disk is full, held in memory (in order) and stored when
+        space is back (lost only if the agent stops first)."""
+        topic = self.topics.events(self.cfg.device_id)
+        if self.unsaved:
+            self.unsaved[eid] = (topic, payload)
+            return
+        try:
+            self.outbox.put(eid, topic, payload)
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            log.error("disk full: report %s kept in memory, not in the outbox (%s)", eid,
+                      e.strerror)
+            self.unsaved[eid] = (topic, payload)
+            self._unsaved_retry_at = time.monotonic() + self.cfg.disk_retry_s
 
 
 def _claimed_manifest_id(payload: bytes) -> str | None:

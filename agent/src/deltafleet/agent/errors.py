@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from deltafleet.shared import DeltafleetError
 
 
@@ -33,3 +35,17 @@ class ModelRuntimeError(AgentError):
 
 class SignatureRejected(UpdateRejected):
     """A manifest's signature is not made by a currently trusted key."""
+
+
+class NoSpace(UpdateRejected):
+    """The state directory's filesystem cannot hold what an update needs (refused before a
+    download, or ENOSPC/EDQUOT during one). Transient: the running model is kept and the
+    update is retried when space is back (it is never recorded as a failed manifest)."""
+
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", 122)})
+
+
+def is_no_space(e: BaseException) -> bool:
+    """True for a full filesystem or an exhausted quota (ENOSPC, EDQUOT)."""
+    return isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS

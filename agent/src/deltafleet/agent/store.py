@@ -63,7 +63,13 @@ class LocalStore:
         return data
 
     def _write(self) -> None:
-        atomic_write_json(self.state_file, self._state)
+        """Persist the state; if that fails (e.g. ENOSPC) the state in memory is put back to
+        what is on disk, so memory never claims a change the disk does not hold."""
+        try:
+            atomic_write_json(self.state_file, self._state)
+        except BaseException:
+            self._state = self._read()
+            raise
 
     # -- queries ---------------------------------------------------------------------------
     def current(self, model: str) -> InstalledModel | None:
@@ -125,7 +131,7 @@ class LocalStore:
 
     def clean_temp_files(self) -> None:
         """Drop half-written temp files a crash left behind (never a complete model)."""
-        for d in (self.models_dir, self.root):
+        for d in (self.models_dir, self.root, *self.downloads_dir.glob("*/")):
             for f in d.glob(".*.tmp"):
                 f.unlink(missing_ok=True)
 
@@ -187,6 +193,19 @@ class LocalStore:
 
     def drop_download(self, artifact_sha256: str) -> None:
         shutil.rmtree(self.download_dir(artifact_sha256), ignore_errors=True)
+
+    def drop_downloads_except(self, keep: set[str]) -> list[str]:
+        """Remove the chunks of every artifact not in ``keep`` (abandoned or superseded
+        downloads); returns the artifact shas removed."""
+        dropped = []
+        for d in self.downloads_dir.iterdir():
+            if d.name not in keep:
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    d.unlink(missing_ok=True)
+                dropped.append(d.name)
+        return dropped
 
     def _collect_garbage(self) -> None:
         keep = {self.model_path(e["sha256"], e["format"]).name

@@ -11,7 +11,8 @@ never touched by a refused update):
 4. expiry (no indefinite freeze)
 5. device id, then hardware id binding
 6. base: a delta's ``base_sha256`` must be what runs (``check_base``)
-7. artifact size cap and free disk for artifact + target (``check_disk``)
+7. artifact size cap and free disk for artifact + target + margin (``check_disk``; too
+   little space is ``NoSpace``, retried when space is back, never a failed manifest)
 8. each chunk against its signed hash (``ChunkSet.accept``)
 9. the whole artifact against its signed sha256 and size (``ChunkSet.assemble``)
 10. decode in a contained child process with the device's memory cap and a time limit
@@ -43,7 +44,7 @@ from deltafleet.shared import (
 
 from . import bspatch, codecs, confined
 from .codecs import ChunkSource
-from .errors import ArtifactRefused, DecodeLimitHit, UpdateRejected
+from .errors import ArtifactRefused, DecodeLimitHit, NoSpace, UpdateRejected, is_no_space
 from .store import InstalledModel
 from .trust import ManifestVerifier, PinnedKeys
 
@@ -104,17 +105,46 @@ def check_base(manifest: Manifest, current: InstalledModel | None) -> None:
         )
 
 
+def space_needed(manifest: Manifest, *, have_bytes: int = 0, margin_bytes: int = 0) -> int:
+    """Bytes an update still needs on the state directory's filesystem: the artifact's chunks
+    not yet on disk, plus the target (decoded into a temp file beside its content address
+    while every chunk is still on disk), plus ``margin_bytes`` kept free for the journal,
+    state.json, the outbox and the filesystem's own overhead."""
+    art = manifest.artifact.size_bytes
+    return art - min(max(0, have_bytes), art) + manifest.target_size_bytes + max(0, margin_bytes)
+
+
 def check_disk(manifest: Manifest, free_bytes: int, *, have_bytes: int = 0,
+               reserved_bytes: int = 0, margin_bytes: int = 0,
                max_artifact_bytes: int = 4 << 30) -> None:
-    """Step 7: the artifact is under the cap, and it (less the chunks already on disk) and
-    the target fit the free space of the state directory."""
+    """Step 7: the artifact is under the cap (else UpdateRejected, final for the manifest), and
+    ``space_needed`` fits the free space of the state directory's filesystem less
+    ``reserved_bytes`` (what other downloads in progress still need); else NoSpace, which the
+    agent retries when space is back."""
     art = manifest.artifact.size_bytes
     if art > max_artifact_bytes:
         raise UpdateRejected(f"artifact of {art} bytes exceeds the {max_artifact_bytes}-byte cap")
-    need = max(0, art - have_bytes) + manifest.target_size_bytes
-    if need > free_bytes:
-        raise UpdateRejected(f"not enough disk: artifact + target need {need >> 20} MiB, "
-                             f"{free_bytes >> 20} MiB free")
+    need = space_needed(manifest, have_bytes=have_bytes, margin_bytes=margin_bytes)
+    avail = free_bytes - max(0, reserved_bytes)
+    if need > avail:
+        have = min(max(0, have_bytes), art)
+        held = f", {_mib(reserved_bytes)} of it held for other downloads" if reserved_bytes else ""
+        raise NoSpace(
+            f"not enough disk: artifact {_mib(art - have)} still to fetch + target "
+            f"{_mib(manifest.target_size_bytes)} + margin {_mib(margin_bytes)} = {_mib(need)}, "
+            f"{_mib(max(0, free_bytes))} free in the state directory{held}; retrying when "
+            "space is back")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def chunk_bytes_on_disk(directory: Path) -> int:
+    """Bytes of the chunk files (not temp files) in a download directory."""
+    if not directory.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in directory.iterdir() if f.name.isdigit())
 
 
 class ChunkSet:
@@ -127,7 +157,8 @@ class ChunkSet:
         self.have: set[int] = set()
         self.rejected = 0
         for f in self.dir.iterdir():
-            if not f.name.isdigit():
+            if not f.name.isdigit():  # a temp file a crash or a full disk left behind
+                f.unlink(missing_ok=True)
                 continue
             i = int(f.name)
             if i < len(self.art.chunks) and sha256_bytes(f.read_bytes()) == self.art.chunks[i]:
@@ -154,7 +185,13 @@ class ChunkSet:
         if len(data) > self.art.chunk_size_bytes or sha256_bytes(data) != self.art.chunks[index]:
             self.rejected += 1
             return False
-        atomic_write_bytes(self.dir / str(index), data)
+        try:
+            atomic_write_bytes(self.dir / str(index), data)
+        except OSError as e:
+            if is_no_space(e):
+                raise NoSpace(f"disk full writing chunk {index} of {self.art.sha256[:12]} "
+                              f"({e.strerror}); retrying when space is back") from e
+            raise
         self.have.add(index)
         return True
 
