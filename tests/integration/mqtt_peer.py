@@ -1,5 +1,5 @@
 """A scripted server-side MQTT peer for agent tests: signs manifests with a key the test owns,
-answers chunk requests from a file (optionally tampering), and records what devices say.
+answers chunk requests from a file (optionally tampering), and records (and acks) what devices say.
 
 It speaks the real protocol through deltafleet.shared, on a real broker.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deltafleet.shared import (
+    Ack,
     ArtifactRef,
     ChunkRequest,
     Event,
@@ -22,6 +23,7 @@ from deltafleet.shared import (
     Topics,
     chunk_hashes_file,
     decode,
+    encode,
     read_chunk,
     sha256_file,
 )
@@ -64,7 +66,11 @@ class Peer:
             if topic.endswith("/status"):
                 self.statuses.append((topic, payload))
             elif topic.endswith("/events"):
-                self.events.append(decode(Event, payload))
+                ev = decode(Event, payload)
+                self.events.append(ev)
+                # as the server does once it has recorded an event: the outbox may delete it
+                self.client.publish(self.topics.ack(ev.device_id),
+                                    encode(Ack(ev.device_id, (ev.event_id,))), qos=1)
             elif topic.endswith("/chunkreq"):
                 req = decode(ChunkRequest, payload)
                 path = self.artifacts.get(req.artifact_sha256)

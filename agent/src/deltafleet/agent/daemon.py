@@ -860,8 +860,9 @@ class Agent:
         except UpdateRejected as e:  # not the artifact's fault, e.g. ENOSPC in the child
             free = self._free_bytes()
             if free < m.target_size_bytes + self.cfg.disk_margin_bytes:
-                raise NoSpace(f"{e}, with {free >> 10} KiB free for a {m.target_size_bytes >> 10}"
-                              " KiB target: retrying when space is back") from e
+                raise NoSpace(f"disk full writing the target ({e}): {free >> 10} KiB free for a "
+                              f"{m.target_size_bytes >> 10} KiB target, retrying when space is "
+                              "back") from e
             raise
         finally:
             self.store.decode_done(sha)
