@@ -149,3 +149,93 @@ def test_a_corrupt_model_blob_is_never_published_held_server_side_and_repair_res
     good = chunk_hashes_file(model, CHUNK)
     assert watcher.seen and {s for s, _, _ in watcher.seen} == {sha}
     assert all(sha256_bytes(data) == good[i] for _, i, data in watcher.seen)
+
+
+# -- in-process server (RolloutLab) with simulated devices: deltas and a mid-download corruption
+def fleetctl(lab, *args: str):  # noqa: ANN201
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FLEET_HOME=str(lab.cfg.home), FLEET_DB_URL=lab.cfg.db_url)
+    exe = Path(sys.executable).parent / "fleetctl"
+    return subprocess.run([str(exe), *args], env=env, text=True, capture_output=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def sim(tmp_path: Path, broker):
+    from modelgen import make_onnx_pair
+
+    from .rollout_lab import RolloutLab
+
+    v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.3)
+    lab = RolloutLab(tmp_path, broker.url, {"v1": v1, "v2": v2})
+    lab.start_server()
+    yield lab
+    lab.close()
+
+
+def test_a_corrupt_delta_falls_back_to_the_full_artifact_and_repair_rebuilds_it(sim):
+    from deltafleet.server.store.models import Delta
+
+    sim.add_devices(1, {"hw": "a"}, prefix="a")
+    sim.add_devices(1, {"hw": "b"}, prefix="b")
+    sim.group("a", hw="a")
+    sim.group("b", hw="b")
+    first = sim.wait_state(sim.rollout("v2", "a", health_window_s=1), {"completed"}, 90)
+    assert first["targets"][0]["artifact"] == "delta"
+    with sim.store.session() as s:
+        (delta,) = s.query(Delta).all()
+        delta_sha, codec = delta.artifact_sha256, delta.codec
+    overwrite_7_bytes(sim.blobs.path(delta_sha))
+
+    rid = sim.rollout("v2", "b", health_window_s=1, max_failure_pct=0.0)
+    done = sim.wait_state(rid, {"completed", "paused"}, 90)
+    assert done["state"] == "completed", done
+    (t,) = done["targets"]
+    assert (t["state"], t["artifact"], t["attempts"]) == ("healthy", "full", 1)
+    m = sim.fleet.devices["b-000"].manifests[-1].manifest
+    assert m.artifact.kind == "full" and m.artifact.sha256 != delta_sha
+
+    res = fleetctl(sim, "store", "verify", "--json")
+    assert res.returncode == 1, res.stderr
+    (bad,) = json.loads(res.stdout)["blobs"]
+    assert (bad["sha256"], bad["kind"], bad["status"]) == (delta_sha, "delta", "corrupt")
+    assert bad["dependents"]["deltas"][0].endswith(f"({codec})")
+    res = fleetctl(sim, "store", "verify", "--repair", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    (fixed,) = json.loads(res.stdout)["blobs"]
+    assert fixed["status"] == "repaired", fixed
+    assert fleetctl(sim, "store", "verify").returncode == 0
+
+
+def test_a_blob_corrupted_mid_download_stops_being_served_and_the_target_is_replanned(sim):
+    sim.add_devices(1, {"hw": "c"}, prefix="c", version=None)  # first install: full artifact
+    sim.group("c", hw="c")
+    with sim.store.session() as s:
+        from deltafleet.server import registry
+
+        (variant,) = registry.resolve_version(s, "detector:v2").variants
+        packed = variant.info["compressed"]["sha256"]
+    watcher = ChunkWatcher(sim.cfg.mqtt_url, sim.cfg.topic_prefix)
+    try:
+        rid = sim.rollout("v2", "c", health_window_s=1, max_failure_pct=0.0,
+                          bandwidth_bytes_per_s=CHUNK)  # one chunk a second
+        sim.wait_for(lambda: watcher.seen, 60, "the first chunk published")
+        overwrite_7_bytes(sim.blobs.path(packed))
+        done = sim.wait_state(rid, {"completed", "paused"}, 90)
+    finally:
+        watcher.close()
+    assert done["state"] == "completed", done
+    (t,) = done["targets"]
+    assert (t["state"], t["attempts"]) == ("healthy", 1)  # the corrupt send cost no attempt
+    manifests = [r.manifest for r in sim.fleet.devices["c-000"].manifests]
+    assert [m.artifact.sha256 for m in manifests] == [packed, variant.artifact_sha256]
+    good = {m.artifact.sha256: m.artifact.chunks for m in manifests}
+    assert all(sha256_bytes(data) == good[sha][i] for sha, i, data in watcher.seen)
+    assert runs_sha(sim, "c-000") == variant.artifact_sha256
+
+
+def runs_sha(sim, device_id: str) -> str:
+    return sha256_bytes(sim.fleet.devices[device_id].models["detector"].data)
