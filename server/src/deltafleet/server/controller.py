@@ -19,6 +19,14 @@ exponentially growing while (held -> pending) until --max-attempts, then it stay
 Rollback: -> reverting -> reverted. Never dispatched: skipped (cannot take the model) or
 cancelled (rollout aborted / superseded / rolled back before it got there).
 
+A blob of the server's own store that does not hash to its name is never shipped (see
+``store.BlobVerifier``): a corrupt delta falls back to the full artifact, a corrupt compressed
+form to the model file; with nothing intact to send the target stays pending with the reason
+``held: server blob <sha12> corrupt (store)`` (a notified/downloading one is taken back to
+pending), which is no device failure (no attempt used, not counted toward the threshold). It is
+planned again every tick, so it goes out as soon as the blob is repaired. Each corruption is
+logged once, with what depends on the blob.
+
 Several server replicas may run against one PostgreSQL: each rollout is worked by the replica
 holding its row lease (``lease_owner`` / ``lease_until``, renewed every tick, taken over when it
 expires). Rows are read ``FOR UPDATE SKIP LOCKED`` so two replicas never work one rollout in the
@@ -45,11 +53,11 @@ from deltafleet.shared import (
     Manifest,
     SigningKey,
     Topics,
-    chunk_hashes_file,
 )
 
 from . import registry
 from .deltas import DeltaBuilder
+from .errors import BlobCorrupt
 from .planner import FullArtifact, VariantOption, choose_variant, delta_worth_it
 from .policy import (
     IN_FLIGHT_STATES,
@@ -59,7 +67,7 @@ from .policy import (
     failures_breach,
     wave_settled,
 )
-from .store import BlobStore
+from .store import BlobCheck, BlobStore, BlobVerifier
 from .store.models import (
     Artifact,
     Device,
@@ -71,6 +79,7 @@ from .store.models import (
     RolloutTarget,
     Variant,
 )
+from .storecheck import dependents, hold_reason
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +109,21 @@ class RolloutController:
         self.deltas = deltas
         self.chunk_size_bytes = chunk_size_bytes
         self.manifest_ttl_s = manifest_ttl_s
-        self._chunk_hashes: dict[str, list[str]] = {}
+        self.verifier = BlobVerifier(blobs, chunk_size_bytes)
+        self._checked: dict[str, BlobCheck] = {}  # this tick's verdicts: one stat per blob
+
+    def _check(self, sha: str) -> BlobCheck:
+        check = self._checked.get(sha)
+        if check is None:
+            check = self._checked[sha] = self.verifier.check(sha)
+        return check
 
     def chunk_hashes(self, sha: str) -> list[str]:
-        hashes = self._chunk_hashes.get(sha)
-        if hashes is None:
-            hashes = chunk_hashes_file(self.blobs.path(sha), self.chunk_size_bytes)
-            self._chunk_hashes[sha] = hashes
-        return hashes
+        """The chunk hashes of a blob proven intact (hashed once per stat of the file)."""
+        check = self.verifier.check(sha)
+        if not check.ok:
+            raise BlobCorrupt(f"server blob {sha[:12]} {check.problem}")
+        return list(check.chunk_hashes)
 
     # -- device messages -------------------------------------------------------------------
     def open_targets(self, s: Session, device_id: str, *,
@@ -180,6 +196,7 @@ class RolloutController:
         devices may ask chunks of, each with its bandwidth cap in bytes/s (0 = none)."""
         out: list[Publish] = []
         servable: dict[str, int] = {}
+        self._checked = {}
         for r in s.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
                            .order_by(Rollout.id)
                            .with_for_update(skip_locked=True)).all():
@@ -203,13 +220,41 @@ class RolloutController:
             elif r.state == "rolling_back":
                 self._expire(s, r, targets, now)
                 out += self._roll_back(s, r, model, targets, now)
+            self._hold_for_store(r, targets, now)
             rate = int(r.policy.get("bandwidth_bytes_per_s") or 0)
             for t in targets:
-                if t.state in IN_FLIGHT_STATES and t.artifact_sha256:
+                if (t.state in IN_FLIGHT_STATES and t.artifact_sha256
+                        and self._check(t.artifact_sha256).ok):
                     known = servable.get(t.artifact_sha256)
                     caps = [x for x in (known, rate) if x]  # the tightest cap wins
                     servable[t.artifact_sha256] = min(caps) if caps else 0
+        self._report_bad_blobs(s, now)
         return out, servable
+
+    def _hold_for_store(self, r: Rollout, targets: list[RolloutTarget], now: datetime) -> None:
+        """Take back to pending the targets still fetching a blob found bad since it was sent:
+        they are planned again (a fallback, or the repaired blob under a new manifest). Their
+        old manifest's events no longer match (manifest_id cleared), the attempt is given
+        back, and nothing counts against the device."""
+        if r.state not in ("running", "paused"):
+            return
+        for t in targets:
+            if t.state in ("notified", "downloading") and t.artifact_sha256:
+                check = self._check(t.artifact_sha256)
+                if not check.ok:
+                    t.attempts = max(0, t.attempts - 1)
+                    t.manifest_id = None
+                    self._set(t, "pending", hold_reason(check), now)
+
+    def _report_bad_blobs(self, s: Session, now: datetime) -> None:
+        """Log each newly found bad blob once, naming what depends on it (server-side)."""
+        for check in self.verifier.take_new_problems():
+            deps = dependents(s, check.sha256)
+            log.error("server blob %s is %s (store) and is not shipped; depends on it: %s; "
+                      "run `fleetctl store verify --repair`", check.sha256, check.problem,
+                      deps.summary())
+            registry.audit(s, CONTROLLER, "store.blob_bad", f"blob/{check.sha256}",
+                           {"problem": check.problem, **deps.to_json()})
 
     def _run(self, s: Session, r: Rollout, model: Model, targets: list[RolloutTarget],
              now: datetime) -> list[Publish]:
@@ -315,19 +360,26 @@ class RolloutController:
         if running is not None and running.sha256 == v.sha256:
             self._set(t, "healthy", "device already runs the target", now)
             return None
-        base = running.sha256 if running is not None and self.blobs.has(running.sha256) else None
+        base = (running.sha256 if running is not None and self._check(running.sha256).ok
+                else None)
         full = self._full_artifact(v)
         kind, codec, artifact_sha, artifact_size = "full", full.codec, full.sha256, full.size_bytes
         if base is not None:
             delta = registry.best_delta(s, base, v.sha256)
-            if delta is None and (base, v.sha256) not in self.deltas.failed:
+            if (delta is None and (base, v.sha256) not in self.deltas.failed
+                    and self._check(v.sha256).ok):
                 self.deltas.submit(base, self.blobs.path(base), v.sha256, self.blobs.path(v.sha256),
                                    reference_bytes=full.size_bytes)
                 t.reason = "building delta"
                 return None  # stays pending until the delta is built
-            if delta is not None and delta_worth_it(delta.size_bytes, full.size_bytes):
+            if (delta is not None and delta_worth_it(delta.size_bytes, full.size_bytes)
+                    and self._check(delta.artifact_sha256).ok):  # else: the full artifact
                 kind, codec = "delta", delta.codec
                 artifact_sha, artifact_size = delta.artifact_sha256, delta.size_bytes
+        check = self._check(artifact_sha)
+        if not check.ok:
+            self._set(t, "pending", hold_reason(check), now)
+            return None  # planned again next tick: resumes once the blob is intact
         t.attempts += 1
         return self._send(s, r, t, device, model.name, version.version, v.name, v.format,
                           v.sha256, v.size_bytes, base if kind == "delta" else None,
@@ -380,6 +432,7 @@ class RolloutController:
                    now: datetime) -> list[Publish]:
         policy = RolloutPolicy.from_json(r.policy)
         out = []
+        waiting = False  # a target waits for a bad blob of the store to be repaired
         for t in targets:
             if t.state in ("reverting", "reverted", "skipped", "cancelled"):
                 continue
@@ -405,12 +458,16 @@ class RolloutController:
             v, version, size = prev
             option = registry.variant_option(v, size)
             full = self._full_artifact(option)
+            check = self._check(full.sha256)
+            if not check.ok:
+                t.reason, waiting = hold_reason(check), True
+                continue
             artifact = ArtifactRef("full", full.codec, full.sha256, full.size_bytes,
                                    self.chunk_size_bytes, tuple(self.chunk_hashes(full.sha256)))
             out.append(self._send(s, r, t, device, model.name, version, v.name, v.format,
                                   t.previous_sha256, size, None, artifact, policy,
                                   "reverting", now, option=option))
-        if all(t.state != "reverting" for t in targets):
+        if not waiting and all(t.state != "reverting" for t in targets):
             self._set_rollout(r, "rolled_back", r.state_reason, now)
             r.finished_at = now
         return out
@@ -419,9 +476,9 @@ class RolloutController:
     def _full_artifact(self, v: VariantOption) -> FullArtifact:
         """The compressed model when the catalog has one and its blob is in the store, else the
         model file as it is (variants registered before full models shipped compressed)."""
-        if v.compressed is not None and not self.blobs.has(v.compressed.sha256):
-            log.warning("compressed form %s of %s is missing from the blob store; shipping "
-                        "the model as it is", v.compressed.sha256[:12], v.sha256[:12])
+        if v.compressed is not None and not self._check(v.compressed.sha256).ok:
+            log.warning("compressed form %s of %s is missing or corrupt in the blob store; "
+                        "shipping the model as it is", v.compressed.sha256[:12], v.sha256[:12])
             return v.identity
         return v.full
 

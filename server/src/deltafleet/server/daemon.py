@@ -41,7 +41,6 @@ from deltafleet.shared import (
     WireError,
     decode,
     encode,
-    read_chunk,
 )
 from deltafleet.shared.messages import MAX_ACK_IDS, MAX_EVENT_ID_CHARS
 from deltafleet.shared.mqtt import CONNECTED, MqttClient, Will
@@ -406,7 +405,6 @@ class FleetServer:
         self._chunk_deadline = None
         wake = now + CHUNK_WINDOW_S
         for sha, indices in pending.items():
-            path = self.blobs.path(sha)
             bucket = self._buckets.get(sha)
             for i in sorted(indices):
                 since = now - self._published_at.get((sha, i), -1e9)
@@ -418,7 +416,9 @@ class FleetServer:
                 if bucket is not None and not bucket.take(self.cfg.chunk_size_bytes, now):
                     self._pending_chunks[sha].add(i)  # over the bandwidth cap: next window
                     continue
-                data = read_chunk(path, i, self.cfg.chunk_size_bytes)
+                data = self.controller.verifier.chunk(sha, i)  # checked against its hash
+                if data is None:
+                    break  # the blob is not intact: none of it goes out; the controller holds
                 self.mqtt.publish(self.topics.chunk(sha, i), data, qos=1)
                 self._published_at[(sha, i)] = now
                 self.stats.chunks_published += 1

@@ -27,3 +27,7 @@ class CatalogError(UsageError):
 
 class DeltaError(ServerError):
     """A delta could not be built or did not round-trip."""
+
+
+class BlobCorrupt(ServerError):
+    """A blob in the server's store does not hash to its name (or is gone): never shipped."""

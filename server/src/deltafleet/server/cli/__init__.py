@@ -23,6 +23,7 @@ from ..errors import UsageError
 from . import audit, db, delta, device, group, init, model, rollout, serve
 from . import broker as broker_cli
 from . import keys as keys_cli
+from . import store as store_cli
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -65,6 +66,7 @@ _SUB_APPS: list[tuple[str, typer.Typer]] = [
     ("delta", delta.app),
     ("keys", keys_cli.app),
     ("broker", broker_cli.app),
+    ("store", store_cli.app),
 ]
 for _name, _sub in _SUB_APPS:
     app.add_typer(_sub, name=_name)

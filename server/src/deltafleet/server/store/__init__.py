@@ -1,6 +1,6 @@
 """deltafleet.server.store: the SQL schema, sessions, migrations and the blob store."""
 
-from .blobs import BlobStore
+from .blobs import BlobCheck, BlobStore, BlobVerifier
 from .db import (
     NOT_INITIALISED,
     Store,
@@ -17,7 +17,9 @@ from .db import (
 
 __all__ = [
     "NOT_INITIALISED",
+    "BlobCheck",
     "BlobStore",
+    "BlobVerifier",
     "Store",
     "StoreError",
     "alembic_config",
