@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 class Knobs:
     fail_apply: bool = False
     fail_health: bool = False
+    disk_full: bool = False  # report "waiting" (as the agent does) and go on once it is False
 
 
 @dataclass
@@ -84,6 +85,7 @@ class SimDevice:
         self.rejections: list[str] = []
         self.last_serial = 0
         self._download: tuple[Manifest, dict[int, bytes]] | None = None
+        self._waiting: Manifest | None = None  # a manifest put off for (simulated) disk space
         self._trial: tuple[Manifest, float] | None = None
         self._stop = threading.Event()
         self.client: MqttClient | None = None
@@ -200,6 +202,14 @@ class SimDevice:
             self._report(m, "failed", "injected apply failure",
                          current.sha256 if current else None)
             return
+        if self.knobs.disk_full:
+            self._waiting = m
+            self._report(m, "waiting", "not enough disk (simulated): retrying when space is back",
+                         current.sha256 if current else None)
+            return
+        self._start(m)
+
+    def _start(self, m: Manifest) -> None:
         cached = self.fleet.model_cache.get(m.target_sha256)
         if cached is not None and m.artifact.kind == "full":  # e.g. rollback to previous
             self._install(m, cached)
@@ -259,6 +269,9 @@ class SimDevice:
         self._trial = (m, time.monotonic() + m.trial_window_s)
 
     def _tick(self) -> None:
+        if self._waiting is not None and not self.knobs.disk_full:
+            m, self._waiting = self._waiting, None
+            self._start(m)
         if self._download is not None and time.monotonic() - self._last_progress > 2.0:
             self._request(*self._download)
         if self._trial is not None and time.monotonic() >= self._trial[1]:

@@ -138,6 +138,29 @@ def test_device_that_keeps_failing_is_held_out_instead_of_retried_in_a_storm(lab
     assert "1 device(s) did not update" in data["state_reason"]
 
 
+def test_device_waiting_for_disk_space_uses_no_attempt_and_finishes_by_itself(lab):
+    ids = lab.add_devices(N, {"hw": "jetson"})
+    lab.group("jetson", hw="jetson")
+    full = lab.fleet.devices[ids[3]]
+    full.knobs.disk_full = True
+    rid = lab.rollout("v2", "jetson", max_failure_pct=0.0, max_attempts=1, **FAST)
+
+    def waiting():
+        (t,) = [t for t in lab.status(rid)["targets"] if t["device"] == ids[3]]
+        return t if t["reason"].startswith("waiting on the device: not enough disk") else None
+
+    target = lab.wait_for(waiting, 60, "the device's waiting reason")
+    assert target["state"] in ("notified", "downloading")
+    assert target["attempts"] <= 1
+    lab.wait_for(lambda: sum(runs(lab, d) == "v2" for d in ids) == N - 1, 90, "the others")
+    data = lab.status(rid)
+    assert data["state"] == "running"  # not paused: waiting is no failure
+    full.knobs.disk_full = False  # space is back
+    data = lab.wait_state(rid, {"completed", "paused"}, 90)
+    assert data["state"] == "completed", problems(data)
+    assert runs(lab, ids[3]) == "v2" and len(full.manifests) == 1  # no re-send needed
+
+
 def test_controller_restarted_mid_rollout_carries_on(lab):
     ids = lab.add_devices(N, {"hw": "jetson"})
     lab.group("jetson", hw="jetson")

@@ -552,7 +552,7 @@ class Agent:
             if not is_no_space(e):
                 raise
             self._wait_for_space(manifest, payload, f"disk full recording the manifest serial "
-                                 f"({e.strerror}); retrying when space is back", "rejected")
+                                 f"({e.strerror}); retrying when space is back", "start")
             return
         trial = self.trials.get(model)
         if trial is not None:
@@ -592,7 +592,7 @@ class Agent:
             if not on_disk:
                 self._check_space(manifest)
         except NoSpace as e:
-            self._wait_for_space(manifest, payload, str(e), "rejected")
+            self._wait_for_space(manifest, payload, str(e), "start")
             return
         except UpdateRejected as e:
             self.fail(manifest, "rejected", str(e))
@@ -607,7 +607,7 @@ class Agent:
             if not is_no_space(e):
                 raise
             self._wait_for_space(manifest, payload, f"disk full starting the update "
-                                 f"({e.strerror}); retrying when space is back", "rejected")
+                                 f"({e.strerror}); retrying when space is back", "start")
             return
         if on_disk:
             # e.g. a rollback to the previous model, which is still on disk: nothing to fetch
@@ -698,26 +698,27 @@ class Agent:
                    reserved_bytes=reserved, margin_bytes=self.cfg.disk_margin_bytes,
                    max_artifact_bytes=self.cfg.max_artifact_bytes)
 
-    def _wait_for_space(self, m: Manifest, raw: bytes, reason: str, state: str) -> None:
-        """Too little disk for ``m``: report it (once per manifest and state), keep its chunks
-        and the journal record, and try the manifest again in ``disk_retry_s``. Never marked
-        failed: the update goes on by itself when space is back."""
+    def _wait_for_space(self, m: Manifest, raw: bytes, reason: str, step: str) -> None:
+        """Too little disk for ``m``: report ``waiting`` (once per manifest and ``step``), keep
+        its chunks and the journal record, and try the manifest again in ``disk_retry_s``.
+        Never marked failed (the server uses no attempt on it): the update goes on by itself
+        when space is back."""
         log.warning("update of %s to %s held back: %s", m.model, m.version, reason)
         self.waiting[m.model] = SpaceWait(m.manifest_id, m.artifact.sha256, raw,
                                           time.monotonic() + self.cfg.disk_retry_s)
-        key = f"{state}:disk"
+        key = f"waiting:{step}"
         if (m.manifest_id, key) in self._space_reported:
             return  # said once per manifest and step; the retries are in the log
         self._space_reported.add((m.manifest_id, key))
         current = self.store.current(m.model)
-        self.report(m, state, reason=reason, sha256=current.sha256 if current else None,
+        self.report(m, "waiting", reason=reason, sha256=current.sha256 if current else None,
                     id_key=key)
 
     def _pause_download(self, dl: ActiveDownload, reason: str) -> None:
         m = dl.manifest
         self.mqtt.unsubscribe(self.topics.chunk_filter(m.artifact.sha256))
         self.downloads.pop(m.model, None)
-        self._wait_for_space(m, dl.raw, reason, "failed")
+        self._wait_for_space(m, dl.raw, reason, "download")
 
     def _clean_downloads(self) -> None:
         """Remove the chunks of every artifact no longer wanted (superseded, refused, done,
@@ -807,7 +808,7 @@ class Agent:
                 raise
             reason = str(e) if isinstance(e, NoSpace) else (
                 f"disk full while applying ({e.strerror}); retrying when space is back")
-            self._wait_for_space(m, raw, reason, "failed")  # verified chunks stay for the retry
+            self._wait_for_space(m, raw, reason, "apply")  # verified chunks stay for the retry
             return
         except (UpdateRejected, ModelRuntimeError) as e:
             self.store.drop_download(m.artifact.sha256)

@@ -173,6 +173,9 @@ class RolloutController:
             return
         t, r = match
         policy = RolloutPolicy.from_json(r.policy)
+        if ev.state == "waiting":  # the device goes on by itself: no attempt, no deadline
+            self._set(t, t.state, f"waiting on the device: {ev.reason}", now)
+            return
         if t.state == "reverting":
             if ev.state == "healthy":
                 self._set(t, "reverted", "back on the version it ran before", now)

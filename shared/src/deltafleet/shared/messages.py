@@ -294,8 +294,11 @@ class Hello:
         )
 
 
-# downloading -> applying -> trial -> healthy | rolled_back; failed / rejected at any step.
-EVENT_STATES = ("downloading", "applying", "trial", "healthy", "rolled_back", "failed", "rejected")
+# downloading -> applying -> trial -> healthy | rolled_back; failed / rejected at any step;
+# waiting: the device cannot go on for now for a reason of its own (too little disk space) and
+# goes on by itself later; not a failure, no attempt used.
+EVENT_STATES = ("downloading", "applying", "trial", "healthy", "rolled_back", "failed",
+                "rejected", "waiting")
 
 
 @dataclass(frozen=True, slots=True)
