@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fleetlab import wait_for
 
 from deltafleet.agent.client import AgentClient
 from deltafleet.shared import SigningKey, sha256_file
@@ -88,17 +89,6 @@ def fill(directory: Path, leave_bytes: int = 0) -> Path:
 def serves(port: int, version: str) -> bool:
     with AgentClient(port=port, timeout_s=10) as c:
         return c.predict("detector", np.zeros((1, 64), np.float32)).version == version
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def chunk_files(state: Path) -> list[Path]:
