@@ -309,7 +309,6 @@ class FleetServer:
         events = [m for _, m in items if isinstance(m, Event)]
         presence = {m.device_id: m.online for _, m in items if isinstance(m, Status)}
         now = utcnow()
-        received = events
         with self.store.session() as s:
             fresh = self._first_delivery(s, events, now)
             resend = self.controller.on_hellos(s, hellos, now)
@@ -321,7 +320,7 @@ class FleetServer:
                 self.controller.on_event(s, ev, now)
         self.stats.duplicate_events += len(events) - len(fresh)  # counted once committed
         self.publish(resend)
-        self.ack_events(received)
+        self.ack_events(events)  # duplicates too: the device's first ack may have been lost
 
     def ack_events(self, events: list[Event]) -> None:
         """After the commit: tell each device which of its events are recorded (duplicates
