@@ -22,20 +22,6 @@ def lab(tmp_path: Path, fresh_broker):
     lab.close()
 
 
-@pytest.fixture
-def key(tmp_path: Path) -> tuple[SigningKey, Path]:
-    k = SigningKey.generate()
-    k.save(tmp_path / "signing.key", tmp_path / "signing.pub")
-    return k, tmp_path / "signing.pub"
-
-
-@pytest.fixture
-def models(tmp_path: Path) -> tuple[Path, Path]:
-    from modelgen import make_onnx_pair
-
-    return make_onnx_pair(tmp_path / "models", size_mb=1.0)
-
-
 def start(lab, key_path: Path, device_id: str = "dev-1", **env: str):
     return lab.start_agent(device_id, {"hw": "test"}, trusted_key=key_path,
                            extra_env={k: str(v) for k, v in env.items()})

@@ -104,13 +104,6 @@ def lab(tmp_path: Path, fresh_broker) -> Iterator:
     lab.close()
 
 
-@pytest.fixture
-def models(tmp_path: Path) -> tuple[Path, Path]:
-    from modelgen import make_onnx_pair
-
-    return make_onnx_pair(tmp_path / "models", size_mb=1.0)
-
-
 def test_agent_follows_key_and_root_rotation_and_refuses_the_old_online_key(lab, models):
     v1, v2 = models
     r1, r2, k1, k2, k3 = (SigningKey.generate() for _ in range(5))

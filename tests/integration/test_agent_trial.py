@@ -13,7 +13,7 @@ import pytest
 
 from deltafleet.agent.client import AgentClient
 from deltafleet.agent.daemon import PAIR_BUDGET_S
-from deltafleet.shared import SigningKey, sha256_file
+from deltafleet.shared import sha256_file
 
 from .mqtt_peer import Peer, make_linear_model, make_nan_on_negative_model, make_slow_model
 
@@ -29,13 +29,6 @@ def lab(tmp_path: Path, broker):
     lab = Lab(tmp_path / "lab", mqtt_url=broker.url)
     yield lab
     lab.close()
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> tuple[SigningKey, Path]:
-    k = SigningKey.generate()
-    k.save(tmp_path / "signing.key", tmp_path / "signing.pub")
-    return k, tmp_path / "signing.pub"
 
 
 @pytest.fixture

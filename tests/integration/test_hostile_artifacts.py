@@ -38,13 +38,6 @@ def lab(tmp_path: Path, fresh_broker) -> Iterator:
     lab.close()
 
 
-@pytest.fixture
-def models(tmp_path: Path) -> tuple[Path, Path]:
-    from modelgen import make_onnx_pair
-
-    return make_onnx_pair(tmp_path / "models", size_mb=1.0)
-
-
 def device(lab, *, timeout_s: float = 120.0) -> tuple[Device, Peer]:
     r1, k1 = SigningKey.generate(), SigningKey.generate()
     root1 = root_env(1, r1, r1)

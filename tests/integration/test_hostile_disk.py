@@ -23,7 +23,7 @@ import pytest
 from fleetlab import wait_for
 
 from deltafleet.agent.client import AgentClient
-from deltafleet.shared import SigningKey, sha256_file
+from deltafleet.shared import sha256_file
 from tests.conftest import missing
 
 from .mqtt_peer import CHUNK, Peer
@@ -54,20 +54,6 @@ def lab(tmp_path: Path, fresh_broker) -> Iterator:
     finally:
         lab.close()
         subprocess.run(["umount", "-l", str(state)], check=False)
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> tuple[SigningKey, Path]:
-    k = SigningKey.generate()
-    k.save(tmp_path / "signing.key", tmp_path / "signing.pub")
-    return k, tmp_path / "signing.pub"
-
-
-@pytest.fixture
-def models(tmp_path: Path) -> tuple[Path, Path]:
-    from modelgen import make_onnx_pair
-
-    return make_onnx_pair(tmp_path / "models", size_mb=1.0)
 
 
 def fill(directory: Path, leave_bytes: int = 0) -> Path:

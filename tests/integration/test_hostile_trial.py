@@ -30,7 +30,7 @@ from deltafleet.agent.serving import SessionStats
 from deltafleet.agent.trial import MIN_PAIRS, HealthPolicy, evaluate, p95
 from deltafleet.server.errors import UsageError
 from deltafleet.server.policy import parse_latency_ratio
-from deltafleet.shared import SigningKey, sha256_file
+from deltafleet.shared import sha256_file
 
 from .mqtt_peer import Peer, _save_onnx
 
@@ -147,13 +147,6 @@ def lab(tmp_path: Path, broker):
     lab = Lab(tmp_path / "lab", mqtt_url=broker.url)
     yield lab
     lab.close()
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> tuple[SigningKey, Path]:
-    k = SigningKey.generate()
-    k.save(tmp_path / "signing.key", tmp_path / "signing.pub")
-    return k, tmp_path / "signing.pub"
 
 
 @pytest.fixture
