@@ -8,6 +8,8 @@ import pytest
 
 from deltafleet.shared import SigningKey
 
+from .mqtt_peer import Peer
+
 
 @pytest.fixture
 def key(tmp_path: Path) -> tuple[SigningKey, Path]:
@@ -23,3 +25,21 @@ def models(tmp_path: Path) -> tuple[Path, Path]:
     from modelgen import make_onnx_pair
 
     return make_onnx_pair(tmp_path / "models", size_mb=1.0)
+
+
+@pytest.fixture
+def lab(tmp_path: Path, broker):
+    """Agent processes on the session's broker (a module may define its own)."""
+    from fleetlab import Lab
+
+    lab = Lab(tmp_path / "lab", mqtt_url=broker.url)
+    yield lab
+    lab.close()
+
+
+@pytest.fixture
+def peer(broker, key):
+    """The test-side server: signs manifests with ``key``, serves chunks, records events."""
+    p = Peer(broker.url, key[0])
+    yield p
+    p.close()

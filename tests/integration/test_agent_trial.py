@@ -22,22 +22,6 @@ pytestmark = pytest.mark.broker
 POLICY = {"max_error_rate_ppm": 1000, "max_p95_ratio_pct": 150, "min_requests": 20}
 
 
-@pytest.fixture
-def lab(tmp_path: Path, broker):
-    from fleetlab import Lab
-
-    lab = Lab(tmp_path / "lab", mqtt_url=broker.url)
-    yield lab
-    lab.close()
-
-
-@pytest.fixture
-def peer(broker, key):
-    p = Peer(broker.url, key[0])
-    yield p
-    p.close()
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from modelgen import make_onnx_pair

@@ -32,7 +32,7 @@ from deltafleet.server.errors import UsageError
 from deltafleet.server.policy import parse_latency_ratio
 from deltafleet.shared import sha256_file
 
-from .mqtt_peer import Peer, _save_onnx
+from .mqtt_peer import _save_onnx
 
 TRIALS = 20
 DEPTH = 40  # [256 x 256] MatMuls of the base model: ~0.3 ms an inference, unloaded
@@ -139,22 +139,6 @@ def test_twenty_trials_under_a_cpu_hog_keep_an_identical_model_and_reject_a_2x_s
 
 
 # -- a real agent ---------------------------------------------------------------------------
-
-@pytest.fixture
-def lab(tmp_path: Path, broker):
-    from fleetlab import Lab
-
-    lab = Lab(tmp_path / "lab", mqtt_url=broker.url)
-    yield lab
-    lab.close()
-
-
-@pytest.fixture
-def peer(broker, key):
-    p = Peer(broker.url, key[0])
-    yield p
-    p.close()
-
 
 def test_real_agent_under_a_cpu_hog_keeps_identical_rejects_2x_slower_and_honours_off(
         lab, key, peer, models):
