@@ -30,13 +30,13 @@ DEVICES = {"jetson-1": "jetson", "jetson-2": "jetson", "rpi-1": "rpi"}
 def online(lab: Lab) -> set[str]:
     """Devices the server has marked online (read from its database: polling through
     `fleetctl device list` would pay the CLI's start-up on every poll)."""
-    from deltafleet.server import registry
+    from deltafleet.server import fleet
     from deltafleet.server.store import Store
 
     store = Store(lab.env.get("FLEET_DB_URL") or f"sqlite:///{lab.home}/fleet.db")
     try:
         with store.session() as s:
-            return {d.id for d in registry.list_devices(s) if d.online}
+            return {d.id for d in fleet.list_devices(s) if d.online}
     finally:
         store.dispose()
 

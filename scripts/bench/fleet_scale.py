@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 from fleetlab import Lab, wait_for  # noqa: E402
 from fleetsim import SimFleet  # noqa: E402
 
-from deltafleet.server import registry  # noqa: E402
+from deltafleet.server import catalog, fleet  # noqa: E402
 from deltafleet.server.policy import RolloutPolicy  # noqa: E402
 from deltafleet.server.rollouts import create_rollout, get_rollout, rollout_json  # noqa: E402
 from deltafleet.server.store import BlobStore, Store, upgrade  # noqa: E402
@@ -86,8 +86,8 @@ def setup(root: Path, db_url: str, model: Path, prefix: str, mqtt_url: str) -> t
     SigningKey.generate().save(home / "keys" / "signing.key", home / "keys" / "signing.pub")
     store = Store(db_url)
     with store.session() as s:
-        registry.add_model_version(s, BlobStore(home / "blobs"), "detector", "v1", model)
-        registry.create_group(s, "all", {"hw": "cam"})
+        catalog.add_model_version(s, BlobStore(home / "blobs"), "detector", "v1", model)
+        fleet.create_group(s, "all", {"hw": "cam"})
     return lab, store
 
 

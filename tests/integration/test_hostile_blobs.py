@@ -214,9 +214,9 @@ def test_a_blob_corrupted_mid_download_stops_being_served_and_the_target_is_repl
     sim.add_devices(1, {"hw": "c"}, prefix="c", version=None)  # first install: full artifact
     sim.group("c", hw="c")
     with sim.store.session() as s:
-        from deltafleet.server import registry
+        from deltafleet.server import catalog
 
-        (variant,) = registry.resolve_version(s, "detector:v2").variants
+        (variant,) = catalog.resolve_version(s, "detector:v2").variants
         packed = variant.info["compressed"]["sha256"]
     watcher = ChunkWatcher(sim.cfg.mqtt_url, sim.cfg.topic_prefix)
     try:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from deltafleet.server import registry
+from deltafleet.server import catalog
 from deltafleet.server.planner import delta_worth_it
 from deltafleet.server.rollouts import plan_rollout
 from deltafleet.server.store.models import Artifact, Delta, Variant
@@ -43,7 +43,7 @@ def lab(tmp_path: Path, broker, models):
 
 def variant_of(lab: RolloutLab, version: str) -> Variant:
     with lab.store.session() as s:
-        (variant,) = registry.resolve_version(s, f"detector:{version}").variants
+        (variant,) = catalog.resolve_version(s, f"detector:{version}").variants
         return variant
 
 

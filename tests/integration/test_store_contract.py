@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import func, inspect, select
 
 from deltafleet.agent.codecs import decode_sha256
-from deltafleet.server import registry
+from deltafleet.server import catalog, fleet
+from deltafleet.server.audit import audit, list_audit
 from deltafleet.server.errors import CatalogError, ConflictError, NotFoundError, UsageError
 from deltafleet.server.planner import FullArtifact
 from deltafleet.server.store import (
@@ -110,10 +111,10 @@ class TestSchema:
 class TestDevices:
     def test_hello_twice_updates_the_device_instead_of_duplicating(self, store: Store) -> None:
         with store.session() as s:
-            registry.upsert_device_from_hello(s, hello(arch="x86_64"), T0)
+            fleet.upsert_device_from_hello(s, hello(arch="x86_64"), T0)
         later = T0 + timedelta(minutes=5)
         with store.session() as s:
-            registry.upsert_device_from_hello(
+            fleet.upsert_device_from_hello(
                 s, hello(arch="aarch64", labels={"site": "paris"}), later
             )
         with store.session() as s:
@@ -128,10 +129,10 @@ class TestDevices:
     def test_hello_replaces_the_device_models(self, store: Store) -> None:
         first = (ModelState("det", "v1", SHA_A), ModelState("cls", "v1", SHA_B))
         with store.session() as s:
-            registry.upsert_device_from_hello(s, hello(models=first), T0)
+            fleet.upsert_device_from_hello(s, hello(models=first), T0)
         second = (ModelState("det", "v2", SHA_C, variant="int8"),)
         with store.session() as s:
-            registry.upsert_device_from_hello(s, hello(models=second), T0)
+            fleet.upsert_device_from_hello(s, hello(models=second), T0)
         with store.session() as s:
             rows = s.scalars(select(DeviceModel)).all()
             assert [(r.model_name, r.version, r.variant, r.sha256) for r in rows] == [
@@ -140,84 +141,84 @@ class TestDevices:
 
     def test_timestamps_read_back_timezone_aware(self, store: Store) -> None:
         with store.session() as s:
-            registry.upsert_device_from_hello(s, hello(), T0)
+            fleet.upsert_device_from_hello(s, hello(), T0)
         with store.session() as s:
-            d = registry.get_device(s, "dev-1")
+            d = fleet.get_device(s, "dev-1")
             assert d.last_seen is not None and d.last_seen.tzinfo is not None
             assert d.last_seen == T0
 
     def test_status_marks_a_known_device_offline(self, store: Store) -> None:
         with store.session() as s:
-            registry.upsert_device_from_hello(s, hello(), T0)
-            registry.set_device_online(s, "dev-1", False, T0 + timedelta(seconds=1))
+            fleet.upsert_device_from_hello(s, hello(), T0)
+            fleet.set_device_online(s, "dev-1", False, T0 + timedelta(seconds=1))
         with store.session() as s:
             assert s.get(Device, "dev-1").online is False  # type: ignore[union-attr]
 
     def test_status_of_an_unknown_device_writes_nothing(self, store: Store) -> None:
         with store.session() as s:
-            registry.set_device_online(s, "ghost", True, T0)
+            fleet.set_device_online(s, "ghost", True, T0)
         assert counts(store)["devices"] == 0
 
     def test_record_device_model_upserts_one_row_per_model(self, store: Store) -> None:
         with store.session() as s:
-            registry.upsert_device_from_hello(s, hello(), T0)
-            registry.record_device_model(s, "dev-1", "det", "v1", "default", SHA_A, T0)
-            registry.record_device_model(s, "dev-1", "det", "v2", "default", SHA_B, T0)
-            assert registry.record_device_model(s, "ghost", "det", "v1", None, SHA_A, T0) is None
+            fleet.upsert_device_from_hello(s, hello(), T0)
+            fleet.record_device_model(s, "dev-1", "det", "v1", "default", SHA_A, T0)
+            fleet.record_device_model(s, "dev-1", "det", "v2", "default", SHA_B, T0)
+            assert fleet.record_device_model(s, "ghost", "det", "v1", None, SHA_A, T0) is None
         with store.session() as s:
             rows = s.scalars(select(DeviceModel)).all()
             assert [(r.model_name, r.version, r.sha256) for r in rows] == [("det", "v2", SHA_B)]
 
     def test_unknown_device_is_not_found(self, store: Store) -> None:
         with store.session() as s, pytest.raises(NotFoundError):
-            registry.get_device(s, "ghost")
+            fleet.get_device(s, "ghost")
 
 
 class TestGroups:
     def test_group_selects_devices_by_label(self, store: Store) -> None:
         with store.session() as s:
-            registry.upsert_device_from_hello(s, hello("a", labels={"site": "berlin"}), T0)
-            registry.upsert_device_from_hello(s, hello("b", labels={"site": "paris"}), T0)
-            registry.create_group(s, "berlin", {"site": "berlin"})
+            fleet.upsert_device_from_hello(s, hello("a", labels={"site": "berlin"}), T0)
+            fleet.upsert_device_from_hello(s, hello("b", labels={"site": "paris"}), T0)
+            fleet.create_group(s, "berlin", {"site": "berlin"})
         with store.session() as s:
-            assert [d.id for d in registry.devices_in_group(s, "berlin")] == ["a"]
+            assert [d.id for d in fleet.devices_in_group(s, "berlin")] == ["a"]
 
     def test_group_selects_devices_by_arch_and_label_together(self, store: Store) -> None:
         with store.session() as s:
-            registry.upsert_device_from_hello(s, hello("a", arch="aarch64"), T0)
-            registry.upsert_device_from_hello(s, hello("b", arch="x86_64"), T0)
-            registry.upsert_device_from_hello(s, hello("c", arch="aarch64", labels={}), T0)
-            registry.create_group(s, "jetson", {"arch": "aarch64", "site": "berlin"})
+            fleet.upsert_device_from_hello(s, hello("a", arch="aarch64"), T0)
+            fleet.upsert_device_from_hello(s, hello("b", arch="x86_64"), T0)
+            fleet.upsert_device_from_hello(s, hello("c", arch="aarch64", labels={}), T0)
+            fleet.create_group(s, "jetson", {"arch": "aarch64", "site": "berlin"})
         with store.session() as s:
-            assert [d.id for d in registry.devices_in_group(s, "jetson")] == ["a"]
+            assert [d.id for d in fleet.devices_in_group(s, "jetson")] == ["a"]
 
     def test_empty_selector_matches_every_device(self, store: Store) -> None:
         with store.session() as s:
-            registry.upsert_device_from_hello(s, hello("a"), T0)
-            registry.upsert_device_from_hello(s, hello("b", labels={}), T0)
-            registry.create_group(s, "all", {})
+            fleet.upsert_device_from_hello(s, hello("a"), T0)
+            fleet.upsert_device_from_hello(s, hello("b", labels={}), T0)
+            fleet.create_group(s, "all", {})
         with store.session() as s:
-            assert [d.id for d in registry.devices_in_group(s, "all")] == ["a", "b"]
+            assert [d.id for d in fleet.devices_in_group(s, "all")] == ["a", "b"]
 
     def test_device_matches_requires_every_selector_entry(self, store: Store) -> None:
         with store.session() as s:
-            d = registry.upsert_device_from_hello(s, hello(arch="aarch64"), T0)
-            assert registry.device_matches(d, {})
-            assert registry.device_matches(d, {"arch": "aarch64", "os": "linux"})
-            assert not registry.device_matches(d, {"arch": "aarch64", "site": "paris"})
-            assert not registry.device_matches(d, {"missing-label": "x"})
+            d = fleet.upsert_device_from_hello(s, hello(arch="aarch64"), T0)
+            assert fleet.device_matches(d, {})
+            assert fleet.device_matches(d, {"arch": "aarch64", "os": "linux"})
+            assert not fleet.device_matches(d, {"arch": "aarch64", "site": "paris"})
+            assert not fleet.device_matches(d, {"missing-label": "x"})
 
     def test_unknown_group_is_not_found(self, store: Store) -> None:
         with store.session() as s, pytest.raises(NotFoundError):
-            registry.devices_in_group(s, "nope")
+            fleet.devices_in_group(s, "nope")
 
     def test_duplicate_group_is_a_conflict(self, store: Store) -> None:
         with store.session() as s:
-            registry.create_group(s, "g", {"arch": "aarch64"})
+            fleet.create_group(s, "g", {"arch": "aarch64"})
         with store.session() as s, pytest.raises(ConflictError):
-            registry.create_group(s, "g", {"arch": "x86_64"})
+            fleet.create_group(s, "g", {"arch": "x86_64"})
         with store.session() as s:
-            assert [g.selector for g in registry.list_groups(s)] == [{"arch": "aarch64"}]
+            assert [g.selector for g in fleet.list_groups(s)] == [{"arch": "aarch64"}]
 
 
 class TestModels:
@@ -225,11 +226,11 @@ class TestModels:
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
         with store.session() as s:
-            v = registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            v = catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
         assert blobs.has(v.artifact_sha256)
         assert blobs.path(v.artifact_sha256).read_bytes() == onnx_files[0].read_bytes()
         with store.session() as s:
-            m = registry.get_model(s, "det")
+            m = catalog.get_model(s, "det")
             assert [mv.version for mv in m.versions] == ["v1"]
             variant = m.versions[0].variants[0]
             assert (variant.name, variant.format, variant.precision) == ("default", "onnx", "fp32")
@@ -240,7 +241,7 @@ class TestModels:
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
         with store.session() as s:
-            v = registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            v = catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
         packed = v.info["compressed"]
         assert packed["codec"] == "zstd" and packed["size_bytes"] < v.info["size_bytes"]
         assert sha256_file(blobs.path(packed["sha256"])) == packed["sha256"]
@@ -250,27 +251,27 @@ class TestModels:
             artifact = s.get(Artifact, packed["sha256"])
             assert artifact is not None
             assert (artifact.kind, artifact.size_bytes) == ("compressed", packed["size_bytes"])
-            (option,) = registry.variant_options(s, v.version_id)
+            (option,) = catalog.variant_options(s, v.version_id)
             assert option.full == FullArtifact("zstd", packed["sha256"], packed["size_bytes"])
 
     def test_variants_registered_before_compression_are_backfilled_once(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
         with store.session() as s:
-            v = registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            v = catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
             packed = v.info["compressed"]
             v.info = {k: x for k, x in v.info.items() if k != "compressed"}  # as registered before
         blobs.delete(packed["sha256"])
         with store.session() as s:
             s.delete(s.get(Artifact, packed["sha256"]))
         with store.session() as s:
-            ((variant, form),) = registry.backfill_compressed(s, blobs, "det")
+            ((variant, form),) = catalog.backfill_compressed(s, blobs, "det")
             assert form == packed  # same frame, same blob address
         with store.session() as s:
-            (option,) = registry.variant_options(s, v.version_id)
+            (option,) = catalog.variant_options(s, v.version_id)
             assert option.full == FullArtifact("zstd", packed["sha256"], packed["size_bytes"])
             assert s.get(Artifact, packed["sha256"]).kind == "compressed"  # type: ignore[union-attr]
-            assert registry.backfill_compressed(s, blobs) == []  # nothing left to do
+            assert catalog.backfill_compressed(s, blobs) == []  # nothing left to do
         assert decode_sha256("zstd", blobs.path(packed["sha256"]), None) == (
             v.artifact_sha256, v.info["size_bytes"])
 
@@ -279,22 +280,22 @@ class TestModels:
     ) -> None:
         noise = modelgen.make_incompressible_onnx_model(tmp_path / "noise.onnx", size_mb=0.05)
         with store.session() as s:
-            v = registry.add_model_version(s, blobs, "det", "v1", noise)
+            v = catalog.add_model_version(s, blobs, "det", "v1", noise)
         assert "compressed" not in v.info
         assert blob_files(blobs) == [f"{v.artifact_sha256[:2]}/{v.artifact_sha256}"]
         with store.session() as s:
             assert counts(store)["artifacts"] == 1
-            (option,) = registry.variant_options(s, v.version_id)
+            (option,) = catalog.variant_options(s, v.version_id)
             assert option.full == FullArtifact("identity", v.artifact_sha256, noise.stat().st_size)
 
     def test_duplicate_version_is_a_conflict_and_writes_nothing(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
         with store.session() as s:
-            registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
         before, files = counts(store), blob_files(blobs)
         with pytest.raises(ConflictError), store.session() as s:
-            registry.add_model_version(s, blobs, "det", "v1", onnx_files[1])
+            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[1])
         assert counts(store) == before
         assert blob_files(blobs) == files
 
@@ -302,12 +303,12 @@ class TestModels:
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
         with store.session() as s:
-            registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
         with store.session() as s:
-            registry.add_model_version(s, blobs, "det", "v1", onnx_files[1],
-                                       variant="int8", precision="int8")
+            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[1],
+                                      variant="int8", precision="int8")
         with store.session() as s:
-            versions = registry.get_model(s, "det").versions
+            versions = catalog.get_model(s, "det").versions
             assert len(versions) == 1
             assert sorted(v.name for v in versions[0].variants) == ["default", "int8"]
 
@@ -317,7 +318,7 @@ class TestModels:
         junk = tmp_path / "junk.onnx"
         junk.write_bytes(b"not a model at all")
         with pytest.raises(CatalogError), store.session() as s:
-            registry.add_model_version(s, blobs, "det", "v1", junk)
+            catalog.add_model_version(s, blobs, "det", "v1", junk)
         assert sum(counts(store).values()) == 0
         assert blob_files(blobs) == []
 
@@ -328,47 +329,47 @@ class TestModels:
         version: str
     ) -> None:
         with pytest.raises(UsageError), store.session() as s:
-            registry.add_model_version(s, blobs, name, version, onnx_files[0])
+            catalog.add_model_version(s, blobs, name, version, onnx_files[0])
         assert blob_files(blobs) == []
 
     def test_resolve_version_by_name_and_version(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
         with store.session() as s:
-            registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
-            registry.add_model_version(s, blobs, "det", "v2", onnx_files[1])
+            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            catalog.add_model_version(s, blobs, "det", "v2", onnx_files[1])
         with store.session() as s:
-            mv = registry.resolve_version(s, "det:v2")
+            mv = catalog.resolve_version(s, "det:v2")
             assert (mv.model.name, mv.version) == ("det", "v2")
-            assert registry.resolve_version(s, "v1").version == "v1"
+            assert catalog.resolve_version(s, "v1").version == "v1"
 
     def test_bare_version_is_ambiguous_with_two_models(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
         with store.session() as s:
-            registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
-            registry.add_model_version(s, blobs, "cls", "v1", onnx_files[1])
+            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            catalog.add_model_version(s, blobs, "cls", "v1", onnx_files[1])
         with store.session() as s:
             with pytest.raises(UsageError, match="NAME:VERSION"):
-                registry.resolve_version(s, "v1")
-            assert registry.resolve_version(s, "cls:v1").model.name == "cls"
+                catalog.resolve_version(s, "v1")
+            assert catalog.resolve_version(s, "cls:v1").model.name == "cls"
 
     def test_unknown_model_or_version_is_not_found(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
         with store.session() as s:
-            registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
         with store.session() as s:
             for spec in ("det:v9", "nope:v1", "v9"):
                 with pytest.raises(NotFoundError):
-                    registry.resolve_version(s, spec)
+                    catalog.resolve_version(s, spec)
 
     def test_same_file_in_two_versions_shares_one_artifact(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
         with store.session() as s:
-            v1 = registry.add_model_version(s, blobs, "det", "v1", onnx_files[0])
-            v2 = registry.add_model_version(s, blobs, "det", "v2", onnx_files[0])
+            v1 = catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+            v2 = catalog.add_model_version(s, blobs, "det", "v2", onnx_files[0])
             assert v1.info["compressed"] == v2.info["compressed"]
         c = counts(store)
         # the model and its compressed form, each stored once
@@ -380,11 +381,11 @@ class TestAudit:
     def test_audit_lists_entries_since_a_time_oldest_first(self, store: Store) -> None:
         with store.session() as s:
             for i, minutes in enumerate((0, 10, 20)):
-                registry.audit(s, "alice", "model.add", f"det:v{i}", {"i": i},
-                               at=T0 + timedelta(minutes=minutes))
+                audit(s, "alice", "model.add", f"det:v{i}", {"i": i},
+                      at=T0 + timedelta(minutes=minutes))
         with store.session() as s:
-            assert [e.subject for e in registry.list_audit(s)] == ["det:v0", "det:v1", "det:v2"]
-            recent = registry.list_audit(s, T0 + timedelta(minutes=10))
+            assert [e.subject for e in list_audit(s)] == ["det:v0", "det:v1", "det:v2"]
+            recent = list_audit(s, T0 + timedelta(minutes=10))
             assert [(e.subject, e.details) for e in recent] == [
                 ("det:v1", {"i": 1}), ("det:v2", {"i": 2})
             ]
@@ -392,15 +393,15 @@ class TestAudit:
 
     def test_since_in_another_timezone_compares_as_the_same_instant(self, store: Store) -> None:
         with store.session() as s:
-            registry.audit(s, "bob", "group.create", "g", {}, at=T0)
+            audit(s, "bob", "group.create", "g", {}, at=T0)
         berlin = timezone(timedelta(hours=1))
         with store.session() as s:
-            assert len(registry.list_audit(s, T0.astimezone(berlin))) == 1
-            assert registry.list_audit(s, (T0 + timedelta(seconds=1)).astimezone(berlin)) == []
+            assert len(list_audit(s, T0.astimezone(berlin))) == 1
+            assert list_audit(s, (T0 + timedelta(seconds=1)).astimezone(berlin)) == []
 
     def test_failed_transaction_leaves_no_audit_entry(self, store: Store) -> None:
         with pytest.raises(RuntimeError), store.session() as s:
-            registry.audit(s, "bob", "group.create", "g", {})
+            audit(s, "bob", "group.create", "g", {})
             raise RuntimeError("boom")
         with store.session() as s:
             assert s.scalar(select(func.count()).select_from(AuditEntry)) == 0
@@ -425,7 +426,7 @@ def test_two_replicas_ingesting_hellos_of_the_same_new_devices_both_succeed(pg_u
             start.wait()
             for _ in range(5):
                 with store.session() as s:
-                    registry.upsert_devices_from_hellos(
+                    fleet.upsert_devices_from_hellos(
                         s, [hello(i, models=models) for i in order], datetime.now(UTC))
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)

@@ -1,0 +1,32 @@
+"""The deltafleet server: the fleet controller daemon and ``fleetctl``.
+
+Public subpackages and modules, by noun: ``fleet`` (devices, groups), ``catalog`` (model
+inspection and registered models), ``audit``, ``views`` (``--json`` rendering), ``rollouts``,
+``planner``, ``codecs`` (delta encoders), ``store`` (database and blobs), ``errors``; the
+``daemon`` and the ``cli`` sit at the edge. Nothing is imported here: importing
+``deltafleet.server`` stays cheap.
+"""
+
+__all__ = [
+    "audit",
+    "catalog",
+    "cli",
+    "codecs",
+    "config",
+    "controller",
+    "daemon",
+    "deltas",
+    "enroll",
+    "errors",
+    "fleet",
+    "hostile",
+    "ingest",
+    "keys",
+    "pki",
+    "planner",
+    "policy",
+    "rollouts",
+    "store",
+    "storecheck",
+    "views",
+]

@@ -37,8 +37,8 @@ from sqlalchemy.orm import Session
 
 from deltafleet.shared import sha256_file
 
+from .catalog import COMPRESSED_KIND, compressed_artifact
 from .codecs import build_compressed_full, choose, default_encoders
-from .registry import COMPRESSED_KIND, compressed_artifact
 from .store import BlobCheck, BlobStore, BlobVerifier
 from .store.models import Artifact, Delta, Model, ModelVersion, Rollout, RolloutTarget, Variant
 

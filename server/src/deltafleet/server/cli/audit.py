@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import registry
+from .. import views
+from ..audit import list_audit
 from ..errors import UsageError
 from ._common import JSON_HELP, console, fmt_time, open_store, print_json
 
@@ -44,7 +45,7 @@ def audit(
     """Show the audit log (oldest first): every change made through fleetctl."""
     start = parse_since(since) if since else None
     with open_store() as store, store.session() as s:
-        rows = [registry.audit_to_json(e) for e in registry.list_audit(s, start)]
+        rows = [views.audit_to_json(e) for e in list_audit(s, start)]
     if json_:
         print_json(rows)
         return

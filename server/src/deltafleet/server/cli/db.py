@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .. import registry
+from ..audit import audit
 from ..store import Store, current_revision, head_revision, safe_url, upgrade
 from ._common import JSON_HELP, actor, console, load_config, print_json
 
@@ -24,8 +24,8 @@ def upgrade_cmd() -> None:
         console.print(f"database {safe_url(cfg.db_url)} is at {head} (up to date)")
         return
     with Store(cfg.db_url) as store, store.session() as s:
-        registry.audit(s, actor(), "db.upgrade", safe_url(cfg.db_url),
-                       {"from": before, "to": head})
+        audit(s, actor(), "db.upgrade", safe_url(cfg.db_url),
+              {"from": before, "to": head})
     console.print(f"database {safe_url(cfg.db_url)} migrated from {before or 'empty'} to {head}")
 
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .. import registry
+from .. import catalog
 from ..codecs import DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_TIME_BUDGET_S, Budget, choose
 from ..errors import NotFoundError, UsageError
 from ..planner import delta_worth_it
@@ -36,7 +36,7 @@ def _variant(session: Session, spec: str) -> tuple[str, Variant]:
     version_spec, _, variant_name = spec.partition("/")
     if not version_spec or (("/" in spec) and not variant_name):
         raise UsageError(f"invalid spec {spec!r}: use NAME:VERSION[/VARIANT]")
-    mv = registry.resolve_version(session, version_spec)
+    mv = catalog.resolve_version(session, version_spec)
     variants = {v.name: v for v in mv.variants}
     if variant_name:
         chosen = variants.get(variant_name)
@@ -70,7 +70,7 @@ def _delta_json(session: Session, d: Delta) -> dict[str, Any]:
     artifact (what a full install ships: the compressed model when the catalog has one)."""
     labels = _labels(session, {d.base_sha256, d.target_sha256})
     target = session.get(Artifact, d.target_sha256)
-    full = registry.full_artifact(session, d.target_sha256)
+    full = catalog.full_artifact(session, d.target_sha256)
     full_bytes = full.size_bytes if full else None
     return {
         "id": d.id,
@@ -121,7 +121,7 @@ def build(
                 data = _delta_json(s, existing) | {"cached": True}
                 _print_built(data, json_out)
                 return
-            full = registry.full_artifact(s, target_sha)
+            full = catalog.full_artifact(s, target_sha)
         work = cfg.home / "work"
         work.mkdir(parents=True, exist_ok=True)
         with err_console.status(f"building delta {base_label} -> {target_label}"):

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import enroll, registry
+from .. import enroll, fleet, views
+from ..audit import audit
 from ._common import (
     JSON_HELP,
     actor,
@@ -32,9 +33,9 @@ def list_cmd(
 ) -> None:
     """List devices: online state, profile, labels and the models they run."""
     with open_store() as store, store.session() as s:
-        devices = (registry.devices_in_group(s, group) if group is not None
-                   else registry.list_devices(s))
-        rows = [registry.device_to_json(d) for d in devices]
+        devices = (fleet.devices_in_group(s, group) if group is not None
+                   else fleet.list_devices(s))
+        rows = [views.device_to_json(d) for d in devices]
     if json_:
         print_json(rows)
         return
@@ -61,7 +62,7 @@ def show(
 ) -> None:
     """Show one device: profile, labels, presence and each model it runs (with sha256)."""
     with open_store() as store, store.session() as s:
-        d = registry.device_to_json(registry.get_device(s, device_id))
+        d = views.device_to_json(fleet.get_device(s, device_id))
     if json_:
         print_json(d)
         return
@@ -108,8 +109,8 @@ def enroll_cmd(
     result = enroll.enroll_device(cfg, device_id, out or Path(f"enroll-{device_id}"),
                                   broker_url=broker_url, install_dir=install_dir)
     with open_store(cfg) as store, store.session() as s:
-        registry.audit(s, actor(), "device.enroll", device_id,
-                       {"serial": str(result.serial), "broker_url": result.broker_url})
+        audit(s, actor(), "device.enroll", device_id,
+              {"serial": str(result.serial), "broker_url": result.broker_url})
     if json_:
         print_json({"device_id": device_id, "directory": str(result.directory),
                     "serial": str(result.serial), "files": [str(f) for f in result.files]})
@@ -127,7 +128,7 @@ def revoke_cmd(
     cfg = load_config()
     serials = enroll.revoke_device(cfg, device_id, reason=reason)
     with open_store(cfg) as store, store.session() as s:
-        registry.audit(s, actor(), "device.revoke", device_id,
-                       {"serials": [str(x) for x in serials], "reason": reason})
+        audit(s, actor(), "device.revoke", device_id,
+              {"serials": [str(x) for x in serials], "reason": reason})
     console.print(f"revoked {device_id}: {len(serials)} certificate(s) on the CRL; "
                   "reload the broker to apply it")

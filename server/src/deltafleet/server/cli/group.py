@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import registry
+from .. import fleet, views
+from ..audit import audit
 from ..errors import UsageError
 from ._common import JSON_HELP, actor, console, open_store, print_json
 
@@ -25,7 +26,7 @@ def parse_matches(matches: list[str]) -> dict[str, str]:
         if key in selector:
             raise UsageError(f"--match {key} is given twice")
         selector[key] = value
-    return registry.check_selector(selector)
+    return fleet.check_selector(selector)
 
 
 @app.command("create")
@@ -49,9 +50,9 @@ def create(
         raise UsageError("--all and --match exclude each other")
     selector = parse_matches(matches)
     with open_store() as store, store.session() as s:
-        group = registry.create_group(s, name, selector)
-        n = len(registry.devices_in_group(s, name))
-        registry.audit(s, actor(), "group.create", name, {"selector": selector})
+        group = fleet.create_group(s, name, selector)
+        n = len(fleet.devices_in_group(s, name))
+        audit(s, actor(), "group.create", name, {"selector": selector})
     shown = ", ".join(f"{k}={v}" for k, v in selector.items()) or "all devices"
     console.print(f"created group {group.name} ({shown}); matches {n} device(s) now")
 
@@ -60,12 +61,12 @@ def create(
 def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """List groups with their selectors and the devices they match now."""
     with open_store() as store, store.session() as s:
-        devices = registry.list_devices(s)
+        devices = fleet.list_devices(s)
         rows = [
-            registry.group_to_json(
-                g, [d.id for d in devices if registry.device_matches(d, g.selector)]
+            views.group_to_json(
+                g, [d.id for d in devices if fleet.device_matches(d, g.selector)]
             )
-            for g in registry.list_groups(s)
+            for g in fleet.list_groups(s)
         ]
     if json_:
         print_json(rows)

@@ -7,7 +7,7 @@ import stat
 
 from deltafleet.shared import SigningKey
 
-from .. import registry
+from ..audit import audit
 from ..store import Store, current_revision, head_revision, safe_url, upgrade
 from ._common import actor, console, load_config
 
@@ -60,5 +60,5 @@ def init() -> None:
 
     if done:
         with Store(cfg.db_url) as store, store.session() as s:
-            registry.audit(s, actor(), "init", str(cfg.home), {"done": done})
+            audit(s, actor(), "init", str(cfg.home), {"done": done})
     console.print("ready" if done else "nothing to do")

@@ -17,7 +17,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from deltafleet.shared import DeltafleetError, SigningKey
 
-from .. import keys, registry
+from .. import keys
+from ..audit import audit
 from ..store import Store
 from ._common import JSON_HELP, actor, console, fmt_time, load_config, print_json
 
@@ -28,7 +29,7 @@ def _audit(action: str, subject: str, details: dict) -> None:
     cfg = load_config()
     try:
         with Store(cfg.db_url) as store, store.session() as s:
-            registry.audit(s, actor(), action, subject, details)
+            audit(s, actor(), action, subject, details)
     except (DeltafleetError, SQLAlchemyError):
         pass  # key commands work without a database (e.g. before `fleetctl init`)
 

@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import registry
+from .. import catalog, views
+from ..audit import audit
 from ..store import BlobStore, Store
 from ..store.models import Artifact
 from ._common import (
@@ -63,12 +64,12 @@ def add(
                 err_console.status(f"inspecting, storing and compressing {file.name}"),
                 store.session() as s,
             ):
-                new_blobs = s.info.setdefault(registry.NEW_BLOBS_KEY, set())
-                row = registry.add_model_version(s, blobs, name, version, file,
+                new_blobs = s.info.setdefault(catalog.NEW_BLOBS_KEY, set())
+                row = catalog.add_model_version(s, blobs, name, version, file,
                                                  variant=variant, precision=precision,
                                                  golden=golden or [])
-                compressed = registry.compressed_artifact(row.info)
-                registry.audit(s, actor(), "model.add", f"{name}:{version}", {
+                compressed = catalog.compressed_artifact(row.info)
+                audit(s, actor(), "model.add", f"{name}:{version}", {
                     "variant": variant, "precision": precision, "format": row.format,
                     "sha256": row.artifact_sha256, "file": str(file),
                     "compressed_sha256": compressed.sha256 if compressed else None,
@@ -106,14 +107,14 @@ def compress(
         new_blobs: set[str] = set()
         try:
             with err_console.status("compressing"), store.session() as s:
-                new_blobs = s.info.setdefault(registry.NEW_BLOBS_KEY, set())
+                new_blobs = s.info.setdefault(catalog.NEW_BLOBS_KEY, set())
                 if name is not None:
-                    registry.get_model(s, name)  # NotFoundError for an unknown model
-                done = registry.backfill_compressed(s, blobs, name)
+                    catalog.get_model(s, name)  # NotFoundError for an unknown model
+                done = catalog.backfill_compressed(s, blobs, name)
                 rows = [(v.id, v.artifact_sha256, (v.info or {}).get("size_bytes"), form)
                         for v, form in done]
                 if done:
-                    registry.audit(s, actor(), "model.compress", name or "*", {
+                    audit(s, actor(), "model.compress", name or "*", {
                         "variants": [r[0] for r in rows],
                         "compressed": sum(1 for r in rows if r[3] is not None)})
         except BaseException:
@@ -131,7 +132,7 @@ def compress(
 def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """List models with their versions and variants."""
     with open_store() as store, store.session() as s:
-        models = [registry.model_to_json(m, detail=False) for m in registry.list_models(s)]
+        models = [views.model_to_json(m, detail=False) for m in catalog.list_models(s)]
     if json_:
         print_json(models)
         return
@@ -156,7 +157,7 @@ def show(
     """Show one model: versions, variants, format, precision, sha256, size, what a full
     install ships (the zstd-compressed file when smaller) and IO signature."""
     with open_store() as store, store.session() as s:
-        model = registry.model_to_json(registry.get_model(s, name))
+        model = views.model_to_json(catalog.get_model(s, name))
     if json_:
         print_json(model)
         return

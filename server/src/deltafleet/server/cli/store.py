@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import registry
+from ..audit import audit
 from ..errors import UsageError
 from ..storecheck import repair, verify_store
 from ._common import JSON_HELP, actor, blob_store, console, err_console, load_config, open_store, print_json
@@ -44,7 +44,7 @@ def verify(
         if repair_ and bad_before:
             with err_console.status("repairing"):
                 repair(s, blobs, reports, list(sources or []), cfg.home / "work")
-            registry.audit(s, actor(), "store.repair", "store", {
+            audit(s, actor(), "store.repair", "store", {
                 r.sha256: {"status": r.status, "repair": r.repair} for r in bad_before})
     bad = [r for r in reports if r.status not in ("ok", "repaired")]
     if json_:

@@ -1,0 +1,47 @@
+"""The fleet: devices as they report themselves (``devices``) and groups of them (``groups``).
+
+Both modules work in the caller's SQLAlchemy session and never commit. Import either module,
+or the names below from the package.
+"""
+
+from __future__ import annotations
+
+from .devices import (
+    get_device,
+    list_devices,
+    record_device_model,
+    set_device_online,
+    set_devices_presence,
+    upsert_device_from_hello,
+    upsert_devices_from_hellos,
+)
+from .groups import (
+    GROUP_NAME_RE,
+    PROFILE_SELECTOR_KEYS,
+    SELECTOR_KEY_RE,
+    check_selector,
+    create_group,
+    device_matches,
+    devices_in_group,
+    get_group,
+    list_groups,
+)
+
+__all__ = [
+    "GROUP_NAME_RE",
+    "PROFILE_SELECTOR_KEYS",
+    "SELECTOR_KEY_RE",
+    "check_selector",
+    "create_group",
+    "device_matches",
+    "devices_in_group",
+    "get_device",
+    "get_group",
+    "list_devices",
+    "list_groups",
+    "record_device_model",
+    "set_device_online",
+    "set_devices_presence",
+    "upsert_device_from_hello",
+    "upsert_devices_from_hellos",
+]
