@@ -3,6 +3,7 @@
 from .canonical import canonical_json, parse_json_object
 from .contracts import (
     ROLLOUT_HEALTH,
+    SIGNABLE_DTYPES,
     EventState,
     GoldenInput,
     GoldenTensor,
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE_BYTES",
     "DEFAULT_PREFIX",
     "ROLLOUT_HEALTH",
+    "SIGNABLE_DTYPES",
     "WIRE_VERSION",
     "Ack",
     "ArtifactRef",
