@@ -150,7 +150,8 @@ class TensorSpec:
     def signed(self) -> TensorSpec:
         """This spec as a signature carries it: every dynamic or named dimension is None."""
         return TensorSpec(self.name, self.dtype,
-                          tuple(d if _is_int(d) and d >= 0 else None for d in self.shape))
+                          tuple(d if isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                else None for d in self.shape))
 
     @classmethod
     def from_wire(cls, d: Any) -> TensorSpec:
