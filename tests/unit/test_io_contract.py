@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deltafleet.agent.runtime import load_model
 from deltafleet.agent.serving import decode_golden, io_difference, io_signature
-from deltafleet.server.catalog import GOLDEN_MAX_BYTES, inspect_model, load_golden
+from deltafleet.server.catalog import GOLDEN_MAX_BYTES, inspect_model, load_golden, signature
 from deltafleet.server.catalog import io_signature as catalog_signature
 from deltafleet.server.errors import CatalogError
 
@@ -50,6 +50,7 @@ def test_catalog_signature_equals_what_the_runtime_reports(tmp_path: Path, make:
     loaded = load_model(path, fmt)
     try:
         assert io_difference(io_signature(loaded), signed) is None, (io_signature(loaded), signed)
+        assert loaded.signature.diff(signature(inspect_model(path).to_json())) == []
     finally:
         loaded.close()
 

@@ -14,9 +14,9 @@ import pytest
 import tflite
 from onnx import TensorProto, helper, numpy_helper
 
-from deltafleet.server.catalog import ModelInfo, TensorSpec, detect_format, inspect_model
+from deltafleet.server.catalog import ModelInfo, detect_format, inspect_model
 from deltafleet.server.errors import CatalogError
-from deltafleet.shared import sha256_file
+from deltafleet.shared import TensorSpec, sha256_file
 
 MB = modelgen.BYTES_PER_MB
 

@@ -15,13 +15,13 @@ from onnx import TensorProto, helper
 from deltafleet.agent import runtime
 from deltafleet.agent.errors import ModelRuntimeError
 from deltafleet.agent.runtime import (
-    IOSpec,
     LoadedModel,
     available_runtimes,
     load_model,
     smoke_test,
     zero_feeds,
 )
+from deltafleet.shared import TensorSpec
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_onnx_model_loads_in_onnxruntime(onnx_path: Path) -> None:
     with load_model(onnx_path, "onnx") as model:
         assert isinstance(model, LoadedModel)
         assert (model.format, model.runtime) == ("onnx", "onnxruntime")
-        assert model.inputs == (IOSpec("input", "float32", (None, 64)),)
-        assert model.outputs == (IOSpec("output", "float32", (None, 10)),)
+        assert model.inputs == (TensorSpec("input", "float32", (None, 64)),)
+        assert model.outputs == (TensorSpec("output", "float32", (None, 10)),)
 
 
 def test_onnx_smoke_test_gives_one_finite_row(onnx_path: Path) -> None:
@@ -98,8 +98,8 @@ def test_smoke_test_rejects_non_finite_outputs(tmp_path: Path) -> None:
 def test_tflite_prefers_litert(tflite_path: Path) -> None:
     with load_model(tflite_path, "tflite") as model:
         assert (model.format, model.runtime) == ("tflite", "litert")
-        assert model.inputs == (IOSpec("input", "float32", (1, 8)),)
-        assert model.outputs == (IOSpec("output", "float32", (1, 4)),)
+        assert model.inputs == (TensorSpec("input", "float32", (1, 8)),)
+        assert model.outputs == (TensorSpec("output", "float32", (1, 4)),)
 
 
 def test_litert_computes_the_fully_connected_layer(tflite_path: Path) -> None:

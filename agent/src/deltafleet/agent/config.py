@@ -41,9 +41,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deltafleet.shared import DEFAULT_PREFIX, WireError, check_device_id
+from deltafleet.shared import DEFAULT_PREFIX, HealthPolicy, WireError, check_device_id
 
 from .errors import ConfigError
+
+_TRIAL_DEFAULTS = HealthPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +91,11 @@ class AgentConfig:
     swap_memory_factor: float = 3.0
     hold_timeout_s: float = 30.0  # longest a request waits for a cold swap
     warmup_runs: int = 3
-    # Trial defaults for keys the manifest's health_policy leaves out.
-    trial_max_error_rate_ppm: int = 10_000
-    trial_max_p95_ratio_pct: int = 0
-    trial_min_requests: int = 20
-    trial_p95_slack_us: int = 1_000
+    # Trial defaults for keys the manifest's health_policy leaves out (HealthPolicy's own).
+    trial_max_error_rate_ppm: int = _TRIAL_DEFAULTS.max_error_rate_ppm
+    trial_max_p95_ratio_pct: int = _TRIAL_DEFAULTS.max_p95_ratio_pct
+    trial_min_requests: int = _TRIAL_DEFAULTS.min_requests
+    trial_p95_slack_us: int = _TRIAL_DEFAULTS.p95_slack_us
     max_trial_restarts: int = 1  # agent restarts during one trial before it rolls back
     # Outbox: exponential backoff with full jitter between delivery attempts.
     outbox_backoff_min_s: float = 0.5

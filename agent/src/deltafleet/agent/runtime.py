@@ -7,6 +7,10 @@ output) surfaces as a one-line :class:`ModelRuntimeError`; the foreign exception
 
 Runtime names used throughout the agent (device profile, ``prefer=``):
 ``onnxruntime`` (format ``onnx``), ``litert`` and ``tflite-runtime`` (format ``tflite``).
+
+A model's inputs and outputs are :class:`deltafleet.shared.TensorSpec` with numpy dtype names
+and every dynamic dimension as None, so ``LoadedModel.signature`` compares directly with the
+signature a manifest signs.
 """
 
 from __future__ import annotations
@@ -16,19 +20,19 @@ import importlib.metadata
 import importlib.util
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
+from deltafleet.shared import IoSignature, TensorSpec
+
 from .errors import ModelRuntimeError
 
 __all__ = [
     "FORMATS",
     "RUNTIMES",
-    "IOSpec",
     "LoadedModel",
     "OnnxRuntimeModel",
     "TFLiteModel",
@@ -75,15 +79,6 @@ _ORT_TYPES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class IOSpec:
-    """One model input or output as the runtime declares it."""
-
-    name: str
-    dtype: str  # numpy dtype name, e.g. "float32"
-    shape: tuple[int | None, ...]  # None = dynamic dimension
-
-
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 300 else text[:297] + "..."
@@ -94,8 +89,13 @@ class LoadedModel(ABC):
 
     format: str
     runtime: str
-    inputs: tuple[IOSpec, ...]
-    outputs: tuple[IOSpec, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def signature(self) -> IoSignature:
+        """The IO contract this model has, as a manifest signs it."""
+        return IoSignature.of(self.inputs, self.outputs)
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -159,9 +159,9 @@ class OnnxRuntimeModel(LoadedModel):
         self._session = None
 
 
-def _ort_spec(arg: Any) -> IOSpec:
+def _ort_spec(arg: Any) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or ()))
-    return IOSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, str(arg.type)), shape=shape)
+    return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, str(arg.type)), shape=shape)
 
 
 class TFLiteModel(LoadedModel):
@@ -233,11 +233,11 @@ class TFLiteModel(LoadedModel):
             self._interp = None
 
 
-def _tflite_spec(detail: dict[str, Any]) -> IOSpec:
+def _tflite_spec(detail: dict[str, Any]) -> TensorSpec:
     signature = detail.get("shape_signature")
     dims = signature if signature is not None and len(signature) else detail["shape"]
     shape = tuple(int(d) if d >= 0 else None for d in dims)
-    return IOSpec(name=str(detail["name"]), dtype=np.dtype(detail["dtype"]).name, shape=shape)
+    return TensorSpec(name=str(detail["name"]), dtype=np.dtype(detail["dtype"]).name, shape=shape)
 
 
 def _numpy_abi_hint(e: BaseException) -> str | None:

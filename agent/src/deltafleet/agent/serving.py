@@ -18,7 +18,6 @@ trial can judge a new version on live traffic; the last N results go to a ring b
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import threading
@@ -31,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from deltafleet.shared import GoldenInput, IoSignature, TensorSpec, WireError
+
 from .errors import ModelRuntimeError
-from .runtime import IOSpec, LoadedModel, load_model, zero_feeds
+from .runtime import LoadedModel, load_model, zero_feeds
 
 log = logging.getLogger(__name__)
 
@@ -139,36 +140,36 @@ def check_outputs(model: LoadedModel, outputs: dict[str, np.ndarray],
 
 
 def io_signature(model: LoadedModel) -> dict[str, Any]:
-    def specs(items: tuple[IOSpec, ...]) -> list[dict[str, Any]]:
-        return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in items]
-
-    return {"inputs": specs(model.inputs), "outputs": specs(model.outputs)}
+    """The wire form of ``model.signature`` (kept for callers that compare dicts)."""
+    return model.signature.to_wire()
 
 
-def io_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
-    """One line naming the first difference between two IO signatures, or None if equal."""
-    for part in ("inputs", "outputs"):
-        left = {s["name"]: s for s in a.get(part, [])}
-        right = {s["name"]: s for s in b.get(part, [])}
-        if set(left) != set(right):
-            return f"{part} {sorted(left)} != {sorted(right)}"
-        for name, spec in left.items():
-            other = right[name]
-            if spec["dtype"] != other["dtype"]:
-                return f"{part[:-1]} {name!r} dtype {spec['dtype']} != {other['dtype']}"
-            if list(spec["shape"]) != list(other["shape"]):
-                return f"{part[:-1]} {name!r} shape {spec['shape']} != {other['shape']}"
-    return None
+def _signature(sig: IoSignature | dict[str, Any]) -> IoSignature:
+    return sig if isinstance(sig, IoSignature) else IoSignature.from_wire(sig)
 
 
-def decode_golden(golden: tuple[dict[str, Any], ...]) -> list[dict[str, np.ndarray]]:
+def io_difference(a: IoSignature | dict[str, Any], b: IoSignature | dict[str, Any]) -> str | None:
+    """The first line of ``a.diff(b)``, or None if the signatures match."""
+    diff = _signature(a).diff(_signature(b))
+    return diff[0] if diff else None
+
+
+def golden_feeds(golden: GoldenInput) -> dict[str, np.ndarray]:
+    """A golden sample as the model's feeds (read-only arrays over the decoded bytes)."""
+    return {t.name: np.frombuffer(t.data, dtype=np.dtype(t.dtype)).reshape(t.shape)
+            for t in golden.tensors}
+
+
+def decode_golden(golden: tuple[GoldenInput | dict[str, Any], ...]) -> list[dict[str, np.ndarray]]:
+    """Feeds for every golden sample, from their wire form (or typed). ValueError (one line)
+    for a sample that does not decode."""
     feeds_list = []
     for item in golden:
-        feeds = {}
-        for name, spec in item.items():
-            raw = base64.b64decode(spec["b64"])
-            feeds[name] = np.frombuffer(raw, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"])
-        feeds_list.append(feeds)
+        try:
+            sample = item if isinstance(item, GoldenInput) else GoldenInput.from_wire(item)
+        except WireError as e:
+            raise ValueError(str(e)) from e
+        feeds_list.append(golden_feeds(sample))
     return feeds_list
 
 
@@ -190,7 +191,7 @@ class Slot:
         self._open = threading.Event()  # cleared while a cold swap has no model loaded
         self._open.set()
         self.swaps = 0
-        self.last_inputs: tuple[IOSpec, ...] = ()  # of the last primary, kept across a gap
+        self.last_inputs: tuple[TensorSpec, ...] = ()  # of the last primary, kept across a gap
 
     def acquire(self) -> Session | None:
         """The current session, entered; during a cold-swap gap, wait for the new one (up to

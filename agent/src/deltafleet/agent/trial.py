@@ -8,7 +8,8 @@ The manifest's ``health_policy`` (integers) sets the bar:
     min_requests         fewest samples to judge on; the agent tops up with golden/zero probes
     p95_slack_us         (optional) a latency rise smaller than this is never a breach
 
-Missing keys take the agent's defaults (``AgentConfig.trial_*``).
+Missing keys take the agent's defaults (``AgentConfig.trial_*``, which default to
+:class:`deltafleet.shared.HealthPolicy`'s).
 
 Latency is judged on *paired* samples, never on figures taken at different times: the agent
 keeps the previous model loaded during the trial and, at the end of the window, runs the
@@ -32,30 +33,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from deltafleet.shared.contracts import HealthPolicy
+
 LATENCY_CONFIDENCE = 0.99  # one-sided, for the median ratio and rise of paired latencies
 MIN_PAIRS = 50  # pairs the agent asks for (at least min_requests); fewer if its budget ends
-
-
-@dataclass(frozen=True, slots=True)
-class HealthPolicy:
-    max_error_rate_ppm: int = 10_000
-    max_p95_ratio_pct: int = 0
-    min_requests: int = 20
-    p95_slack_us: int = 1_000
-
-    @classmethod
-    def from_manifest(cls, policy: dict[str, int], defaults: HealthPolicy | None = None) -> HealthPolicy:
-        d = defaults or cls()
-        return cls(
-            max_error_rate_ppm=int(policy.get("max_error_rate_ppm", d.max_error_rate_ppm)),
-            max_p95_ratio_pct=max(0, int(policy.get("max_p95_ratio_pct", d.max_p95_ratio_pct))),
-            min_requests=max(1, int(policy.get("min_requests", d.min_requests))),
-            p95_slack_us=int(policy.get("p95_slack_us", d.p95_slack_us)),
-        )
-
-    @property
-    def judges_latency(self) -> bool:
-        return self.max_p95_ratio_pct > 0
 
 
 def p95(latencies_us: Sequence[int]) -> int:

@@ -1,6 +1,16 @@
 """deltafleet.shared: what server and agent agree on — wire formats, signatures, topics, errors."""
 
 from .canonical import canonical_json, parse_json_object
+from .contracts import (
+    ROLLOUT_HEALTH,
+    SIGNABLE_DTYPES,
+    EventState,
+    GoldenInput,
+    GoldenTensor,
+    HealthPolicy,
+    IoSignature,
+    TensorSpec,
+)
 from .durable import atomic_copy, atomic_write_bytes, atomic_write_json, fsync_dir
 from .errors import DeltafleetError, KeyFileError, VerificationError, WireError
 from .hashing import (
@@ -32,13 +42,20 @@ from .trust import KeyList, RootMetadata, TrustBundle, TrustStore, sign_payload,
 __all__ = [
     "DEFAULT_CHUNK_SIZE_BYTES",
     "DEFAULT_PREFIX",
+    "ROLLOUT_HEALTH",
+    "SIGNABLE_DTYPES",
     "WIRE_VERSION",
     "Ack",
     "ArtifactRef",
     "ChunkRequest",
     "DeltafleetError",
     "Event",
+    "EventState",
+    "GoldenInput",
+    "GoldenTensor",
+    "HealthPolicy",
     "Hello",
+    "IoSignature",
     "KeyFileError",
     "KeyList",
     "Manifest",
@@ -46,6 +63,7 @@ __all__ = [
     "RootMetadata",
     "SigningKey",
     "Status",
+    "TensorSpec",
     "Topics",
     "TrustBundle",
     "TrustStore",

@@ -7,6 +7,11 @@ Manifest (server -> device, signed): the desired state of one model on one devic
 Hello, Event, ChunkRequest, Status (device -> server): unsigned JSON.
 Ack (server -> device): the event ids the server has durably recorded; the outbox deletes
 only those.
+
+The model contract inside a manifest (``health_policy``, ``io_signature``, ``golden_inputs``)
+travels as the plain dicts below; their typed forms and rules are in :mod:`.contracts`
+(``Manifest.health()``, ``.io()`` and ``.golden()`` give them). Event states are
+:class:`~.contracts.EventState`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .canonical import canonical_json, parse_json_object
+from .contracts import EventState, GoldenInput, HealthPolicy, IoSignature
 from .errors import WireError
 from .hashing import chunk_count, is_sha256
 from .topics import check_device_id
@@ -189,6 +195,18 @@ class Manifest:
             hardware_id=_hardware_id(d),
         )
 
+    def health(self, defaults: HealthPolicy | None = None) -> HealthPolicy:
+        """The trial bar: ``health_policy`` read the device's way (missing keys: ``defaults``)."""
+        return HealthPolicy.from_manifest(self.health_policy, defaults)
+
+    def io(self) -> IoSignature | None:
+        """The signed IO contract, if the manifest carries one."""
+        return None if self.io_signature is None else IoSignature.from_wire(self.io_signature)
+
+    def golden(self) -> tuple[GoldenInput, ...]:
+        """The golden inputs, decoded and checked (WireError on bad base64 or sizes)."""
+        return tuple(GoldenInput.from_wire(g) for g in self.golden_inputs)
+
 
 MAX_HARDWARE_ID_CHARS = 128  # the server stores at most this many characters
 
@@ -202,18 +220,8 @@ def _hardware_id(d: dict[str, Any]) -> str | None:
 
 def _io_signature(d: dict[str, Any]) -> dict[str, Any] | None:
     sig = _get(d, "io_signature", dict, optional=True)
-    if sig is None:
-        return None
-    for part in ("inputs", "outputs"):
-        specs = sig.get(part)
-        if not isinstance(specs, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("name"), str)
-            and isinstance(s.get("dtype"), str) and isinstance(s.get("shape"), list)
-            and all(x is None or (isinstance(x, int) and not isinstance(x, bool))
-                    for x in s["shape"])
-            for s in specs
-        ):
-            raise WireError(f"io_signature.{part} must list {{name, dtype, shape}} objects")
+    if sig is not None:
+        IoSignature.from_wire(sig)
     return sig
 
 
@@ -294,24 +302,24 @@ class Hello:
         )
 
 
-# downloading -> applying -> trial -> healthy | rolled_back; failed / rejected at any step;
-# waiting: the device cannot go on for now for a reason of its own (too little disk space) and
-# goes on by itself later; not a failure, no attempt used.
-EVENT_STATES = ("downloading", "applying", "trial", "healthy", "rolled_back", "failed",
-                "rejected", "waiting")
+EVENT_STATES = tuple(EventState)  # the states and their order: see EventState
+# What an event's unknown version (None) is on the wire: a message with the version of a
+# manifest it could not read. Servers before typed events require a string here.
+UNKNOWN_VERSION = "?"
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """Progress or result of applying one manifest. ``event_id`` makes delivery idempotent."""
+    """Progress or result of applying one manifest. ``event_id`` makes delivery idempotent.
+    ``version`` is None when the device could not read the manifest (``"?"`` on the wire)."""
 
     event_id: str
     device_id: str
     manifest_id: str | None
     rollout_id: int | None
     model: str
-    version: str
-    state: str
+    version: str | None
+    state: EventState
     reason: str = ""
     sha256: str | None = None  # sha the device runs after this event
     bytes_received: int = 0
@@ -320,8 +328,15 @@ class Event:
     health: dict[str, int] = field(default_factory=dict)  # trial figures, e.g. p95_us, errors
     at: int = field(default_factory=lambda: int(time.time()))
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", EventState(self.state))
+        if self.version == UNKNOWN_VERSION:
+            object.__setattr__(self, "version", None)
+
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
+        d["state"] = self.state.value
+        d["version"] = UNKNOWN_VERSION if self.version is None else self.version
         d["v"] = WIRE_VERSION
         d["type"] = "event"
         return d
@@ -332,14 +347,15 @@ class Event:
         state = _get(d, "state", str)
         if state not in EVENT_STATES:
             raise WireError(f"unknown event state {state!r}")
+        version = _get(d, "version", str)
         return cls(
             event_id=_get(d, "event_id", str),
             device_id=check_device_id(_get(d, "device_id", str)),
             manifest_id=_get(d, "manifest_id", str, optional=True),
             rollout_id=_get(d, "rollout_id", int, optional=True),
             model=_get(d, "model", str),
-            version=_get(d, "version", str),
-            state=state,
+            version=None if version == UNKNOWN_VERSION else version,
+            state=EventState(state),
             reason=_get(d, "reason", str, optional=True) or "",
             sha256=_sha(d, "sha256", optional=True),
             bytes_received=_nonneg(d, "bytes_received"),

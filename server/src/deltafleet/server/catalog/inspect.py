@@ -5,6 +5,11 @@ a model file, and rejects anything that is not a valid single-file model with a 
 :class:`CatalogError`. ONNX goes through ``onnx`` (parse + checker); TFLite through the
 ``tflite`` package's flatbuffer readers, with bounds checks because flatbuffers' Python readers
 do not verify untrusted input.
+
+Inputs and outputs are :class:`deltafleet.shared.TensorSpec`, with ONNX named dimensions kept
+as their names; :func:`signature` turns them into the :class:`IoSignature` a manifest signs.
+:func:`golden_input` is the server's numpy adapter for golden inputs (the agent's is
+``serving.golden_feeds``).
 """
 
 from __future__ import annotations
@@ -15,11 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltafleet.shared import sha256_file
+from deltafleet.shared import (
+    SIGNABLE_DTYPES,
+    GoldenInput,
+    GoldenTensor,
+    IoSignature,
+    TensorSpec,
+    WireError,
+    sha256_file,
+)
 
 from .errors import CatalogError
 
-__all__ = ["ModelInfo", "TensorSpec", "detect_format", "inspect_model", "io_signature", "load_golden"]
+__all__ = ["ModelInfo", "detect_format", "golden_input", "inspect_model", "io_signature",
+           "load_golden", "signature"]
 
 TFLITE_FILE_IDENTIFIER = b"TFL3"
 # onnx.checker's full_check (strict shape inference) on models up to this size; larger models
@@ -48,18 +62,6 @@ _TFLITE_DTYPES = {
     "RESOURCE": "resource",
     "VARIANT": "variant",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """A model input or output. Dynamic dims: a name (ONNX dim_param) or None (unknown)."""
-
-    name: str
-    dtype: str  # numpy dtype name where one exists ("float32"), else the format's own name
-    shape: tuple[int | str | None, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,39 +369,48 @@ def _tflite_op_name(opcode: Any, tflite: Any) -> str:
 
 # dtypes whose names the agent's runtimes report the same way the catalog does; a model with
 # any other IO type gets no signed IO signature (the agent then compares with the running model)
-_SIGNATURE_DTYPES = frozenset({
-    "float16", "float32", "float64", "int8", "int16", "int32", "int64",
-    "uint8", "uint16", "uint32", "uint64", "bool",
-})
 GOLDEN_MAX_FILES = 8
 GOLDEN_MAX_BYTES = 256 * 1024  # all golden inputs of a variant, before base64 (manifest cap 6 MiB)
 
 
-def io_signature(info: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The IO contract a manifest signs, from a variant's catalog info: names, numpy dtypes and
-    shapes with every dynamic dimension as null, exactly as the agent's runtime adapters
-    report them. None when the info has no IO or an IO type the agent names differently."""
+def signature(info: dict[str, Any] | None) -> IoSignature | None:
+    """The IO contract a manifest signs, from a variant's catalog info (``ModelInfo.to_json``):
+    names, numpy dtypes and shapes with every dynamic dimension as None, exactly as the agent's
+    runtime adapters report them. None when the info has no IO or an IO type the agent names
+    differently."""
     if not info or "inputs" not in info or "outputs" not in info:
         return None
-    sig: dict[str, Any] = {}
+    parts = []
     for part in ("inputs", "outputs"):
-        specs = []
-        for spec in info[part]:
-            if spec.get("dtype") not in _SIGNATURE_DTYPES:
-                return None
-            shape = [d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else None
-                     for d in spec.get("shape", [])]
-            specs.append({"name": spec["name"], "dtype": spec["dtype"], "shape": shape})
-        sig[part] = specs
-    return sig
+        if any(spec.get("dtype") not in SIGNABLE_DTYPES for spec in info[part]):
+            return None
+        parts.append([TensorSpec(spec["name"], spec["dtype"], tuple(spec.get("shape", [])))
+                      for spec in info[part]])
+    return IoSignature.of(*parts)
+
+
+def io_signature(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """:func:`signature` in its wire form, as variants and manifests carry it."""
+    sig = signature(info)
+    return None if sig is None else sig.to_wire()
+
+
+def golden_input(arrays: dict[str, Any]) -> GoldenInput:
+    """One golden sample from numpy arrays (C-order bytes, numpy dtype names)."""
+    import numpy as np
+
+    tensors = []
+    for name, arr in arrays.items():
+        a = np.ascontiguousarray(arr)
+        tensors.append(GoldenTensor(name, a.dtype.name, tuple(int(n) for n in a.shape),
+                                    a.tobytes()))
+    return GoldenInput(tuple(tensors))
 
 
 def load_golden(paths: list[Path], inputs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
     """Golden inputs for a model, one ``.npz`` per sample (one array per model input, named
-    like it), in the manifest's form ``{input: {dtype, shape, b64}}``. CatalogError (one line)
+    like it), in the manifest's form (:meth:`GoldenInput.to_wire`). CatalogError (one line)
     for a file that does not fit the model's inputs or the size cap."""
-    import base64
-
     import numpy as np
 
     if len(paths) > GOLDEN_MAX_FILES:
@@ -416,7 +427,6 @@ def load_golden(paths: list[Path], inputs: tuple[TensorSpec, ...]) -> list[dict[
         if set(arrays) != set(wanted):
             raise CatalogError(f"golden inputs {path.name}: arrays {sorted(arrays)} do not match "
                                f"the model inputs {sorted(wanted)}")
-        sample = {}
         for name, arr in arrays.items():
             spec = wanted[name]
             if arr.dtype.name != spec.dtype:
@@ -427,10 +437,13 @@ def load_golden(paths: list[Path], inputs: tuple[TensorSpec, ...]) -> list[dict[
                                                                             strict=True)):
                 raise CatalogError(f"golden inputs {path.name}: {name!r} has shape "
                                    f"{list(arr.shape)}, the model wants {list(spec.shape)}")
-            total += arr.nbytes
-            sample[name] = {"dtype": arr.dtype.name, "shape": list(arr.shape),
-                            "b64": base64.b64encode(arr.tobytes()).decode()}
-        out.append(sample)
+        sample = golden_input(arrays)
+        try:
+            GoldenInput.from_wire(sample.to_wire())
+        except WireError as e:
+            raise CatalogError(f"golden inputs {path.name}: {e}") from e
+        total += sample.nbytes
+        out.append(sample.to_wire())
     if total > GOLDEN_MAX_BYTES:
         raise CatalogError(f"golden inputs are {total} bytes, over the {GOLDEN_MAX_BYTES}-byte "
                            "cap (they travel in every manifest)")
