@@ -13,9 +13,11 @@ from .inspect import (
     ModelInfo,
     TensorSpec,
     detect_format,
+    golden_input,
     inspect_model,
     io_signature,
     load_golden,
+    signature,
 )
 from .models import (
     COMPRESSED_KIND,
@@ -54,11 +56,13 @@ __all__ = [
     "detect_format",
     "full_artifact",
     "get_model",
+    "golden_input",
     "inspect_model",
     "io_signature",
     "list_models",
     "load_golden",
     "resolve_version",
+    "signature",
     "variant_option",
     "variant_options",
 ]

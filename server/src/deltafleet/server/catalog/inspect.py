@@ -30,7 +30,7 @@ from deltafleet.shared import (
     sha256_file,
 )
 
-from .errors import CatalogError
+from ..errors import CatalogError
 
 __all__ = ["ModelInfo", "detect_format", "golden_input", "inspect_model", "io_signature",
            "load_golden", "signature"]
