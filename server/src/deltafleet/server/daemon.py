@@ -50,7 +50,7 @@ from .config import ServerConfig, check_client_identity, mqtt_settings
 from .controller import Publish, RolloutController
 from .deltas import DeltaBuilder
 from .enroll import revoked_devices
-from .hostile import DeviceMessageGuard
+from .guard import DeviceMessageGuard
 from .ingest import UnstorableMessage, fits_store
 from .keys import online_signing_key, trust_publications
 from .store import BlobStore, Store, StoreError
