@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deltafleet.server.hostile import DeviceMessageGuard, GuardConfig
+from deltafleet.server.guard import DeviceMessageGuard, GuardConfig
 
 
 def test_oversized_payload_is_refused_before_parsing_and_counted() -> None:

@@ -56,8 +56,8 @@ from deltafleet.shared import (
 )
 
 from . import registry
+from .delivery.artifacts import ArtifactChunks
 from .deltas import DeltaBuilder
-from .errors import BlobCorrupt
 from .planner import FullArtifact, VariantOption, choose_variant, delta_worth_it
 from .policy import (
     IN_FLIGHT_STATES,
@@ -110,6 +110,7 @@ class RolloutController:
         self.chunk_size_bytes = chunk_size_bytes
         self.manifest_ttl_s = manifest_ttl_s
         self.verifier = BlobVerifier(blobs, chunk_size_bytes)
+        self.artifacts = ArtifactChunks(self.verifier)
         self._checked: dict[str, BlobCheck] = {}  # this tick's verdicts: one stat per blob
 
     def _check(self, sha: str) -> BlobCheck:
@@ -117,13 +118,6 @@ class RolloutController:
         if check is None:
             check = self._checked[sha] = self.verifier.check(sha)
         return check
-
-    def chunk_hashes(self, sha: str) -> list[str]:
-        """The chunk hashes of a blob proven intact (hashed once per stat of the file)."""
-        check = self.verifier.check(sha)
-        if not check.ok:
-            raise BlobCorrupt(f"server blob {sha[:12]} {check.problem}")
-        return list(check.chunk_hashes)
 
     # -- device messages -------------------------------------------------------------------
     def open_targets(self, s: Session, device_id: str, *,
@@ -388,7 +382,7 @@ class RolloutController:
                           v.sha256, v.size_bytes, base if kind == "delta" else None,
                           ArtifactRef(kind, codec, artifact_sha, artifact_size,
                                       self.chunk_size_bytes,
-                                      tuple(self.chunk_hashes(artifact_sha))),
+                                      self.artifacts.hashes(artifact_sha)),
                           policy, "notified", now, option=v)
 
     def _send(self, s: Session, r: Rollout, t: RolloutTarget, device: Device, model: str,
@@ -466,7 +460,7 @@ class RolloutController:
                 t.reason, waiting = hold_reason(check), True
                 continue
             artifact = ArtifactRef("full", full.codec, full.sha256, full.size_bytes,
-                                   self.chunk_size_bytes, tuple(self.chunk_hashes(full.sha256)))
+                                   self.chunk_size_bytes, self.artifacts.hashes(full.sha256))
             out.append(self._send(s, r, t, device, model.name, version, v.name, v.format,
                                   t.previous_sha256, size, None, artifact, policy,
                                   "reverting", now, option=option))

@@ -5,9 +5,10 @@ module owns the I/O: it feeds device messages to the controller, publishes what 
 and serves artifact chunks. Device messages are untrusted: a message that does not validate
 is logged and counted and causes no database write.
 
-Chunk delivery: devices publish the indices they miss on their chunkreq topic; requests are
-gathered for ``CHUNK_WINDOW_S`` and each requested chunk is published once on its
-content-addressed topic, serving every device subscribed to it.
+Chunk delivery: devices publish the indices they miss on their chunkreq topic; the pure
+``delivery.chunks.ChunkScheduler`` decides which chunks to publish and when (one publish per
+chunk serves every device asking within a window), and this module reads each chunk from the
+blob store (``delivery.artifacts``) and publishes it on its content-addressed topic.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, select
@@ -48,47 +49,23 @@ from deltafleet.shared.mqtt import CONNECTED, MqttClient, Will
 from . import registry
 from .config import ServerConfig, check_client_identity, mqtt_settings
 from .controller import Publish, RolloutController
+from .delivery.chunks import CHUNK_WINDOW_S, ArtifactOffer, ChunkScheduler
 from .deltas import DeltaBuilder
 from .enroll import revoked_devices
-from .hostile import DeviceMessageGuard
+from .guard import DeviceMessageGuard
 from .ingest import UnstorableMessage, fits_store
 from .keys import online_signing_key, trust_publications
 from .store import BlobStore, Store, StoreError
-from .store.models import Artifact, Delta, DeviceEvent
+from .store.models import Artifact, Delta, DeviceEvent, utcnow
 
 log = logging.getLogger(__name__)
 
-CHUNK_WINDOW_S = 0.05  # gather repair requests this long before answering
-FIRST_WINDOW_S = 1.0  # ... and this long for the first request of an artifact
-REPUBLISH_AFTER_S = 2.0  # never publish the same chunk twice within this interval
-STALE_S = 30.0  # a chunk published longer ago than this is sent again to whoever asks
 RECONCILE_EVERY_S = 0.5
 EVENT_IDS_KEPT_S = 7 * 86400  # how long applied event ids are remembered
 PERSISTENT_SESSION_S = 7 * 86400
 BATCH_MAX = 500  # device messages applied in one transaction
 INBOX_UNACKED = 1000  # backpressure: QoS 1 messages the broker may have outstanding to us
 LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRequest}
-
-
-class TokenBucket:
-    """Bandwidth cap for one artifact: ``rate`` bytes/s, bursts of one second."""
-
-    def __init__(self, rate_bytes_per_s: int) -> None:
-        self.rate = rate_bytes_per_s
-        self.tokens = float(rate_bytes_per_s)
-        self.stamp = time.monotonic()
-
-    def take(self, n: int, now: float) -> bool:
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < n:
-            return False
-        self.tokens -= n
-        return True
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -116,15 +93,10 @@ class FleetServer:
             manifest_ttl_s=cfg.manifest_ttl_s, owner=self.replica_id)
         self.stats = ServerStats()
         self.stop_event = threading.Event()
-        self._servable: set[str] = set()
-        self._chunk_totals: dict[str, int] = {}
-        self._pending_chunks: dict[str, set[int]] = defaultdict(set)
-        self._chunk_deadline: float | None = None
-        self._published_at: dict[tuple[str, int], float] = {}
-        # device -> artifact -> when it first asked (this connection; reset by its hello)
-        self._first_request: dict[str, dict[str, float]] = {}
+        self.artifacts = self.controller.artifacts
+        self.chunks = ChunkScheduler(cfg.chunk_size_bytes)
         self._next_prune = 0.0
-        self._buckets: dict[str, TokenBucket] = {}
+        self._next_reconcile = 0.0
         self._revoked_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
         self.guard = DeviceMessageGuard(is_denied=self._is_revoked)
         # cfg.server_id (FLEET_SERVER_ID: one per replica, stable across restarts, equal to the
@@ -151,32 +123,32 @@ class FleetServer:
         self.mqtt.start()
         self.mqtt.wait_connected(connect_timeout_s)
         log.info("server %s connected to %s", self.replica_id, self.cfg.mqtt_url)
-        next_reconcile = 0.0
         try:
             while not self.stop_event.is_set():
-                timeout = CHUNK_WINDOW_S if self._chunk_deadline else 0.2
-                batch = self._drain(timeout)
-                if batch:
-                    try:
-                        self._handle_with_retry(batch)
-                    except Exception:  # a bug must not end the server: log it, keep serving
-                        log.exception("handling a batch of %d device messages failed", len(batch))
-                    finally:
-                        self.mqtt.processed(len(batch))
-                now = time.monotonic()
                 try:
-                    if self._chunk_deadline is not None and now >= self._chunk_deadline:
-                        self.flush_chunks()
-                    if now >= next_reconcile:
-                        next_reconcile = now + RECONCILE_EVERY_S
-                        self.reconcile()
-                except Exception:
+                    self._tick()
+                except Exception:  # a bug must not end the server: log it, keep serving
                     log.exception("server loop step failed (retried next tick)")
         finally:
             if self.mqtt.connected.is_set():
                 self.mqtt.publish(self.topics.server_status(), b"offline", retain=True)
             self.mqtt.stop()
             self.deltas.shutdown()
+
+    def _tick(self) -> None:
+        """One loop step: apply a batch of device messages (waiting at most until chunks are
+        due), publish the chunks due, and reconcile every RECONCILE_EVERY_S."""
+        batch = self._drain(CHUNK_WINDOW_S if self.chunks.deadline else 0.2)
+        if batch:
+            try:
+                self._handle_with_retry(batch)
+            finally:
+                self.mqtt.processed(len(batch))
+        now = time.monotonic()
+        self.flush_chunks(now)
+        if now >= self._next_reconcile:
+            self._next_reconcile = now + RECONCILE_EVERY_S
+            self.reconcile()
 
     def _handle_with_retry(self, batch: list[tuple[str, bytes]]) -> None:
         """Validate every message (a bad one is refused alone, before any write), then apply
@@ -202,7 +174,7 @@ class FleetServer:
                 log.log(level, "a batch of %d device messages failed (attempt %d): %s",
                         len(items), attempt, str(e).splitlines()[0])
                 time.sleep(random.uniform(0.05, 0.25) * attempt)
-            except Exception as e:
+            except Exception as e:  # the database or a bug refused one message: find it, drop it
                 cause = getattr(e, "orig", None) or e  # the database's own words
                 reason = (str(cause).splitlines() or [type(e).__name__])[0][:200]
                 if len(items) == 1:
@@ -268,8 +240,8 @@ class FleetServer:
                     for trust_topic, bundle in trust_publications(self.cfg):
                         self.mqtt.publish(trust_topic, bundle, retain=True)
                     self.mqtt.publish(self.topics.server_status(), b"online", retain=True)
-                except Exception:
-                    log.exception("announcing the server after a (re)connect failed")
+                except (DeltafleetError, OSError) as e:
+                    log.error("announcing the server after a (re)connect failed: %s", e)
                 continue
             if topic.startswith("$"):
                 continue
@@ -285,19 +257,19 @@ class FleetServer:
                 kind = LEAVES.get(leaf)
                 if kind is None:
                     raise WireError(f"unknown device topic {leaf!r}")
-                message = self._mine(device_id, decode(kind, payload))
+                message = _mine(device_id, decode(kind, payload))
                 fits_store(message)
                 if isinstance(message, ChunkRequest):
                     self.on_chunk_request(device_id, message)
                 else:
                     if isinstance(message, Hello):  # a (re)connect: earlier subscriptions gone
-                        self._first_request.pop(device_id, None)
+                        self.chunks.reconnected(device_id)
                     items.append((device_id, message))
                 self.guard.valid(device_id)
             except WireError as e:
                 self._refuse(device_id, topic, str(e),
                              "unstorable" if isinstance(e, UnstorableMessage) else "malformed")
-            except Exception as e:  # a server bug: this message only, never the server
+            except Exception as e:  # a bug costs this one message (logged), never the server
                 log.exception("device %s: unexpected error on a message on %s",
                               device_id or "?", topic)
                 self._refuse(device_id, topic, f"unexpected error: {type(e).__name__}", "error")
@@ -310,7 +282,7 @@ class FleetServer:
         presence = {m.device_id: m.online for _, m in items if isinstance(m, Status)}
         now = utcnow()
         with self.store.session() as s:
-            fresh = self._first_delivery(s, events, now)
+            fresh = first_delivery(s, events, now)
             resend = self.controller.on_hellos(s, hellos, now)
             # a hello also says "online"; a later status in the same batch may say otherwise
             registry.set_devices_presence(
@@ -337,22 +309,6 @@ class FleetServer:
                                   encode(Ack(device_id, tuple(order[i:i + MAX_ACK_IDS]))), qos=1)
                 self.stats.acks_published += 1
 
-    def _first_delivery(self, s: Session, events: list[Event], now: datetime) -> list[Event]:
-        """Drop events already applied (by event_id, durable in device_events) and record
-        the others in the same transaction that applies them. Ids are stored whole:
-        ``fits_store`` refused any longer than the column."""
-        if not events:
-            return []
-        ids = {ev.event_id for ev in events}
-        seen = set(s.scalars(select(DeviceEvent.event_id).where(DeviceEvent.event_id.in_(ids))))
-        fresh: dict[str, Event] = {}
-        for ev in events:
-            if ev.event_id not in seen and ev.event_id not in fresh:
-                fresh[ev.event_id] = ev
-        s.add_all(DeviceEvent(event_id=ev.event_id, device_id=ev.device_id,
-                              state=ev.state, at=now) for ev in fresh.values())
-        return list(fresh.values())
-
     def _is_revoked(self, device_id: str) -> bool:
         """Server-side deny list (`fleetctl device revoke`), re-read at most every 5 s."""
         stamp, revoked = self._revoked_cache
@@ -361,74 +317,38 @@ class FleetServer:
             self._revoked_cache = (time.monotonic(), revoked)
         return device_id in revoked
 
-    @staticmethod
-    def _mine(topic_device: str, message):  # type: ignore[no-untyped-def]
-        if topic_device != message.device_id:
-            raise WireError(f"device {message.device_id} spoke on the topic of {topic_device}")
-        return message
-
     # -- chunks ----------------------------------------------------------------------------
     def on_chunk_request(self, device_id: str, req: ChunkRequest) -> None:
-        """Queue the chunks this request needs published. A device that was already asking
-        for an artifact when a chunk of it went out was subscribed then, and QoS 1 delivers
-        that publish to it: its repeat request (it is merely slow) publishes nothing. Chunks
-        go out again only for devices that started asking after their last publish (late
-        joiners, reconnects), for repairs (a copy failed its hash on the device), or when a
-        publish is older than STALE_S (a broker queue may have overflowed)."""
-        sha = req.artifact_sha256
-        total = self._chunk_totals.get(sha)
-        if sha not in self._servable or total is None:
-            log.warning("device %s asked for unknown artifact %s", device_id, sha[:12])
-            return
-        now = time.monotonic()
-        first = self._first_request.setdefault(device_id, {}).setdefault(sha, now)
-        pending = self._pending_chunks[sha]
-        for i in req.indices:
-            if i >= total:
-                continue
-            last = self._published_at.get((sha, i))
-            if last is None or first > last or req.repair or now - last > STALE_S:
-                pending.add(i)
-        if pending and self._chunk_deadline is None:
-            fresh = not any(k[0] == sha for k in self._published_at)
-            # the first request for an artifact opens a longer window, so that the burst of
-            # requests from a whole wave is answered by one publish per chunk
-            self._chunk_deadline = now + (FIRST_WINDOW_S if fresh else CHUNK_WINDOW_S)
+        """Queue the chunks this request needs published (rules: ``delivery.chunks``)."""
+        queued = self.chunks.request(device_id, req.artifact_sha256, req.indices,
+                                     time.monotonic(), repair=req.repair)
+        if not queued.known:
+            log.warning("device %s asked for unknown artifact %s", device_id,
+                        req.artifact_sha256[:12])
 
-    def flush_chunks(self) -> None:
-        """Publish each queued chunk once, never the same chunk twice within
-        REPUBLISH_AFTER_S (requests in between wait for the next publish), within the
-        rollout's bandwidth cap."""
-        now = time.monotonic()
-        pending, self._pending_chunks = self._pending_chunks, defaultdict(set)
-        self._chunk_deadline = None
-        wake = now + CHUNK_WINDOW_S
-        for sha, indices in pending.items():
-            bucket = self._buckets.get(sha)
-            for i in sorted(indices):
-                since = now - self._published_at.get((sha, i), -1e9)
-                if since < REPUBLISH_AFTER_S:
-                    self.stats.chunks_deduplicated += 1
-                    self._pending_chunks[sha].add(i)
-                    wake = max(wake, now + REPUBLISH_AFTER_S - since)
-                    continue
-                if bucket is not None and not bucket.take(self.cfg.chunk_size_bytes, now):
-                    self._pending_chunks[sha].add(i)  # over the bandwidth cap: next window
-                    continue
-                data = self.controller.verifier.chunk(sha, i)  # checked against its hash
-                if data is None:
-                    break  # the blob is not intact: none of it goes out; the controller holds
-                self.mqtt.publish(self.topics.chunk(sha, i), data, qos=1)
-                self._published_at[(sha, i)] = now
-                self.stats.chunks_published += 1
-                self.stats.chunk_bytes_published += len(data)
-        if self._pending_chunks:
-            self._chunk_deadline = min(wake, now + REPUBLISH_AFTER_S)
+    def flush_chunks(self, now: float | None = None) -> None:
+        """Publish the chunks due, each read from the blob store and checked against its
+        hash. A blob that is not intact sends none of its chunks; the controller holds it."""
+        due = self.chunks.due(time.monotonic() if now is None else now)
+        self.stats.chunks_deduplicated = self.chunks.deduplicated
+        broken: set[str] = set()
+        unsent = []
+        for p in due:
+            data = None if p.artifact_sha in broken else self.artifacts.read(p.artifact_sha,
+                                                                              p.index)
+            if data is None:
+                broken.add(p.artifact_sha)
+                unsent.append(p)
+                continue
+            self.mqtt.publish(self.topics.chunk(p.artifact_sha, p.index), data, qos=1)
+            self.stats.chunks_published += 1
+            self.stats.chunk_bytes_published += len(data)
+        self.chunks.withdraw(unsent)
 
     # -- reconciliation --------------------------------------------------------------------
     def reconcile(self) -> None:
         try:
-            self._store_finished_deltas()
+            store_finished_deltas(self.deltas, self.blobs, self.store)
             if time.monotonic() >= self._next_prune:
                 with self.store.session() as s:
                     s.execute(delete(DeviceEvent).where(
@@ -436,27 +356,47 @@ class FleetServer:
                 self._next_prune = time.monotonic() + 3600
             with self.store.session() as s:
                 publishes, servable = self.controller.reconcile(s, utcnow())
-            self._servable = set(servable)
-            for sha, rate in servable.items():
-                self._chunk_totals[sha] = len(self.controller.chunk_hashes(sha))
-                if rate and (sha not in self._buckets or self._buckets[sha].rate != rate):
-                    self._buckets[sha] = TokenBucket(rate)
-                elif not rate:
-                    self._buckets.pop(sha, None)
+            self.chunks.serve({sha: ArtifactOffer(self.artifacts.count(sha), rate or 0)
+                               for sha, rate in servable.items()}, time.monotonic())
             self.publish(publishes)
-        except (DeltafleetError, SQLAlchemyError) as e:
+        except (DeltafleetError, SQLAlchemyError, OSError) as e:
             log.error("reconcile failed (retried next tick): %s", str(e).splitlines()[0])
 
-    def _store_finished_deltas(self) -> None:
-        for built in self.deltas.finished():
-            sha, size = self.blobs.put_file(built.path)
-            Path(built.path).unlink(missing_ok=True)
-            with self.store.session() as s:
-                if s.get(Artifact, sha) is None:
-                    s.add(Artifact(sha256=sha, size_bytes=size, kind="delta"))
-                s.flush()
-                s.add(Delta(base_sha256=built.base_sha256, target_sha256=built.target_sha256,
-                            codec=built.codec, artifact_sha256=sha, size_bytes=size,
-                            build_seconds=built.build_seconds))
-            log.info("delta %s -> %s: %d bytes in %.1f s", built.base_sha256[:12],
-                     built.target_sha256[:12], size, built.build_seconds)
+
+def first_delivery(s: Session, events: list[Event], now: datetime) -> list[Event]:
+    """Drop events already applied (by event_id, durable in device_events) and record
+    the others in the same transaction that applies them. Ids are stored whole:
+    ``fits_store`` refused any longer than the column."""
+    if not events:
+        return []
+    ids = {ev.event_id for ev in events}
+    seen = set(s.scalars(select(DeviceEvent.event_id).where(DeviceEvent.event_id.in_(ids))))
+    fresh: dict[str, Event] = {}
+    for ev in events:
+        if ev.event_id not in seen and ev.event_id not in fresh:
+            fresh[ev.event_id] = ev
+    s.add_all(DeviceEvent(event_id=ev.event_id, device_id=ev.device_id,
+                          state=ev.state, at=now) for ev in fresh.values())
+    return list(fresh.values())
+
+
+def store_finished_deltas(deltas: DeltaBuilder, blobs: BlobStore, store: Store) -> None:
+    """Record the deltas the builder finished: each into the blob store and a Delta row."""
+    for built in deltas.finished():
+        sha, size = blobs.put_file(built.path)
+        Path(built.path).unlink(missing_ok=True)
+        with store.session() as s:
+            if s.get(Artifact, sha) is None:
+                s.add(Artifact(sha256=sha, size_bytes=size, kind="delta"))
+            s.flush()
+            s.add(Delta(base_sha256=built.base_sha256, target_sha256=built.target_sha256,
+                        codec=built.codec, artifact_sha256=sha, size_bytes=size,
+                        build_seconds=built.build_seconds))
+        log.info("delta %s -> %s: %d bytes in %.1f s", built.base_sha256[:12],
+                 built.target_sha256[:12], size, built.build_seconds)
+
+
+def _mine(topic_device: str, message):  # type: ignore[no-untyped-def]
+    if topic_device != message.device_id:
+        raise WireError(f"device {message.device_id} spoke on the topic of {topic_device}")
+    return message
