@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from deltafleet.shared.errors import one_line as _one_line
+
 from .errors import ModelRuntimeError
 
 __all__ = [
@@ -82,11 +84,6 @@ class IOSpec:
     name: str
     dtype: str  # numpy dtype name, e.g. "float32"
     shape: tuple[int | None, ...]  # None = dynamic dimension
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class LoadedModel(ABC):

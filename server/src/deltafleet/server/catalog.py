@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltafleet.shared import sha256_file
+from deltafleet.shared import one_line, sha256_file
 
 from .errors import CatalogError
 
@@ -95,8 +95,7 @@ class ModelInfo:
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return one_line(e, limit=200)
 
 
 def _read_head(path: Path, n: int = 8) -> bytes:

@@ -1,8 +1,22 @@
 """deltafleet.shared: what server and agent agree on — wire formats, signatures, topics, errors."""
 
 from .canonical import canonical_json, parse_json_object
-from .durable import atomic_copy, atomic_write_bytes, atomic_write_json, fsync_dir
-from .errors import DeltafleetError, KeyFileError, VerificationError, WireError
+from .durable import (
+    StagedFile,
+    atomic_copy,
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    staged_file,
+)
+from .errors import (
+    DeltafleetError,
+    KeyFileError,
+    StagedMismatch,
+    VerificationError,
+    WireError,
+    one_line,
+)
 from .hashing import (
     DEFAULT_CHUNK_SIZE_BYTES,
     chunk_count,
@@ -45,6 +59,8 @@ __all__ = [
     "ModelState",
     "RootMetadata",
     "SigningKey",
+    "StagedFile",
+    "StagedMismatch",
     "Status",
     "Topics",
     "TrustBundle",
@@ -64,11 +80,13 @@ __all__ = [
     "is_sha256",
     "key_id",
     "load_public_key",
+    "one_line",
     "parse_json_object",
     "read_chunk",
     "sha256_bytes",
     "sha256_file",
     "sign_payload",
+    "staged_file",
     "trust_topic",
     "verify_envelope",
 ]
