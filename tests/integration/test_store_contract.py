@@ -9,7 +9,7 @@ import modelgen
 import pytest
 from sqlalchemy import func, inspect, select
 
-from deltafleet.agent.codecs import decode_sha256
+from deltafleet.codecs import decode_sha256
 from deltafleet.server import registry
 from deltafleet.server.errors import CatalogError, ConflictError, NotFoundError, UsageError
 from deltafleet.server.planner import FullArtifact
