@@ -124,3 +124,24 @@ def test_atomic_copy_streams_through_staged_file(tmp_path: Path) -> None:
     atomic_copy(src, tmp_path / "sub" / "dst", mode=0o640)
     assert (tmp_path / "sub" / "dst").read_bytes() == DATA
     assert stat.S_IMODE((tmp_path / "sub" / "dst").stat().st_mode) == 0o640
+
+
+def test_a_full_disk_leaves_no_temp_behind(tmp_path: Path) -> None:
+    """The write fails when the buffer is flushed, and again when the temp file is closed;
+    the temp file is removed all the same (RLIMIT_FSIZE stands in for a full disk)."""
+    dest = tmp_path / "event.json"
+    code = textwrap.dedent(f"""
+        import resource, signal
+        from deltafleet.shared import staged_file
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10, resource.RLIM_INFINITY))
+        try:
+            with staged_file({str(dest)!r}) as out:
+                out.write(b"x" * 100)
+        except OSError as e:
+            print(e.errno)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert proc.stdout.strip() == "27"  # EFBIG
+    assert not dest.exists() and leftovers(tmp_path) == []

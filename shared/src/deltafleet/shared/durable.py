@@ -65,6 +65,12 @@ class StagedFile:
                 self._hash.update(block)
                 self.size += len(block)
 
+    def _discard(self) -> None:
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
     def _seal(self, expect_sha256: str | None, mode: int) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -115,9 +121,7 @@ def staged_file(
             return
         os.replace(tmp, final)
     except BaseException:
-        staged._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        staged._discard()
         raise
     fsync_dir(final.parent)
     if final.parent != where:
