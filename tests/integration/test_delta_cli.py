@@ -10,7 +10,7 @@ from bench.delta import make_pair
 from sqlalchemy import select
 from typer.testing import CliRunner, Result
 
-from deltafleet.agent import codecs as agent_codecs
+from deltafleet import codecs
 from deltafleet.server.cli import app
 from deltafleet.server.store import Store
 from deltafleet.server.store.models import Artifact, Delta
@@ -55,7 +55,7 @@ def test_delta_build_stores_the_winner_like_the_daemon(home: Path) -> None:
     blob = home / "blobs" / delta.artifact_sha256[:2] / delta.artifact_sha256
     assert sha256_file(blob) == delta.artifact_sha256
     base_blob = home / "blobs" / delta.base_sha256[:2] / delta.base_sha256
-    assert agent_codecs.decode_sha256(delta.codec, blob, base_blob)[0] == delta.target_sha256
+    assert codecs.decode_sha256(delta.codec, blob, base_blob)[0] == delta.target_sha256
     assert list((home / "work").glob(".delta.*")) == []
 
 

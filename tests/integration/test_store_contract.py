@@ -9,7 +9,7 @@ import modelgen
 import pytest
 from sqlalchemy import func, inspect, select
 
-from deltafleet.agent.codecs import decode_sha256
+from deltafleet.codecs import decode_sha256
 from deltafleet.server import catalog, fleet
 from deltafleet.server.audit import audit, list_audit
 from deltafleet.server.errors import CatalogError, ConflictError, NotFoundError, UsageError
@@ -111,11 +111,10 @@ class TestSchema:
 class TestDevices:
     def test_hello_twice_updates_the_device_instead_of_duplicating(self, store: Store) -> None:
         with store.session() as s:
-            fleet.upsert_device_from_hello(s, hello(arch="x86_64"), T0)
+            fleet.upsert_devices_from_hellos(s, [hello(arch="x86_64")], T0)
         later = T0 + timedelta(minutes=5)
         with store.session() as s:
-            fleet.upsert_device_from_hello(
-                s, hello(arch="aarch64", labels={"site": "paris"}), later
+            fleet.upsert_devices_from_hellos(s, [hello(arch="aarch64", labels={"site": "paris"})], later
             )
         with store.session() as s:
             devices = s.scalars(select(Device)).all()
@@ -129,10 +128,10 @@ class TestDevices:
     def test_hello_replaces_the_device_models(self, store: Store) -> None:
         first = (ModelState("det", "v1", SHA_A), ModelState("cls", "v1", SHA_B))
         with store.session() as s:
-            fleet.upsert_device_from_hello(s, hello(models=first), T0)
+            fleet.upsert_devices_from_hellos(s, [hello(models=first)], T0)
         second = (ModelState("det", "v2", SHA_C, variant="int8"),)
         with store.session() as s:
-            fleet.upsert_device_from_hello(s, hello(models=second), T0)
+            fleet.upsert_devices_from_hellos(s, [hello(models=second)], T0)
         with store.session() as s:
             rows = s.scalars(select(DeviceModel)).all()
             assert [(r.model_name, r.version, r.variant, r.sha256) for r in rows] == [
@@ -141,7 +140,7 @@ class TestDevices:
 
     def test_timestamps_read_back_timezone_aware(self, store: Store) -> None:
         with store.session() as s:
-            fleet.upsert_device_from_hello(s, hello(), T0)
+            fleet.upsert_devices_from_hellos(s, [hello()], T0)
         with store.session() as s:
             d = fleet.get_device(s, "dev-1")
             assert d.last_seen is not None and d.last_seen.tzinfo is not None
@@ -149,7 +148,7 @@ class TestDevices:
 
     def test_status_marks_a_known_device_offline(self, store: Store) -> None:
         with store.session() as s:
-            fleet.upsert_device_from_hello(s, hello(), T0)
+            fleet.upsert_devices_from_hellos(s, [hello()], T0)
             fleet.set_device_online(s, "dev-1", False, T0 + timedelta(seconds=1))
         with store.session() as s:
             assert s.get(Device, "dev-1").online is False  # type: ignore[union-attr]
@@ -161,7 +160,7 @@ class TestDevices:
 
     def test_record_device_model_upserts_one_row_per_model(self, store: Store) -> None:
         with store.session() as s:
-            fleet.upsert_device_from_hello(s, hello(), T0)
+            fleet.upsert_devices_from_hellos(s, [hello()], T0)
             fleet.record_device_model(s, "dev-1", "det", "v1", "default", SHA_A, T0)
             fleet.record_device_model(s, "dev-1", "det", "v2", "default", SHA_B, T0)
             assert fleet.record_device_model(s, "ghost", "det", "v1", None, SHA_A, T0) is None
@@ -177,32 +176,32 @@ class TestDevices:
 class TestGroups:
     def test_group_selects_devices_by_label(self, store: Store) -> None:
         with store.session() as s:
-            fleet.upsert_device_from_hello(s, hello("a", labels={"site": "berlin"}), T0)
-            fleet.upsert_device_from_hello(s, hello("b", labels={"site": "paris"}), T0)
+            fleet.upsert_devices_from_hellos(s, [hello("a", labels={"site": "berlin"})], T0)
+            fleet.upsert_devices_from_hellos(s, [hello("b", labels={"site": "paris"})], T0)
             fleet.create_group(s, "berlin", {"site": "berlin"})
         with store.session() as s:
             assert [d.id for d in fleet.devices_in_group(s, "berlin")] == ["a"]
 
     def test_group_selects_devices_by_arch_and_label_together(self, store: Store) -> None:
         with store.session() as s:
-            fleet.upsert_device_from_hello(s, hello("a", arch="aarch64"), T0)
-            fleet.upsert_device_from_hello(s, hello("b", arch="x86_64"), T0)
-            fleet.upsert_device_from_hello(s, hello("c", arch="aarch64", labels={}), T0)
+            fleet.upsert_devices_from_hellos(s, [hello("a", arch="aarch64")], T0)
+            fleet.upsert_devices_from_hellos(s, [hello("b", arch="x86_64")], T0)
+            fleet.upsert_devices_from_hellos(s, [hello("c", arch="aarch64", labels={})], T0)
             fleet.create_group(s, "jetson", {"arch": "aarch64", "site": "berlin"})
         with store.session() as s:
             assert [d.id for d in fleet.devices_in_group(s, "jetson")] == ["a"]
 
     def test_empty_selector_matches_every_device(self, store: Store) -> None:
         with store.session() as s:
-            fleet.upsert_device_from_hello(s, hello("a"), T0)
-            fleet.upsert_device_from_hello(s, hello("b", labels={}), T0)
+            fleet.upsert_devices_from_hellos(s, [hello("a")], T0)
+            fleet.upsert_devices_from_hellos(s, [hello("b", labels={})], T0)
             fleet.create_group(s, "all", {})
         with store.session() as s:
             assert [d.id for d in fleet.devices_in_group(s, "all")] == ["a", "b"]
 
     def test_device_matches_requires_every_selector_entry(self, store: Store) -> None:
         with store.session() as s:
-            d = fleet.upsert_device_from_hello(s, hello(arch="aarch64"), T0)
+            d = fleet.upsert_devices_from_hellos(s, [hello(arch="aarch64")], T0)
             assert fleet.device_matches(d, {})
             assert fleet.device_matches(d, {"arch": "aarch64", "os": "linux"})
             assert not fleet.device_matches(d, {"arch": "aarch64", "site": "paris"})

@@ -109,4 +109,4 @@ def test_activation_keeps_the_previous_model(tmp_path: Path):
     reopened = LocalStore(tmp_path)
     assert reopened.current("m") == v2 and reopened.previous("m") == v1
     assert reopened.model_path(v1.sha256, "onnx").exists()
-    assert reopened.last_serial == 2
+    assert reopened.last_serial_of("m") == 2

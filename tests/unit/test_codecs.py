@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,9 +16,10 @@ import modelgen
 import pytest
 from bench.delta import KINDS_INT8, make_pair
 
-from deltafleet.agent import codecs as agent_codecs
+from deltafleet import codecs
 from deltafleet.agent.errors import UpdateRejected
 from deltafleet.agent.update import apply_artifact
+from deltafleet.codecs import tensor_xor
 from deltafleet.server import codecs as server_codecs
 from deltafleet.server.codecs import (
     Bsdiff4Encoder,
@@ -28,8 +32,8 @@ from deltafleet.server.codecs import (
     default_encoders,
 )
 from deltafleet.server.codecs.layout import model_tensors
-from deltafleet.server.deltas import DeltaBuilder
-from deltafleet.shared import ArtifactRef, Manifest, sha256_bytes
+from deltafleet.server.deltas import DeltaBuilder, NoDelta, build_best_delta
+from deltafleet.shared import ArtifactRef, DeltafleetError, Manifest, sha256_bytes
 
 SIZE_MB = 0.25
 KINDS_FP32 = [k for k in KINDS_INT8 if k != "requant"]
@@ -63,14 +67,14 @@ def test_every_codec_round_trips_every_update_kind(pairs, tmp_path, encoder, pre
     base, target = pairs[(precision, kind)]
     out = tmp_path / "delta"
     encoder.encode(base, target, out)
-    restored = agent_codecs.decode(encoder.name, out.read_bytes(), base,
+    restored = codecs.decode(encoder.name, out.read_bytes(), base,
                                    target_size=target.stat().st_size)
     assert restored == target.read_bytes()
 
 
 def test_model_aware_codec_finds_every_initializer(pairs):
     base, _ = pairs[("fp32", "finetune")]
-    with agent_codecs.FileSource(base) as src:
+    with codecs.FileSource(base) as src:
         fmt, tensors = model_tensors(src)  # type: ignore[misc]
     assert fmt == "onnx"
     assert {t.name for t in tensors} >= {f"fc{i}.weight" for i in range(7)}
@@ -81,12 +85,12 @@ def test_tflite_models_round_trip_through_the_model_aware_codec(tmp_path):
     base = modelgen.make_tflite_model(tmp_path / "a.tflite", input_dim=64, output_dim=32)
     target = modelgen.make_tflite_model(tmp_path / "b.tflite", input_dim=64, output_dim=32,
                                         retrain=True)
-    with agent_codecs.FileSource(base) as src:
+    with codecs.FileSource(base) as src:
         fmt, tensors = model_tensors(src)  # type: ignore[misc]
     assert fmt == "tflite" and any(t.name == "dense/weights" for t in tensors)
     out = tmp_path / "delta"
     TensorXorEncoder().encode(base, target, out)
-    assert agent_codecs.decode_sha256("tensor-xor", out, base)[0] == sha256_bytes(
+    assert codecs.decode_sha256("tensor-xor", out, base)[0] == sha256_bytes(
         target.read_bytes())
 
 
@@ -187,6 +191,34 @@ def test_delta_builder_returns_one_winner_per_pair(pairs, tmp_path):
     assert built.size_bytes == built.path.stat().st_size < target.stat().st_size // 10
 
 
+def test_a_pair_no_delta_beats_is_a_no_delta_answer_not_an_error(tmp_path):
+    base, target = tmp_path / "base", tmp_path / "target"
+    base.write_bytes(os.urandom(64 << 10))
+    target.write_bytes(os.urandom(64 << 10))  # unrelated noise: nothing beats the full model
+    (tmp_path / "out").mkdir()
+    result = build_best_delta(str(base), str(target), sha256_bytes(target.read_bytes()),
+                              str(tmp_path / "out"))
+    assert isinstance(result, NoDelta) and result.reason
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_codec_names_and_errors_import_without_numpy_or_zstd() -> None:
+    code = ("import sys; from deltafleet.codecs import IDENTITY, CodecError; "
+            "import deltafleet.server.planner; "
+            "print(IDENTITY, 'numpy' in sys.modules, 'zstandard' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert out == ["identity", "False", "False"]
+
+
+def test_codec_errors_are_project_errors_not_value_errors() -> None:
+    for cls in (codecs.CodecError, codecs.UnknownCodec, codecs.MemoryCapExceeded,
+                codecs.TargetMismatch):
+        assert issubclass(cls, DeltafleetError) and not issubclass(cls, ValueError)
+    with pytest.raises(codecs.UnknownCodec):
+        codecs.decode("lzma", b"", None, target_size=0)
+
+
 def test_agent_applies_a_model_aware_delta(pairs, tmp_path):
     base, target = pairs[("int8", "requant")]
     out = tmp_path / "delta"
@@ -244,10 +276,10 @@ def test_tensor_xor_header_packs_offsets_as_gaps_and_round_trips() -> None:
               "base_ranges": [[10, 20], [40, 30]], "skeleton": [0, 5, 40],
               "segments": [[12, 20, "copy", 1, 10, []], [35, 8, "zsub", 4, 44, [3, 3, 3, 3]],
                            [50, 8, "raw", 4, 0, [1, 1, 1, 1]]]}
-    packed = agent_codecs.pack_tx_header(header)
+    packed = codecs.pack_tx_header(header)
     assert packed["base_ranges"] == [[10, 20], [10, 30]]
     assert packed["segments"][1][:6] == [3, 8, "zsub", 4, 1, 4]
-    assert agent_codecs.unpack_tx_header(packed) == header
+    assert codecs.unpack_tx_header(packed) == header
 
 
 @pytest.mark.parametrize("bad", [
@@ -260,16 +292,16 @@ def test_malformed_tensor_xor_headers_are_refused(bad) -> None:
     packed = {"target_size": 100, "base_size": 90, "chunk_bytes": 16,
               "base_ranges": [[10, 20]], "skeleton": [0, 5, 40], "segments": []}
     with pytest.raises(ValueError):
-        agent_codecs.unpack_tx_header({**packed, **bad})
+        codecs.unpack_tx_header({**packed, **bad})
 
 
 def test_an_unchanged_tensor_is_one_copy_segment_however_large(pairs, tmp_path) -> None:
     base, target = pairs[("fp32", "graph_only")]
     out = tmp_path / "delta"
     TensorXorEncoder().encode(base, target, out)
-    with agent_codecs.FileSource(out) as src:
-        header, _ = agent_codecs.read_tx_header(src)
+    with codecs.FileSource(out) as src:
+        header, _ = tensor_xor.read_tx_header(src)
     assert all(seg[2] == "copy" for seg in header["segments"])
     assert len(header["segments"]) == len(header["base_ranges"])
-    assert agent_codecs.decode("tensor-xor", out.read_bytes(), base,
+    assert codecs.decode("tensor-xor", out.read_bytes(), base,
                                target_size=target.stat().st_size) == target.read_bytes()

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from deltafleet.agent.codecs import FileSource, decode_sha256
+from deltafleet.codecs import FileSource, decode_sha256
 from deltafleet.server.codecs import TensorXorEncoder
 from deltafleet.server.codecs.layout import model_tensors
 from deltafleet.shared import sha256_file

@@ -14,7 +14,7 @@ Before it reads a byte of the artifact the child:
   ``budget_bytes``, its CPU time (RLIMIT_CPU, a backstop to the parent's wall-clock kill) and
   the size of any file it writes (RLIMIT_FSIZE: the target, plus room for nothing else).
 
-Then it decodes with ``codecs.decode_stream`` (the same code the server round-trips with)
+Then it decodes with ``deltafleet.codecs.decode_stream`` (the code the server round-trips with)
 into ``out``, which the parent created, hashing on the way, and prints
 ``ok <sha256> <peak_rss_bytes>`` on stdout. Exit codes: 0 ok, 2 refused (one line on stderr
 says why), 3 over the memory budget, 4 an I/O error of this device (a full disk: not the
@@ -90,17 +90,18 @@ def _confine(budget_bytes: int, timeout_s: float, target_size: int) -> None:
 def main(spec: dict) -> int:
     _die_with_parent(int(spec["parent_pid"]))
     _oom_first()
-    from deltafleet.agent import codecs  # before the cap: numpy's mappings are counted in
+    # before the cap: the decoders' numpy and zstd mappings are counted in
+    from deltafleet.codecs import ChunkSource, CodecError, FileSource, decode_stream
 
     target_size = int(spec["target_size"])
     _confine(int(spec["budget_bytes"]), float(spec["timeout_s"]), target_size)
     art = spec["artifact"]
     if "file" in art:
-        delta: codecs.FileSource | codecs.ChunkSource = codecs.FileSource(art["file"])
+        delta: FileSource | ChunkSource = FileSource(art["file"])
     else:
-        delta = codecs.ChunkSource(art["chunks"], int(art["count"]), int(art["chunk_size"]),
-                                   int(art["size"]))
-    base = codecs.FileSource(spec["base"]) if spec.get("base") else None
+        delta = ChunkSource(art["chunks"], int(art["count"]), int(art["chunk_size"]),
+                            int(art["size"]))
+    base = FileSource(spec["base"]) if spec.get("base") else None
     h = hashlib.sha256()
     written = 0
     with open(spec["out"], "wb") as out:
@@ -109,14 +110,14 @@ def main(spec: dict) -> int:
             nonlocal written
             written += len(piece)
             if written > target_size:
-                raise codecs.CodecError("decoded output is longer than the target")
+                raise CodecError("decoded output is longer than the target")
             h.update(piece)
             out.write(piece)
 
-        codecs.decode_stream(spec["codec"], delta, base, sink, target_size=target_size,
-                             max_memory_bytes=int(spec["budget_bytes"]))
+        decode_stream(spec["codec"], delta, base, sink, target_size=target_size,
+                      max_memory_bytes=int(spec["budget_bytes"]))
         if written != target_size:
-            raise codecs.CodecError(f"decoded output has {written} bytes, not {target_size}")
+            raise CodecError(f"decoded output has {written} bytes, not {target_size}")
         out.flush()
         os.fsync(out.fileno())
     print(f"ok {h.hexdigest()} {_status_bytes('VmHWM')}", flush=True)

@@ -26,15 +26,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from deltafleet.codecs import CodecError, Source, TargetMismatch
+from deltafleet.codecs.bsdiff_stream import stream_patch
+
 from . import confined
-from ._bspatch_worker import stream_patch
-from .codecs import CodecError, Source, TargetMismatch
 
 MAGIC = b"BSDIFF40"
 HEADER_BYTES = 32
 
 
-class PatchRefused(ValueError):
+class PatchRefused(CodecError):
     """The patch is malformed, lies about its size, or broke its memory or time budget."""
 
 

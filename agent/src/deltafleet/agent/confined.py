@@ -20,8 +20,6 @@ update, not per byte (see docs/deltas.md for the measured figures).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -33,10 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltafleet.shared import fsync_dir
-
-from . import _decode_worker as worker
-from .codecs import (
+from deltafleet.codecs import (
     FULL_CODECS,
     STREAM_PIECE_BYTES,
     ChunkSource,
@@ -45,9 +40,12 @@ from .codecs import (
     MemoryCapExceeded,
     Source,
     TargetMismatch,
-    _cap,
     check_memory,
+    memory_cap_bytes,
 )
+from deltafleet.shared import StagedMismatch, staged_file
+
+from . import _decode_worker as worker
 
 log = logging.getLogger(__name__)
 WORKER_MODULE = "deltafleet.agent._decode_worker"
@@ -97,83 +95,73 @@ def decode_confined(codec: str, artifact: Source, base_path: Path | None, dest: 
         if base_path is None or not Path(base_path).is_file():
             raise DecodeEnvironmentError("delta needs the base model, which is not on disk")
         base_size = Path(base_path).stat().st_size
-    cap = _cap(max_memory_bytes)
+    cap = memory_cap_bytes(max_memory_bytes)
     check_memory(codec, base_size, target_size, artifact.size, cap)
     dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
     spool: Path | None = None
     started = time.monotonic()
     try:
-        spec, spool = _artifact_spec(artifact, dest.parent)
-        argv = [sys.executable, "-I", "-m", WORKER_MODULE, json.dumps({
-            "codec": codec, "artifact": spec, "base": str(base_path) if base_path else None,
-            "out": tmp, "target_size": target_size, "budget_bytes": cap,
-            "timeout_s": timeout_s, "parent_pid": os.getpid()})]
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OPENBLAS_NUM_THREADS": "1",
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        log.info("decoding a %s artifact of %d bytes in a child (cap %d MiB, %.0f s)", codec,
-                 artifact.size, cap >> 20, timeout_s)
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env)
-        except OSError as e:
-            raise DecodeEnvironmentError(f"cannot start the decoder: {e}") from e
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired as e:
-            proc.kill()
-            proc.communicate()
-            raise DecodeTimeout(f"decoder did not finish within {timeout_s:g} s "
-                                "(killed)") from e
-        except BaseException:
-            proc.kill()
-            proc.communicate()
-            raise
-        rc = proc.returncode
-        lines = err.decode(errors="replace").strip().splitlines()
-        detail = lines[-1][:300] if lines else ""
-        if rc == worker.EXIT_NO_MEMORY:
-            raise MemoryCapExceeded(f"{detail or 'over the memory cap'} "
-                                    f"(cap {cap >> 20} MiB)")
-        if rc == worker.EXIT_ENVIRONMENT:
-            raise DecodeEnvironmentError(detail or "decoder hit an I/O error")
-        if rc in (-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP):  # a service stop
-            raise DecodeEnvironmentError(f"decoder was stopped by signal {-rc}")
-        if rc in (-9, -24):  # SIGKILL (the OOM killer), SIGXCPU (its CPU-time backstop)
-            raise DecodeTimeout(f"decoder was killed by signal {-rc} (memory or CPU limit)")
-        if rc != 0:
-            raise DecodeRefused(detail or f"decoder exited with {rc}")
-        fields = out.decode(errors="replace").split()
-        peak = int(fields[2]) if len(fields) == 3 and fields[0] == "ok" else 0
-        digest, size = _hash_file(tmp)
-        if size != target_size:
-            raise DecodeRefused(f"decoder produced {size} bytes, not {target_size}")
-        if expect_sha256 is not None and digest != expect_sha256:
-            raise TargetMismatch("decoded output is not the signed target (sha256 differs)")
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        with staged_file(dest, expect_size=target_size, expect_sha256=expect_sha256) as out:
+            spec, spool = _artifact_spec(artifact, dest.parent)
+            peak = _run_child(codec, spec, base_path, out.path, target_size, cap, timeout_s,
+                              artifact.size)
+            out.rehash()
+    except StagedMismatch as e:
+        if e.what == "sha256":
+            raise TargetMismatch("decoded output is not the signed target (sha256 differs)") from e
+        raise DecodeRefused(f"decoder produced {out.size} bytes, not {target_size}") from e
     finally:
         if spool is not None:
             spool.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
     seconds = time.monotonic() - started
     log.info("decoded %s: %d bytes in %.2f s, child peak %d MiB", codec, target_size, seconds,
              peak >> 20)
-    return Decoded(digest, peak, seconds)
+    return Decoded(out.sha256, peak, seconds)
 
 
-def _hash_file(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(STREAM_PIECE_BYTES):
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
+def _run_child(codec: str, spec: dict, base_path: Path | None, out: Path, target_size: int,
+               cap: int, timeout_s: float, artifact_size: int) -> int:
+    """Run the contained decoder into ``out``; its peak memory, or the refusal it ended in."""
+    argv = [sys.executable, "-I", "-m", WORKER_MODULE, json.dumps({
+        "codec": codec, "artifact": spec, "base": str(base_path) if base_path else None,
+        "out": str(out), "target_size": target_size, "budget_bytes": cap,
+        "timeout_s": timeout_s, "parent_pid": os.getpid()})]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OPENBLAS_NUM_THREADS": "1",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log.info("decoding a %s artifact of %d bytes in a child (cap %d MiB, %.0f s)", codec,
+             artifact_size, cap >> 20, timeout_s)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+    except OSError as e:
+        raise DecodeEnvironmentError(f"cannot start the decoder: {e}") from e
+    try:
+        stdout, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        proc.kill()
+        proc.communicate()
+        raise DecodeTimeout(f"decoder did not finish within {timeout_s:g} s "
+                            "(killed)") from e
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    rc = proc.returncode
+    lines = err.decode(errors="replace").strip().splitlines()
+    detail = lines[-1][:300] if lines else ""
+    if rc == worker.EXIT_NO_MEMORY:
+        raise MemoryCapExceeded(f"{detail or 'over the memory cap'} "
+                                f"(cap {cap >> 20} MiB)")
+    if rc == worker.EXIT_ENVIRONMENT:
+        raise DecodeEnvironmentError(detail or "decoder hit an I/O error")
+    if rc in (-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP):  # a service stop
+        raise DecodeEnvironmentError(f"decoder was stopped by signal {-rc}")
+    if rc in (-9, -24):  # SIGKILL (the OOM killer), SIGXCPU (its CPU-time backstop)
+        raise DecodeTimeout(f"decoder was killed by signal {-rc} (memory or CPU limit)")
+    if rc != 0:
+        raise DecodeRefused(detail or f"decoder exited with {rc}")
+    fields = stdout.decode(errors="replace").split()
+    return int(fields[2]) if len(fields) == 3 and fields[0] == "ok" else 0
 
 
 __all__ = ["DecodeEnvironmentError", "DecodeRefused", "DecodeTimeout", "Decoded",

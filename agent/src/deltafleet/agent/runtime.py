@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from deltafleet.shared import IoSignature, TensorSpec
+from deltafleet.shared.errors import one_line as _one_line
 
 from .errors import ModelRuntimeError
 
@@ -79,9 +80,6 @@ _ORT_TYPES = {
 }
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class LoadedModel(ABC):

@@ -52,8 +52,8 @@ class LocalStore:
 
     def _read(self) -> dict[str, Any]:
         if not self.state_file.exists():
-            return {"current": {}, "previous": {}, "last_serial": 0, "failed": {},
-                    "serials": {}, "refused": {}, "decodes": {}}
+            return {"current": {}, "previous": {}, "failed": {}, "serials": {}, "refused": {},
+                    "decodes": {}}
         data = json.loads(self.state_file.read_text())
         data.setdefault("failed", {})
         data.setdefault("refused", {})
@@ -82,10 +82,6 @@ class LocalStore:
 
     def all_current(self) -> list[InstalledModel]:
         return [InstalledModel(**e) for e in self._state["current"].values()]
-
-    @property
-    def last_serial(self) -> int:
-        return int(self._state.get("last_serial", 0))
 
     def last_serial_of(self, model: str) -> int:
         """The highest serial accepted for ``model`` (a new manifest must exceed it)."""
@@ -136,7 +132,6 @@ class LocalStore:
                 f.unlink(missing_ok=True)
 
     def _bump(self, model: str, serial: int) -> None:
-        self._state["last_serial"] = max(self.last_serial, serial)
         self._state["serials"][model] = max(self.last_serial_of(model), serial)
 
     def note_serial(self, model: str, serial: int) -> None:

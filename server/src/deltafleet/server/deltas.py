@@ -37,8 +37,11 @@ class BuiltDelta:
     attempts: tuple[Attempt, ...] = field(default=(), compare=False)
 
 
-class NoDeltaWorthIt(ValueError):
-    """No codec produced a verified delta smaller than the compressed full model."""
+@dataclass(frozen=True, slots=True)
+class NoDelta:
+    """No codec produced a verified delta smaller than the full artifact: send that."""
+
+    reason: str
 
 
 def build_best_delta(
@@ -49,8 +52,9 @@ def build_best_delta(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     time_budget_s: float = DEFAULT_TIME_BUDGET_S,
     reference_bytes: int | None = None,
-) -> BuiltDelta:
-    """Worker-process entry point. Raises NoDeltaWorthIt when the full model should be sent.
+) -> BuiltDelta | NoDelta:
+    """Worker-process entry point: the verified delta, or NoDelta when the full model should
+    be sent.
     ``reference_bytes``: the size of the target's full artifact, when known (see ``choose``)."""
     t0 = time.perf_counter()
     choice = choose(
@@ -62,7 +66,7 @@ def build_best_delta(
         reference_bytes=reference_bytes,
     )
     if choice.codec is None or choice.path is None or choice.size_bytes is None:
-        raise NoDeltaWorthIt(choice.reason)
+        return NoDelta(choice.reason)
     return BuiltDelta(sha256_file(Path(base_path)), target_sha256, choice.codec, choice.path,
                       sha256_file(choice.path), choice.size_bytes, time.perf_counter() - t0,
                       tuple(choice.attempts))
@@ -99,7 +103,7 @@ class DeltaBuilder:
             max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_exit_with_parent, initargs=(os.getpid(),),
         )
-        self._futures: dict[tuple[str, str], cf.Future[BuiltDelta]] = {}
+        self._futures: dict[tuple[str, str], cf.Future[BuiltDelta | NoDelta]] = {}
         self.failed: dict[tuple[str, str], str] = {}
 
     def building(self, base: str, target: str) -> bool:
@@ -125,14 +129,17 @@ class DeltaBuilder:
                 continue
             del self._futures[key]
             try:
-                done.append(fut.result())
-            except NoDeltaWorthIt as e:
-                log.info("no delta for %s -> %s, the full model will be sent: %s",
-                         key[0][:12], key[1][:12], e)
-                self.failed[key] = str(e)
+                result = fut.result()
             except Exception as e:  # noqa: BLE001 - a failed build means "send the full model"
                 log.error("delta %s -> %s failed: %s", key[0][:12], key[1][:12], e)
                 self.failed[key] = str(e)
+                continue
+            if isinstance(result, NoDelta):
+                log.info("no delta for %s -> %s, the full model will be sent: %s",
+                         key[0][:12], key[1][:12], result.reason)
+                self.failed[key] = result.reason
+            else:
+                done.append(result)
         return done
 
     def shutdown(self) -> None:

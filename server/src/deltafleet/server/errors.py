@@ -25,9 +25,9 @@ class CatalogError(UsageError):
     """A file is not a valid ONNX or TFLite model."""
 
 
-class DeltaError(ServerError):
-    """A delta could not be built or did not round-trip."""
-
-
 class BlobCorrupt(ServerError):
     """A blob in the server's store does not hash to its name (or is gone): never shipped."""
+
+
+class BlobMismatch(ServerError, ValueError):
+    """A file offered for a blob does not hash to the blob's name; nothing was written."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltafleet.agent.codecs import IDENTITY
+from deltafleet.codecs import IDENTITY
 
 # A delta is sent only when it is at least this much smaller than the full artifact.
 DELTA_MIN_SAVING = 0.10

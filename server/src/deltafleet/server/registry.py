@@ -32,7 +32,6 @@ from .fleet.devices import (
     record_device_model,
     set_device_online,
     set_devices_presence,
-    upsert_device_from_hello,
     upsert_devices_from_hellos,
 )
 from .fleet.groups import (
@@ -83,7 +82,6 @@ __all__ = [
     "resolve_version",
     "set_device_online",
     "set_devices_presence",
-    "upsert_device_from_hello",
     "upsert_devices_from_hellos",
     "variant_option",
     "variant_options",

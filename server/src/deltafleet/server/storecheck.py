@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
+from deltafleet.codecs import CodecError
 from deltafleet.shared import sha256_file
 
 from .catalog import COMPRESSED_KIND, compressed_artifact
@@ -162,7 +163,7 @@ def repair(s: Session, blobs: BlobStore, reports: list[BlobReport], sources: lis
                 done = _repair_compressed(s, blobs, verifier, r, work_dir)
             else:
                 done = _repair_delta(s, blobs, verifier, r, work_dir)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, CodecError) as e:  # BlobMismatch is a ValueError
             done = f"not repaired: {e}"
         verifier.forget(r.sha256)
         if not done.startswith("not repaired"):

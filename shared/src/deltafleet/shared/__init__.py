@@ -11,8 +11,22 @@ from .contracts import (
     IoSignature,
     TensorSpec,
 )
-from .durable import atomic_copy, atomic_write_bytes, atomic_write_json, fsync_dir
-from .errors import DeltafleetError, KeyFileError, VerificationError, WireError
+from .durable import (
+    StagedFile,
+    atomic_copy,
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    staged_file,
+)
+from .errors import (
+    DeltafleetError,
+    KeyFileError,
+    StagedMismatch,
+    VerificationError,
+    WireError,
+    one_line,
+)
 from .hashing import (
     DEFAULT_CHUNK_SIZE_BYTES,
     chunk_count,
@@ -62,6 +76,8 @@ __all__ = [
     "ModelState",
     "RootMetadata",
     "SigningKey",
+    "StagedFile",
+    "StagedMismatch",
     "Status",
     "TensorSpec",
     "Topics",
@@ -82,11 +98,13 @@ __all__ = [
     "is_sha256",
     "key_id",
     "load_public_key",
+    "one_line",
     "parse_json_object",
     "read_chunk",
     "sha256_bytes",
     "sha256_file",
     "sign_payload",
+    "staged_file",
     "trust_topic",
     "verify_envelope",
 ]

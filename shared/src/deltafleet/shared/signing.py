@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +127,3 @@ def verify_envelope(
             continue
         return payload
     raise VerificationError("manifest signature does not verify with any trusted key")
-
-
-def random_id() -> str:
-    return os.urandom(8).hex()

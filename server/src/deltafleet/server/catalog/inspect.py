@@ -27,6 +27,7 @@ from deltafleet.shared import (
     IoSignature,
     TensorSpec,
     WireError,
+    one_line,
     sha256_file,
 )
 
@@ -97,8 +98,7 @@ class ModelInfo:
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return one_line(e, limit=200)
 
 
 def _read_head(path: Path, n: int = 8) -> bytes:

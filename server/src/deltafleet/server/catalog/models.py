@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from deltafleet.agent.codecs import IDENTITY, ZSTD
+from deltafleet.codecs import IDENTITY, ZSTD
 from deltafleet.shared import is_sha256
 
 from ..codecs import build_compressed_full

@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from deltafleet.shared import DeltafleetError
+from deltafleet.shared import one_line as shared_one_line
 
 from ..errors import UsageError
 from . import audit, db, delta, device, group, init, model, rollout, serve
@@ -30,7 +31,7 @@ EXIT_USAGE = 2
 
 
 def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    return shared_one_line(e, limit=None)
 
 
 def exit_code_for(e: DeltafleetError) -> int:

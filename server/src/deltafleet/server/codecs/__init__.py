@@ -2,7 +2,7 @@
 
 Every encoder predicts its peak memory and time from the file sizes *before* it runs; the
 chooser skips any whose prediction exceeds the budget, runs the rest (cheapest first), and
-keeps the smallest output whose round trip (decode with the agent's decoder, streamed, ==
+keeps the smallest output whose round trip (decode with the shared decoder, streamed, ==
 target sha256) checks out. A result that is not smaller than the full artifact (what a full
 install ships: the zstd-compressed target, or the target itself when compression does not
 help) is no delta at all: ``choose`` then returns no winner and the full model is shipped.
@@ -11,7 +11,8 @@ Full models ship compressed: ``compress_full`` is the one place a full model is 
 (one zstd frame, the agent's ``zstd`` codec), both for the shipped artifact
 (``build_compressed_full``, run when a model is registered) and for the size a delta must beat.
 
-Decoders live in ``deltafleet.agent.codecs`` so devices need neither onnx nor server code.
+Decoders live in ``deltafleet.codecs`` (a part of deltafleet-shared) so devices need neither onnx
+nor server code, and the server no code of the agent.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import bsdiff4
 import zstandard as zstd
 
-from deltafleet.agent.codecs import (
+from deltafleet.codecs import (
     BSDIFF4,
     TENSOR_XOR,
     ZSTD,
@@ -356,7 +357,7 @@ def choose(
         t0 = time.perf_counter()
         try:
             enc.encode(base_path, target_path, Path(tmp))
-        except (ValueError, MemoryError, zstd.ZstdError) as e:
+        except (CodecError, ValueError, MemoryError, zstd.ZstdError) as e:
             Path(tmp).unlink(missing_ok=True)
             attempt.skipped = f"failed: {e}"
             log.warning("%s encode failed: %s", enc.name, e)
@@ -376,7 +377,7 @@ def choose(
             continue
         try:
             sha, out_size = decode_sha256(name, path, base_path)
-        except (ValueError, MemoryError) as e:
+        except (CodecError, MemoryError) as e:
             sha, out_size = f"error: {e}", -1
         if sha == target_sha256 and out_size == target_size:
             attempt.verified = True

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from deltafleet.agent.codecs import Source
+from deltafleet.codecs import CodecError, Source
 
 # ONNX TensorProto.DataType -> element width in bytes (unknown types are treated as bytes).
 _ONNX_WIDTH = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8,
@@ -32,8 +32,9 @@ class TensorRange:
     dtype: str  # format-specific type tag, for pairing
 
 
-class _Malformed(Exception):
-    pass
+class MalformedLayout(CodecError):
+    """The file's structure cannot be walked (a lying length, a truncated message): the
+    walker gives up and the whole file is diffed as plain bytes."""
 
 
 def _width(w: int) -> int:
@@ -51,7 +52,7 @@ def _varint(src: Source, pos: int, end: int) -> tuple[int, int]:
         if not b & 0x80:
             return value, pos + i + 1
         shift += 7
-    raise _Malformed("bad varint")
+    raise MalformedLayout("bad varint")
 
 
 def _fields(src: Source, start: int, end: int):  # type: ignore[no-untyped-def]
@@ -61,7 +62,7 @@ def _fields(src: Source, start: int, end: int):  # type: ignore[no-untyped-def]
         key, pos = _varint(src, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0:
-            raise _Malformed("field 0")
+            raise MalformedLayout("field 0")
         if wire == 0:
             value, pos = _varint(src, pos, end)
             yield number, wire, value
@@ -70,15 +71,15 @@ def _fields(src: Source, start: int, end: int):  # type: ignore[no-untyped-def]
         elif wire == 2:
             length, pos = _varint(src, pos, end)
             if pos + length > end:
-                raise _Malformed("field runs past its message")
+                raise MalformedLayout("field runs past its message")
             yield number, wire, (pos, length)
             pos += length
         elif wire == 5:
             pos += 4
         else:
-            raise _Malformed(f"wire type {wire}")
+            raise MalformedLayout(f"wire type {wire}")
     if pos != end:
-        raise _Malformed("message overruns")
+        raise MalformedLayout("message overruns")
 
 
 def _onnx_tensor(src: Source, start: int, end: int) -> TensorRange | None:
@@ -106,7 +107,7 @@ def _onnx_graph(src: Source, start: int, end: int, out: list[TensorRange], depth
     """Initializers of a GraphProto, and tensors held in node attributes (``Constant`` values,
     anywhere in ``If`` / ``Loop`` / ``Scan`` subgraphs): exporters put weights there too."""
     if depth > _MAX_GRAPH_DEPTH:
-        raise _Malformed("subgraphs nested too deep")
+        raise MalformedLayout("subgraphs nested too deep")
     for number, wire, value in _fields(src, start, end):
         if number == 5 and wire == 2:  # GraphProto.initializer
             t = _onnx_tensor(src, value[0], value[0] + value[1])
@@ -154,7 +155,7 @@ def onnx_tensors(src: Source) -> list[TensorRange] | None:
         _onnx_graph(src, g_start, g_start + g_len, tensors, 0)
         tensors.sort(key=lambda t: t.offset)
         return tensors
-    except (_Malformed, ValueError):
+    except (CodecError, ValueError):  # MalformedLayout, or a read past the end
         return None
 
 
@@ -228,7 +229,7 @@ def tflite_tensors(src: Source) -> list[TensorRange] | None:
                 if off > 1 and size and off + size <= src.size:
                     out.append(TensorRange(name, off, size, width, f"tflite:{ttype}"))
         return out
-    except (_Malformed, ValueError, struct.error):
+    except (CodecError, ValueError, struct.error):  # MalformedLayout, or a read past the end
         return None
 
 

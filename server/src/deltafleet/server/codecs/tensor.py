@@ -1,4 +1,4 @@
-"""The model-aware encoder: tensor-xor (container format documented in deltafleet.agent.codecs).
+"""The model-aware encoder: tensor-xor (container format: deltafleet.codecs.tensor_xor).
 
 Pairing, per target tensor, first match wins:
 1. a base tensor with exactly the same bytes (renamed or moved layers) -> ``copy``;
@@ -33,15 +33,14 @@ from pathlib import Path
 import numpy as np
 import zstandard as zstd
 
-from deltafleet.agent.codecs import (
-    _UINT,
+from deltafleet.codecs import FileSource, Source
+from deltafleet.codecs.tensor_xor import (
     BZ2_MAGIC,
     TX_CHUNK_BYTES,
     TX_MAGIC,
     TX_PREFIX,
     TX_VERSION,
-    FileSource,
-    Source,
+    UINT_DTYPES,
     base_skeleton,
     pack_tx_header,
     planes_of,
@@ -219,7 +218,7 @@ def encode_tensor_xor(
                             copied += n
                             continue
                         width = t.itemsize if n % t.itemsize == 0 else 1
-                        dtype = _UINT[width]
+                        dtype = UINT_DTYPES[width]
                         new = np.frombuffer(new_bytes, dtype=dtype)
                         old = np.frombuffer(old_bytes, dtype=dtype) if old_bytes else None
                         op, frames = _encode_chunk(new, old, cctx, trial)

@@ -12,7 +12,6 @@ from .devices import (
     record_device_model,
     set_device_online,
     set_devices_presence,
-    upsert_device_from_hello,
     upsert_devices_from_hellos,
 )
 from .groups import (
@@ -42,6 +41,5 @@ __all__ = [
     "record_device_model",
     "set_device_online",
     "set_devices_presence",
-    "upsert_device_from_hello",
     "upsert_devices_from_hellos",
 ]

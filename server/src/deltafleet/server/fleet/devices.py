@@ -26,7 +26,6 @@ __all__ = [
     "record_device_model",
     "set_device_online",
     "set_devices_presence",
-    "upsert_device_from_hello",
     "upsert_devices_from_hellos",
 ]
 
@@ -55,20 +54,14 @@ def _str_map(value: Any, limit: int = 256) -> dict[str, str]:
     }
 
 
-def upsert_device_from_hello(session: Session, hello: Hello, now: datetime) -> Device:
-    """Create or update the device a hello describes; it is online and was seen ``now``.
-
-    The device's model rows are replaced by what the hello reports (a model it no longer
-    reports is removed; an unchanged row keeps its ``updated_at``).
-    """
-    return upsert_devices_from_hellos(session, [hello], now)[0]
-
-
 def upsert_devices_from_hellos(session: Session, hellos: list[Hello],
                                now: datetime) -> list[Device]:
-    """Batch form of ``upsert_device_from_hello``: two SELECTs and one flush for the batch,
-    whatever its size (the server ingests device traffic this way). A device appearing more
-    than once in ``hellos`` ends with its last hello."""
+    """Create or update the devices the hellos describe; each is online and was seen ``now``.
+
+    A device's model rows are replaced by what its hello reports (a model it no longer
+    reports is removed; an unchanged row keeps its ``updated_at``). Two SELECTs and one flush
+    for the batch, whatever its size (the server ingests device traffic this way). A device
+    appearing more than once in ``hellos`` ends with its last hello."""
     latest = {h.device_id: h for h in sorted(hellos, key=lambda h: h.device_id)}
     ids = sorted(latest)
     known = set(session.scalars(select(Device.id).where(Device.id.in_(ids))))

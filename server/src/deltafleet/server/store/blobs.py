@@ -1,7 +1,8 @@
 """Content-addressed blob store on disk: ``root/<sha[:2]>/<sha>``.
 
-Writes are durable and atomic (temp file in ``root`` -> fsync -> os.replace -> fsync dirs) and
-stream in bounded memory, so a reader sees either no blob or the complete one.
+Writes are durable and atomic (``deltafleet.shared.staged_file``: temp file in ``root``, hashed
+while written, fsync, os.replace, fsync dirs) and stream in bounded memory, so a reader sees
+either no blob or the complete one.
 
 A blob's name is its sha256, so the store can prove a blob intact: ``BlobVerifier`` re-hashes
 it (whole sha256 and the chunk hashes a manifest carries, in one read) once per
@@ -11,17 +12,17 @@ neither a rewritten file nor bit rot under an unchanged stat is ever shipped.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from deltafleet.shared import fsync_dir, is_sha256, sha256_bytes
+from deltafleet.shared import StagedMismatch, fsync_dir, is_sha256, sha256_bytes, staged_file
+
+from ..errors import BlobMismatch
 
 _READ_BYTES = 1 << 20
 
@@ -51,7 +52,7 @@ class BlobStore:
 
     def restore_file(self, src: Path, sha256: str) -> int:
         """Put ``src`` in place of the blob ``sha256`` even when a (corrupt) file of that name
-        exists; refuses (ValueError, nothing written) a file whose content is another sha256."""
+        exists; refuses (BlobMismatch, nothing written) a file whose content is another sha256."""
         with open(src, "rb") as f:
             blocks = iter(lambda: f.read(_READ_BYTES), b"")
             return self._put_chunks(blocks, expect=sha256)[1]
@@ -71,34 +72,22 @@ class BlobStore:
     def _put_chunks(self, chunks: Iterable[bytes], *,
                     expect: str | None = None) -> tuple[str, int]:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-", suffix=".tmp")
-        h = hashlib.sha256()
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for block in chunks:
-                    h.update(block)
-                    size += len(block)
-                    out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            sha = h.hexdigest()
-            if expect is not None and sha != expect:
-                raise ValueError(f"the file hashes to {sha[:12]}, not {expect[:12]}")
+
+        def dest_of(sha: str) -> Path | None:
             dest = self.path(sha)
             if expect is None and dest.is_file() and _hashes_to(dest, sha):
-                os.unlink(tmp)
-                return sha, size
+                return None  # an intact copy is already there
             dest.parent.mkdir(exist_ok=True)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(dest.parent)
-        fsync_dir(self.root)
-        return sha, size
+            return dest
+
+        try:
+            with staged_file(dest_of, expect_sha256=expect, temp_dir=self.root) as out:
+                for block in chunks:
+                    out.write(block)
+        except StagedMismatch as e:
+            raise BlobMismatch(f"the file hashes to {out.sha256[:12]}, not "
+                               f"{(expect or '')[:12]}") from e
+        return out.sha256, out.size
 
 
 def _hashes_to(path: Path, sha256: str) -> bool:

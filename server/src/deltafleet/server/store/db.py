@@ -32,6 +32,8 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
+from deltafleet.shared import one_line
+
 from ..errors import ServerError, UsageError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -43,8 +45,7 @@ class StoreError(ServerError):
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(getattr(e, "orig", None) or e)
-    return " ".join(text.split())[:300]
+    return one_line(getattr(e, "orig", None) or e)
 
 
 def _sqlite_file(url: URL) -> Path | None:
