@@ -201,7 +201,7 @@ class TestGroups:
 
     def test_device_matches_requires_every_selector_entry(self, store: Store) -> None:
         with store.session() as s:
-            d = fleet.upsert_devices_from_hellos(s, [hello(arch="aarch64")], T0)
+            [d] = fleet.upsert_devices_from_hellos(s, [hello(arch="aarch64")], T0)
             assert fleet.device_matches(d, {})
             assert fleet.device_matches(d, {"arch": "aarch64", "os": "linux"})
             assert not fleet.device_matches(d, {"arch": "aarch64", "site": "paris"})
