@@ -2,7 +2,7 @@
 
 Public subpackages and modules, by noun: ``fleet`` (devices, groups), ``catalog`` (model
 inspection and registered models), ``audit``, ``views`` (``--json`` rendering), ``rollouts``,
-``planner``, ``codecs`` (delta encoders), ``store`` (database and blobs), ``errors``; the
+``planner``, ``delivery`` (chunk scheduling, artifact chunks), ``codecs`` (delta encoders), ``store`` (database and blobs), ``errors``; the
 ``daemon`` and the ``cli`` sit at the edge. Nothing is imported here: importing
 ``deltafleet.server`` stays cheap.
 """
@@ -15,11 +15,12 @@ __all__ = [
     "config",
     "controller",
     "daemon",
+    "delivery",
     "deltas",
     "enroll",
     "errors",
     "fleet",
-    "hostile",
+    "guard",
     "ingest",
     "keys",
     "pki",
