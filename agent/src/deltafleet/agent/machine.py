@@ -400,6 +400,7 @@ class RequestChunks:
 
 @dataclass(frozen=True, slots=True)
 class Apply:
+    """Patch/decode the finished download (its chunk set) into the target."""
     model: str
     manifest: Manifest
 
@@ -758,7 +759,7 @@ class _Fetch(_Core):
         m = upd.manifest
         self._move(m.model, P.APPLYING)
         upd.patched, upd.reused = True, reused
-        return [Unsubscribe(m.model, m.artifact.sha256), ForgetDownload(m.model),
+        return [Unsubscribe(m.model, m.artifact.sha256),
                 Report(m.model, m, "applying", bytes_received=bytes_received,
                        chunks_reused=reused),
                 JournalStep(m.model, "patching", space_step="apply"), Apply(m.model, m)]
@@ -817,9 +818,9 @@ class _Fetch(_Core):
         upd = self.updates.get(e.model)
         if upd is None:
             return []
-        out: list[Effect] = []
+        out: list[Effect] = [ForgetDownload(e.model)]
         if upd.phase is P.DOWNLOADING:
-            out = [Unsubscribe(e.model, upd.manifest.artifact.sha256), ForgetDownload(e.model)]
+            out.insert(0, Unsubscribe(e.model, upd.manifest.artifact.sha256))
         self._move(e.model, P.IDLE)
         return out + self._wait(upd.manifest, upd.raw, e.reason, e.step, e.now)
 
