@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 from itertools import product
 
 import pytest
@@ -476,3 +478,13 @@ def test_a_journal_record_that_does_not_verify_is_dropped() -> None:
     entry = mc.JournalEntry("det", record(JOURNAL, "trial"), None, NEW, True, "bad signature")
     assert quiet(sm.handle(mc.Restarted((entry,)))) == [mc.JournalClear("det")]
     assert sm.recovering == set()
+
+
+def test_the_machine_imports_no_io() -> None:
+    code = ("import sys, deltafleet.agent.machine; print(sorted(m for m in sys.modules if "
+            "m.split('.')[0] in {'paho', 'sqlalchemy', 'subprocess', 'socket', 'onnxruntime'} "
+            "or m in {'deltafleet.agent.store', 'deltafleet.agent.journal', "
+            "'deltafleet.agent.codecs', 'deltafleet.agent.daemon'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
