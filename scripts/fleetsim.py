@@ -1,15 +1,18 @@
 """Fleet simulator: many simulated devices in one process, each with its own MQTT connection
-to a real broker, speaking the real protocol through the project's own code (manifest
-signature, device binding, expiry and serial checks via ``deltafleet.agent.update``; every
-chunk and the whole artifact checked against the signed hashes; every artifact -- a full model,
-zstd-compressed or as it is, or a delta -- decoded by the agent's own decoder and verified
-against the target sha256). A model the fleet already holds (``SimFleet.model_cache``, like the
-agent's previous model on disk) is installed without a download; clear it to make a rollback
-download.
+to a real broker, each driving the agent's own ``UpdateMachine`` (``deltafleet.agent.machine``):
+the same decisions, the same reports with the same stable event ids, only the I/O is simulated.
+Manifests are verified with the agent's ``verify_manifest`` (signature, device binding, expiry,
+serial); every chunk and the whole artifact are checked against the signed hashes; every
+artifact -- a full model, zstd-compressed or as it is, or a delta -- is decoded by the agent's
+own decoder (in-process: trusted test bytes, no child per device) and verified against the
+target sha256. Chunks stay in memory; swap and trial pass at once (or as the knobs say). A
+full model the fleet already holds (``SimFleet.model_cache``, like the agent's previous model
+on disk) is installed without a download; clear it to make a rollback download.
 
-Knobs per device inject failures: ``fail_apply`` (report failed after download),
-``fail_health`` (the trial fails: report rolled_back to the previous model), ``go_offline()`` /
-``come_online()``, and ``relabel()`` (reconnect with new labels).
+Knobs per device inject failures: ``fail_apply`` (the downloaded artifact does not apply:
+report failed), ``fail_health`` (the trial fails: roll back to the previous model),
+``disk_full`` (too little disk: report ``waiting``, retried until it is False),
+``go_offline()`` / ``come_online()``, and ``relabel()`` (reconnect with new labels).
 
 Used by the rollout tests and by the fleet-scale benchmarks.
 """
@@ -22,11 +25,15 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from deltafleet.agent import codecs
+from deltafleet.agent import machine as mc
 from deltafleet.agent.errors import UpdateRejected
+from deltafleet.agent.reports import build_event, claimed_manifest_id, rejected_event
+from deltafleet.agent.trial import Verdict
 from deltafleet.agent.update import verify_manifest
 from deltafleet.shared import (
     ChunkRequest,
@@ -44,6 +51,8 @@ from deltafleet.shared import (
 from deltafleet.shared.mqtt import CONNECTED, MqttClient, MqttSettings, Will
 
 log = logging.getLogger(__name__)
+MACHINE = mc.MachineConfig(download_timeout_s=600.0, chunk_retry_s=2.0, disk_retry_s=0.5,
+                           disk_margin_bytes=0, max_artifact_bytes=1 << 40)
 
 
 @dataclass
@@ -58,6 +67,7 @@ class Installed:
     version: str
     data: bytes
     sha256: str = ""
+    manifest_id: str | None = None
 
     def __post_init__(self) -> None:
         self.sha256 = self.sha256 or sha256_bytes(self.data)
@@ -77,16 +87,18 @@ class SimDevice:
         self.labels = dict(labels)
         self.models = dict(models)  # model name -> what runs now
         self.previous: dict[str, Installed] = {}
+        self.failed: dict[str, str] = {}  # model -> manifest id marked failed
+        self.serials: dict[str, int] = {}  # model -> last serial seen
         self.knobs = Knobs()
         self.runtimes = {"onnxruntime": "sim"}
         self.manifests: list[Received] = []  # every verified manifest, in arrival order
         self.events: list[Event] = []
         self.timeline: list[tuple[str, float]] = []  # (event state, monotonic time)
         self.rejections: list[str] = []
-        self.last_serial = 0
-        self._download: tuple[Manifest, dict[int, bytes]] | None = None
-        self._waiting: Manifest | None = None  # a manifest put off for (simulated) disk space
-        self._trial: tuple[Manifest, float] | None = None
+        self.machine = mc.UpdateMachine(MACHINE)
+        self._seen: set[str] = set()
+        self._chunks: dict[str, tuple[Manifest, dict[int, bytes]]] = {}  # by model
+        self._staged: dict[str, bytes] = {}
         self._stop = threading.Event()
         self.client: MqttClient | None = None
         self._thread: threading.Thread | None = None
@@ -99,6 +111,8 @@ class SimDevice:
             will=Will(t.status(self.device_id), encode(Status(self.device_id, False)))))
         self.client.subscribe(t.desired_filter(self.device_id))
         self.client.subscribe(t.server_status())
+        for m in self.machine.downloading().values():  # a new client: subscribe again
+            self.client.subscribe(t.chunk_filter(m.artifact.sha256))
         self.client.start()
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, args=(self.client,), daemon=True)
@@ -115,7 +129,6 @@ class SimDevice:
         if self._thread:
             self._thread.join(5)
         self.client = None
-        self._download = None
 
     def come_online(self) -> None:
         self.connect()
@@ -138,7 +151,7 @@ class SimDevice:
             try:
                 if topic:
                     self._handle(topic, payload)
-                self._tick()
+                self.feed(mc.Tick(time.monotonic(), self.online))
             except Exception:  # noqa: BLE001 - a simulator bug must not kill the fleet
                 log.exception("sim device %s failed", self.device_id)
 
@@ -160,8 +173,7 @@ class SimDevice:
         if topic == CONNECTED:
             self._publish(t.status(self.device_id), encode(Status(self.device_id, True)), True)
             self.send_hello()
-            if self._download:
-                self._request(self._download[0], self._download[1])
+            self.feed(mc.Connected(time.monotonic()))
         elif topic == t.server_status():
             if payload == b"online":
                 self.send_hello()
@@ -169,122 +181,149 @@ class SimDevice:
             sha, index = t.parse_chunk(topic)
             self._on_chunk(sha, index, payload)
         elif "/desired/" in topic and payload:
-            self._on_manifest(payload)
+            self.feed(self._manifest_event(topic.rsplit("/", 1)[1], payload))
 
-    def _report(self, m: Manifest, state: str, reason: str = "", sha: str | None = None) -> None:
-        ev = Event(uuid.uuid4().hex, self.device_id, m.manifest_id, m.rollout_id, m.model,
-                   m.version, state, reason, sha)
-        self.events.append(ev)
-        self.timeline.append((state, time.monotonic()))
-        self._publish(self.fleet.topics.events(self.device_id), encode(ev))
+    def _device(self, model: str) -> mc.Device:
+        cur = self.models.get(model)
+        return mc.Device(mc.Running(cur.sha256, cur.manifest_id) if cur else None,
+                         self.failed.get(model))
 
-    def _on_manifest(self, payload: bytes) -> None:
+    def _manifest_event(self, model: str, payload: bytes) -> Any:
+        dev = self._device(model)
         try:
-            m = verify_manifest(payload, self.fleet.trusted, device_id=self.device_id)
+            m = verify_manifest(payload, self.fleet.trusted, device_id=self.device_id,
+                                last_serial=self.serials.get(model),
+                                known_ids=self.machine.known_ids(model, dev))
         except UpdateRejected as e:
             self.rejections.append(str(e))
-            return
-        current = self.models.get(m.model)
-        if current is not None and current.sha256 == m.target_sha256:
-            if m.serial > self.last_serial:
-                self.last_serial = m.serial
-                self.manifests.append(Received(m))
-                self._report(m, "healthy", "already running", current.sha256)
-            return
-        if m.serial <= self.last_serial:
-            return  # replay or re-delivery of what we already handled
-        self.last_serial = m.serial
-        self.manifests.append(Received(m))
-        if m.artifact.kind == "delta" and (current is None or current.sha256 != m.base_sha256):
-            self._report(m, "rejected", "base mismatch", current.sha256 if current else None)
-            return
-        if self.knobs.fail_apply:
-            self._report(m, "failed", "injected apply failure",
-                         current.sha256 if current else None)
-            return
-        if self.knobs.disk_full:
-            self._waiting = m
-            self._report(m, "waiting", "not enough disk (simulated): retrying when space is back",
-                         current.sha256 if current else None)
-            return
-        self._start(m)
-
-    def _start(self, m: Manifest) -> None:
-        cached = self.fleet.model_cache.get(m.target_sha256)
-        if cached is not None and m.artifact.kind == "full":  # e.g. rollback to previous
-            self._install(m, cached)
-            return
-        self._download = (m, {})
-        assert self.client is not None
-        self.client.subscribe(self.fleet.topics.chunk_filter(m.artifact.sha256))
-        self._report(m, "downloading")
-        self._request(m, {})
-
-    def _request(self, m: Manifest, have: dict[int, bytes]) -> None:
-        missing = [i for i in range(len(m.artifact.chunks)) if i not in have]
-        req = ChunkRequest(self.device_id, m.artifact.sha256, tuple(missing))
-        self._publish(self.fleet.topics.chunk_request(self.device_id), encode(req))
-        self._last_progress = time.monotonic()
+            return mc.ManifestRejected(model, payload, str(e), claimed_manifest_id(payload), dev)
+        if m.manifest_id not in self._seen:
+            self._seen.add(m.manifest_id)
+            self.manifests.append(Received(m))
+        return mc.ManifestVerified(model, m, payload, dev)
 
     def _on_chunk(self, sha: str, index: int, data: bytes) -> None:
-        if self._download is None or self._download[0].artifact.sha256 != sha:
-            return
-        m, have = self._download
-        if index < len(m.artifact.chunks) and sha256_bytes(data) == m.artifact.chunks[index]:
+        for model, (m, have) in list(self._chunks.items()):
+            if m.artifact.sha256 != sha or index >= len(m.artifact.chunks) or index in have:
+                continue
+            if sha256_bytes(data) != m.artifact.chunks[index]:
+                self.feed(mc.ChunkBad(model, m.manifest_id, index, time.monotonic()))
+                continue
             have[index] = data
-            self._last_progress = time.monotonic()
-        if len(have) == len(m.artifact.chunks):
-            self._download = None
-            assert self.client is not None
-            self.client.unsubscribe(self.fleet.topics.chunk_filter(sha))
-            artifact = b"".join(have[i] for i in range(len(have)))
-            if sha256_bytes(artifact) != m.artifact.sha256:
-                self._report(m, "failed", "artifact hash mismatch")
-                return
-            self._report(m, "applying")
-            current = self.models.get(m.model)
-            base = self.fleet.model_file(current) if current is not None else None
-            try:  # the agent's own decoder, in-process (trusted test bytes: no child per
-                # simulated device); every codec, target sha256 and size verified
-                target = bytes(codecs.decode(m.artifact.codec, artifact, base,
-                                             target_size=m.target_size_bytes))
-                if sha256_bytes(target) != m.target_sha256:
-                    raise UpdateRejected("target hash mismatch: patched model is not the "
-                                         "signed target")
-            except (UpdateRejected, codecs.CodecError) as e:
-                reason = str(e)
-                if isinstance(e, codecs.UnknownCodec):
-                    reason = f"unknown codec {m.artifact.codec!r}"
-                self._report(m, "failed", reason, current.sha256 if current else None)
-                return
-            self._install(m, target)
+            self.feed(mc.ChunkAccepted(model, m.manifest_id, time.monotonic()))
+            if len(have) == len(m.artifact.chunks):
+                self.feed(mc.DownloadComplete(model, m.manifest_id,
+                                              sum(len(b) for b in have.values()), 0))
 
-    def _install(self, m: Manifest, data: bytes) -> None:
-        old = self.models.get(m.model)
-        if old is not None:
-            self.previous[m.model] = old
-        self.models[m.model] = Installed(m.version, data, m.target_sha256)
-        self.fleet.model_cache.setdefault(m.target_sha256, data)
-        self._report(m, "trial", sha=m.target_sha256)
-        self._trial = (m, time.monotonic() + m.trial_window_s)
+    # -- the machine's effects, simulated ----------------------------------------------------
+    def feed(self, event: Any) -> None:
+        skip: set[str] = set()
+        for eff in self.machine.handle(event):
+            if eff.model in skip:
+                continue
+            outcome = self._do(eff)
+            if outcome is not None:
+                if isinstance(outcome, mc.OutOfSpace):
+                    skip.add(eff.model)
+                self.feed(outcome)
 
-    def _tick(self) -> None:
-        if self._waiting is not None and not self.knobs.disk_full:
-            m, self._waiting = self._waiting, None
-            self._start(m)
-        if self._download is not None and time.monotonic() - self._last_progress > 2.0:
-            self._request(*self._download)
-        if self._trial is not None and time.monotonic() >= self._trial[1]:
-            m, _ = self._trial
-            self._trial = None
-            if self.knobs.fail_health:
-                prev = self.previous.get(m.model)
-                if prev is not None:
-                    self.models[m.model] = prev
-                self._report(m, "rolled_back", "injected health failure: error rate 40%",
-                             prev.sha256 if prev else None)
-            else:
-                self._report(m, "healthy", sha=m.target_sha256)
+    def _do(self, e: Any) -> Any:  # noqa: C901, PLR0911, PLR0912 - one branch per effect
+        t, now = self.fleet.topics, time.monotonic()
+        if isinstance(e, mc.Log):
+            log.log(min(e.level, logging.INFO), "%s: %s", self.device_id, e.text)
+        elif isinstance(e, mc.NoteSerial):
+            self.serials[e.model] = max(e.serial, self.serials.get(e.model, 0))
+            return mc.SerialNoted(e.model, e.manifest_id)
+        elif isinstance(e, mc.Inspect):
+            m = e.manifest
+            cached = m.artifact.kind == "full" and m.target_sha256 in self.fleet.model_cache
+            return mc.Inspected(e.model, m.manifest_id, cached, None,
+                                0 if self.knobs.disk_full else 1 << 40, 0, 0, now)
+        elif isinstance(e, mc.Adopt):
+            self.models[e.model] = replace(self.models[e.model],
+                                           manifest_id=e.manifest.manifest_id)
+        elif isinstance(e, mc.Subscribe | mc.Unsubscribe) and self.client is not None:
+            sub = self.client.subscribe if isinstance(e, mc.Subscribe) else self.client.unsubscribe
+            sub(t.chunk_filter(e.sha256))
+        elif isinstance(e, mc.OpenDownload):
+            self._chunks[e.model] = (e.manifest, {})
+            return mc.DownloadOpened(e.model, e.manifest.manifest_id, 0, 0, False, now)
+        elif isinstance(e, mc.ForgetDownload):
+            self._chunks.pop(e.model, None)
+        elif isinstance(e, mc.RequestChunks):
+            entry = self._chunks.get(e.model)
+            if entry is not None and entry[0].artifact.sha256 == e.sha256:
+                m, have = entry
+                missing = e.indices if e.indices is not None else tuple(
+                    i for i in range(len(m.artifact.chunks)) if i not in have)
+                self._publish(t.chunk_request(self.device_id),
+                              encode(ChunkRequest(self.device_id, e.sha256, missing, e.repair)))
+        elif isinstance(e, mc.Apply):
+            return self._apply(e.manifest)
+        elif isinstance(e, mc.SwapIn):
+            m = e.manifest
+            data = self._staged.pop(e.model, None) or self.fleet.model_cache[m.target_sha256]
+            if e.model in self.models:
+                self.previous[e.model] = self.models[e.model]
+            self.models[e.model] = Installed(m.version, data, m.target_sha256, m.manifest_id)
+            self.fleet.model_cache.setdefault(m.target_sha256, data)
+            return mc.SwapDone(e.model, m.manifest_id)
+        elif isinstance(e, mc.StartTrial):
+            return mc.TrialReady(e.model, e.manifest.manifest_id, now)
+        elif isinstance(e, mc.Judge):
+            verdict = None
+            if e.final:
+                verdict = (Verdict(False, "injected health failure: error rate 40%", {})
+                           if self.knobs.fail_health else Verdict(True, "within policy", {}))
+            return mc.TrialVerdict(e.model, e.manifest_id, verdict)
+        elif isinstance(e, mc.RollBack):
+            prev = self.previous.get(e.model)
+            if prev is not None:
+                self.models[e.model] = prev
+            self.failed[e.model] = e.manifest.manifest_id
+            return mc.RolledBack(e.model, e.manifest.manifest_id, True,
+                                 prev.sha256 if prev else None)
+        elif isinstance(e, mc.MarkFailed):
+            self.failed[e.model] = e.manifest_id
+        elif isinstance(e, mc.Report):
+            cur = self.models.get(e.model)
+            self._send(build_event(self.device_id, e, cur.sha256 if cur else None))
+        elif isinstance(e, mc.ReportRejected):
+            cur = self.models.get(e.model)
+            self._send(rejected_event(self.device_id, e.model, e.reason, e.raw,
+                                      cur.sha256 if cur else None))
+        elif isinstance(e, mc.Reconsider):
+            self.feed(self._manifest_event(e.model, e.raw))
+            return mc.Reconsidered(e.model, e.why, e.token)
+        return None  # journal, chunk files, crash points: nothing to simulate
+
+    def _apply(self, m: Manifest) -> Any:
+        _, have = self._chunks.pop(m.model)
+        artifact = b"".join(have[i] for i in range(len(have)))
+        if sha256_bytes(artifact) != m.artifact.sha256:
+            return mc.ApplyFailed(m.model, m.manifest_id, "artifact hash mismatch")
+        if self.knobs.fail_apply:
+            return mc.ApplyFailed(m.model, m.manifest_id, "injected apply failure")
+        current = self.models.get(m.model)
+        base = self.fleet.model_file(current) if current is not None else None
+        try:  # every codec, target sha256 and size verified
+            target = bytes(codecs.decode(m.artifact.codec, artifact, base,
+                                         target_size=m.target_size_bytes))
+            if sha256_bytes(target) != m.target_sha256:
+                raise UpdateRejected("target hash mismatch: patched model is not the "
+                                     "signed target")
+        except (UpdateRejected, codecs.CodecError) as e:
+            reason = str(e)
+            if isinstance(e, codecs.UnknownCodec):
+                reason = f"unknown codec {m.artifact.codec!r}"
+            return mc.ApplyFailed(m.model, m.manifest_id, reason)
+        self._staged[m.model] = target
+        return mc.Staged(m.model, m.manifest_id)
+
+    def _send(self, ev: Event) -> None:
+        self.events.append(ev)
+        self.timeline.append((ev.state, time.monotonic()))
+        self._publish(self.fleet.topics.events(self.device_id), encode(ev))
 
     def stop(self) -> None:
         self._stop.set()

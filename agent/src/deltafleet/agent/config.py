@@ -29,7 +29,8 @@ FLEET_AGENT_STATE_DIR, FLEET_AGENT_TRUSTED_KEYS (comma-separated paths), FLEET_A
 FLEET_AGENT_API_PORT, FLEET_AGENT_SWAP_MODE, FLEET_AGENT_FALLBACK (``model=path,...``),
 FLEET_AGENT_MQTT_CA_FILE, FLEET_AGENT_MQTT_CERT_FILE, FLEET_AGENT_MQTT_KEY_FILE,
 FLEET_AGENT_ROOT_OF_TRUST, FLEET_AGENT_TRUST_BUNDLE, FLEET_AGENT_HEARTBEAT_S,
-FLEET_AGENT_DISK_MARGIN_BYTES, FLEET_AGENT_DISK_RETRY_S.
+FLEET_AGENT_DISK_MARGIN_BYTES, FLEET_AGENT_DISK_RETRY_S; for tests, FLEET_AGENT_CRASH_AT and
+FLEET_AGENT_CRASH_AFTER_CHUNKS (``FaultPlan``).
 See docs/agent.md for every key.
 """
 
@@ -46,6 +47,17 @@ from deltafleet.shared import DEFAULT_PREFIX, HealthPolicy, WireError, check_dev
 from .errors import ConfigError
 
 _TRIAL_DEFAULTS = HealthPolicy()
+
+CRASH_STEPS = ("download", "patch", "stage", "activate", "trial", "commit", "rollback")
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPlan:
+    """Fault injection for tests (FLEET_AGENT_CRASH_AT, FLEET_AGENT_CRASH_AFTER_CHUNKS):
+    SIGKILL at the step ``crash_at`` (one of ``CRASH_STEPS``), or exit after
+    ``crash_after_chunks`` accepted chunks (0 = never). The default plan injects nothing."""
+    crash_at: str = ""
+    crash_after_chunks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +117,7 @@ class AgentConfig:
     # after outbox_resend_after_s, doubled per try up to outbox_resend_max_s (jittered).
     outbox_resend_after_s: float = 5.0
     outbox_resend_max_s: float = 300.0
+    faults: FaultPlan = field(default_factory=FaultPlan)
 
     def validate(self) -> AgentConfig:
         try:
@@ -201,6 +214,12 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
         values["fallback_models"] = parse_labels(env["FLEET_AGENT_FALLBACK"])
     if env.get("FLEET_AGENT_LABELS"):
         values["labels"] = parse_labels(env["FLEET_AGENT_LABELS"])
+    if env.get("FLEET_AGENT_CRASH_AT") or env.get("FLEET_AGENT_CRASH_AFTER_CHUNKS"):
+        try:
+            values["faults"] = FaultPlan(env.get("FLEET_AGENT_CRASH_AT", ""),
+                                         int(env.get("FLEET_AGENT_CRASH_AFTER_CHUNKS") or 0))
+        except ValueError as e:
+            raise ConfigError("FLEET_AGENT_CRASH_AFTER_CHUNKS must be an integer") from e
     values.update({k: v for k, v in overrides.items() if v not in (None, (), [], {})})
     if "device_id" not in values:
         raise ConfigError("device_id is required (config file, FLEET_AGENT_DEVICE_ID or --device-id)")

@@ -7,7 +7,8 @@
      "trial": {"ends_at": unix s, "restarts": int} | absent,
      "verdict": {"reason": str, "figures": {...}} | absent}
 
-Steps and legal transitions (each write is temp + fsync + rename + fsync dir)::
+Steps and legal transitions (``machine.JOURNAL_NEXT``; each write is temp + fsync + rename +
+fsync dir)::
 
     downloading -> patching -> staged -> activating -> trial -> committing -> (record removed)
                                                           \\-> rolling_back -> (record removed)
@@ -23,24 +24,16 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deltafleet.shared import atomic_write_json
 
-STEPS = ("downloading", "patching", "staged", "activating", "trial", "committing",
-         "rolling_back")
-_NEXT = {
-    None: {"downloading", "staged"},
-    "downloading": {"downloading", "patching", "staged"},
-    "patching": {"patching", "staged"},
-    "staged": {"staged", "activating"},
-    "activating": {"activating", "trial", "rolling_back"},
-    "trial": {"trial", "committing", "rolling_back"},
-    "committing": {"committing"},
-    "rolling_back": {"rolling_back"},
-}
+from .machine import JOURNAL_NEXT, STEPS, Recovery, raw_manifest, reconcile
+
+__all__ = ["STEPS", "Journal", "Recovery", "raw_manifest", "reconcile"]
+
+_NEXT = JOURNAL_NEXT
 
 
 class Journal:
@@ -91,43 +84,3 @@ class Journal:
 
     def clear(self, model: str) -> None:
         self._path(model).unlink(missing_ok=True)
-
-
-def raw_manifest(rec: dict[str, Any]) -> bytes:
-    return base64.b64decode(rec["manifest"])
-
-
-@dataclass(frozen=True, slots=True)
-class Recovery:
-    action: str  # "redo" | "resume_trial" | "finish_commit" | "finish_rollback" | "drop"
-    reason: str
-
-
-def reconcile(rec: dict[str, Any], current_sha256: str | None, target_on_disk: bool,
-              *, max_trial_restarts: int) -> Recovery:
-    """What to do after a restart with this journal record (pure).
-
-    ``current_sha256`` is what state.json says runs; ``target_on_disk`` whether the verified
-    target file is in the model store.
-    """
-    step, target = rec["step"], rec["target_sha256"]
-    if step in ("downloading", "patching", "staged"):
-        return Recovery("redo", f"interrupted at {step}: resume from verified bytes on disk")
-    if step == "activating":
-        if current_sha256 == target:
-            return Recovery("resume_trial", "activated before the crash: start the trial")
-        return Recovery("redo" if target_on_disk else "drop",
-                        "crashed before activation: the old model still runs")
-    if step == "trial":
-        if current_sha256 != target:
-            return Recovery("drop", "trial record but the new model is not current")
-        restarts = int(rec.get("trial", {}).get("restarts", 0)) + 1
-        if restarts > max_trial_restarts:
-            return Recovery("finish_rollback",
-                            f"agent restarted {restarts} times during the trial")
-        return Recovery("resume_trial", "restarted during the trial: continue it")
-    if step == "committing":
-        return Recovery("finish_commit", "crashed while committing")
-    if step == "rolling_back":
-        return Recovery("finish_rollback", rec.get("verdict", {}).get("reason", "rolling back"))
-    return Recovery("drop", f"unknown step {step!r}")

@@ -45,7 +45,9 @@ from deltafleet.shared import (
 from . import bspatch, codecs, confined
 from .codecs import ChunkSource
 from .errors import ArtifactRefused, DecodeLimitHit, NoSpace, UpdateRejected, is_no_space
-from .store import InstalledModel
+from .machine import check_base as check_base
+from .machine import check_disk as check_disk
+from .machine import space_needed as space_needed
 from .trust import ManifestVerifier, PinnedKeys
 
 # A 4 GiB artifact (the default max_artifact_bytes) lists 65,536 chunk hashes in 64 KiB chunks,
@@ -91,53 +93,6 @@ def verify_manifest(
         raise UpdateRejected(f"manifest is for hardware {manifest.hardware_id[:40]!r}, "
                              f"this device is {str(hardware_id)[:40]!r}")
     return manifest
-
-
-def check_base(manifest: Manifest, current: InstalledModel | None) -> None:
-    """Step 6: a delta applies only to the model that runs (no mix-and-match)."""
-    if manifest.artifact.kind != "delta":
-        return
-    running = current.sha256 if current else None
-    if running != manifest.base_sha256:
-        raise UpdateRejected(
-            f"base mismatch: delta is from {str(manifest.base_sha256)[:12]}, "
-            f"device runs {str(running)[:12]}"
-        )
-
-
-def space_needed(manifest: Manifest, *, have_bytes: int = 0, margin_bytes: int = 0) -> int:
-    """Bytes an update still needs on the state directory's filesystem: the artifact's chunks
-    not yet on disk, plus the target (decoded into a temp file beside its content address
-    while every chunk is still on disk), plus ``margin_bytes`` kept free for the journal,
-    state.json, the outbox and the filesystem's own overhead."""
-    art = manifest.artifact.size_bytes
-    return art - min(max(0, have_bytes), art) + manifest.target_size_bytes + max(0, margin_bytes)
-
-
-def check_disk(manifest: Manifest, free_bytes: int, *, have_bytes: int = 0,
-               reserved_bytes: int = 0, margin_bytes: int = 0,
-               max_artifact_bytes: int = 4 << 30) -> None:
-    """Step 7: the artifact is under the cap (else UpdateRejected, final for the manifest), and
-    ``space_needed`` fits the free space of the state directory's filesystem less
-    ``reserved_bytes`` (what other downloads in progress still need); else NoSpace, which the
-    agent retries when space is back."""
-    art = manifest.artifact.size_bytes
-    if art > max_artifact_bytes:
-        raise UpdateRejected(f"artifact of {art} bytes exceeds the {max_artifact_bytes}-byte cap")
-    need = space_needed(manifest, have_bytes=have_bytes, margin_bytes=margin_bytes)
-    avail = free_bytes - max(0, reserved_bytes)
-    if need > avail:
-        have = min(max(0, have_bytes), art)
-        held = f", {_mib(reserved_bytes)} of it held for other downloads" if reserved_bytes else ""
-        raise NoSpace(
-            f"not enough disk: artifact {_mib(art - have)} still to fetch + target "
-            f"{_mib(manifest.target_size_bytes)} + margin {_mib(margin_bytes)} = {_mib(need)}, "
-            f"{_mib(max(0, free_bytes))} free in the state directory{held}; retrying when "
-            "space is back")
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
 
 
 def chunk_bytes_on_disk(directory: Path) -> int:
