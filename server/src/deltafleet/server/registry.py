@@ -18,13 +18,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from deltafleet.agent.codecs import IDENTITY, ZSTD
+from deltafleet.agent.codecs import ZSTD
 from deltafleet.shared import Hello, is_sha256
 
 from .catalog import inspect_model, io_signature, load_golden
 from .codecs import build_compressed_full
 from .errors import ConflictError, NotFoundError, UsageError
 from .planner import FullArtifact, VariantOption
+from .planner import full_artifact as resolve_full
 from .store.blobs import BlobStore
 from .store.models import (
     Artifact,
@@ -482,8 +483,8 @@ def full_artifact(session: Session, model_sha256: str) -> FullArtifact | None:
                                 .where(Variant.artifact_sha256 == model_sha256)):
         compressed = compressed_artifact(info)
         if compressed is not None:
-            return compressed
-    return FullArtifact(IDENTITY, model_sha256, size)
+            return resolve_full(model_sha256, size, compressed)
+    return resolve_full(model_sha256, size)
 
 
 def get_model(session: Session, name: str) -> Model:
