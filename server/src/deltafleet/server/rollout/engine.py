@@ -286,7 +286,14 @@ def on_event(target: TargetView, policy: RolloutPolicy, report: Report,
              now: datetime) -> Decisions:
     """What a device's report does to its target. Progress only moves forward; a report on a
     rollback decides it; a failure holds the device out or, after --max-attempts, ends it."""
-    t = target
+    decisions = _on_event(target, policy, report, now)
+    for d in decisions:
+        check_move(target.state, d.state)
+    return decisions
+
+
+def _on_event(t: TargetView, policy: RolloutPolicy, report: Report,
+              now: datetime) -> tuple[SetTarget, ...]:
     if report.state == "waiting":
         return (SetTarget(t.device_id, t.state, f"waiting on the device: {report.reason}"),)
     if t.state == T.REVERTING:
@@ -310,6 +317,7 @@ def on_event(target: TargetView, policy: RolloutPolicy, report: Report,
 
 def _failure(t: TargetView, policy: RolloutPolicy, state: TargetState, reason: str,
              now: datetime, health: Mapping[str, Any] | None = None) -> SetTarget:
+    """Held out for a doubling while, or for good after --max-attempts."""
     if t.attempts < policy.max_attempts:
         hold = policy.hold_seconds(t.attempts)
         return SetTarget(t.device_id, T.HELD,

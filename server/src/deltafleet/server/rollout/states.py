@@ -8,12 +8,12 @@ stored in ``rollouts.state`` / ``rollout_targets.state`` and printed by ``fleetc
 Target (per device) moves::
 
     pending      -> notified       manifest sent (dispatch)
-                 -> healthy        the device already runs the target (or reports it)
+                 -> healthy        the device already runs the target (or says so)
                  -> skipped        no variant the device can load
                  -> cancelled      rollout aborted / superseded / rolled back before it got there
-                 -> reverting      rollback of a device sent a manifest before (then held, retried)
-                 -> downloading | applying | trial | held | failed | rejected | rolled_back
-                                   a late report on the manifest sent before a hold
+                 -> reverting      rollback of a device that was sent a manifest before a hold
+                 -> downloading | applying | trial | held    (late report on that manifest)
+                 -> failed | rejected | rolled_back          (late report, or no rollback)
     notified     -> downloading | applying | trial | healthy    device reports progress
     downloading  -> applying | trial | healthy
     applying     -> trial | healthy
@@ -26,11 +26,12 @@ Target (per device) moves::
     notified | downloading
                  -> pending        the blob it fetches went bad in the store (attempt given back)
     held         -> pending        the hold ran out
-                 -> healthy | failed | rejected | rolled_back   a late report
+                 -> healthy | failed | rejected | rolled_back    (late report)
                  -> cancelled | reverting
     healthy | failed | rejected | rolled_back
                  -> reverting      rollout rolled back: the version it ran before is sent
                  -> failed         rollback impossible (no previous version / not in the catalog)
+                 -> cancelled      rollout rolled back, and it never got a manifest
     reverting    -> reverted       healthy again on the previous version
                  -> failed         the rollback failed or timed out
                  -> cancelled      (a superseded rollout)
@@ -108,10 +109,10 @@ TARGET_TRANSITIONS: dict[TargetState, frozenset[TargetState]] = {
                           | _DEVICE_FAILURES),
     T.TRIAL: frozenset({T.HEALTHY, T.HELD, T.CANCELLED, T.REVERTING} | _DEVICE_FAILURES),
     T.HELD: frozenset({T.PENDING, T.HEALTHY, T.CANCELLED, T.REVERTING} | _DEVICE_FAILURES),
-    T.HEALTHY: frozenset({T.REVERTING, T.FAILED}),
-    T.FAILED: frozenset({T.REVERTING}),
-    T.REJECTED: frozenset({T.REVERTING, T.FAILED}),
-    T.ROLLED_BACK: frozenset({T.REVERTING, T.FAILED}),
+    T.HEALTHY: frozenset({T.REVERTING, T.FAILED, T.CANCELLED}),
+    T.FAILED: frozenset({T.REVERTING, T.CANCELLED}),
+    T.REJECTED: frozenset({T.REVERTING, T.FAILED, T.CANCELLED}),
+    T.ROLLED_BACK: frozenset({T.REVERTING, T.FAILED, T.CANCELLED}),
     T.REVERTING: frozenset({T.REVERTED, T.FAILED, T.CANCELLED}),
     T.SKIPPED: frozenset(),
     T.CANCELLED: frozenset(),
