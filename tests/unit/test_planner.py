@@ -1,4 +1,21 @@
-from deltafleet.server.planner import FullArtifact, VariantOption, choose_variant, delta_worth_it
+from datetime import UTC, datetime
+
+import pytest
+
+from deltafleet.server.planner import (
+    DeltaOption,
+    FullArtifact,
+    PlanKind,
+    RunningModel,
+    VariantOption,
+    choose_variant,
+    delta_worth_it,
+    full_artifact,
+    plan_target,
+)
+from deltafleet.server.policy import RolloutPolicy
+from deltafleet.server.rollout import engine
+from deltafleet.server.rollout.states import RolloutState, TargetState
 
 ONNX = VariantOption(1, "default", "onnx", "fp32", "a" * 64, 100)
 TFL = VariantOption(2, "tflite-int8", "tflite", "int8", "b" * 64, 30)
@@ -37,3 +54,87 @@ def test_delta_is_weighed_against_the_compressed_model_not_the_file():
     assert delta_worth_it(85, PACKED.size_bytes)  # 15% under the model file ...
     assert not delta_worth_it(85, PACKED.full.size_bytes)  # ... but only 6% under what ships
     assert delta_worth_it(72, PACKED.full.size_bytes)
+
+
+# -- one plan for dispatch and `fleetctl rollout plan` ----------------------------------------
+BASE, MODEL, PACK, DELTA = "e" * 64, "c" * 64, "d" * 64, "f" * 64
+RUNS = RunningModel(BASE, "default", "v1")
+SMALL = {(BASE, MODEL): DeltaOption("bsdiff", DELTA, 20)}
+BIG = {(BASE, MODEL): DeltaOption("bsdiff", DELTA, 75)}  # under the model, not under 80 * 0.9
+
+# (case, what the device runs, stored deltas, failed pairs, blobs not intact) -> what ships
+CASES = [
+    ("delta worth it", RUNS, SMALL, {}, set(), (PlanKind.DELTA, "bsdiff", DELTA, 20)),
+    ("delta not worth it", RUNS, BIG, {}, set(), (PlanKind.FULL, "zstd", PACK, 80)),
+    ("delta blob bad", RUNS, SMALL, {}, {DELTA}, (PlanKind.FULL, "zstd", PACK, 80)),
+    ("base blob missing", RUNS, SMALL, {}, {BASE}, (PlanKind.FULL, "zstd", PACK, 80)),
+    ("delta failed", RUNS, {}, {(BASE, MODEL): "no gain"}, set(),
+     (PlanKind.FULL, "zstd", PACK, 80)),
+    ("delta not built", RUNS, {}, {}, set(), (PlanKind.BUILD, None, None, 80)),
+    ("target file missing: no build", RUNS, {}, {}, {MODEL}, (PlanKind.FULL, "zstd", PACK, 80)),
+    ("compressed missing", None, {}, {}, {PACK}, (PlanKind.FULL, "identity", MODEL, 100)),
+    ("compressed missing, delta not worth it against the model", RUNS,
+     {(BASE, MODEL): DeltaOption("bsdiff", DELTA, 95)}, {}, {PACK},
+     (PlanKind.FULL, "identity", MODEL, 100)),
+    ("compressed missing, delta worth it against the model", RUNS, BIG, {}, {PACK},
+     (PlanKind.DELTA, "bsdiff", DELTA, 75)),
+    ("nothing intact to send", None, {}, {}, {PACK, MODEL},
+     (PlanKind.HOLD, "identity", MODEL, 100)),
+    ("fresh device", None, SMALL, {}, set(), (PlanKind.FULL, "zstd", PACK, 80)),
+]
+
+
+def _plan(running, deltas, failed, bad):
+    return plan_target({"onnxruntime": "1"}, running, [PACKED_TARGET], deltas=deltas,
+                       failed_deltas=failed, blob_problem=lambda sha: "missing" if sha in bad
+                       else None)
+
+
+PACKED_TARGET = VariantOption(3, "default", "onnx", "fp32", MODEL, 100,
+                              compressed=FullArtifact("zstd", PACK, 80))
+
+
+@pytest.mark.parametrize(("case", "running", "deltas", "failed", "bad", "ships"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_plan_shows_what_dispatch_sends(case, running, deltas, failed, bad, ships):
+    plan = _plan(running, deltas, failed, bad)
+    assert (plan.kind, plan.codec, plan.artifact_sha256, plan.bytes) == ships
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    snap = engine.Snapshot(
+        engine.RolloutView(1, RolloutState.RUNNING, RolloutPolicy(), "v2"),
+        (engine.TargetView("a", 0, TargetState.PENDING),),
+        {"a": engine.DeviceView("a", True, {"onnxruntime": "1"}, running)},
+        (PACKED_TARGET,), deltas, failed, {},
+        lambda sha: "missing" if sha in bad else None)
+    out = engine.step(snap, now)
+    sent = [d for d in out if isinstance(d, engine.Dispatch)]
+    builds = [d for d in out if isinstance(d, engine.BuildDelta)]
+    if plan.sends:
+        (d,) = sent
+        assert (d.kind, d.codec, d.artifact_sha256, d.artifact_bytes) == (
+            str(plan.kind), plan.codec, plan.artifact_sha256, plan.bytes)
+        assert d.base_sha256 == (BASE if plan.kind == PlanKind.DELTA else None)
+    else:
+        assert not sent
+    assert bool(builds) is plan.build_delta
+
+
+def test_a_plan_never_promises_a_delta_it_would_not_send():
+    for _case, running, deltas, failed, bad, _ships in CASES:
+        plan = _plan(running, deltas, failed, bad)
+        if plan.kind == PlanKind.DELTA:
+            delta = deltas[(BASE, MODEL)]
+            assert BASE not in bad and delta.sha256 not in bad
+            assert delta_worth_it(delta.size_bytes, full_artifact(
+                MODEL, 100, PACKED_TARGET.compressed,
+                blob_problem=lambda sha, bad=bad: "missing" if sha in bad else None).size_bytes)
+
+
+def test_the_one_full_artifact_rule():
+    packed = FullArtifact("zstd", PACK, 80)
+    assert full_artifact(MODEL, 100, packed) == packed
+    assert full_artifact(MODEL, 100) == FullArtifact("identity", MODEL, 100)
+    assert full_artifact(MODEL, 100, packed, blob_problem=lambda sha: "missing") == \
+        FullArtifact("identity", MODEL, 100)
+    assert full_artifact(MODEL, 70, packed) == FullArtifact("identity", MODEL, 70)  # no gain
+    assert PACKED_TARGET.full == packed and PACKED_TARGET.identity.codec == "identity"

@@ -1,12 +1,17 @@
 """Pure rollout planning: which variant a device gets, what a full install of it ships, and
 whether a delta is worth sending instead.
 
-No I/O here; the daemon and `fleetctl rollout plan` feed it rows and act on its answers.
+``plan_target`` is the one decision tree for a device: dispatch (``rollout.engine``) acts on
+it and ``fleetctl rollout plan`` prints it, so the plan is what dispatch does. ``full_artifact``
+is the one rule for what a full install ships. No I/O here: callers pass what the store holds
+(``blob_problem``: None when a blob is intact, else what is wrong with it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from deltafleet.codecs import IDENTITY
@@ -30,6 +35,27 @@ class FullArtifact:
     size_bytes: int
 
 
+BlobProblem = Callable[[str], str | None]
+
+
+def all_intact(sha256: str) -> str | None:
+    """A ``BlobProblem`` for callers that do not look at the store."""
+    return None
+
+
+def full_artifact(model_sha256: str, model_size_bytes: int,
+                  compressed: FullArtifact | None = None, *,
+                  blob_problem: BlobProblem = all_intact) -> FullArtifact:
+    """What a full install ships: the compressed form when there is one, it is smaller than
+    the model file and its blob is intact; else the model file as it is (variants registered
+    before full models shipped compressed, models compression does not shrink, a compressed
+    blob gone bad)."""
+    if (compressed is not None and compressed.size_bytes < model_size_bytes
+            and blob_problem(compressed.sha256) is None):
+        return compressed
+    return FullArtifact(IDENTITY, model_sha256, model_size_bytes)
+
+
 @dataclass(frozen=True, slots=True)
 class VariantOption:
     variant_id: int
@@ -46,12 +72,13 @@ class VariantOption:
 
     @property
     def identity(self) -> FullArtifact:
-        return FullArtifact(IDENTITY, self.sha256, self.size_bytes)
+        """The model file as it is."""
+        return full_artifact(self.sha256, self.size_bytes)
 
     @property
     def full(self) -> FullArtifact:
-        """The full artifact: the compressed model when the catalog has one, else the model."""
-        return self.compressed if self.compressed is not None else self.identity
+        """The full artifact as the catalog has it (``full_artifact``, all blobs present)."""
+        return full_artifact(self.sha256, self.size_bytes, self.compressed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +116,117 @@ def delta_worth_it(delta_size_bytes: int | None, full_artifact_bytes: int) -> bo
     return delta_size_bytes is not None and delta_size_bytes <= full_artifact_bytes * (
         1 - DELTA_MIN_SAVING
     )
+
+
+def hold_reason(sha256: str, problem: str) -> str:
+    """What a target waiting on a bad blob of the store says (``fleetctl rollout status``)."""
+    word = "missing" if problem == "missing" else "corrupt"
+    return f"held: server blob {sha256[:12]} {word} (store)"
+
+
+@dataclass(frozen=True, slots=True)
+class RunningModel:
+    """What a device reports it runs of the model."""
+
+    sha256: str
+    variant: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaOption:
+    """The smallest stored delta for a (base, target) pair."""
+
+    codec: str
+    sha256: str  # the delta artifact's
+    size_bytes: int
+
+
+class PlanKind(StrEnum):
+    SKIP = "skip"  # no variant the device can load
+    NONE = "none"  # it already runs the target
+    FULL = "full"
+    DELTA = "delta"
+    BUILD = "delta?"  # the delta is to be built first; the target waits for it
+    HOLD = "held"  # what it would ship is not intact in the server's store; the target waits
+
+
+@dataclass(frozen=True, slots=True)
+class TargetPlan:
+    """What one device gets. ``bytes``: the artifact's size (for BUILD, the full artifact's:
+    an upper bound). ``base_sha256``: the delta's base (DELTA) or the base to build from
+    (BUILD). ``warning``: worth a log line (a compressed blob gone bad)."""
+
+    kind: PlanKind
+    reason: str = ""
+    variant: VariantOption | None = None
+    codec: str | None = None
+    artifact_sha256: str | None = None
+    bytes: int = 0
+    base_sha256: str | None = None
+    build_delta: bool = False
+    warning: str = ""
+
+    @property
+    def sends(self) -> bool:
+        return self.kind in (PlanKind.FULL, PlanKind.DELTA)
+
+
+def plan_target(
+    runtimes: Mapping[str, str],
+    running: RunningModel | None,
+    options: list[VariantOption] | tuple[VariantOption, ...],
+    *,
+    deltas: Mapping[tuple[str, str], DeltaOption],
+    failed_deltas: Mapping[tuple[str, str], str],
+    blob_problem: BlobProblem = all_intact,
+) -> TargetPlan:
+    """The plan for one device: choose the variant, then already runs it / delta / build the
+    delta first / full install / wait for the store. A delta needs its base intact in the
+    store, a target file to build from, and must be worth it against what a full install
+    ships (``full_artifact``, which falls back to the model file when the compressed blob is
+    bad). A pair whose build failed gets the full artifact."""
+    choice = choose_variant(dict(runtimes), running.variant if running else None, list(options))
+    v = choice.variant
+    if v is None:
+        return TargetPlan(PlanKind.SKIP, choice.reason)
+    if running is not None and running.sha256 == v.sha256:
+        return TargetPlan(PlanKind.NONE, "device already runs the target", v)
+    full = full_artifact(v.sha256, v.size_bytes, v.compressed, blob_problem=blob_problem)
+    warning = ""
+    if v.compressed is not None and full.codec == IDENTITY:
+        warning = (f"compressed form {v.compressed.sha256[:12]} of {v.sha256[:12]} is missing "
+                   "or corrupt in the blob store; shipping the model as it is")
+
+    def plan(kind: PlanKind, reason: str, codec: str, sha: str, size: int,
+             base: str | None = None) -> TargetPlan:
+        problem = blob_problem(sha)
+        if problem is not None:
+            return TargetPlan(PlanKind.HOLD, hold_reason(sha, problem), v, codec, sha, size,
+                              base, warning=warning)
+        return TargetPlan(kind, reason, v, codec, sha, size, base, warning=warning)
+
+    def full_plan(reason: str) -> TargetPlan:
+        return plan(PlanKind.FULL, reason, full.codec, full.sha256, full.size_bytes)
+
+    if running is None:
+        return full_plan("runs no version of the model")
+    base = running.sha256
+    if blob_problem(base) is not None:
+        return full_plan(f"its base {base[:12]} is not intact in the server's store: no delta")
+    delta = deltas.get((base, v.sha256))
+    if delta is None:
+        failed = failed_deltas.get((base, v.sha256))
+        if failed is not None:
+            return full_plan(f"no delta worth sending: {failed}")
+        if blob_problem(v.sha256) is not None:
+            return full_plan("the target's model file is not intact in the server's store: "
+                             "no delta can be built")
+        return TargetPlan(PlanKind.BUILD, "delta not built yet (the server builds it; the "
+                          "full artifact's size shown as the upper bound)", v, None, None,
+                          full.size_bytes, base, build_delta=True, warning=warning)
+    if not delta_worth_it(delta.size_bytes, full.size_bytes):
+        return full_plan("delta not at least 10% smaller than the full artifact")
+    if blob_problem(delta.sha256) is not None:
+        return full_plan(f"the delta {delta.sha256[:12]} is not intact in the server's store")
+    return plan(PlanKind.DELTA, "", delta.codec, delta.sha256, delta.size_bytes, base)

@@ -1,6 +1,9 @@
-"""Rollout policy: parsing operator input and the pure wave / threshold / retry rules.
+"""Rollout policy: parsing operator input into a ``RolloutPolicy``, the retry rule and the
+wave assignment. No I/O here.
 
-No I/O here. The controller feeds it target rows and acts on its answers.
+The trial limits' defaults (``HEALTH_OPTION_DEFAULTS``, as `fleetctl rollout model` takes
+them, and ``HEALTH_DEFAULTS``, as they are signed into manifests) are defined once, here. The
+wave and failure-threshold rules are in ``rollout.engine``.
 """
 
 from __future__ import annotations
@@ -13,14 +16,6 @@ from typing import Any
 from .errors import UsageError
 
 ON_FAILURE = ("pause", "abort", "rollback")
-# Per-device states that count as a failure of the wave they belong to.
-FAILURE_STATES = frozenset({"failed", "rejected", "rolled_back", "held"})
-SUCCESS_STATES = frozenset({"healthy"})
-# States no further device event can change (for this rollout).
-TERMINAL_STATES = frozenset(
-    {"healthy", "failed", "rejected", "rolled_back", "skipped", "cancelled", "reverted"}
-)
-IN_FLIGHT_STATES = ("notified", "downloading", "applying", "trial", "reverting")
 
 
 def parse_duration(text: str) -> int:
@@ -99,6 +94,26 @@ def parse_pct(text: str, what: str) -> float:
     return float(m.group(1))
 
 
+def health_from_options(*, max_error_rate: str, max_p95_ratio: str, p95_slack_ms: float,
+                        min_requests: int) -> dict[str, int]:
+    """The trial limits signed into manifests, from operator input."""
+    if min_requests < 0:
+        raise UsageError("the trial's minimum number of requests cannot be negative")
+    return {"max_error_rate_ppm": int(parse_pct(max_error_rate, "--max-error-rate") * 10_000),
+            "max_p95_ratio_pct": parse_latency_ratio(max_p95_ratio),
+            "min_requests": min_requests, "p95_slack_us": int(p95_slack_ms * 1000)}
+
+
+# Trial limits, as `fleetctl rollout model` takes them. Devices judge latency on interleaved
+# old/new calls with a confidence bound (docs/agent.md), so a busy CPU does not need a big
+# slack; the slack only keeps sub-millisecond rises of tiny models from counting. A latency
+# ratio of "off" (0) means latency is not judged.
+HEALTH_OPTION_DEFAULTS: dict[str, Any] = {
+    "max_error_rate": "1%", "max_p95_ratio": "150%", "p95_slack_ms": 1.0, "min_requests": 50}
+# The same, as signed into manifests.
+HEALTH_DEFAULTS: dict[str, int] = health_from_options(**HEALTH_OPTION_DEFAULTS)
+
+
 @dataclass(frozen=True, slots=True)
 class RolloutPolicy:
     canary: str | None = None  # "N" devices or "N%" of the group, wave 0
@@ -112,12 +127,8 @@ class RolloutPolicy:
     state_timeout_s: int = 600  # notified (while online) / downloading / applying / trial
     bandwidth_bytes_per_s: int | None = None  # cap on chunk bytes the server publishes
     allow_io_change: bool = False  # devices accept a model whose inputs/outputs differ
-    # Trial limits sent to devices. Devices judge latency on interleaved old/new calls with
-    # a confidence bound (docs/agent.md), so a busy CPU does not need a big slack; the slack
-    # only keeps sub-millisecond rises of tiny models from counting. max_p95_ratio_pct 0 = off.
-    health: dict[str, int] = field(default_factory=lambda: {
-        "max_error_rate_ppm": 10_000, "max_p95_ratio_pct": 150, "min_requests": 50,
-        "p95_slack_us": 1_000})
+    # Trial limits sent to devices (HEALTH_DEFAULTS; see there).
+    health: dict[str, int] = field(default_factory=lambda: dict(HEALTH_DEFAULTS))
 
     def __post_init__(self) -> None:
         if self.on_failure not in ON_FAILURE:
@@ -126,6 +137,33 @@ class RolloutPolicy:
             parse_count_or_pct(self.canary, "canary")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise UsageError("--max-concurrent must be at least 1")
+
+    @classmethod
+    def from_options(
+        cls, *, canary: str | None = None, waves: str = "100%", max_failure: str = "5%",
+        on_failure: str = "pause", health_window: str = "60s",
+        max_error_rate: str = HEALTH_OPTION_DEFAULTS["max_error_rate"],
+        max_p95_ratio: str = HEALTH_OPTION_DEFAULTS["max_p95_ratio"],
+        p95_slack_ms: float = HEALTH_OPTION_DEFAULTS["p95_slack_ms"],
+        min_requests: int = HEALTH_OPTION_DEFAULTS["min_requests"],
+        max_concurrent: int | None = None, max_attempts: int = 3, retry_backoff: str = "30s",
+        state_timeout: str = "600s", bandwidth: str | None = None,
+        allow_io_change: bool = False,
+    ) -> RolloutPolicy:
+        """A policy from operator input as `fleetctl rollout model` takes it (UsageError on
+        anything invalid)."""
+        return cls(
+            canary=canary, waves=parse_waves(waves),
+            max_failure_pct=parse_pct(max_failure, "--max-failure"), on_failure=on_failure,
+            health_window_s=parse_duration(health_window), max_concurrent=max_concurrent,
+            max_attempts=max_attempts, retry_backoff_s=parse_duration(retry_backoff),
+            state_timeout_s=parse_duration(state_timeout),
+            bandwidth_bytes_per_s=parse_rate(bandwidth) if bandwidth else None,
+            allow_io_change=allow_io_change,
+            health=health_from_options(max_error_rate=max_error_rate,
+                                       max_p95_ratio=max_p95_ratio,
+                                       p95_slack_ms=p95_slack_ms, min_requests=min_requests),
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -163,32 +201,3 @@ def assign_waves(device_ids: list[str], policy: RolloutPolicy) -> dict[str, int]
             wave += 1
         out[device_id] = wave
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class WaveView:
-    """What the controller needs to know about one target to judge its wave."""
-
-    wave: int
-    state: str
-    online: bool
-
-
-def failures_breach(targets: list[WaveView], current_wave: int, policy: RolloutPolicy,
-                    acknowledged: int) -> tuple[bool, int, int]:
-    """(breached?, failures, dispatched) over the waves dispatched so far."""
-    dispatched = [t for t in targets if t.wave <= current_wave and t.state != "skipped"]
-    failures = sum(1 for t in dispatched if t.state in FAILURE_STATES) - acknowledged
-    allowed = policy.max_failure_pct / 100 * len(dispatched)
-    return failures > 0 and failures > allowed, max(failures, 0), len(dispatched)
-
-
-def wave_settled(targets: list[WaveView], wave: int) -> bool:
-    """Every online device of ``wave`` has a verdict, and at least one device proved the
-    version healthy (a wave whose devices are all offline proves nothing, so it waits)."""
-    members = [t for t in targets if t.wave == wave]
-    if all(t.state in TERMINAL_STATES for t in members):
-        return True
-    return all(
-        t.state in TERMINAL_STATES or t.state == "held" or not t.online for t in members
-    ) and any(t.state in SUCCESS_STATES for t in members)

@@ -1,4 +1,6 @@
-"""Rollout service functions (DB only, no MQTT): create, read, render. Used by the CLI."""
+"""Rollout service functions (DB only, no MQTT): create, act on, plan, read, render. Used by
+the CLI. States and the operator actions are the tables of ``rollout.states``; a plan is
+``planner.plan_target``, the same call dispatch makes."""
 
 from __future__ import annotations
 
@@ -10,10 +12,22 @@ from sqlalchemy.orm import Session
 
 from . import registry
 from .errors import NotFoundError, UsageError
-from .planner import choose_variant, delta_worth_it
-from .policy import TERMINAL_STATES, RolloutPolicy, assign_waves
+from .planner import BlobProblem, PlanKind, all_intact, plan_target
+from .policy import RolloutPolicy, assign_waves
+from .rollout.sql import load_deltas, running_models
+from .rollout.states import (
+    ACTIONS,
+    FAILURE_STATES,
+    FINAL_ROLLOUT_STATES,
+    SUPERSEDABLE_STATES,
+    TERMINAL_STATES,
+    WAIT_ENDS,
+    RolloutState,
+    TargetState,
+    transition,
+    transition_rollout,
+)
 from .store.models import (
-    Device,
     DeviceModel,
     Group,
     Model,
@@ -23,9 +37,8 @@ from .store.models import (
     Variant,
 )
 
-FINAL_ROLLOUT_STATES = frozenset({"completed", "aborted", "rolled_back", "superseded"})
-# Rollout states that end a `--wait` (paused needs an operator).
-WAIT_ENDS = FINAL_ROLLOUT_STATES | {"paused"}
+__all__ = ["FINAL_ROLLOUT_STATES", "WAIT_ENDS", "act_on_rollout", "create_rollout", "get_rollout",
+           "list_rollouts", "plan_rollout", "rollout_json"]
 
 
 def create_rollout(s: Session, spec: str, group_name: str, actor: str, *,
@@ -49,22 +62,24 @@ def create_rollout(s: Session, spec: str, group_name: str, actor: str, *,
     now = datetime.now(UTC)
     for old in s.scalars(select(Rollout).where(
             Rollout.model_id == version.model_id,
-            Rollout.state.in_(("running", "paused")))).all():
-        old.state, old.updated_at, old.finished_at = "superseded", now, now
-        old.state_reason = "a newer rollout of this model started"
+            Rollout.state.in_(SUPERSEDABLE_STATES))).all():
+        transition_rollout(old, RolloutState.SUPERSEDED, "a newer rollout of this model started",
+                           now)
+        old.finished_at = now
         for t in s.scalars(select(RolloutTarget).where(
                 RolloutTarget.rollout_id == old.id,
                 RolloutTarget.state.not_in(TERMINAL_STATES))).all():
-            t.state, t.reason, t.updated_at = "cancelled", "superseded by a newer rollout", now
+            transition(t, TargetState.CANCELLED, "superseded by a newer rollout", now)
         registry.audit(s, actor, "rollout.supersede", f"rollout/{old.id}", {})
     r = Rollout(model_id=version.model_id, version_id=version.id, group_id=group.id,
-                state="running", state_reason="", policy=policy.to_json(), current_wave=0,
+                state=RolloutState.RUNNING.value, state_reason="", policy=policy.to_json(), current_wave=0,
                 failures_acknowledged=0, created_by=actor, created_at=now, updated_at=now)
     s.add(r)
     s.flush()
     waves = assign_waves([d.id for d in devices], policy)
     for d in devices:
-        s.add(RolloutTarget(rollout_id=r.id, device_id=d.id, state="pending", reason="",
+        s.add(RolloutTarget(rollout_id=r.id, device_id=d.id, state=TargetState.PENDING.value,
+                            reason="",
                             wave=waves[d.id], attempts=0, health={}, updated_at=now))
     model = s.get(Model, version.model_id)
     registry.audit(s, actor, "rollout.create", f"rollout/{r.id}",
@@ -73,36 +88,24 @@ def create_rollout(s: Session, spec: str, group_name: str, actor: str, *,
     return r
 
 
-# Operator actions: (allowed from states, new state). Repeating an action is a no-op.
-ACTIONS = {
-    "pause": ({"running"}, "paused"),
-    "resume": ({"paused"}, "running"),
-    "abort": ({"running", "paused"}, "aborting"),
-    "rollback": ({"running", "paused", "completed", "aborting", "aborted"}, "rolling_back"),
-}
-ALREADY = {"pause": {"paused"}, "resume": {"running"}, "abort": {"aborting", "aborted"},
-           "rollback": {"rolling_back", "rolled_back"}}
-
-
 def act_on_rollout(s: Session, rollout_id: int, action: str, actor: str) -> tuple[Rollout, bool]:
-    """Apply an operator action; returns (rollout, changed). Idempotent and audited."""
+    """Apply an operator action (``states.ACTIONS``); returns (rollout, changed). Idempotent
+    and audited."""
     r = get_rollout(s, rollout_id)
-    allowed, new_state = ACTIONS[action]
+    act = ACTIONS[action]
     changed = False
-    if r.state in ALREADY[action]:
+    if r.state in act.already:
         pass
-    elif r.state not in allowed:
+    elif r.state not in act.allowed:
         raise UsageError(f"rollout {rollout_id} is {r.state}; cannot {action} it")
     else:
         now = datetime.now(UTC)
         if action == "resume":
             failures = s.scalar(select(func.count()).select_from(RolloutTarget).where(
-                RolloutTarget.rollout_id == r.id,
-                RolloutTarget.state.in_(("failed", "rejected", "rolled_back", "held"))))
+                RolloutTarget.rollout_id == r.id, RolloutTarget.state.in_(FAILURE_STATES)))
             r.failures_acknowledged = int(failures or 0)
-        r.state, r.updated_at = new_state, now
-        r.state_reason = f"{action} by {actor}"
-        if new_state == "rolling_back":
+        transition_rollout(r, act.to, f"{action} by {actor}", now)
+        if act.to == RolloutState.ROLLING_BACK:
             r.finished_at = None
         changed = True
     registry.audit(s, actor, f"rollout.{action}", f"rollout/{r.id}",
@@ -110,49 +113,43 @@ def act_on_rollout(s: Session, rollout_id: int, action: str, actor: str) -> tupl
     return r, changed
 
 
-def plan_rollout(s: Session, spec: str, group_name: str) -> dict[str, Any]:
-    """What a rollout would do, per device, before anything is sent. ``bytes`` is what the
-    device would be sent (a full artifact: the compressed model when the catalog has one);
-    ``full_bytes`` is the model file's size."""
+def plan_rollout(s: Session, spec: str, group_name: str, *,
+                 blob_problem: BlobProblem = all_intact,
+                 failed_deltas: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
+    """What a rollout would do, per device, before anything is sent: ``planner.plan_target``
+    as dispatch calls it, given what the server's store holds (``blob_problem``) and the pairs
+    no delta could be built for. ``bytes`` is what the device would be sent (a full artifact:
+    the compressed model when the catalog has one and its blob is intact; for "delta?", a
+    delta not built yet, the full artifact as the upper bound); ``full_bytes`` is the model
+    file's size."""
     version = registry.resolve_version(s, spec)
     model = s.get(Model, version.model_id)
     assert model is not None
     options = registry.variant_options(s, version.id)
+    deltas = load_deltas(s, [o.sha256 for o in options])
+    devices = registry.devices_in_group(s, group_name)
+    running = running_models(s, model.name, [d.id for d in devices])
     rows = []
     total = full = 0
-    for d in registry.devices_in_group(s, group_name):
-        running = s.get(DeviceModel, (d.id, model.name))
-        choice = choose_variant(d.runtimes or {}, running.variant if running else None, options)
+    for d in devices:
+        now_runs = running.get(d.id)
+        plan = plan_target(d.runtimes or {}, now_runs, options, deltas=deltas,
+                           failed_deltas=failed_deltas or {}, blob_problem=blob_problem)
         row: dict[str, Any] = {"device": d.id, "online": d.online,
-                               "runs": running.version if running else None,
-                               "base_sha256": running.sha256 if running else None}
-        if choice.variant is None:
-            row.update(can_take=False, reason=choice.reason)
+                               "runs": now_runs.version if now_runs else None,
+                               "base_sha256": now_runs.sha256 if now_runs else None}
+        v = plan.variant
+        if v is None:
+            row.update(can_take=False, reason=plan.reason)
             rows.append(row)
             continue
-        v = choice.variant
-        full_artifact = v.full
         row.update(can_take=True, variant=v.name, format=v.format, precision=v.precision,
-                   full_bytes=v.size_bytes, target_sha256=v.sha256)
-        full_row = {"artifact": "full", "bytes": full_artifact.size_bytes,
-                    "codec": full_artifact.codec}
-        if running is not None and running.sha256 == v.sha256:
-            row.update(artifact="none", bytes=0, reason="already runs the target")
-        elif running is None:
-            row.update(full_row, reason="runs no version of the model")
-        else:
-            delta = registry.best_delta(s, running.sha256, v.sha256)
-            if delta is None:
-                row.update(artifact="delta?", bytes=full_artifact.size_bytes,
-                           reason="delta not built yet (the server builds it; the full "
-                                  "artifact's size shown as the upper bound)")
-            elif delta_worth_it(delta.size_bytes, full_artifact.size_bytes):
-                row.update(artifact="delta", bytes=delta.size_bytes, codec=delta.codec, reason="")
-            else:
-                row.update(full_row, reason="delta not at least 10% smaller than the full "
-                                            "artifact")
-        total += row["bytes"]
-        full += v.size_bytes if row["artifact"] != "none" else 0
+                   full_bytes=v.size_bytes, target_sha256=v.sha256, artifact=str(plan.kind),
+                   bytes=plan.bytes, reason=plan.reason)
+        if plan.codec is not None:
+            row["codec"] = plan.codec
+        total += plan.bytes
+        full += v.size_bytes if plan.kind != PlanKind.NONE else 0
         rows.append(row)
     return {"model": model.name, "version": version.version, "group": group_name,
             "devices": rows, "bytes": total, "full_bytes": full,
@@ -211,7 +208,3 @@ def rollout_json(s: Session, r: Rollout, *, with_targets: bool = True) -> dict[s
 
 def list_rollouts(s: Session) -> list[Rollout]:
     return list(s.scalars(select(Rollout).order_by(Rollout.id.desc())).all())
-
-
-def device_count(s: Session) -> int:
-    return int(s.scalar(select(func.count()).select_from(Device)) or 0)

@@ -289,6 +289,9 @@ class EventState(StrEnum):
         waiting              the device cannot go on for now for a reason of its own (too
                              little disk space) and goes on by itself later; not a failure,
                              no attempt used
+
+    How each report moves the device's rollout target is the server's table
+    (``deltafleet.server.rollout.states.TARGET_TRANSITIONS``).
     """
 
     DOWNLOADING = "downloading"

@@ -22,12 +22,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from deltafleet.codecs import IDENTITY, ZSTD
+from deltafleet.codecs import ZSTD
 from deltafleet.shared import is_sha256
 
 from ..codecs import build_compressed_full
 from ..errors import ConflictError, NotFoundError, UsageError
 from ..planner import FullArtifact, VariantOption
+from ..planner import full_artifact as resolve_full
 from ..store.blobs import BlobStore
 from ..store.models import Artifact, Delta, Model, ModelVersion, Variant
 from .inspect import ModelInfo, inspect_model, io_signature, load_golden
@@ -273,8 +274,8 @@ def full_artifact(session: Session, model_sha256: str) -> FullArtifact | None:
                                 .where(Variant.artifact_sha256 == model_sha256)):
         compressed = compressed_artifact(info)
         if compressed is not None:
-            return compressed
-    return FullArtifact(IDENTITY, model_sha256, size)
+            return resolve_full(model_sha256, size, compressed)
+    return resolve_full(model_sha256, size)
 
 
 def get_model(session: Session, name: str) -> Model:

@@ -16,14 +16,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from ..policy import (
-    RolloutPolicy,
-    parse_duration,
-    parse_latency_ratio,
-    parse_pct,
-    parse_rate,
-    parse_waves,
-)
+from ..policy import HEALTH_OPTION_DEFAULTS, RolloutPolicy, parse_duration
 from ..rollouts import (
     FINAL_ROLLOUT_STATES,
     WAIT_ENDS,
@@ -35,7 +28,7 @@ from ..rollouts import (
     rollout_json,
 )
 from ..store import Store
-from ._common import actor, fmt_bytes, open_store, print_json
+from ._common import actor, blob_store, fmt_bytes, load_config, open_store, print_json
 
 app = typer.Typer(no_args_is_help=True, help="Roll model versions out to device groups.")
 console = Console(highlight=False)
@@ -87,12 +80,15 @@ def rollout_model(
     health_window: Annotated[str, typer.Option(
         "--health-window", help="trial window on each device before it counts as healthy")] = "60s",
     max_error_rate: Annotated[str, typer.Option(
-        "--max-error-rate", help="trial: errors allowed on a device, % of its requests")] = "1%",
+        "--max-error-rate", help="trial: errors allowed on a device, % of its requests")
+    ] = HEALTH_OPTION_DEFAULTS["max_error_rate"],
     max_p95_ratio: Annotated[str, typer.Option(
         "--max-p95-ratio", help="trial: new latency allowed, % of the previous version's on "
-        "the same inputs (judged with a confidence bound); off or 0 = latency not judged")] = "150%",
+        "the same inputs (judged with a confidence bound); off or 0 = latency not judged")
+    ] = HEALTH_OPTION_DEFAULTS["max_p95_ratio"],
     p95_slack_ms: Annotated[float, typer.Option(
-        "--p95-slack-ms", help="trial: latency rises smaller than this never count")] = 1.0,
+        "--p95-slack-ms", help="trial: latency rises smaller than this never count")
+    ] = HEALTH_OPTION_DEFAULTS["p95_slack_ms"],
     max_concurrent: Annotated[int | None, typer.Option(
         "--max-concurrent", help="devices updating at once")] = None,
     max_attempts: Annotated[int, typer.Option(
@@ -113,17 +109,12 @@ def rollout_model(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a rollout; a running `fleetctl server` delivers it wave by wave."""
-    policy = RolloutPolicy(
-        canary=canary, waves=parse_waves(waves), max_failure_pct=parse_pct(max_failure, "--max-failure"),
-        on_failure=on_failure, health_window_s=parse_duration(health_window),
-        max_concurrent=max_concurrent, max_attempts=max_attempts,
-        retry_backoff_s=parse_duration(retry_backoff), state_timeout_s=parse_duration(state_timeout),
-        bandwidth_bytes_per_s=parse_rate(bandwidth) if bandwidth else None,
-        allow_io_change=allow_io_change,
-        health={"max_error_rate_ppm": int(parse_pct(max_error_rate, "--max-error-rate") * 10_000),
-                "max_p95_ratio_pct": parse_latency_ratio(max_p95_ratio),
-                "min_requests": 50, "p95_slack_us": int(p95_slack_ms * 1000)},
-    )
+    policy = RolloutPolicy.from_options(
+        canary=canary, waves=waves, max_failure=max_failure, on_failure=on_failure,
+        health_window=health_window, max_error_rate=max_error_rate, max_p95_ratio=max_p95_ratio,
+        p95_slack_ms=p95_slack_ms, max_concurrent=max_concurrent, max_attempts=max_attempts,
+        retry_backoff=retry_backoff, state_timeout=state_timeout, bandwidth=bandwidth,
+        allow_io_change=allow_io_change)
     with open_store() as store:
         with store.session() as s:
             rollout_id = create_rollout(s, spec, group, actor(), policy=policy,
@@ -172,9 +163,13 @@ def rollout_plan(
 ) -> None:
     """Per device: the variant it would get, its base, delta or full (with its codec), bytes
     to send (a full model ships compressed when that is smaller) against the model's size, and
-    which devices cannot take the model and why. Sends nothing."""
-    with open_store() as store, store.session() as s:
-        plan = plan_rollout(s, spec, group)
+    which devices cannot take the model and why; what the server would do with the blobs in
+    its store now. Sends nothing."""
+    cfg = load_config()
+    blobs = blob_store(cfg)
+    with open_store(cfg) as store, store.session() as s:
+        plan = plan_rollout(s, spec, group,
+                            blob_problem=lambda sha: None if blobs.has(sha) else "missing")
     if as_json:
         print_json(plan)
         return

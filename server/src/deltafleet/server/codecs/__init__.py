@@ -41,6 +41,7 @@ from deltafleet.codecs import (
 )
 from deltafleet.shared import sha256_file
 
+from ..planner import FullArtifact, full_artifact
 from .layout import model_tensors
 from .tensor import encode_tensor_xor, plane_level
 
@@ -255,8 +256,9 @@ def compressed_full_size(target_path: Path, level: int | None = None) -> int:
 
 def full_artifact_size(target_path: Path) -> int:
     """What a full install of the target ships: its compressed size, or its own size when
-    compression does not make it smaller (it then ships as it is)."""
-    return min(target_path.stat().st_size, compressed_full_size(target_path))
+    compression does not make it smaller (it then ships as it is): ``planner.full_artifact``."""
+    packed = FullArtifact(ZSTD, "", compressed_full_size(target_path))
+    return full_artifact("", target_path.stat().st_size, packed).size_bytes
 
 
 @dataclass(frozen=True)

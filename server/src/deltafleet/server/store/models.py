@@ -3,11 +3,8 @@
 Tables: devices, device_models, groups, models, model_versions, variants, artifacts, deltas,
 rollouts, rollout_targets, audit_log.
 
-Rollout target states (per device)::
-
-    pending -> notified -> downloading -> applying -> trial -> healthy | rolled_back
-                    \\-----------\\-------------\\----------\\----> failed | rejected
-    pending -> skipped   (the device cannot take any variant of the model)
+Rollout and rollout target (per device) states, and the moves between them, are the tables
+at the top of ``deltafleet.server.rollout.states``; the columns hold their string values.
 """
 
 from __future__ import annotations
@@ -30,6 +27,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from ..rollout.states import RolloutState, TargetState
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -200,14 +199,7 @@ class Delta(Base):
 
 
 class Rollout(Base):
-    """Rollout states::
-
-        running <-> paused            (failure threshold breached with on_failure=pause; resume)
-        running -> completed          (every wave dispatched, every target terminal)
-        running | paused -> aborted   (operator or on_failure=abort)
-        running | paused -> rolling_back -> rolled_back   (operator or on_failure=rollback)
-        running | paused -> superseded   (a newer rollout of the same model took over)
-    """
+    """A rollout of one model version to one group; its states: ``rollout.states``."""
 
     __tablename__ = "rollouts"
 
@@ -215,7 +207,7 @@ class Rollout(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
-    state: Mapped[str] = mapped_column(String(16), default="running")
+    state: Mapped[str] = mapped_column(String(16), default=RolloutState.RUNNING.value)
     state_reason: Mapped[str] = mapped_column(Text, default="")
     policy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # RolloutPolicy.to_json()
     current_wave: Mapped[int] = mapped_column(Integer, default=0)
@@ -238,7 +230,7 @@ class RolloutTarget(Base):
     rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"))
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
     variant_id: Mapped[int | None] = mapped_column(ForeignKey("variants.id"))
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=TargetState.PENDING.value)
     reason: Mapped[str] = mapped_column(Text, default="")
     base_sha256: Mapped[str | None] = mapped_column(SHA)
     target_sha256: Mapped[str | None] = mapped_column(SHA)

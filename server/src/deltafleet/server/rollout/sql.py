@@ -1,0 +1,354 @@
+"""The SQL adapter of the rollout engine: lease, load, decide (``engine``), apply.
+
+It does no network I/O: it returns the retained manifests to publish and the daemon publishes
+them. Per tick and active rollout it takes the row lease, loads a ``Snapshot`` (one query per
+kind of row), calls ``engine.step`` and carries the decisions out on the ORM rows, every
+state change through ``states.transition``; device events go through ``engine.on_event`` the
+same way.
+
+Several server replicas may run against one PostgreSQL: each rollout is worked by the replica
+holding its row lease (``lease_owner`` / ``lease_until``, renewed every tick, taken over when it
+expires). Rows are read ``FOR UPDATE SKIP LOCKED`` so two replicas never work one rollout in the
+same instant. A replica that takes over re-sends the manifests already recorded as sent, because
+the old owner may have died between its commit and its publish (agents ignore a manifest they
+already have).
+
+A blob of the server's own store that does not hash to its name is never shipped (see
+``store.BlobVerifier``); verdicts are asked lazily, once per blob and tick, only for what
+planning looks at. Each corruption is logged once, with what depends on the blob.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from deltafleet.shared import ArtifactRef, Event, Hello, SigningKey, Topics
+
+from .. import registry
+from ..delivery.artifacts import ArtifactChunks
+from ..delivery.manifests import build_manifest, sign_manifest
+from ..deltas import DeltaBuilder
+from ..planner import DeltaOption, RunningModel
+from ..policy import RolloutPolicy
+from ..store import BlobCheck, BlobStore, BlobVerifier
+from ..store.models import (
+    Artifact,
+    Delta,
+    Device,
+    DeviceModel,
+    Group,
+    Model,
+    ModelVersion,
+    Rollout,
+    RolloutTarget,
+    Variant,
+)
+from ..storecheck import dependents
+from . import engine
+from .states import (
+    ACTIVE_ROLLOUT_STATES,
+    IN_FLIGHT_STATES,
+    TERMINAL_STATES,
+    RolloutState,
+    transition,
+    transition_rollout,
+)
+from .states import TargetState as T
+
+log = logging.getLogger(__name__)
+
+CONTROLLER = "controller"
+LEASE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+def load_deltas(s: Session, target_shas: Iterable[str]) -> dict[tuple[str, str], DeltaOption]:
+    """The smallest stored delta per (base, target) for these targets."""
+    out: dict[tuple[str, str], DeltaOption] = {}
+    for d in s.scalars(select(Delta).where(Delta.target_sha256.in_(set(target_shas)))
+                       .order_by(Delta.size_bytes.desc())):
+        out[(d.base_sha256, d.target_sha256)] = DeltaOption(d.codec, d.artifact_sha256,
+                                                            d.size_bytes)
+    return out
+
+
+def running_models(s: Session, model_name: str,
+                   device_ids: Iterable[str] | None = None) -> dict[str, RunningModel]:
+    """What each device reports it runs of the model."""
+    query = select(DeviceModel).where(DeviceModel.model_name == model_name)
+    if device_ids is not None:
+        query = query.where(DeviceModel.device_id.in_(set(device_ids)))
+    return {m.device_id: RunningModel(m.sha256, m.variant, m.version) for m in s.scalars(query)}
+
+
+def target_view(t: RolloutTarget) -> engine.TargetView:
+    return engine.TargetView(t.device_id, t.wave, T(t.state), t.reason, t.attempts, t.hold_until,
+                             t.state_deadline, t.manifest_id, t.artifact_sha256,
+                             t.previous_sha256)
+
+
+class RolloutController:
+    """Works every active rollout this replica holds the lease of, and applies device events."""
+
+    def __init__(self, *, blobs: BlobStore, key: SigningKey, topics: Topics,
+                 deltas: DeltaBuilder, chunk_size_bytes: int, manifest_ttl_s: int,
+                 owner: str = "local") -> None:
+        self.owner = owner
+        self.blobs = blobs
+        self.key = key
+        self.topics = topics
+        self.deltas = deltas
+        self.chunk_size_bytes = chunk_size_bytes
+        self.manifest_ttl_s = manifest_ttl_s
+        self.verifier = BlobVerifier(blobs, chunk_size_bytes)
+        self.artifacts = ArtifactChunks(self.verifier)  # shared with the daemon's chunk reads
+        self._checked: dict[str, BlobCheck] = {}  # this tick's verdicts: one stat per blob
+
+    def _check(self, sha: str) -> BlobCheck:
+        check = self._checked.get(sha)
+        if check is None:
+            check = self._checked[sha] = self.verifier.check(sha)
+        return check
+
+    def blob_problem(self, sha: str) -> str | None:
+        check = self._check(sha)
+        return None if check.ok else check.problem
+
+    # -- device messages -------------------------------------------------------------------
+    def open_targets(self, s: Session, device_id: str, *,
+                     lock: bool = False) -> list[tuple[RolloutTarget, Rollout, str]]:
+        query = (
+            select(RolloutTarget, Rollout, Model.name)
+            .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+            .join(Model, Model.id == Rollout.model_id)
+            .where(RolloutTarget.device_id == device_id,
+                   Rollout.state.in_(ACTIVE_ROLLOUT_STATES),
+                   RolloutTarget.state.not_in(TERMINAL_STATES))
+            .order_by(RolloutTarget.id)
+        )
+        if lock:
+            query = query.with_for_update(of=RolloutTarget)
+        return [(t, r, name) for t, r, name in s.execute(query).all()]
+
+    def on_hellos(self, s: Session, hellos: list[Hello], now: datetime) -> list[Publish]:
+        """Record the devices; re-send manifests still in flight (a broker may have lost them).
+        A fixed number of queries per batch, whatever its size."""
+        if not hellos:
+            return []
+        registry.upsert_devices_from_hellos(s, hellos, now)
+        rows = s.execute(
+            select(RolloutTarget.device_id, RolloutTarget.manifest, Model.name)
+            .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+            .join(Model, Model.id == Rollout.model_id)
+            .where(RolloutTarget.device_id.in_({h.device_id for h in hellos}),
+                   Rollout.state.in_(ACTIVE_ROLLOUT_STATES),
+                   RolloutTarget.state.in_(IN_FLIGHT_STATES),
+                   RolloutTarget.manifest.is_not(None))
+        ).all()
+        return [Publish(self.topics.desired(device_id, model_name), str(manifest).encode())
+                for device_id, manifest, model_name in rows]
+
+    def on_event(self, s: Session, ev: Event, now: datetime) -> None:
+        if ev.sha256:
+            registry.record_device_model(s, ev.device_id, ev.model, ev.version, None,
+                                         ev.sha256, now)
+        match = None
+        for t, r, model_name in self.open_targets(s, ev.device_id, lock=True):
+            if model_name == ev.model and (ev.manifest_id is None
+                                           or t.manifest_id == ev.manifest_id):
+                match = (t, r)
+        if match is None:
+            return
+        t, r = match
+        decisions = engine.on_event(target_view(t), RolloutPolicy.from_json(r.policy),
+                                    engine.Report(ev.state, ev.reason, dict(ev.health)), now)
+        self._apply(s, r, "", {t.device_id: t}, {}, decisions, now)
+
+    # -- reconciliation --------------------------------------------------------------------
+    def reconcile(self, s: Session, now: datetime) -> tuple[list[Publish], dict[str, int]]:
+        """One pass over every active rollout. Returns manifests to publish and the artifacts
+        devices may ask chunks of, each with its bandwidth cap in bytes/s (0 = none)."""
+        out: list[Publish] = []
+        servable: dict[str, int] = {}
+        self._checked = {}
+        devices: dict[str, Device] | None = None
+        for r in s.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
+                           .order_by(Rollout.id)
+                           .with_for_update(skip_locked=True)).all():
+            took_over = self._take_lease(r, now)
+            if took_over is None:
+                continue  # another replica holds it
+            model = s.get(Model, r.model_id)
+            assert model is not None
+            rows = {t.device_id: t for t in s.scalars(
+                select(RolloutTarget).where(RolloutTarget.rollout_id == r.id)
+                .with_for_update()).all()}
+            if took_over:
+                out += [Publish(self.topics.desired(t.device_id, model.name), t.manifest.encode())
+                        for t in rows.values() if t.state in IN_FLIGHT_STATES and t.manifest]
+            if devices is None:
+                devices = {d.id: d for d in s.scalars(select(Device)).all()}
+            snapshot = self._snapshot(s, r, model, rows, devices)
+            out += self._apply(s, r, model.name, rows, devices, engine.step(snapshot, now), now)
+            rate = int(r.policy.get("bandwidth_bytes_per_s") or 0)
+            for t in rows.values():
+                if (t.state in IN_FLIGHT_STATES and t.artifact_sha256
+                        and self._check(t.artifact_sha256).ok):
+                    known = servable.get(t.artifact_sha256)
+                    caps = [x for x in (known, rate) if x]  # the tightest cap wins
+                    servable[t.artifact_sha256] = min(caps) if caps else 0
+        self._report_bad_blobs(s)
+        return out, servable
+
+    def _snapshot(self, s: Session, r: Rollout, model: Model, rows: dict[str, RolloutTarget],
+                  devices: dict[str, Device]) -> engine.Snapshot:
+        state = RolloutState(r.state)
+        version = s.get(ModelVersion, r.version_id)
+        assert version is not None
+        options: tuple = ()
+        deltas: dict = {}
+        selector = None
+        if state == RolloutState.RUNNING:
+            group = s.get(Group, r.group_id)
+            assert group is not None
+            selector = group.selector
+            options = tuple(registry.variant_options(s, version.id))
+            deltas = load_deltas(s, [o.sha256 for o in options])
+        running = running_models(s, model.name) if state == RolloutState.RUNNING else {}
+        shown = devices if selector is not None else {i: devices[i] for i in rows if i in devices}
+        views = {i: engine.DeviceView(
+            i, bool(d.online), dict(d.runtimes or {}), running.get(i),
+            selector is not None and registry.device_matches(d, selector))
+            for i, d in shown.items()}
+        previous = (self._previous(s, model, rows.values())
+                    if state == RolloutState.ROLLING_BACK else {})
+        return engine.Snapshot(
+            engine.RolloutView(r.id, state, RolloutPolicy.from_json(r.policy), version.version,
+                               r.current_wave, r.failures_acknowledged, r.state_reason),
+            tuple(target_view(t) for t in rows.values()), views, options, deltas,
+            dict(self.deltas.failed), previous, self.blob_problem)
+
+    def _previous(self, s: Session, model: Model,
+                  targets: Iterable[RolloutTarget]) -> dict[str, engine.RollbackOption]:
+        """The model files targets ran before, as the catalog has them and the store holds."""
+        shas = {t.previous_sha256 for t in targets if t.previous_sha256}
+        out: dict[str, engine.RollbackOption] = {}
+        for v, version, size in s.execute(
+                select(Variant, ModelVersion.version, Artifact.size_bytes)
+                .join(ModelVersion, ModelVersion.id == Variant.version_id)
+                .join(Artifact, Artifact.sha256 == Variant.artifact_sha256)
+                .where(Variant.artifact_sha256.in_(shas), ModelVersion.model_id == model.id)
+                .order_by(Variant.id)).all():
+            if v.artifact_sha256 not in out and self.blobs.has(v.artifact_sha256):
+                out[v.artifact_sha256] = engine.RollbackOption(
+                    version, registry.variant_option(v, size))
+        return out
+
+    def _apply(self, s: Session, r: Rollout, model_name: str, rows: dict[str, RolloutTarget],
+               devices: dict[str, Device], decisions: engine.Decisions,
+               now: datetime) -> list[Publish]:
+        out: list[Publish] = []
+        for d in decisions:
+            if isinstance(d, engine.SetTarget):
+                t = rows[d.device_id]
+                if d.attempts is not None:
+                    t.attempts = d.attempts
+                if d.forget_manifest:
+                    t.manifest_id = None
+                if d.hold_until is not None:
+                    t.hold_until = d.hold_until
+                if d.health is not None:
+                    t.health = dict(d.health)
+                transition(t, d.state, d.reason, now, timeout_s=d.timeout_s)
+            elif isinstance(d, engine.SetReason):
+                rows[d.device_id].reason = d.reason
+            elif isinstance(d, engine.AddTarget):
+                rows[d.device_id] = RolloutTarget(
+                    rollout_id=r.id, device_id=d.device_id, state=T.PENDING.value,
+                    reason=d.reason, wave=d.wave, attempts=0, health={}, updated_at=now)
+                s.add(rows[d.device_id])
+            elif isinstance(d, engine.RecordVariant):
+                t = rows[d.device_id]
+                t.variant_id, t.target_sha256 = d.option.variant_id, d.option.sha256
+                t.full_bytes = d.option.size_bytes
+                if d.record_previous:
+                    t.previous_sha256 = d.previous.sha256 if d.previous else None
+                    t.previous_version = d.previous.version if d.previous else None
+            elif isinstance(d, engine.Dispatch):
+                out.append(self._send(r, model_name, rows[d.device_id], devices[d.device_id],
+                                      d, now))
+            elif isinstance(d, engine.Withdraw):
+                out.append(Publish(self.topics.desired(d.device_id, model_name), b""))
+            elif isinstance(d, engine.BuildDelta):
+                self.deltas.submit(d.base_sha256, self.blobs.path(d.base_sha256),
+                                   d.target_sha256, self.blobs.path(d.target_sha256),
+                                   reference_bytes=d.reference_bytes)
+            elif isinstance(d, engine.SetRollout):
+                transition_rollout(r, d.state, d.reason, now)
+                if d.finished:
+                    r.finished_at = now
+                log.info("rollout %d -> %s%s", r.id, d.state, f" ({d.reason})" * bool(d.reason))
+            elif isinstance(d, engine.OpenWave):
+                r.current_wave, r.updated_at = d.wave, now
+                log.info("rollout %d: wave %d opened", r.id, d.wave)
+            elif isinstance(d, engine.Audit):
+                if d.details.get("automatic"):
+                    log.warning("rollout %d: %s (%s)", r.id, d.action, d.details.get("reason"))
+                registry.audit(s, CONTROLLER, d.action, f"rollout/{r.id}", dict(d.details))
+        return out
+
+    def _send(self, r: Rollout, model_name: str, t: RolloutTarget, device: Device,
+              d: engine.Dispatch, now: datetime) -> Publish:
+        if d.warning:
+            log.warning("%s", d.warning)
+        t.attempts = d.attempts
+        device.manifest_serial = (device.manifest_serial or 0) + 1
+        artifact = ArtifactRef(d.kind, d.codec, d.artifact_sha256, d.artifact_bytes,
+                               self.chunk_size_bytes, self.artifacts.hashes(d.artifact_sha256))
+        manifest = build_manifest(
+            device_id=device.id, hardware_id=device.hardware_id, serial=device.manifest_serial,
+            rollout_id=r.id, model=model_name, version=d.version, option=d.option,
+            artifact=artifact, base_sha256=d.base_sha256,
+            policy=RolloutPolicy.from_json(r.policy), ttl_s=self.manifest_ttl_s)
+        signed = sign_manifest(self.key, manifest)
+        t.base_sha256 = d.base_sha256
+        t.artifact_sha256, t.artifact_kind = d.artifact_sha256, d.kind
+        t.bytes_to_send = d.artifact_bytes
+        t.manifest_id, t.serial, t.manifest = manifest.manifest_id, manifest.serial, signed.decode()
+        transition(t, d.state, "", now, timeout_s=d.timeout_s)
+        return Publish(self.topics.desired(device.id, model_name), signed)
+
+    def _report_bad_blobs(self, s: Session) -> None:
+        """Log each newly found bad blob once, naming what depends on it (server-side)."""
+        for check in self.verifier.take_new_problems():
+            deps = dependents(s, check.sha256)
+            log.error("server blob %s is %s (store) and is not shipped; depends on it: %s; "
+                      "run `fleetctl store verify --repair`", check.sha256, check.problem,
+                      deps.summary())
+            registry.audit(s, CONTROLLER, "store.blob_bad", f"blob/{check.sha256}",
+                           {"problem": check.problem, **deps.to_json()})
+
+    def _take_lease(self, r: Rollout, now: datetime) -> bool | None:
+        """None: another replica holds the lease. True: taken over from a replica whose lease
+        expired. False: ours already (or new)."""
+        if r.lease_owner not in (None, self.owner) and r.lease_until is not None \
+                and r.lease_until > now:
+            return None
+        took_over = r.lease_owner not in (None, self.owner)
+        if took_over:
+            log.warning("rollout %d: taking over from %s", r.id, r.lease_owner)
+        r.lease_owner = self.owner
+        r.lease_until = now + timedelta(seconds=LEASE_S)
+        return took_over
