@@ -17,12 +17,12 @@ from deltafleet.server.rollouts import act_on_rollout, create_rollout, get_rollo
 from deltafleet.server.store import BlobStore, Store, upgrade
 from deltafleet.shared import SigningKey
 
+from .fleetsim import Installed, SimFleet
+
 
 class RolloutLab:
     def __init__(self, root: Path, broker_url: str, model_files: dict[str, Path], *,
                  db_url: str | None = None) -> None:
-        from fleetsim import Installed, SimFleet
-
         self.Installed = Installed
         self.cfg = ServerConfig(home=root / "home", db_url=db_url or f"sqlite:///{root}/fleet.db",
                                 mqtt_url=broker_url,

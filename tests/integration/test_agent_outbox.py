@@ -20,8 +20,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from deltafleet.shared import Ack, Event, SigningKey, Topics, decode, encode
-
-from .mqtt_peer import Peer
+from tests.harness.mqtt_peer import Peer
 
 pytestmark = pytest.mark.broker
 
@@ -30,7 +29,7 @@ class DiskBroker:
     """A Mosquitto that can be stopped and started again on the same port with its state."""
 
     def __init__(self, workdir: Path) -> None:
-        from fleetlab import free_port
+        from tests.harness.fleetlab import free_port
 
         self.port = free_port()
         self.workdir = workdir
@@ -47,7 +46,7 @@ class DiskBroker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        from fleetlab import wait_port
+        from tests.harness.fleetlab import wait_port
 
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=log, stderr=log)
@@ -92,8 +91,8 @@ class Recorder:
 
 
 def test_events_survive_a_broker_outage_and_an_agent_restart(tmp_path: Path):
-    from fleetlab import Lab, wait_for
-    from modelgen import make_onnx_model
+    from tests.harness.fleetlab import Lab, wait_for
+    from tests.harness.modelgen import make_onnx_model
 
     (tmp_path / "broker").mkdir()
     broker = DiskBroker(tmp_path / "broker")

@@ -7,15 +7,14 @@ from pathlib import Path
 import pytest
 
 from deltafleet.shared import SigningKey, sha256_file
-
-from .mqtt_peer import CHUNK, Peer
+from tests.harness.mqtt_peer import CHUNK, Peer
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
 def lab(tmp_path: Path, fresh_broker):
-    from fleetlab import Lab
+    from tests.harness.fleetlab import Lab
 
     lab = Lab(tmp_path / "lab", mqtt_url=fresh_broker.url)
     yield lab

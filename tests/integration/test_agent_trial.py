@@ -14,8 +14,7 @@ import pytest
 from deltafleet.agent.client import AgentClient
 from deltafleet.agent.daemon import PAIR_BUDGET_S
 from deltafleet.shared import sha256_file
-
-from .mqtt_peer import Peer, make_linear_model, make_nan_on_negative_model, make_slow_model
+from tests.harness.mqtt_peer import Peer, make_linear_model, make_nan_on_negative_model, make_slow_model
 
 pytestmark = pytest.mark.broker
 
@@ -24,7 +23,7 @@ POLICY = {"max_error_rate_ppm": 1000, "max_p95_ratio_pct": 150, "min_requests": 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from modelgen import make_onnx_pair
+    from tests.harness.modelgen import make_onnx_pair
 
     d = tmp_path_factory.mktemp("trial-models")
     v1, v2 = make_onnx_pair(d, size_mb=0.5)
@@ -35,7 +34,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def start_with_v1(lab, peer: Peer, pub: Path, v1: Path, device: str, **env: str) -> AgentClient:
-    from fleetlab import free_port, wait_port
+    from tests.harness.fleetlab import free_port, wait_port
 
     port = free_port()
     lab.start_agent(device, {"hw": "test"}, trusted_key=pub,

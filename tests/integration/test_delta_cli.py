@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from bench.delta import make_pair
 from sqlalchemy import select
 from typer.testing import CliRunner, Result
 
@@ -15,6 +14,7 @@ from deltafleet.server.cli import app
 from deltafleet.server.store import Store
 from deltafleet.server.store.models import Artifact, Delta
 from deltafleet.shared import sha256_file
+from scripts.bench.delta import make_pair
 
 
 def fleetctl(*args: str) -> Result:

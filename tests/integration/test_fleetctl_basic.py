@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import modelgen
 import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner, Result
@@ -17,6 +16,7 @@ from typer.testing import CliRunner, Result
 from deltafleet.server.cli import app
 from deltafleet.server.store import Store
 from deltafleet.server.store.models import Base
+from tests.harness import modelgen
 
 REPO = Path(__file__).resolve().parents[2]
 FLEETCTL = REPO / ".venv" / "bin" / "fleetctl"

@@ -21,8 +21,8 @@ import zstandard as zstd
 
 from deltafleet.agent import codecs
 from deltafleet.shared import SigningKey, TrustBundle, sha256_file
+from tests.harness.mqtt_peer import Peer
 
-from .mqtt_peer import Peer
 from .test_agent_security import HW, Device, keylist_env, root_env
 
 pytestmark = pytest.mark.broker
@@ -31,7 +31,7 @@ CAP = 256 << 20
 
 @pytest.fixture
 def lab(tmp_path: Path, fresh_broker) -> Iterator:
-    from fleetlab import Lab
+    from tests.harness.fleetlab import Lab
 
     lab = Lab(tmp_path / "lab", mqtt_url=fresh_broker.url)
     yield lab

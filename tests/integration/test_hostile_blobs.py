@@ -56,7 +56,7 @@ class ChunkWatcher:
 
 @pytest.fixture
 def lab(tmp_path: Path, broker):
-    from fleetlab import Lab
+    from tests.harness.fleetlab import Lab
 
     lab = Lab(tmp_path / "lab", mqtt_url=broker.url)
     lab.env["FLEET_TOPIC_PREFIX"] = f"blobs{uuid.uuid4().hex[:6]}/v1"
@@ -79,8 +79,8 @@ def target(lab, rid: int) -> dict:
 
 def test_a_corrupt_model_blob_is_never_published_held_server_side_and_repair_resumes(lab,
                                                                                     tmp_path):
-    from fleetlab import wait_for
-    from modelgen import make_incompressible_onnx_model
+    from tests.harness.fleetlab import wait_for
+    from tests.harness.modelgen import make_incompressible_onnx_model
 
     model = make_incompressible_onnx_model(tmp_path / "noise.onnx", size_mb=0.4)
     sha = sha256_file(model)
@@ -165,9 +165,8 @@ def fleetctl(lab, *args: str):  # noqa: ANN201
 
 @pytest.fixture
 def sim(tmp_path: Path, broker):
-    from modelgen import make_onnx_pair
-
-    from .rollout_lab import RolloutLab
+    from tests.harness.modelgen import make_onnx_pair
+    from tests.harness.rollout_lab import RolloutLab
 
     v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.3)
     lab = RolloutLab(tmp_path, broker.url, {"v1": v1, "v2": v2})

@@ -23,8 +23,8 @@ from deltafleet.server.errors import UsageError
 from deltafleet.server.store import Store, upgrade
 from deltafleet.shared import Status, Topics, encode
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, Will
-from tests.conftest import wait_port
-from tests.integration.tls_broker import Peer, TlsBroker, secure_fleet  # noqa: F401
+from tests.harness.fleetlab import wait_port
+from tests.harness.tls_broker import Peer, TlsBroker
 
 QUIET_S = 1.0  # how long "nothing happens" is watched after a positive control arrived
 PERSISTENT_S = 3600
@@ -77,7 +77,7 @@ def wait_payload(client: MqttClient, topic: str, payload: bytes, timeout_s: floa
 
 
 @pytest.fixture
-def fleet(secure_fleet) -> tuple[ServerConfig, TlsBroker]:  # noqa: F811
+def fleet(secure_fleet) -> tuple[ServerConfig, TlsBroker]:
     return secure_fleet
 
 

@@ -31,8 +31,7 @@ from deltafleet.agent.trial import MIN_PAIRS, HealthPolicy, evaluate, p95
 from deltafleet.server.errors import UsageError
 from deltafleet.server.policy import parse_latency_ratio
 from deltafleet.shared import sha256_file
-
-from .mqtt_peer import _save_onnx
+from tests.harness.mqtt_peer import _save_onnx
 
 TRIALS = 20
 DEPTH = 40  # [256 x 256] MatMuls of the base model: ~0.3 ms an inference, unloaded

@@ -10,15 +10,14 @@ import pytest
 from typer.testing import CliRunner
 
 from deltafleet.server.cli import app
-
-from .rollout_lab import RolloutLab
+from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
 def lab(tmp_path: Path, broker, monkeypatch: pytest.MonkeyPatch):
-    from modelgen import make_onnx_pair
+    from tests.harness.modelgen import make_onnx_pair
 
     v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.3)
     lab = RolloutLab(tmp_path, broker.url, {"v1": v1, "v2": v2})

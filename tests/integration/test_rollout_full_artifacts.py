@@ -15,8 +15,7 @@ from deltafleet.server.planner import delta_worth_it
 from deltafleet.server.rollouts import plan_rollout
 from deltafleet.server.store.models import Artifact, Delta, Variant
 from deltafleet.shared import Manifest, sha256_bytes, sha256_file
-
-from .rollout_lab import RolloutLab
+from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
@@ -25,7 +24,7 @@ FAST = {"health_window_s": 1, "retry_backoff_s": 1, "state_timeout_s": 60}
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from modelgen import make_incompressible_onnx_model, make_onnx_pair
+    from tests.harness.modelgen import make_incompressible_onnx_model, make_onnx_pair
 
     root = tmp_path_factory.mktemp("models")
     v1, v2 = make_onnx_pair(root, size_mb=0.3)

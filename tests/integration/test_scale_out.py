@@ -14,15 +14,14 @@ import pytest
 
 from deltafleet.server.store.models import Rollout
 from deltafleet.shared import sha256_file
-
-from .rollout_lab import RolloutLab
+from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from modelgen import make_onnx_pair
+    from tests.harness.modelgen import make_onnx_pair
 
     v1, v2 = make_onnx_pair(tmp_path_factory.mktemp("models"), size_mb=1.0)
     return {"v1": v1, "v2": v2}
@@ -74,7 +73,7 @@ def test_a_wave_of_devices_is_served_by_about_one_publish_of_the_artifact(tmp_pa
 @pytest.mark.postgres
 def test_rollout_completes_when_the_replica_working_it_is_killed(tmp_path, broker, models,
                                                                  pg_url):
-    from fleetlab import Lab
+    from tests.harness.fleetlab import Lab
 
     lab = RolloutLab(tmp_path, broker.url, models, db_url=pg_url)
     procs = Lab(tmp_path / "procs", mqtt_url=broker.url, db_url=pg_url)

@@ -12,15 +12,14 @@ import pytest
 
 from deltafleet.shared import encode
 from deltafleet.shared.mqtt import MqttClient, MqttSettings
-
-from .rollout_lab import RolloutLab
+from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
 def lab(tmp_path: Path, broker):
-    from modelgen import make_onnx_pair
+    from tests.harness.modelgen import make_onnx_pair
 
     v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.2)
     lab = RolloutLab(tmp_path, broker.url, {"v1": v1, "v2": v2})

@@ -9,9 +9,7 @@ import hashlib
 import time
 from pathlib import Path
 
-import modelgen
 import pytest
-from bench.delta import KINDS_INT8, make_pair
 
 from deltafleet.agent import codecs as agent_codecs
 from deltafleet.agent.errors import UpdateRejected
@@ -30,6 +28,8 @@ from deltafleet.server.codecs import (
 from deltafleet.server.codecs.layout import model_tensors
 from deltafleet.server.deltas import DeltaBuilder
 from deltafleet.shared import ArtifactRef, Manifest, sha256_bytes
+from scripts.bench.delta import KINDS_INT8, make_pair
+from tests.harness import modelgen
 
 SIZE_MB = 0.25
 KINDS_FP32 = [k for k in KINDS_INT8 if k != "requant"]
