@@ -1,4 +1,8 @@
-"""An in-process server (FleetServer in a thread) plus a simulated fleet on a real broker."""
+"""An in-process server (FleetServer in a thread) plus a simulated fleet on a real broker.
+
+``stop_server()`` returns only once the server thread has ended: from then on nothing consumes
+device traffic or writes the database until ``start_server()``.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ class RolloutLab:
             self.server.stop_event.set()
             assert self._thread is not None
             self._thread.join(10)
+            assert not self._thread.is_alive(), "the server thread did not stop within 10 s"
             self.server = None
 
     def add_devices(self, n: int, labels: dict[str, str], *, prefix: str = "sim",

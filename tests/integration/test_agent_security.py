@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,12 +93,9 @@ def refused(peer: Peer, why: str = "signature") -> list:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, fresh_broker) -> Iterator:
-    from tests.harness.fleetlab import Lab
-
-    lab = Lab(tmp_path / "lab", mqtt_url=fresh_broker.url)
-    yield lab
-    lab.close()
+def lab(fresh_lab):
+    """Every test here gets a broker of its own."""
+    return fresh_lab
 
 
 def test_agent_follows_key_and_root_rotation_and_refuses_the_old_online_key(lab, models):

@@ -22,12 +22,9 @@ POLICY = {"max_error_rate_ppm": 1000, "max_p95_ratio_pct": 150, "min_requests": 
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tests.harness.modelgen import make_onnx_pair
-
+def models(tmp_path_factory: pytest.TempPathFactory, onnx_pair) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("trial-models")
-    v1, v2 = make_onnx_pair(d, size_mb=0.5)
-    return {"v1": v1, "v2": v2, "slow": make_slow_model(d / "slow.onnx"),
+    return {**onnx_pair(0.5), "slow": make_slow_model(d / "slow.onnx"),
             "nan": make_nan_on_negative_model(d / "nan.onnx"),
             "fallback": make_linear_model(d / "fallback.onnx"),
             "narrow": make_linear_model(d / "narrow.onnx", input_dim=32)}

@@ -150,7 +150,9 @@ def test_the_server_acks_each_committed_event_and_a_duplicate_again(
     dev.start()
     try:
         dev.wait_connected(10)
-        time.sleep(0.3)  # SUBACK
+        dev.publish_wait(t.ack("dev-1"), b"probe")  # sent behind the SUBSCRIBE: the SUBACK wait
+        while dev.inbox.get(timeout=10) != (t.ack("dev-1"), b"probe"):
+            pass  # (CONNECTED)
         ev = Event("ev-1", "dev-1", None, None, "detector", "v1", "failed", reason="test")
         acks: list[Ack] = []
         for _ in range(2):
