@@ -14,13 +14,13 @@ $(CURDIR)/.tools/bin/uv:
 .venv/.installed: $(UV) pyproject.toml uv.lock shared/pyproject.toml agent/pyproject.toml server/pyproject.toml
 	$(UV) sync --frozen --all-packages --all-extras --compile-bytecode
 	@# byte-compile our own sources too: imports stay fast even with PYTHONDONTWRITEBYTECODE set
-	.venv/bin/python -m compileall -q shared/src agent/src server/src migrations scripts
+	.venv/bin/python -m compileall -q shared/src agent/src server/src migrations scripts tests/harness
 	@touch $@
 
 install: .venv/.installed
 
 demo: install
-	$(RUN) python scripts/demo.py
+	$(RUN) python -m scripts.demo
 
 test: install
 	$(RUN) pytest
@@ -33,7 +33,7 @@ lint: install
 	$(RUN) mypy shared/src agent/src server/src
 
 bench: install
-	$(RUN) python scripts/bench/run_all.py
+	$(RUN) python -m scripts.bench.run_all
 
 clean:
 	rm -rf .venv .tools .pytest_cache .demo

@@ -5,6 +5,8 @@ SQLite in a temp home, and three agents as separate processes (jetson-1, jetson-
 v1 to the whole fleet (full artifact: the model zstd-compressed), then v2 (last layer retrained)
 to `--group jetson` (delta), and prints what each device runs and, per rollout, the bytes sent
 against the model's own size. Leaves no process behind.
+
+Run from the repository root as a module: ``python -m scripts.demo``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from fleetlab import Lab, wait_for  # noqa: E402
-from modelgen import make_onnx_pair  # noqa: E402
-
-from deltafleet.agent.client import AgentClient  # noqa: E402
+from deltafleet.agent.client import AgentClient
+from tests.harness.fleetlab import Lab, wait_for
+from tests.harness.modelgen import make_onnx_pair
 
 DEVICES = {"jetson-1": "jetson", "jetson-2": "jetson", "rpi-1": "rpi"}
 

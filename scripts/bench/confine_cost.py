@@ -1,9 +1,9 @@
 """What the contained decoder costs on the common path: one real delta decoded in-process
 (``codecs.decode_to_file``) or in the agent's child (``confined.decode_confined``).
 
-    .venv/bin/python scripts/bench/confine_cost.py prepare DIR [--size-mb 25] [--codec tensor-xor]
-    farm-bench --vs '.venv/bin/python scripts/bench/confine_cost.py inproc DIR' \\
-        -- .venv/bin/python scripts/bench/confine_cost.py child DIR
+    .venv/bin/python -m scripts.bench.confine_cost prepare DIR [--size-mb 25] [--codec tensor-xor]
+    farm-bench --vs '.venv/bin/python -m scripts.bench.confine_cost inproc DIR' \\
+        -- .venv/bin/python -m scripts.bench.confine_cost child DIR
 
 With no arguments (``make bench``) it prepares a pair in a temp dir, runs each mode
 ``--runs`` times as its own process (interpreter start included, as above), checks every
@@ -28,23 +28,23 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_all(size_mb: float, codec: str, runs: int) -> int:
     """Prepare, then time each mode as whole processes; 1 if any run failed."""
-    me = [sys.executable, str(Path(__file__).resolve())]
+    me = [sys.executable, "-m", "scripts.bench.confine_cost"]
     with tempfile.TemporaryDirectory(prefix="confine-bench-") as tmp:
         d = Path(tmp)
         subprocess.run([*me, "prepare", str(d), "--size-mb", str(size_mb), "--codec", codec],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True, cwd=REPO)
         meta = json.loads((d / "meta.json").read_text())
         times: dict[str, list[float]] = {"inproc": [], "child": []}
         for _ in range(runs):
             for mode in times:  # interleaved, so both see the same machine
                 (d / "out").unlink(missing_ok=True)
                 t0 = time.perf_counter()
-                res = subprocess.run([*me, mode, str(d)], capture_output=True, text=True)
+                res = subprocess.run([*me, mode, str(d)], capture_output=True, text=True, cwd=REPO)
                 took = time.perf_counter() - t0
                 if res.returncode != 0:
                     print(f"{mode} run failed: {res.stderr.strip()[-500:]}", file=sys.stderr)
@@ -75,10 +75,9 @@ def main() -> None:
         ap.error(f"{args.mode} needs DIR")
     d: Path = args.dir
     if args.mode == "prepare":
-        from bench.delta import make_pair
-
         from deltafleet.server.codecs import default_encoders
         from deltafleet.shared import sha256_file
+        from scripts.bench.delta import make_pair
 
         d.mkdir(parents=True, exist_ok=True)
         base, target = make_pair("finetune", d, size_mb=args.size_mb)

@@ -24,7 +24,6 @@ import resource
 import secrets
 import signal
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -33,20 +32,15 @@ from pathlib import Path
 
 import psutil
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parents[1]))
-
-from fleetlab import Lab, wait_for  # noqa: E402
-from fleetsim import SimFleet  # noqa: E402
-
-from deltafleet.server import catalog, fleet  # noqa: E402
-from deltafleet.server.policy import RolloutPolicy  # noqa: E402
-from deltafleet.server.rollouts import create_rollout, get_rollout, rollout_json  # noqa: E402
-from deltafleet.server.store import BlobStore, Store, upgrade  # noqa: E402
-from deltafleet.server.store.models import Device, Rollout  # noqa: E402
-from deltafleet.shared import Hello, SigningKey, Status, encode  # noqa: E402
-from deltafleet.shared.mqtt import MqttClient, MqttSettings  # noqa: E402
+from deltafleet.server import catalog, fleet
+from deltafleet.server.policy import RolloutPolicy
+from deltafleet.server.rollouts import create_rollout, get_rollout, rollout_json
+from deltafleet.server.store import BlobStore, Store, upgrade
+from deltafleet.server.store.models import Device, Rollout
+from deltafleet.shared import Hello, SigningKey, Status, encode
+from deltafleet.shared.mqtt import MqttClient, MqttSettings
+from tests.harness.fleetlab import Lab, wait_for
+from tests.harness.fleetsim import SimFleet
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 PG_URL = os.environ.get("FLEET_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -137,9 +131,6 @@ SHARD = 250  # paho's select() loop cannot use file descriptors >= 1024: ~300 cl
 
 def _sim_shard(mqtt_url: str, key: str, prefix: str, ids: list[str], ready, stop) -> None:
     """One process of simulated devices (spawned)."""
-    sys.path.insert(0, str(HERE.parent))
-    from fleetsim import SimFleet
-
     fleet = SimFleet(mqtt_url, Path(key), prefix=prefix)
     for device_id in ids:
         fleet.add(device_id, {"hw": "cam"})
@@ -522,7 +513,7 @@ def bench_failover(tmp: Path, mqtt_url: str, model: Path, n: int) -> dict:
 
 
 def main() -> None:
-    from modelgen import make_onnx_model
+    from tests.harness.modelgen import make_onnx_model
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -28,10 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))
-
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 RATE = float(os.environ.get("BENCH_RATE", "200"))
 MODEL_MB = 2.0 if QUICK else 8.0
@@ -152,7 +148,7 @@ def patch_rss(workdir: Path) -> dict:
     """Apply each artifact to a PATCH_MODEL_MB model in a fresh process per codec, as the agent
     does (chunk files on disk -> verified ChunkSet.source() -> apply_to_file into the models
     directory); report peak RSS over the model size."""
-    from modelgen import make_onnx_pair
+    from tests.harness.modelgen import make_onnx_pair
 
     v1, v2 = make_onnx_pair(workdir / "patch-models", size_mb=PATCH_MODEL_MB)
     size = v2.stat().st_size
@@ -224,11 +220,11 @@ def patch_rss(workdir: Path) -> dict:
 
 def main() -> int:
     import bsdiff4
-    from fleetlab import Lab, free_port, wait_port
-    from modelgen import make_onnx_pair
 
     from deltafleet.shared import SigningKey, sha256_file
-    from tests.integration.mqtt_peer import Peer
+    from tests.harness.fleetlab import Lab, free_port, wait_port
+    from tests.harness.modelgen import make_onnx_pair
+    from tests.harness.mqtt_peer import Peer
 
     work = Path(tempfile.mkdtemp(prefix="bench-hot-swap-"))
     lab = Lab(work / "lab")

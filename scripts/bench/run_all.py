@@ -1,5 +1,8 @@
 """`make bench`: run every benchmark in scripts/bench/, each printing one JSON document.
 
+Each runs as a module from the repository root (``python -m scripts.bench.<name>``), so it
+imports the test harness as ``tests.harness``.
+
 Results are written to bench-results/<name>.json and summarised on stdout. A benchmark may read
 BENCH_QUICK=1 to run a smaller configuration (used to smoke-test the scripts).
 """
@@ -13,7 +16,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE.parents[1] / "bench-results"
+REPO = HERE.parents[1]
+OUT = REPO / "bench-results"
 
 
 def main() -> int:
@@ -21,10 +25,11 @@ def main() -> int:
     only = set(sys.argv[1:])
     failed = 0
     for script in sorted(HERE.glob("*.py")):
-        if script.name == "run_all.py" or (only and script.stem not in only):
+        if script.name in ("run_all.py", "__init__.py") or (only and script.stem not in only):
             continue
         t0 = time.monotonic()
-        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+        res = subprocess.run([sys.executable, "-m", f"scripts.bench.{script.stem}"],
+                             capture_output=True, text=True, cwd=REPO)
         took = time.monotonic() - t0
         if res.returncode != 0:
             failed += 1

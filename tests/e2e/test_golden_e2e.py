@@ -19,10 +19,9 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 def test_model_that_fails_its_golden_inputs_is_refused_before_the_swap(tmp_path: Path, broker):
-    from fleetlab import Lab, wait_for
-    from modelgen import make_onnx_model
-
-    from tests.integration.mqtt_peer import make_nan_on_negative_model
+    from tests.harness.fleetlab import Lab, wait_for
+    from tests.harness.modelgen import make_onnx_model
+    from tests.harness.mqtt_peer import make_nan_on_negative_model
 
     lab = Lab(tmp_path / "lab", mqtt_url=broker.url)
     lab.env["FLEET_TOPIC_PREFIX"] = "golden/v1"

@@ -17,8 +17,8 @@ DEVICES = {"jetson-1": "jetson", "jetson-2": "jetson", "rpi-1": "rpi"}
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, broker):
-    from fleetlab import Lab, wait_for
-    from modelgen import make_onnx_pair
+    from tests.harness.fleetlab import Lab, wait_for
+    from tests.harness.modelgen import make_onnx_pair
 
     root = tmp_path_factory.mktemp("e2e")
     lab = Lab(root / "lab", mqtt_url=broker.url)

@@ -15,8 +15,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import modelgen
 import pytest
+
+from tests.harness import modelgen
 
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN_DISTRIBUTIONS = ("sqlalchemy", "alembic", "onnx", "deltafleet-server")

@@ -16,8 +16,7 @@ import pytest
 
 from deltafleet.agent.store import InstalledModel, LocalStore
 from deltafleet.shared import SigningKey, sha256_file
-
-from .mqtt_peer import Peer, make_slow_model
+from tests.harness.mqtt_peer import Peer, make_slow_model
 
 pytestmark = pytest.mark.broker
 
@@ -39,8 +38,8 @@ def seed_v1(state_dir: Path, v1: Path) -> None:
 
 
 def test_sigkill_at_every_update_step_ends_on_a_verified_model(tmp_path: Path, broker):
-    from fleetlab import Lab, wait_for
-    from modelgen import make_onnx_pair
+    from tests.harness.fleetlab import Lab, wait_for
+    from tests.harness.modelgen import make_onnx_pair
 
     v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.5)
     slow = make_slow_model(tmp_path / "models" / "slow.onnx", depth=1200)  # 4-40 ms an inference

@@ -11,16 +11,15 @@ import pytest
 
 from deltafleet.agent.client import AgentClient
 from deltafleet.shared import SigningKey, sha256_file
-
-from .mqtt_peer import Peer
+from tests.harness.mqtt_peer import Peer
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.mark.parametrize("mode", ["warm", "cold"])
 def test_swaps_under_traffic_fail_no_request(tmp_path: Path, broker, mode: str):
-    from fleetlab import Lab, free_port, wait_port
-    from modelgen import make_onnx_pair
+    from tests.harness.fleetlab import Lab, free_port, wait_port
+    from tests.harness.modelgen import make_onnx_pair
 
     v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=1.0)
     key = SigningKey.generate()

@@ -7,11 +7,8 @@ persistent session, as a production server must, so the broker queues for it whi
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -20,44 +17,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from deltafleet.shared import Ack, Event, SigningKey, Topics, decode, encode
-
-from .mqtt_peer import Peer
+from tests.harness.broker import PersistentBroker
+from tests.harness.mqtt_peer import Peer
 
 pytestmark = pytest.mark.broker
-
-
-class DiskBroker:
-    """A Mosquitto that can be stopped and started again on the same port with its state."""
-
-    def __init__(self, workdir: Path) -> None:
-        from fleetlab import free_port
-
-        self.port = free_port()
-        self.workdir = workdir
-        self.conf = workdir / "mosquitto.conf"
-        # As root, mosquitto drops to user "mosquitto", who cannot write a pytest temp dir.
-        user = "user root\n" if os.geteuid() == 0 else ""
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {workdir}/\nmax_queued_messages 10000\n{user}")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        from fleetlab import wait_port
-
-        log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=log, stderr=log)
-        log.close()
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # saves its state on the way out
-            self.proc.wait(10)
 
 
 class Recorder:
@@ -67,20 +30,33 @@ class Recorder:
     def __init__(self, port: int) -> None:
         self.events: list[Event] = []
         self.lock = threading.Lock()
+        self.barrier_topic = f"barrier/{uuid.uuid4().hex[:8]}"
+        self.passed = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{uuid.uuid4().hex[:6]}",
                                   protocol=paho.MQTTv311, clean_session=False)
-        self.client.on_connect = lambda c, *a: c.subscribe(Topics().all_devices("events"), qos=1)
+        self.client.on_connect = lambda c, *a: c.subscribe(
+            [(Topics().all_devices("events"), 1), (self.barrier_topic, 1)])
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 2)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
     def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic == self.barrier_topic:
+            self.passed.set()
+            return
         ev = decode(Event, msg.payload)
         with self.lock:
             self.events.append(ev)
         client.publish(Topics().ack(ev.device_id), encode(Ack(ev.device_id, (ev.event_id,))),
                        qos=1)
+
+    def barrier(self, timeout_s: float = 10.0) -> None:
+        """Until everything the broker took before this call has reached the recorder: a
+        marker published now is queued for it behind those messages."""
+        self.passed.clear()
+        self.client.publish(self.barrier_topic, b"", qos=1)
+        assert self.passed.wait(timeout_s), "the barrier marker never came back"
 
     def snapshot(self) -> list[Event]:
         with self.lock:
@@ -92,11 +68,11 @@ class Recorder:
 
 
 def test_events_survive_a_broker_outage_and_an_agent_restart(tmp_path: Path):
-    from fleetlab import Lab, wait_for
-    from modelgen import make_onnx_model
+    from tests.harness.fleetlab import Lab, wait_for
+    from tests.harness.modelgen import make_onnx_model
 
     (tmp_path / "broker").mkdir()
-    broker = DiskBroker(tmp_path / "broker")
+    broker = PersistentBroker(tmp_path / "broker")
     broker.start()
     key = SigningKey.generate()
     key.save(tmp_path / "signing.key", tmp_path / "signing.pub")
@@ -121,7 +97,6 @@ def test_events_survive_a_broker_outage_and_an_agent_restart(tmp_path: Path):
         lab.stop(f"agent-{device}", signal.SIGKILL)  # beta's trial is still running
         lab.start_agent(device, {"hw": "test"}, trusted_key=tmp_path / "signing.pub", extra_env=env)
         wait_for(lambda: len(list(outbox.glob("*.json"))) >= 2, 20, "beta's report in the outbox")
-        time.sleep(1.0)
         broker.start()
 
         def delivered() -> bool:
@@ -130,7 +105,7 @@ def test_events_survive_a_broker_outage_and_an_agent_restart(tmp_path: Path):
 
         wait_for(delivered, 60, "both healthy reports after the outage")
         wait_for(lambda: not list(outbox.glob("*.json")), 10, "the outbox to drain")
-        time.sleep(0.5)  # let any duplicate arrive before counting
+        recorder.barrier()  # any duplicate the broker took has arrived before counting
         events = recorder.snapshot()
         by_id = {e.event_id: e for e in events}
         for m in (ma, mb):

@@ -7,19 +7,15 @@ from pathlib import Path
 import pytest
 
 from deltafleet.shared import SigningKey, sha256_file
-
-from .mqtt_peer import CHUNK, Peer
+from tests.harness.mqtt_peer import CHUNK, Peer
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def lab(tmp_path: Path, fresh_broker):
-    from fleetlab import Lab
-
-    lab = Lab(tmp_path / "lab", mqtt_url=fresh_broker.url)
-    yield lab
-    lab.close()
+def lab(fresh_lab):
+    """Every test here gets a broker of its own."""
+    return fresh_lab
 
 
 def start(lab, key_path: Path, device_id: str = "dev-1", **env: str):

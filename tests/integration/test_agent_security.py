@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,9 +29,7 @@ from deltafleet.shared import (
     sign_payload,
 )
 from deltafleet.shared.mqtt import MqttClient
-
-from .mqtt_peer import Peer
-from .tls_broker import secure_fleet  # noqa: F401
+from tests.harness.mqtt_peer import Peer
 
 pytestmark = pytest.mark.broker
 BIN = Path(sys.executable).parent
@@ -96,12 +93,9 @@ def refused(peer: Peer, why: str = "signature") -> list:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, fresh_broker) -> Iterator:
-    from fleetlab import Lab
-
-    lab = Lab(tmp_path / "lab", mqtt_url=fresh_broker.url)
-    yield lab
-    lab.close()
+def lab(fresh_lab):
+    """Every test here gets a broker of its own."""
+    return fresh_lab
 
 
 def test_agent_follows_key_and_root_rotation_and_refuses_the_old_online_key(lab, models):
@@ -226,7 +220,7 @@ def test_hostile_manifests_and_patches_leave_the_device_on_its_model(lab, models
         peer.close()
 
 
-def test_agent_runs_from_its_enrollment_bundle_over_tls(secure_fleet, tmp_path):  # noqa: F811
+def test_agent_runs_from_its_enrollment_bundle_over_tls(secure_fleet, tmp_path):
     """`fleetctl device enroll` output as written: mqtts with the client certificate, the
     pinned root, and the server's retained trust bundle followed."""
     cfg, broker = secure_fleet

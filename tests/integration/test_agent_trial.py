@@ -14,8 +14,7 @@ import pytest
 from deltafleet.agent.client import AgentClient
 from deltafleet.agent.daemon import PAIR_BUDGET_S
 from deltafleet.shared import sha256_file
-
-from .mqtt_peer import Peer, make_linear_model, make_nan_on_negative_model, make_slow_model
+from tests.harness.mqtt_peer import Peer, make_linear_model, make_nan_on_negative_model, make_slow_model
 
 pytestmark = pytest.mark.broker
 
@@ -23,19 +22,16 @@ POLICY = {"max_error_rate_ppm": 1000, "max_p95_ratio_pct": 150, "min_requests": 
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from modelgen import make_onnx_pair
-
+def models(tmp_path_factory: pytest.TempPathFactory, onnx_pair) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("trial-models")
-    v1, v2 = make_onnx_pair(d, size_mb=0.5)
-    return {"v1": v1, "v2": v2, "slow": make_slow_model(d / "slow.onnx"),
+    return {**onnx_pair(0.5), "slow": make_slow_model(d / "slow.onnx"),
             "nan": make_nan_on_negative_model(d / "nan.onnx"),
             "fallback": make_linear_model(d / "fallback.onnx"),
             "narrow": make_linear_model(d / "narrow.onnx", input_dim=32)}
 
 
 def start_with_v1(lab, peer: Peer, pub: Path, v1: Path, device: str, **env: str) -> AgentClient:
-    from fleetlab import free_port, wait_port
+    from tests.harness.fleetlab import free_port, wait_port
 
     port = free_port()
     lab.start_agent(device, {"hw": "test"}, trusted_key=pub,

@@ -15,13 +15,13 @@ from deltafleet.server.config import ServerConfig, mqtt_settings
 from deltafleet.server.pki import create_ca, issue_cert
 from deltafleet.shared import Topics, TrustStore, trust_topic
 from deltafleet.shared.mqtt import MqttClient, Will
-from tests.integration.tls_broker import Peer, TlsBroker, secure_fleet  # noqa: F401
+from tests.harness.tls_broker import Peer
 
 QUIET_S = 0.7  # how long "receives nothing" is watched after a positive control arrived
 
 
 @pytest.fixture
-def server(secure_fleet) -> Iterator[MqttClient]:  # noqa: F811
+def server(secure_fleet) -> Iterator[MqttClient]:
     cfg, broker = secure_fleet
     settings = mqtt_settings(
         ServerConfig(**{**cfg.__dict__, "mqtt_url": broker.url}),
@@ -35,7 +35,7 @@ def server(secure_fleet) -> Iterator[MqttClient]:  # noqa: F811
     client.stop()
 
 
-def device(secure_fleet, name: str) -> Peer:  # noqa: F811
+def device(secure_fleet, name: str) -> Peer:
     cfg, broker = secure_fleet
     bundle = cfg.home.parent / f"enroll-{name}"
     return Peer(broker.port, ca=bundle / "ca.crt", cert=bundle / "client.crt",
@@ -47,7 +47,7 @@ def connected(peer: Peer) -> Peer:
     return peer
 
 
-def test_device_cannot_read_another_devices_desired_state(secure_fleet, server) -> None:  # noqa: F811
+def test_device_cannot_read_another_devices_desired_state(secure_fleet, server) -> None:
     t = Topics(secure_fleet[0].topic_prefix)
     a, b = connected(device(secure_fleet, "dev-a")), connected(device(secure_fleet, "dev-b"))
     try:
@@ -62,7 +62,7 @@ def test_device_cannot_read_another_devices_desired_state(secure_fleet, server) 
         b.close()
 
 
-def test_device_cannot_publish_as_another_device(secure_fleet, server) -> None:  # noqa: F811
+def test_device_cannot_publish_as_another_device(secure_fleet, server) -> None:
     t = Topics(secure_fleet[0].topic_prefix)
     for leaf in ("hello", "status", "events", "chunkreq"):
         server.subscribe(t.all_devices(leaf))
@@ -87,7 +87,7 @@ def test_device_cannot_publish_as_another_device(secure_fleet, server) -> None: 
         a.close()
 
 
-def test_only_the_server_may_publish_chunks_trust_and_presence(secure_fleet, server) -> None:  # noqa: F811
+def test_only_the_server_may_publish_chunks_trust_and_presence(secure_fleet, server) -> None:
     cfg = secure_fleet[0]
     t = Topics(cfg.topic_prefix)
     a, b = connected(device(secure_fleet, "dev-a")), connected(device(secure_fleet, "dev-b"))
@@ -107,7 +107,7 @@ def test_only_the_server_may_publish_chunks_trust_and_presence(secure_fleet, ser
 
 
 def test_device_receives_the_trust_bundle_and_follows_a_key_rotation(
-        secure_fleet, server) -> None:  # noqa: F811
+        secure_fleet, server) -> None:
     cfg = secure_fleet[0]
     pinned = TrustStore.pin((cfg.home.parent / "enroll-dev-a" / "root.json").read_bytes())
     old_key = keys.online_signing_key(cfg)
@@ -124,18 +124,18 @@ def test_device_receives_the_trust_bundle_and_follows_a_key_rotation(
     assert old_key.keyid not in pinned.keylist.keys
 
 
-def test_client_without_a_certificate_cannot_connect(secure_fleet) -> None:  # noqa: F811
+def test_client_without_a_certificate_cannot_connect(secure_fleet) -> None:
     cfg, broker = secure_fleet
     peer = Peer(broker.port, ca=cfg.pki_dir / "ca.crt")
     assert not peer.connect(timeout_s=3)
 
 
-def test_revoked_certificate_cannot_connect(secure_fleet) -> None:  # noqa: F811
+def test_revoked_certificate_cannot_connect(secure_fleet) -> None:
     assert enroll.is_revoked(secure_fleet[0], "dev-r")
     assert not device(secure_fleet, "dev-r").connect(timeout_s=3)
 
 
-def test_certificate_from_another_ca_cannot_connect(secure_fleet, tmp_path: Path) -> None:  # noqa: F811
+def test_certificate_from_another_ca_cannot_connect(secure_fleet, tmp_path: Path) -> None:
     cfg, broker = secure_fleet
     rogue = issue_cert(create_ca("rogue"), "dev-a")
     (tmp_path / "rogue.crt").write_bytes(rogue.cert_pem)
@@ -145,7 +145,7 @@ def test_certificate_from_another_ca_cannot_connect(secure_fleet, tmp_path: Path
     assert not peer.connect(timeout_s=3)
 
 
-def test_anonymous_plain_tcp_client_gets_nothing(secure_fleet, server) -> None:  # noqa: F811
+def test_anonymous_plain_tcp_client_gets_nothing(secure_fleet, server) -> None:
     cfg, broker = secure_fleet
     server.publish_wait(Topics(cfg.topic_prefix).server_status(), b"online", retain=True)
     peer = Peer(broker.port, ca=None, tls=False)

@@ -6,26 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from bench.delta import make_pair
 from sqlalchemy import select
-from typer.testing import CliRunner, Result
 
 from deltafleet import codecs
-from deltafleet.server.cli import app
 from deltafleet.server.store import Store
 from deltafleet.server.store.models import Artifact, Delta
 from deltafleet.shared import sha256_file
-
-
-def fleetctl(*args: str) -> Result:
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
-def assert_one_line_error(result: Result, exit_code: int = 2) -> None:
-    assert result.exit_code == exit_code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
+from scripts.bench.delta import make_pair
+from tests.harness.cli import assert_one_line_error, fleetctl
 
 
 @pytest.fixture

@@ -9,28 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import modelgen
 import pytest
 from sqlalchemy import func, select
-from typer.testing import CliRunner, Result
 
-from deltafleet.server.cli import app
 from deltafleet.server.store import Store
 from deltafleet.server.store.models import Base
+from tests.harness import modelgen
+from tests.harness.cli import assert_one_line_error, fleetctl
 
 REPO = Path(__file__).resolve().parents[2]
 FLEETCTL = REPO / ".venv" / "bin" / "fleetctl"
-
-
-def fleetctl(*args: str) -> Result:
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
-def assert_one_line_error(result: Result, exit_code: int = 2) -> None:
-    assert result.exit_code == exit_code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -21,8 +20,8 @@ import zstandard as zstd
 
 from deltafleet.agent import codecs
 from deltafleet.shared import SigningKey, TrustBundle, sha256_file
+from tests.harness.mqtt_peer import Peer
 
-from .mqtt_peer import Peer
 from .test_agent_security import HW, Device, keylist_env, root_env
 
 pytestmark = pytest.mark.broker
@@ -30,12 +29,9 @@ CAP = 256 << 20
 
 
 @pytest.fixture
-def lab(tmp_path: Path, fresh_broker) -> Iterator:
-    from fleetlab import Lab
-
-    lab = Lab(tmp_path / "lab", mqtt_url=fresh_broker.url)
-    yield lab
-    lab.close()
+def lab(fresh_lab):
+    """Every test here gets a broker of its own."""
+    return fresh_lab
 
 
 def device(lab, *, timeout_s: float = 120.0) -> tuple[Device, Peer]:

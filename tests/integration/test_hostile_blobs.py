@@ -55,13 +55,10 @@ class ChunkWatcher:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, broker):
-    from fleetlab import Lab
-
-    lab = Lab(tmp_path / "lab", mqtt_url=broker.url)
+def lab(lab):
+    """The shared Lab, on a topic prefix of the test's own."""
     lab.env["FLEET_TOPIC_PREFIX"] = f"blobs{uuid.uuid4().hex[:6]}/v1"
-    yield lab
-    lab.close()
+    return lab
 
 
 def overwrite_7_bytes(path: Path) -> None:
@@ -79,8 +76,8 @@ def target(lab, rid: int) -> dict:
 
 def test_a_corrupt_model_blob_is_never_published_held_server_side_and_repair_resumes(lab,
                                                                                     tmp_path):
-    from fleetlab import wait_for
-    from modelgen import make_incompressible_onnx_model
+    from tests.harness.fleetlab import wait_for
+    from tests.harness.modelgen import make_incompressible_onnx_model
 
     model = make_incompressible_onnx_model(tmp_path / "noise.onnx", size_mb=0.4)
     sha = sha256_file(model)
@@ -164,16 +161,8 @@ def fleetctl(lab, *args: str):  # noqa: ANN201
 
 
 @pytest.fixture
-def sim(tmp_path: Path, broker):
-    from modelgen import make_onnx_pair
-
-    from .rollout_lab import RolloutLab
-
-    v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.3)
-    lab = RolloutLab(tmp_path, broker.url, {"v1": v1, "v2": v2})
-    lab.start_server()
-    yield lab
-    lab.close()
+def sim(rollout_lab, onnx_pair):
+    return rollout_lab(onnx_pair(0.3))
 
 
 def test_a_corrupt_delta_falls_back_to_the_full_artifact_and_repair_rebuilds_it(sim):

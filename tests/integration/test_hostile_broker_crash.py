@@ -12,9 +12,7 @@ same port with the same persistence directory. Every device's events end up in
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,10 +25,10 @@ from deltafleet.server.store.models import DeviceEvent, RolloutTarget
 from deltafleet.shared import Ack, Event, Topics, decode, encode
 from deltafleet.shared.messages import MAX_ACK_BYTES
 from deltafleet.shared.mqtt import MqttClient, MqttSettings
-from tests.conftest import _has_mosquitto, free_port, missing, wait_port
-from tests.integration.tls_broker import Peer, secure_fleet  # noqa: F401
-
-from .rollout_lab import RolloutLab
+from tests.harness.broker import PersistentBroker, has_mosquitto
+from tests.harness.need import missing
+from tests.harness.rollout_lab import RolloutLab
+from tests.harness.tls_broker import Peer
 
 pytestmark = pytest.mark.broker
 
@@ -38,52 +36,14 @@ DEVICES = 20
 LIFECYCLE = ("downloading", "applying", "trial", "healthy")
 
 
-class CrashableBroker:
-    """Mosquitto with persistence on disk, SIGKILLed and restarted on the same port and dir."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.conf = workdir / "mosquitto.conf"
-        user = "user root\n" if os.geteuid() == 0 else ""  # root would drop to "mosquitto"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {workdir}/\nautosave_interval 1\n"
-            f"max_queued_messages 10000\n{user}")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.kills = 0
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        with open(self.workdir / "mosquitto.log", "ab") as log:
-            self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=log, stderr=log)
-        wait_port(self.port, 20)
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None
-        self.proc.send_signal(signal.SIGKILL)  # no chance to save anything
-        self.proc.wait(10)
-        self.kills += 1
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 @pytest.fixture
-def crash_broker(tmp_path: Path) -> Iterator[CrashableBroker]:
-    if not _has_mosquitto():
+def crash_broker(tmp_path: Path) -> Iterator[PersistentBroker]:
+    """Mosquitto with persistence on disk (autosave every second), SIGKILLed and restarted on
+    the same port and dir."""
+    if not has_mosquitto():
         missing("the mosquitto binary")
     (tmp_path / "broker").mkdir()
-    b = CrashableBroker(tmp_path / "broker")
+    b = PersistentBroker(tmp_path / "broker", autosave_interval_s=1)
     b.start()
     yield b
     b.stop()
@@ -97,9 +57,9 @@ def agent_event_id(device_id: str, manifest_id: str, state: str) -> str:
 
 @pytest.mark.postgres
 def test_no_event_is_lost_and_the_rollout_completes_across_two_broker_sigkills(
-        tmp_path: Path, crash_broker: CrashableBroker, pg_url: str) -> None:
-    from fleetlab import Lab
-    from modelgen import make_onnx_model
+        tmp_path: Path, crash_broker: PersistentBroker, pg_url: str) -> None:
+    from tests.harness.fleetlab import Lab
+    from tests.harness.modelgen import make_onnx_model
 
     v1 = make_onnx_model(tmp_path / "v1.onnx", size_mb=0.3, seed=3)
     lab = RolloutLab(tmp_path, crash_broker.url, {"v1": v1}, db_url=pg_url)
@@ -178,7 +138,7 @@ def test_the_server_acks_each_committed_event_and_a_duplicate_again(
         tmp_path: Path, broker) -> None:
     """The ack comes after the commit and names duplicates too: a device whose first ack was
     lost must still be able to clear its outbox."""
-    from modelgen import make_onnx_model
+    from tests.harness.modelgen import make_onnx_model
 
     v1 = make_onnx_model(tmp_path / "v1.onnx", size_mb=0.1, seed=4)
     lab = RolloutLab(tmp_path, broker.url, {"v1": v1})
@@ -190,7 +150,9 @@ def test_the_server_acks_each_committed_event_and_a_duplicate_again(
     dev.start()
     try:
         dev.wait_connected(10)
-        time.sleep(0.3)  # SUBACK
+        dev.publish_wait(t.ack("dev-1"), b"probe")  # sent behind the SUBSCRIBE: the SUBACK wait
+        while dev.inbox.get(timeout=10) != (t.ack("dev-1"), b"probe"):
+            pass  # (CONNECTED)
         ev = Event("ev-1", "dev-1", None, None, "detector", "v1", "failed", reason="test")
         acks: list[Ack] = []
         for _ in range(2):
@@ -209,7 +171,7 @@ def test_the_server_acks_each_committed_event_and_a_duplicate_again(
         lab.close()
 
 
-def test_a_device_reads_only_its_own_acks_and_cannot_forge_any(secure_fleet) -> None:  # noqa: F811
+def test_a_device_reads_only_its_own_acks_and_cannot_forge_any(secure_fleet) -> None:
     """Generated ACL on a real TLS Mosquitto: dev-a sees its acks, never dev-b's, and cannot
     publish on any ack topic (a forged ack would make a device drop unrecorded events)."""
     from deltafleet.server.config import ServerConfig, mqtt_settings

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleetlab import wait_for
 
 from deltafleet.agent.client import AgentClient
 from deltafleet.shared import sha256_file
-from tests.conftest import missing
-
-from .mqtt_peer import CHUNK, Peer
+from tests.harness.fleetlab import wait_for
+from tests.harness.mqtt_peer import CHUNK, Peer
+from tests.harness.need import missing
 
 pytestmark = pytest.mark.broker
 
@@ -37,17 +36,14 @@ ENV = {"FLEET_AGENT_DISK_MARGIN_BYTES": str(MARGIN_BYTES), "FLEET_AGENT_DISK_RET
 
 
 @pytest.fixture
-def lab(tmp_path: Path, fresh_broker) -> Iterator:
+def lab(fresh_lab) -> Iterator:
     """A Lab whose device dev-1 has its state directory on an 8 MiB tmpfs."""
-    from fleetlab import Lab
-
-    lab = Lab(tmp_path / "lab", mqtt_url=fresh_broker.url)
+    lab = fresh_lab
     state = lab.agent_dir("dev-1")
     state.mkdir(parents=True)
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs",
                           str(state)], capture_output=True, text=True)
     if res.returncode != 0:
-        lab.close()
         missing(f"a tmpfs mount (needs root: {res.stderr.strip()})")
     try:
         yield lab

@@ -6,8 +6,6 @@ through a plain or a ``$share`` subscription; and the servers' share group is a 
 from __future__ import annotations
 
 import dataclasses
-import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -23,8 +21,7 @@ from deltafleet.server.errors import UsageError
 from deltafleet.server.store import Store, upgrade
 from deltafleet.shared import Status, Topics, encode
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, Will
-from tests.conftest import wait_port
-from tests.integration.tls_broker import Peer, TlsBroker, secure_fleet  # noqa: F401
+from tests.harness.tls_broker import Peer, TlsBroker
 
 QUIET_S = 1.0  # how long "nothing happens" is watched after a positive control arrived
 PERSISTENT_S = 3600
@@ -77,7 +74,7 @@ def wait_payload(client: MqttClient, topic: str, payload: bytes, timeout_s: floa
 
 
 @pytest.fixture
-def fleet(secure_fleet) -> tuple[ServerConfig, TlsBroker]:  # noqa: F811
+def fleet(secure_fleet) -> tuple[ServerConfig, TlsBroker]:
     return secure_fleet
 
 
@@ -275,11 +272,8 @@ def test_the_servers_queued_messages_survive_a_broker_sigkill(fleet) -> None:
     while not (db.exists() and db.stat().st_mtime > saved_after) and time.monotonic() < deadline:
         time.sleep(0.1)  # waits for the broker's next autosave, not a fixed time
     assert db.exists() and db.stat().st_mtime > saved_after, "no autosave within 20 s"
-    broker.proc.send_signal(signal.SIGKILL)
-    broker.proc.wait(10)
-    broker.proc = subprocess.Popen([broker.proc.args[0], "-c", str(broker.files.conf)],
-                                   stdout=broker.log, stderr=broker.log)
-    wait_port(broker.port)
+    broker.kill()  # SIGKILL: nothing saved on the way out
+    broker.start()  # the same config, port and persistence directory
     again = server_client(cfg, broker, cfg.server_identity, persistent=True)
     again.start()
     try:

@@ -300,7 +300,7 @@ def test_an_unexpected_error_costs_one_message_never_the_server(held: HeldServer
 def test_fleetctl_server_survives_a_hello_with_a_lone_surrogate(tmp_path: Path, broker) -> None:
     """The report's reproduction (a small hello, `"cpu": "\\ud800"`), against the real
     `fleetctl server` process: it keeps running and serves the next device."""
-    from fleetlab import Lab
+    from tests.harness.fleetlab import Lab
 
     lab = Lab(tmp_path / "lab", mqtt_url=broker.url)
     prefix = f"t{uuid.uuid4().hex[:8]}/v1"

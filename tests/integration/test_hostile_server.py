@@ -6,27 +6,19 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 
 import pytest
 
 from deltafleet.shared import Hello, encode
 from deltafleet.shared.mqtt import MqttClient, MqttSettings
-
-from .rollout_lab import RolloutLab
+from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def lab(tmp_path: Path, broker):
-    from modelgen import make_onnx_pair
-
-    v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.2)
-    lab = RolloutLab(tmp_path, broker.url, {"v1": v1, "v2": v2})
-    lab.start_server()
-    yield lab
-    lab.close()
+def lab(rollout_lab, onnx_pair) -> RolloutLab:
+    return rollout_lab(onnx_pair(0.2))
 
 
 def test_hostile_device_messages_write_nothing_and_the_fleet_keeps_working(lab):

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from deltafleet.agent.daemon import PAIR_BUDGET_S
 from deltafleet.agent.latency import sample_pairs
@@ -31,8 +30,8 @@ from deltafleet.agent.trial import MIN_PAIRS, HealthPolicy, evaluate, p95
 from deltafleet.server.errors import UsageError
 from deltafleet.server.policy import parse_latency_ratio
 from deltafleet.shared import sha256_file
-
-from .mqtt_peer import _save_onnx
+from tests.harness.cli import fleetctl
+from tests.harness.mqtt_peer import _save_onnx
 
 TRIALS = 20
 DEPTH = 40  # [256 x 256] MatMuls of the base model: ~0.3 ms an inference, unloaded
@@ -183,13 +182,7 @@ def test_max_p95_ratio_accepts_off_and_zero_and_refuses_a_ratio_below_100pct():
 
 def test_fleetctl_rollout_sends_latency_off_to_devices(fleet_home: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch, models):
-    from deltafleet.server.cli import app
-
     monkeypatch.setenv("FLEET_ACTOR", "tester")
-
-    def fleetctl(*args: str):
-        return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
     assert fleetctl("init").exit_code == 0
     assert fleetctl("model", "add", "detector", "v1", str(models["v1"])).exit_code == 0
     assert fleetctl("group", "create", "all", "--all").exit_code == 0

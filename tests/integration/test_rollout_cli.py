@@ -4,34 +4,27 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from deltafleet.server.cli import app
-
-from .rollout_lab import RolloutLab
+from tests.harness import cli
+from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def lab(tmp_path: Path, broker, monkeypatch: pytest.MonkeyPatch):
-    from modelgen import make_onnx_pair
-
-    v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.3)
-    lab = RolloutLab(tmp_path, broker.url, {"v1": v1, "v2": v2})
+def lab(rollout_lab, onnx_pair, monkeypatch: pytest.MonkeyPatch) -> RolloutLab:
+    lab = rollout_lab(onnx_pair(0.3), start=False)
     monkeypatch.setenv("FLEET_HOME", str(lab.cfg.home))
     monkeypatch.setenv("FLEET_DB_URL", lab.cfg.db_url)
     monkeypatch.setenv("FLEET_ACTOR", "alice")
     lab.start_server()
-    yield lab
-    lab.close()
+    return lab
 
 
 def fleetctl(*args: str) -> tuple[int, str]:
-    res = CliRunner().invoke(app, list(args))
+    res = cli.fleetctl(*args, catch_exceptions=True)
     return res.exit_code, res.output
 
 

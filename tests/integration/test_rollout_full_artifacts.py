@@ -15,8 +15,8 @@ from deltafleet.server.planner import delta_worth_it
 from deltafleet.server.rollouts import plan_rollout
 from deltafleet.server.store.models import Artifact, Delta, Variant
 from deltafleet.shared import Manifest, sha256_bytes, sha256_file
-
-from .rollout_lab import RolloutLab
+from tests.harness.modelgen import make_incompressible_onnx_model
+from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
@@ -24,21 +24,15 @@ FAST = {"health_window_s": 1, "retry_backoff_s": 1, "state_timeout_s": 60}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from modelgen import make_incompressible_onnx_model, make_onnx_pair
-
-    root = tmp_path_factory.mktemp("models")
-    v1, v2 = make_onnx_pair(root, size_mb=0.3)
-    noise = make_incompressible_onnx_model(root / "noise.onnx", size_mb=0.2)
-    return {"v1": v1, "v2": v2, "noise": noise}
+def models(tmp_path_factory: pytest.TempPathFactory, onnx_pair) -> dict[str, Path]:
+    noise = make_incompressible_onnx_model(tmp_path_factory.mktemp("models") / "noise.onnx",
+                                           size_mb=0.2)
+    return {**onnx_pair(0.3), "noise": noise}
 
 
 @pytest.fixture
-def lab(tmp_path: Path, broker, models):
-    lab = RolloutLab(tmp_path, broker.url, models)
-    lab.start_server()
-    yield lab
-    lab.close()
+def lab(rollout_lab, models) -> RolloutLab:
+    return rollout_lab(models)
 
 
 def variant_of(lab: RolloutLab, version: str) -> Variant:

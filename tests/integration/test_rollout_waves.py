@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from deltafleet.shared import sha256_file
-
-from .rollout_lab import RolloutLab
+from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
@@ -17,20 +16,14 @@ N = 50
 FAST = {"health_window_s": 1, "retry_backoff_s": 1, "state_timeout_s": 60}
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from modelgen import make_onnx_pair
-
-    v1, v2 = make_onnx_pair(tmp_path_factory.mktemp("models"), size_mb=0.3)
-    return {"v1": v1, "v2": v2}
+@pytest.fixture
+def models(onnx_pair) -> dict[str, Path]:
+    return onnx_pair(0.3)
 
 
 @pytest.fixture
-def lab(tmp_path: Path, broker, models):
-    lab = RolloutLab(tmp_path, broker.url, models)
-    lab.start_server()
-    yield lab
-    lab.close()
+def lab(rollout_lab, models) -> RolloutLab:
+    return rollout_lab(models)
 
 
 def problems(data: dict) -> list[tuple[str, str, str]]:

@@ -14,18 +14,20 @@ import pytest
 
 from deltafleet.server.store.models import Rollout
 from deltafleet.shared import sha256_file
-
-from .rollout_lab import RolloutLab
+from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from modelgen import make_onnx_pair
+@pytest.fixture
+def models(onnx_pair) -> dict[str, Path]:
+    return onnx_pair(1.0)
 
-    v1, v2 = make_onnx_pair(tmp_path_factory.mktemp("models"), size_mb=1.0)
-    return {"v1": v1, "v2": v2}
+
+def offered(lab: RolloutLab, ids: list[str]) -> None:
+    """Until every device in ``ids`` has its manifest (the next group then joins later)."""
+    lab.wait_for(lambda: all(lab.fleet.devices[d].manifests for d in ids), 30,
+                 f"{len(ids)} devices offered the model")
 
 
 def test_one_publish_per_chunk_serves_every_device_joining_at_different_times(tmp_path, broker,
@@ -33,13 +35,12 @@ def test_one_publish_per_chunk_serves_every_device_joining_at_different_times(tm
     lab = RolloutLab(tmp_path, broker.url, models)
     lab.start_server()
     try:
-        lab.add_devices(5, {"hw": "cam"}, prefix="early", version=None)
+        joined = lab.add_devices(5, {"hw": "cam"}, prefix="early", version=None)
         lab.group("cams", hw="cam")
         rid = lab.rollout("v1", "cams", health_window_s=1)
-        time.sleep(1.0)
         for batch in range(3):  # three more groups of 5 join while the rollout runs
-            lab.add_devices(5, {"hw": "cam"}, prefix=f"late{batch}", version=None)
-            time.sleep(0.7)
+            offered(lab, joined)
+            joined = lab.add_devices(5, {"hw": "cam"}, prefix=f"late{batch}", version=None)
         data = lab.wait_state(rid, {"completed"}, 90)
         assert len(data["targets"]) == 20
         assert all(t["state"] == "healthy" and t["artifact"] == "full" for t in data["targets"])
@@ -74,7 +75,7 @@ def test_a_wave_of_devices_is_served_by_about_one_publish_of_the_artifact(tmp_pa
 @pytest.mark.postgres
 def test_rollout_completes_when_the_replica_working_it_is_killed(tmp_path, broker, models,
                                                                  pg_url):
-    from fleetlab import Lab
+    from tests.harness.fleetlab import Lab
 
     lab = RolloutLab(tmp_path, broker.url, models, db_url=pg_url)
     procs = Lab(tmp_path / "procs", mqtt_url=broker.url, db_url=pg_url)

@@ -4,30 +4,23 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from deltafleet.shared import encode
 from deltafleet.shared.mqtt import MqttClient, MqttSettings
-
-from .rollout_lab import RolloutLab
+from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def lab(tmp_path: Path, broker):
-    from modelgen import make_onnx_pair
-
-    v1, v2 = make_onnx_pair(tmp_path / "models", size_mb=0.2)
-    lab = RolloutLab(tmp_path, broker.url, {"v1": v1, "v2": v2})
+def lab(rollout_lab, onnx_pair) -> RolloutLab:
+    lab = rollout_lab(onnx_pair(0.2), start=False)
     lab.cfg = dataclasses.replace(lab.cfg, server_id=f"fleet-server-test-{uuid.uuid4().hex[:6]}")
     lab.start_server()
-    yield lab
-    lab.close()
+    return lab
 
 
 def test_events_sent_while_the_server_is_down_are_applied_after_it_returns(lab):
@@ -38,7 +31,6 @@ def test_events_sent_while_the_server_is_down_are_applied_after_it_returns(lab):
     lab.stop_server()
     lab.wait_for(lambda: all(any(s == "healthy" for s, _ in lab.fleet.devices[d].timeline)
                              for d in ids), 30, "devices report healthy while the server is down")
-    time.sleep(0.5)
     assert lab.status(rid)["counts"].get("trial", 0) == 5  # nobody has applied them yet
     lab.start_server()
     data = lab.wait_state(rid, {"completed"}, 30)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
-import modelgen
 import pytest
 from sqlalchemy import func, inspect, select
 
@@ -30,6 +29,7 @@ from deltafleet.server.store.models import (
     DeviceModel,
 )
 from deltafleet.shared import Hello, ModelState, sha256_file
+from tests.harness import modelgen
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SHA_A = "a" * 64

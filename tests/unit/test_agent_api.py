@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import modelgen
 import numpy as np
 import pytest
 
@@ -12,6 +11,7 @@ from deltafleet.agent.api import InferenceApi
 from deltafleet.agent.client import AgentClient, ApiError
 from deltafleet.agent.runtime import load_model
 from deltafleet.agent.serving import Serving
+from tests.harness import modelgen
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from deltafleet.shared import (
     sha256_bytes,
     sign_payload,
 )
+from tests import factories
 
 CHUNK = 1024
 NOW = int(time.time())
@@ -49,17 +50,11 @@ KEY = SigningKey.generate()
 
 def manifest(artifact: bytes, target: bytes = TARGET, *, codec: str = "bsdiff4",
              **overrides) -> Manifest:
-    chunks = tuple(sha256_bytes(artifact[i:i + CHUNK]) for i in range(0, len(artifact), CHUNK))
-    fields = dict(
-        manifest_id="m-5", device_id="dev-1", serial=5, issued_at=NOW, expires_at=NOW + 600,
-        rollout_id=1, model="m", version="v2", variant="default", format="onnx",
-        target_sha256=sha256_bytes(target), target_size_bytes=len(target),
-        base_sha256=sha256_bytes(BASE) if codec == "bsdiff4" else None,
-        artifact=ArtifactRef("delta" if codec == "bsdiff4" else "full", codec,
-                             sha256_bytes(artifact), len(artifact), CHUNK, chunks),
-    )
-    fields.update(overrides)
-    return Manifest(**fields)
+    ref = factories.artifact_ref(artifact, kind="delta" if codec == "bsdiff4" else "full",
+                                 codec=codec, chunk_bytes=CHUNK)
+    fields = dict(manifest_id="m-5", serial=5, issued_at=NOW, expires_at=NOW + 600,
+                  base_sha256=sha256_bytes(BASE) if codec == "bsdiff4" else None, artifact=ref)
+    return factories.manifest(target=target, **{**fields, **overrides})
 
 
 def check(m: Manifest, *, signer: SigningKey = KEY, data: bytes | None = None, **kw) -> Manifest:

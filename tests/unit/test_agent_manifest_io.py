@@ -12,7 +12,8 @@ import pytest
 from deltafleet.agent.config import load_config
 from deltafleet.agent.errors import ConfigError
 from deltafleet.agent.serving import decode_golden
-from deltafleet.shared import ArtifactRef, Manifest, WireError, sha256_bytes
+from deltafleet.shared import Manifest, WireError, sha256_bytes
+from tests import factories
 
 SIG = {"inputs": [{"name": "input", "dtype": "float32", "shape": [None, 64]}],
        "outputs": [{"name": "output", "dtype": "float32", "shape": [None, 10]}]}
@@ -20,10 +21,10 @@ SIG = {"inputs": [{"name": "input", "dtype": "float32", "shape": [None, 64]}],
 
 def manifest(**fields) -> Manifest:
     data = b"model"
-    return Manifest("m1", "dev-1", 1, 0, 10, None, "det", "v1", "default", "onnx",
-                    sha256_bytes(data), len(data), None,
-                    ArtifactRef("full", "identity", sha256_bytes(data), len(data), 1024,
-                                (sha256_bytes(data),)), **fields)
+    return factories.manifest(
+        target=data, expires_at=10, rollout_id=None, model="det", version="v1",
+        artifact=factories.artifact_ref(data, chunk_bytes=1024, chunks=(sha256_bytes(data),)),
+        **fields)
 
 
 def golden_item(x: np.ndarray) -> dict:

@@ -7,7 +7,6 @@ import threading
 import time
 from pathlib import Path
 
-import modelgen
 import numpy as np
 import pytest
 
@@ -18,6 +17,7 @@ from deltafleet.agent.serving import (
     io_difference,
     io_signature,
 )
+from tests.harness import modelgen
 
 X = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
 

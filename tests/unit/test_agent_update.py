@@ -11,24 +11,18 @@ import pytest
 from deltafleet.agent.errors import UpdateRejected
 from deltafleet.agent.store import InstalledModel, LocalStore
 from deltafleet.agent.update import ChunkSet, apply_artifact, check_base, verify_manifest
-from deltafleet.shared import ArtifactRef, Manifest, SigningKey, sha256_bytes
+from deltafleet.shared import Manifest, SigningKey, sha256_bytes
+from tests.factories import artifact_ref, manifest
 
 CHUNK = 1024
 
 
 def make(base: bytes, target: bytes, *, kind: str = "delta", **overrides) -> tuple[Manifest, bytes]:
     artifact = bsdiff4.diff(base, target) if kind == "delta" else target
-    chunks = tuple(sha256_bytes(artifact[i:i + CHUNK]) for i in range(0, len(artifact), CHUNK))
-    fields = dict(
-        manifest_id="m1", device_id="dev-1", serial=1, issued_at=0,
-        expires_at=int(time.time()) + 60, rollout_id=1, model="m", version="v2",
-        variant="default", format="onnx", target_sha256=sha256_bytes(target),
-        target_size_bytes=len(target), base_sha256=sha256_bytes(base),
-        artifact=ArtifactRef(kind, "bsdiff4" if kind == "delta" else "identity",
-                             sha256_bytes(artifact), len(artifact), CHUNK, chunks),
-    )
-    fields.update(overrides)
-    return Manifest(**fields), artifact
+    ref = artifact_ref(artifact, kind=kind, codec="bsdiff4" if kind == "delta" else "identity",
+                       chunk_bytes=CHUNK)
+    fields = dict(artifact=ref, expires_at=int(time.time()) + 60, base_sha256=sha256_bytes(base))
+    return manifest(target=target, **{**fields, **overrides}), artifact
 
 
 BASE = bytes(range(256)) * 40

@@ -12,9 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import modelgen
 import pytest
-from bench.delta import KINDS_INT8, make_pair
 
 from deltafleet import codecs
 from deltafleet.agent.errors import UpdateRejected
@@ -34,6 +32,9 @@ from deltafleet.server.codecs import (
 from deltafleet.server.codecs.layout import model_tensors
 from deltafleet.server.deltas import DeltaBuilder, NoDelta, build_best_delta
 from deltafleet.shared import ArtifactRef, DeltafleetError, Manifest, sha256_bytes
+from scripts.bench.delta import KINDS_INT8, make_pair
+from tests import factories
+from tests.harness import modelgen
 
 SIZE_MB = 0.25
 KINDS_FP32 = [k for k in KINDS_INT8 if k != "requant"]
@@ -51,14 +52,10 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tup
 
 
 def manifest_for(target: bytes, artifact: bytes, codec: str) -> Manifest:
-    return Manifest(
-        manifest_id="m1", device_id="dev-1", serial=1, issued_at=0,
-        expires_at=int(time.time()) + 60, rollout_id=1, model="m", version="v2",
-        variant="default", format="onnx", target_sha256=sha256_bytes(target),
-        target_size_bytes=len(target), base_sha256="0" * 64,
-        artifact=ArtifactRef("delta", codec, sha256_bytes(artifact), len(artifact), 65536,
-                             (sha256_bytes(artifact),)),
-    )
+    return factories.manifest(
+        target=target, expires_at=int(time.time()) + 60, base_sha256="0" * 64,
+        artifact=factories.artifact_ref(artifact, kind="delta", codec=codec,
+                                        chunks=(sha256_bytes(artifact),)))
 
 
 @pytest.mark.parametrize("encoder", default_encoders(), ids=lambda e: e.name)

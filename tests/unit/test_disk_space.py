@@ -15,7 +15,8 @@ from deltafleet.agent.config import load_config
 from deltafleet.agent.errors import ConfigError, NoSpace, UpdateRejected, is_no_space
 from deltafleet.agent.store import InstalledModel, LocalStore
 from deltafleet.agent.update import ChunkSet, check_disk, chunk_bytes_on_disk, space_needed
-from deltafleet.shared import ArtifactRef, Manifest, sha256_bytes
+from deltafleet.shared import Manifest, sha256_bytes
+from tests import factories
 
 CHUNK = 1024
 ARTIFACT = bytes(range(256)) * 12  # 3072 bytes: 3 chunks
@@ -25,12 +26,10 @@ MiB = 1 << 20
 
 def manifest(artifact: bytes = ARTIFACT, target_size: int = TARGET_SIZE) -> Manifest:
     chunks = tuple(sha256_bytes(artifact[i:i + CHUNK]) for i in range(0, len(artifact), CHUNK))
-    return Manifest(
-        manifest_id="m-1", device_id="dev-1", serial=1, issued_at=0, expires_at=2**31,
-        rollout_id=None, model="m", version="v1", variant="default", format="onnx",
-        target_sha256="a" * 64, target_size_bytes=target_size, base_sha256=None,
-        artifact=ArtifactRef("full", "identity", sha256_bytes(artifact), len(artifact), CHUNK,
-                             chunks))
+    return factories.manifest(
+        manifest_id="m-1", expires_at=2**31, rollout_id=None, version="v1",
+        target_sha256="a" * 64, target_size_bytes=target_size,
+        artifact=factories.artifact_ref(artifact, chunk_bytes=CHUNK, chunks=chunks))
 
 
 # -- the arithmetic ---------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from deltafleet.shared import (
     sign_payload,
     verify_envelope,
 )
+from tests import factories
 
 FUZZ = settings(max_examples=100, deadline=500,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -67,8 +68,9 @@ OBJECTS = st.dictionaries(FIELD_NAMES, JSON, max_size=10)
 
 def _valid_wire() -> dict[str, dict[str, Any]]:
     artifact = ArtifactRef("full", "identity", SHA, 10, 65536, (SHA,))
-    manifest = Manifest("m", "dev-1", 1, NOW, NOW + 100, None, "det", "v1", "default", "onnx",
-                        SHA, 10, None, artifact)
+    manifest = factories.manifest(manifest_id="m", issued_at=NOW, expires_at=NOW + 100,
+                                  rollout_id=None, model="det", version="v1",
+                                  target_sha256=SHA, target_size_bytes=10, artifact=artifact)
     return {
         "manifest": manifest.to_wire(),
         "hello": Hello("dev-1", "1.0", {}, {}, ()).to_wire(),

@@ -22,7 +22,8 @@ from deltafleet.agent import codecs, confined
 from deltafleet.agent.errors import ArtifactRefused, DecodeLimitHit, UpdateRejected
 from deltafleet.agent.store import LocalStore
 from deltafleet.agent.update import apply_to_file
-from deltafleet.shared import ArtifactRef, Manifest, sha256_bytes
+from deltafleet.shared import Manifest, sha256_bytes
+from tests import factories
 
 BASE = bytes(range(256)) * 40  # 10,240 bytes: a 5,000-byte "tensor", then the "graph"
 TENSOR = 5000
@@ -32,15 +33,12 @@ CAP = 256 << 20
 
 def manifest(artifact: bytes, codec: str, *, target: bytes = TARGET,
              target_size: int | None = None) -> Manifest:
-    return Manifest(
-        manifest_id="m-1", device_id="dev-1", serial=1, issued_at=0,
-        expires_at=int(time.time()) + 600, rollout_id=1, model="m", version="v2",
-        variant="default", format="onnx", target_sha256=sha256_bytes(target),
+    return factories.manifest(
+        target=target, manifest_id="m-1",
         target_size_bytes=len(target) if target_size is None else target_size,
         base_sha256=None if codec == "zstd" else "0" * 64,
-        artifact=ArtifactRef("full" if codec == "zstd" else "delta", codec,
-                             sha256_bytes(artifact), len(artifact), 65536,
-                             (sha256_bytes(artifact),)))
+        artifact=factories.artifact_ref(artifact, kind="full" if codec == "zstd" else "delta",
+                                        codec=codec, chunks=(sha256_bytes(artifact),)))
 
 
 def apply(tmp_path: Path, artifact: bytes, codec: str, **kw) -> Path:

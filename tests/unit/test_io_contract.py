@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import modelgen
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -16,6 +15,7 @@ from deltafleet.agent.serving import decode_golden, io_difference, io_signature
 from deltafleet.server.catalog import GOLDEN_MAX_BYTES, inspect_model, load_golden, signature
 from deltafleet.server.catalog import io_signature as catalog_signature
 from deltafleet.server.errors import CatalogError
+from tests.harness import modelgen
 
 
 def _odd_io_model(path: Path) -> Path:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import bsdiff4
 import flatbuffers
-import modelgen
 import numpy as np
 import onnx
 import pytest
@@ -17,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from deltafleet.server.catalog import ModelInfo, detect_format, inspect_model
 from deltafleet.server.errors import CatalogError
 from deltafleet.shared import TensorSpec, sha256_file
+from tests.harness import modelgen
 
 MB = modelgen.BYTES_PER_MB
 

@@ -7,7 +7,6 @@ import sys
 import threading
 from pathlib import Path
 
-import modelgen
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
@@ -22,6 +21,7 @@ from deltafleet.agent.runtime import (
     zero_feeds,
 )
 from deltafleet.shared import TensorSpec
+from tests.harness import modelgen
 
 
 @pytest.fixture(scope="module")

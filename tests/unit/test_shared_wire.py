@@ -23,6 +23,7 @@ from deltafleet.shared import (
     verify_envelope,
 )
 from deltafleet.shared.messages import MAX_ACK_BYTES, MAX_ACK_IDS
+from tests import factories
 
 SHA_A = sha256_bytes(b"a")
 SHA_B = sha256_bytes(b"b")
@@ -30,13 +31,11 @@ SHA_B = sha256_bytes(b"b")
 
 def manifest(**overrides) -> Manifest:
     fields = dict(
-        manifest_id="m1", device_id="dev-1", serial=3, issued_at=100, expires_at=10**10,
-        rollout_id=7, model="detector", version="v2", variant="default", format="onnx",
+        serial=3, issued_at=100, expires_at=10**10, rollout_id=7, model="detector",
         target_sha256=SHA_B, target_size_bytes=10, base_sha256=SHA_A,
         artifact=ArtifactRef("delta", "bsdiff4", SHA_A, 5, 65536, (SHA_A,)),
     )
-    fields.update(overrides)
-    return Manifest(**fields)
+    return factories.manifest(**{**fields, **overrides})
 
 
 def test_canonical_json_sorts_keys_and_drops_whitespace():

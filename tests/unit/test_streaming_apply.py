@@ -22,6 +22,7 @@ from deltafleet.agent._bspatch_worker import stream_patch
 from deltafleet.agent.errors import UpdateRejected
 from deltafleet.agent.update import ChunkSet, apply_to_file
 from deltafleet.shared import ArtifactRef, Manifest, chunk_hashes_file, sha256_bytes
+from tests import factories
 
 
 def _patched(patch: bytes, base: bytes) -> bytes:
@@ -69,14 +70,11 @@ def test_zigzag_round_trips_every_difference(width: int) -> None:
 
 
 def _manifest(target: bytes, artifact: bytes, codec: str, kind: str = "delta") -> Manifest:
-    return Manifest(
-        manifest_id="m1", device_id="dev-1", serial=1, issued_at=0,
-        expires_at=int(time.time()) + 60, rollout_id=1, model="m", version="v2",
-        variant="default", format="onnx", target_sha256=sha256_bytes(target),
-        target_size_bytes=len(target), base_sha256=None if kind == "full" else "0" * 64,
-        artifact=ArtifactRef(kind, codec, sha256_bytes(artifact), len(artifact), 65536,
-                             (sha256_bytes(artifact),)),
-    )
+    return factories.manifest(
+        target=target, expires_at=int(time.time()) + 60,
+        base_sha256=None if kind == "full" else "0" * 64,
+        artifact=factories.artifact_ref(artifact, kind=kind, codec=codec,
+                                        chunks=(sha256_bytes(artifact),)))
 
 
 def test_full_model_ships_zstd_compressed_and_streams_to_disk(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@
 what an effect did) and returns the effects to carry out, in order. It does no I/O: no
 MQTT, no files, no runtime, no clock (time comes in the events: ``now`` is the driver's
 monotonic clock, ``wall_now`` unix seconds). The agent (``daemon``) and the fleet simulator
-(``scripts/fleetsim.py``) are drivers: they execute the effects with real or simulated I/O and
+(``tests/harness/fleetsim.py``) are drivers: they execute the effects with real or simulated I/O and
 feed the outcome back as the next event, depth first (an effect's outcome is handled before
 the next effect of the same list runs).
 

@@ -1,4 +1,8 @@
-"""An in-process server (FleetServer in a thread) plus a simulated fleet on a real broker."""
+"""An in-process server (FleetServer in a thread) plus a simulated fleet on a real broker.
+
+``stop_server()`` returns only once the server thread has ended: from then on nothing consumes
+device traffic or writes the database until ``start_server()``.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +21,12 @@ from deltafleet.server.rollouts import act_on_rollout, create_rollout, get_rollo
 from deltafleet.server.store import BlobStore, Store, upgrade
 from deltafleet.shared import SigningKey
 
+from .fleetsim import Installed, SimFleet
+
 
 class RolloutLab:
     def __init__(self, root: Path, broker_url: str, model_files: dict[str, Path], *,
                  db_url: str | None = None) -> None:
-        from fleetsim import Installed, SimFleet
-
         self.Installed = Installed
         self.cfg = ServerConfig(home=root / "home", db_url=db_url or f"sqlite:///{root}/fleet.db",
                                 mqtt_url=broker_url,
@@ -50,6 +54,7 @@ class RolloutLab:
             self.server.stop_event.set()
             assert self._thread is not None
             self._thread.join(10)
+            assert not self._thread.is_alive(), "the server thread did not stop within 10 s"
             self.server = None
 
     def add_devices(self, n: int, labels: dict[str, str], *, prefix: str = "sim",

@@ -3,52 +3,40 @@ certificates, CRL, ACL), on a free loopback port, plus TLS client helpers."""
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
 import ssl
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from deltafleet.server import enroll, keys
+from deltafleet.server import enroll
 from deltafleet.server.config import ServerConfig
-from tests.conftest import _has_mosquitto, free_port, missing, wait_port
+
+from .broker import Mosquitto, run_as_root_line
+from .fleetlab import free_port
+
+__all__ = ["Peer", "TlsBroker"]
 
 
-class TlsBroker:
+class TlsBroker(Mosquitto):
+    """The generated config (TLS, client certificates, CRL, ACL); started by the constructor."""
+
+    scheme = "mqtts"
+
     def __init__(self, cfg: ServerConfig, workdir: Path) -> None:
         self.cfg = cfg
-        self.port = free_port()
-        self.files = enroll.write_broker_config(cfg, workdir, port=self.port, bind="127.0.0.1",
+        port = free_port()
+        self.files = enroll.write_broker_config(cfg, workdir, port=port, bind="127.0.0.1",
                                                 hosts=["127.0.0.1", "localhost"])
-        if os.geteuid() == 0:  # as root Mosquitto drops to user "mosquitto", who cannot read
-            with open(self.files.conf, "a") as f:  # the test's private tmp dir
-                f.write("user root\n")
-        self.log = open(workdir / "mosquitto.log", "wb")  # noqa: SIM115
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([binary, "-c", str(self.files.conf)],
-                                     stdout=self.log, stderr=self.log)
-        wait_port(self.port)
-
-    @property
-    def url(self) -> str:
-        return f"mqtts://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        if root := run_as_root_line():
+            with open(self.files.conf, "a") as f:
+                f.write(root)
+        super().__init__(workdir, port, self.files.conf)
+        self.start()
 
 
 class Peer:
@@ -130,20 +118,3 @@ class Peer:
         self.client.disconnect()
         self.client.loop_stop()
 
-
-@pytest.fixture
-def secure_fleet(tmp_path: Path) -> Iterator[tuple[ServerConfig, TlsBroker]]:
-    """FLEET_HOME with keys, CA and two enrolled devices (dev-a, dev-b) and a revoked one
-    (dev-r), and a Mosquitto running the generated config."""
-    if not _has_mosquitto():
-        missing("the mosquitto binary")
-    cfg = ServerConfig.from_env({"FLEET_HOME": str(tmp_path / "home"),
-                                 "FLEET_MQTT_URL": "mqtts://127.0.0.1:8883"})
-    keys.init_keys(cfg)
-    for dev in ("dev-a", "dev-b", "dev-r"):
-        enroll.enroll_device(cfg, dev, tmp_path / f"enroll-{dev}")
-    enroll.revoke_device(cfg, "dev-r", reason="test")
-    (tmp_path / "broker").mkdir()
-    broker = TlsBroker(cfg, tmp_path / "broker")
-    yield cfg, broker
-    broker.stop()

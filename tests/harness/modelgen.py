@@ -10,9 +10,9 @@ versions is a small fraction of the full file.
 
 Usage::
 
-    python scripts/modelgen.py onnx OUT.onnx --size-mb 3 --seed 1 [--retrain-last-layer]
-    python scripts/modelgen.py onnx-pair OUT_DIR --size-mb 3 --seed 1
-    python scripts/modelgen.py tflite OUT.tflite --seed 1 [--retrain]
+    python -m tests.harness.modelgen onnx OUT.onnx --size-mb 3 --seed 1 [--retrain-last-layer]
+    python -m tests.harness.modelgen onnx-pair OUT_DIR --size-mb 3 --seed 1
+    python -m tests.harness.modelgen tflite OUT.tflite --seed 1 [--retrain]
 """
 
 from __future__ import annotations
