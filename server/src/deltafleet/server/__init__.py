@@ -1,10 +1,12 @@
 """The deltafleet server: the fleet controller daemon and ``fleetctl``.
 
 Public subpackages and modules, by noun: ``fleet`` (devices, groups), ``catalog`` (model
-inspection and registered models), ``audit``, ``views`` (``--json`` rendering), ``rollouts``,
-``planner``, ``delivery`` (chunk scheduling, artifact chunks), ``codecs`` (delta encoders), ``store`` (database and blobs), ``errors``; the
-``daemon`` and the ``cli`` sit at the edge. Nothing is imported here: importing
-``deltafleet.server`` stays cheap.
+inspection and registered models), ``rollout`` (states, the pure engine, its SQL adapter),
+``rollouts`` (create, plan, operator actions), ``planner`` (one plan per target), ``delivery``
+(manifests, chunk scheduling, artifact chunks), ``codecs`` (delta encoders), ``audit``,
+``views`` (``--json`` rendering), ``store`` (database and blobs), ``errors``; the ``daemon``
+and the ``cli`` sit at the edge. Nothing is imported here: importing ``deltafleet.server``
+stays cheap.
 """
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "pki",
     "planner",
     "policy",
+    "rollout",
     "rollouts",
     "store",
     "storecheck",
