@@ -1,4 +1,4 @@
-"""The registry's pure rules, without a database: the selector grammar, selector matching and
+"""The fleet's and the catalog's pure rules, without a database: the selector grammar, selector matching and
 how a variant's catalog info names its compressed form."""
 
 from __future__ import annotations
