@@ -84,8 +84,8 @@ def create_rollout(s: Session, spec: str, group_name: str, actor: str, *,
                             wave=waves[d.id], attempts=0, health={}, updated_at=now))
     model = s.get(Model, version.model_id)
     audit(s, actor, "rollout.create", f"rollout/{r.id}",
-                   {"model": model.name if model else None, "version": version.version,
-                    "group": group_name, "devices": len(devices), "policy": policy.to_json()})
+          {"model": model.name if model else None, "version": version.version,
+           "group": group_name, "devices": len(devices), "policy": policy.to_json()})
     return r
 
 
@@ -110,7 +110,7 @@ def act_on_rollout(s: Session, rollout_id: int, action: str, actor: str) -> tupl
             r.finished_at = None
         changed = True
     audit(s, actor, f"rollout.{action}", f"rollout/{r.id}",
-                   {"changed": changed, "state": r.state})
+          {"changed": changed, "state": r.state})
     return r, changed
 
 

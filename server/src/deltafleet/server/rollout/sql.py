@@ -164,7 +164,7 @@ class RolloutController:
     def on_event(self, s: Session, ev: Event, now: datetime) -> None:
         if ev.sha256:
             fleet.record_device_model(s, ev.device_id, ev.model, ev.version, None,
-                                         ev.sha256, now)
+                                      ev.sha256, now)
         match = None
         for t, r, model_name in self.open_targets(s, ev.device_id, lock=True):
             if model_name == ev.model and (ev.manifest_id is None
@@ -339,7 +339,7 @@ class RolloutController:
                       "run `fleetctl store verify --repair`", check.sha256, check.problem,
                       deps.summary())
             audit(s, CONTROLLER, "store.blob_bad", f"blob/{check.sha256}",
-                           {"problem": check.problem, **deps.to_json()})
+                  {"problem": check.problem, **deps.to_json()})
 
     def _take_lease(self, r: Rollout, now: datetime) -> bool | None:
         """None: another replica holds the lease. True: taken over from a replica whose lease
