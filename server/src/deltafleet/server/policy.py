@@ -108,8 +108,9 @@ def health_from_options(*, max_error_rate: str, max_p95_ratio: str, p95_slack_ms
         p95_slack_us=int(p95_slack_ms * 1000))
 
 
-def health_options(policy: HealthPolicy) -> dict[str, Any]:
-    """``policy`` as `fleetctl rollout model` takes it (``health_from_options`` reads it back)."""
+def _health_options(policy: HealthPolicy) -> dict[str, Any]:
+    """``policy`` spelled as `fleetctl rollout model`'s options (for whole-percent error rates
+    ``health_from_options`` reads it back exactly, see the unit tests)."""
     return {"max_error_rate": f"{policy.max_error_rate_ppm / 10_000:g}%",
             "max_p95_ratio": f"{policy.max_p95_ratio_pct}%" if policy.judges_latency else "off",
             "p95_slack_ms": policy.p95_slack_us / 1000, "min_requests": policy.min_requests}
@@ -119,7 +120,7 @@ def health_options(policy: HealthPolicy) -> dict[str, Any]:
 # old/new calls with a confidence bound (docs/agent.md), so a busy CPU does not need a big
 # slack; the slack only keeps sub-millisecond rises of tiny models from counting. A latency
 # ratio of "off" (0) means latency is not judged.
-HEALTH_OPTION_DEFAULTS: dict[str, Any] = health_options(ROLLOUT_HEALTH)
+HEALTH_OPTION_DEFAULTS: dict[str, Any] = _health_options(ROLLOUT_HEALTH)
 
 
 @dataclass(frozen=True, slots=True)
