@@ -109,8 +109,8 @@ def health_from_options(*, max_error_rate: str, max_p95_ratio: str, p95_slack_ms
 
 
 def _health_options(policy: HealthPolicy) -> dict[str, Any]:
-    """``policy`` spelled as `fleetctl rollout model`'s options (for whole-percent error rates
-    ``health_from_options`` reads it back exactly, see the unit tests)."""
+    """``policy`` spelled as `fleetctl rollout model`'s options; ``health_from_options`` reads
+    the spelling of :data:`ROLLOUT_HEALTH` back to exactly that policy."""
     return {"max_error_rate": f"{policy.max_error_rate_ppm / 10_000:g}%",
             "max_p95_ratio": f"{policy.max_p95_ratio_pct}%" if policy.judges_latency else "off",
             "p95_slack_ms": policy.p95_slack_us / 1000, "min_requests": policy.min_requests}
