@@ -7,13 +7,12 @@ device traffic or writes the database until ``start_server()``.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deltafleet.server import registry
+from deltafleet.server import catalog, fleet
 from deltafleet.server.config import ServerConfig
 from deltafleet.server.daemon import FleetServer
 from deltafleet.server.policy import RolloutPolicy
@@ -21,6 +20,7 @@ from deltafleet.server.rollouts import act_on_rollout, create_rollout, get_rollo
 from deltafleet.server.store import BlobStore, Store, upgrade
 from deltafleet.shared import SigningKey
 
+from .fleetlab import wait_for
 from .fleetsim import Installed, SimFleet
 
 
@@ -38,7 +38,7 @@ class RolloutLab:
         self.files = model_files
         with self.store.session() as s:
             for version, path in model_files.items():
-                registry.add_model_version(s, self.blobs, "detector", version, path)
+                catalog.add_model_version(s, self.blobs, "detector", version, path)
         self.fleet = SimFleet(broker_url, self.cfg.public_key_path, prefix=self.cfg.topic_prefix)
         self.server: FleetServer | None = None
         self._thread: threading.Thread | None = None
@@ -72,19 +72,19 @@ class RolloutLab:
 
     def known_devices(self) -> set[str]:
         with self.store.session() as s:
-            return {d.id for d in registry.list_devices(s)}
+            return {d.id for d in fleet.list_devices(s)}
 
     def device_online(self, device_id: str) -> bool:
         with self.store.session() as s:
-            return bool(registry.get_device(s, device_id).online)
+            return bool(fleet.get_device(s, device_id).online)
 
     def status_runtimes(self, device_id: str) -> dict[str, str]:
         with self.store.session() as s:
-            return dict(registry.get_device(s, device_id).runtimes or {})
+            return dict(fleet.get_device(s, device_id).runtimes or {})
 
     def group(self, name: str, **selector: str) -> None:
         with self.store.session() as s:
-            registry.create_group(s, name, selector)
+            fleet.create_group(s, name, selector)
 
     def rollout(self, version: str, group: str, **policy: Any) -> int:
         with self.store.session() as s:
@@ -105,14 +105,7 @@ class RolloutLab:
 
     @staticmethod
     def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-            time.sleep(0.1)
+        return wait_for(predicate, timeout_s, what, interval_s=0.1)
 
     def close(self) -> None:
         self.stop_server()

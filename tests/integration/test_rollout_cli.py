@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from deltafleet.shared import SigningKey
 from tests.harness import cli
 from tests.harness.rollout_lab import RolloutLab
 
@@ -105,3 +106,23 @@ def test_invalid_rollout_options_are_one_line_errors(lab):
                  ["--health-window", "soon"], ["--max-failure", "150%"]):
         code, out = fleetctl("rollout", "model", "v2", "--group", "jetson", *args)
         assert code == 2 and out.strip().count("\n") == 0 and out.startswith("error:"), (args, out)
+
+
+def test_a_rejection_of_a_manifest_the_device_cannot_read_is_applied_and_shown(lab):
+    """Signed with a key the device does not trust: its rejection names no version."""
+    (dev,) = lab.add_devices(1, {"hw": "jetson"})
+    lab.stop_server()
+    SigningKey.generate().save(lab.cfg.signing_key_path, lab.cfg.public_key_path)
+    lab.start_server()
+    lab.group("jetson", hw="jetson")
+    rid = lab.rollout("v2", "jetson", state_timeout_s=600)
+    lab.wait_state(rid, {"paused"}, 30)
+    (target,) = lab.status(rid)["targets"]
+    assert target["state"] == "held" and "rejected" in target["reason"], target
+    assert "signature" in target["reason"], target
+    for args in (("device", "list"), ("device", "show", dev), ("rollout", "status", str(rid))):
+        code, out = fleetctl(*args)
+        assert code in (0, 1) and "None" not in out, out
+    code, out = fleetctl("device", "show", dev, "--json")
+    (model,) = json.loads(out)["models"]
+    assert model["version"] is None and model["sha256"] == target["running_sha256"]

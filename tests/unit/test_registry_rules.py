@@ -1,5 +1,5 @@
-"""The registry's pure rules, without a database: the selector grammar, selector matching and
-how a variant's catalog info names its compressed form."""
+"""The fleet's and the catalog's pure rules, without a database: the selector grammar,
+selector matching and how a variant's catalog info names its compressed form."""
 
 from __future__ import annotations
 

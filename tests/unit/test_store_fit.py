@@ -87,6 +87,14 @@ def test_a_good_hello_event_status_and_chunk_request_fit() -> None:
                          "artifact_sha256": SHA, "indices": [0, 5]})
 
 
+def test_a_rejection_of_an_unreadable_manifest_fits() -> None:
+    wire = Event("r" * 32, "dev-1", None, None, "detector", None, "rejected",
+                 reason="manifest signature invalid", sha256=SHA).to_wire()
+    assert wire["version"] == "?"
+    message = check(Event, wire)
+    assert message.version is None and message.state == "rejected"
+
+
 def test_lone_surrogate_in_the_profile_is_refused() -> None:
     profile = hello_wire()["profile"] | {"cpu": "\ud800"}
     assert "surrogate" in refusal(Hello, hello_wire(profile=profile))

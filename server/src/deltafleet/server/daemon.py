@@ -46,7 +46,7 @@ from deltafleet.shared import (
 from deltafleet.shared.messages import MAX_ACK_IDS, MAX_EVENT_ID_CHARS
 from deltafleet.shared.mqtt import CONNECTED, MqttClient, Will
 
-from . import registry
+from . import fleet
 from .config import ServerConfig, check_client_identity, mqtt_settings
 from .controller import Publish, RolloutController
 from .delivery.chunks import CHUNK_WINDOW_S, ArtifactOffer, ChunkScheduler
@@ -285,7 +285,7 @@ class FleetServer:
             fresh = first_delivery(s, events, now)
             resend = self.controller.on_hellos(s, hellos, now)
             # a hello also says "online"; a later status in the same batch may say otherwise
-            registry.set_devices_presence(
+            fleet.set_devices_presence(
                 s, {d: o for d, o in presence.items() if d not in {h.device_id for h in hellos}
                     or not o}, now)
             for ev in fresh:

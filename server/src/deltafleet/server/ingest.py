@@ -168,7 +168,8 @@ def _event(e: Event) -> None:
     if e.manifest_id is not None:
         check_text(e.manifest_id, "manifest_id", MANIFEST_ID_CHARS)
     check_text(e.model, "model", MODEL_NAME_CHARS)
-    check_text(e.version, "version", MODEL_VERSION_CHARS)
+    if e.version is not None:
+        check_text(e.version, "version", MODEL_VERSION_CHARS)
     check_text(e.reason, "reason", MAX_REASON_CHARS)
     if e.rollout_id is not None:
         check_int(e.rollout_id, "rollout_id")

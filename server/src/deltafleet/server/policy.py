@@ -1,17 +1,20 @@
 """Rollout policy: parsing operator input into a ``RolloutPolicy``, the retry rule and the
 wave assignment. No I/O here.
 
-The trial limits' defaults (``HEALTH_OPTION_DEFAULTS``, as `fleetctl rollout model` takes
-them, and ``HEALTH_DEFAULTS``, as they are signed into manifests) are defined once, here. The
-wave and failure-threshold rules are in ``rollout.engine``.
+The trial limits a rollout signs into manifests are a ``HealthPolicy``; their default is
+``deltafleet.shared.ROLLOUT_HEALTH``, the one place the numbers live. ``HEALTH_OPTION_DEFAULTS``
+is that policy spelled as `fleetctl rollout model` takes it. The wave and failure-threshold
+rules are in ``rollout.engine``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from deltafleet.shared import ROLLOUT_HEALTH, HealthPolicy
 
 from .errors import UsageError
 
@@ -95,23 +98,29 @@ def parse_pct(text: str, what: str) -> float:
 
 
 def health_from_options(*, max_error_rate: str, max_p95_ratio: str, p95_slack_ms: float,
-                        min_requests: int) -> dict[str, int]:
+                        min_requests: int) -> HealthPolicy:
     """The trial limits signed into manifests, from operator input."""
-    if min_requests < 0:
-        raise UsageError("the trial's minimum number of requests cannot be negative")
-    return {"max_error_rate_ppm": int(parse_pct(max_error_rate, "--max-error-rate") * 10_000),
-            "max_p95_ratio_pct": parse_latency_ratio(max_p95_ratio),
-            "min_requests": min_requests, "p95_slack_us": int(p95_slack_ms * 1000)}
+    if min_requests < 1:
+        raise UsageError("the trial's minimum number of requests must be at least 1")
+    return HealthPolicy(
+        max_error_rate_ppm=int(parse_pct(max_error_rate, "--max-error-rate") * 10_000),
+        max_p95_ratio_pct=parse_latency_ratio(max_p95_ratio), min_requests=min_requests,
+        p95_slack_us=int(p95_slack_ms * 1000))
+
+
+def _health_options(policy: HealthPolicy) -> dict[str, Any]:
+    """``policy`` spelled as `fleetctl rollout model`'s options; ``health_from_options`` reads
+    the spelling of :data:`ROLLOUT_HEALTH` back to exactly that policy."""
+    return {"max_error_rate": f"{policy.max_error_rate_ppm / 10_000:g}%",
+            "max_p95_ratio": f"{policy.max_p95_ratio_pct}%" if policy.judges_latency else "off",
+            "p95_slack_ms": policy.p95_slack_us / 1000, "min_requests": policy.min_requests}
 
 
 # Trial limits, as `fleetctl rollout model` takes them. Devices judge latency on interleaved
 # old/new calls with a confidence bound (docs/agent.md), so a busy CPU does not need a big
 # slack; the slack only keeps sub-millisecond rises of tiny models from counting. A latency
 # ratio of "off" (0) means latency is not judged.
-HEALTH_OPTION_DEFAULTS: dict[str, Any] = {
-    "max_error_rate": "1%", "max_p95_ratio": "150%", "p95_slack_ms": 1.0, "min_requests": 50}
-# The same, as signed into manifests.
-HEALTH_DEFAULTS: dict[str, int] = health_from_options(**HEALTH_OPTION_DEFAULTS)
+HEALTH_OPTION_DEFAULTS: dict[str, Any] = _health_options(ROLLOUT_HEALTH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +136,7 @@ class RolloutPolicy:
     state_timeout_s: int = 600  # notified (while online) / downloading / applying / trial
     bandwidth_bytes_per_s: int | None = None  # cap on chunk bytes the server publishes
     allow_io_change: bool = False  # devices accept a model whose inputs/outputs differ
-    # Trial limits sent to devices (HEALTH_DEFAULTS; see there).
-    health: dict[str, int] = field(default_factory=lambda: dict(HEALTH_DEFAULTS))
+    health: HealthPolicy = ROLLOUT_HEALTH  # trial limits signed into every manifest
 
     def __post_init__(self) -> None:
         if self.on_failure not in ON_FAILURE:
@@ -168,6 +176,7 @@ class RolloutPolicy:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["waves"] = list(self.waves)
+        d["health"] = self.health.to_wire()
         return d
 
     @classmethod
@@ -175,6 +184,8 @@ class RolloutPolicy:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "waves" in known:
             known["waves"] = tuple(known["waves"])
+        if "health" in known:
+            known["health"] = HealthPolicy.from_wire(known["health"])
         return cls(**known)
 
     def wave_count(self) -> int:

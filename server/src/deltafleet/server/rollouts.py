@@ -10,7 +10,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from . import registry
+from . import catalog, fleet
+from .audit import audit
 from .errors import NotFoundError, UsageError
 from .planner import BlobProblem, PlanKind, all_intact, plan_target
 from .policy import RolloutPolicy, assign_waves
@@ -48,14 +49,14 @@ def create_rollout(s: Session, spec: str, group_name: str, actor: str, *,
     A running or paused rollout of the same model is superseded: desired state is one version
     per model, and the newest rollout decides it."""
     policy = policy or RolloutPolicy()
-    version = registry.resolve_version(s, spec)
+    version = catalog.resolve_version(s, spec)
     group = s.scalar(select(Group).where(Group.name == group_name))
     if group is None:
         raise NotFoundError(f"unknown group {group_name!r} (see `fleetctl group list`)")
     if not s.scalar(select(func.count()).select_from(Variant)
                     .where(Variant.version_id == version.id)):
         raise UsageError(f"version {spec} has no variants")
-    devices = registry.devices_in_group(s, group_name)
+    devices = fleet.devices_in_group(s, group_name)
     if not devices and not allow_empty:
         raise UsageError(f"group {group_name!r} matches no device yet (use --allow-empty to "
                          "roll out to devices that join later)")
@@ -70,7 +71,7 @@ def create_rollout(s: Session, spec: str, group_name: str, actor: str, *,
                 RolloutTarget.rollout_id == old.id,
                 RolloutTarget.state.not_in(TERMINAL_STATES))).all():
             transition(t, TargetState.CANCELLED, "superseded by a newer rollout", now)
-        registry.audit(s, actor, "rollout.supersede", f"rollout/{old.id}", {})
+        audit(s, actor, "rollout.supersede", f"rollout/{old.id}", {})
     r = Rollout(model_id=version.model_id, version_id=version.id, group_id=group.id,
                 state=RolloutState.RUNNING.value, state_reason="", policy=policy.to_json(), current_wave=0,
                 failures_acknowledged=0, created_by=actor, created_at=now, updated_at=now)
@@ -82,9 +83,9 @@ def create_rollout(s: Session, spec: str, group_name: str, actor: str, *,
                             reason="",
                             wave=waves[d.id], attempts=0, health={}, updated_at=now))
     model = s.get(Model, version.model_id)
-    registry.audit(s, actor, "rollout.create", f"rollout/{r.id}",
-                   {"model": model.name if model else None, "version": version.version,
-                    "group": group_name, "devices": len(devices), "policy": policy.to_json()})
+    audit(s, actor, "rollout.create", f"rollout/{r.id}",
+          {"model": model.name if model else None, "version": version.version,
+           "group": group_name, "devices": len(devices), "policy": policy.to_json()})
     return r
 
 
@@ -108,8 +109,8 @@ def act_on_rollout(s: Session, rollout_id: int, action: str, actor: str) -> tupl
         if act.to == RolloutState.ROLLING_BACK:
             r.finished_at = None
         changed = True
-    registry.audit(s, actor, f"rollout.{action}", f"rollout/{r.id}",
-                   {"changed": changed, "state": r.state})
+    audit(s, actor, f"rollout.{action}", f"rollout/{r.id}",
+          {"changed": changed, "state": r.state})
     return r, changed
 
 
@@ -122,12 +123,12 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
     the compressed model when the catalog has one and its blob is intact; for "delta?", a
     delta not built yet, the full artifact as the upper bound); ``full_bytes`` is the model
     file's size."""
-    version = registry.resolve_version(s, spec)
+    version = catalog.resolve_version(s, spec)
     model = s.get(Model, version.model_id)
     assert model is not None
-    options = registry.variant_options(s, version.id)
+    options = catalog.variant_options(s, version.id)
     deltas = load_deltas(s, [o.sha256 for o in options])
-    devices = registry.devices_in_group(s, group_name)
+    devices = fleet.devices_in_group(s, group_name)
     running = running_models(s, model.name, [d.id for d in devices])
     rows = []
     total = full = 0

@@ -1,4 +1,4 @@
-"""JSON views of registry rows, the one rendering that ``fleetctl ... --json`` prints.
+"""JSON views of fleet, catalog and audit rows, the one rendering that ``fleetctl ... --json`` prints.
 
 Each function turns loaded ORM rows into plain JSON-able dicts and does no query of its own
 (relationships must be loaded by the caller, see ``fleet.get_device`` and

@@ -8,11 +8,13 @@ and whose ``from_wire()`` checks every field and raises :class:`WireError` on an
 
 Rules the types hold:
 
-- ``HealthPolicy``: four non-negative integers, ``min_requests`` at least 1. ``from_wire`` is
-  the strict parser (unknown keys, wrong types, floats, NaN and negatives are refused; a key left
-  out takes the class default). ``from_manifest`` is the device's lenient reading of a
-  manifest's map (kept as it always was: unknown keys ignored, out-of-range values clamped),
-  because a device must not refuse a manifest a newer server added a key to.
+- ``HealthPolicy``: four integers, ``min_requests`` at least 1, all but ``p95_slack_us``
+  non-negative (``--p95-slack-ms`` takes a negative slack, and the device honours it).
+  ``from_wire`` is the strict parser the server reads stored policies with (unknown keys, wrong
+  types, floats, NaN and the negatives above are refused; a key left out takes the class
+  default). ``from_manifest`` is the device's lenient reading of a manifest's map (kept as it
+  always was: unknown keys ignored, out-of-range values clamped), because a device must not
+  refuse a manifest a newer server added a key to.
 - ``IoSignature``: what a manifest signs about a model's inputs and outputs. Dimensions are
   non-negative ints or None (dynamic); a named dimension (``"N"``) only exists in catalog
   specs and becomes None in :meth:`TensorSpec.signed`. Extra keys are ignored by ``from_wire``
@@ -94,7 +96,7 @@ class HealthPolicy:
         for key, value in d.items():
             if not _is_int(value):
                 raise WireError(f"health_policy.{key} must be an integer")
-            if value < 0:
+            if value < 0 and key != "p95_slack_us":
                 raise WireError(f"health_policy.{key} is negative")
         if d.get("min_requests", 1) < 1:
             raise WireError("health_policy.min_requests must be at least 1")

@@ -31,7 +31,7 @@ def build_manifest(*, device_id: str, hardware_id: str | None, serial: int, roll
         model=model, version=version, variant=option.name, format=option.format,
         target_sha256=option.sha256, target_size_bytes=option.size_bytes,
         base_sha256=base_sha256, artifact=artifact, trial_window_s=policy.health_window_s,
-        health_policy=dict(policy.health), hardware_id=hardware_id,
+        health_policy=policy.health.to_wire(), hardware_id=hardware_id,
         allow_io_change=policy.allow_io_change, io_signature=option.io_signature,
         golden_inputs=option.golden,
     )

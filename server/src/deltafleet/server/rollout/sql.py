@@ -30,7 +30,8 @@ from sqlalchemy.orm import Session
 
 from deltafleet.shared import ArtifactRef, Event, Hello, SigningKey, Topics
 
-from .. import registry
+from .. import catalog, fleet
+from ..audit import audit
 from ..delivery.artifacts import ArtifactChunks
 from ..delivery.manifests import build_manifest, sign_manifest
 from ..deltas import DeltaBuilder
@@ -147,7 +148,7 @@ class RolloutController:
         A fixed number of queries per batch, whatever its size."""
         if not hellos:
             return []
-        registry.upsert_devices_from_hellos(s, hellos, now)
+        fleet.upsert_devices_from_hellos(s, hellos, now)
         rows = s.execute(
             select(RolloutTarget.device_id, RolloutTarget.manifest, Model.name)
             .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
@@ -162,8 +163,8 @@ class RolloutController:
 
     def on_event(self, s: Session, ev: Event, now: datetime) -> None:
         if ev.sha256:
-            registry.record_device_model(s, ev.device_id, ev.model, ev.version, None,
-                                         ev.sha256, now)
+            fleet.record_device_model(s, ev.device_id, ev.model, ev.version, None,
+                                      ev.sha256, now)
         match = None
         for t, r, model_name in self.open_targets(s, ev.device_id, lock=True):
             if model_name == ev.model and (ev.manifest_id is None
@@ -224,13 +225,13 @@ class RolloutController:
             group = s.get(Group, r.group_id)
             assert group is not None
             selector = group.selector
-            options = tuple(registry.variant_options(s, version.id))
+            options = tuple(catalog.variant_options(s, version.id))
             deltas = load_deltas(s, [o.sha256 for o in options])
         running = running_models(s, model.name) if state == RolloutState.RUNNING else {}
         shown = devices if selector is not None else {i: devices[i] for i in rows if i in devices}
         views = {i: engine.DeviceView(
             i, bool(d.online), dict(d.runtimes or {}), running.get(i),
-            selector is not None and registry.device_matches(d, selector))
+            selector is not None and fleet.device_matches(d, selector))
             for i, d in shown.items()}
         previous = (self._previous(s, model, rows.values())
                     if state == RolloutState.ROLLING_BACK else {})
@@ -253,7 +254,7 @@ class RolloutController:
                 .order_by(Variant.id)).all():
             if v.artifact_sha256 not in out and self.blobs.has(v.artifact_sha256):
                 out[v.artifact_sha256] = engine.RollbackOption(
-                    version, registry.variant_option(v, size))
+                    version, catalog.variant_option(v, size))
         return out
 
     def _apply(self, s: Session, r: Rollout, model_name: str, rows: dict[str, RolloutTarget],
@@ -306,7 +307,7 @@ class RolloutController:
             elif isinstance(d, engine.Audit):
                 if d.details.get("automatic"):
                     log.warning("rollout %d: %s (%s)", r.id, d.action, d.details.get("reason"))
-                registry.audit(s, CONTROLLER, d.action, f"rollout/{r.id}", dict(d.details))
+                audit(s, CONTROLLER, d.action, f"rollout/{r.id}", dict(d.details))
         return out
 
     def _send(self, r: Rollout, model_name: str, t: RolloutTarget, device: Device,
@@ -337,8 +338,8 @@ class RolloutController:
             log.error("server blob %s is %s (store) and is not shipped; depends on it: %s; "
                       "run `fleetctl store verify --repair`", check.sha256, check.problem,
                       deps.summary())
-            registry.audit(s, CONTROLLER, "store.blob_bad", f"blob/{check.sha256}",
-                           {"problem": check.problem, **deps.to_json()})
+            audit(s, CONTROLLER, "store.blob_bad", f"blob/{check.sha256}",
+                  {"problem": check.problem, **deps.to_json()})
 
     def _take_lease(self, r: Rollout, now: datetime) -> bool | None:
         """None: another replica holds the lease. True: taken over from a replica whose lease
