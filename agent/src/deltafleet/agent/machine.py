@@ -491,7 +491,8 @@ class Reconsider:
 
 # -- pure rules ---------------------------------------------------------------------------
 class _HasSha(Protocol):
-    sha256: str
+    @property
+    def sha256(self) -> str: ...
 
 
 def check_base(manifest: Manifest, current: _HasSha | None) -> None:
@@ -804,27 +805,6 @@ class _Fetch(_Core):
                        chunks_reused=upd.reused),
                 CrashPoint(e.model, "trial"), StartTrial(e.model, m, upd.window_s)]
 
-    def _on_OutOfSpace(self, e: OutOfSpace) -> list[Effect]:
-        if e.step == "recovery":
-            plan = self._plans[e.model]
-            plan.decision = Recovery("finish_rollback", "disk full: the restart during the "
-                                     "trial cannot be counted")
-            return [Log(e.model, logging.ERROR, f"{e.model}: {plan.decision.reason}"),
-                    *self._plan_rollback(e.model, plan)]
-        new = self.arriving.pop(e.model, None)
-        if new is not None:  # the serial could not be recorded
-            return self._wait(new.manifest, new.raw, f"disk full recording the manifest serial "
-                              f"({e.reason}); retrying when space is back", "start", e.now)
-        upd = self.updates.get(e.model)
-        if upd is None:
-            return []
-        out: list[Effect] = [ForgetDownload(e.model)]
-        if upd.phase is P.DOWNLOADING:
-            out.insert(0, Unsubscribe(e.model, upd.manifest.artifact.sha256))
-        self._move(e.model, P.IDLE)
-        return out + self._wait(upd.manifest, upd.raw, e.reason, e.step, e.now)
-
-
 class _Trial(_Fetch):
     """Trial, commit and roll back."""
 
@@ -966,6 +946,27 @@ class UpdateMachine(_Recovery):
     """The decision state of every model's update; see the module docstring."""
 
     # -- manifests -------------------------------------------------------------------------
+    def _on_OutOfSpace(self, e: OutOfSpace) -> list[Effect]:
+        if e.step == "recovery":
+            plan = self._plans[e.model]
+            plan.decision = Recovery("finish_rollback", "disk full: the restart during the "
+                                     "trial cannot be counted")
+            return [Log(e.model, logging.ERROR, f"{e.model}: {plan.decision.reason}"),
+                    *self._plan_rollback(e.model, plan)]
+        new = self.arriving.pop(e.model, None)
+        if new is not None:  # the serial could not be recorded
+            return self._wait(new.manifest, new.raw, f"disk full recording the manifest serial "
+                              f"({e.reason}); retrying when space is back", "start", e.now)
+        upd = self.updates.get(e.model)
+        if upd is None:
+            return []
+        out: list[Effect] = [ForgetDownload(e.model)]
+        if upd.phase is P.DOWNLOADING:
+            out.insert(0, Unsubscribe(e.model, upd.manifest.artifact.sha256))
+        self._move(e.model, P.IDLE)
+        return out + self._wait(upd.manifest, upd.raw, e.reason, e.step, e.now)
+
+
     def _on_ManifestRejected(self, e: ManifestRejected) -> list[Effect]:
         if e.hold:
             self.unverified[e.model] = e.raw  # maybe signed by a key not yet received

@@ -104,7 +104,7 @@ class Swapper:
         need = self.cfg.swap_memory_factor * path.stat().st_size
         return "cold" if free is not None and free < need else "warm"
 
-    def swap_in(self, m: Manifest, path: Path, activating: Callable[[], None],
+    def swap_in(self, m: Manifest, path: Path, activating: Callable[[], object],
                 activated: Callable[[], None]) -> tuple[Session, Session | None]:
         """Load, check and warm the new model, then flip to it (warm or cold swap).
         ``activating`` writes the journal step before state.json; ``activated`` runs after
