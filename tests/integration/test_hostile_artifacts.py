@@ -18,7 +18,7 @@ import psutil
 import pytest
 import zstandard as zstd
 
-from deltafleet.agent import codecs
+from deltafleet import codecs
 from deltafleet.shared import SigningKey, TrustBundle, sha256_file
 from tests.harness.mqtt_peer import Peer
 
