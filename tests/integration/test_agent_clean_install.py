@@ -149,9 +149,11 @@ def test_agent_runs_an_onnx_model_without_onnx_installed(agent_venv: Path, tmp_p
         f"""
         import json, sys
         from pathlib import Path
-        from deltafleet.agent.runtime import available_runtimes, load_model, smoke_test
+        from deltafleet.agent.runtime import available_runtimes, load_model, zero_feeds
+        from deltafleet.agent.serving import check_outputs
         with load_model(Path({str(model)!r}), "onnx") as m:
-            out = smoke_test(m)
+            out = m.run(zero_feeds(m))
+            check_outputs(m, out)
         print(json.dumps({{
             "runtimes": available_runtimes(),
             "shape": list(out["output"].shape),
