@@ -7,7 +7,6 @@ device traffic or writes the database until ``start_server()``.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from deltafleet.server.rollouts import act_on_rollout, create_rollout, get_rollo
 from deltafleet.server.store import BlobStore, Store, upgrade
 from deltafleet.shared import SigningKey
 
+from . import fleetlab
 from .fleetsim import Installed, SimFleet
 
 
@@ -105,14 +105,7 @@ class RolloutLab:
 
     @staticmethod
     def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-            time.sleep(0.1)
+        return fleetlab.wait_for(predicate, timeout_s, what, interval_s=0.1)
 
     def close(self) -> None:
         self.stop_server()
