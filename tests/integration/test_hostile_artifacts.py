@@ -104,6 +104,14 @@ class RssSampler:
         self._thread.join(5)
 
 
+def started_on(dev: Device, peer: Peer, v1: Path):
+    """Start the agent and wait until it runs ``v1`` (serial 1) healthy; its process."""
+    proc = dev.start()
+    first = peer.offer(dev.id, "detector", "v1", v1, serial=1, hardware_id=HW)
+    peer.wait_event(lambda e: e.manifest_id == first.manifest_id and e.state == "healthy", 90)
+    return proc
+
+
 def decodes_logged(lab, dev: Device) -> int:
     return lab.log(f"agent-{dev.id}").count("artifact of")
 
@@ -117,10 +125,7 @@ def test_hostile_tensor_xor_stays_under_the_cap_and_is_never_decoded_again(lab, 
     v1, v2 = models
     dev, peer = device(lab)
     try:
-        proc = dev.start()
-        first = peer.offer(dev.id, "detector", "v1", v1, serial=1, hardware_id=HW)
-        peer.wait_event(lambda e: e.manifest_id == first.manifest_id and e.state == "healthy",
-                        90)
+        proc = started_on(dev, peer, v1)
         base_rss = psutil.Process(proc.pid).memory_info().rss
         sampler = RssSampler(proc.pid)
         v1_sha = sha256_file(v1)
@@ -205,10 +210,7 @@ def test_agent_killed_while_decoding_retries_once_then_refuses_the_artifact(lab,
     v1, _ = models
     dev, peer = device(lab)
     try:
-        proc = dev.start()
-        first = peer.offer(dev.id, "detector", "v1", v1, serial=1, hardware_id=HW)
-        peer.wait_event(lambda e: e.manifest_id == first.manifest_id and e.state == "healthy",
-                        90)
+        proc = started_on(dev, peer, v1)
         size = 32 << 20
         art = long_running(v1, tmp_path / "long.tx", size)
         m = peer.offer(dev.id, "detector", "v2", claimed_target(tmp_path / "t.onnx", size),
