@@ -52,6 +52,16 @@ def lab(fresh_lab) -> Iterator:
         subprocess.run(["umount", "-l", str(state)], check=False)
 
 
+@pytest.fixture
+def fillers(lab) -> Iterator[list[Path]]:
+    """The filler files a test appends; removed after it, before its lab goes."""
+    made: list[Path] = []
+    yield made
+    for f in made:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f)
+
+
 def fill(directory: Path, leave_bytes: int = 0) -> Path:
     """A filler file taking all the free space of ``directory``'s filesystem but
     ``leave_bytes``."""
@@ -158,12 +168,11 @@ def test_update_that_does_not_fit_is_refused_with_a_reason_then_installs_once_sp
 
 
 def test_disk_filled_mid_download_is_survived_and_the_update_finishes_when_space_is_back(
-        lab, key, models) -> None:
+        lab, key, models, fillers: list[Path]) -> None:
     signing, pub = key
     v1, v2 = models
     state = lab.agent_dir("dev-1")
     peer = Peer(lab.mqtt_url, signing)
-    fillers: list[Path] = []
     # the disk is full from chunk 5 on
     fill_before_chunk_5 = fill_before_chunk(state, 5, "chunks 0-4 on the device", fillers)
     try:
@@ -198,20 +207,16 @@ def test_disk_filled_mid_download_is_survived_and_the_update_finishes_when_space
         assert leftovers(state) == []
     finally:
         peer.close()
-        for f in fillers:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f)
 
 
 def test_disk_filled_before_the_target_is_written_keeps_the_chunks_and_installs_later(
-        lab, key, models) -> None:
+        lab, key, models, fillers: list[Path]) -> None:
     signing, pub = key
     v1, v2 = models
     state = lab.agent_dir("dev-1")
     total = -(-v2.stat().st_size // CHUNK)
     last = v2.stat().st_size - (total - 1) * CHUNK
     peer = Peer(lab.mqtt_url, signing)
-    fillers: list[Path] = []
     # room for the last chunk, the journal and a report; not for the 1 MB target
     fill_before_the_last_chunk = fill_before_chunk(
         state, total - 1, "all but one chunk", fillers,
@@ -235,6 +240,3 @@ def test_disk_filled_before_the_target_is_written_keeps_the_chunks_and_installs_
         assert leftovers(state) == []
     finally:
         peer.close()
-        for f in fillers:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f)

@@ -13,14 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from deltafleet.codecs import (
-    FULL_CODECS,
     CodecError,
-    FileSource,
     Source,
     TargetMismatch,
     check_memory,
     decode_stream,
     memory_cap_bytes,
+    open_base,
 )
 from deltafleet.shared import StagedMismatch, staged_file
 
@@ -47,11 +46,7 @@ def decode_to_file(
     appears only when the output has ``target_size`` bytes (else CodecError) and, when given,
     ``expect_sha256`` (else TargetMismatch); nothing is left at ``dest`` or beside it when
     decoding fails."""
-    base: FileSource | None = None
-    if codec not in FULL_CODECS:
-        if base_path is None or not Path(base_path).exists():
-            raise CodecError("delta needs the base model, which is not on disk")
-        base = FileSource(base_path)
+    base = open_base(codec, base_path)
     try:
         check_memory(codec, base.size if base else 0, target_size, delta.size, max_memory_bytes)
         with staged_file(Path(dest), expect_size=target_size,
