@@ -88,13 +88,15 @@ def main() -> None:
             "delta_bytes": (d / "delta").stat().st_size}))
         print((d / "meta.json").read_text())
         return
-    from deltafleet.agent import codecs, confined
+    from deltafleet import codecs
+    from deltafleet.agent import confined
+    from deltafleet.agent.codecs import decode_to_file
 
     meta = json.loads((d / "meta.json").read_text())
     with codecs.FileSource(d / "delta") as src:
         if args.mode == "inproc":
-            sha = codecs.decode_to_file(meta["codec"], src, d / "base.onnx", d / "out",
-                                        target_size=meta["size"], expect_sha256=meta["sha256"])
+            sha = decode_to_file(meta["codec"], src, d / "base.onnx", d / "out",
+                                 target_size=meta["size"], expect_sha256=meta["sha256"])
         else:
             sha = confined.decode_confined(meta["codec"], src, d / "base.onnx", d / "out",
                                            target_size=meta["size"],

@@ -200,7 +200,9 @@ print(json.dumps(res))
 _APPLY_CHILD = r"""
 import json, sys, tempfile, time
 from pathlib import Path
-from deltafleet.agent import bspatch, codecs
+from deltafleet import codecs
+from deltafleet.agent import bspatch
+from deltafleet.agent.codecs import decode_to_file
 codec, base, delta, size = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 child = 0
 with tempfile.TemporaryDirectory(dir=delta.parent) as tmp, codecs.FileSource(delta) as src:
@@ -211,8 +213,8 @@ with tempfile.TemporaryDirectory(dir=delta.parent) as tmp, codecs.FileSource(del
         done = bspatch.apply_to_file(base, src, size, dest, max_memory_bytes=1 << 40)
         sha, child = done.sha256, done.child_peak_rss_bytes
     else:
-        sha = codecs.decode_to_file(codec, src, base, dest, target_size=size,
-                                    max_memory_bytes=1 << 40)
+        sha = decode_to_file(codec, src, base, dest, target_size=size,
+                             max_memory_bytes=1 << 40)
     secs = time.perf_counter() - t0
 own = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"sha256": sha, "seconds": secs, "peak_rss": own + child,

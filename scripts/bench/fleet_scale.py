@@ -313,7 +313,7 @@ async def _fanout_device(host: str, port: int, prefix: str, device_id: str, trus
                          done: dict[str, float]) -> None:
     """A simulated device: hello, verified manifest (the agent's own checks), chunk requests,
     every chunk and the whole artifact checked against the signed hashes, then healthy."""
-    from deltafleet.agent import codecs
+    from deltafleet import codecs
     from deltafleet.agent.errors import UpdateRejected
     from deltafleet.agent.update import verify_manifest
     from deltafleet.shared import ChunkRequest, Event, Topics, sha256_bytes

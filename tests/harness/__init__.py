@@ -13,8 +13,9 @@ Nothing here is imported by ``src``.
 - ``rollout_lab``: ``RolloutLab``, a server thread plus a simulated fleet;
 - ``modelgen``: small deterministic ONNX and TFLite models;
 - ``cli``: ``fleetctl`` in-process and the one-line-error check;
-- ``need``: skip, or fail under ``CI=true``, when a service is missing.
+- ``need``: skip, or fail under ``CI=true``, when a service is missing;
+- ``cleanvenv``: a fresh virtualenv with only the distributions a test names.
 """
 
-__all__ = ["broker", "cli", "fleetlab", "fleetsim", "modelgen", "mqtt_peer", "need",
+__all__ = ["broker", "cleanvenv", "cli", "fleetlab", "fleetsim", "modelgen", "mqtt_peer", "need",
            "rollout_lab", "tls_broker"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deltafleet.agent import codecs
+from deltafleet import codecs
 from deltafleet.agent import machine as mc
 from deltafleet.agent.errors import UpdateRejected
 from deltafleet.agent.reports import build_event, claimed_manifest_id, rejected_event

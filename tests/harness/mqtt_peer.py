@@ -32,6 +32,16 @@ from deltafleet.shared.mqtt import MqttClient, MqttSettings
 CHUNK = 64 * 1024
 
 
+def subscribed_client(broker_url: str, name: str, *topics: str) -> MqttClient:
+    """A started client ``<name>-<random>`` subscribed to ``topics``, connected within 10 s."""
+    client = MqttClient(MqttSettings(broker_url, f"{name}-{uuid.uuid4().hex[:6]}"))
+    for topic in topics:
+        client.subscribe(topic)
+    client.start()
+    client.wait_connected(10)
+    return client
+
+
 class Peer:
     def __init__(self, broker_url: str, key: SigningKey) -> None:
         self.key = key
@@ -42,12 +52,9 @@ class Peer:
         self.signed: dict[str, bytes] = {}  # manifest_id -> the signed bytes published
         self.statuses: list[tuple[str, bytes]] = []  # (topic, payload) of device status
         self.tamper: Callable[[int, bytes], bytes | None] = lambda i, d: None
-        self.client = MqttClient(MqttSettings(broker_url, f"test-peer-{uuid.uuid4().hex[:6]}"))
-        self.client.subscribe(self.topics.all_devices("events"))
-        self.client.subscribe(self.topics.all_devices("chunkreq"))
-        self.client.subscribe(self.topics.all_devices("status"))
-        self.client.start()
-        self.client.wait_connected(10)
+        self.client = subscribed_client(broker_url, "test-peer",
+                                        *(self.topics.all_devices(kind)
+                                          for kind in ("events", "chunkreq", "status")))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()

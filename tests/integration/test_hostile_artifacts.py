@@ -7,18 +7,21 @@ retry, refuses the artifact instead of looping."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import zstandard as zstd
 
-from deltafleet.agent import codecs
+from deltafleet import codecs
 from deltafleet.shared import SigningKey, TrustBundle, sha256_file
 from tests.harness.mqtt_peer import Peer
 
@@ -104,6 +107,21 @@ class RssSampler:
         self._thread.join(5)
 
 
+@contextlib.contextmanager
+def agent_on_v1(lab, v1: Path) -> Iterator[tuple[Device, Peer, subprocess.Popen]]:
+    """A device (``device``) whose agent runs ``v1`` (serial 1) healthy, its peer and its
+    process; the peer is closed after."""
+    dev, peer = device(lab)
+    try:
+        proc = dev.start()
+        first = peer.offer(dev.id, "detector", "v1", v1, serial=1, hardware_id=HW)
+        peer.wait_event(lambda e: e.manifest_id == first.manifest_id and e.state == "healthy",
+                        90)
+        yield dev, peer, proc
+    finally:
+        peer.close()
+
+
 def decodes_logged(lab, dev: Device) -> int:
     return lab.log(f"agent-{dev.id}").count("artifact of")
 
@@ -115,12 +133,7 @@ def failed(peer: Peer, manifest_id: str) -> list:
 def test_hostile_tensor_xor_stays_under_the_cap_and_is_never_decoded_again(lab, models,
                                                                             tmp_path):
     v1, v2 = models
-    dev, peer = device(lab)
-    try:
-        proc = dev.start()
-        first = peer.offer(dev.id, "detector", "v1", v1, serial=1, hardware_id=HW)
-        peer.wait_event(lambda e: e.manifest_id == first.manifest_id and e.state == "healthy",
-                        90)
+    with agent_on_v1(lab, v1) as (dev, peer, proc):
         base_rss = psutil.Process(proc.pid).memory_info().rss
         sampler = RssSampler(proc.pid)
         v1_sha = sha256_file(v1)
@@ -174,8 +187,6 @@ def test_hostile_tensor_xor_stays_under_the_cap_and_is_never_decoded_again(lab, 
         for m in (m_lying, m_heavy, again):
             assert len({e.event_id for e in failed(peer, m.manifest_id)}) == 1
         assert dev.version() == "v2"
-    finally:
-        peer.close()
 
 
 def long_running(base: Path, out: Path, target_size: int) -> Path:
@@ -203,12 +214,7 @@ def wait_decoder(pid: int, timeout_s: float = 60) -> psutil.Process:
 def test_agent_killed_while_decoding_retries_once_then_refuses_the_artifact(lab, models,
                                                                            tmp_path):
     v1, _ = models
-    dev, peer = device(lab)
-    try:
-        proc = dev.start()
-        first = peer.offer(dev.id, "detector", "v1", v1, serial=1, hardware_id=HW)
-        peer.wait_event(lambda e: e.manifest_id == first.manifest_id and e.state == "healthy",
-                        90)
+    with agent_on_v1(lab, v1) as (dev, peer, proc):
         size = 32 << 20
         art = long_running(v1, tmp_path / "long.tx", size)
         m = peer.offer(dev.id, "detector", "v2", claimed_target(tmp_path / "t.onnx", size),
@@ -227,5 +233,3 @@ def test_agent_killed_while_decoding_retries_once_then_refuses_the_artifact(lab,
                     if "_decode_worker" in " ".join(c.cmdline())]
         assert dev.version() == "v1"
         assert lab.log(f"agent-{dev.id}").count("tensor-xor artifact of") == 2
-    finally:
-        peer.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deltafleet.shared import Topics, chunk_hashes_file, sha256_bytes, sha256_file
-from deltafleet.shared.mqtt import MqttClient, MqttSettings
+from tests.harness.mqtt_peer import subscribed_client
 
 pytestmark = pytest.mark.broker
 
@@ -28,10 +28,7 @@ class ChunkWatcher:
     def __init__(self, broker_url: str, prefix: str) -> None:
         self.topics = Topics(prefix)
         self.seen: list[tuple[str, int, bytes]] = []
-        self.client = MqttClient(MqttSettings(broker_url, f"watch-{uuid.uuid4().hex[:6]}"))
-        self.client.subscribe(f"{prefix}/art/#")
-        self.client.start()
-        self.client.wait_connected(10)
+        self.client = subscribed_client(broker_url, "watch", f"{prefix}/art/#")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()

@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,16 @@ def lab(fresh_lab) -> Iterator:
     finally:
         lab.close()
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+@pytest.fixture
+def fillers(lab) -> Iterator[list[Path]]:
+    """The filler files a test appends; removed after it, before its lab goes."""
+    made: list[Path] = []
+    yield made
+    for f in made:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f)
 
 
 def fill(directory: Path, leave_bytes: int = 0) -> Path:
@@ -90,6 +100,31 @@ def start_on_v1(lab, peer: Peer, pub: Path, v1: Path):
     ev = peer.wait_event(lambda e: e.state in ("healthy", "failed", "rejected"), 90)
     assert ev.state == "healthy", ev.reason
     return proc
+
+
+def fill_before_chunk(state: Path, index: int, what: str, fillers: list[Path], *,
+                      leave_bytes: int = 0) -> Callable[[int, bytes], bytes | None]:
+    """A peer tamper hook: before chunk ``index`` goes out, wait until the ``index`` chunks
+    before it are on the device (``what``), then fill its disk, leaving ``leave_bytes``, once;
+    the filler file is appended to ``fillers``."""
+
+    def tamper(i: int, data: bytes) -> bytes | None:
+        if i == index and not fillers:  # (on the peer's thread: the chunk waits for this)
+            wait_for(lambda: len(chunk_files(state)) >= index, 60, what)
+            fillers.append(fill(state, leave_bytes=leave_bytes))
+        return None
+
+    return tamper
+
+
+def offer_v2_on_v1(lab, peer: Peer, pub: Path, v1: Path, v2: Path,
+                   tamper: Callable[[int, bytes], bytes | None]):
+    """The agent healthy on v1, then v2 offered through ``tamper``: its process, API port and
+    the v2 manifest."""
+    proc = start_on_v1(lab, peer, pub, v1)
+    port = lab.api_ports["dev-1"]
+    peer.tamper = tamper
+    return proc, port, peer.offer("dev-1", "detector", "v2", v2, serial=2)
 
 
 def test_update_that_does_not_fit_is_refused_with_a_reason_then_installs_once_space_is_back(
@@ -133,24 +168,15 @@ def test_update_that_does_not_fit_is_refused_with_a_reason_then_installs_once_sp
 
 
 def test_disk_filled_mid_download_is_survived_and_the_update_finishes_when_space_is_back(
-        lab, key, models) -> None:
+        lab, key, models, fillers: list[Path]) -> None:
     signing, pub = key
     v1, v2 = models
     state = lab.agent_dir("dev-1")
     peer = Peer(lab.mqtt_url, signing)
-    fillers: list[Path] = []
-
-    def fill_before_chunk_5(index: int, data: bytes) -> bytes | None:
-        if index == 5 and not fillers:  # (on the peer's thread: chunk 5 waits for this)
-            wait_for(lambda: len(chunk_files(state)) >= 5, 60, "chunks 0-4 on the device")
-            fillers.append(fill(state))  # the disk is full from chunk 5 on
-        return None
-
+    # the disk is full from chunk 5 on
+    fill_before_chunk_5 = fill_before_chunk(state, 5, "chunks 0-4 on the device", fillers)
     try:
-        proc = start_on_v1(lab, peer, pub, v1)
-        port = lab.api_ports["dev-1"]
-        peer.tamper = fill_before_chunk_5
-        m2 = peer.offer("dev-1", "detector", "v2", v2, serial=2)
+        proc, port, m2 = offer_v2_on_v1(lab, peer, pub, v1, v2, fill_before_chunk_5)
         wait_for(lambda: "held back: disk full writing chunk" in lab.log("agent-dev-1"), 60,
                  "the agent to hit the full disk")
         assert proc.poll() is None
@@ -181,33 +207,22 @@ def test_disk_filled_mid_download_is_survived_and_the_update_finishes_when_space
         assert leftovers(state) == []
     finally:
         peer.close()
-        for f in fillers:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f)
 
 
 def test_disk_filled_before_the_target_is_written_keeps_the_chunks_and_installs_later(
-        lab, key, models) -> None:
+        lab, key, models, fillers: list[Path]) -> None:
     signing, pub = key
     v1, v2 = models
     state = lab.agent_dir("dev-1")
     total = -(-v2.stat().st_size // CHUNK)
     last = v2.stat().st_size - (total - 1) * CHUNK
     peer = Peer(lab.mqtt_url, signing)
-    fillers: list[Path] = []
-
-    def fill_before_the_last_chunk(index: int, data: bytes) -> bytes | None:
-        if index == total - 1 and not fillers:
-            wait_for(lambda: len(chunk_files(state)) >= total - 1, 60, "all but one chunk")
-            # room for the last chunk, the journal and a report; not for the 1 MB target
-            fillers.append(fill(state, leave_bytes=-(-last // 4096) * 4096 + (64 << 10)))
-        return None
-
+    # room for the last chunk, the journal and a report; not for the 1 MB target
+    fill_before_the_last_chunk = fill_before_chunk(
+        state, total - 1, "all but one chunk", fillers,
+        leave_bytes=-(-last // 4096) * 4096 + (64 << 10))
     try:
-        proc = start_on_v1(lab, peer, pub, v1)
-        port = lab.api_ports["dev-1"]
-        peer.tamper = fill_before_the_last_chunk
-        m2 = peer.offer("dev-1", "detector", "v2", v2, serial=2)
+        proc, port, m2 = offer_v2_on_v1(lab, peer, pub, v1, v2, fill_before_the_last_chunk)
         ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
                              and e.state == "waiting", 60)
         assert ev.reason.startswith("disk full writing the target"), ev.reason
@@ -225,6 +240,3 @@ def test_disk_filled_before_the_target_is_written_keeps_the_chunks_and_installs_
         assert leftovers(state) == []
     finally:
         peer.close()
-        for f in fillers:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f)

@@ -73,6 +73,35 @@ def wait_payload(client: MqttClient, topic: str, payload: bytes, timeout_s: floa
     raise AssertionError(f"{payload!r} on {topic} did not arrive within {timeout_s} s")
 
 
+def queue_for_the_server_away(cfg: ServerConfig, broker: TlsBroker, payload: bytes) -> None:
+    """The server's persistent session subscribes to events and goes away; dev-b then sends
+    ``payload``, which the broker must queue in that session."""
+    t = Topics(cfg.topic_prefix)
+    first = server_client(cfg, broker, cfg.server_identity, persistent=True)
+    first.subscribe(t.all_devices("events"))
+    first.start()
+    first.wait_connected(15)
+    first.stop()
+    b = connected(device(broker, cfg, "dev-b"))
+    try:
+        b.publish(t.events("dev-b"), payload)
+    finally:
+        b.close()
+
+
+def receive_as_the_server_again(cfg: ServerConfig, broker: TlsBroker, payload: bytes) -> None:
+    """The server reconnects to its persistent session, subscribing to nothing, and gets
+    ``payload`` from dev-b."""
+    t = Topics(cfg.topic_prefix)
+    again = server_client(cfg, broker, cfg.server_identity, persistent=True)
+    again.start()
+    try:
+        again.wait_connected(15)
+        wait_payload(again, t.events("dev-b"), payload)
+    finally:
+        again.stop()
+
+
 @pytest.fixture
 def fleet(secure_fleet) -> tuple[ServerConfig, TlsBroker]:
     return secure_fleet
@@ -155,24 +184,8 @@ def test_a_device_claiming_the_servers_client_id_does_not_disconnect_the_server(
 def test_the_servers_persistent_session_is_its_certificate_identity_and_survives_a_reconnect(
         fleet) -> None:
     cfg, broker = fleet
-    t = Topics(cfg.topic_prefix)
-    first = server_client(cfg, broker, cfg.server_identity, persistent=True)
-    first.subscribe(t.all_devices("events"))
-    first.start()
-    first.wait_connected(15)
-    first.stop()
-    b = connected(device(broker, cfg, "dev-b"))
-    try:
-        b.publish(t.events("dev-b"), b"while-the-server-is-away")
-    finally:
-        b.close()
-    again = server_client(cfg, broker, cfg.server_identity, persistent=True)  # no subscribe
-    again.start()
-    try:
-        again.wait_connected(15)
-        wait_payload(again, t.events("dev-b"), b"while-the-server-is-away")
-    finally:
-        again.stop()
+    queue_for_the_server_away(cfg, broker, b"while-the-server-is-away")
+    receive_as_the_server_again(cfg, broker, b"while-the-server-is-away")
 
 
 def test_a_replica_whose_server_id_is_not_its_certificate_identity_is_refused(fleet) -> None:
@@ -255,17 +268,7 @@ def test_the_servers_queued_messages_survive_a_broker_sigkill(fleet) -> None:
     """The generated config saves sessions every second: a kill -9 of the broker keeps the
     server's persistent session and the device messages queued in it."""
     cfg, broker = fleet
-    t = Topics(cfg.topic_prefix)
-    first = server_client(cfg, broker, cfg.server_identity, persistent=True)
-    first.subscribe(t.all_devices("events"))
-    first.start()
-    first.wait_connected(15)
-    first.stop()
-    b = connected(device(broker, cfg, "dev-b"))
-    try:
-        b.publish(t.events("dev-b"), b"queued-before-the-crash")
-    finally:
-        b.close()
+    queue_for_the_server_away(cfg, broker, b"queued-before-the-crash")
     saved_after = time.time()
     db = broker.files.conf.parent / "persistence" / "mosquitto.db"
     deadline = time.monotonic() + 20
@@ -274,10 +277,4 @@ def test_the_servers_queued_messages_survive_a_broker_sigkill(fleet) -> None:
     assert db.exists() and db.stat().st_mtime > saved_after, "no autosave within 20 s"
     broker.kill()  # SIGKILL: nothing saved on the way out
     broker.start()  # the same config, port and persistence directory
-    again = server_client(cfg, broker, cfg.server_identity, persistent=True)
-    again.start()
-    try:
-        again.wait_connected(15)
-        wait_payload(again, t.events("dev-b"), b"queued-before-the-crash")
-    finally:
-        again.stop()
+    receive_as_the_server_again(cfg, broker, b"queued-before-the-crash")

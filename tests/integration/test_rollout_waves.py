@@ -31,13 +31,19 @@ def problems(data: dict) -> list[tuple[str, str, str]]:
             if t["state"] != "healthy"]
 
 
+def jetsons(lab: RolloutLab) -> list[str]:
+    """N devices labelled hw=jetson and the group "jetson" that holds them; their ids."""
+    ids = lab.add_devices(N, {"hw": "jetson"})
+    lab.group("jetson", hw="jetson")
+    return ids
+
+
 def runs(lab: RolloutLab, device_id: str) -> str:
     return lab.fleet.devices[device_id].models["detector"].version
 
 
 def test_canary_failure_pauses_and_later_waves_never_receive_the_model(lab):
-    ids = lab.add_devices(N, {"hw": "jetson"})
-    lab.group("jetson", hw="jetson")
+    ids = jetsons(lab)
     for device_id in ids[:5]:  # the canary wave: sorted ids, first 5
         lab.fleet.devices[device_id].knobs.fail_health = True
     rid = lab.rollout("v2", "jetson", canary="5", waves=(50.0, 100.0), **FAST)
@@ -54,8 +60,7 @@ def test_canary_failure_pauses_and_later_waves_never_receive_the_model(lab):
 
 
 def test_healthy_rollout_completes_all_waves_in_order(lab):
-    ids = lab.add_devices(N, {"hw": "jetson"})
-    lab.group("jetson", hw="jetson")
+    ids = jetsons(lab)
     rid = lab.rollout("v2", "jetson", canary="5", waves=(50.0, 100.0), **FAST)
     data = lab.wait_state(rid, {"completed", "paused"}, 120)
     assert data["state"] == "completed", problems(data)
@@ -73,8 +78,7 @@ def test_healthy_rollout_completes_all_waves_in_order(lab):
 
 
 def test_rollback_returns_every_touched_device_to_v1(lab):
-    ids = lab.add_devices(N, {"hw": "jetson"})
-    lab.group("jetson", hw="jetson")
+    ids = jetsons(lab)
     rid = lab.rollout("v2", "jetson", waves=(20.0, 100.0), **FAST)
     lab.wait_state(rid, {"completed"}, 120)
     assert all(runs(lab, d) == "v2" for d in ids)
@@ -88,8 +92,7 @@ def test_rollback_returns_every_touched_device_to_v1(lab):
 
 
 def test_offline_device_converges_after_reconnect(lab):
-    ids = lab.add_devices(N, {"hw": "jetson"})
-    lab.group("jetson", hw="jetson")
+    ids = jetsons(lab)
     sleeper = lab.fleet.devices[ids[-1]]
     sleeper.go_offline()
     lab.wait_for(lambda: not lab.device_online(ids[-1]), 10, "the server to see it offline")
@@ -116,8 +119,7 @@ def test_device_labelled_into_the_group_mid_rollout_gets_v2(lab):
 
 
 def test_device_that_keeps_failing_is_held_out_instead_of_retried_in_a_storm(lab):
-    ids = lab.add_devices(N, {"hw": "jetson"})
-    lab.group("jetson", hw="jetson")
+    ids = jetsons(lab)
     bad = lab.fleet.devices[ids[7]]
     bad.knobs.fail_apply = True
     rid = lab.rollout("v2", "jetson", max_failure_pct=10.0, max_attempts=3, **FAST)
@@ -132,8 +134,7 @@ def test_device_that_keeps_failing_is_held_out_instead_of_retried_in_a_storm(lab
 
 
 def test_device_waiting_for_disk_space_uses_no_attempt_and_finishes_by_itself(lab):
-    ids = lab.add_devices(N, {"hw": "jetson"})
-    lab.group("jetson", hw="jetson")
+    ids = jetsons(lab)
     full = lab.fleet.devices[ids[3]]
     full.knobs.disk_full = True
     rid = lab.rollout("v2", "jetson", max_failure_pct=0.0, max_attempts=1, **FAST)
@@ -155,8 +156,7 @@ def test_device_waiting_for_disk_space_uses_no_attempt_and_finishes_by_itself(la
 
 
 def test_controller_restarted_mid_rollout_carries_on(lab):
-    ids = lab.add_devices(N, {"hw": "jetson"})
-    lab.group("jetson", hw="jetson")
+    ids = jetsons(lab)
     rid = lab.rollout("v2", "jetson", canary="5", waves=(50.0, 100.0), **FAST)
     lab.wait_for(lambda: lab.status(rid)["current_wave"] >= 1, 60, "wave 2 opened")
     lab.stop_server()

@@ -18,7 +18,8 @@ import psutil
 import pytest
 import zstandard as zstd
 
-from deltafleet.agent import codecs, confined
+from deltafleet import codecs
+from deltafleet.agent import confined
 from deltafleet.agent.errors import ArtifactRefused, DecodeLimitHit, UpdateRejected
 from deltafleet.agent.store import LocalStore
 from deltafleet.agent.update import apply_to_file

@@ -17,9 +17,9 @@ from deltafleet.agent.runtime import (
     LoadedModel,
     available_runtimes,
     load_model,
-    smoke_test,
     zero_feeds,
 )
+from deltafleet.agent.serving import check_outputs
 from deltafleet.shared import TensorSpec
 from tests.harness import modelgen
 
@@ -37,6 +37,13 @@ def tflite_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _expected_tflite(x: np.ndarray, *, seed: int = 3, retrain: bool = False) -> np.ndarray:
     w, b = modelgen.tflite_weights(seed=seed, retrain=retrain)
     return x @ w.T + b
+
+
+def smoke_test(model: LoadedModel) -> dict[str, np.ndarray]:
+    """One inference on zero inputs, its answer checked as the agent checks every answer."""
+    outputs = model.run(zero_feeds(model))
+    check_outputs(model, outputs)
+    return outputs
 
 
 def _x(batch: int = 1) -> np.ndarray:

@@ -17,7 +17,7 @@ import zstandard as zstd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deltafleet.agent import codecs
+from deltafleet import codecs
 from deltafleet.agent._bspatch_worker import stream_patch
 from deltafleet.agent.errors import UpdateRejected
 from deltafleet.agent.update import ChunkSet, apply_to_file
@@ -58,7 +58,7 @@ def test_stream_patch_on_a_model_sized_input_crosses_piece_boundaries() -> None:
 
 @pytest.mark.parametrize("width", [1, 2, 4, 8])
 def test_zigzag_round_trips_every_difference(width: int) -> None:
-    dtype = codecs._UINT[width]
+    dtype = codecs.UINT_DTYPES[width]
     rng = np.random.default_rng(width)
     a = rng.integers(0, np.iinfo(dtype).max, 5000, dtype=dtype, endpoint=True)
     b = rng.integers(0, np.iinfo(dtype).max, 5000, dtype=dtype, endpoint=True)

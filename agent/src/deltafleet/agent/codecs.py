@@ -1,12 +1,11 @@
-"""The agent's side of the codecs: the neutral decoders (``deltafleet.codecs``) plus staging.
+"""The agent's own side of the codecs: staging a decode durably. The neutral decoders, names,
+errors and sources are ``deltafleet.codecs``; import them from there.
 
-Every name of ``deltafleet.codecs`` (codec names, errors, sources, the tensor-xor format,
-``decode_stream``, memory prediction) is importable from here, so agent modules keep one
-import. What is the device's own: ``decode_to_file``, which streams a decode into a staging
-file beside ``dest`` (``deltafleet.shared.staged_file``: hashed while written, fsynced, renamed
-into place only with the signed size and sha256). The agent itself decodes untrusted bytes
-only in its contained child (``confined``); ``decode_to_file`` is the in-process form the
-benchmarks compare it with.
+``decode_to_file`` streams a decode into a staging file beside ``dest``
+(``deltafleet.shared.staged_file``: hashed while written, fsynced, renamed into place only with
+the signed size and sha256). The agent itself decodes untrusted bytes only in its contained
+child (``confined``); ``decode_to_file`` is the in-process form the benchmarks compare it with.
+``staged_mismatch`` is the one reading of a staged decode's mismatch both use.
 """
 
 from __future__ import annotations
@@ -14,55 +13,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from deltafleet.codecs import (
-    BSDIFF4,
-    CODECS,
-    FULL_CODECS,
-    IDENTITY,
-    STREAM_PIECE_BYTES,
-    TENSOR_XOR,
-    TX_CHUNK_BYTES,
-    TX_VERSION,
-    ZSTD,
-    ZSTD_DICT,
-    ZSTD_MAX_WINDOW_BYTES,
-    BytesSource,
-    ChunkSource,
     CodecError,
-    FileSource,
-    MemoryCapExceeded,
     Source,
-    SourceReader,
     TargetMismatch,
-    UnknownCodec,
-    base_skeleton,
     check_memory,
-    check_zstd_frame,
-    decode,
-    decode_sha256,
     decode_stream,
-    default_memory_cap_bytes,
     memory_cap_bytes,
-    pack_tx_header,
-    planes_of,
-    predicted_decode_bytes,
-    tx_decode_bytes,
-    unpack_tx_header,
-    unzigzag,
-    zigzag,
-    zstd_window_bound,
-)
-from deltafleet.codecs.tensor_xor import (
-    BZ2_MAGIC,
-    TX_MAGIC,
-    TX_PREFIX,
-    UINT_DTYPES,
-    check_tx_header,
-    header_json_limit,
-    read_tx_header,
+    open_base,
 )
 from deltafleet.shared import StagedMismatch, staged_file
 
-_UINT = UINT_DTYPES
+
+def staged_mismatch(e: StagedMismatch, otherwise: CodecError) -> CodecError:
+    """What a decode staged against the signed target raises for ``e``: TargetMismatch when
+    the sha256 differs, ``otherwise`` when the size does."""
+    if e.what == "sha256":
+        return TargetMismatch("decoded output is not the signed target (sha256 differs)")
+    return otherwise
 
 
 def decode_to_file(
@@ -79,11 +46,7 @@ def decode_to_file(
     appears only when the output has ``target_size`` bytes (else CodecError) and, when given,
     ``expect_sha256`` (else TargetMismatch); nothing is left at ``dest`` or beside it when
     decoding fails."""
-    base: FileSource | None = None
-    if codec not in FULL_CODECS:
-        if base_path is None or not Path(base_path).exists():
-            raise CodecError("delta needs the base model, which is not on disk")
-        base = FileSource(base_path)
+    base = open_base(codec, base_path)
     try:
         check_memory(codec, base.size if base else 0, target_size, delta.size, max_memory_bytes)
         with staged_file(Path(dest), expect_size=target_size,
@@ -92,56 +55,11 @@ def decode_to_file(
                           max_memory_bytes=memory_cap_bytes(max_memory_bytes))
         return out.sha256
     except StagedMismatch as e:
-        if e.what == "sha256":
-            raise TargetMismatch("decoded output is not the signed target (sha256 differs)") from e
-        raise CodecError(f"patched output {str(e).removeprefix('staged file ')}") from e
+        raise staged_mismatch(
+            e, CodecError(f"patched output {str(e).removeprefix('staged file ')}")) from e
     finally:
         if base is not None:
             base.close()
 
 
-__all__ = [
-    "BSDIFF4",
-    "BZ2_MAGIC",
-    "CODECS",
-    "FULL_CODECS",
-    "IDENTITY",
-    "STREAM_PIECE_BYTES",
-    "TENSOR_XOR",
-    "TX_CHUNK_BYTES",
-    "TX_MAGIC",
-    "TX_PREFIX",
-    "TX_VERSION",
-    "ZSTD",
-    "ZSTD_DICT",
-    "ZSTD_MAX_WINDOW_BYTES",
-    "BytesSource",
-    "ChunkSource",
-    "CodecError",
-    "FileSource",
-    "MemoryCapExceeded",
-    "Source",
-    "SourceReader",
-    "TargetMismatch",
-    "UnknownCodec",
-    "base_skeleton",
-    "check_memory",
-    "check_tx_header",
-    "check_zstd_frame",
-    "decode",
-    "decode_sha256",
-    "decode_stream",
-    "decode_to_file",
-    "default_memory_cap_bytes",
-    "header_json_limit",
-    "memory_cap_bytes",
-    "pack_tx_header",
-    "planes_of",
-    "predicted_decode_bytes",
-    "read_tx_header",
-    "tx_decode_bytes",
-    "unpack_tx_header",
-    "unzigzag",
-    "zigzag",
-    "zstd_window_bound",
-]
+__all__ = ["decode_to_file", "staged_mismatch"]

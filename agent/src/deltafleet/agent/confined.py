@@ -39,13 +39,13 @@ from deltafleet.codecs import (
     FileSource,
     MemoryCapExceeded,
     Source,
-    TargetMismatch,
     check_memory,
     memory_cap_bytes,
 )
 from deltafleet.shared import StagedMismatch, staged_file
 
 from . import _decode_worker as worker
+from .codecs import staged_mismatch
 
 log = logging.getLogger(__name__)
 WORKER_MODULE = "deltafleet.agent._decode_worker"
@@ -107,9 +107,8 @@ def decode_confined(codec: str, artifact: Source, base_path: Path | None, dest: 
                               artifact.size)
             out.rehash()
     except StagedMismatch as e:
-        if e.what == "sha256":
-            raise TargetMismatch("decoded output is not the signed target (sha256 differs)") from e
-        raise DecodeRefused(f"decoder produced {out.size} bytes, not {target_size}") from e
+        raise staged_mismatch(
+            e, DecodeRefused(f"decoder produced {out.size} bytes, not {target_size}")) from e
     finally:
         if spool is not None:
             spool.unlink(missing_ok=True)

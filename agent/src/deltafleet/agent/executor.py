@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deltafleet.codecs import ChunkSource, default_memory_cap_bytes
 from deltafleet.shared import ChunkRequest, Manifest, Topics, encode, sha256_file
 from deltafleet.shared.mqtt import MqttClient
 
 from . import machine as mc
-from .codecs import ChunkSource, default_memory_cap_bytes
 from .config import AgentConfig
 from .errors import (
     ArtifactRefused,

@@ -39,7 +39,6 @@ __all__ = [
     "TFLiteModel",
     "available_runtimes",
     "load_model",
-    "smoke_test",
     "zero_feeds",
 ]
 
@@ -324,15 +323,3 @@ def zero_feeds(model: LoadedModel) -> dict[str, np.ndarray]:
         shape = tuple(1 if d is None else d for d in spec.shape)
         feeds[spec.name] = np.zeros(shape, dtype=dtype)
     return feeds
-
-
-def smoke_test(model: LoadedModel) -> dict[str, np.ndarray]:
-    """Run one inference on zero inputs; fail unless every declared output is present and finite."""
-    outputs = model.run(zero_feeds(model))
-    for spec in model.outputs:
-        if spec.name not in outputs:
-            raise ModelRuntimeError(f"smoke test: output {spec.name!r} is missing")
-        value = np.asarray(outputs[spec.name])
-        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
-            raise ModelRuntimeError(f"smoke test: output {spec.name!r} has NaN or Inf values")
-    return outputs

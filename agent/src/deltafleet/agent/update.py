@@ -35,6 +35,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from deltafleet import codecs
+from deltafleet.codecs import ChunkSource
 from deltafleet.shared import (
     Manifest,
     WireError,
@@ -42,8 +44,7 @@ from deltafleet.shared import (
     sha256_bytes,
 )
 
-from . import bspatch, codecs, confined
-from .codecs import ChunkSource
+from . import bspatch, confined
 from .errors import ArtifactRefused, DecodeLimitHit, NoSpace, UpdateRejected, is_no_space
 from .machine import check_base as check_base
 from .machine import check_disk as check_disk

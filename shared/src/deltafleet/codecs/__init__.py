@@ -12,6 +12,9 @@ delta it builds with it, and neither imports the other. Modules, by what they ar
 - ``memory``: decode-memory prediction and the cap;
 - ``decoders``: ``decode_stream`` (to a sink), ``decode`` (in memory), ``decode_sha256``.
 
+The package exports every name of each module's ``__all__`` (``bsdiff_stream`` excepted): a
+name is written once, in the module that defines it.
+
 Encoders live with the server (``deltafleet.server.codecs``); staging a decoded file durably
 and containing the decoder in a child live with the agent.
 """
@@ -19,108 +22,44 @@ and containing the decoder in a child live with the agent.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .errors import CodecError, MemoryCapExceeded, TargetMismatch, UnknownCodec
-from .names import (
-    BSDIFF4,
-    CODECS,
-    FULL_CODECS,
-    IDENTITY,
-    STREAM_PIECE_BYTES,
-    TENSOR_XOR,
-    ZSTD,
-    ZSTD_DICT,
-    ZSTD_MAX_WINDOW_BYTES,
-)
+from . import errors, names
+from .errors import *  # noqa: F403
+from .names import *  # noqa: F403
 
 if TYPE_CHECKING:
-    from .decoders import (
-        Sink,
-        check_zstd_frame,
-        decode,
-        decode_sha256,
-        decode_stream,
-        zstd_window_bound,
-    )
-    from .memory import (
-        check_memory,
-        default_memory_cap_bytes,
-        memory_cap_bytes,
-        predicted_decode_bytes,
-        tx_decode_bytes,
-    )
-    from .source import BytesSource, ChunkSource, FileSource, Source, SourceReader
-    from .tensor_xor import (
-        TX_CHUNK_BYTES,
-        TX_VERSION,
-        base_skeleton,
-        pack_tx_header,
-        planes_of,
-        unpack_tx_header,
-        unzigzag,
-        zigzag,
-    )
+    from .decoders import *  # noqa: F403
+    from .memory import *  # noqa: F403
+    from .source import *  # noqa: F403
+    from .tensor_xor import *  # noqa: F403
 
 # Names and errors import nothing but the standard library (a planner reads codec names
-# without numpy); the rest loads on first use.
-_LAZY = {
-    "decoders": ("Sink", "check_zstd_frame", "decode", "decode_sha256", "decode_stream",
-               "zstd_window_bound"),
-    "memory": ("check_memory", "default_memory_cap_bytes", "memory_cap_bytes",
-               "predicted_decode_bytes", "tx_decode_bytes"),
-    "source": ("BytesSource", "ChunkSource", "FileSource", "Source", "SourceReader"),
-    "tensor_xor": ("TX_CHUNK_BYTES", "TX_VERSION", "base_skeleton", "pack_tx_header",
-                   "planes_of", "unpack_tx_header", "unzigzag", "zigzag"),
-}
-_HOME = {name: module for module, names in _LAZY.items() for name in names}
+# without numpy); the rest loads on first use. Each lazy module imports only those before it,
+# so looking a name up in this order loads nothing its home module would not load anyway.
+_LAZY = ("source", "tensor_xor", "memory", "decoders")
+
+
+def _home(name: str) -> ModuleType:
+    for module in _LAZY:
+        home = importlib.import_module(f".{module}", __name__)
+        if name in home.__all__:
+            return home
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __getattr__(name: str) -> Any:
-    module = _HOME.get(name)
-    if module is None:
+    if name == "__all__":
+        lazy = (importlib.import_module(f".{module}", __name__) for module in _LAZY)
+        value: Any = sorted({*errors.__all__, *names.__all__, *(n for m in lazy for n in m.__all__)})
+    elif name.startswith("_"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    else:
+        value = getattr(_home(name), name)
     globals()[name] = value
     return value
 
 
-__all__ = [
-    "BSDIFF4",
-    "CODECS",
-    "FULL_CODECS",
-    "IDENTITY",
-    "STREAM_PIECE_BYTES",
-    "TENSOR_XOR",
-    "TX_CHUNK_BYTES",
-    "TX_VERSION",
-    "ZSTD",
-    "ZSTD_DICT",
-    "ZSTD_MAX_WINDOW_BYTES",
-    "BytesSource",
-    "ChunkSource",
-    "CodecError",
-    "FileSource",
-    "MemoryCapExceeded",
-    "Sink",
-    "Source",
-    "SourceReader",
-    "TargetMismatch",
-    "UnknownCodec",
-    "base_skeleton",
-    "check_memory",
-    "check_zstd_frame",
-    "decode",
-    "decode_sha256",
-    "decode_stream",
-    "default_memory_cap_bytes",
-    "memory_cap_bytes",
-    "pack_tx_header",
-    "planes_of",
-    "predicted_decode_bytes",
-    "tx_decode_bytes",
-    "unpack_tx_header",
-    "unzigzag",
-    "zigzag",
-    "zstd_window_bound",
-]
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__getattr__("__all__")})

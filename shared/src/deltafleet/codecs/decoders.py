@@ -204,6 +204,16 @@ def decode_stream(
         raise CodecError(f"{codec} failed: {e}") from e
 
 
+def open_base(codec: str, base_path: Path | None) -> FileSource | None:
+    """The base a delta of ``codec`` reads (None for a full codec); CodecError when it is
+    needed and not on disk. The caller closes it."""
+    if codec in FULL_CODECS:
+        return None
+    if base_path is None or not Path(base_path).exists():
+        raise CodecError("delta needs the base model, which is not on disk")
+    return FileSource(base_path)
+
+
 def decode(
     codec: str,
     delta: bytes | bytearray | memoryview,
@@ -216,11 +226,7 @@ def decode(
     streams to disk with ``decode_to_file``). The caller checks the signed sha256."""
     if codec not in CODECS:
         raise UnknownCodec(f"unknown codec {codec!r}")
-    base: FileSource | None = None
-    if codec not in FULL_CODECS:
-        if base_path is None or not Path(base_path).exists():
-            raise CodecError("delta needs the base model, which is not on disk")
-        base = FileSource(base_path)
+    base = open_base(codec, base_path)
     try:
         check_memory(codec, base.size if base else 0, target_size, len(delta),
                      None if max_memory_bytes is None else max_memory_bytes - target_size)
@@ -274,5 +280,6 @@ __all__ = [
     "decode_sha256",
     "decode_stream",
     "iter_tensor_xor",
+    "open_base",
     "zstd_window_bound",
 ]
