@@ -1,20 +1,33 @@
 """Hot swap under load: a real fleet-agent process, a real Mosquitto, the scripted server peer.
 
-Prints ONE JSON document:
+Prints ONE JSON document; exit status 1 when a swap failed (or the run broke), 0 otherwise.
 
-- ``load``: open-loop requests on the local inference API at ``rate_rps`` (200/s by default,
-  ``BENCH_RATE``) from keep-alive client threads, while v1 and v2 are swapped 5 times
-  (v1 -> v2 arrives as a bsdiff delta; later swaps reuse the model on disk);
-  failed requests, p50/p99 latency steady vs during swaps, achieved rate;
+- ``load``: ``--runs`` runs (5 by default), each a steady phase then ``--swaps`` hot swaps,
+  under open-loop requests on the local inference API at ``--rate`` (200/s) from keep-alive
+  client threads. Open loop means request k of a thread is due at t0 + k x threads / rate, and
+  its latency is completion - DUE time: a send that leaves late (the previous answer was slow)
+  counts its wait, so a stall is not hidden by the clients slowing down with it. A request
+  counts as "during a swap" when it was due between the offer and 0.25 s after the healthy
+  report (download, patch, load, warm-up, swap, trial and the old model's release all count).
+  Per run: failed requests, p50/p99 steady vs during swaps, late sends, achieved rate.
+- Every swap downloads and patches a NEW version: ``runs x swaps + 1`` versions are generated
+  (each the previous with its last layer retrained), swap k ships the bsdiff4 delta from
+  version k to k+1, and must end healthy on version k+1's sha256 (the agent's report, its
+  on-disk state and the version the API answers); anything else is a failed swap.
 - ``rss``: agent RSS sampled every 10 ms: steady vs peak during swaps, and idle without a model;
 - ``patch``: peak RSS of applying a delta (assemble + patch + stage, as the agent does) vs the
   model size, in a fresh process.
 
-``BENCH_QUICK=1`` runs a short configuration (smaller models, shorter phases).
+Targets live in ``targets.json`` (key ``hot_swap``: p99 during swaps / steady, failed
+requests, in every run) and are reported under ``"targets"``; a missed target is reported, not
+an error. Flags have environment fallbacks for ``run_all``: BENCH_RUNS, BENCH_SWAPS,
+BENCH_RATE, BENCH_MODEL_MB, BENCH_STEADY_S; ``BENCH_QUICK=1`` selects a short configuration
+(one run, smaller models, shorter phases).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -24,18 +37,19 @@ import tempfile
 import textwrap
 import threading
 import time
+import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+HERE = Path(__file__).resolve().parent
 QUICK = os.environ.get("BENCH_QUICK") == "1"
-RATE = float(os.environ.get("BENCH_RATE", "200"))
-MODEL_MB = 2.0 if QUICK else 8.0
-PATCH_MODEL_MB = 4.0 if QUICK else 16.0
-STEADY_S = 3.0 if QUICK else 10.0
-SWAPS = 5
-CLIENT_THREADS = 8
+MODEL = "detector"
+DEVICE = "bench-1"
 TRIAL_WINDOW_S = 1
+SWAP_TIMEOUT_S = 120
+WINDOW_TAIL_S = 0.25  # a swap's window: from its offer to this long after its healthy report
 
 
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:
@@ -54,39 +68,38 @@ def pct(values: list[float], q: float) -> float:
 
 
 class Load:
-    """Open-loop load: every thread sends on its own schedule, RATE/THREADS per second."""
+    """Open-loop load: every thread has its own schedule, rate/threads per second; a record is
+    (due time, completion - due, ok, version answering, seconds the send left late)."""
 
     def __init__(self, port: int, rate: float, threads: int) -> None:
         self.port, self.rate, self.threads = port, rate, threads
-        self.records: list[tuple[float, float, bool, str | None]] = []  # (t, latency_s, ok, ver)
+        self.records: list[tuple[float, float, bool, str | None, float]] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.late = 0
 
     def _worker(self, index: int) -> None:
         from deltafleet.agent.client import AgentClient
 
         x = np.random.default_rng(index).standard_normal((1, 64)).astype(np.float32)
         interval = self.threads / self.rate
-        next_at = time.monotonic() + index * interval / self.threads
+        due = time.monotonic() + index * interval / self.threads
         with AgentClient(port=self.port, timeout_s=30) as c:
             while not self.stop.is_set():
-                delay = next_at - time.monotonic()
+                delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                else:
-                    self.late += 1
-                t0 = time.monotonic()
+                late = max(0.0, time.monotonic() - due)
                 try:
-                    r = c.predict("detector", x)
+                    r = c.predict(MODEL, x)
                     ok, version = True, r.version
                 except Exception:  # noqa: BLE001 - a failed request is the figure we count
                     ok, version = False, None
                 with self.lock:
-                    self.records.append((t0, time.monotonic() - t0, ok, version))
-                next_at += interval
+                    self.records.append((due, time.monotonic() - due, ok, version, late))
+                due += interval
 
     def start(self) -> None:
+        self.t0 = time.monotonic()
         self.workers = [threading.Thread(target=self._worker, args=(i,), daemon=True)
                         for i in range(self.threads)]
         for w in self.workers:
@@ -96,6 +109,7 @@ class Load:
         self.stop.set()
         for w in self.workers:
             w.join(30)
+        self.t1 = time.monotonic()
 
 
 class RssSampler:
@@ -112,6 +126,31 @@ class RssSampler:
             except OSError:
                 return
             time.sleep(0.01)
+
+
+def make_versions(directory: Path, count: int, size_mb: float) -> list[Path]:
+    """``count`` models of the same size: v1 from modelgen, each later one the one before with
+    its last layer retrained (fresh weights from its own seed), so consecutive deltas are small."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.harness.modelgen import make_onnx_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [make_onnx_model(directory / "v1.onnx", seed=0, size_mb=size_mb)]
+    model = onnx.load(str(paths[0]))
+    last = max((i for i, t in enumerate(model.graph.initializer) if t.name.endswith(".weight")),
+               key=lambda i: model.graph.initializer[i].name)
+    for k in range(2, count + 1):
+        old = model.graph.initializer[last]
+        w = numpy_helper.to_array(old)
+        fresh = (np.random.default_rng([7, k]).standard_normal(w.shape)
+                 / np.sqrt(w.shape[0])).astype(np.float32)
+        model.graph.initializer[last].CopyFrom(numpy_helper.from_array(fresh, old.name))
+        path = directory / f"v{k}.onnx"
+        path.write_bytes(model.SerializeToString())
+        paths.append(path)
+    return paths
 
 
 def _deltas(v1: Path, v2: Path, workdir: Path) -> dict[str, Path]:
@@ -144,13 +183,13 @@ def _deltas(v1: Path, v2: Path, workdir: Path) -> dict[str, Path]:
     return out
 
 
-def patch_rss(workdir: Path) -> dict:
-    """Apply each artifact to a PATCH_MODEL_MB model in a fresh process per codec, as the agent
+def patch_rss(workdir: Path, size_mb: float) -> dict:
+    """Apply each artifact to a ``size_mb`` model in a fresh process per codec, as the agent
     does (chunk files on disk -> verified ChunkSet.source() -> apply_to_file into the models
     directory); report peak RSS over the model size."""
     from tests.harness.modelgen import make_onnx_pair
 
-    v1, v2 = make_onnx_pair(workdir / "patch-models", size_mb=PATCH_MODEL_MB)
+    v1, v2 = make_onnx_pair(workdir / "patch-models", size_mb=size_mb)
     size = v2.stat().st_size
     results: dict = {"model_bytes": size, "target_x_model": 2.5,
                      "measure": "((VmHWM after apply - VmRSS before) + peak RSS of a patch child "
@@ -218,113 +257,225 @@ def patch_rss(workdir: Path) -> dict:
     return results
 
 
-def main() -> int:
+class SwapFailed(Exception):
+    """A swap that did not end healthy on the version it shipped."""
+
+
+def swap(peer: Any, lab: Any, port: int, serial: int, base: Path, target: Path,
+         version: str, delta: Path) -> dict:
+    """Offer ``target`` as a bsdiff4 delta from ``base``; wait for trial and healthy; check the
+    agent runs and serves ``target``. Raises SwapFailed otherwise."""
+    from deltafleet.agent.client import AgentClient
+    from deltafleet.agent.store import LocalStore
+    from deltafleet.shared import sha256_file
+
+    want = sha256_file(target)
+    t0 = time.monotonic()
+    m = peer.offer(DEVICE, MODEL, version, target, serial=serial, artifact=delta,
+                   base_sha256=sha256_file(base), trial_window_s=TRIAL_WINDOW_S)
+
+    def outcome(states: tuple[str, ...]) -> Any:
+        try:
+            return peer.wait_event(lambda e: e.manifest_id == m.manifest_id
+                                   and e.state in states, SWAP_TIMEOUT_S)
+        except TimeoutError as e:
+            raise SwapFailed(f"{version}: {e}") from None
+
+    trial = outcome(("trial", "failed", "rejected", "rolled_back"))
+    t_trial = time.monotonic()
+    if trial.state != "trial":
+        raise SwapFailed(f"{version}: {trial.state}: {trial.reason}")
+    done = outcome(("healthy", "failed", "rejected", "rolled_back"))
+    t_done = time.monotonic()
+    if done.state != "healthy":
+        raise SwapFailed(f"{version}: {done.state}: {done.reason}")
+    if done.sha256 not in (None, want):
+        raise SwapFailed(f"{version}: healthy report names sha256 {done.sha256}, not {want}")
+    on_disk = {m.model: m.sha256 for m in LocalStore(lab.agent_dir(DEVICE)).all_current()}
+    if on_disk.get(MODEL) != want:
+        raise SwapFailed(f"{version}: agent state runs {on_disk.get(MODEL)}, not {want}")
+    with AgentClient(port=port, timeout_s=30) as c:
+        served = c.predict(MODEL, np.zeros((1, 64), np.float32)).version
+    if served != version:
+        raise SwapFailed(f"{version}: the API answers with {served}")
+    received = [e.bytes_received for e in peer.device_events(DEVICE)
+                if e.manifest_id == m.manifest_id and e.bytes_received]
+    return {"version": version, "t_offer": t0, "t_trial": t_trial, "t_healthy": t_done,
+            "offer_to_trial_s": round(t_trial - t0, 3), "offer_to_healthy_s": round(t_done - t0, 3),
+            "delta_bytes": delta.stat().st_size, "bytes_received": max(received, default=None)}
+
+
+def summarise(load: Load, swaps: list[dict], targets: dict) -> dict:
+    windows = [(s["t_offer"], s["t_healthy"] + WINDOW_TAIL_S) for s in swaps]
+
+    def in_swap(t: float) -> bool:
+        return any(a <= t <= b for a, b in windows)
+
+    steady = [lat * 1e3 for t, lat, ok, _, _ in load.records if ok and not in_swap(t)]
+    during = [lat * 1e3 for t, lat, ok, _, _ in load.records if ok and in_swap(t)]
+    failed = sum(1 for r in load.records if not r[2])
+    late = [r[4] for r in load.records if r[4] > 0.001]
+    p99_steady, p99_during = pct(steady, 99), pct(during, 99)
+    ratio = round(p99_during / p99_steady, 2) if p99_steady and during else None
+    max_ratio = targets.get("p99_during_over_steady_max")
+    max_failed = targets.get("failed_requests_max")
+    met = None
+    if ratio is not None and max_ratio is not None:
+        met = ratio <= max_ratio and (max_failed is None or failed <= max_failed)
+    return {
+        "requests": len(load.records),
+        "rate_achieved_rps": round(len(load.records) / (load.t1 - load.t0), 1),
+        "failed_requests": failed,
+        "late_sends": len(late), "late_sends_pct": round(100 * len(late) / len(load.records), 1)
+        if load.records else None,
+        "late_send_p99_ms": round(pct([x * 1e3 for x in late], 99), 3),
+        "versions_answering": sorted({r[3] for r in load.records if r[3]}),
+        "swaps": [{k: v for k, v in s.items() if not k.startswith("t_")} for s in swaps],
+        "requests_during_swaps": len(during),
+        "steady_ms": {"p50": round(pct(steady, 50), 3), "p99": round(p99_steady, 3)},
+        "during_swap_ms": {"p50": round(pct(during, 50), 3), "p99": round(p99_during, 3)},
+        "p99_during_over_steady": ratio,
+        "target_met": met,
+        "swap_window": f"offer -> healthy report + {WINDOW_TAIL_S} s",
+        "swap_offers_at_s": [round(s["t_offer"] - load.t0, 2) for s in swaps],
+        "slowest": [{"due_at_s": round(t - load.t0, 2), "latency_ms": round(lat * 1e3, 1),
+                     "in_swap": in_swap(t)}
+                    for t, lat, *_ in sorted(load.records, key=lambda r: -r[1])[:5]],
+    }
+
+
+def load_targets(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()).get("hot_swap", {})
+    except (OSError, ValueError) as e:
+        return {"error": f"cannot read {path}: {e}"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m scripts.bench.hot_swap",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=int(env("BENCH_RUNS") or (1 if QUICK else 5)))
+    p.add_argument("--swaps", type=int, default=int(env("BENCH_SWAPS") or 5),
+                   help="hot swaps per run, each to a new version")
+    p.add_argument("--rate", type=float, default=float(env("BENCH_RATE") or 200),
+                   help="requests per second, open loop")
+    p.add_argument("--threads", type=int, default=8, help="keep-alive client threads")
+    p.add_argument("--model-mb", "--artifact-mb", dest="model_mb", type=float,
+                   default=float(env("BENCH_MODEL_MB") or (2.0 if QUICK else 8.0)))
+    p.add_argument("--patch-model-mb", type=float, default=4.0 if QUICK else 16.0)
+    p.add_argument("--steady-s", type=float,
+                   default=float(env("BENCH_STEADY_S") or (3.0 if QUICK else 10.0)))
+    p.add_argument("--no-patch", action="store_true", help="skip the patch-RSS measurement")
+    p.add_argument("--targets", type=Path, default=HERE / "targets.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
     import bsdiff4
 
-    from deltafleet.shared import SigningKey, sha256_file
+    from deltafleet.shared import SigningKey
     from tests.harness.fleetlab import Lab, free_port, wait_port
-    from tests.harness.modelgen import make_onnx_pair
     from tests.harness.mqtt_peer import Peer
 
+    opts = parse_args(argv)
+    targets = load_targets(opts.targets)
     work = Path(tempfile.mkdtemp(prefix="bench-hot-swap-"))
+    total = opts.runs * opts.swaps
+    result: dict[str, Any] = {
+        "quick": QUICK, "cpus": os.cpu_count(), "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+        "config": {"runs": opts.runs, "swaps_per_run": opts.swaps, "rate_rps": opts.rate,
+                   "client_threads": opts.threads, "model_mb": opts.model_mb,
+                   "steady_s": opts.steady_s, "versions": total + 1, "argv": sys.argv[1:]},
+        "failures": []}
+    versions = make_versions(work / "models", total + 1, opts.model_mb)
+    deltas = []
+    for k in range(total):
+        deltas.append(work / "models" / f"v{k + 1}-v{k + 2}.bsdiff4")
+        bsdiff4.file_diff(str(versions[k]), str(versions[k + 1]), str(deltas[-1]))
     lab = Lab(work / "lab")
     lab.start_broker()
     key = SigningKey.generate()
     key.save(work / "signing.key", work / "signing.pub")
     peer = Peer(lab.mqtt_url, key)
-    result: dict = {"quick": QUICK, "model_mb": MODEL_MB, "cpus": os.cpu_count(),
-                    "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
+    runs: list[dict] = []
+    sampler = None
+    windows: list[tuple[float, float]] = []
     try:
-        v1, v2 = make_onnx_pair(work / "models", size_mb=MODEL_MB)
-        delta = work / "models" / "v1-v2.bsdiff"
-        bsdiff4.file_diff(str(v1), str(v2), str(delta))
         port = free_port()
-        proc = lab.start_agent("bench-1", {"hw": "bench"}, trusted_key=work / "signing.pub",
+        proc = lab.start_agent(DEVICE, {"hw": "bench"}, trusted_key=work / "signing.pub",
                                extra_env={"FLEET_AGENT_API_PORT": str(port)})
         wait_port(port, 30)
         time.sleep(2.0)
         idle_rss = rss_bytes(proc.pid)
-
         serial = 1
-        m = peer.offer("bench-1", "detector", "v1", v1, serial=serial)
+        m = peer.offer(DEVICE, MODEL, "v1", versions[0], serial=serial)
         peer.wait_event(lambda e: e.manifest_id == m.manifest_id and e.state == "healthy", 120)
-
         sampler = RssSampler(proc.pid)
         sampler.thread.start()
-        load = Load(port, RATE, CLIENT_THREADS)
-        t_start = time.monotonic()
-        load.start()
-        time.sleep(STEADY_S)
-        windows: list[tuple[float, float]] = []
-        swap_s: list[float] = []
-        for i in range(SWAPS):
-            serial += 1
-            to_v2 = i % 2 == 0
-            t0 = time.monotonic()
-            if to_v2 and i == 0:
-                m = peer.offer("bench-1", "detector", "v2", v2, serial=serial, artifact=delta,
-                               base_sha256=sha256_file(v1), trial_window_s=TRIAL_WINDOW_S)
-            else:
-                target, version = (v2, "v2") if to_v2 else (v1, "v1")
-                m = peer.offer("bench-1", "detector", version, target, serial=serial,
-                               trial_window_s=TRIAL_WINDOW_S)
-            trial = peer.wait_event(lambda e, mid=m.manifest_id: e.manifest_id == mid
-                                    and e.state in ("trial", "failed", "rejected"), 120)
-            t_trial = time.monotonic()
-            assert trial.state == "trial", trial
-            windows.append((t0, t_trial + 0.25))
-            swap_s.append(t_trial - t0)
-            done = peer.wait_event(lambda e, mid=m.manifest_id: e.manifest_id == mid
-                                   and e.state in ("healthy", "rolled_back"), 120)
-            assert done.state == "healthy", done
-            time.sleep(1.0)
-        time.sleep(1.0)
-        load.finish()
-        t_end = time.monotonic()
-        result["loadavg_1m_after_load"] = round(os.getloadavg()[0], 2)
+        k = 0
+        for _ in range(opts.runs):
+            load = Load(port, opts.rate, opts.threads)
+            load.start()
+            swaps: list[dict] = []
+            try:
+                time.sleep(opts.steady_s)
+                for _ in range(opts.swaps):
+                    serial += 1
+                    swaps.append(swap(peer, lab, port, serial, versions[k], versions[k + 1],
+                                      f"v{k + 2}", deltas[k]))
+                    k += 1
+                    time.sleep(1.0)
+                time.sleep(1.0)
+            finally:
+                load.finish()
+                windows += [(s["t_offer"], s["t_healthy"] + WINDOW_TAIL_S) for s in swaps]
+                runs.append(summarise(load, swaps, targets))
+        lab.stop(f"agent-{DEVICE}")
         sampler.stop.set()
         sampler.thread.join()
 
         def in_swap(t: float) -> bool:
             return any(a <= t <= b for a, b in windows)
 
-        steady = [lat * 1e3 for t, lat, ok, _ in load.records if ok and not in_swap(t)]
-        during = [lat * 1e3 for t, lat, ok, _ in load.records if ok and in_swap(t)]
-        failed = sum(1 for r in load.records if not r[2])
-        versions = {v for *_, v in load.records if v}
         rss_steady = [r for t, r in sampler.samples if not in_swap(t)]
         rss_swap = [r for t, r in sampler.samples if in_swap(t)]
-        p99_steady, p99_during = pct(steady, 99), pct(during, 99)
-        result["load"] = {
-            "rate_target_rps": RATE,
-            "rate_achieved_rps": round(len(load.records) / (t_end - t_start), 1),
-            "late_sends": load.late,
-            "client_threads": CLIENT_THREADS,
-            "requests": len(load.records),
-            "failed_requests": failed,
-            "versions_answering": sorted(versions),
-            "swaps": SWAPS,
-            "swap_offer_to_trial_s": [round(s, 3) for s in swap_s],
-            "requests_during_swaps": len(during),
-            "steady_ms": {"p50": round(pct(steady, 50), 3), "p99": round(p99_steady, 3)},
-            "during_swap_ms": {"p50": round(pct(during, 50), 3), "p99": round(p99_during, 3)},
-            "p99_during_over_steady": round(p99_during / p99_steady, 2) if p99_steady else None,
-            "target": "failed_requests == 0 and p99_during_over_steady <= 2",
-        }
         result["rss"] = {
             "agent_idle_no_model_bytes": idle_rss,
             "steady_median_bytes": int(statistics.median(rss_steady)) if rss_steady else 0,
             "steady_max_bytes": max(rss_steady, default=0),
             "peak_during_swap_bytes": max(rss_swap, default=0),
-            "model_bytes": v1.stat().st_size,
+            "model_bytes": versions[0].stat().st_size,
         }
-        lab.stop("agent-bench-1")
-        result["patch"] = patch_rss(work)
+        if not opts.no_patch:
+            result["patch"] = patch_rss(work, opts.patch_model_mb)
+    except SwapFailed as e:
+        result["failures"].append(f"swap {len(windows) + 1} of {total}: {e}")
+    except Exception as e:  # noqa: BLE001 - a broken run is reported in the JSON, exit 1
+        result["failures"].append(f"{type(e).__name__}: {e}")
+        result["traceback"] = traceback.format_exc()[-2000:]
     finally:
+        if sampler is not None:
+            sampler.stop.set()
         peer.close()
         lab.close()
+    done = sum(len(r["swaps"]) for r in runs)
+    if done != total and not result["failures"]:
+        result["failures"].append(f"{done} of {total} swaps done")
+    result["swaps_healthy_on_expected_sha"] = done
+    result["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+    result["load"] = {"runs": runs,
+                      "p99_during_over_steady": [r["p99_during_over_steady"] for r in runs]}
+    verdicts = [r["target_met"] for r in runs]
+    every = targets.get("every_run", True)
+    result["targets"] = {
+        "file": str(opts.targets), "targets": targets,
+        "runs_met": sum(1 for v in verdicts if v), "runs": len(verdicts),
+        "met": (None if not verdicts or None in verdicts or len(runs) < opts.runs
+                else all(verdicts) if every else any(verdicts))}
+    result["ok"] = not result["failures"]
     print(json.dumps(result, indent=2))
-    return 0
+    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ artifact -- a full model, zstd-compressed or as it is, or a delta -- is decoded 
 own decoder (in-process: trusted test bytes, no child per device) and verified against the
 target sha256. Chunks stay in memory; swap and trial pass at once (or as the knobs say). A
 full model the fleet already holds (``SimFleet.model_cache``, like the agent's previous model
-on disk) is installed without a download; clear it to make a rollback download.
+on disk) is installed without a download; clear it to make a rollback download, or set
+``SimFleet.install_from_cache = False`` to make every device download (the benchmarks do).
 
 Knobs per device inject failures: ``fail_apply`` (the downloaded artifact does not apply:
 report failed), ``fail_health`` (the trial fails: roll back to the previous model),
@@ -236,7 +237,8 @@ class SimDevice:
             return mc.SerialNoted(e.model, e.manifest_id)
         elif isinstance(e, mc.Inspect):
             m = e.manifest
-            cached = m.artifact.kind == "full" and m.target_sha256 in self.fleet.model_cache
+            cached = (self.fleet.install_from_cache and m.artifact.kind == "full"
+                      and m.target_sha256 in self.fleet.model_cache)
             return mc.Inspected(e.model, m.manifest_id, cached, None,
                                 0 if self.knobs.disk_full else 1 << 40, 0, 0, now)
         elif isinstance(e, mc.Adopt):
@@ -342,6 +344,7 @@ class SimFleet:
         self.topics = Topics(prefix)
         self.devices: dict[str, SimDevice] = {}
         self.model_cache: dict[str, bytes] = {}
+        self.install_from_cache = True
 
     def add(self, device_id: str, labels: dict[str, str],
             models: dict[str, Installed] | None = None) -> SimDevice:
