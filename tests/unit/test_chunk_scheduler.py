@@ -1,8 +1,11 @@
-"""The chunk scheduler's rules, without a broker: one publish per chunk serves every device
-asking within the window, late askers and repairs are served again, the first request of an
-artifact opens the long window, bandwidth caps hold chunks back, bad requests queue nothing."""
+"""The chunk scheduler's rules, without a broker: one publish per chunk per round serves every
+device asking within its window, a late joiner is served by the running round or waits for the
+next one (never a per-device republish), rounds are bounded by time and not by the fleet,
+repairs and resumes stay cheap, bandwidth caps hold chunks back, bad requests queue nothing."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -10,10 +13,12 @@ from deltafleet.server.delivery.chunks import (
     CHUNK_WINDOW_S,
     FIRST_WINDOW_S,
     REPUBLISH_AFTER_S,
+    ROUND_S,
     STALE_S,
     ArtifactOffer,
     ChunkPublish,
     ChunkScheduler,
+    DeliveryStats,
     TokenBucket,
 )
 
@@ -33,12 +38,169 @@ def pubs(sha: str, *indices: int) -> list[ChunkPublish]:
 
 
 def published_at_one(chunks: int = 3) -> ChunkScheduler:
-    """Devices d1 and d2 asked for every chunk of A; all went out at t=1.0."""
+    """Devices d1 and d2 asked for every chunk of A at 0.0; round 1 sent them all at 1.0."""
     s = scheduler(A=ArtifactOffer(chunks))
     s.request("d1", A, range(chunks), 0.0)
-    s.request("d2", A, range(chunks), 0.2)
+    s.request("d2", A, range(chunks), 0.0)
     assert s.due(FIRST_WINDOW_S) == pubs(A, *range(chunks))
     return s
+
+
+# -- one scripted timeline per case: ("ask", t, device, indices[, repair]), ("hello", device),
+#    ("due", t, [indices published]) -------------------------------------------------------
+
+ROUND2 = 1.0 + ROUND_S  # the earliest the round after round 1 (at 1.0) may start
+TIMELINES = {
+    "a wave asking within the window: one round": (3, [
+        ("ask", 0.0, "d1", [2, 0, 1]), ("ask", 0.3, "d2", [1, 2]),
+        ("due", 1.0, []),  # d2 joined at 0.3: the gather waits FIRST_WINDOW_S after it
+        ("due", 1.3, [0, 1, 2]), ("due", 9.0, []),
+    ], DeliveryStats(3, 1)),
+    "a slow device repeating its request after the round: nothing again": (3, [
+        ("ask", 0.0, "d1", [0, 1, 2]), ("due", 1.0, [0, 1, 2]),
+        ("ask", 3.0, "d1", [0, 1, 2]), ("ask", 6.0, "d1", [1]), ("due", 9.0, []),
+    ], DeliveryStats(3, 1)),
+    "late joiners after the round: exactly one more round covering them all": (3, [
+        ("ask", 0.0, "d1", [0, 1, 2]), ("due", 1.0, [0, 1, 2]),
+        ("ask", 1.2, "d3", [0, 1, 2]), ("ask", 2.5, "d4", [0, 2]), ("ask", 4.2, "d3", [0, 1, 2]),
+        ("ask", 4.5, "d5", [0, 1, 2]),
+        ("due", 1.25, []), ("due", 5.0, []),  # not before ROUND_S after round 1
+        ("due", ROUND2, [0, 1, 2]),
+        ("ask", ROUND2 + 3, "d3", [0, 1, 2]), ("ask", ROUND2 + 3, "d5", [2]),  # slow: nothing
+        ("due", ROUND2 + 9, []),
+    ], DeliveryStats(6, 2)),
+    "a late joiner while the round is open is served by it for what it has not sent": (4, [
+        ("ask", 0.0, "d1", [0, 1]), ("due", 1.0, [0, 1]),  # a resume: d1 missed only 0 and 1
+        ("ask", 1.5, "d2", [0, 1, 2, 3]),  # 2, 3 join round 1; 0, 1 wait for round 2
+        ("due", 1.5 + CHUNK_WINDOW_S, [2, 3]),
+        ("ask", 4.6, "d2", [0, 1]),  # its retry while waiting: nothing more
+        ("due", ROUND2 - 0.01, []), ("due", ROUND2, [0, 1]),
+    ], DeliveryStats(6, 2)),
+    "a repair goes out promptly, alone, and opens no round": (3, [
+        ("ask", 0.0, "d1", [0, 1, 2]), ("due", 1.0, [0, 1, 2]),
+        ("ask", 3.5, "d1", [1], True), ("due", 3.5 + CHUNK_WINDOW_S, [1]),
+        ("ask", 4.0, "d2", [1], True),  # within REPUBLISH_AFTER_S of that publish: held
+        ("due", 4.0 + CHUNK_WINDOW_S, []), ("due", 3.5 + CHUNK_WINDOW_S + REPUBLISH_AFTER_S, [1]),
+        ("due", 20.0, []),
+    ], DeliveryStats(5, 1, 2)),
+    "a repair covered by the gather's round publish is dropped": (3, [
+        ("ask", 0.0, "d1", [0, 1, 2]), ("ask", 0.0, "d2", [0], True), ("due", 1.0, [0, 1, 2]),
+        ("due", 5.0, []),
+    ], DeliveryStats(3, 1)),
+    "a repair takes its chunk out of the gather: its askers were subscribed": (3, [
+        ("ask", 0.0, "d1", [0, 1, 2]), ("due", 1.0, [0, 1, 2]),
+        ("ask", 1.2, "d3", [0, 1, 2]), ("ask", 3.2, "d1", [2], True),
+        ("due", 3.2 + CHUNK_WINDOW_S, [2]), ("due", ROUND2, [0, 1]),
+    ], DeliveryStats(6, 2, 1)),
+    "a reconnect resumes with the missing chunks in the next round": (4, [
+        ("ask", 0.0, "d1", [0, 1, 2, 3]), ("due", 1.0, [0, 1, 2, 3]),
+        ("hello", "d1"), ("ask", 2.0, "d1", [3]),  # its subscriptions were gone: 3 is lost
+        ("due", 2.0 + CHUNK_WINDOW_S, []), ("due", ROUND2, [3]),
+    ], DeliveryStats(5, 2)),
+    "a reconnect long after the round: a small round of its own, one window later": (4, [
+        ("ask", 0.0, "d1", [0, 1, 2, 3]), ("due", 1.0, [0, 1, 2, 3]),
+        ("hello", "d1"), ("ask", 20.0, "d1", [2, 3]),
+        ("due", 20.0 + FIRST_WINDOW_S - 0.01, []), ("due", 20.0 + FIRST_WINDOW_S, [2, 3]),
+    ], DeliveryStats(6, 2)),
+    "a publish older than STALE_S goes out again to whoever asks": (3, [
+        ("ask", 0.0, "d1", [0, 1, 2]), ("due", 1.0, [0, 1, 2]),
+        ("ask", 1.0 + STALE_S - 0.5, "d1", [1]), ("due", 1.0 + STALE_S, []),
+        ("ask", 1.0 + STALE_S + 0.5, "d1", [1]), ("due", 1.0 + STALE_S + 1.5, [1]),
+    ], DeliveryStats(4, 2)),
+}
+
+
+@pytest.mark.parametrize("case", TIMELINES)
+def test_timeline(case: str) -> None:
+    chunks, steps, stats = TIMELINES[case]
+    s = scheduler(A=ArtifactOffer(chunks))
+    for step in steps:
+        if step[0] == "ask":
+            _, t, device, indices, *repair = step
+            assert s.request(device, A, indices, t, repair=bool(repair)).known
+        elif step[0] == "hello":
+            s.reconnected(step[1])
+        else:
+            _, t, expected = step
+            assert s.due(t) == pubs(A, *expected), (case, t)
+    assert s.stats(A) == stats
+    assert s.deadline is None
+
+
+# -- a fleet: many devices, each asking as the agent does ----------------------------------
+
+@dataclass
+class SimDevice:
+    joins: float
+    have: set[int] = field(default_factory=set)
+    asked: bool = False
+    progress: float = 0.0
+
+
+def run_fleet(joins: list[float], chunks: int, *, retry_s: float = 3.0, rate: int = 0,
+              until: float = 120.0, step: float = 0.05) -> tuple[ChunkScheduler, float]:
+    """Devices subscribe and ask for every chunk at their join time, receive every chunk
+    published after that, and ask again for what they miss after ``retry_s`` without progress
+    (the agent's ``chunk_retry_s``). Returns the scheduler and when the last device finished."""
+    s = ChunkScheduler(CHUNK)
+    s.serve({A: ArtifactOffer(chunks, rate)}, 0.0)
+    fleet = {f"d{n}": SimDevice(t) for n, t in enumerate(joins)}
+    t = 0.0
+    while t < until:
+        for name, d in fleet.items():
+            missing = [i for i in range(chunks) if i not in d.have]
+            if not missing or t < d.joins:
+                continue
+            if not d.asked or t - d.progress > retry_s:
+                d.asked, d.progress = True, t
+                s.request(name, A, missing, t)
+        for p in s.due(t):
+            for d in fleet.values():
+                if d.asked and p.index not in d.have:
+                    d.have.add(p.index)
+                    d.progress = t
+        if all(len(d.have) == chunks for d in fleet.values()):
+            return s, t
+        t = round(t + step, 6)
+    raise AssertionError(f"not every device finished by {until} s")
+
+
+@pytest.mark.parametrize(("devices", "spread_s", "rounds"), [
+    (10, 0.0, 1),
+    (2000, 0.0, 1),
+    (30, 3.0, 1),  # a wave trickling in keeps the first gather open, up to ROUND_S
+    (3000, 3.0, 1),
+    (20, 12.0, 3),  # askers over 12 s: about one round per ROUND_S, whatever the fleet size
+    (2000, 12.0, 3),
+    (500, 30.0, 6),
+])
+def test_rounds_are_bounded_by_time_not_by_the_fleet(devices: int, spread_s: float,
+                                                      rounds: int) -> None:
+    chunks = 8
+    joins = [round(spread_s * n / max(1, devices - 1), 2) for n in range(devices)]
+    s, finished = run_fleet(joins, chunks)
+    stats = s.stats(A)
+    assert stats.rounds == rounds
+    assert stats.published <= chunks * stats.rounds
+    assert stats.rounds <= spread_s / ROUND_S + 1 + 1
+    assert finished <= spread_s + ROUND_S + FIRST_WINDOW_S + 0.1  # nobody waits past a round
+
+
+def test_a_late_joiner_mid_round_is_served_by_it_without_a_second_publish() -> None:
+    """With the cap sending 2 chunks/s, d-late joins while the others still download round 1:
+    it gets the rest of round 1, and the 3 chunks it missed come once in round 2; its retries
+    while it waits publish nothing."""
+    s, _ = run_fleet([0.0] * 5 + [2.0], chunks=10, rate=2 * CHUNK)
+    stats = s.stats(A)
+    assert (stats.rounds, stats.published) == (2, 10 + 3)
+
+
+def test_repeated_requests_while_waiting_for_the_next_round_publish_nothing() -> None:
+    """Askers every 0.7 s over 8 s, each retrying every second while it waits."""
+    s, _ = run_fleet([0.7 * n for n in range(12)], chunks=4, retry_s=1.0)
+    stats = s.stats(A)
+    assert stats.published == 4 * stats.rounds
+    assert stats.rounds == 2
 
 
 def test_devices_asking_within_the_first_window_get_one_publish_per_chunk() -> None:
@@ -46,10 +208,20 @@ def test_devices_asking_within_the_first_window_get_one_publish_per_chunk() -> N
     assert s.request("d1", A, [2, 0, 1], 0.0).indices == (0, 1, 2)
     assert s.deadline == FIRST_WINDOW_S
     assert s.request("d2", A, [1, 2, 3], 0.5).indices == (1, 2, 3)
-    assert s.deadline == FIRST_WINDOW_S  # a later request does not move the deadline
-    assert s.due(FIRST_WINDOW_S - 0.01) == []
-    assert s.due(FIRST_WINDOW_S) == pubs(A, 0, 1, 2, 3)
+    assert s.deadline == 0.5 + FIRST_WINDOW_S  # a new device keeps the gather open
+    assert s.request("d1", A, [3], 0.9).indices == (3,)
+    assert s.deadline == 0.5 + FIRST_WINDOW_S  # ... a device already in it does not
+    assert s.due(0.5 + FIRST_WINDOW_S - 0.01) == []
+    assert s.due(0.5 + FIRST_WINDOW_S) == pubs(A, 0, 1, 2, 3)
     assert s.deadline is None and s.due(5.0) == []
+
+
+def test_a_trickle_of_devices_holds_the_first_round_for_round_s_at_most() -> None:
+    s = scheduler(A=ArtifactOffer(2))
+    for n in range(20):
+        s.request(f"d{n}", A, [0, 1], n * 0.5)
+    assert s.deadline == ROUND_S
+    assert s.due(ROUND_S) == pubs(A, 0, 1)
 
 
 def test_a_slow_device_repeating_its_request_after_the_publish_gets_nothing_again() -> None:
@@ -59,33 +231,20 @@ def test_a_slow_device_repeating_its_request_after_the_publish_gets_nothing_agai
     assert s.deadline is None
 
 
-def test_a_late_asker_is_served_again_but_not_within_the_republish_interval() -> None:
+def test_a_late_asker_waits_for_the_next_round() -> None:
     s = published_at_one()
     assert s.request("d3", A, [0, 2], 1.5).indices == (0, 2)  # it started asking after 1.0
-    assert s.deadline == 1.5 + CHUNK_WINDOW_S  # not the artifact's first request: short window
-    assert s.due(1.5 + CHUNK_WINDOW_S) == []  # published 0.55 s ago: held back
-    assert s.deduplicated == 2
-    assert s.deadline == pytest.approx(1.0 + REPUBLISH_AFTER_S)  # when they may go out again
-    assert s.due(1.01 + REPUBLISH_AFTER_S) == pubs(A, 0, 2)
+    assert s.deadline == 1.0 + ROUND_S
+    before = s.deduplicated
+    assert s.request("d3", A, [0, 2], 4.5).indices == (0, 2)  # its retry: already gathered
+    assert s.deduplicated == before + 2
+    assert s.due(1.0 + ROUND_S) == pubs(A, 0, 2)
 
 
 def test_a_device_that_reconnected_counts_as_a_late_asker() -> None:
     s = published_at_one()
     s.reconnected("d1")  # its hello: its earlier subscriptions are gone
     assert s.request("d1", A, [1], 1.5).indices == (1,)
-
-
-@pytest.mark.parametrize(("when", "repair", "queued"), [
-    (1.5, True, (1,)),  # its copy failed its hash: sent again
-    (1.5, False, ()),
-    (1.0 + STALE_S + 0.5, False, (1,)),  # the publish is stale: a broker queue may have dropped it
-    (1.0 + STALE_S - 0.5, False, ()),
-])
-def test_repairs_and_stale_publishes_are_sent_again(when: float, repair: bool,
-                                                    queued: tuple[int, ...]) -> None:
-    s = published_at_one()
-    assert s.request("d1", A, [1], when, repair=repair).indices == queued
-    assert s.due(when + REPUBLISH_AFTER_S) == pubs(A, *queued)
 
 
 @pytest.mark.parametrize(("sha", "indices", "known", "queued", "out_of_range"), [
@@ -121,7 +280,19 @@ def test_the_bandwidth_cap_holds_chunks_for_later_windows() -> None:
     assert s.due(1.6) == pubs(A, 2)
     assert s.due(3.0) == pubs(A, 3, 4)
     assert s.deadline is None
-    assert s.deduplicated == 0
+    assert (s.stats(A), s.stats(B)) == (DeliveryStats(5, 1), DeliveryStats(2, 1))
+
+
+def test_a_capped_round_outlasting_round_s_delays_the_next_one() -> None:
+    s = scheduler(A=ArtifactOffer(8, rate_bytes_per_s=CHUNK))
+    s.request("d1", A, range(8), 0.0)
+    assert s.due(1.0) == pubs(A, 0)
+    s.request("d2", A, range(8), 1.5)  # 1..7 join round 1; 0 waits for round 2
+    sent = [p.index for t in range(2, 9) for p in s.due(float(t))]
+    assert sent == [1, 2, 3, 4, 5, 6, 7]  # round 1 ends at 8.0, past 1.0 + ROUND_S
+    assert s.due(8.0 + CHUNK_WINDOW_S) == []
+    assert s.due(9.0) == pubs(A, 0)
+    assert s.stats(A) == DeliveryStats(9, 2)
 
 
 def test_lifting_the_cap_releases_what_it_held() -> None:
@@ -146,8 +317,9 @@ def test_withdrawn_chunks_count_as_never_published() -> None:
     due = s.due(1.0)
     assert due == pubs(A, 0, 1, 2)
     s.withdraw(due[1:])  # the blob failed its check at chunk 1: 1 and 2 never went out
+    assert s.stats(A) == DeliveryStats(1, 1)
     assert s.request("d1", A, [0, 1, 2], 1.2).indices == (1, 2)
-    assert s.deadline == 1.2 + CHUNK_WINDOW_S  # chunk 0 went out: no longer the first request
+    assert s.deadline == 1.2 + CHUNK_WINDOW_S  # round 1 never sent them: they join it
     assert s.due(1.2 + CHUNK_WINDOW_S) == pubs(A, 1, 2)  # their bandwidth was given back
 
 
@@ -155,14 +327,16 @@ def test_withdrawing_everything_reopens_the_first_window() -> None:
     s = scheduler(A=ArtifactOffer(2))
     s.request("d1", A, [0, 1], 0.0)
     s.withdraw(s.due(1.0))
+    assert s.stats(A) == DeliveryStats(0, 0)  # the round never happened
     assert s.request("d1", A, [0, 1], 1.5).indices == (0, 1)
     assert s.deadline == 1.5 + FIRST_WINDOW_S
 
 
-def test_a_republish_withdrawn_keeps_the_earlier_publish_time() -> None:
+def test_a_repair_withdrawn_keeps_the_earlier_publish_time() -> None:
     s = published_at_one()
-    s.request("d3", A, [0], 4.0)
+    s.request("d3", A, [0], 4.0, repair=True)
     s.withdraw(s.due(4.0 + CHUNK_WINDOW_S))
+    assert s.stats(A) == DeliveryStats(3, 1)
     assert s.request("d1", A, [0], 4.5).indices == ()  # d1 was there for the publish at 1.0
     assert s.request("d1", A, [0], 1.0 + STALE_S + 1).indices == (0,)
 

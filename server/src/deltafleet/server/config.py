@@ -47,6 +47,10 @@ class ServerConfig:
     mqtt_url: str
     topic_prefix: str
     chunk_size_bytes: int = 65536
+    # Rounds of chunk publishes of one artifact start at least this far apart
+    # (FLEET_CHUNK_ROUND_S): the longest a device asking late waits for its chunks, and with
+    # the rollout's duration the bound on publishes per chunk (delivery.chunks).
+    chunk_round_s: float = 5.0
     manifest_ttl_s: int = 7 * 86400
     # MQTT authentication of the server itself (TLS client certificate and/or user+password).
     # Unset TLS files fall back to $FLEET_HOME/pki/ (made by `fleetctl broker config`) when
@@ -95,7 +99,8 @@ class ServerConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
         """Read FLEET_HOME, FLEET_DB_URL, FLEET_MQTT_URL, FLEET_TOPIC_PREFIX, FLEET_MQTT_CA,
         FLEET_MQTT_CERT, FLEET_MQTT_KEY, FLEET_MQTT_USERNAME, FLEET_MQTT_PASSWORD and
-        FLEET_MQTT_IDENTITY, FLEET_SERVER_ID and FLEET_SHARE_GROUP (empty = unset).
+        FLEET_MQTT_IDENTITY, FLEET_SERVER_ID, FLEET_SHARE_GROUP and FLEET_CHUNK_ROUND_S (empty =
+        unset).
 
         The server identity is FLEET_MQTT_IDENTITY, else FLEET_SERVER_ID, else ``fleet-server``;
         the share group is FLEET_SHARE_GROUP, else the content of ``$FLEET_HOME/share-group``.
@@ -121,7 +126,21 @@ class ServerConfig:
                              or DEFAULT_SERVER_IDENTITY),
             server_id=env.get("FLEET_SERVER_ID") or None,
             share_group=_share_group(env, home),
+            chunk_round_s=_seconds(env, "FLEET_CHUNK_ROUND_S", 5.0),
         )
+
+
+def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
+    raw = env.get(var)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 3600:
+        raise UsageError(f"{var}: expected seconds between 0 and 3600, got {raw!r}")
+    return value
 
 
 def _share_group(env: Mapping[str, str], home: Path) -> str | None:

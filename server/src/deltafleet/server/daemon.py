@@ -7,8 +7,11 @@ is logged and counted and causes no database write.
 
 Chunk delivery: devices publish the indices they miss on their chunkreq topic; the pure
 ``delivery.chunks.ChunkScheduler`` decides which chunks to publish and when (one publish per
-chunk serves every device asking within a window), and this module reads each chunk from the
-blob store (``delivery.artifacts``) and publishes it on its content-addressed topic.
+chunk per round serves every device asking within the round's window; rounds of an artifact
+start at most every ``cfg.chunk_round_s``), and this module reads each chunk from the blob
+store (``delivery.artifacts``) and publishes it on its content-addressed topic. Its counters
+are in ``stats`` (``chunks_published``, ``chunk_bytes_published``, ``chunk_rounds``) and per
+artifact in ``chunks.stats(sha)``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from deltafleet.shared.mqtt import CONNECTED, MqttClient, Will
 from . import fleet
 from .config import ServerConfig, check_client_identity, mqtt_settings
 from .controller import Publish, RolloutController
-from .delivery.chunks import CHUNK_WINDOW_S, ArtifactOffer, ChunkScheduler
+from .delivery.chunks import ArtifactOffer, ChunkScheduler, ChunkWindows
 from .deltas import DeltaBuilder
 from .enroll import revoked_devices
 from .guard import DeviceMessageGuard
@@ -77,6 +80,7 @@ class ServerStats:
     chunks_published: int = 0
     chunks_deduplicated: int = 0
     chunk_bytes_published: int = 0
+    chunk_rounds: int = 0
 
 
 class FleetServer:
@@ -94,7 +98,8 @@ class FleetServer:
         self.stats = ServerStats()
         self.stop_event = threading.Event()
         self.artifacts = self.controller.artifacts
-        self.chunks = ChunkScheduler(cfg.chunk_size_bytes)
+        self.chunks = ChunkScheduler(cfg.chunk_size_bytes,
+                                     ChunkWindows(round_s=cfg.chunk_round_s))
         self._next_prune = 0.0
         self._next_reconcile = 0.0
         self._revoked_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
@@ -138,7 +143,9 @@ class FleetServer:
     def _tick(self) -> None:
         """One loop step: apply a batch of device messages (waiting at most until chunks are
         due), publish the chunks due, and reconcile every RECONCILE_EVERY_S."""
-        batch = self._drain(CHUNK_WINDOW_S if self.chunks.deadline else 0.2)
+        deadline = self.chunks.deadline
+        wait = 0.2 if deadline is None else deadline - time.monotonic()
+        batch = self._drain(min(0.2, max(0.005, wait)))
         if batch:
             try:
                 self._handle_with_retry(batch)
@@ -331,6 +338,7 @@ class FleetServer:
         hash. A blob that is not intact sends none of its chunks; the controller holds it."""
         due = self.chunks.due(time.monotonic() if now is None else now)
         self.stats.chunks_deduplicated = self.chunks.deduplicated
+        self.stats.chunk_rounds = self.chunks.rounds
         broken: set[str] = set()
         unsent = []
         for p in due:

@@ -1,29 +1,45 @@
 """Chunk scheduling: which artifact chunks to publish, and when. Pure: no MQTT, no files, no
 clock of its own (every ``now`` is a monotonic time in seconds given by the caller).
 
-Devices ask for the chunk indices they miss; each chunk goes out on one content-addressed
-topic, and every device subscribed to it then receives it (QoS 1). So one publish per chunk
-serves every device asking within a window, and a device that was already asking when a chunk
-went out is not sent it again merely because it is slow.
+Devices subscribe to an artifact's chunk topics, then ask for the chunk indices they miss; each
+chunk goes out on one content-addressed topic, and every device subscribed to it then receives
+it (QoS 1). So a publish of chunk ``i`` at time ``t`` serves every device that asked for ``i``
+before ``t``, and the server's egress is bounded by publishing each chunk once per ROUND: a
+round gathers every request of a window, however many devices made them, and rounds of an
+artifact start at most every ``round_s``, so their number grows with the rollout's duration,
+never with the fleet.
 
-Rules, per chunk ``(artifact, index)``:
+A device *needs* chunk ``i`` (of a served artifact, ``0 <= i < chunks``; anything else is
+ignored) when it was never published, when the device started asking for the artifact (its
+first request since its last ``reconnected``) after the last publish, when that publish is
+older than ``stale_s`` (a broker queue may have overflowed), or on ``repair`` (its copy failed
+its hash on the device). A request for a chunk the device does not need publishes nothing: it
+was subscribed when the chunk went out and is merely slow.
 
-- ``request(device, artifact, indices, now, repair=...)`` queues chunk ``i`` when the artifact
-  is served (``serve``), ``0 <= i < chunks`` (anything else is ignored), and one of: it was
-  never published; this device started asking for the artifact (its first request since its
-  last ``reconnected``) after the last publish; ``repair`` (its copy failed its hash on the
-  device); the last publish is older than ``stale_s`` (a broker queue may have overflowed).
-- Windows: when something is queued and no flush is due yet, the flush is due ``first_s``
-  later if no chunk of the artifact was ever published (the burst of requests from a whole
-  wave is then answered by one publish per chunk), else ``repair_s`` later.
-- ``due(now)``, once ``now`` reaches the deadline, takes every queued chunk, per artifact in
-  index order: one published less than ``republish_after_s`` ago stays queued (counted in
-  ``deduplicated``; the flush is due again when it may be republished); one over the artifact's
-  bandwidth cap (a token bucket of ``rate_bytes_per_s``, one second of burst, ``chunk_size``
-  bytes per chunk) stays queued for the next window; every other one is published now. While
-  anything stays queued the next flush is due within ``republish_after_s``.
-- ``withdraw(publishes)``: chunks ``due`` returned that could not be sent (their blob failed its
-  check) count as never published and cost no bandwidth; they are not queued again.
+Per artifact, a needed chunk goes, in this order of rules:
+
+- to nothing new if the running round will still publish it (counted in ``deduplicated``);
+- on ``repair``, to the repairs: published ``repair_s`` later, alone (no round is opened), but
+  never within ``republish_after_s`` of its last publish (held until then); a repair the round
+  covers first is dropped;
+- into the running round while the round is OPEN (less than ``round_s`` since it started, or
+  chunks still held by the bandwidth cap) and has not published this chunk yet: a device that
+  joins while the round is still sending is served by it, ``repair_s`` later at most;
+- otherwise into the GATHER for the next round (a chunk the open round already published, or no
+  round open).
+
+A gather becomes a round when no round is open, once ``first_s`` passed without a new device
+joining it (a wave of requests keeps it gathering, for ``round_s`` at most after it opened):
+due at ``max(min(last_join + first_s, opened + round_s), last_round_start + round_s)``. The
+round publishes what it holds, in index order, as the artifact's bandwidth cap allows (a token
+bucket of ``rate_bytes_per_s``, one second of burst, ``chunk_size`` bytes per chunk; chunks
+over it stay in the round for ``repair_s`` later). Any publish of chunk ``i`` takes ``i`` out of
+the gather and the repairs: every device waiting for it was subscribed. So each chunk goes out
+at most once per round, plus repairs (each at most once per ``republish_after_s``).
+
+``withdraw(publishes)``: chunks ``due`` returned that could not be sent (their blob failed its
+check) count as never published and cost no bandwidth; they are not queued again. A round all
+of whose publishes were withdrawn never happened.
 """
 
 from __future__ import annotations
@@ -35,18 +51,21 @@ __all__ = [
     "CHUNK_WINDOW_S",
     "FIRST_WINDOW_S",
     "REPUBLISH_AFTER_S",
+    "ROUND_S",
     "STALE_S",
     "ArtifactOffer",
     "ChunkPublish",
     "ChunkScheduler",
     "ChunkWindows",
+    "DeliveryStats",
     "Queued",
     "TokenBucket",
 ]
 
-CHUNK_WINDOW_S = 0.05  # gather repair requests this long before answering
-FIRST_WINDOW_S = 1.0  # ... and this long for the first request of an artifact
-REPUBLISH_AFTER_S = 2.0  # never publish the same chunk twice within this interval
+CHUNK_WINDOW_S = 0.05  # gather repairs (and joiners of a running round) this long
+FIRST_WINDOW_S = 1.0  # a gather becomes a round after this long without a new device
+ROUND_S = 5.0  # rounds of one artifact start at least this far apart
+REPUBLISH_AFTER_S = 2.0  # a repair never republishes a chunk within this interval
 STALE_S = 30.0  # a chunk published longer ago than this is sent again to whoever asks
 
 
@@ -58,6 +77,7 @@ class ChunkWindows:
     first_s: float = FIRST_WINDOW_S
     republish_after_s: float = REPUBLISH_AFTER_S
     stale_s: float = STALE_S
+    round_s: float = ROUND_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +98,24 @@ class ChunkPublish:
 
 @dataclass(frozen=True, slots=True)
 class Queued:
-    """What one request did: ``indices`` are queued for the next flush (sorted, maybe none);
-    ``known`` is False for an artifact not being served (nothing queued)."""
+    """What one request did: ``indices`` are the needed chunks now queued -- in the running
+    round, the gather or the repairs -- (sorted, maybe none); ``known`` is False for an artifact
+    not being served (nothing queued)."""
 
     artifact_sha: str
     known: bool
     indices: tuple[int, ...] = ()
     out_of_range: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStats:
+    """One artifact's delivery so far: chunk publishes (withdrawn ones not counted), rounds
+    started, and of the publishes those made for repairs."""
+
+    published: int = 0
+    rounds: int = 0
+    repairs: int = 0
 
 
 class TokenBucket:
@@ -109,26 +140,94 @@ class TokenBucket:
         self.tokens = min(float(self.rate), self.tokens + n)
 
 
+class _Delivery:
+    """One artifact's rounds, gather and repairs (the scheduler's internal state)."""
+
+    __slots__ = ("gather", "gather_devices", "joined", "last", "opened", "published",
+                 "repair_due", "repairs", "round_repairs", "round_started", "rounds", "running",
+                 "running_wake", "sent_in_round")
+
+    def __init__(self) -> None:
+        self.last: dict[int, float] = {}  # chunk -> its last publish
+        self.round_started: float | None = None
+        self.rounds = 0
+        self.running: set[int] = set()  # the running round's chunks not published yet
+        self.running_wake: float | None = None
+        self.sent_in_round: set[int] = set()
+        self.gather: set[int] = set()
+        self.gather_devices: set[str] = set()
+        self.opened = 0.0
+        self.joined = 0.0
+        self.repairs: set[int] = set()
+        self.repair_due: float | None = None
+        self.published = 0
+        self.round_repairs = 0
+
+    def is_open(self, now: float, w: ChunkWindows) -> bool:
+        return bool(self.running) or (self.round_started is not None
+                                      and now < self.round_started + w.round_s)
+
+    def gather_due(self, w: ChunkWindows) -> float | None:
+        if not self.gather:
+            return None
+        due = min(self.joined + w.first_s, self.opened + w.round_s)
+        if self.round_started is not None:
+            due = max(due, self.round_started + w.round_s)
+        return due
+
+    def deadline(self, w: ChunkWindows) -> float | None:
+        times = [t for t in (self.running_wake if self.running else None,
+                             self.repair_due if self.repairs else None,
+                             None if self.running else self.gather_due(w)) if t is not None]
+        return min(times) if times else None
+
+    def sent(self, i: int, now: float) -> None:
+        self.last[i] = now
+        self.published += 1
+        self.gather.discard(i)
+        self.repairs.discard(i)
+        if not self.gather:
+            self.gather_devices.clear()
+
+
 class ChunkScheduler:
     """One replica's chunk delivery state; see the module docstring for the rules."""
 
     def __init__(self, chunk_size_bytes: int, windows: ChunkWindows | None = None) -> None:
         self.chunk_size_bytes = chunk_size_bytes
         self.windows = windows or ChunkWindows()
-        self.deduplicated = 0  # queued chunks held back because they had just been published
+        self.deduplicated = 0  # needed chunks a publish already queued covers
         self._offers: dict[str, ArtifactOffer] = {}
         self._buckets: dict[str, TokenBucket] = {}
-        self._pending: dict[str, set[int]] = {}
-        self._deadline: float | None = None
-        self._published_at: dict[str, dict[int, float]] = {}
+        self._deliveries: dict[str, _Delivery] = {}
         # device -> artifact -> when it first asked (this connection; reset by reconnected)
         self._first_request: dict[str, dict[str, float]] = {}
-        self._undo: dict[tuple[str, int], float | None] = {}  # stamps before the last due()
+        # what the last due() changed, for withdraw: chunk -> (its last publish before, a
+        # repair?); artifact -> (start, chunks sent) of its round before, if due() started one
+        self._undo: dict[tuple[str, int], tuple[float | None, bool]] = {}
+        self._undo_round: dict[str, tuple[float | None, set[int]]] = {}
 
     @property
     def deadline(self) -> float | None:
         """When ``due`` next has something to decide (None: nothing queued)."""
-        return self._deadline
+        times = [t for d in self._deliveries.values()
+                 if (t := d.deadline(self.windows)) is not None]
+        return min(times) if times else None
+
+    def stats(self, artifact_sha: str) -> DeliveryStats:
+        d = self._deliveries.get(artifact_sha)
+        return DeliveryStats() if d is None else DeliveryStats(d.published, d.rounds,
+                                                               d.round_repairs)
+
+    @property
+    def published(self) -> int:
+        """Chunk publishes of every artifact so far."""
+        return sum(d.published for d in self._deliveries.values())
+
+    @property
+    def rounds(self) -> int:
+        """Rounds started, of every artifact."""
+        return sum(d.rounds for d in self._deliveries.values())
 
     def serve(self, offers: Mapping[str, ArtifactOffer], now: float) -> None:
         """The artifacts devices may fetch now (all others are refused). A changed cap
@@ -151,56 +250,80 @@ class ChunkScheduler:
         offer = self._offers.get(artifact_sha)
         if offer is None:
             return Queued(artifact_sha, known=False)
+        w = self.windows
         first = self._first_request.setdefault(device_id, {}).setdefault(artifact_sha, now)
-        published = self._published_at.get(artifact_sha, {})
+        d = self._deliveries.setdefault(artifact_sha, _Delivery())
+        is_open = d.is_open(now, w)
         queued: set[int] = set()
         out_of_range: set[int] = set()
         for i in indices:
             if not 0 <= i < offer.chunks:
                 out_of_range.add(i)
                 continue
-            last = published.get(i)
-            if last is None or first > last or repair or now - last > self.windows.stale_s:
-                queued.add(i)
-        if queued:
-            self._pending.setdefault(artifact_sha, set()).update(queued)
-        if self._pending.get(artifact_sha) and self._deadline is None:
-            fresh = not published
-            self._deadline = now + (self.windows.first_s if fresh else self.windows.repair_s)
+            last = d.last.get(i)
+            if not (last is None or first > last or repair or now - last > w.stale_s):
+                continue
+            if i in d.running:
+                self.deduplicated += 1
+                continue
+            queued.add(i)
+            if repair:
+                d.repairs.add(i)
+                d.repair_due = _sooner(d.repair_due, now + w.repair_s)
+            elif is_open and i not in d.sent_in_round:
+                d.running.add(i)
+                d.running_wake = _sooner(d.running_wake, now + w.repair_s)
+            else:
+                if i in d.gather:
+                    self.deduplicated += 1
+                if not d.gather:
+                    d.opened = d.joined = now
+                d.gather.add(i)
+                if device_id not in d.gather_devices:
+                    d.gather_devices.add(device_id)
+                    d.joined = now
         return Queued(artifact_sha, True, tuple(sorted(queued)), tuple(sorted(out_of_range)))
 
     def due(self, now: float) -> list[ChunkPublish]:
         """The chunks to publish now (recorded as published at ``now``); [] before the
         deadline."""
-        if self._deadline is None or now < self._deadline:
-            return []
         w = self.windows
-        pending, self._pending = self._pending, {}
-        self._deadline = None
-        self._undo = {}
-        wake = now + w.repair_s
+        self._undo, self._undo_round = {}, {}
         out: list[ChunkPublish] = []
-        for sha, indices in pending.items():
+        for sha, d in self._deliveries.items():
             bucket = self._buckets.get(sha)
-            stamps = self._published_at.setdefault(sha, {})
-            for i in sorted(indices):
-                last = stamps.get(i)
-                since = now - (last if last is not None else -1e9)
-                if since < w.republish_after_s:
-                    self.deduplicated += 1
-                    self._pending.setdefault(sha, set()).add(i)
-                    wake = max(wake, now + w.republish_after_s - since)
-                    continue
-                if bucket is not None and not bucket.take(self.chunk_size_bytes, now):
-                    self._pending.setdefault(sha, set()).add(i)  # over the cap: next window
-                    continue
-                self._undo[(sha, i)] = last
-                stamps[i] = now
-                out.append(ChunkPublish(sha, i))
-            if not stamps:
-                del self._published_at[sha]
-        if self._pending:
-            self._deadline = min(wake, now + w.republish_after_s)
+            gather_due = d.gather_due(w)
+            if gather_due is not None and now >= gather_due and not d.is_open(now, w):
+                self._undo_round[sha] = (d.round_started, d.sent_in_round)
+                d.round_started, d.sent_in_round = now, set()
+                d.rounds += 1
+                d.running, d.gather = d.gather, set()
+                d.gather_devices.clear()
+                d.running_wake = now
+            if d.running and d.running_wake is not None and now >= d.running_wake:
+                for i in sorted(d.running):
+                    if bucket is not None and not bucket.take(self.chunk_size_bytes, now):
+                        break  # over the cap: the rest waits in the round
+                    self._undo[(sha, i)] = (d.last.get(i), False)
+                    d.running.discard(i)
+                    d.sent_in_round.add(i)
+                    d.sent(i, now)
+                    out.append(ChunkPublish(sha, i))
+                d.running_wake = now + w.repair_s if d.running else None
+            if d.repairs and d.repair_due is not None and now >= d.repair_due:
+                wake = now + w.repair_s
+                for i in sorted(d.repairs):
+                    last = d.last.get(i)
+                    if last is not None and now - last < w.republish_after_s:
+                        wake = max(wake, last + w.republish_after_s)
+                        continue
+                    if bucket is not None and not bucket.take(self.chunk_size_bytes, now):
+                        break
+                    self._undo[(sha, i)] = (last, True)
+                    d.round_repairs += 1
+                    d.sent(i, now)
+                    out.append(ChunkPublish(sha, i))
+                d.repair_due = wake if d.repairs else None
         return out
 
     def withdraw(self, publishes: Iterable[ChunkPublish]) -> None:
@@ -208,16 +331,29 @@ class ChunkScheduler:
         give their bandwidth back."""
         for p in publishes:
             key = (p.artifact_sha, p.index)
-            if key not in self._undo:
+            d = self._deliveries.get(p.artifact_sha)
+            if key not in self._undo or d is None:
                 continue
-            before = self._undo.pop(key)
-            stamps = self._published_at.get(p.artifact_sha, {})
+            before, was_repair = self._undo.pop(key)
             if before is None:
-                stamps.pop(p.index, None)
+                d.last.pop(p.index, None)
             else:
-                stamps[p.index] = before
-            if not stamps:
-                self._published_at.pop(p.artifact_sha, None)
+                d.last[p.index] = before
+            d.published -= 1
+            if was_repair:
+                d.round_repairs -= 1
+            else:
+                d.sent_in_round.discard(p.index)
             bucket = self._buckets.get(p.artifact_sha)
             if bucket is not None:
                 bucket.give(self.chunk_size_bytes)
+        for sha, (started, sent) in self._undo_round.items():
+            d = self._deliveries[sha]
+            if not d.sent_in_round and not d.running:  # nothing of it went out
+                d.round_started, d.sent_in_round = started, sent
+                d.rounds -= 1
+        self._undo_round = {}
+
+
+def _sooner(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)
