@@ -282,11 +282,21 @@ class RolloutController:
             if bad:
                 wanted.append(select(by).where(mine, by.state.in_((T.NOTIFIED, T.DOWNLOADING)),
                                                by.artifact_sha256.in_(bad)))
+        rows: dict[str, RolloutTarget] = {}
+
+        def fetch(queries: list) -> None:
+            for query in queries:
+                for t in s.scalars(query.with_for_update(of=RolloutTarget)).all():
+                    rows.setdefault(t.device_id, t)
+
+        fetch(wanted)
+        wanted = []
         seen = self._seen[r.id]
         if state == RolloutState.RUNNING:
             limit = RolloutPolicy.from_json(r.policy).max_concurrent
             in_flight = sum(n for (_, st), n in counts.items() if st in IN_FLIGHT_STATES)
-            budget = None if limit is None else max(0, limit - in_flight)
+            # every due target may free a slot (a timeout) or take one (a hold ran out)
+            budget = None if limit is None else max(0, limit - in_flight + len(rows))
             if budget != 0:
                 pending = (select(by).where(mine, by.state == T.PENDING,
                                             by.wave <= r.current_wave)
@@ -296,10 +306,7 @@ class RolloutController:
                     wanted.append(select(by).where(mine, by.state == T.PENDING,
                                                    by.device_id.in_(seen.waiting)))
                 wanted.append(pending if budget is None else pending.limit(budget))
-        rows: dict[str, RolloutTarget] = {}
-        for query in wanted:
-            for t in s.scalars(query.with_for_update(of=RolloutTarget)).all():
-                rows.setdefault(t.device_id, t)
+        fetch(wanted)
         devices = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(rows)))} \
             if rows else {}
         if state == RolloutState.RUNNING:
