@@ -3,6 +3,7 @@ and ``engine.step`` / ``engine.on_event`` fed frozen snapshots, checked decision
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -477,3 +478,103 @@ def test_a_paused_rollout_dispatches_nothing():
 def test_the_engine_refuses_a_move_the_table_does_not_allow():
     with pytest.raises(IllegalTransition):
         engine.on_event(target("a", T.CANCELLED), POLICY, Report(T.HEALTHY), NOW)
+
+
+# -- counters: a partial snapshot decides what a whole one does --------------------------------
+def partial(s: Snapshot, now: datetime) -> Snapshot:
+    """What the SQL adapter loads: the counters, the due targets, the pending targets of the
+    open waves up to the budget, and what the rollout's state works on."""
+    state, wave, policy = s.rollout.state, s.rollout.current_wave, s.rollout.policy
+    online = {i for i, d in s.devices.items() if d.online}
+    keep: dict[str, TargetView] = {}
+    for t in s.targets:
+        due = ((t.state == T.HELD and t.hold_until is not None and t.hold_until <= now)
+               or (t.state in states.IN_FLIGHT_STATES and t.state_deadline is not None
+                   and t.state_deadline <= now
+                   and (t.device_id in online or t.state not in (T.NOTIFIED, T.REVERTING))))
+        if (state == R.ABORTING and t.state not in TERMINAL_STATES) or (
+                state != R.ABORTING and due) or (
+                state == R.ROLLING_BACK
+                and t.state not in (T.REVERTING, T.REVERTED, T.SKIPPED, T.CANCELLED)) or (
+                state in (R.RUNNING, R.PAUSED) and t.state in (T.NOTIFIED, T.DOWNLOADING)
+                and t.artifact_sha256 and s.blob_problem(t.artifact_sha256)):
+            keep[t.device_id] = t
+    counts = engine.count_targets(s.targets)
+    if state == R.RUNNING:
+        in_flight = sum(n for (_, st), n in counts.items() if st in states.IN_FLIGHT_STATES)
+        budget = (None if policy.max_concurrent is None
+                  else max(0, policy.max_concurrent - in_flight + len(keep)))
+        pending = sorted((t for t in s.targets if t.state == T.PENDING and t.wave <= wave),
+                         key=lambda t: (t.wave, t.device_id))
+        for t in pending[:budget]:
+            keep.setdefault(t.device_id, t)
+    members = {st for (w, st), n in counts.items() if w == wave and n}
+    waiting = {}
+    if T.HEALTHY in members and members - states.VERDICT_STATES:
+        waiting[wave] = engine.count_waiting_online(s.targets, s.devices).get(wave, 0)
+    devices = {i: d for i, d in s.devices.items()
+               if i in keep or i not in {t.device_id for t in s.targets}}
+    return replace(s, targets=tuple(keep.values()), devices=devices, counts=counts,
+                   waiting_online=waiting)
+
+
+def _random_world(rng, n: int) -> tuple[list[TargetView], list[DeviceView]]:
+    targets, devices = [], []
+    for i in range(n):
+        st = rng.choice([T.PENDING] * 4 + list(T))
+        targets.append(target(
+            f"d{i:02d}", st, wave=rng.randrange(3), attempts=rng.randrange(3),
+            hold_until=NOW + timedelta(seconds=rng.choice([-5, 5])),
+            state_deadline=(NOW + timedelta(seconds=rng.choice([-5, 5]))
+                            if st in states.IN_FLIGHT_STATES else None),
+            manifest_id=rng.choice([None, "m"]), artifact_sha256=rng.choice([None, DELTA]),
+            previous_sha256=rng.choice([None, V1])))
+        devices.append(device(f"d{i:02d}", online=rng.random() < 0.7))
+    devices.append(device("joiner"))
+    return targets, devices
+
+
+def _apply_world(world: dict[str, TargetView], counts: dict, out) -> None:
+    """Apply decisions to the world and count the moves, as the flush hook does."""
+    for d in out:
+        if isinstance(d, AddTarget):
+            world[d.device_id] = target(d.device_id, wave=d.wave)
+            counts[(d.wave, T.PENDING.value)] = counts.get((d.wave, T.PENDING.value), 0) + 1
+        elif isinstance(d, SetTarget | Dispatch):
+            t = world[d.device_id]
+            counts[(t.wave, t.state.value)] -= 1
+            counts[(t.wave, d.state.value)] = counts.get((t.wave, d.state.value), 0) + 1
+            world[d.device_id] = replace(t, state=d.state, state_deadline=None,
+                                         hold_until=None)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_partial_snapshot_decides_what_the_whole_one_does_and_counters_match(seed):
+    import random
+
+    rng = random.Random(seed)
+    policy = replace(POLICY, canary="3", waves=(50.0, 100.0),
+                     max_concurrent=rng.choice([None, 2, 5]),
+                     max_failure_pct=rng.choice([20.0, 60.0]),
+                     on_failure=rng.choice(["pause", "abort", "rollback"]))
+    targets, devices = _random_world(rng, 20)
+    world = {t.device_id: t for t in targets}
+    counts = engine.count_targets(targets)
+    rstate = rng.choice([R.RUNNING, R.RUNNING, R.PAUSED, R.ABORTING, R.ROLLING_BACK])
+    for _ in range(6):
+        whole = snap(list(world.values()), devices, policy=policy, state=rstate,
+                     wave=rng.randrange(3), previous={V1: RollbackOption("v1", OLD)},
+                     bad=rng.choice([{}, {DELTA: "corrupt"}]))
+        part = partial(whole, NOW)
+        assert part.counts == {k: v for k, v in counts.items() if v}
+        got, want = engine.step(part, NOW), engine.step(whole, NOW)
+        assert sorted(map(repr, got)) == sorted(map(repr, want))
+        _apply_world(world, counts, want)
+        assert {k: v for k, v in counts.items() if v} == engine.count_targets(world.values())
+        for t in rng.sample(list(world.values()), 3):  # device events move targets too
+            report = Report(rng.choice(["downloading", "trial", "healthy", "failed"]), "x")
+            with contextlib.suppress(IllegalTransition):  # a report the table refuses
+                _apply_world(world, counts, engine.on_event(t, policy, report, NOW))
+        assert {k: v for k, v in counts.items() if v} == engine.count_targets(world.values())
+        if rng.random() < 0.3:
+            rstate = rng.choice([R.RUNNING, R.PAUSED, R.ROLLING_BACK])

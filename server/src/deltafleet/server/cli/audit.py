@@ -44,7 +44,7 @@ def audit(
 ) -> None:
     """Show the audit log (oldest first): every change made through fleetctl."""
     start = parse_since(since) if since else None
-    with open_store() as store, store.session() as s:
+    with open_store() as store, store.read() as s:
         rows = [views.audit_to_json(e) for e in list_audit(s, start)]
     if json_:
         print_json(rows)

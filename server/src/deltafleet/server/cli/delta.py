@@ -182,7 +182,7 @@ def _print_built(data: dict[str, Any], json_out: bool) -> None:
 def list_deltas(json_out: JsonOpt = False) -> None:
     """List cached deltas: base, target, codec, size vs the target's full artifact (the
     compressed model when it is smaller)."""
-    with open_store() as store, store.session() as s:
+    with open_store() as store, store.read() as s:
         rows = [_delta_json(s, d) for d in s.scalars(select(Delta).order_by(Delta.id)).all()]
     if json_out:
         print_json(rows)
@@ -203,7 +203,7 @@ def show(
     json_out: JsonOpt = False,
 ) -> None:
     """Show one cached delta."""
-    with open_store() as store, store.session() as s:
+    with open_store() as store, store.read() as s:
         d = s.get(Delta, delta_id)
         if d is None:
             raise NotFoundError(f"no delta {delta_id}")

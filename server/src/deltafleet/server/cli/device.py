@@ -32,7 +32,7 @@ def list_cmd(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """List devices: online state, profile, labels and the models they run."""
-    with open_store() as store, store.session() as s:
+    with open_store() as store, store.read() as s:
         devices = (fleet.devices_in_group(s, group) if group is not None
                    else fleet.list_devices(s))
         rows = [views.device_to_json(d) for d in devices]
@@ -61,7 +61,7 @@ def show(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Show one device: profile, labels, presence and each model it runs (with sha256)."""
-    with open_store() as store, store.session() as s:
+    with open_store() as store, store.read() as s:
         d = views.device_to_json(fleet.get_device(s, device_id))
     if json_:
         print_json(d)

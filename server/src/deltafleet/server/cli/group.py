@@ -60,7 +60,7 @@ def create(
 @app.command("list")
 def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """List groups with their selectors and the devices they match now."""
-    with open_store() as store, store.session() as s:
+    with open_store() as store, store.read() as s:
         devices = fleet.list_devices(s)
         rows = [
             views.group_to_json(

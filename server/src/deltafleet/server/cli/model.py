@@ -131,7 +131,7 @@ def compress(
 @app.command("list")
 def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """List models with their versions and variants."""
-    with open_store() as store, store.session() as s:
+    with open_store() as store, store.read() as s:
         models = [views.model_to_json(m, detail=False) for m in catalog.list_models(s)]
     if json_:
         print_json(models)
@@ -156,7 +156,7 @@ def show(
 ) -> None:
     """Show one model: versions, variants, format, precision, sha256, size, what a full
     install ships (the zstd-compressed file when smaller) and IO signature."""
-    with open_store() as store, store.session() as s:
+    with open_store() as store, store.read() as s:
         model = views.model_to_json(catalog.get_model(s, name))
     if json_:
         print_json(model)

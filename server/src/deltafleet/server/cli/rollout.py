@@ -126,7 +126,7 @@ def rollout_model(
                 print_json({"id": rollout_id})
             return
         _wait(store, rollout_id, parse_duration(timeout), quiet=as_json)
-        with store.session() as s:
+        with store.read() as s:
             data = rollout_json(s, get_rollout(s, rollout_id))
     if as_json:
         print_json(data)
@@ -141,7 +141,7 @@ def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> No
     status = console.status("waiting for devices...") if not quiet else contextlib.nullcontext()
     with status as st:
         while True:
-            with store.session() as s:
+            with store.read() as s:
                 data = rollout_json(s, get_rollout(s, rollout_id), with_targets=False)
             if st is not None:
                 st.update(f"rollout {rollout_id}: {data['state']}, wave "
@@ -167,7 +167,7 @@ def rollout_plan(
     its store now. Sends nothing."""
     cfg = load_config()
     blobs = blob_store(cfg)
-    with open_store(cfg) as store, store.session() as s:
+    with open_store(cfg) as store, store.read() as s:
         plan = plan_rollout(s, spec, group,
                             blob_problem=lambda sha: None if blobs.has(sha) else "missing")
     if as_json:
@@ -195,7 +195,7 @@ def rollout_status(
 ) -> None:
     """Each device's wave, state and reason; bytes sent against the full size."""
     with open_store() as store:
-        with store.session() as s:
+        with store.read() as s:
             data = rollout_json(s, get_rollout(s, rollout_id))
         if as_json:
             print_json(data)
@@ -206,7 +206,7 @@ def rollout_status(
         with Live(_render(data), console=console, refresh_per_second=2) as live:
             while data["state"] not in FINAL_ROLLOUT_STATES:
                 time.sleep(1)
-                with store.session() as s:
+                with store.read() as s:
                     data = rollout_json(s, get_rollout(s, rollout_id))
                 live.update(_render(data))
 
@@ -214,7 +214,7 @@ def rollout_status(
 @app.command("list")
 def rollout_list(as_json: JsonOpt = False) -> None:
     """List rollouts, newest first."""
-    with open_store() as store, store.session() as s:
+    with open_store() as store, store.read() as s:
         rows = [rollout_json(s, r, with_targets=False) for r in list_rollouts(s)]
     if as_json:
         print_json(rows)

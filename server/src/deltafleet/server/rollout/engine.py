@@ -18,6 +18,10 @@ Per rollout state, every tick::
     rolling_back every device the rollout touched gets a manifest for the model it ran before
                  (a higher serial, never a replay) -> rolled_back when none is reverting.
 
+The wave and threshold rules, the concurrency budget and completion read the snapshot's
+counters (targets per wave and state), never a scan of the targets, so a partial snapshot (the
+counters plus the targets that need a decision) decides exactly what a whole one does.
+
 Rules:
 
 - A failure (a failed / rejected / rolled_back report, or a timeout) holds the device out for
@@ -36,7 +40,8 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,6 +64,7 @@ from .states import (
     PROGRESS_ORDER,
     SUCCESS_STATES,
     TERMINAL_STATES,
+    VERDICT_STATES,
     RolloutState,
     TargetState,
     check_move,
@@ -117,7 +123,17 @@ class Snapshot:
     """One rollout and what its decisions depend on. ``deltas``: the smallest stored delta per
     (base, target); ``failed_deltas``: pairs no delta could be built for, with why;
     ``previous``: by model sha256, the versions targets may roll back to; ``blob_problem``:
-    None for a blob intact in the server's store, else what is wrong with it."""
+    None for a blob intact in the server's store, else what is wrong with it.
+
+    A snapshot is either whole (``counts`` None: ``targets`` is every target, and the counters
+    are counted from them) or partial: ``counts`` holds, per (wave, state), how many targets
+    the rollout has (kept in SQL in the same transaction as every move), and ``targets`` only
+    those that may need a decision this tick (due, pending in an open wave, or whatever the
+    rollout's state works on). Either way every device in ``devices`` has its target in
+    ``targets`` or none at all (a device with none that is ``in_group`` joined the group).
+    ``waiting_online``: per wave, how many of its targets without a verdict belong to online
+    devices; a wave missing from it is judged by its counters alone (settled only when every
+    target is terminal)."""
 
     rollout: RolloutView
     targets: tuple[TargetView, ...]
@@ -127,6 +143,8 @@ class Snapshot:
     failed_deltas: Mapping[tuple[str, str], str] = field(default_factory=dict)
     previous: Mapping[str, RollbackOption] = field(default_factory=dict)
     blob_problem: BlobProblem = all_intact
+    counts: Mapping[tuple[int, str], int] | None = None
+    waiting_online: Mapping[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,33 +253,47 @@ Decisions = tuple[Decision, ...]
 
 
 # -- wave and threshold rules ------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class WaveView:
-    """What the engine needs to know about one target to judge its wave."""
-
-    wave: int
-    state: str
-    online: bool
+Counts = Mapping[tuple[int, str], int]
 
 
-def failures_breach(targets: list[WaveView], current_wave: int, policy: RolloutPolicy,
+def count_targets(targets: Iterable[TargetView]) -> dict[tuple[int, str], int]:
+    """The counters of a whole snapshot: targets per (wave, state)."""
+    return dict(Counter((t.wave, str(t.state)) for t in targets))
+
+
+def count_waiting_online(targets: Iterable[TargetView],
+                         devices: Mapping[str, DeviceView]) -> dict[int, int]:
+    """Per wave, the targets without a verdict whose device is online (whole snapshots)."""
+    out: dict[int, int] = {}
+    for t in targets:
+        out.setdefault(t.wave, 0)
+        device = devices.get(t.device_id)
+        if t.state not in VERDICT_STATES and device is not None and device.online:
+            out[t.wave] += 1
+    return out
+
+
+def failures_breach(counts: Counts, current_wave: int, policy: RolloutPolicy,
                     acknowledged: int) -> tuple[bool, int, int]:
     """(breached?, failures, dispatched) over the waves dispatched so far."""
-    dispatched = [t for t in targets if t.wave <= current_wave and t.state != T.SKIPPED]
-    failures = sum(1 for t in dispatched if t.state in FAILURE_STATES) - acknowledged
-    allowed = policy.max_failure_pct / 100 * len(dispatched)
-    return failures > 0 and failures > allowed, max(failures, 0), len(dispatched)
+    dispatched = failures = 0
+    for (wave, state), n in counts.items():
+        if wave <= current_wave and state != T.SKIPPED:
+            dispatched += n
+            failures += n if state in FAILURE_STATES else 0
+    failures -= acknowledged
+    allowed = policy.max_failure_pct / 100 * dispatched
+    return failures > 0 and failures > allowed, max(failures, 0), dispatched
 
 
-def wave_settled(targets: list[WaveView], wave: int) -> bool:
+def wave_settled(counts: Counts, wave: int, waiting_online: int | None) -> bool:
     """Every online device of ``wave`` has a verdict, and at least one device proved the
-    version healthy (a wave whose devices are all offline proves nothing, so it waits)."""
-    members = [t for t in targets if t.wave == wave]
-    if all(t.state in TERMINAL_STATES for t in members):
+    version healthy (a wave whose devices are all offline proves nothing, so it waits).
+    ``waiting_online`` None: not known, so only a wave of terminal targets is settled."""
+    members = {state: n for (w, state), n in counts.items() if w == wave and n}
+    if all(state in TERMINAL_STATES for state in members):
         return True
-    return all(
-        t.state in TERMINAL_STATES or t.state == T.HELD or not t.online for t in members
-    ) and any(t.state in SUCCESS_STATES for t in members)
+    return waiting_online == 0 and any(members.get(state, 0) for state in SUCCESS_STATES)
 
 
 # -- the pure functions ------------------------------------------------------------------------
@@ -338,7 +370,27 @@ class _Tick:
         self.state = snapshot.rollout.state
         self.wave = snapshot.rollout.current_wave
         self.targets = {t.device_id: t for t in snapshot.targets}
+        whole = snapshot.counts is None
+        self.counts = Counter(count_targets(snapshot.targets) if whole else snapshot.counts)
+        self.waiting_online = dict(count_waiting_online(snapshot.targets, snapshot.devices)
+                                   if whole else snapshot.waiting_online or {})
         self.decisions: list[Decision] = []
+
+    def count(self, states: Iterable[str], wave: int | None = None) -> int:
+        wanted = set(states)
+        return sum(n for (w, state), n in self.counts.items()
+                   if state in wanted and (wave is None or w == wave))
+
+    def moved(self, device_id: str, wave: int, old: str | None, new: str) -> None:
+        """Keep the counters (and the online waiting count) as this tick's decisions move."""
+        if old is not None:
+            self.counts[(wave, str(old))] -= 1
+        self.counts[(wave, str(new))] += 1
+        device = self.snap.devices.get(device_id)
+        if wave in self.waiting_online and device is not None and device.online:
+            was = old is not None and old not in VERDICT_STATES
+            now = new not in VERDICT_STATES
+            self.waiting_online[wave] += int(now) - int(was)
 
     # -- recording decisions ------------------------------------------------------------------
     def set(self, device_id: str, to: TargetState, reason: str, **kw: Any) -> None:
@@ -347,6 +399,7 @@ class _Tick:
     def apply(self, d: SetTarget) -> None:
         t = self.targets[d.device_id]
         check_move(t.state, d.state)
+        self.moved(t.device_id, t.wave, t.state, d.state)
         self.targets[d.device_id] = replace(
             t, state=d.state, reason=d.reason,
             attempts=t.attempts if d.attempts is None else d.attempts,
@@ -360,10 +413,6 @@ class _Tick:
         self.state = to
         self.decisions.append(SetRollout(to, reason, finished))
 
-    def views(self) -> list[WaveView]:
-        return [WaveView(t.wave, t.state, self.snap.devices[t.device_id].online)
-                for t in self.targets.values() if t.device_id in self.snap.devices]
-
     # -- the per-state work -------------------------------------------------------------------
     def run(self) -> None:
         for device in self.snap.devices.values():
@@ -371,11 +420,12 @@ class _Tick:
                 reason = "joined the group during the rollout"
                 self.targets[device.device_id] = TargetView(device.device_id, self.wave,
                                                             T.PENDING, reason)
+                self.moved(device.device_id, self.wave, None, T.PENDING)
                 self.decisions.append(AddTarget(device.device_id, self.wave, reason))
         self.expire()
         policy = self.policy
         breached, failures, dispatched = failures_breach(
-            self.views(), self.wave, policy, self.snap.rollout.failures_acknowledged)
+            self.counts, self.wave, policy, self.snap.rollout.failures_acknowledged)
         if breached:
             reason = (f"{failures} of {dispatched} devices failed, more than the "
                       f"{policy.max_failure_pct:g}% allowed")
@@ -387,14 +437,14 @@ class _Tick:
             return
         self.dispatch()
         last_wave = policy.wave_count() - 1
-        while self.wave < last_wave and wave_settled(self.views(), self.wave):
+        while self.wave < last_wave and wave_settled(self.counts, self.wave,
+                                                     self.waiting_online.get(self.wave)):
             self.wave += 1
             self.decisions.append(OpenWave(self.wave))
             self.dispatch()
-        targets = list(self.targets.values())
-        if self.wave >= last_wave and targets and all(t.state in TERMINAL_STATES
-                                                      for t in targets):
-            failed = sum(1 for t in targets if t.state not in (T.HEALTHY, T.SKIPPED))
+        total = sum(self.counts.values())
+        if self.wave >= last_wave and total and self.count(TERMINAL_STATES) == total:
+            failed = total - self.count((T.HEALTHY, T.SKIPPED))
             self.set_rollout(R.COMPLETED, f"{failed} device(s) did not update" if failed else "",
                              finished=True)
 
@@ -416,7 +466,7 @@ class _Tick:
                                         f"timed out in state {t.state}", self.now))
 
     def dispatch(self) -> None:
-        in_flight = sum(1 for t in self.targets.values() if t.state in IN_FLIGHT_STATES)
+        in_flight = self.count(IN_FLIGHT_STATES)
         limit = self.policy.max_concurrent
         for t in sorted(self.targets.values(), key=lambda t: (t.wave, t.device_id)):
             if t.state != T.PENDING or t.wave > self.wave:
@@ -462,6 +512,7 @@ class _Tick:
     def send(self, d: Dispatch) -> None:
         t = self.targets[d.device_id]
         check_move(t.state, d.state)
+        self.moved(t.device_id, t.wave, t.state, d.state)
         self.targets[d.device_id] = replace(
             t, state=d.state, reason="", attempts=d.attempts, artifact_sha256=d.artifact_sha256,
             state_deadline=self.now + timedelta(seconds=d.timeout_s))
@@ -511,7 +562,7 @@ class _Tick:
             self.send(Dispatch(t.device_id, T.REVERTING, option, prev.version, "full",
                                full.codec, full.sha256, full.size_bytes, None,
                                self.policy.state_timeout_s, t.attempts, warning))
-        if not waiting and all(t.state != T.REVERTING for t in self.targets.values()):
+        if not waiting and not self.count((T.REVERTING,)):
             self.set_rollout(R.ROLLED_BACK, self.snap.rollout.state_reason, finished=True)
 
     def hold_for_store(self) -> None:

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from deltafleet.shared import ArtifactRef, Event, Hello, SigningKey, Topics
@@ -37,7 +37,7 @@ from ..delivery.manifests import build_manifest, sign_manifest
 from ..deltas import DeltaBuilder
 from ..planner import DeltaOption, RunningModel
 from ..policy import RolloutPolicy
-from ..store import BlobCheck, BlobStore, BlobVerifier
+from ..store import BlobCheck, BlobStore, BlobVerifier, models
 from ..store.models import (
     Artifact,
     Delta,
@@ -56,6 +56,7 @@ from .states import (
     ACTIVE_ROLLOUT_STATES,
     IN_FLIGHT_STATES,
     TERMINAL_STATES,
+    VERDICT_STATES,
     RolloutState,
     transition,
     transition_rollout,
@@ -66,6 +67,28 @@ log = logging.getLogger(__name__)
 
 CONTROLLER = "controller"
 LEASE_S = 5.0
+SWEEP_EVERY = timedelta(seconds=60)  # every device without a target is looked at this often
+LOOK_BACK = timedelta(seconds=5)  # hellos committed late by another process are still seen
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What this replica remembers of one rollout between ticks (forgotten on takeover):
+    when it last looked for devices that joined its group, when it last looked at every
+    device, and the pending targets planning left waiting (a delta being built, a blob on
+    hold), which are planned again every tick without using the concurrency budget."""
+
+    looked_at: datetime | None = None
+    swept_at: datetime | None = None
+    waiting: set[str] = field(default_factory=set)
+
+    def note(self, decisions: engine.Decisions) -> None:
+        for d in decisions:
+            if isinstance(d, engine.SetReason) or (
+                    isinstance(d, engine.SetTarget) and d.state == T.PENDING):
+                self.waiting.add(d.device_id)
+            elif isinstance(d, engine.SetTarget | engine.Dispatch):
+                self.waiting.discard(d.device_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +139,7 @@ class RolloutController:
         self.verifier = BlobVerifier(blobs, chunk_size_bytes)
         self.artifacts = ArtifactChunks(self.verifier)  # shared with the daemon's chunk reads
         self._checked: dict[str, BlobCheck] = {}  # this tick's verdicts: one stat per blob
+        self._seen: dict[int, _Seen] = {}  # per rollout worked here: what the last ticks saw
 
     def _check(self, sha: str) -> BlobCheck:
         check = self._checked.get(sha)
@@ -180,11 +204,15 @@ class RolloutController:
     # -- reconciliation --------------------------------------------------------------------
     def reconcile(self, s: Session, now: datetime) -> tuple[list[Publish], dict[str, int]]:
         """One pass over every active rollout. Returns manifests to publish and the artifacts
-        devices may ask chunks of, each with its bandwidth cap in bytes/s (0 = none)."""
+        devices may ask chunks of, each with its bandwidth cap in bytes/s (0 = none).
+
+        What it reads is proportional to what changed, not to the fleet: per rollout its
+        counters, its due targets (``due``), the pending targets of its open waves up to the
+        concurrency budget, the devices that said hello since the last look (and, once a
+        minute, every device without a target, for group selectors edited meanwhile)."""
         out: list[Publish] = []
         servable: dict[str, int] = {}
         self._checked = {}
-        devices: dict[str, Device] | None = None
         for r in s.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
                            .order_by(Rollout.id)
                            .with_for_update(skip_locked=True)).all():
@@ -193,28 +221,122 @@ class RolloutController:
                 continue  # another replica holds it
             model = s.get(Model, r.model_id)
             assert model is not None
-            rows = {t.device_id: t for t in s.scalars(
-                select(RolloutTarget).where(RolloutTarget.rollout_id == r.id)
-                .with_for_update()).all()}
+            if took_over or r.id not in self._seen:
+                self._seen[r.id] = _Seen()
             if took_over:
-                out += [Publish(self.topics.desired(t.device_id, model.name), t.manifest.encode())
-                        for t in rows.values() if t.state in IN_FLIGHT_STATES and t.manifest]
-            if devices is None:
-                devices = {d.id: d for d in s.scalars(select(Device)).all()}
-            snapshot = self._snapshot(s, r, model, rows, devices)
-            out += self._apply(s, r, model.name, rows, devices, engine.step(snapshot, now), now)
+                out += [Publish(self.topics.desired(device_id, model.name), manifest.encode())
+                        for device_id, manifest in s.execute(
+                            select(RolloutTarget.device_id, RolloutTarget.manifest)
+                            .where(RolloutTarget.rollout_id == r.id,
+                                   RolloutTarget.state.in_(IN_FLIGHT_STATES),
+                                   RolloutTarget.manifest.is_not(None))).all()]
+            counts = models.counts(s, r.id)
+            flying = self._in_flight_artifacts(s, r.id)
+            rows, devices, waiting_online = self._load(s, r, counts, flying, now)
+            snapshot = self._snapshot(s, r, model, rows, devices, counts, waiting_online)
+            decisions = engine.step(snapshot, now)
+            out += self._apply(s, r, model.name, rows, devices, decisions, now)
+            self._seen[r.id].note(decisions)
+            if decisions:
+                flying = self._in_flight_artifacts(s, r.id)
             rate = int(r.policy.get("bandwidth_bytes_per_s") or 0)
-            for t in rows.values():
-                if (t.state in IN_FLIGHT_STATES and t.artifact_sha256
-                        and self._check(t.artifact_sha256).ok):
-                    known = servable.get(t.artifact_sha256)
+            for sha in {sha for sha, _ in flying}:
+                if self._check(sha).ok:
+                    known = servable.get(sha)
                     caps = [x for x in (known, rate) if x]  # the tightest cap wins
-                    servable[t.artifact_sha256] = min(caps) if caps else 0
+                    servable[sha] = min(caps) if caps else 0
         self._report_bad_blobs(s)
         return out, servable
 
+    def _in_flight_artifacts(self, s: Session, rollout_id: int) -> set[tuple[str, str]]:
+        """(artifact, state) pairs of the rollout's targets with a manifest out."""
+        return {(sha, state) for sha, state in s.execute(
+            select(RolloutTarget.artifact_sha256, RolloutTarget.state).distinct()
+            .where(RolloutTarget.rollout_id == rollout_id,
+                   RolloutTarget.state.in_(IN_FLIGHT_STATES),
+                   RolloutTarget.artifact_sha256.is_not(None))).all()}
+
+    def _load(self, s: Session, r: Rollout, counts: dict[tuple[int, str], int],
+              flying: set[tuple[str, str]], now: datetime,
+              ) -> tuple[dict[str, RolloutTarget], dict[str, Device], dict[int, int]]:
+        """The targets of ``r`` that may need a decision now, their devices, the devices
+        that may have joined its group, and the current wave's online waiting count when the
+        wave rule needs it."""
+        state = RolloutState(r.state)
+        by = RolloutTarget
+        mine = by.rollout_id == r.id
+        wanted: list = []
+        if state == RolloutState.ABORTING:
+            wanted.append(select(by).where(mine, by.state.not_in(TERMINAL_STATES)))
+        else:
+            wanted.append(select(by).where(mine, by.state == T.HELD, by.hold_until <= now))
+            wanted.append(select(by).join(Device, Device.id == by.device_id).where(
+                mine, by.state.in_(IN_FLIGHT_STATES), by.state_deadline <= now,
+                Device.online.is_(True) | by.state.not_in((T.NOTIFIED, T.REVERTING))))
+        if state == RolloutState.ROLLING_BACK:
+            wanted.append(select(by).where(mine, by.state.not_in(
+                (T.REVERTING, T.REVERTED, T.SKIPPED, T.CANCELLED))))
+        if state in (RolloutState.RUNNING, RolloutState.PAUSED):
+            bad = {sha for sha, st in flying
+                   if st in (T.NOTIFIED, T.DOWNLOADING) and not self._check(sha).ok}
+            if bad:
+                wanted.append(select(by).where(mine, by.state.in_((T.NOTIFIED, T.DOWNLOADING)),
+                                               by.artifact_sha256.in_(bad)))
+        rows: dict[str, RolloutTarget] = {}
+
+        def fetch(queries: list) -> None:
+            for query in queries:
+                for t in s.scalars(query.with_for_update(of=RolloutTarget)).all():
+                    rows.setdefault(t.device_id, t)
+
+        fetch(wanted)
+        wanted = []
+        seen = self._seen[r.id]
+        if state == RolloutState.RUNNING:
+            limit = RolloutPolicy.from_json(r.policy).max_concurrent
+            in_flight = sum(n for (_, st), n in counts.items() if st in IN_FLIGHT_STATES)
+            # every due target may free a slot (a timeout) or take one (a hold ran out)
+            budget = None if limit is None else max(0, limit - in_flight + len(rows))
+            if budget != 0:
+                pending = (select(by).where(mine, by.state == T.PENDING,
+                                            by.wave <= r.current_wave)
+                           .order_by(by.wave, by.device_id))
+                if seen.waiting:
+                    pending = pending.where(by.device_id.not_in(seen.waiting))
+                    wanted.append(select(by).where(mine, by.state == T.PENDING,
+                                                   by.device_id.in_(seen.waiting)))
+                wanted.append(pending if budget is None else pending.limit(budget))
+        fetch(wanted)
+        devices = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(rows)))} \
+            if rows else {}
+        if state == RolloutState.RUNNING:
+            devices.update(self._joiners(s, r, seen, now))
+        waiting_online: dict[int, int] = {}
+        wave = r.current_wave
+        members = {st: n for (w, st), n in counts.items() if w == wave}
+        if (state == RolloutState.RUNNING and members.get(T.HEALTHY)
+                and any(st not in VERDICT_STATES for st in members)):
+            waiting_online[wave] = s.scalar(
+                select(func.count()).select_from(by).join(Device, Device.id == by.device_id)
+                .where(mine, by.wave == wave, by.state.not_in(VERDICT_STATES),
+                       Device.online.is_(True))) or 0
+        return rows, devices, waiting_online
+
+    def _joiners(self, s: Session, r: Rollout, seen: _Seen, now: datetime) -> dict[str, Device]:
+        """Devices with no target in ``r`` that said hello since the last look (every device
+        without one on the first look and once a minute): the engine adds those in its group."""
+        query = select(Device).where(~select(RolloutTarget.id).where(
+            RolloutTarget.rollout_id == r.id, RolloutTarget.device_id == Device.id).exists())
+        if seen.swept_at is not None and now - seen.swept_at < SWEEP_EVERY:
+            query = query.where(Device.last_seen >= (seen.looked_at or now) - LOOK_BACK)
+        else:
+            seen.swept_at = now
+        seen.looked_at = now
+        return {d.id: d for d in s.scalars(query)}
+
     def _snapshot(self, s: Session, r: Rollout, model: Model, rows: dict[str, RolloutTarget],
-                  devices: dict[str, Device]) -> engine.Snapshot:
+                  devices: dict[str, Device], counts: dict[tuple[int, str], int],
+                  waiting_online: dict[int, int]) -> engine.Snapshot:
         state = RolloutState(r.state)
         version = s.get(ModelVersion, r.version_id)
         assert version is not None
@@ -225,21 +347,22 @@ class RolloutController:
             group = s.get(Group, r.group_id)
             assert group is not None
             selector = group.selector
-            options = tuple(catalog.variant_options(s, version.id))
-            deltas = load_deltas(s, [o.sha256 for o in options])
-        running = running_models(s, model.name) if state == RolloutState.RUNNING else {}
-        shown = devices if selector is not None else {i: devices[i] for i in rows if i in devices}
+            if rows or devices:
+                options = tuple(catalog.variant_options(s, version.id))
+                deltas = load_deltas(s, [o.sha256 for o in options])
+        running = (running_models(s, model.name, devices)
+                   if state == RolloutState.RUNNING and devices else {})
         views = {i: engine.DeviceView(
             i, bool(d.online), dict(d.runtimes or {}), running.get(i),
             selector is not None and fleet.device_matches(d, selector))
-            for i, d in shown.items()}
+            for i, d in devices.items()}
         previous = (self._previous(s, model, rows.values())
                     if state == RolloutState.ROLLING_BACK else {})
         return engine.Snapshot(
             engine.RolloutView(r.id, state, RolloutPolicy.from_json(r.policy), version.version,
                                r.current_wave, r.failures_acknowledged, r.state_reason),
             tuple(target_view(t) for t in rows.values()), views, options, deltas,
-            dict(self.deltas.failed), previous, self.blob_problem)
+            dict(self.deltas.failed), previous, self.blob_problem, counts, waiting_online)
 
     def _previous(self, s: Session, model: Model,
                   targets: Iterable[RolloutTarget]) -> dict[str, engine.RollbackOption]:

@@ -155,6 +155,8 @@ FAILURE_STATES = frozenset(_DEVICE_FAILURES | {T.HELD})
 SUCCESS_STATES = frozenset({T.HEALTHY})
 # States no further device event can change (for this rollout).
 TERMINAL_STATES = frozenset(_DEVICE_FAILURES | {T.HEALTHY, T.SKIPPED, T.CANCELLED, T.REVERTED})
+# States that are a verdict on the device for its wave (held: failed, retried later).
+VERDICT_STATES = frozenset(TERMINAL_STATES | {T.HELD})
 # A manifest is out and not yet answered for good: re-sent on hello / takeover, deadlines run.
 IN_FLIGHT_STATES = (*_UPDATING, T.REVERTING)
 # How far an update got: a device's report only ever moves its target forward.

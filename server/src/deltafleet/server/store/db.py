@@ -4,10 +4,14 @@ Alembic migrations are the only way the schema is made: ``upgrade`` runs them to
 ``check_schema`` refuses to work on a database that is not at head.
 
 SQLite (the default, one file under ``$FLEET_HOME``) runs in WAL mode with foreign keys on and a
-30 s busy timeout. Every SQLite transaction starts with ``BEGIN IMMEDIATE``: it takes the write
-lock up front, so transactions are serialised and a read-then-write transaction can never fail
-with "database is locked" while upgrading its lock (pysqlite's default would not even begin a
-transaction before the first write, so reads were not isolated).
+30 s busy timeout. Every SQLite write transaction (``Store.session()``) starts with ``BEGIN
+IMMEDIATE``: it takes the write lock up front, so writers are serialised and a read-then-write
+transaction can never fail with "database is locked" while upgrading its lock (pysqlite's
+default would not even begin a transaction before the first write, so reads were not
+isolated). A read (``Store.read()``) starts with a plain ``BEGIN``: in WAL mode it reads one
+consistent snapshot and never waits for, or holds, the write lock; it refuses to write and is
+rolled back at its end. Keep write transactions short: a reader never waits on them, the
+other writers do.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..errors import ServerError, UsageError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 NOT_INITIALISED = "database is not initialised; run `fleetctl db upgrade`"
+READ_ONLY_OPTION = "deltafleet_read_only"
 
 
 class StoreError(ServerError):
@@ -108,7 +113,8 @@ def make_engine(url: str | URL, *, sqlite_foreign_keys: bool = True) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read = conn.get_execution_options().get(READ_ONLY_OPTION)
+        conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -124,14 +130,33 @@ class Store:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        """One transaction: committed when the block succeeds, rolled back when it raises.
+        """One write transaction: committed when the block succeeds, rolled back when it raises.
 
         Driver errors (database unreachable, locked, ...) surface as StoreError.
         """
-        session = self._sessions()
-        try:
+        with self._transaction(read_only=False) as session:
             yield session
-            session.commit()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """One read-only transaction: never takes the SQLite write lock (a plain ``BEGIN`` in
+        WAL mode), refuses to flush changes, and is rolled back at its end."""
+        with self._transaction(read_only=True) as session:
+            yield session
+
+    @contextlib.contextmanager
+    def _transaction(self, *, read_only: bool) -> Iterator[Session]:
+        session = self._sessions()
+        if read_only:
+            session.info["read_only"] = True
+        try:
+            if read_only:
+                session.connection(execution_options={READ_ONLY_OPTION: True})
+            yield session
+            if read_only:
+                session.rollback()
+            else:
+                session.commit()
         except DBAPIError as e:
             with contextlib.suppress(SQLAlchemyError):
                 session.rollback()

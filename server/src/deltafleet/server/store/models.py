@@ -1,7 +1,12 @@
 """ORM schema (SQLAlchemy 2.0 typed). Alembic migrations are the only thing that creates it.
 
 Tables: devices, device_models, groups, models, model_versions, variants, artifacts, deltas,
-rollouts, rollout_targets, audit_log.
+rollouts, rollout_targets, rollout_counts, audit_log.
+
+``rollout_counts`` holds, per rollout, wave and state, how many targets are in it. It is kept
+by one flush hook (``count_target_moves``) in the same transaction as every insert, move or
+delete of a ``RolloutTarget`` made through the ORM, so it always equals a recount (a bulk
+``update(RolloutTarget)`` of ``state`` or ``wave`` would bypass it: there is none, keep it so).
 
 Rollout and rollout target (per device) states, and the moves between them, are the tables
 at the top of ``deltafleet.server.rollout.states``; the columns hold their string values.
@@ -19,14 +24,21 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
+    func,
+    inspect,
+    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from ..rollout.states import RolloutState, TargetState
 
@@ -90,7 +102,7 @@ class Device(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # str -> str
     agent_version: Mapped[str | None] = mapped_column(String(32))
     online: Mapped[bool] = mapped_column(Boolean, default=False)
-    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)  # see sql
     manifest_serial: Mapped[int] = mapped_column(BigInteger, default=0)  # last serial signed
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
@@ -224,7 +236,15 @@ class Rollout(Base):
 
 class RolloutTarget(Base):
     __tablename__ = "rollout_targets"
-    __table_args__ = (UniqueConstraint("rollout_id", "device_id"),)
+    __table_args__ = (
+        UniqueConstraint("rollout_id", "device_id"),
+        # what a tick asks: pending targets of the open waves, deadlines and holds that are due
+        Index("ix_rollout_targets_pending", "rollout_id", "state", "wave", "device_id"),
+        Index("ix_rollout_targets_deadline", "rollout_id", "state", "state_deadline"),
+        Index("ix_rollout_targets_hold", "rollout_id", "state", "hold_until"),
+        # a device's open targets (its events and hellos)
+        Index("ix_rollout_targets_device", "device_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"))
@@ -253,6 +273,17 @@ class RolloutTarget(Base):
     rollout: Mapped[Rollout] = relationship(back_populates="targets", lazy="raise")
 
 
+class RolloutCount(Base):
+    """How many targets of a rollout's wave are in a state (see ``count_target_moves``)."""
+
+    __tablename__ = "rollout_counts"
+
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
+    wave: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class DeviceEvent(Base):
     """Events already applied, by the id the agent gave them: agents deliver at least once
     (on-disk outbox), the server applies each event once, across restarts and replicas."""
@@ -274,3 +305,73 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str] = mapped_column(String(256))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+def _old_value(session: Session, target: RolloutTarget, name: str) -> Any:
+    history = getattr(inspect(target).attrs, name).history
+    if history.deleted:
+        return history.deleted[0]
+    if history.unchanged:
+        return history.unchanged[0]
+    column = getattr(RolloutTarget, name)  # set without being loaded: ask the row
+    return session.connection().execute(
+        select(column).where(RolloutTarget.id == target.id)).scalar_one()
+
+
+@event.listens_for(Session, "before_flush")
+def count_target_moves(session: Session, _context: Any, _instances: Any) -> None:
+    """Add every target move of this flush to ``rollout_counts`` (one upsert per flush)."""
+    if session.info.get("read_only") and (session.new or session.dirty or session.deleted):
+        raise RuntimeError("a read-only session was asked to write")
+    delta: dict[tuple[int, int, str], int] = {}
+
+    def add(rollout_id: int, wave: int, state: str, n: int) -> None:
+        key = (rollout_id, wave, str(state))
+        delta[key] = delta.get(key, 0) + n
+
+    for obj in session.new:
+        if isinstance(obj, RolloutTarget):
+            if obj.rollout_id is None:
+                raise RuntimeError("a rollout target is flushed without its rollout_id")
+            state = obj.state if obj.state is not None else TargetState.PENDING.value
+            add(obj.rollout_id, obj.wave or 0, state, 1)
+    for obj in session.dirty:
+        if not isinstance(obj, RolloutTarget) or inspect(obj).persistent is False:
+            continue
+        attrs = inspect(obj).attrs
+        if not (attrs.state.history.has_changes() or attrs.wave.history.has_changes()
+                or attrs.rollout_id.history.has_changes()):
+            continue
+        add(_old_value(session, obj, "rollout_id"), _old_value(session, obj, "wave"),
+            _old_value(session, obj, "state"), -1)
+        add(obj.rollout_id, obj.wave, obj.state, 1)
+    for obj in session.deleted:
+        if isinstance(obj, RolloutTarget):
+            add(_old_value(session, obj, "rollout_id"), _old_value(session, obj, "wave"),
+                _old_value(session, obj, "state"), -1)
+    rows = [{"rollout_id": r, "wave": w, "state": st, "n": n}
+            for (r, w, st), n in sorted(delta.items()) if n]
+    if not rows:
+        return
+    conn = session.connection()
+    table = RolloutCount.__table__
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(table)
+    conn.execute(stmt.on_conflict_do_update(
+        index_elements=[table.c.rollout_id, table.c.wave, table.c.state],
+        set_={"n": table.c.n + stmt.excluded.n}), rows)
+
+
+def recount(session: Session, rollout_id: int) -> dict[tuple[int, str], int]:
+    """Targets per (wave, state) of a rollout, counted from the targets themselves."""
+    return {(w, st): n for w, st, n in session.execute(
+        select(RolloutTarget.wave, RolloutTarget.state, func.count())
+        .where(RolloutTarget.rollout_id == rollout_id)
+        .group_by(RolloutTarget.wave, RolloutTarget.state)).all()}
+
+
+def counts(session: Session, rollout_id: int) -> dict[tuple[int, str], int]:
+    """Targets per (wave, state) of a rollout, as the counters say (zeros left out)."""
+    return {(w, st): n for w, st, n in session.execute(
+        select(RolloutCount.wave, RolloutCount.state, RolloutCount.n)
+        .where(RolloutCount.rollout_id == rollout_id, RolloutCount.n != 0)).all()}
