@@ -229,7 +229,8 @@ class RolloutController:
                             select(RolloutTarget.device_id, RolloutTarget.manifest)
                             .where(RolloutTarget.rollout_id == r.id,
                                    RolloutTarget.state.in_(IN_FLIGHT_STATES),
-                                   RolloutTarget.manifest.is_not(None))).all()]
+                                   RolloutTarget.manifest.is_not(None))).all()
+                        if manifest is not None]
             counts = models.counts(s, r.id)
             flying = self._in_flight_artifacts(s, r.id)
             rows, devices, waiting_online = self._load(s, r, counts, flying, now)
@@ -254,7 +255,7 @@ class RolloutController:
             select(RolloutTarget.artifact_sha256, RolloutTarget.state).distinct()
             .where(RolloutTarget.rollout_id == rollout_id,
                    RolloutTarget.state.in_(IN_FLIGHT_STATES),
-                   RolloutTarget.artifact_sha256.is_not(None))).all()}
+                   RolloutTarget.artifact_sha256.is_not(None))).all() if sha is not None}
 
     def _load(self, s: Session, r: Rollout, counts: dict[tuple[int, str], int],
               flying: set[tuple[str, str]], now: datetime,

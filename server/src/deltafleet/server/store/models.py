@@ -15,7 +15,7 @@ at the top of ``deltafleet.server.rollout.states``; the columns hold their strin
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -28,6 +28,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -354,7 +355,7 @@ def count_target_moves(session: Session, _context: Any, _instances: Any) -> None
     if not rows:
         return
     conn = session.connection()
-    table = RolloutCount.__table__
+    table = cast(Table, RolloutCount.__table__)
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     stmt = insert(table)
     conn.execute(stmt.on_conflict_do_update(
