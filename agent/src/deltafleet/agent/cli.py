@@ -114,7 +114,7 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps({"broker": broker, "models": rows}, indent=2))
         return 0
     print(broker_line(broker, time.time()))
-    if broker and broker.get("api"):
+    if broker and broker.get("api") and broker.get("running"):
         print(f"api     {broker['api']}")
     if not rows:
         print("models  none installed")
