@@ -158,7 +158,7 @@ class Lab:
     def agent_status(self, device_id: str) -> list[dict[str, Any]]:
         res = subprocess.run([str(BIN / "fleet-agent"), "status", "--json", "--state-dir",
                               str(self.agent_dir(device_id))], text=True, capture_output=True)
-        return json.loads(res.stdout) if res.returncode == 0 else []
+        return json.loads(res.stdout)["models"] if res.returncode == 0 else []
 
     def online_devices(self) -> set[str]:
         return {d["id"] for d in self.fleetctl_json("device", "list") if d.get("online")}

@@ -15,7 +15,15 @@
     GET  /v1/results[?model=&limit=]   last-N results (input sha256, outputs, version, latency)
     GET  /v1/models/{name}/results     the same for one model
 
-Errors: 400 bad input, 404 unknown model or path, 503 no model (and no fallback) can answer.
+    GET  /v1/health also carries "broker": the agent's connection (url, connected, since,
+    cause, error, attempts, retry_s, final; see ``deltafleet.shared.connection``).
+
+Errors: 400 bad input, 404 unknown model or path, 413 body too large, 503 no model (and no
+fallback) can answer; always one-line JSON ``{"error": ...}``. A predict body that does not fit
+the model (not JSON, missing or unknown input names, a value that is not a number, a wrong
+dtype, rank or fixed dimension) answers 400 before the model runs, naming what is expected,
+e.g. ``{input: float32[?,64]}`` (``?`` a dynamic dimension), and also as ``"expected"``; it
+never counts as a model error in a trial.
 """
 
 from __future__ import annotations
@@ -24,12 +32,15 @@ import io
 import json
 import logging
 import threading
+import zipfile
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
+
+from deltafleet.shared import TensorSpec
 
 from .errors import ModelRuntimeError
 from .serving import BadRequest, ModelUnavailable, Serving
@@ -46,11 +57,21 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
 
 
+class InputMismatch(BadRequest):
+    """A predict body that does not fit the model's inputs (``expected`` names them)."""
+
+    def __init__(self, problem: str, expected: str) -> None:
+        super().__init__(f"{problem}; expected inputs {expected}")
+        self.expected = expected
+
+
 class InferenceApi:
     def __init__(self, serving: Serving, describe: Callable[[], list[dict[str, Any]]],
-                 host: str = "127.0.0.1", port: int = 8470) -> None:
+                 host: str = "127.0.0.1", port: int = 8470,
+                 connection: Callable[[], dict[str, Any]] | None = None) -> None:
         self.serving = serving
         self.describe = describe
+        self.connection = connection
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -86,7 +107,14 @@ class InferenceApi:
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         body = b""
         if method == "POST":  # read it whatever happens, so the keep-alive stream stays in step
-            length = int(h.headers.get("Content-Length") or 0)
+            try:
+                length = int(h.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                h.close_connection = True
+                self._json(h, 400, {"error": "Content-Length must be a byte count"})
+                return
             if length > MAX_BODY_BYTES:
                 h.close_connection = True
                 self._json(h, 413, {"error": f"body of {length} bytes exceeds {MAX_BODY_BYTES}"})
@@ -112,6 +140,8 @@ class InferenceApi:
                 self._predict(h, parts[2], query, body)
             else:
                 self._json(h, 404, {"error": f"no route {method} {url.path}"})
+        except InputMismatch as e:
+            self._json(h, 400, {"error": str(e), "expected": e.expected})
         except BadRequest as e:
             unknown = str(e).startswith("no model named")
             self._json(h, 404 if unknown else 400, {"error": str(e)})
@@ -132,10 +162,16 @@ class InferenceApi:
             degraded |= serving != "primary"
             models[m["name"]] = {"version": m.get("version"), "serving": serving,
                                  "fallback": m.get("fallback"), "in_trial": m.get("in_trial")}
-        return {"status": "degraded" if degraded else "ok", "models": models}
+        doc: dict[str, Any] = {"status": "degraded" if degraded else "ok", "models": models}
+        if self.connection is not None:
+            doc["broker"] = self.connection()
+        return doc
 
     def _results(self, h: BaseHTTPRequestHandler, model: str | None, query: dict[str, str]) -> None:
-        limit = int(query["limit"]) if "limit" in query else None
+        try:
+            limit = int(query["limit"]) if "limit" in query else None
+        except ValueError:
+            raise BadRequest("limit must be a whole number") from None
         self._json(h, 200, {"results": self.serving.last_results(model, limit)})
 
     def _predict(self, h: BaseHTTPRequestHandler, name: str, query: dict[str, str],
@@ -145,25 +181,30 @@ class InferenceApi:
             raise BadRequest(f"no model named {name!r}")
         ctype = (h.headers.get("Content-Type") or "application/json").split(";")[0].strip()
         specs = _input_specs(slot)
+        want = expected_inputs(specs)
+        raw: dict[str, Any]
         if ctype in (NPY, "application/octet-stream"):
-            arr = np.load(io.BytesIO(body), allow_pickle=False)
-            input_name = query.get("input") or (next(iter(specs)) if len(specs) == 1 else None)
+            single = specs[0].name if len(specs) == 1 else None
+            input_name = query.get("input") or single
             if input_name is None:
-                raise BadRequest("model has several inputs: send .npz or name one with ?input=")
-            feeds = {input_name: arr}
+                raise InputMismatch("model has several inputs: send .npz or name one with "
+                                    "?input=", want)
+            raw = {input_name: _load_array(body, NPY, want)}
         elif ctype == NPZ:
-            with np.load(io.BytesIO(body), allow_pickle=False) as z:
-                feeds = {k: z[k] for k in z.files}
+            raw = _load_npz(body, want)
         else:
-            doc = json.loads(body or b"{}")
-            raw = doc.get("inputs") if isinstance(doc, dict) else None
-            if isinstance(raw, list) and len(specs) == 1:
-                raw = {next(iter(specs)): raw}
-            if not isinstance(raw, dict):
-                raise BadRequest('JSON body must be {"inputs": {input name: nested list}}')
-            feeds = {k: np.asarray(v, dtype=specs.get(k, "float32")) for k, v in raw.items()}
-        if specs and set(feeds) != set(specs):
-            raise BadRequest(f"inputs {sorted(feeds)} do not match the model's {sorted(specs)}")
+            try:
+                doc = json.loads(body or b"{}")
+            except ValueError:  # also not UTF-8
+                raise InputMismatch('body is not JSON: send {"inputs": {name: nested list}}',
+                                    want) from None
+            got = doc.get("inputs") if isinstance(doc, dict) else None
+            if isinstance(got, list) and len(specs) == 1:
+                got = {specs[0].name: got}
+            if not isinstance(got, dict):
+                raise InputMismatch('JSON body must be {"inputs": {name: nested list}}', want)
+            raw = got
+        feeds = conform_inputs(specs, raw)
         p = self.serving.predict(name, feeds)
         head = {"X-Model-Name": name, "X-Model-Version": p.version or "",
                 "X-Model-Sha256": p.sha256 or "", "X-Fallback": p.fallback or "",
@@ -196,16 +237,96 @@ class InferenceApi:
         h.wfile.write(body)
 
 
-def _input_specs(slot: Any) -> dict[str, str]:
-    """Input names and dtypes: of the primary, of the last primary during a cold-swap gap,
-    else of the fallback."""
+def _input_specs(slot: Any) -> tuple[TensorSpec, ...]:
+    """The inputs: of the primary, of the last primary during a cold-swap gap, else of the
+    fallback."""
     session = slot.session
     if session is not None:
-        specs = session.model.inputs
-    elif slot.last_inputs:
-        specs = slot.last_inputs
-    elif slot.fallback is not None:
-        specs = slot.fallback.inputs
-    else:
-        return {}
-    return {s.name: s.dtype for s in specs}
+        return tuple(session.model.inputs)
+    if slot.last_inputs:
+        return tuple(slot.last_inputs)
+    if slot.fallback is not None:
+        return tuple(slot.fallback.inputs)
+    return ()
+
+
+def _fixed(d: Any) -> int | None:
+    return d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None
+
+
+def expected_inputs(specs: tuple[TensorSpec, ...]) -> str:
+    """``{input: float32[?,64]}``: the names, dtypes and shapes a predict must send."""
+    def dims(s: TensorSpec) -> str:
+        return ",".join(str(_fixed(d)) if _fixed(d) else "?" for d in s.shape)
+    return "{" + ", ".join(f"{_safe(s.name)}: {s.dtype}[{dims(s)}]" for s in specs) + "}"
+
+
+def _safe(text: str) -> str:
+    """A name as it may be echoed in an error: printable, no lone surrogates."""
+    return text if text.isprintable() and text.isascii() else ascii(text)[1:-1]
+
+
+def _numpy_dtype(name: str) -> np.dtype[Any] | None:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None
+
+
+def conform_inputs(specs: tuple[TensorSpec, ...], raw: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The feeds for ``specs`` from what a client sent (nested lists or arrays), or
+    ``InputMismatch`` naming what is wrong and what is expected. Without specs (nothing
+    loaded) the values pass as float32 / as sent."""
+    want = expected_inputs(specs)
+    if not specs:
+        return {k: _as_array(k, v, np.dtype("float32"), want) for k, v in raw.items()}
+    names = {s.name for s in specs}
+    missing = [s.name for s in specs if s.name not in raw]
+    unknown = [k for k in raw if k not in names]
+    if missing or unknown:
+        parts = ([f"missing {', '.join(map(_safe, missing))}"] if missing else []) + \
+                ([f"unknown {', '.join(map(_safe, unknown))}"] if unknown else [])
+        raise InputMismatch(f"inputs do not match the model: {'; '.join(parts)}", want)
+    feeds = {}
+    for s in specs:
+        arr = _as_array(s.name, raw[s.name], _numpy_dtype(s.dtype), want)
+        if arr.ndim != len(s.shape) or any(
+                _fixed(d) is not None and n != d for n, d in zip(arr.shape, s.shape, strict=False)):
+            got = ",".join(map(str, arr.shape))
+            raise InputMismatch(f"input {_safe(s.name)} has shape [{got}]", want)
+        feeds[s.name] = arr
+    return feeds
+
+
+def _as_array(name: str, value: Any, dtype: np.dtype[Any] | None, want: str) -> np.ndarray:
+    try:
+        arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    except (ValueError, TypeError, OverflowError):
+        raise InputMismatch(f"input {_safe(name)} is not a rectangular array of numbers",
+                            want) from None
+    if arr.dtype.kind not in "biuf":
+        raise InputMismatch(f"input {_safe(name)} is not an array of numbers "
+                            f"({arr.dtype.name})", want)
+    if dtype is None or arr.dtype == dtype:
+        return arr
+    if not np.can_cast(arr.dtype, dtype, "same_kind"):
+        raise InputMismatch(f"input {_safe(name)} is {arr.dtype.name}, not {dtype.name}", want)
+    return arr.astype(dtype)
+
+
+def _load_array(body: bytes, kind: str, want: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise InputMismatch(f"body is not a {kind} array", want) from None
+
+
+def _load_npz(body: bytes, want: str) -> dict[str, np.ndarray]:
+    try:
+        z = np.load(io.BytesIO(body), allow_pickle=False)
+        if isinstance(z, np.ndarray):
+            raise ValueError("not an archive")
+        with z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile):
+        raise InputMismatch(f"body is not a {NPZ} archive", want) from None

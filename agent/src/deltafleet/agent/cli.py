@@ -1,5 +1,9 @@
 """``fleet-agent``: the device daemon and a local status command.
 
+``fleet-agent status`` reads the state directory: ``state.json`` (what the device runs) and
+``connection.json`` (the broker connection as the running agent last wrote it, with its pid;
+see ``daemon``), so it works while the agent runs and after it stopped.
+
 Exit codes: 0 ok, 2 bad configuration or usage, 1 any other error.
 """
 
@@ -8,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from deltafleet.shared import DeltafleetError
@@ -21,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleet-agent", description="deltafleet device agent")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent daemon (foreground)")
-    for sp in (run, sub.add_parser("status", help="show the models this device runs")):
+    status = sub.add_parser("status", help="show the broker connection and the models this "
+                                           "device runs")
+    for sp in (run, status):
         sp.add_argument("--config", type=Path, help="TOML config file")
         sp.add_argument("--device-id", help="device id (FLEET_AGENT_DEVICE_ID)")
         sp.add_argument("--state-dir", type=Path, help="state directory (FLEET_AGENT_STATE_DIR)")
@@ -79,24 +87,96 @@ def _status(args: argparse.Namespace) -> int:
     from .store import LocalStore
 
     state_dir = args.state_dir
-    if state_dir is None:
-        import os
+    if state_dir is None and args.config is not None:
+        import tomllib
 
+        try:
+            state_dir = tomllib.loads(Path(args.config).read_text()).get("state_dir")
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read {args.config}: {e}") from e
+    if state_dir is None:
         state_dir = Path(os.environ.get("FLEET_AGENT_STATE_DIR", "/var/lib/deltafleet"))
-    if not (Path(state_dir) / "state.json").exists():
+    state_dir = Path(state_dir)
+    has_state = (state_dir / "state.json").exists()
+    broker = _read_connection(state_dir / "connection.json")
+    if not has_state and broker is None:
         raise ConfigError(f"no agent state in {state_dir}")
-    store = LocalStore(state_dir)
-    rows = [
-        {"model": m.model, "version": m.version, "sha256": m.sha256, "variant": m.variant,
-         "format": m.format, "previous": (p.version if (p := store.previous(m.model)) else None)}
-        for m in store.all_current()
-    ]
+    rows = []
+    if has_state:
+        store = LocalStore(state_dir)
+        rows = [
+            {"model": m.model, "version": m.version, "sha256": m.sha256, "variant": m.variant,
+             "format": m.format,
+             "previous": (p.version if (p := store.previous(m.model)) else None)}
+            for m in store.all_current()
+        ]
     if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['model']:<20} {r['version']:<12} {str(r['sha256'])[:12]}  {r['format']}")
+        print(json.dumps({"broker": broker, "models": rows}, indent=2))
+        return 0
+    print(broker_line(broker, time.time()))
+    if broker and broker.get("api") and broker.get("running"):
+        print(f"api     {broker['api']}")
+    if not rows:
+        print("models  none installed")
+    for r in rows:
+        print(f"{r['model']:<20} {r['version']:<12} {str(r['sha256'])[:12]}  {r['format']}")
     return 0
+
+
+def _read_connection(path: Path) -> dict | None:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"error": f"unreadable {path.name}"}
+    if not isinstance(doc, dict):
+        return {"error": f"unreadable {path.name}"}
+    doc["running"] = _alive(doc.get("pid"))
+    return doc
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ago(then: object, now: float) -> str:
+    if not isinstance(then, (int, float)):
+        return "unknown"
+    secs = max(0, int(now - then))
+    span = (f"{secs} s" if secs < 120 else f"{secs // 60} min" if secs < 7200
+            else f"{secs // 3600} h")
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(then))} ({span} ago)"
+
+
+def broker_line(doc: dict | None, now: float) -> str:
+    """The broker connection in one or two lines, from ``connection.json`` (plus ``running``)."""
+    if doc is None:
+        return "broker  unknown (no connection.json: the agent has not run with this state dir)"
+    if "url" not in doc:
+        return f"broker  unknown ({doc.get('error')})"
+    url, error = doc["url"], doc.get("error")
+    if not doc.get("running"):
+        state = f"agent not running (last written {_ago(doc.get('written_at'), now)})"
+        if doc.get("connected"):
+            return f"broker  {url}  {state}; it was connected"
+        return f"broker  {url}  {state}; it was not connected: {error or 'no answer yet'}"
+    if doc.get("connected"):
+        line = f"broker  {url}  connected since {_ago(doc.get('since'), now)}"
+        return line + (f"\n        last error: {error}" if error else "")
+    if doc.get("final"):
+        return f"broker  {url}  refused us: {error}; not retrying (fix, then restart the agent)"
+    if error is None:
+        return f"broker  {url}  connecting (no answer yet)"
+    return f"broker  {url}  not connected since {_ago(doc.get('since'), now)}: {error}"
 
 
 if __name__ == "__main__":

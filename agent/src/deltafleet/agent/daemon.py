@@ -21,6 +21,10 @@ manifest refused for its signature is kept and checked again after the next acce
 update, so a rotation and a manifest signed by the new key may arrive in either order. The
 retained online status is re-published every ``heartbeat_s`` (the server's last_seen).
 
+The broker connection (``MqttClient.state()``) is written to ``connection.json`` in the state
+directory on every change between up and down or of its cause, with the agent's pid, for
+``fleet-agent status``; the local API's ``/v1/health`` carries it live.
+
 Fault injection for tests: ``AgentConfig.faults`` (``config.FaultPlan``, from
 FLEET_AGENT_CRASH_AT / FLEET_AGENT_CRASH_AFTER_CHUNKS) kills the agent at a step.
 """
@@ -28,6 +32,7 @@ FLEET_AGENT_CRASH_AT / FLEET_AGENT_CRASH_AFTER_CHUNKS) kills the agent at a step
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import sys
@@ -43,6 +48,7 @@ from deltafleet.shared import (
     Hello,
     Status,
     Topics,
+    atomic_write_json,
     decode,
     encode,
     trust_topic,
@@ -126,6 +132,7 @@ class Agent:
                                  hardware_id=self.hardware_id, swapper=self.swapper,
                                  trials=self.trials, reporter=self.reporter)
         self.api: Any = None
+        self._connection_seen: tuple[Any, ...] | None = None
         self._api_retry_at: float | None = 0.0 if cfg.api_port else None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -203,6 +210,7 @@ class Agent:
     def _shut_down(self) -> None:
         if self.api is not None:
             self.api.stop()
+        self.write_connection(stopped=True)
         self.outbox.stop()
         if self.mqtt.connected.is_set():
             try:
@@ -225,7 +233,8 @@ class Agent:
 
         try:
             self.api = InferenceApi(self.serving, self.describe, self.cfg.api_host,
-                                    self.cfg.api_port)
+                                    self.cfg.api_port,
+                                    connection=lambda: self.mqtt.state().to_dict())
         except OSError as e:
             log.error("local inference API cannot listen on %s:%d (%s); retrying in %.0f s",
                       self.cfg.api_host, self.cfg.api_port, e, API_RETRY_S)
@@ -320,6 +329,23 @@ class Agent:
             self.publish_status()
         self.executor.feed(mc.Tick(now, connected))
         self.reporter.store_unsaved(now)
+        self.write_connection()
+
+    def write_connection(self, *, stopped: bool = False) -> None:
+        """``connection.json`` for ``fleet-agent status``, on a change only (see module doc)."""
+        st = self.mqtt.state()
+        key = (st.connected, st.since, st.failure.cause if st.failure else None, st.final,
+               stopped, self.api is not None)
+        if key == self._connection_seen:
+            return
+        self._connection_seen = key
+        doc = {**st.to_dict(), "pid": None if stopped else os.getpid(),
+               "api": f"http://{self.cfg.api_host}:{self.api.port}" if self.api else None,
+               "written_at": time.time()}
+        try:
+            atomic_write_json(Path(self.cfg.state_dir) / "connection.json", doc)
+        except OSError as e:
+            log.debug("could not write connection.json: %s", e)
 
     # -- API view --------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:

@@ -5,7 +5,11 @@ Rules (after Home Assistant's MQTT client):
 - callbacks never block paho's network thread: messages and connection changes go into
   ``inbox`` and the owner consumes them on its own thread;
 - a last will is always set; auth refusal is final (no reconnect storm);
-- MQTT 5 is used where the broker offers it, 3.1.1 otherwise (protocol="auto").
+- MQTT 5 is used where the broker offers it, 3.1.1 otherwise (protocol="auto");
+- why an attempt failed (refused, name not found, TLS, auth ...) is classified by
+  ``connection.classify_error`` / ``classify_connack`` and logged once per change of cause with
+  the backoff in use (``connection.ConnectionTracker``); ``state()`` is the current
+  ``ConnectionState`` and ``wait_connected`` names the cause when it gives up.
 
 Inbox items are ``(topic, payload)``; connection changes arrive as ``(CONNECTED, b"")`` and
 ``(DISCONNECTED, b"")``.
@@ -24,7 +28,9 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
@@ -32,15 +38,22 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .connection import (
+    Cause,
+    ConnectionState,
+    ConnectionTracker,
+    Failure,
+    classify_connack,
+    classify_error,
+)
 from .errors import DeltafleetError
 
 log = logging.getLogger(__name__)
 
 CONNECTED = "$connected"
 DISCONNECTED = "$disconnected"
-# CONNACK codes that mean "this broker will never accept these credentials".
-_AUTH_REFUSALS = {4, 5, 0x86, 0x87, 0x8A, 0x8C}
-_BAD_PROTOCOL = {1, 0x84}
+__all__ = ["CONNECTED", "DISCONNECTED", "Cause", "ConnectionState", "Failure", "MqttClient",
+           "MqttSettings", "TransportError", "Will"]
 
 
 class TransportError(DeltafleetError):
@@ -82,6 +95,24 @@ class MqttSettings:
         return u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), tls
 
 
+class _PahoClient(paho.Client):
+    """paho's client, telling its owner what a connection attempt raised (paho's loop
+    swallows the exception and retries)."""
+
+    on_attempt: Any = None
+    on_attempt_error: Any = None
+
+    def reconnect(self) -> paho.MQTTErrorCode:
+        if self.on_attempt is not None:
+            self.on_attempt()
+        try:
+            return super().reconnect()
+        except (OSError, ValueError) as e:
+            if self.on_attempt_error is not None:
+                self.on_attempt_error(e)
+            raise
+
+
 class MqttClient:
     def __init__(self, settings: MqttSettings) -> None:
         self.settings = settings
@@ -94,13 +125,18 @@ class MqttClient:
         self._acks: collections.deque[tuple[int, int] | None] = collections.deque()
         self._ever_connected = False
         self._stopped = False
+        host, port, _ = settings.endpoint()
+        self._min_delay_s = max(1, int(settings.reconnect_min_s))
+        self._tracker = ConnectionTracker(settings.url, f"{host}:{port}", self._min_delay_s,
+                                          int(settings.reconnect_max_s))
+        self._attempt_failed = False
         self._client = self._make_client()
 
     # -- lifecycle -------------------------------------------------------------------------
     def _make_client(self) -> paho.Client:
         s = self.settings
         v5 = self.protocol_in_use == "5"
-        c = paho.Client(
+        c = _PahoClient(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -117,13 +153,15 @@ class MqttClient:
             )
         if s.will:
             c.will_set(s.will.topic, s.will.payload, qos=s.will.qos, retain=s.will.retain)
-        c.reconnect_delay_set(min_delay=max(1, int(s.reconnect_min_s)), max_delay=int(s.reconnect_max_s))
+        c.reconnect_delay_set(min_delay=self._min_delay_s, max_delay=int(s.reconnect_max_s))
         c.max_inflight_messages_set(64)
         if s.max_unacked:
             c.manual_ack_set(True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_attempt = self._on_attempt
+        c.on_attempt_error = self._on_attempt_error
         return c
 
     def start(self) -> None:
@@ -146,8 +184,21 @@ class MqttClient:
 
     def wait_connected(self, timeout_s: float) -> None:
         if not self.connected.wait(timeout_s):
-            why = self.fatal or f"no CONNACK from {self.settings.url} within {timeout_s:.0f} s"
-            raise TransportError(why)
+            raise TransportError(self.fatal or self._not_connected_why(timeout_s))
+
+    def _not_connected_why(self, timeout_s: float) -> str:
+        st = self.state()
+        url = self.settings.url
+        if st.failure is None:
+            return f"broker {url} did not answer within {timeout_s:.0f} s (no CONNACK)"
+        n = st.attempts
+        return (f"broker {url} not connected after {timeout_s:.0f} s: {st.failure} "
+                f"({n} attempt{'s' if n != 1 else ''})")
+
+    def state(self) -> ConnectionState:
+        """The connection as the owner should report it (a frozen snapshot)."""
+        with self._lock:
+            return self._tracker.state
 
     def stop(self, *, publish_will_first: bool = False) -> None:
         """Disconnect cleanly. A clean disconnect does not fire the will, so an owner that
@@ -186,16 +237,44 @@ class MqttClient:
             raise TransportError(f"publish to {topic} not acknowledged within {timeout_s} s")
 
     # -- paho callbacks (network thread: never block here) ----------------------------------
+    def _record(self, line: tuple[int, str] | None) -> None:
+        if line is not None:
+            log.log(*line)
+
+    def _failed(self, failure: Failure) -> None:
+        """At most one failure per attempt: the broker closing the socket after a refusing
+        CONNACK is the same failure."""
+        with self._lock:
+            if self._attempt_failed or self._stopped:
+                return
+            self._attempt_failed = True
+            line = self._tracker.failed(failure, time.time())
+        self._record(line)
+
+    def _on_attempt(self) -> None:
+        with self._lock:
+            self._attempt_failed = False
+
+    def _on_attempt_error(self, exc: BaseException) -> None:
+        self._failed(classify_error(exc))
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         code = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
         if code != 0:
-            log.warning("broker refused connection: %s", reason_code)
-            if code in _AUTH_REFUSALS:
-                self.fatal = f"broker refused the connection: {reason_code}"
+            failure = classify_connack(code, str(reason_code))
+            if failure.final:
+                self.fatal = f"broker {self.settings.url} refused the connection: {failure}"
+                self._failed(failure)
                 client.disconnect()
-            elif code in _BAD_PROTOCOL and self.settings.protocol == "auto":
+            elif failure.cause is Cause.PROTOCOL and self.settings.protocol == "auto":
+                log.debug("broker refused MQTT 5: %s", reason_code)
                 threading.Thread(target=self._fall_back_to_311, daemon=True).start()
+            else:
+                self._failed(failure)
             return
+        with self._lock:
+            line = self._tracker.connected(time.time())
+        self._record(line)
         self._ever_connected = True
         with self._lock:
             subs = list(self._subs.items())
@@ -214,12 +293,22 @@ class MqttClient:
             if was:
                 self._acks.append(None)
                 self.inbox.put((DISCONNECTED, b""))
-        if (
+        fallback = (
             not was and not self._ever_connected and not self._stopped and self.fatal is None
             and self.settings.protocol == "auto" and self.protocol_in_use == "5"
-        ):
+        )
+        if fallback:
             # Dropped before any CONNACK: an MQTT 3.1.1-only broker closing on a v5 CONNECT.
             threading.Thread(target=self._fall_back_to_311, daemon=True).start()
+        elif self._stopped or self.fatal is not None:
+            return
+        elif was:
+            with self._lock:
+                line = self._tracker.lost(Failure(Cause.LOST, _disconnect_detail(reason_code)),
+                                          time.time())
+            self._record(line)
+        else:
+            self._failed(Failure(Cause.CLOSED, _disconnect_detail(reason_code)))
 
     def _fall_back_to_311(self) -> None:
         with self._lock:
@@ -248,3 +337,8 @@ class MqttClient:
         for item in done:
             if item is not None:
                 self._client.ack(*item)
+
+
+def _disconnect_detail(reason_code: Any) -> str:
+    text = str(reason_code)
+    return "" if text in ("Unspecified error", "Success", "0") else text
