@@ -89,6 +89,7 @@ class MqttClient:
         self.connected = threading.Event()
         self.protocol_in_use = "5" if settings.protocol in ("auto", "5") else "3.1.1"
         self.fatal: str | None = None
+        self.session_present = False  # the last CONNACK's flag: the broker kept our session
         self._subs: dict[str, int] = {}
         self._lock = threading.Lock()
         self._acks: collections.deque[tuple[int, int] | None] = collections.deque()
@@ -197,6 +198,7 @@ class MqttClient:
                 threading.Thread(target=self._fall_back_to_311, daemon=True).start()
             return
         self._ever_connected = True
+        self.session_present = bool(getattr(flags, "session_present", False))
         with self._lock:
             subs = list(self._subs.items())
         if subs:
