@@ -106,6 +106,31 @@ def test_only_the_server_may_publish_chunks_trust_and_presence(secure_fleet, ser
         b.close()
 
 
+def test_devices_cannot_overwrite_or_clear_retained_chunks(secure_fleet, server) -> None:
+    """Chunks are retained on the broker (delivery.chunks): a device's retained publish, or an
+    empty retained "clear", on art/# is dropped; a later subscriber gets the server's chunks."""
+    t = Topics(secure_fleet[0].topic_prefix)
+    sha = "1" * 64
+    server.publish_wait(t.chunk(sha, 0), b"good chunk 0", retain=True)
+    server.publish_wait(t.chunk(sha, 1), b"good chunk 1", retain=True)
+    a = connected(device(secure_fleet, "dev-a"))
+    try:
+        a.publish(t.chunk(sha, 0), b"evil chunk", retain=True)
+        a.publish(t.chunk(sha, 1), b"", retain=True)
+        a.publish(t.chunk(sha, 2), b"evil extra chunk", retain=True)
+    finally:
+        a.close()
+    b = connected(device(secure_fleet, "dev-b"))
+    try:
+        b.subscribe(t.chunk_filter(sha))
+        got = sorted(b.received(2 * QUIET_S))
+        assert got == [(t.chunk(sha, 0), b"good chunk 0"), (t.chunk(sha, 1), b"good chunk 1")]
+    finally:
+        b.close()
+    for i in (0, 1):
+        server.publish_wait(t.chunk(sha, i), b"", retain=True)
+
+
 def test_device_receives_the_trust_bundle_and_follows_a_key_rotation(
         secure_fleet, server) -> None:
     cfg = secure_fleet[0]

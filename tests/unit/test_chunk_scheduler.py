@@ -12,13 +12,17 @@ import pytest
 from deltafleet.server.delivery.chunks import (
     CHUNK_WINDOW_S,
     FIRST_WINDOW_S,
+    LINGER_S,
     REPUBLISH_AFTER_S,
     ROUND_S,
     STALE_S,
     ArtifactOffer,
+    ChunkClear,
     ChunkPublish,
     ChunkScheduler,
+    ChunkWindows,
     DeliveryStats,
+    Queued,
     TokenBucket,
 )
 
@@ -138,23 +142,37 @@ class SimDevice:
 
 
 def run_fleet(joins: list[float], chunks: int, *, retry_s: float = 3.0, rate: int = 0,
-              until: float = 120.0, step: float = 0.05) -> tuple[ChunkScheduler, float]:
+              until: float = 120.0, step: float = 0.05, retain: bool = False,
+              broker_lost_at: float | None = None) -> tuple[ChunkScheduler, float]:
     """Devices subscribe and ask for every chunk at their join time, receive every chunk
-    published after that, and ask again for what they miss after ``retry_s`` without progress
-    (the agent's ``chunk_retry_s``). Returns the scheduler and when the last device finished."""
-    s = ChunkScheduler(CHUNK)
+    published after that (and, with ``retain``, every chunk retained when they subscribe), and
+    ask again for what they miss after ``retry_s`` without progress (the agent's
+    ``chunk_retry_s``). At ``broker_lost_at`` the broker loses its retained chunks and the
+    server reconnects to it (``lost_retained``). Returns the scheduler and when the last device
+    finished."""
+    s = ChunkScheduler(CHUNK, retain=retain)
     s.serve({A: ArtifactOffer(chunks, rate)}, 0.0)
     fleet = {f"d{n}": SimDevice(t) for n, t in enumerate(joins)}
+    retained: set[int] = set()
     t = 0.0
     while t < until:
+        if broker_lost_at is not None and t >= broker_lost_at:
+            retained.clear()
+            s.lost_retained()
+            broker_lost_at = None
         for name, d in fleet.items():
             missing = [i for i in range(chunks) if i not in d.have]
             if not missing or t < d.joins:
                 continue
             if not d.asked or t - d.progress > retry_s:
+                s.request(name, A, missing, t)  # as the agent: before the retained ones arrive
+                if not d.asked:
+                    d.have |= retained  # the broker hands a new subscriber what it retains
                 d.asked, d.progress = True, t
-                s.request(name, A, missing, t)
         for p in s.due(t):
+            assert p.retain == retain
+            if retain:
+                retained.add(p.index)
             for d in fleet.values():
                 if d.asked and p.index not in d.have:
                     d.have.add(p.index)
@@ -350,3 +368,162 @@ def test_a_repair_withdrawn_keeps_the_earlier_publish_time() -> None:
 def test_token_bucket(steps: list[tuple[float, int]], granted: list[bool]) -> None:
     bucket = TokenBucket(100, now=0.0)
     assert [bucket.take(n, now) for now, n in steps] == granted
+
+
+# -- retained mode: each chunk once per rollout, however late devices ask ------------------
+
+def retained_scheduler(chunks: int = 3, **windows: float) -> ChunkScheduler:
+    s = ChunkScheduler(CHUNK, ChunkWindows(**windows), retain=True)
+    s.serve({A: ArtifactOffer(chunks)}, now=0.0)
+    return s
+
+
+def retained_published_at_one(chunks: int = 3, **windows: float) -> ChunkScheduler:
+    s = retained_scheduler(chunks, **windows)
+    s.request("d1", A, range(chunks), 0.0)
+    assert s.due(FIRST_WINDOW_S) == [ChunkPublish(A, i, retain=True) for i in range(chunks)]
+    return s
+
+
+@pytest.mark.parametrize("late_s", [1.2, ROUND_S + 1, STALE_S + 5, 3 * 3600.0])
+def test_retained_a_late_asker_gets_nothing_published(late_s: float) -> None:
+    """It subscribed before asking: the broker handed it every retained chunk."""
+    s = retained_published_at_one()
+    s.reconnected("d1")
+    for device in ("d1", "d2", "d3"):
+        s.request(device, A, [0, 1, 2], late_s)
+    assert s.due(late_s + ROUND_S + FIRST_WINDOW_S) == []
+    assert s.stats(A) == DeliveryStats(3, 1, 0)
+    assert s.retained == {A: 3}
+
+
+def test_retained_a_repair_is_one_retained_publish() -> None:
+    s = retained_published_at_one()
+    s.request("d2", A, [1], 40.0, repair=True)
+    s.request("d3", A, [1], 40.01, repair=True)
+    assert s.due(40.0 + CHUNK_WINDOW_S) == [ChunkPublish(A, 1, retain=True)]
+    assert s.due(60.0) == []
+    assert s.stats(A) == DeliveryStats(4, 1, 1)
+
+
+def test_retained_a_device_stalled_for_stale_s_gets_its_chunks_again_once() -> None:
+    """Its broker queue overflowed: it keeps asking; after STALE_S the chunks go out again
+    (retained), once for every staller of that window."""
+    s = retained_published_at_one()
+    for t in (10.0, 13.0, 16.0, 10.0 + STALE_S - 0.5):
+        s.request("d2", A, [0, 2], t)
+    assert s.due(10.0 + STALE_S) == []
+    s.request("d2", A, [0, 2], 10.0 + STALE_S + 1)
+    s.request("d3", A, [2], 10.0 + STALE_S + 1.1)  # just subscribed: not a staller
+    assert s.due(10.0 + STALE_S + 2.2) == [ChunkPublish(A, 0, True), ChunkPublish(A, 2, True)]
+    s.request("d2", A, [0, 2], 10.0 + STALE_S + 4)  # published 2 s ago: nothing
+    assert s.due(10.0 + STALE_S + 20) == []
+    assert s.stats(A).published == 5
+
+
+def test_retained_chunks_the_broker_may_have_lost_go_out_once_more() -> None:
+    s = retained_published_at_one()
+    s.lost_retained()
+    s.request("d2", A, [0, 1, 2], 20.0)
+    s.request("d3", A, [1, 2], 20.5)
+    assert s.due(21.5) == [ChunkPublish(A, i, True) for i in range(3)]
+    s.request("d4", A, [0, 1, 2], 30.0)
+    assert s.due(40.0) == []
+    assert s.stats(A) == DeliveryStats(6, 2, 0)
+
+
+def test_retained_a_withdrawn_re_retain_stays_lost() -> None:
+    s = retained_published_at_one()
+    s.lost_retained()
+    s.request("d2", A, [0], 20.0)
+    assert s.due(21.0) == [ChunkPublish(A, 0, True)]
+    s.withdraw([ChunkPublish(A, 0, True)])
+    s.request("d3", A, [0], 30.0)
+    assert s.due(31.0) == [ChunkPublish(A, 0, True)]
+
+
+def test_retained_chunks_are_cleared_linger_s_after_the_artifact_left() -> None:
+    s = retained_published_at_one(linger_s=60.0)
+    s.request("d2", A, [0], 9.0, repair=True)  # queued, then the artifact leaves: dropped
+    s.serve({}, 10.0)
+    assert s.due(10.0 + CHUNK_WINDOW_S) == []
+    assert s.clears(69.9) == []
+    assert s.clears(70.0) == [ChunkClear(A, 3)]
+    assert s.clears(200.0) == []
+    assert s.retained == {}
+    s.serve({A: ArtifactOffer(3)}, 300.0)  # served again: from nothing retained
+    s.request("d5", A, [0, 1, 2], 300.0)
+    assert s.due(301.0) == [ChunkPublish(A, i, True) for i in range(3)]
+
+
+def test_retained_an_artifact_back_within_linger_s_keeps_its_chunks() -> None:
+    """Between two waves of a rollout no device of it is in flight for a while."""
+    s = retained_published_at_one()
+    s.serve({}, 10.0)
+    s.serve({A: ArtifactOffer(3)}, 10.0 + LINGER_S - 1)
+    assert s.clears(10.0 + 2 * LINGER_S) == []
+    s.request("d2", A, [0, 1, 2], 10.0 + LINGER_S)
+    assert s.due(20.0 + LINGER_S) == []
+    assert s.retained == {A: 3}
+
+
+def test_retained_list_survives_a_restart_and_is_cleared_if_no_longer_served() -> None:
+    s = ChunkScheduler(CHUNK, ChunkWindows(linger_s=5.0), retain=True)
+    s.restore({A: 3, B: 7}, 0.0)
+    assert s.retained == {A: 3, B: 7}
+    s.serve({B: ArtifactOffer(7)}, 1.0)
+    assert s.clears(4.9) == []
+    assert s.clears(5.0) == [ChunkClear(A, 3)]
+    assert s.retained == {B: 7}
+    s.request("d1", B, [0], 6.0)  # not known published since the restart: published once
+    assert s.due(7.0) == [ChunkPublish(B, 0, True)]
+
+
+def test_without_retain_nothing_is_retained_or_cleared() -> None:
+    s = published_at_one()
+    assert all(not p.retain for p in s.due(100.0))
+    s.serve({}, 1.0)
+    assert s.retained == {}
+    assert s.clears(1.0 + LINGER_S) == []
+
+
+@pytest.mark.parametrize(("devices", "spread_s"), [
+    (30, 0.0), (30, 12.0), (2000, 12.0), (500, 30.0), (200, 4 * 3600.0),
+])
+def test_retained_one_publish_per_chunk_whenever_devices_ask(devices: int,
+                                                             spread_s: float) -> None:
+    chunks = 8
+    joins = [round(spread_s * n / max(1, devices - 1), 2) for n in range(devices)]
+    step = 0.05 if spread_s < 100 else 60.0
+    s, finished = run_fleet(joins, chunks, retain=True, until=spread_s + 60, step=step)
+    assert s.stats(A) == DeliveryStats(chunks, 1, 0)
+    assert finished <= spread_s + FIRST_WINDOW_S + step + 0.1
+
+
+def test_retained_a_broker_that_lost_its_store_costs_one_more_publish_per_chunk() -> None:
+    chunks = 8
+    joins = [0.0] * 5 + [10.0 + n for n in range(10)]
+    s, _ = run_fleet(joins, chunks, retain=True, broker_lost_at=12.5)
+    assert s.stats(A).published == 2 * chunks
+
+
+def test_a_zero_length_clear_fails_the_device_chunk_check(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A device still subscribed when the server clears an artifact receives empty payloads:
+    they fail the chunk hash and nothing is stored (its repair request is then refused as for
+    an artifact no longer served)."""
+    from deltafleet.agent.update import ChunkSet
+    from deltafleet.shared import ArtifactRef, Manifest, sha256_bytes
+
+    data = b"x" * CHUNK
+    art = ArtifactRef("full", "identity", sha256_bytes(data), CHUNK, CHUNK,
+                      (sha256_bytes(data),))
+    m = Manifest("m", "dev-1", 1, 1, 2, None, "det", "v1", "default", "onnx", art.sha256,
+                 CHUNK, None, art)
+    cs = ChunkSet(m, tmp_path / "dl")
+    assert cs.accept(0, b"") is False
+    assert cs.have == set() and cs.missing() == [0] and not any((tmp_path / "dl").iterdir())
+    assert cs.accept(0, data) is True
+    assert cs.accept(0, b"") is False and cs.have == {0}
+    s = retained_published_at_one()
+    s.serve({}, 5.0)
+    assert s.request("dev-1", A, [0], 6.0, repair=True) == Queued(A, known=False)

@@ -51,6 +51,12 @@ class ServerConfig:
     # (FLEET_CHUNK_ROUND_S): the longest a device asking late waits for its chunks, and with
     # the rollout's duration the bound on publishes per chunk (delivery.chunks).
     chunk_round_s: float = 5.0
+    # Publish every chunk retained (FLEET_CHUNK_RETAIN, "0" = off): the broker then hands a
+    # device asking late every chunk on its subscription, and the server publishes each chunk
+    # of a rollout once (delivery.chunks). The retained chunks of an artifact no longer served
+    # are cleared FLEET_CHUNK_RETAIN_LINGER_S later (a later wave of its rollout reuses them).
+    chunk_retain: bool = True
+    chunk_retain_linger_s: float = 900.0
     manifest_ttl_s: int = 7 * 86400
     # MQTT authentication of the server itself (TLS client certificate and/or user+password).
     # Unset TLS files fall back to $FLEET_HOME/pki/ (made by `fleetctl broker config`) when
@@ -99,8 +105,8 @@ class ServerConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
         """Read FLEET_HOME, FLEET_DB_URL, FLEET_MQTT_URL, FLEET_TOPIC_PREFIX, FLEET_MQTT_CA,
         FLEET_MQTT_CERT, FLEET_MQTT_KEY, FLEET_MQTT_USERNAME, FLEET_MQTT_PASSWORD and
-        FLEET_MQTT_IDENTITY, FLEET_SERVER_ID, FLEET_SHARE_GROUP and FLEET_CHUNK_ROUND_S (empty =
-        unset).
+        FLEET_MQTT_IDENTITY, FLEET_SERVER_ID, FLEET_SHARE_GROUP, FLEET_CHUNK_ROUND_S, FLEET_CHUNK_RETAIN and
+        FLEET_CHUNK_RETAIN_LINGER_S (empty = unset).
 
         The server identity is FLEET_MQTT_IDENTITY, else FLEET_SERVER_ID, else ``fleet-server``;
         the share group is FLEET_SHARE_GROUP, else the content of ``$FLEET_HOME/share-group``.
@@ -127,7 +133,20 @@ class ServerConfig:
             server_id=env.get("FLEET_SERVER_ID") or None,
             share_group=_share_group(env, home),
             chunk_round_s=_seconds(env, "FLEET_CHUNK_ROUND_S", 5.0),
+            chunk_retain=_flag(env, "FLEET_CHUNK_RETAIN", True),
+            chunk_retain_linger_s=_seconds(env, "FLEET_CHUNK_RETAIN_LINGER_S", 900.0),
         )
+
+
+def _flag(env: Mapping[str, str], var: str, default: bool) -> bool:
+    raw = (env.get(var) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"{var}: expected 1/0, true/false, yes/no or on/off, got {env[var]!r}")
 
 
 def _seconds(env: Mapping[str, str], var: str, default: float) -> float:

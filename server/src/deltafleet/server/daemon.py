@@ -9,9 +9,15 @@ Chunk delivery: devices publish the indices they miss on their chunkreq topic; t
 ``delivery.chunks.ChunkScheduler`` decides which chunks to publish and when (one publish per
 chunk per round serves every device asking within the round's window; rounds of an artifact
 start at most every ``cfg.chunk_round_s``), and this module reads each chunk from the blob
-store (``delivery.artifacts``) and publishes it on its content-addressed topic. Its counters
-are in ``stats`` (``chunks_published``, ``chunk_bytes_published``, ``chunk_rounds``) and per
-artifact in ``chunks.stats(sha)``.
+store (``delivery.artifacts``) and publishes it on its content-addressed topic. With
+``cfg.chunk_retain`` every chunk is published retained, so devices asking late get it from the
+broker and each chunk goes out once per rollout; after a reconnect to a broker that kept no
+session (``session_present`` False) the broker may have lost them, and each goes out once more
+to its first asker. The retained artifacts are listed durably (``delivery.retained``, under
+``cfg.home``) and cleared ``cfg.chunk_retain_linger_s`` after no rollout serves them, also
+across a restart. Its counters are in ``stats`` (``chunks_published``,
+``chunk_bytes_published``, ``chunk_rounds``, ``chunks_cleared``) and per artifact in
+``chunks.stats(sha)``.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from . import fleet
 from .config import ServerConfig, check_client_identity, mqtt_settings
 from .controller import Publish, RolloutController
 from .delivery.chunks import ArtifactOffer, ChunkScheduler, ChunkWindows
+from .delivery.retained import RetainedList
 from .deltas import DeltaBuilder
 from .enroll import revoked_devices
 from .guard import DeviceMessageGuard
@@ -81,6 +88,7 @@ class ServerStats:
     chunks_deduplicated: int = 0
     chunk_bytes_published: int = 0
     chunk_rounds: int = 0
+    chunks_cleared: int = 0  # empty retained publishes of artifacts no longer served
 
 
 class FleetServer:
@@ -98,8 +106,13 @@ class FleetServer:
         self.stats = ServerStats()
         self.stop_event = threading.Event()
         self.artifacts = self.controller.artifacts
-        self.chunks = ChunkScheduler(cfg.chunk_size_bytes,
-                                     ChunkWindows(round_s=cfg.chunk_round_s))
+        self.chunks = ChunkScheduler(
+            cfg.chunk_size_bytes,
+            ChunkWindows(round_s=cfg.chunk_round_s, linger_s=cfg.chunk_retain_linger_s),
+            retain=cfg.chunk_retain)
+        self.retained = RetainedList(
+            cfg.home / "chunks" / f"retained-{cfg.server_id or 'server'}.json")
+        self.chunks.restore(self.retained.load(), time.monotonic())
         self._next_prune = 0.0
         self._next_reconcile = 0.0
         self._revoked_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
@@ -243,6 +256,8 @@ class FleetServer:
         items: list[tuple[str, Hello | Status | Event]] = []
         for topic, payload in batch:
             if topic == CONNECTED:
+                if not self.mqtt.session_present:
+                    self.chunks.lost_retained()
                 try:
                     for trust_topic, bundle in trust_publications(self.cfg):
                         self.mqtt.publish(trust_topic, bundle, retain=True)
@@ -348,10 +363,23 @@ class FleetServer:
                 broken.add(p.artifact_sha)
                 unsent.append(p)
                 continue
-            self.mqtt.publish(self.topics.chunk(p.artifact_sha, p.index), data, qos=1)
+            self.mqtt.publish(self.topics.chunk(p.artifact_sha, p.index), data, qos=1,
+                              retain=p.retain)
             self.stats.chunks_published += 1
             self.stats.chunk_bytes_published += len(data)
         self.chunks.withdraw(unsent)
+        if self.mqtt.connected.is_set():
+            for c in self.chunks.clears(time.monotonic() if now is None else now):
+                for i in range(c.chunks):
+                    self.mqtt.publish(self.topics.chunk(c.artifact_sha, i), b"", qos=1,
+                                      retain=True)
+                self.stats.chunks_cleared += c.chunks
+                log.info("cleared the %d retained chunks of artifact %s", c.chunks,
+                         c.artifact_sha[:12])
+        try:
+            self.retained.save(self.chunks.retained)
+        except OSError as e:
+            log.error("cannot record the retained chunk list %s: %s", self.retained.path, e)
 
     # -- reconciliation --------------------------------------------------------------------
     def reconcile(self) -> None:

@@ -323,6 +323,9 @@ def render_mosquitto_conf(*, port: int, bind: str | None, cafile: Path, certfile
         f"crlfile {crlfile}",
         f"acl_file {aclfile}",
         "max_packet_size 8388608",  # retained manifests of multi-GB models (~4.4 MB at 4 GiB)
+        # a device subscribing to an artifact gets every retained chunk at once: its queue must
+        # hold them all (65,536 chunks of 64 KiB for 4 GiB; entries reference one stored copy)
+        "max_queued_messages 70000",
     ]
     if persistence_dir is not None:
         # sessions (the servers' queued device messages) and retained messages survive a

@@ -120,6 +120,7 @@ class MqttClient:
         self.connected = threading.Event()
         self.protocol_in_use = "5" if settings.protocol in ("auto", "5") else "3.1.1"
         self.fatal: str | None = None
+        self.session_present = False  # the last CONNACK's flag: the broker kept our session
         self._subs: dict[str, int] = {}
         self._lock = threading.Lock()
         self._acks: collections.deque[tuple[int, int] | None] = collections.deque()
@@ -276,6 +277,7 @@ class MqttClient:
             line = self._tracker.connected(time.time())
         self._record(line)
         self._ever_connected = True
+        self.session_present = bool(getattr(flags, "session_present", False))
         with self._lock:
             subs = list(self._subs.items())
         if subs:

@@ -5,9 +5,10 @@ server's online key before it is stored or published, and never re-signed or edi
 was recorded as sent (a re-send is the same bytes, a change is a new manifest with a higher
 serial). ``chunks`` decides which artifact chunks to publish and when (pure: dedup within a
 window, the first-request window, bandwidth caps, repairs); ``artifacts`` is the chunk view of
-the blob store (chunk hashes and verified chunk bytes). The daemon is the MQTT adapter.
+the blob store (chunk hashes and verified chunk bytes); ``retained`` is the durable list of
+artifacts whose chunks the server retained on the broker. The daemon is the MQTT adapter.
 """
 
 from .manifests import build_manifest, sign_manifest
 
-__all__ = ["artifacts", "build_manifest", "chunks", "manifests", "sign_manifest"]
+__all__ = ["artifacts", "build_manifest", "chunks", "manifests", "retained", "sign_manifest"]

@@ -40,6 +40,21 @@ at most once per round, plus repairs (each at most once per ``republish_after_s`
 ``withdraw(publishes)``: chunks ``due`` returned that could not be sent (their blob failed its
 check) count as never published and cost no bandwidth; they are not queued again. A round all
 of whose publishes were withdrawn never happened.
+
+RETAINED mode (``retain=True``): every publish is retained on the chunk's topic, so a device
+subscribing later receives from the broker every chunk published so far, and a published chunk
+stays published: a device needs chunk ``i`` only when it was never published, on ``repair``,
+when the broker may have lost it (``lost_retained``: the server reconnected to a broker that
+kept no session, e.g. one restarted without persistence; each such chunk goes out once more,
+to the first asker) or when the device has been asking since ``stale_s`` ago and the chunk's
+last publish is older than that too (its queue on the broker overflowed). Asking late costs
+nothing, so each chunk goes out once per rollout plus repairs. The artifacts with retained
+chunks are in ``retained`` (artifact -> number of chunks; ``restore`` reloads it after a
+restart); an artifact that left ``serve`` has its queued chunks dropped at once and, once it
+has stayed out ``linger_s`` (a later wave of its rollout reuses its chunks), is returned once
+by ``clears`` (publish an empty retained message on each of its chunk topics) and forgotten:
+served again, it starts from nothing published. Retaining a chunk twice (another replica, a
+restart) is harmless: the broker keeps one message per topic.
 """
 
 from __future__ import annotations
@@ -54,6 +69,8 @@ __all__ = [
     "ROUND_S",
     "STALE_S",
     "ArtifactOffer",
+    "LINGER_S",
+    "ChunkClear",
     "ChunkPublish",
     "ChunkScheduler",
     "ChunkWindows",
@@ -67,6 +84,7 @@ FIRST_WINDOW_S = 1.0  # a gather becomes a round after this long without a new d
 ROUND_S = 5.0  # rounds of one artifact start at least this far apart
 REPUBLISH_AFTER_S = 2.0  # a repair never republishes a chunk within this interval
 STALE_S = 30.0  # a chunk published longer ago than this is sent again to whoever asks
+LINGER_S = 900.0  # retained chunks of an artifact no longer served are cleared this much later
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +96,7 @@ class ChunkWindows:
     republish_after_s: float = REPUBLISH_AFTER_S
     stale_s: float = STALE_S
     round_s: float = ROUND_S
+    linger_s: float = LINGER_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +113,16 @@ class ChunkPublish:
 
     artifact_sha: str
     index: int
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkClear:
+    """Clear the retained chunks ``0 .. chunks-1`` of ``artifact_sha`` (empty retained
+    publishes)."""
+
+    artifact_sha: str
+    chunks: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +172,13 @@ class TokenBucket:
 class _Delivery:
     """One artifact's rounds, gather and repairs (the scheduler's internal state)."""
 
-    __slots__ = ("gather", "gather_devices", "joined", "last", "opened", "published",
+    __slots__ = ("gather", "gather_devices", "joined", "last", "lost", "opened", "published",
                  "repair_due", "repairs", "round_repairs", "round_started", "rounds", "running",
                  "running_wake", "sent_in_round")
 
     def __init__(self) -> None:
         self.last: dict[int, float] = {}  # chunk -> its last publish
+        self.lost: set[int] = set()  # published chunks the broker may have lost (retained mode)
         self.round_started: float | None = None
         self.rounds = 0
         self.running: set[int] = set()  # the running round's chunks not published yet
@@ -183,6 +213,7 @@ class _Delivery:
 
     def sent(self, i: int, now: float) -> None:
         self.last[i] = now
+        self.lost.discard(i)
         self.published += 1
         self.gather.discard(i)
         self.repairs.discard(i)
@@ -193,9 +224,13 @@ class _Delivery:
 class ChunkScheduler:
     """One replica's chunk delivery state; see the module docstring for the rules."""
 
-    def __init__(self, chunk_size_bytes: int, windows: ChunkWindows | None = None) -> None:
+    def __init__(self, chunk_size_bytes: int, windows: ChunkWindows | None = None, *,
+                 retain: bool = False) -> None:
         self.chunk_size_bytes = chunk_size_bytes
         self.windows = windows or ChunkWindows()
+        self.retain = retain
+        self._retained: dict[str, int] = {}  # artifact -> chunks (retained mode)
+        self._unserved: dict[str, float] = {}  # retained artifact -> when it left serve
         self.deduplicated = 0  # needed chunks a publish already queued covers
         self._offers: dict[str, ArtifactOffer] = {}
         self._buckets: dict[str, TokenBucket] = {}
@@ -203,8 +238,9 @@ class ChunkScheduler:
         # device -> artifact -> when it first asked (this connection; reset by reconnected)
         self._first_request: dict[str, dict[str, float]] = {}
         # what the last due() changed, for withdraw: chunk -> (its last publish before, a
-        # repair?); artifact -> (start, chunks sent) of its round before, if due() started one
-        self._undo: dict[tuple[str, int], tuple[float | None, bool]] = {}
+        # repair?, was it lost?); artifact -> (start, chunks sent) of its round before, if
+        # due() started one
+        self._undo: dict[tuple[str, int], tuple[float | None, bool, bool]] = {}
         self._undo_round: dict[str, tuple[float | None, set[int]]] = {}
 
     @property
@@ -229,10 +265,56 @@ class ChunkScheduler:
         """Rounds started, of every artifact."""
         return sum(d.rounds for d in self._deliveries.values())
 
+    @property
+    def retained(self) -> dict[str, int]:
+        """Artifacts whose chunks may be retained on the broker -> their number of chunks."""
+        return dict(self._retained)
+
+    def restore(self, retained: Mapping[str, int], now: float) -> None:
+        """Artifacts retained before a restart: cleared ``linger_s`` after ``now`` unless
+        served by then (their chunks count as never published)."""
+        for sha, chunks in retained.items():
+            self._retained[sha] = max(chunks, self._retained.get(sha, 0))
+            if sha not in self._offers:
+                self._unserved.setdefault(sha, now)
+
+    def lost_retained(self) -> None:
+        """The broker may have lost its retained messages: each published chunk goes out once
+        more, to the first device asking for it."""
+        for d in self._deliveries.values():
+            d.lost = set(d.last)
+
+    def clears(self, now: float) -> list[ChunkClear]:
+        """The retained artifacts out of ``serve`` for ``linger_s``: clear their chunks now
+        (each returned once; it is forgotten)."""
+        out: list[ChunkClear] = []
+        for sha, since in list(self._unserved.items()):
+            if now - since < self.windows.linger_s:
+                continue
+            del self._unserved[sha]
+            chunks = self._retained.pop(sha, 0)
+            d = self._deliveries.get(sha)
+            if d is not None:
+                d.last.clear()
+                d.lost.clear()
+            if chunks:
+                out.append(ChunkClear(sha, chunks))
+        return out
+
     def serve(self, offers: Mapping[str, ArtifactOffer], now: float) -> None:
         """The artifacts devices may fetch now (all others are refused). A changed cap
-        starts a full bucket; chunks already queued still go out."""
+        starts a full bucket; chunks already queued still go out, except in retained mode."""
         self._offers = dict(offers)
+        for sha in self._retained:
+            if sha in offers:
+                self._unserved.pop(sha, None)
+            elif sha not in self._unserved:
+                self._unserved[sha] = now
+        if self.retain:
+            for sha, d in self._deliveries.items():
+                if sha not in offers:
+                    d.running, d.gather, d.repairs = set(), set(), set()
+                    d.gather_devices.clear()
         for sha, offer in offers.items():
             rate = offer.rate_bytes_per_s
             bucket = self._buckets.get(sha)
@@ -261,7 +343,12 @@ class ChunkScheduler:
                 out_of_range.add(i)
                 continue
             last = d.last.get(i)
-            if not (last is None or first > last or repair or now - last > w.stale_s):
+            if self.retain:
+                needed = (last is None or repair or i in d.lost
+                          or (now - first > w.stale_s and now - last > w.stale_s))
+            else:
+                needed = last is None or first > last or repair or now - last > w.stale_s
+            if not needed:
                 continue
             if i in d.running:
                 self.deduplicated += 1
@@ -304,11 +391,11 @@ class ChunkScheduler:
                 for i in sorted(d.running):
                     if bucket is not None and not bucket.take(self.chunk_size_bytes, now):
                         break  # over the cap: the rest waits in the round
-                    self._undo[(sha, i)] = (d.last.get(i), False)
+                    self._undo[(sha, i)] = (d.last.get(i), False, i in d.lost)
                     d.running.discard(i)
                     d.sent_in_round.add(i)
                     d.sent(i, now)
-                    out.append(ChunkPublish(sha, i))
+                    out.append(self._publish(sha, i))
                 d.running_wake = now + w.repair_s if d.running else None
             if d.repairs and d.repair_due is not None and now >= d.repair_due:
                 wake = now + w.repair_s
@@ -319,12 +406,19 @@ class ChunkScheduler:
                         continue
                     if bucket is not None and not bucket.take(self.chunk_size_bytes, now):
                         break
-                    self._undo[(sha, i)] = (last, True)
+                    self._undo[(sha, i)] = (last, True, i in d.lost)
                     d.round_repairs += 1
                     d.sent(i, now)
-                    out.append(ChunkPublish(sha, i))
+                    out.append(self._publish(sha, i))
                 d.repair_due = wake if d.repairs else None
         return out
+
+    def _publish(self, sha: str, i: int) -> ChunkPublish:
+        if not self.retain:
+            return ChunkPublish(sha, i)
+        offer = self._offers.get(sha)
+        self._retained[sha] = max(self._retained.get(sha, 0), offer.chunks if offer else i + 1)
+        return ChunkPublish(sha, i, retain=True)
 
     def withdraw(self, publishes: Iterable[ChunkPublish]) -> None:
         """These chunks from the last ``due`` were not sent: forget they were published and
@@ -334,11 +428,13 @@ class ChunkScheduler:
             d = self._deliveries.get(p.artifact_sha)
             if key not in self._undo or d is None:
                 continue
-            before, was_repair = self._undo.pop(key)
+            before, was_repair, was_lost = self._undo.pop(key)
             if before is None:
                 d.last.pop(p.index, None)
             else:
                 d.last[p.index] = before
+            if was_lost:
+                d.lost.add(p.index)
             d.published -= 1
             if was_repair:
                 d.round_repairs -= 1
