@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .. import views
 from ..audit import list_audit
 from ..errors import UsageError
 from ._common import JSON_HELP, console, fmt_time, open_store, print_json
+from .table import Table
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,6 +23,7 @@ from ..errors import NotFoundError, UsageError
 from ..planner import delta_worth_it
 from ..store.models import Artifact, Delta, Model, ModelVersion, Variant
 from ._common import blob_store, console, err_console, fmt_bytes, load_config, open_store, print_json
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Build and inspect model deltas.")
 

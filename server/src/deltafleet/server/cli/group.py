@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .. import fleet, views
 from ..audit import audit
 from ..errors import UsageError
 from ._common import JSON_HELP, actor, console, open_store, print_json
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Device groups (label and profile selectors).")
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from deltafleet.shared import DeltafleetError, SigningKey
@@ -21,6 +20,7 @@ from .. import keys
 from ..audit import audit
 from ..store import Store
 from ._common import JSON_HELP, actor, console, fmt_time, load_config, print_json
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Root of trust and manifest signing keys.")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .. import catalog, views
 from ..audit import audit
@@ -30,6 +29,7 @@ from ._common import (
     open_store,
     print_json,
 )
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Model versions and their variants.")
 

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..audit import audit
 from ..errors import UsageError
 from ..storecheck import repair, verify_store
 from ._common import JSON_HELP, actor, blob_store, console, err_console, load_config, open_store, print_json
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="The server's blob store.")
 

@@ -7,6 +7,8 @@ or the names below from the package.
 from __future__ import annotations
 
 from .devices import (
+    Desired,
+    desired_models,
     get_device,
     list_devices,
     record_device_model,
@@ -28,10 +30,12 @@ from .groups import (
 
 __all__ = [
     "GROUP_NAME_RE",
+    "Desired",
     "PROFILE_SELECTOR_KEYS",
     "SELECTOR_KEY_RE",
     "check_selector",
     "create_group",
+    "desired_models",
     "device_matches",
     "devices_in_group",
     "get_device",
