@@ -152,7 +152,8 @@ def model_to_json(model: Model, *, detail: bool = True) -> dict[str, Any]:
 def group_to_json(group: Group, device_ids: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": group.name,
-        "selector": dict(group.selector or {}),
+        "selector": {k: list(v) if isinstance(v, list) else v
+                     for k, v in (group.selector or {}).items()},
         "created_at": _iso(group.created_at),
     }
     if device_ids is not None:

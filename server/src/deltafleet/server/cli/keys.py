@@ -65,8 +65,7 @@ def show(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False)
     if json_:
         print_json(d)
         return
-    t = Table(show_header=False)
-    t.add_column("field", style="dim")
+    t = Table("field", show_header=False)
     t.add_column("value", overflow="fold")
     t.add_row("root", f"v{d['root_version']} threshold {d['root_threshold']}: "
               + ", ".join(k[:16] for k in d["root_keyids"]))

@@ -53,7 +53,8 @@ def verify(
     elif not bad_before:
         console.print(f"all {len(reports)} blobs intact")
     else:
-        table = Table("sha256", "kind", "status", "problem", "depends on it", "repair")
+        table = Table("sha256", "kind", "status", "problem", "depends on it", "repair",
+                      wide=True)
         for r in bad_before:
             table.add_row(r.sha256[:12], r.kind, r.status, r.problem, r.dependents.summary(),
                           r.repair)

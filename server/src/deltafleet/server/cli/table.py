@@ -20,7 +20,7 @@ from typing import Any
 
 KEY_HEADERS = frozenset({
     "id", "device", "model", "version", "state", "name", "group", "variant", "runs", "asked",
-    "field", "keyid", "action", "base", "target", "wave",
+    "field", "keyid", "action", "base", "target", "wave", "at (UTC)", "actor", "codec",
 })
 GAP = "  "
 MIN_WIDTH = 6

@@ -24,8 +24,10 @@ from .groups import (
     create_group,
     device_matches,
     devices_in_group,
+    format_selector,
     get_group,
     list_groups,
+    parse_match,
 )
 
 __all__ = [
@@ -38,10 +40,12 @@ __all__ = [
     "desired_models",
     "device_matches",
     "devices_in_group",
+    "format_selector",
     "get_device",
     "get_group",
     "list_devices",
     "list_groups",
+    "parse_match",
     "record_device_model",
     "set_device_online",
     "set_devices_presence",
