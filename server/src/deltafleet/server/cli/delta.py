@@ -191,7 +191,7 @@ def list_deltas(
     if json_out:
         print_json(rows)
         return
-    table = Table("id", "base", "target", "codec", "size", "% of full", "build s", wide=wide)
+    table = Table("id", "base", "target", "codec", "size", "%full", "secs", wide=wide)
     n = 64 if wide else 12
     for r in rows:
         table.add_row(str(r["id"]), r["base"] or r["base_sha256"][:n],

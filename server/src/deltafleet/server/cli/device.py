@@ -45,11 +45,15 @@ def _runs(d: dict[str, Any]) -> str:
 
 
 def _asked(d: dict[str, Any], *, wide: bool) -> str:
+    """Compact: ``v2 r7 held`` (``detector:v2 r7 held`` when the device has several models);
+    wide: the whole sentence with the reason."""
     from ..views import asked_line  # noqa: PLC0415
 
     if wide:
         return "; ".join(asked_line(x) for x in d["desired"]) or "-"
-    return ", ".join(f"{x['model']}:{x['version']} r{x['rollout_id']} {x['state']}"
+    names = {m["model"] for m in d["running"]} | {x["model"] for x in d["desired"]}
+    return ", ".join(("" if len(names) == 1 else f"{x['model']}:")
+                     + f"{x['version']} r{x['rollout_id']} {x['state']}"
                      for x in d["desired"]) or "-"
 
 
@@ -66,7 +70,8 @@ def list_cmd(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """List devices: online, what each runs (its own last report) and, apart, what a rollout
-    asked of it that it does not run yet (rollout id and state; --wide: the reason)."""
+    asked of it that it does not run yet (version, rollout id, state; --wide: the reason,
+    profile and labels)."""
     rows = _load(group=group)
     if json_:
         print_json(rows)
@@ -76,17 +81,16 @@ def list_cmd(
         return
     headers = ["device", "online", "seen", "runs", "asked"]
     if wide:
-        headers += ["last seen", "arch", "os", "accelerator", "agent"]
+        headers += ["last seen", "arch", "os", "accelerator", "agent", "labels"]
     table = Table(*headers, wide=wide)
-    table.add_column("labels")
     for d in rows:
         p = d["profile"]
         cells = [d["id"], "yes" if d["online"] else "no", fmt_age(d["last_seen"]), _runs(d),
                  _asked(d, wide=wide)]
         if wide:
             cells += [fmt_time(d["last_seen"]), p["arch"] or "-", p["os"] or "-",
-                      p["accelerator"] or "-", d["agent_version"] or "-"]
-        table.add_row(*cells, _labels(d))
+                      p["accelerator"] or "-", d["agent_version"] or "-", _labels(d)]
+        table.add_row(*cells)
     console.print(table)
 
 

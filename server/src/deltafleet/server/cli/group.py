@@ -101,12 +101,13 @@ def show(
                   f"{len(members)} device(s)")
     if not members:
         return
-    table = Table("device", "online", "runs", "asked", wide=wide)
-    table.add_column("labels")
+    table = Table("device", "online", "runs", "asked", *(["labels"] if wide else []),
+                  wide=wide)
     for d in out["members"]:
         runs = ", ".join(f"{m['model']}:{m['version'] or '?'}" for m in d["running"]) or "-"
-        asked = ", ".join(f"{x['model']}:{x['version']} r{x['rollout_id']} {x['state']}"
+        asked = ", ".join(f"{x['version']} r{x['rollout_id']} {x['state']}"
                           for x in d["desired"]) or "-"
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"
         table.add_row(d["id"], "yes" if d["online"] else "no", runs, asked,
-                      ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-")
+                      *([labels] if wide else []))
     console.print(table)

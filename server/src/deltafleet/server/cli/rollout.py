@@ -8,6 +8,7 @@ rollout's state does not allow).
 from __future__ import annotations
 
 import contextlib
+import textwrap
 import time
 from typing import Annotated, Any
 
@@ -58,22 +59,28 @@ def _render(data: dict[str, Any], *, wide: bool = False) -> list[str]:
         c = by_wave[w]
         waves.add_row(str(w + 1), str(sum(c.values())),
                       ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
-    devices = Table("device", "wave", "state", "variant", "artifact", "sent", "full", "running",
-                    wide=wide)
-    devices.add_column("reason", overflow="fold")
+    devices = Table("device", "wave", "state", "artifact", "sent", "full",
+                    *(["variant", "running"] if wide else []), wide=wide)
+    devices.add_column("reason", overflow="below")
     for t in data["targets"]:
-        running = t["running_sha256"] or "-"
-        devices.add_row(t["device"], str(t["wave"] + 1), t["state"], t["variant"] or "-",
-                        t["artifact"] or "-", fmt_bytes(t["bytes_sent"]),
-                        fmt_bytes(t["full_bytes"]), running if wide else running[:12],
+        devices.add_row(t["device"], str(t["wave"] + 1), t["state"], t["artifact"] or "-",
+                        fmt_bytes(t["bytes_sent"]), fmt_bytes(t["full_bytes"]),
+                        *([t["variant"] or "-", t["running_sha256"] or "-"] if wide else []),
                         t["reason"] or "")
     width = None if wide else terminal_width()
-    parts: list[str] = [head, *waves.lines(width), *devices.lines(width)]
+    parts: list[str] = [*_wrap(head, width), *waves.lines(width), *devices.lines(width)]
     if data["full_bytes"]:
         pct = 100 * data["bytes_sent"] / data["full_bytes"]
         parts.append(f"bytes sent {fmt_bytes(data['bytes_sent'])} of "
                      f"{fmt_bytes(data['full_bytes'])} full ({pct:.1f}%)")
     return parts
+
+
+def _wrap(text: str, width: int | None, indent: str = "") -> list[str]:
+    if width is None:
+        return [indent + text]
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent,
+                         break_on_hyphens=False) or [indent]
 
 
 @app.command("model")
@@ -186,15 +193,16 @@ def rollout_plan(
     if as_json:
         print_json(plan)
         return
-    table = Table("device", "online", "runs", "variant", "artifact", "bytes", "full", wide=wide)
-    table.add_column("note", overflow="fold")
+    table = Table("device", "online", "runs", "artifact", "bytes", "full",
+                  *(["variant"] if wide else []), wide=wide)
+    table.add_column("note", overflow="below")
     for d in plan["devices"]:
         artifact = d.get("artifact") or "cannot take"
         if d.get("codec"):
             artifact += f" ({d['codec']})"
-        table.add_row(d["device"], "yes" if d["online"] else "no", d["runs"] or "-",
-                      d.get("variant") or "-", artifact,
-                      fmt_bytes(d.get("bytes")), fmt_bytes(d.get("full_bytes")), d["reason"])
+        table.add_row(d["device"], "yes" if d["online"] else "no", d["runs"] or "-", artifact,
+                      fmt_bytes(d.get("bytes")), fmt_bytes(d.get("full_bytes")),
+                      *([d.get("variant") or "-"] if wide else []), d["reason"])
     console.print(f"plan: {plan['model']} {plan['version']} -> group {plan['group']}")
     console.print(table)
     console.print(f"{fmt_bytes(plan['bytes'])} to send instead of {fmt_bytes(plan['full_bytes'])}"

@@ -4,8 +4,10 @@ Invariants: a key column (``KEY_HEADERS``, or ``key=True``) is never cut or wrap
 appear whole on one line, even if the row then runs past the terminal. Other columns give way
 when the table is wider than the terminal (``shutil.get_terminal_size``: ``$COLUMNS``, else 80
 when not a terminal): an ``ellipsis`` column ends in ``…``, a ``fold`` column wraps at spaces
-onto extra lines. ``wide=True`` cuts nothing. Colour tags of rich's form (``[green]yes[/green]``)
-are dropped: output is the same on a terminal and in a pipe. This module imports no rich.
+onto extra lines, a ``below`` column (a reason, a note) is printed under its row, indented and
+wrapped. ``wide=True`` cuts nothing and prints ``below`` columns as columns. Colour tags of
+rich's form (``[green]yes[/green]``) are dropped: output is the same on a terminal and in a
+pipe. This module imports no rich.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ KEY_HEADERS = frozenset({
     "field", "keyid", "action", "base", "target", "wave", "at (UTC)", "actor", "codec",
 })
 GAP = "  "
-MIN_WIDTH = 6
+MIN_WIDTH = 12  # a column gives way only down to this (or its header): sizes and times stay
 _TAG = re.compile(r"\[/?(?:bold|dim|italic|green|red|yellow|cyan|blue|magenta)"
                   r"(?: (?:bold|dim|italic|green|red|yellow|cyan|blue|magenta))*\]")
 
@@ -43,7 +45,7 @@ class _Column:
     def __init__(self, header: str, key: bool | None, overflow: str | None) -> None:
         self.header = header
         self.key = header in KEY_HEADERS if key is None else key
-        self.overflow = "fold" if overflow == "fold" else "ellipsis"
+        self.overflow = overflow if overflow in ("fold", "below") else "ellipsis"
 
 
 class Table:
@@ -75,7 +77,8 @@ class Table:
         if width is None or self.wide:
             return natural
         widths = list(natural)
-        floor = [max(MIN_WIDTH, len(c.header) if self.show_header else 0) for c in cols]
+        floor = [min(natural[i], max(MIN_WIDTH, len(c.header) if self.show_header else 0))
+                 for i, c in enumerate(cols)]
         excess = sum(widths) + len(GAP) * (len(cols) - 1) - width
         while excess > 0:
             shrinkable = [i for i, c in enumerate(cols) if not c.key and widths[i] > floor[i]]
@@ -89,8 +92,26 @@ class Table:
         return widths
 
     def lines(self, width: int | None = None) -> list[str]:
+        below = [] if self.wide or width is None else [
+            i for i, c in enumerate(self.columns) if c.overflow == "below"]
+        if below:
+            inline = [i for i in range(len(self.columns)) if i not in below]
+            table = Table(show_header=self.show_header, title=self.title)
+            table.columns = [self.columns[i] for i in inline]
+            table.rows = [[r[i] if i < len(r) else "" for i in inline] for r in self.rows]
+            lines = table.lines(width)
+            head = len(lines) - len(self.rows)
+            out = lines[:head]
+            for line, row in zip(lines[head:], self.rows, strict=True):
+                out.append(line)
+                for i in below:
+                    note = row[i] if i < len(row) else ""
+                    if note:
+                        out += textwrap.wrap(note, width, initial_indent="    ",
+                                             subsequent_indent="    ", break_on_hyphens=False)
+            return out
         widths = self._widths(width)
-        out: list[str] = []
+        out = []
         if self.title:
             out.append(self.title)
         rows = ([[c.header for c in self.columns]] if self.show_header else []) + self.rows

@@ -42,7 +42,7 @@ GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SELECTOR_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")
 PROFILE_SELECTOR_KEYS = ("arch", "os", "accelerator", "cpu")
 MAX_ANY_OF = 64
-_IN = re.compile(r"^\s*(\S+)\s+in\s*\((.*)\)\s*$")
+_IN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._/-]*)\s+in\s*\((.*)\)\s*$")
 
 
 def _selector_value(device: Device, key: str) -> str | None:
