@@ -68,7 +68,7 @@ def _load(name: str) -> click.Command:
     _, module, function, _help = _BY_NAME[name]
     mod = importlib.import_module(f"{__name__}.{module}")
     if function is None:
-        command = typer.main.get_command(mod.app)
+        command = typer.main.get_group(mod.app)
     else:
         single = typer.Typer(add_completion=False)
         single.command(name)(getattr(mod, function))
