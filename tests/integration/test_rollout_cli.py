@@ -124,5 +124,9 @@ def test_a_rejection_of_a_manifest_the_device_cannot_read_is_applied_and_shown(l
         code, out = fleetctl(*args)
         assert code in (0, 1) and "None" not in out, out
     code, out = fleetctl("device", "show", dev, "--json")
-    (model,) = json.loads(out)["models"]
-    assert model["version"] is None and model["sha256"] == target["running_sha256"]
+    shown = json.loads(out)
+    (model,) = shown["models"]
+    # the rejection names no version: what runs stays as the device last reported it
+    assert model["version"] == "v1" and model["sha256"] == target["running_sha256"]
+    (asked,) = shown["desired"]
+    assert (asked["version"], asked["rollout_id"], asked["state"]) == ("v2", rid, "held")

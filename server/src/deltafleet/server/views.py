@@ -9,20 +9,70 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .catalog import compressed_artifact, io_signature
-from .store.models import AuditEntry, Device, Group, Model, Variant
+if TYPE_CHECKING:
+    from .fleet import Desired
+    from .store.models import AuditEntry, Device, Group, Model, Variant
 
-__all__ = ["audit_to_json", "device_to_json", "group_to_json", "model_to_json", "variant_to_json"]
+__all__ = [
+    "asked_line",
+    "audit_to_json",
+    "desired_to_json",
+    "device_to_json",
+    "group_to_json",
+    "model_to_json",
+    "variant_to_json",
+]
 
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
 
 
-def device_to_json(device: Device) -> dict[str, Any]:
-    """A device as a JSON-able dict (its models must be loaded, see get_device)."""
+def desired_to_json(d: Desired) -> dict[str, Any]:
+    """What a device was asked to run and does not run, and why (see fleet.desired_models)."""
+    return {
+        "model": d.model,
+        "version": d.version,
+        "variant": d.variant,
+        "sha256": d.sha256,
+        "rollout_id": d.rollout_id,
+        "rollout_state": d.rollout_state,
+        "open": d.open,
+        "state": d.state,
+        "reason": d.reason,
+        "why": _why(d.state, d.reason, d.rollout_state, d.open),
+        "updated_at": _iso(d.updated_at),
+    }
+
+
+def _why(state: str, reason: str, rollout_state: str, is_open: bool) -> str:
+    text = f"{state}: {reason}" if reason else state
+    return text if is_open else f"{text} (rollout {rollout_state})"
+
+
+def asked_line(d: Mapping[str, Any]) -> str:
+    """One desired entry as a sentence: ``detector:v5 by rollout 7 - held: <reason>``."""
+    return f"{d['model']}:{d['version']} by rollout {d['rollout_id']} - {d['why']}"
+
+
+def device_to_json(device: Device, desired: list[Desired] | None = None) -> dict[str, Any]:
+    """A device as a JSON-able dict (its models must be loaded, see get_device).
+
+    ``running`` (also ``models``) is what the device last verified and reported; ``desired``
+    what its rollouts asked of it that it does not run, with why (``fleet.desired_models``).
+    """
+    running = [
+        {
+            "model": m.model_name,
+            "version": m.version,
+            "variant": m.variant,
+            "sha256": m.sha256,
+            "updated_at": _iso(m.updated_at),
+        }
+        for m in sorted(device.models, key=lambda m: m.model_name)
+    ]
     return {
         "id": device.id,
         "hardware_id": device.hardware_id,
@@ -39,22 +89,17 @@ def device_to_json(device: Device) -> dict[str, Any]:
             "runtimes": dict(device.runtimes or {}),
             "disk_free_bytes": device.disk_free_bytes,
         },
-        "models": [
-            {
-                "model": m.model_name,
-                "version": m.version,
-                "variant": m.variant,
-                "sha256": m.sha256,
-                "updated_at": _iso(m.updated_at),
-            }
-            for m in sorted(device.models, key=lambda m: m.model_name)
-        ],
+        "models": running,
+        "running": running,
+        "desired": [desired_to_json(d) for d in desired or []],
         "manifest_serial": device.manifest_serial,
         "created_at": _iso(device.created_at),
     }
 
 
 def variant_to_json(variant: Variant, *, detail: bool = True) -> dict[str, Any]:
+    from .catalog import io_signature  # noqa: PLC0415 - the catalog loads the codecs
+
     info = variant.info or {}
     out: dict[str, Any] = {
         "name": variant.name,
@@ -76,6 +121,8 @@ def variant_to_json(variant: Variant, *, detail: bool = True) -> dict[str, Any]:
 
 def _compressed_json(info: Mapping[str, Any]) -> dict[str, Any] | None:
     """What a full install ships besides the model itself (None: the model as it is)."""
+    from .catalog import compressed_artifact  # noqa: PLC0415
+
     c = compressed_artifact(info)
     return None if c is None else {"codec": c.codec, "sha256": c.sha256,
                                    "size_bytes": c.size_bytes}
@@ -105,7 +152,8 @@ def model_to_json(model: Model, *, detail: bool = True) -> dict[str, Any]:
 def group_to_json(group: Group, device_ids: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": group.name,
-        "selector": dict(group.selector or {}),
+        "selector": {k: list(v) if isinstance(v, list) else v
+                     for k, v in (group.selector or {}).items()},
         "created_at": _iso(group.created_at),
     }
     if device_ids is not None:

@@ -3,31 +3,55 @@
 Exit codes: 0 success; 1 a deltafleet error that is not the operator's input (database
 unreachable, key file unreadable, ...); 2 invalid usage or input (bad arguments, unknown name,
 duplicate, invalid model file, database not initialised). Errors print one line,
-``error: <message>``, on stderr, never a traceback.
+``error: <message>``, on stderr, never a traceback; a usage error's line ends with the
+``--help`` to read.
 
-Adding a command module: define ``app = typer.Typer(...)`` in ``cli/<noun>.py`` and add it to
-``_SUB_APPS`` below (or register a single command with ``app.command(...)``).
+Start-up is kept short: this module imports only typer. Each command module is imported when
+its command runs (or its own ``--help`` is asked); ``fleetctl --help`` lists the commands from
+``_COMMANDS`` below without importing any of them, so sqlalchemy, alembic, onnx, numpy and the
+codecs load only in the commands that need them.
+
+Adding a command module: define ``app = typer.Typer(..., help=...)`` in ``cli/<noun>.py`` and
+add ``(name, module, None, help)`` to ``_COMMANDS`` (or ``(name, module, function, help)`` for a
+single top-level command). The help given here is what ``fleetctl --help`` lists.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import typer
+from typer import _click as click
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
 from deltafleet.shared import DeltafleetError
 from deltafleet.shared import one_line as shared_one_line
 
-from ..errors import UsageError
-from . import audit, db, delta, device, group, init, model, rollout, serve
-from . import broker as broker_cli
-from . import keys as keys_cli
-from . import store as store_cli
-
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+# name, module under cli/, function (None: the module's ``app``), help for ``fleetctl --help``
+_COMMANDS: list[tuple[str, str, str | None, str]] = [
+    ("init", "init", "init",
+     "Create FLEET_HOME, run the database migrations and create the Ed25519 signing key."),
+    ("audit", "audit", "audit",
+     "Show the audit log (oldest first): every change made through fleetctl."),
+    ("server", "serve", "server", "Run the server in the foreground until SIGTERM/SIGINT."),
+    ("db", "db", None, "Database schema migrations."),
+    ("model", "model", None, "Model versions and their variants."),
+    ("device", "device", None, "Devices in the fleet."),
+    ("group", "group", None, "Device groups (label and profile selectors)."),
+    ("rollout", "rollout", None, "Roll model versions out to device groups."),
+    ("delta", "delta", None, "Build and inspect model deltas."),
+    ("keys", "keys", None, "Root of trust and manifest signing keys."),
+    ("broker", "broker", None, "The MQTT broker's configuration."),
+    ("store", "store", None, "The server's blob store."),
+]
+_BY_NAME = {c[0]: c for c in _COMMANDS}
 
 
 def one_line(e: BaseException) -> str:
@@ -35,11 +59,56 @@ def one_line(e: BaseException) -> str:
 
 
 def exit_code_for(e: DeltafleetError) -> int:
-    return EXIT_USAGE if isinstance(e, UsageError) else EXIT_ERROR
+    from ..errors import UsageError as InputError  # noqa: PLC0415
+
+    return EXIT_USAGE if isinstance(e, InputError) else EXIT_ERROR
+
+
+def _load(name: str) -> click.Command:
+    _, module, function, _help = _BY_NAME[name]
+    mod = importlib.import_module(f"{__name__}.{module}")
+    if function is None:
+        command = typer.main.get_group(mod.app)
+    else:
+        single = typer.Typer(add_completion=False)
+        single.command(name)(getattr(mod, function))
+        command = typer.main.get_command(single)
+    command.name = name
+    return command
+
+
+def usage_error_line(e: UsageError) -> str:
+    """A usage error as one line: what is wrong, then where the help is."""
+    ctx = e.ctx
+    path = ctx.command_path if ctx is not None else "fleetctl"
+    message = " ".join(e.format_message().split()).rstrip(".")
+    return f"error: {message}; see '{path} --help'"
+
+
+def _fail(line: str, code: int) -> NoReturn:
+    click.echo(line, err=True)
+    sys.exit(code)
 
 
 class _FleetGroup(TyperGroup):
-    """Turns a DeltafleetError from any (sub)command into one stderr line and an exit code."""
+    """fleetctl's root: loads command modules on demand, prints every error as one line.
+
+    A DeltafleetError from any (sub)command becomes ``error: <message>`` and its exit code; a
+    usage error (unknown option, missing argument, bad value) becomes one line and exit 2.
+    """
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [c[0] for c in _COMMANDS]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> click.Command | None:
+        if cmd_name in _BY_NAME:
+            return _load(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = [(name, help_) for name, _, _, help_ in _COMMANDS]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -48,6 +117,24 @@ class _FleetGroup(TyperGroup):
             typer.echo(f"error: {one_line(e)}", err=True)
             raise typer.Exit(exit_code_for(e)) from None
 
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as e:  # a bare group: its help
+            click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+            sys.exit(0)
+        except UsageError as e:
+            _fail(usage_error_line(e), EXIT_USAGE)
+        except ClickException as e:
+            _fail(f"error: {' '.join(e.format_message().split())}", e.exit_code)
+        except typer.Abort:
+            _fail("error: aborted", EXIT_ERROR)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
 
 app = typer.Typer(
     name="fleetctl",
@@ -55,25 +142,14 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
     help="deltafleet: register models, manage devices and groups, roll out updates.",
 )
 
-_SUB_APPS: list[tuple[str, typer.Typer]] = [
-    ("db", db.app),
-    ("model", model.app),
-    ("device", device.app),
-    ("group", group.app),
-    ("rollout", rollout.app),
-    ("delta", delta.app),
-    ("keys", keys_cli.app),
-    ("broker", broker_cli.app),
-    ("store", store_cli.app),
-]
-for _name, _sub in _SUB_APPS:
-    app.add_typer(_sub, name=_name)
-app.command("init")(init.init)
-app.command("audit")(audit.audit)
-app.command("server")(serve.server)
+
+@app.callback()
+def _root() -> None:
+    """deltafleet: register models, manage devices and groups, roll out updates."""
 
 
 def main() -> None:
@@ -85,4 +161,4 @@ def main() -> None:
         sys.exit(exit_code_for(e))
 
 
-__all__ = ["EXIT_ERROR", "EXIT_USAGE", "app", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_USAGE", "app", "main", "usage_error_line"]

@@ -1,26 +1,36 @@
-"""Helpers shared by the fleetctl command modules: config, store, actor, output."""
+"""Helpers shared by the fleetctl command modules: config, store, actor, output.
+
+Output: ``Table`` (from ``.table``) renders plain aligned text that fits the terminal (80
+columns when piped) without ever cutting a key column; ``console`` prints tables and strings
+(rich-style colour tags are dropped), ``err_console.status`` shows a spinner on a terminal only.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
+import re
+import sqlite3
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
 
-from ..config import ServerConfig
-from ..store import BlobStore, Store, check_schema
+from .table import Table, console, err_console  # noqa: F401 - the commands' output
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from ..config import ServerConfig
+    from ..store import BlobStore, Store
 
 JSON_HELP = "Print JSON instead of a table."
+WIDE_HELP = "Show every column in full (sha256, bytes, reasons)."
 
 
 def load_config() -> ServerConfig:
+    from ..config import ServerConfig  # noqa: PLC0415
+
     return ServerConfig.from_env()
 
 
@@ -40,13 +50,56 @@ def open_store(cfg: ServerConfig | None = None, *, check: bool = True) -> Store:
 
     The Store is also a context manager that disposes its engine on exit.
     """
+    from ..store import Store, check_schema  # noqa: PLC0415
+
     cfg = cfg or load_config()
-    if check:
+    if check and not _sqlite_at_head(cfg.db_url):
         check_schema(cfg.db_url)
     return Store(cfg.db_url)
 
 
+_REVISION = re.compile(r"^revision\s*(?::[^=]*)?=\s*[\"']([^\"']+)[\"']", re.M)
+_DOWN = re.compile(r"^down_revision\s*(?::[^=]*)?=\s*(.+)$", re.M)
+
+
+def _migration_head() -> str | None:
+    """The one head of the migration scripts, read as text (None: not exactly one)."""
+    from ..store import migrations_dir  # noqa: PLC0415
+
+    revisions: set[str] = set()
+    downs: set[str] = set()
+    for path in (migrations_dir() / "versions").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        rev, down = _REVISION.search(text), _DOWN.search(text)
+        if rev is None or down is None:
+            return None
+        revisions.add(rev.group(1))
+        downs.update(re.findall(r"[\"']([^\"']+)[\"']", down.group(1)))
+    heads = revisions - downs
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _sqlite_at_head(url: str) -> bool:
+    """True if ``url`` is an SQLite file whose schema is at the migrations' head, found
+    without loading alembic (it costs a command ~0.2 s). False means: ask ``check_schema``,
+    which says what is wrong."""
+    from ..store.db import _sqlite_file, parse_url  # noqa: PLC0415
+
+    path = _sqlite_file(parse_url(url))
+    if path is None or not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True, timeout=5)) as conn:
+            rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.Error:
+        return False
+    return len(rows) == 1 and rows[0][0] == _migration_head()
+
+
 def blob_store(cfg: ServerConfig) -> BlobStore:
+    from ..store import BlobStore  # noqa: PLC0415
+
     return BlobStore(cfg.blobs_dir)
 
 
@@ -60,6 +113,19 @@ def fmt_time(value: str | datetime | None) -> str:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_age(value: str | datetime | None, now: datetime | None = None) -> str:
+    """How long ago, short: ``42s``, ``5m``, ``3h``, ``2d`` (``-``: never)."""
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    seconds = max(0, int(((now or datetime.now(UTC)) - value).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def fmt_bytes(n: int | None) -> str:

@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .. import views
 from ..audit import list_audit
 from ..errors import UsageError
-from ._common import JSON_HELP, console, fmt_time, open_store, print_json
+from ._common import JSON_HELP, WIDE_HELP, console, fmt_time, open_store, print_json
+from .table import Table
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -40,6 +40,7 @@ def audit(
         str | None,
         typer.Option(help="Only entries since this ISO 8601 time or duration ago (30m, 24h, 7d)."),
     ] = None,
+    wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False,
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Show the audit log (oldest first): every change made through fleetctl."""
@@ -49,7 +50,9 @@ def audit(
     if json_:
         print_json(rows)
         return
-    table = Table("at (UTC)", "actor", "action", "subject", "details")
+    table = Table("at (UTC)", "actor", "action", wide=wide)
+    table.add_column("subject", overflow="fold")
+    table.add_column("details")
     for e in rows:
         table.add_row(fmt_time(e["at"]), e["actor"], e["action"], e["subject"],
                       json.dumps(e["details"], sort_keys=True))

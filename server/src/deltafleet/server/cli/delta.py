@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,6 +23,7 @@ from ..errors import NotFoundError, UsageError
 from ..planner import delta_worth_it
 from ..store.models import Artifact, Delta, Model, ModelVersion, Variant
 from ._common import blob_store, console, err_console, fmt_bytes, load_config, open_store, print_json
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Build and inspect model deltas.")
 
@@ -179,7 +179,11 @@ def _print_built(data: dict[str, Any], json_out: bool) -> None:
 
 
 @app.command("list")
-def list_deltas(json_out: JsonOpt = False) -> None:
+def list_deltas(
+    wide: Annotated[bool, typer.Option("--wide", help="Show base and target sha256 in full.")
+                    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
     """List cached deltas: base, target, codec, size vs the target's full artifact (the
     compressed model when it is smaller)."""
     with open_store() as store, store.read() as s:
@@ -187,10 +191,11 @@ def list_deltas(json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(rows)
         return
-    table = Table("id", "base", "target", "codec", "size", "% of full", "build s")
+    table = Table("id", "base", "target", "codec", "size", "%full", "secs", wide=wide)
+    n = 64 if wide else 12
     for r in rows:
-        table.add_row(str(r["id"]), r["base"] or r["base_sha256"][:12],
-                      r["target"] or r["target_sha256"][:12], r["codec"],
+        table.add_row(str(r["id"]), r["base"] or r["base_sha256"][:n],
+                      r["target"] or r["target_sha256"][:n], r["codec"],
                       fmt_bytes(r["size_bytes"]),
                       f"{100 * r['ratio']:.1f}" if r["ratio"] is not None else "-",
                       f"{r['build_seconds']:.1f}")
@@ -211,7 +216,8 @@ def show(
     if json_out:
         print_json(data)
         return
-    table = Table(show_header=False)
+    table = Table("field", show_header=False)
+    table.add_column("value", overflow="fold")
     for k, v in data.items():
         if k.endswith("size_bytes") and isinstance(v, int):
             v = f"{fmt_bytes(v)} ({v})"

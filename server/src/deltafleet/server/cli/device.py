@@ -3,25 +3,62 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from .. import enroll, fleet, views
-from ..audit import audit
 from ._common import (
     JSON_HELP,
+    WIDE_HELP,
     actor,
     console,
+    fmt_age,
     fmt_bytes,
     fmt_time,
     load_config,
     open_store,
     print_json,
 )
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Devices in the fleet.")
+
+WideOpt = Annotated[bool, typer.Option("--wide", help=WIDE_HELP)]
+
+
+def _load(device_id: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
+    from .. import fleet, views  # noqa: PLC0415
+
+    with open_store() as store, store.read() as s:
+        if device_id is not None:
+            devices = [fleet.get_device(s, device_id)]
+        elif group is not None:
+            devices = fleet.devices_in_group(s, group)
+        else:
+            devices = fleet.list_devices(s)
+        desired = fleet.desired_models(s, devices)
+        return [views.device_to_json(d, desired[d.id]) for d in devices]
+
+
+def _runs(d: dict[str, Any]) -> str:
+    return ", ".join(f"{m['model']}:{m['version'] or '?'}" for m in d["running"]) or "-"
+
+
+def _asked(d: dict[str, Any], *, wide: bool) -> str:
+    """Compact: ``v2 r7 held`` (``detector:v2 r7 held`` when the device has several models);
+    wide: the whole sentence with the reason."""
+    from ..views import asked_line  # noqa: PLC0415
+
+    if wide:
+        return "; ".join(asked_line(x) for x in d["desired"]) or "-"
+    names = {m["model"] for m in d["running"]} | {x["model"] for x in d["desired"]}
+    return ", ".join(("" if len(names) == 1 else f"{x['model']}:")
+                     + f"{x['version']} r{x['rollout_id']} {x['state']}"
+                     for x in d["desired"]) or "-"
+
+
+def _labels(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"
 
 
 @app.command("list")
@@ -29,46 +66,48 @@ def list_cmd(
     group: Annotated[
         str | None, typer.Option(help="Only devices the named group's selector matches.")
     ] = None,
+    wide: WideOpt = False,
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """List devices: online state, profile, labels and the models they run."""
-    with open_store() as store, store.read() as s:
-        devices = (fleet.devices_in_group(s, group) if group is not None
-                   else fleet.list_devices(s))
-        rows = [views.device_to_json(d) for d in devices]
+    """List devices: online, what each runs (its own last report) and, apart, what a rollout
+    asked of it that it does not run yet (version, rollout id, state; --wide: the reason,
+    profile and labels)."""
+    rows = _load(group=group)
     if json_:
         print_json(rows)
         return
-    table = Table("id", "online", "last seen", "arch", "os", "accelerator", "labels", "models")
+    if not rows:
+        console.print("no devices")
+        return
+    headers = ["device", "online", "seen", "runs", "asked"]
+    if wide:
+        headers += ["last seen", "arch", "os", "accelerator", "agent", "labels"]
+    table = Table(*headers, wide=wide)
     for d in rows:
         p = d["profile"]
-        table.add_row(
-            d["id"],
-            "[green]yes[/green]" if d["online"] else "[red]no[/red]",
-            fmt_time(d["last_seen"]),
-            p["arch"] or "-",
-            p["os"] or "-",
-            p["accelerator"] or "-",
-            ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-",
-            ", ".join(f"{m['model']}:{m['version'] or '?'}" for m in d["models"]) or "-",
-        )
-    console.print(table if rows else "no devices")
+        cells = [d["id"], "yes" if d["online"] else "no", fmt_age(d["last_seen"]), _runs(d),
+                 _asked(d, wide=wide)]
+        if wide:
+            cells += [fmt_time(d["last_seen"]), p["arch"] or "-", p["os"] or "-",
+                      p["accelerator"] or "-", d["agent_version"] or "-", _labels(d)]
+        table.add_row(*cells)
+    console.print(table)
 
 
 @app.command("show")
 def show(
     device_id: Annotated[str, typer.Argument(metavar="ID", help="Device id.")],
+    wide: WideOpt = False,
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """Show one device: profile, labels, presence and each model it runs (with sha256)."""
-    with open_store() as store, store.read() as s:
-        d = views.device_to_json(fleet.get_device(s, device_id))
+    """Show one device: profile, labels, presence, what it runs (from its own last report)
+    and, apart, what a rollout asked it to run that it does not run, and why."""
+    (d,) = _load(device_id=device_id)
     if json_:
         print_json(d)
         return
     p = d["profile"]
-    table = Table(title=f"device {d['id']}", title_justify="left", show_header=False)
-    table.add_column("field", style="dim")
+    table = Table("field", title=f"device {d['id']}", show_header=False, wide=wide)
     table.add_column("value", overflow="fold")
     table.add_row("online", "yes" if d["online"] else "no")
     table.add_row("last seen", fmt_time(d["last_seen"]))
@@ -80,14 +119,24 @@ def show(
     table.add_row("disk free", fmt_bytes(p["disk_free_bytes"]))
     table.add_row("runtimes", ", ".join(f"{k} {v}" for k, v in sorted(p["runtimes"].items()))
                   or "-")
-    table.add_row("labels", ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-")
-    console.print(table)
-    models = Table("model", "version", "variant", "since")
-    models.add_column("sha256", overflow="fold")
-    for m in d["models"]:
-        models.add_row(m["model"], m["version"] or "-", m["variant"] or "-",
-                       fmt_time(m["updated_at"]), m["sha256"])
-    console.print(models if d["models"] else "runs no reported models")
+    table.add_row("labels", _labels(d))
+    console.print(table, "")
+    if d["running"]:
+        models = Table("model", "version", "variant", "since", "sha256",
+                       title="runs (as the device reported)", wide=wide)
+        for m in d["running"]:
+            models.add_row(m["model"], m["version"] or "?", m["variant"] or "-",
+                           fmt_time(m["updated_at"]), m["sha256"] if wide else m["sha256"][:12])
+        console.print(models)
+    else:
+        console.print("runs no reported models")
+    if d["desired"]:
+        asked = Table("model", "version", "rollout", "state", title="asked to run (not running)",
+                      wide=wide)
+        asked.add_column("why", overflow="fold")
+        for x in d["desired"]:
+            asked.add_row(x["model"], x["version"], str(x["rollout_id"]), x["state"], x["why"])
+        console.print("", asked)
 
 
 @app.command("enroll")
@@ -105,6 +154,9 @@ def enroll_cmd(
     """Issue a client certificate and write an enrollment bundle: client.crt/key, ca.crt,
     root.json (the root of trust to pin), trust.json (current key list) and agent.toml.
     The bundle holds a private key: copy it to the device over a trusted channel, then delete."""
+    from .. import enroll  # noqa: PLC0415
+    from ..audit import audit  # noqa: PLC0415
+
     cfg = load_config()
     result = enroll.enroll_device(cfg, device_id, out or Path(f"enroll-{device_id}"),
                                   broker_url=broker_url, install_dir=install_dir)
@@ -125,6 +177,9 @@ def revoke_cmd(
 ) -> None:
     """Deny the device on the server and put its certificates on the CRL. Reload the broker
     (restart Mosquitto) so it reads the new CRL."""
+    from .. import enroll  # noqa: PLC0415
+    from ..audit import audit  # noqa: PLC0415
+
     cfg = load_config()
     serials = enroll.revoke_device(cfg, device_id, reason=reason)
     with open_store(cfg) as store, store.session() as s:

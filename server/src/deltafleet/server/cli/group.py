@@ -5,24 +5,22 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .. import fleet, views
 from ..audit import audit
 from ..errors import UsageError
-from ._common import JSON_HELP, actor, console, open_store, print_json
+from ._common import JSON_HELP, WIDE_HELP, actor, console, open_store, print_json
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Device groups (label and profile selectors).")
 
 
-def parse_matches(matches: list[str]) -> dict[str, str]:
-    """``["arch=aarch64", "site=b"]`` -> a selector; UsageError for bad or repeated keys."""
-    selector: dict[str, str] = {}
+def parse_matches(matches: list[str]) -> dict[str, str | list[str]]:
+    """``["arch=aarch64", "hw in (jetson, xavier)"]`` -> a selector; UsageError for bad or
+    repeated keys."""
+    selector: dict[str, str | list[str]] = {}
     for item in matches:
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or not value:
-            raise UsageError(f"invalid --match {item!r}: use KEY=VALUE")
+        key, value = fleet.parse_match(item)
         if key in selector:
             raise UsageError(f"--match {key} is given twice")
         selector[key] = value
@@ -36,7 +34,8 @@ def create(
         list[str] | None,
         typer.Option("--match", metavar="KEY=VALUE",
                      help="Label or profile field (arch, os, accelerator, cpu) a device must "
-                          "have; repeat for more (all must hold)."),
+                          "have, KEY=VALUE, or any of several: 'KEY in (A, B)'; repeat for "
+                          "more (all must hold)."),
     ] = None,
     all_devices: Annotated[
         bool, typer.Option("--all", help="Match every device (instead of --match).")
@@ -53,12 +52,15 @@ def create(
         group = fleet.create_group(s, name, selector)
         n = len(fleet.devices_in_group(s, name))
         audit(s, actor(), "group.create", name, {"selector": selector})
-    shown = ", ".join(f"{k}={v}" for k, v in selector.items()) or "all devices"
+    shown = fleet.format_selector(selector) or "all devices"
     console.print(f"created group {group.name} ({shown}); matches {n} device(s) now")
 
 
 @app.command("list")
-def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+def list_cmd(
+    wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False,
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
     """List groups with their selectors and the devices they match now."""
     with open_store() as store, store.read() as s:
         devices = fleet.list_devices(s)
@@ -71,9 +73,41 @@ def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = Fa
     if json_:
         print_json(rows)
         return
-    table = Table("group", "selector", "devices")
+    table = Table("group", "devices", wide=wide)
+    table.add_column("selector", overflow="fold")
     for g in rows:
-        table.add_row(g["name"],
-                      ", ".join(f"{k}={v}" for k, v in g["selector"].items()) or "(all)",
-                      str(len(g["devices"])))
+        table.add_row(g["name"], str(len(g["devices"])),
+                      fleet.format_selector(g["selector"]) or "(all)")
     console.print(table if rows else "no groups; create one with `fleetctl group create`")
+
+
+@app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(help="Group name.")],
+    wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False,
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Show a group: its selector and the devices it matches now (what each runs)."""
+    with open_store() as store, store.read() as s:
+        group = fleet.get_group(s, name)
+        members = fleet.devices_in_group(s, name)
+        desired = fleet.desired_models(s, members)
+        out = views.group_to_json(group, [d.id for d in members])
+        out["members"] = [views.device_to_json(d, desired[d.id]) for d in members]
+    if json_:
+        print_json(out)
+        return
+    console.print(f"group {out['name']}: {fleet.format_selector(out['selector']) or '(all)'}; "
+                  f"{len(members)} device(s)")
+    if not members:
+        return
+    table = Table("device", "online", "runs", "asked", *(["labels"] if wide else []),
+                  wide=wide)
+    for d in out["members"]:
+        runs = ", ".join(f"{m['model']}:{m['version'] or '?'}" for m in d["running"]) or "-"
+        asked = ", ".join(f"{x['version']} r{x['rollout_id']} {x['state']}"
+                          for x in d["desired"]) or "-"
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"
+        table.add_row(d["id"], "yes" if d["online"] else "no", runs, asked,
+                      *([labels] if wide else []))
+    console.print(table)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from deltafleet.shared import DeltafleetError, SigningKey
@@ -21,6 +20,7 @@ from .. import keys
 from ..audit import audit
 from ..store import Store
 from ._common import JSON_HELP, actor, console, fmt_time, load_config, print_json
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Root of trust and manifest signing keys.")
 
@@ -65,8 +65,7 @@ def show(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False)
     if json_:
         print_json(d)
         return
-    t = Table(show_header=False)
-    t.add_column("field", style="dim")
+    t = Table("field", show_header=False)
     t.add_column("value", overflow="fold")
     t.add_row("root", f"v{d['root_version']} threshold {d['root_threshold']}: "
               + ", ".join(k[:16] for k in d["root_keyids"]))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .. import catalog, views
 from ..audit import audit
@@ -19,6 +18,7 @@ from ..store import BlobStore, Store
 from ..store.models import Artifact
 from ._common import (
     JSON_HELP,
+    WIDE_HELP,
     actor,
     blob_store,
     console,
@@ -30,6 +30,7 @@ from ._common import (
     open_store,
     print_json,
 )
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Model versions and their variants.")
 
@@ -129,23 +130,27 @@ def compress(
 
 
 @app.command("list")
-def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+def list_cmd(
+    wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False,
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
     """List models with their versions and variants."""
     with open_store() as store, store.read() as s:
         models = [views.model_to_json(m, detail=False) for m in catalog.list_models(s)]
     if json_:
         print_json(models)
         return
-    table = Table("model", "version", "variant", "format", "precision", "size", "zstd",
-                  "sha256", "added")
+    headers = ["model", "version", "variant", "format", "precision", "size", "sha256"]
+    table = Table(*headers, *(["zstd", "added"] if wide else []), wide=wide)
     for m in models:
         for v in m["versions"]:
             for x in v["variants"]:
-                table.add_row(m["name"], v["version"], x["name"], x["format"], x["precision"],
-                              fmt_bytes(x["size_bytes"]),
-                              fmt_bytes(x["compressed"]["size_bytes"]) if x["compressed"] else "-",
-                              x["sha256"][:12],
-                              fmt_time(x["created_at"]))
+                cells = [m["name"], v["version"], x["name"], x["format"], x["precision"],
+                         fmt_bytes(x["size_bytes"]), x["sha256"] if wide else x["sha256"][:12]]
+                if wide:
+                    cells += [fmt_bytes(x["compressed"]["size_bytes"]) if x["compressed"]
+                              else "-", fmt_time(x["created_at"])]
+                table.add_row(*cells)
     console.print(table if models else "no models; add one with `fleetctl model add`")
 
 
@@ -166,8 +171,7 @@ def show(
         console.print(f"\n[bold]{model['name']}:{v['version']}[/bold]  added "
                       f"{fmt_time(v['created_at'])}")
         for x in v["variants"]:
-            table = Table(title=f"variant {x['name']}", title_justify="left", show_header=False)
-            table.add_column("field", style="dim")
+            table = Table("field", title=f"variant {x['name']}", show_header=False)
             table.add_column("value", overflow="fold")
             info = x["info"]
             table.add_row("format", x["format"])

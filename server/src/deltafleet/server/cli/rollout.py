@@ -8,13 +8,11 @@ rollout's state does not allow).
 from __future__ import annotations
 
 import contextlib
+import textwrap
 import time
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
 
 from ..policy import HEALTH_OPTION_DEFAULTS, RolloutPolicy, parse_duration
 from ..rollouts import (
@@ -28,41 +26,61 @@ from ..rollouts import (
     rollout_json,
 )
 from ..store import Store
-from ._common import actor, blob_store, fmt_bytes, load_config, open_store, print_json
+from ._common import (
+    WIDE_HELP,
+    actor,
+    blob_store,
+    console,
+    fmt_bytes,
+    load_config,
+    open_store,
+    print_json,
+)
+from .table import Table, terminal_width
 
 app = typer.Typer(no_args_is_help=True, help="Roll model versions out to device groups.")
-console = Console(highlight=False)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+WideOpt = Annotated[bool, typer.Option("--wide", help=WIDE_HELP)]
 IdArg = Annotated[int, typer.Argument(help="rollout id (see `fleetctl rollout list`)")]
 
 
-def _render(data: dict[str, Any]) -> Group:
+def _render(data: dict[str, Any], *, wide: bool = False) -> list[str]:
+    """The status view as lines, fitted to the terminal (``wide``: nothing cut)."""
     head = (f"rollout {data['id']}: {data['model']} {data['version']} -> group {data['group']}"
-            f"  [bold]{data['state']}[/bold]  wave {data['current_wave'] + 1}"
+            f"  {data['state']}  wave {data['current_wave'] + 1}"
             + (f"  ({data['state_reason']})" if data.get("state_reason") else ""))
     by_wave: dict[int, dict[str, int]] = {}
     for t in data["targets"]:
         counts = by_wave.setdefault(t["wave"], {})
         counts[t["state"]] = counts.get(t["state"], 0) + 1
-    waves = Table("wave", "devices", "states", title="by wave", title_justify="left")
+    waves = Table("wave", "devices", "states", title="by wave", wide=wide)
     for w in sorted(by_wave):
         c = by_wave[w]
         waves.add_row(str(w + 1), str(sum(c.values())),
                       ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
-    devices = Table("device", "wave", "state", "variant", "artifact", "sent", "full", "running",
-                    "reason")
+    devices = Table("device", "wave", "state", "artifact", "sent", "full",
+                    *(["variant", "running"] if wide else []), wide=wide)
+    devices.add_column("reason", overflow="below")
     for t in data["targets"]:
-        devices.add_row(t["device"], str(t["wave"] + 1), t["state"], t["variant"] or "-",
-                        t["artifact"] or "-", fmt_bytes(t["bytes_sent"]),
-                        fmt_bytes(t["full_bytes"]), (t["running_sha256"] or "-")[:12],
+        devices.add_row(t["device"], str(t["wave"] + 1), t["state"], t["artifact"] or "-",
+                        fmt_bytes(t["bytes_sent"]), fmt_bytes(t["full_bytes"]),
+                        *([t["variant"] or "-", t["running_sha256"] or "-"] if wide else []),
                         t["reason"] or "")
-    parts: list[Any] = [head, waves, devices]
+    width = None if wide else terminal_width()
+    parts: list[str] = [*_wrap(head, width), *waves.lines(width), *devices.lines(width)]
     if data["full_bytes"]:
         pct = 100 * data["bytes_sent"] / data["full_bytes"]
         parts.append(f"bytes sent {fmt_bytes(data['bytes_sent'])} of "
                      f"{fmt_bytes(data['full_bytes'])} full ({pct:.1f}%)")
-    return Group(*parts)
+    return parts
+
+
+def _wrap(text: str, width: int | None, indent: str = "") -> list[str]:
+    if width is None:
+        return [indent + text]
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent,
+                         break_on_hyphens=False) or [indent]
 
 
 @app.command("model")
@@ -131,14 +149,15 @@ def rollout_model(
     if as_json:
         print_json(data)
     else:
-        console.print(_render(data))
+        console.print(*_render(data))
     if data["state"] != "completed":
         raise typer.Exit(1)
 
 
 def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> None:
     deadline = time.monotonic() + timeout_s
-    status = console.status("waiting for devices...") if not quiet else contextlib.nullcontext()
+    status = (console.status("waiting for devices...") if not quiet
+              else contextlib.nullcontext(None))
     with status as st:
         while True:
             with store.read() as s:
@@ -150,7 +169,7 @@ def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> No
                 return
             if time.monotonic() > deadline:
                 if not quiet:
-                    console.print(f"[red]timed out after {timeout_s:.0f} s[/red]")
+                    console.print(f"timed out after {timeout_s:.0f} s")
                 return
             time.sleep(0.5)
 
@@ -159,6 +178,7 @@ def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> No
 def rollout_plan(
     spec: Annotated[str, typer.Argument(help="[NAME:]VERSION to plan")],
     group: Annotated[str, typer.Option("--group", "-g", help="device group to target")],
+    wide: WideOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Per device: the variant it would get, its base, delta or full (with its codec), bytes
@@ -173,14 +193,16 @@ def rollout_plan(
     if as_json:
         print_json(plan)
         return
-    table = Table("device", "online", "runs", "variant", "artifact", "bytes", "full", "note")
+    table = Table("device", "online", "runs", "artifact", "bytes", "full",
+                  *(["variant"] if wide else []), wide=wide)
+    table.add_column("note", overflow="below")
     for d in plan["devices"]:
         artifact = d.get("artifact") or "cannot take"
         if d.get("codec"):
             artifact += f" ({d['codec']})"
-        table.add_row(d["device"], "yes" if d["online"] else "no", d["runs"] or "-",
-                      d.get("variant") or "-", artifact,
-                      fmt_bytes(d.get("bytes")), fmt_bytes(d.get("full_bytes")), d["reason"])
+        table.add_row(d["device"], "yes" if d["online"] else "no", d["runs"] or "-", artifact,
+                      fmt_bytes(d.get("bytes")), fmt_bytes(d.get("full_bytes")),
+                      *([d.get("variant") or "-"] if wide else []), d["reason"])
     console.print(f"plan: {plan['model']} {plan['version']} -> group {plan['group']}")
     console.print(table)
     console.print(f"{fmt_bytes(plan['bytes'])} to send instead of {fmt_bytes(plan['full_bytes'])}"
@@ -191,6 +213,7 @@ def rollout_plan(
 def rollout_status(
     rollout_id: IdArg,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="live view until it ends")] = False,
+    wide: WideOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Each device's wave, state and reason; bytes sent against the full size."""
@@ -201,25 +224,33 @@ def rollout_status(
             print_json(data)
             return
         if not watch:
-            console.print(_render(data))
+            console.print(*_render(data, wide=wide))
             return
-        with Live(_render(data), console=console, refresh_per_second=2) as live:
+        from rich.console import Console  # noqa: PLC0415
+        from rich.live import Live  # noqa: PLC0415
+        from rich.text import Text  # noqa: PLC0415
+
+        def view() -> Text:
+            return Text("\n".join(_render(data, wide=wide)))
+
+        with Live(view(), console=Console(highlight=False), refresh_per_second=2) as live:
             while data["state"] not in FINAL_ROLLOUT_STATES:
                 time.sleep(1)
                 with store.read() as s:
                     data = rollout_json(s, get_rollout(s, rollout_id))
-                live.update(_render(data))
+                live.update(view())
 
 
 @app.command("list")
-def rollout_list(as_json: JsonOpt = False) -> None:
+def rollout_list(wide: WideOpt = False, as_json: JsonOpt = False) -> None:
     """List rollouts, newest first."""
     with open_store() as store, store.read() as s:
         rows = [rollout_json(s, r, with_targets=False) for r in list_rollouts(s)]
     if as_json:
         print_json(rows)
         return
-    table = Table("id", "model", "version", "group", "state", "wave", "devices", "sent", "full")
+    table = Table("id", "model", "version", "group", "state", "wave", "devices", "sent", "full",
+                  wide=wide)
     for r in rows:
         table.add_row(str(r["id"]), r["model"], r["version"], r["group"], r["state"],
                       str(r["current_wave"] + 1), str(sum(r["counts"].values())),

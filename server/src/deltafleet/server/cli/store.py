@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..audit import audit
 from ..errors import UsageError
 from ..storecheck import repair, verify_store
 from ._common import JSON_HELP, actor, blob_store, console, err_console, load_config, open_store, print_json
+from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="The server's blob store.")
 
@@ -53,7 +53,8 @@ def verify(
     elif not bad_before:
         console.print(f"all {len(reports)} blobs intact")
     else:
-        table = Table("sha256", "kind", "status", "problem", "depends on it", "repair")
+        table = Table("sha256", "kind", "status", "problem", "depends on it", "repair",
+                      wide=True)
         for r in bad_before:
             table.add_row(r.sha256[:12], r.kind, r.status, r.problem, r.dependents.summary(),
                           r.repair)

@@ -7,6 +7,8 @@ or the names below from the package.
 from __future__ import annotations
 
 from .devices import (
+    Desired,
+    desired_models,
     get_device,
     list_devices,
     record_device_model,
@@ -22,22 +24,28 @@ from .groups import (
     create_group,
     device_matches,
     devices_in_group,
+    format_selector,
     get_group,
     list_groups,
+    parse_match,
 )
 
 __all__ = [
     "GROUP_NAME_RE",
+    "Desired",
     "PROFILE_SELECTOR_KEYS",
     "SELECTOR_KEY_RE",
     "check_selector",
     "create_group",
+    "desired_models",
     "device_matches",
     "devices_in_group",
+    "format_selector",
     "get_device",
     "get_group",
     "list_devices",
     "list_groups",
+    "parse_match",
     "record_device_model",
     "set_device_online",
     "set_devices_presence",

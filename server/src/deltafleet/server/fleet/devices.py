@@ -1,5 +1,12 @@
 """Devices as the fleet reports them: hello upsert, presence and what each device runs.
 
+What a device runs (``DeviceModel``: model, version, variant, sha256) comes only from what the
+device verified and reported: its hello, or the sha256 an event says it runs now. An event's
+version is the manifest's (what the device was asked to run), so it is never taken for what
+runs unless the catalog agrees that version has that sha256: a failed or rolled back update
+leaves the row as the device last reported it. What a device was asked to run is apart:
+``desired_models`` (its latest rollout target per model that it does not run).
+
 Each function takes an open SQLAlchemy ``Session`` and never commits (the caller's
 ``Store.session()`` block is the transaction) and never prints. Anything read from a device is
 untrusted: profile fields and labels are clipped to the column sizes, values of the wrong type
@@ -9,6 +16,7 @@ are dropped. Upserting the same hellos twice, or from two replicas at once, leav
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,9 +26,20 @@ from sqlalchemy.orm import Session, selectinload
 from deltafleet.shared import Hello
 
 from ..errors import NotFoundError
-from ..store.models import Device, DeviceModel, Model, ModelVersion, Variant
+from ..rollout.states import ACTIVE_ROLLOUT_STATES
+from ..store.models import (
+    Device,
+    DeviceModel,
+    Model,
+    ModelVersion,
+    Rollout,
+    RolloutTarget,
+    Variant,
+)
 
 __all__ = [
+    "Desired",
+    "desired_models",
     "get_device",
     "list_devices",
     "record_device_model",
@@ -164,20 +183,28 @@ def record_device_model(
 ) -> DeviceModel | None:
     """Record that a device now runs ``sha256`` for ``model_name``.
 
-    A variant of None is looked up from the catalog by sha256 (if the model has a variant with
-    that artifact). Returns None, writing nothing, for a device never seen.
+    The same sha256 as recorded leaves the row as it is (the device's own report of version
+    and variant stands). A new sha256 takes its version and variant from the catalog when the
+    catalog has that artifact for the model (``version``/``variant`` only choose among
+    several); else ``version`` and ``variant`` are kept as given. Returns None, writing
+    nothing, for a device never seen.
     """
     if session.get(Device, device_id) is None:
         return None
-    if variant is None:
-        variant = session.scalars(
-            select(Variant.name)
-            .join(ModelVersion, ModelVersion.id == Variant.version_id)
-            .join(Model, Model.id == ModelVersion.model_id)
-            .where(Model.name == model_name, Variant.artifact_sha256 == sha256)
-            .limit(1)
-        ).first()
     row = session.get(DeviceModel, (device_id, model_name))
+    if row is not None and row.sha256 == sha256:
+        return row
+    known = session.execute(
+        select(ModelVersion.version, Variant.name)
+        .join(Variant, Variant.version_id == ModelVersion.id)
+        .join(Model, Model.id == ModelVersion.model_id)
+        .where(Model.name == model_name, Variant.artifact_sha256 == sha256)
+        .order_by(ModelVersion.id.desc(), Variant.id)
+    ).all()
+    if known:
+        chosen = next((k for k in known if k[0] == version and variant in (None, k[1])),
+                      next((k for k in known if k[0] == version), known[0]))
+        version, variant = chosen[0], chosen[1]
     if row is None:
         row = DeviceModel(device_id=device_id, model_name=model_name)
         session.add(row)
@@ -187,6 +214,65 @@ def record_device_model(
     row.updated_at = now
     session.flush()
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """What a device was asked to run for one model and does not run (yet): its latest
+    rollout target. ``open`` is False once the rollout ended (aborted, rolled back, ...)."""
+
+    model: str
+    version: str
+    variant: str | None
+    sha256: str | None
+    rollout_id: int
+    rollout_state: str
+    state: str
+    reason: str
+    updated_at: datetime
+    open: bool
+
+
+_NOT_ASKED = frozenset({"reverted"})  # the rollout's ask was withdrawn and undone
+
+
+def desired_models(session: Session, devices: list[Device]) -> dict[str, list[Desired]]:
+    """Per device id: its latest rollout target per model, unless the device runs that target
+    (its recorded sha256 is the target's, or the version when no artifact is chosen yet) or
+    the target was reverted. Models must be loaded on ``devices``. One query."""
+    ids = [d.id for d in devices]
+    out: dict[str, list[Desired]] = {i: [] for i in ids}
+    if not ids:
+        return out
+    rows = session.execute(
+        select(RolloutTarget, Rollout.state, Model.name, ModelVersion.version, Variant.name)
+        .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+        .join(Model, Model.id == Rollout.model_id)
+        .join(ModelVersion, ModelVersion.id == Rollout.version_id)
+        .outerjoin(Variant, Variant.id == RolloutTarget.variant_id)
+        .where(RolloutTarget.device_id.in_(ids))
+        .order_by(RolloutTarget.device_id, Model.name, Rollout.id.desc())
+    ).all()
+    running = {(d.id, m.model_name): m for d in devices for m in d.models}
+    seen: set[tuple[str, str]] = set()
+    for t, rollout_state, model_name, version, variant in rows:
+        key = (t.device_id, model_name)
+        if key in seen:
+            continue
+        seen.add(key)
+        sha = t.target_sha256
+        if t.state == "reverting":  # asked to go back to what it ran before
+            version, sha, variant = t.previous_version or "?", t.previous_sha256, None
+        runs = running.get(key)
+        if t.state in _NOT_ASKED or (runs is not None and (
+                runs.sha256 == sha or (sha is None and runs.version == version))):
+            continue
+        out[t.device_id].append(Desired(
+            model=model_name, version=version, variant=variant, sha256=sha,
+            rollout_id=t.rollout_id, rollout_state=rollout_state, state=t.state,
+            reason=t.reason or "", updated_at=t.updated_at,
+            open=rollout_state in ACTIVE_ROLLOUT_STATES))
+    return out
 
 
 def get_device(session: Session, device_id: str) -> Device:

@@ -19,12 +19,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
@@ -39,6 +35,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from deltafleet.shared import one_line
 
 from ..errors import ServerError, UsageError
+
+if TYPE_CHECKING:  # alembic loads only when a migration or schema check needs it
+    from alembic.config import Config
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 NOT_INITIALISED = "database is not initialised; run `fleetctl db upgrade`"
@@ -190,6 +189,8 @@ def migrations_dir() -> Path:
 
 def alembic_config(url: str | URL) -> Config:
     """An Alembic Config built in code (no alembic.ini)."""
+    from alembic.config import Config  # noqa: PLC0415
+
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     rendered = parse_url(url).render_as_string(hide_password=False)
@@ -198,11 +199,15 @@ def alembic_config(url: str | URL) -> Config:
 
 
 def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory  # noqa: PLC0415
+
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     return script.get_current_head()
 
 
 def _current_heads(engine: Engine) -> tuple[str, ...]:
+    from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+
     with engine.connect() as conn:
         return tuple(MigrationContext.configure(conn).get_current_heads())
 
@@ -226,6 +231,8 @@ def current_revision(url: str | URL | Engine) -> str | None:
 
 def upgrade(url: str | URL, revision: str = "head") -> None:
     """Run the Alembic migrations up to ``revision`` (head by default)."""
+    from alembic import command  # noqa: PLC0415
+
     engine = make_engine(url, sqlite_foreign_keys=False)
     try:
         with engine.begin() as conn:
@@ -243,6 +250,8 @@ def check_schema(url: str | URL | Engine) -> None:
 
     A missing SQLite file is reported as not initialised and is not created.
     """
+    from alembic.script import ScriptDirectory  # noqa: PLC0415
+
     current = current_revision(url)
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     head = script.get_current_head()
