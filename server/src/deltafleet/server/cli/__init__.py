@@ -67,6 +67,7 @@ def exit_code_for(e: DeltafleetError) -> int:
 def _load(name: str) -> click.Command:
     _, module, function, _help = _BY_NAME[name]
     mod = importlib.import_module(f"{__name__}.{module}")
+    command: click.Command
     if function is None:
         command = typer.main.get_group(mod.app)
     else:
@@ -117,7 +118,7 @@ class _FleetGroup(TyperGroup):
             typer.echo(f"error: {one_line(e)}", err=True)
             raise typer.Exit(exit_code_for(e)) from None
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
              complete_var: str | None = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
         if not standalone_mode:

@@ -107,7 +107,7 @@ class Table:
                 for i in below:
                     note = row[i] if i < len(row) else ""
                     if note:
-                        out += textwrap.wrap(note, width, initial_indent="    ",
+                        out += textwrap.wrap(note, width or 1 << 20, initial_indent="    ",
                                              subsequent_indent="    ", break_on_hyphens=False)
             return out
         widths = self._widths(width)

@@ -260,15 +260,16 @@ def desired_models(session: Session, devices: list[Device]) -> dict[str, list[De
         if key in seen:
             continue
         seen.add(key)
-        sha = t.target_sha256
+        sha: str | None = t.target_sha256
+        variant_name: str | None = variant
         if t.state == "reverting":  # asked to go back to what it ran before
-            version, sha, variant = t.previous_version or "?", t.previous_sha256, None
+            version, sha, variant_name = t.previous_version or "?", t.previous_sha256, None
         runs = running.get(key)
         if t.state in _NOT_ASKED or (runs is not None and (
                 runs.sha256 == sha or (sha is None and runs.version == version))):
             continue
         out[t.device_id].append(Desired(
-            model=model_name, version=version, variant=variant, sha256=sha,
+            model=model_name, version=version, variant=variant_name, sha256=sha,
             rollout_id=t.rollout_id, rollout_state=rollout_state, state=t.state,
             reason=t.reason or "", updated_at=t.updated_at,
             open=rollout_state in ACTIVE_ROLLOUT_STATES))
