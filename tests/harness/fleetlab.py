@@ -83,8 +83,9 @@ class Lab:
             "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if mosquitto:
             conf = self.root / "mosquitto.conf"
+            # the queue bound `fleetctl broker config` writes: a whole fleet's burst of hellos fits
             conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                            "persistence false\nmax_queued_messages 10000\n")
+                            "persistence false\nmax_queued_messages 70000\n")
             self._spawn("broker", [mosquitto, "-c", str(conf)])
             kind = "mosquitto"
         else:
