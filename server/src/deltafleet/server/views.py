@@ -54,7 +54,7 @@ def _why(state: str, reason: str, rollout_state: str, is_open: bool) -> str:
 
 def asked_line(d: Mapping[str, Any]) -> str:
     """One desired entry as a sentence: ``detector:v5 by rollout 7 - held: <reason>``."""
-    return f"{d['model']}:{d['version']} by rollout {d['rollout_id']} - {d['why']}"
+    return f"{d['model']}:{d['version'] or '?'} by rollout {d['rollout_id']} - {d['why']}"
 
 
 def device_to_json(device: Device, desired: list[Desired] | None = None) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def _asked(d: dict[str, Any], *, wide: bool) -> str:
         return "; ".join(asked_line(x) for x in d["desired"]) or "-"
     names = {m["model"] for m in d["running"]} | {x["model"] for x in d["desired"]}
     return ", ".join(("" if len(names) == 1 else f"{x['model']}:")
-                     + f"{x['version']} r{x['rollout_id']} {x['state']}"
+                     + f"{x['version'] or '?'} r{x['rollout_id']} {x['state']}"
                      for x in d["desired"]) or "-"
 
 
@@ -135,7 +135,7 @@ def show(
                       wide=wide)
         asked.add_column("why", overflow="fold")
         for x in d["desired"]:
-            asked.add_row(x["model"], x["version"], str(x["rollout_id"]), x["state"], x["why"])
+            asked.add_row(x["model"], x["version"] or "?", str(x["rollout_id"]), x["state"], x["why"])
         console.print("", asked)
 
 

@@ -222,7 +222,7 @@ class Desired:
     rollout target. ``open`` is False once the rollout ended (aborted, rolled back, ...)."""
 
     model: str
-    version: str
+    version: str | None  # None: a rollback to a version the server never learnt the name of
     variant: str | None
     sha256: str | None
     rollout_id: int
@@ -261,15 +261,16 @@ def desired_models(session: Session, devices: list[Device]) -> dict[str, list[De
             continue
         seen.add(key)
         sha: str | None = t.target_sha256
+        asked: str | None = version
         variant_name: str | None = variant
         if t.state == "reverting":  # asked to go back to what it ran before
-            version, sha, variant_name = t.previous_version or "?", t.previous_sha256, None
+            asked, sha, variant_name = t.previous_version, t.previous_sha256, None
         runs = running.get(key)
-        if t.state in _NOT_ASKED or (runs is not None and (
-                runs.sha256 == sha or (sha is None and runs.version == version))):
+        if t.state in _NOT_ASKED or (runs is not None and (runs.sha256 == sha or (
+                sha is None and asked is not None and runs.version == asked))):
             continue
         out[t.device_id].append(Desired(
-            model=model_name, version=version, variant=variant_name, sha256=sha,
+            model=model_name, version=asked, variant=variant_name, sha256=sha,
             rollout_id=t.rollout_id, rollout_state=rollout_state, state=t.state,
             reason=t.reason or "", updated_at=t.updated_at,
             open=rollout_state in ACTIVE_ROLLOUT_STATES))
