@@ -11,7 +11,10 @@ Every run starts its own Mosquitto (so the broker's peak RSS is that run's) and 
    loop (``AsyncSimDevice``: one socket per device, no thread). Reports published bytes on the
    artifact topics / artifact size (a broker-side observer counts every server publish once),
    time to all healthy, server CPU-s (total and per device), server and broker peak RSS, and
-   the simulator's own CPU and RSS (on 2 cores it competes with the server).
+   the simulator's own CPU and RSS (on 2 cores it competes with the server). Beside the
+   rollout an operator's ``fleetctl`` reads (rollout status, device list, rollout list) run one
+   after the other as processes; their wall time, start-up included, is reported (a read that
+   fails, e.g. ``database is locked``, fails the run; ``--no-cli-reads`` leaves them out).
 2. ``fanout_threads``: the same with plain ``SimFleet`` devices (two threads and one paho client
    each) in spawned processes of ``SHARD`` devices; a cross-check that the asyncio transport is
    not what is measured. Not run unless named in ``--only``.
@@ -147,6 +150,43 @@ class Watches:
             w.stop()
 
 
+class CliReads:
+    """``fleetctl`` reads an operator runs while the rollout is in flight, one after the other
+    (rollout status, device list, rollout list), each timed wall-clock as the operator feels it
+    (process start included). A read that exits non-zero (``database is locked``) is a failure."""
+
+    def __init__(self, lab: Lab, rollout_id: int) -> None:
+        self.lab, self.rid = lab, rollout_id
+        self.times: list[float] = []
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cli-reads", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        reads = (("rollout", "status", str(self.rid), "--json"), ("device", "list", "--json"),
+                 ("rollout", "list", "--json"))
+        i = 0
+        while not self._stop.wait(0.5):
+            args = reads[i % len(reads)]
+            i += 1
+            t = time.monotonic()
+            res = self.lab.fleetctl(*args, check=False)
+            self.times.append(time.monotonic() - t)
+            if res.returncode != 0:
+                self.failed.append(f"fleetctl {' '.join(args)} exited {res.returncode}: "
+                                   f"{(res.stderr or res.stdout).strip()[:200]}")
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(60)
+        t = sorted(self.times)
+        return {"fleetctl_reads": len(t),
+                "fleetctl_read_p50_s": round(t[len(t) // 2], 3) if t else None,
+                "fleetctl_read_max_s": round(t[-1], 3) if t else None,
+                "fleetctl_reads_failed": len(self.failed)}
+
+
 # -- the store ----------------------------------------------------------------------------------
 def setup(root: Path, db_url: str, model: Path, prefix: str,
           mqtt_url: str | None = None) -> tuple[Lab, Store]:
@@ -171,12 +211,12 @@ def rollout(store: Store, **policy: Any) -> int:
 
 
 def status(store: Store, rid: int) -> dict:
-    with store.session() as s:
+    with store.read() as s:
         return rollout_json(s, get_rollout(s, rid), with_targets=False)
 
 
 def rollout_state(store: Store, rid: int) -> str:
-    with store.session() as s:
+    with store.read() as s:
         return s.get(Rollout, rid).state
 
 
@@ -184,7 +224,7 @@ def target_counts(store: Store, rid: int, target_sha: str) -> tuple[Counter[str]
     """Targets by state, and how many are healthy on ``target_sha``."""
     from sqlalchemy import func, select
 
-    with store.session() as s:
+    with store.read() as s:
         rows = s.execute(select(RolloutTarget.state, RolloutTarget.target_sha256, func.count())
                          .where(RolloutTarget.rollout_id == rid)
                          .group_by(RolloutTarget.state, RolloutTarget.target_sha256)).all()
@@ -210,7 +250,7 @@ def artifact_bytes(store: Store, rid: int) -> int:
     """What one device downloads in this rollout (full models ship zstd-compressed)."""
     from sqlalchemy import func, select
 
-    with store.session() as s:
+    with store.read() as s:
         return int(s.scalar(select(func.max(RolloutTarget.bytes_to_send))
                             .where(RolloutTarget.rollout_id == rid)) or 0)
 
@@ -218,7 +258,7 @@ def artifact_bytes(store: Store, rid: int) -> int:
 def store_count(store: Store) -> int:
     from sqlalchemy import func, select
 
-    with store.session() as s:
+    with store.read() as s:
         return int(s.scalar(select(func.count()).select_from(Device)) or 0)
 
 
@@ -548,6 +588,7 @@ def bench_fanout(tmp: Path, model: Path, n: int, opts: argparse.Namespace) -> di
                                           state_timeout_s=int(opts.timeout_s),
                                           max_attempts=opts.max_attempts)
             result["rollout_id"] = rid
+            reads = CliReads(lab, rid) if opts.cli_reads else None
             deadline = t0 + opts.timeout_s
             while True:
                 by_state, on_target = await asyncio.to_thread(target_counts, store, rid,
@@ -565,6 +606,9 @@ def bench_fanout(tmp: Path, model: Path, n: int, opts: argparse.Namespace) -> di
                 await asyncio.sleep(0.5)
             result["s_to_rollout_settled"] = round(time.monotonic() - t0, 2)
             result["rollout_state"] = state
+            if reads is not None:
+                result.update(await asyncio.to_thread(reads.stop))
+                result["failures"] += reads.failed[:3]
             result.update(watches.figures(n))
             healthy_at = [at for d in devices for st, at in d.timeline if st == "healthy"]
             if len(healthy_at) >= n:
@@ -836,6 +880,13 @@ def check_targets(targets: dict, out: dict) -> dict:
                            "measured": {str(d): round(v, 5) for d, v in per},
                            "pass": None if len(per) < 2 else all(
                                v <= per[0][1] * (1 + tol) for _, v in per[1:])})
+    limit = targets.get("fleetctl_read_s_max")
+    if limit is not None:
+        for r in out.get("fanout", []):
+            m = r.get("fleetctl_read_max_s")
+            checks.append({"name": f"slowest fleetctl read during the rollout at {r['devices']}",
+                           "target": f"<= {limit} s", "measured": m,
+                           "pass": None if m is None or not r.get("ok") else m <= limit})
     hb = out.get("heartbeats")
     limit = targets.get("heartbeat_cpu_pct_max")
     if hb and limit is not None:
@@ -873,6 +924,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-attempts", type=int, default=1,
                    help="rollout --max-attempts (1: a device failure is final, not retried)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per run")
+    p.add_argument("--no-cli-reads", dest="cli_reads", action="store_false",
+                   help="do not run fleetctl reads beside the fan-out")
     p.add_argument("--only", default=_env("BENCH_ONLY", "fanout,heartbeats,failover"),
                    help="runs, comma-separated: fanout, fanout_threads, heartbeats, failover")
     p.add_argument("--targets", type=Path, default=HERE / "targets.json")

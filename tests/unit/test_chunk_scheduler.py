@@ -15,6 +15,7 @@ from deltafleet.server.delivery.chunks import (
     LINGER_S,
     REPUBLISH_AFTER_S,
     ROUND_S,
+    STALE_RETAINED_S,
     STALE_S,
     ArtifactOffer,
     ChunkClear,
@@ -406,18 +407,30 @@ def test_retained_a_repair_is_one_retained_publish() -> None:
     assert s.stats(A) == DeliveryStats(4, 1, 1)
 
 
-def test_retained_a_device_stalled_for_stale_s_gets_its_chunks_again_once() -> None:
-    """Its broker queue overflowed: it keeps asking; after STALE_S the chunks go out again
-    (retained), once for every staller of that window."""
+def test_retained_a_slow_fanout_costs_no_second_publish() -> None:
+    """5,000 devices on one broker: some wait STALE_S and more for chunks still queued for them.
+    They re-subscribe (the broker re-sends its retained copy); the server publishes nothing."""
     s = retained_published_at_one()
-    for t in (10.0, 13.0, 16.0, 10.0 + STALE_S - 0.5):
+    for t in (2.0, 10.0, STALE_S + 2, 2 * STALE_S + 2):
+        s.request("slow", A, [0, 1, 2], t)
+    assert s.due(2 * STALE_S + 2 + ROUND_S + FIRST_WINDOW_S) == []
+    assert s.stats(A).published == 3 and s.stale_requeued == 0
+
+
+def test_retained_a_device_stalled_for_stale_retained_s_gets_its_chunks_again_once() -> None:
+    """Its broker queue overflowed and re-subscribing did not help: it keeps asking; after
+    STALE_RETAINED_S the chunks go out again (retained), once for every staller of that window."""
+    s = retained_published_at_one()
+    for t in (10.0, 13.0, 16.0, 10.0 + STALE_RETAINED_S - 0.5):
         s.request("d2", A, [0, 2], t)
-    assert s.due(10.0 + STALE_S) == []
-    s.request("d2", A, [0, 2], 10.0 + STALE_S + 1)
-    s.request("d3", A, [2], 10.0 + STALE_S + 1.1)  # just subscribed: not a staller
-    assert s.due(10.0 + STALE_S + 2.2) == [ChunkPublish(A, 0, True), ChunkPublish(A, 2, True)]
-    s.request("d2", A, [0, 2], 10.0 + STALE_S + 4)  # published 2 s ago: nothing
-    assert s.due(10.0 + STALE_S + 20) == []
+    assert s.due(10.0 + STALE_RETAINED_S) == []
+    s.request("d2", A, [0, 2], 10.0 + STALE_RETAINED_S + 1)
+    s.request("d3", A, [2], 10.0 + STALE_RETAINED_S + 1.1)  # just subscribed: not a staller
+    assert s.due(10.0 + STALE_RETAINED_S + 2.2) == [ChunkPublish(A, 0, True),
+                                                     ChunkPublish(A, 2, True)]
+    assert s.stale_requeued == 2
+    s.request("d2", A, [0, 2], 10.0 + STALE_RETAINED_S + 4)  # published 2 s ago: nothing
+    assert s.due(10.0 + STALE_RETAINED_S + 20) == []
     assert s.stats(A).published == 5
 
 

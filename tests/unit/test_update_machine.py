@@ -285,6 +285,19 @@ def test_a_download_times_out() -> None:
         mc.CleanDownloads("det", frozenset())]
 
 
+def test_a_download_without_chunks_for_long_subscribes_again_once_per_stall() -> None:
+    """A broker holding the chunks retained re-sends them on a new SUBSCRIBE: the device asks
+    the broker again before the server has to publish anything twice."""
+    sm = mc.UpdateMachine(CFG)
+    to_downloading(sm, now=0.0)
+    after = CFG.resubscribe_after_s
+    sm.handle(mc.ChunkAccepted("det", "m-2", 5.0))
+    assert sm.handle(mc.Tick(5.0 + after - 1)) == [mc.RequestChunks("det", ART)]
+    assert sm.handle(mc.Tick(5.0 + after + 3)) == [mc.Subscribe("det", ART),
+                                                     mc.RequestChunks("det", ART)]
+    assert sm.handle(mc.Tick(5.0 + after + 7)) == [mc.RequestChunks("det", ART)]
+
+
 def test_connecting_again_asks_for_the_missing_chunks() -> None:
     sm = mc.UpdateMachine(CFG)
     to_downloading(sm)

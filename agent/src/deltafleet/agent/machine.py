@@ -260,6 +260,7 @@ class _Update:
     phase: Phase = P.IDLE
     started: float = 0.0
     last_progress: float = 0.0
+    last_chunk: float = 0.0  # the last chunk received (or the last subscribe)
     reused: int = 0
     patched: bool = False
     window_s: float = 0.0
@@ -403,7 +404,7 @@ class _Fetch(_Core):
         if upd is None:
             return []
         self._move(e.model, P.DOWNLOADING)
-        upd.started = upd.last_progress = e.now
+        upd.started = upd.last_progress = upd.last_chunk = e.now
         upd.reused = e.reused
         sha = upd.manifest.artifact.sha256
         out = [Subscribe(e.model, sha),
@@ -415,7 +416,7 @@ class _Fetch(_Core):
     def _on_ChunkAccepted(self, e: ChunkAccepted) -> list[Effect]:
         upd = self._current(e.model, e.manifest_id, P.DOWNLOADING)
         if upd is not None:
-            upd.last_progress = e.now
+            upd.last_progress = upd.last_chunk = e.now
         return []
 
     def _on_ChunkBad(self, e: ChunkBad) -> list[Effect]:
@@ -734,7 +735,13 @@ class UpdateMachine(_Recovery):
                 out += [JournalClear(model), *self._fail(upd, "failed", "download timed out")]
             elif e.now - upd.last_progress > self.cfg.chunk_retry_s and e.connected:
                 upd.last_progress = e.now
-                out.append(RequestChunks(model, upd.manifest.artifact.sha256))
+                sha = upd.manifest.artifact.sha256
+                if e.now - upd.last_chunk > self.cfg.resubscribe_after_s:
+                    # a retained chunk stream: the broker re-sends what it holds, the server
+                    # publishes nothing again (its queue for this device may have overflowed)
+                    upd.last_chunk = e.now
+                    out.append(Subscribe(model, sha))
+                out.append(RequestChunks(model, sha))
         for model, wait in list(self.waiting.items()):
             if e.now >= wait.retry_at:
                 out.append(Reconsider(model, wait.raw, "waiting", wait.token))

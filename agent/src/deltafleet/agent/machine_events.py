@@ -90,6 +90,9 @@ class Device:
 class MachineConfig:
     download_timeout_s: float = 600.0
     chunk_retry_s: float = 3.0
+    # no chunk for this long while downloading: subscribe to the chunk topics again, so a broker
+    # holding them retained (the server's retained chunk stream) sends them again itself
+    resubscribe_after_s: float = 20.0
     disk_retry_s: float = 30.0
     disk_margin_bytes: int = 16 << 20
     max_artifact_bytes: int = 4 << 30

@@ -7,11 +7,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from deltafleet.shared.mqtt import MqttSettings, Will
-
 from .errors import UsageError
+
+if TYPE_CHECKING:  # paho-mqtt costs every fleetctl start ~25 ms; only `server` needs it
+    from deltafleet.shared.mqtt import MqttSettings, Will
 
 DEFAULT_HOME = "~/.local/share/deltafleet"
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
@@ -194,6 +196,8 @@ def mqtt_settings(cfg: ServerConfig, client_id: str, will: Will | None) -> MqttS
             ca = defaults[0]
         if cert is None and key is None and defaults[1].exists() and defaults[2].exists():
             cert, key = defaults[1], defaults[2]
+    from deltafleet.shared.mqtt import MqttSettings
+
     return MqttSettings(
         url=cfg.mqtt_url,
         client_id=client_id,

@@ -46,8 +46,11 @@ subscribing later receives from the broker every chunk published so far, and a p
 stays published: a device needs chunk ``i`` only when it was never published, on ``repair``,
 when the broker may have lost it (``lost_retained``: the server reconnected to a broker that
 kept no session, e.g. one restarted without persistence; each such chunk goes out once more,
-to the first asker) or when the device has been asking since ``stale_s`` ago and the chunk's
-last publish is older than that too (its queue on the broker overflowed). Asking late costs
+to the first asker) or when the device has been asking since ``stale_retained_s`` ago and the
+chunk's last publish is older than that too (its queue on the broker overflowed). That wait is
+long on purpose: a device that gets no chunk for a while subscribes to the chunk topics again
+(``MachineConfig.resubscribe_after_s``) and the broker re-sends what it retains, so a slow broker
+fan-out (5,000 devices taking 15 chunks each) costs the server no second publish. Asking late costs
 nothing, so each chunk goes out once per rollout plus repairs. The artifacts with retained
 chunks are in ``retained`` (artifact -> number of chunks; ``restore`` reloads it after a
 restart); an artifact that left ``serve`` has its queued chunks dropped at once and, once it
@@ -67,6 +70,7 @@ __all__ = [
     "FIRST_WINDOW_S",
     "REPUBLISH_AFTER_S",
     "ROUND_S",
+    "STALE_RETAINED_S",
     "STALE_S",
     "ArtifactOffer",
     "LINGER_S",
@@ -84,6 +88,7 @@ FIRST_WINDOW_S = 1.0  # a gather becomes a round after this long without a new d
 ROUND_S = 5.0  # rounds of one artifact start at least this far apart
 REPUBLISH_AFTER_S = 2.0  # a repair never republishes a chunk within this interval
 STALE_S = 30.0  # a chunk published longer ago than this is sent again to whoever asks
+STALE_RETAINED_S = 180.0  # the same in retained mode, where the broker re-sends on re-subscribe
 LINGER_S = 900.0  # retained chunks of an artifact no longer served are cleared this much later
 
 
@@ -95,6 +100,7 @@ class ChunkWindows:
     first_s: float = FIRST_WINDOW_S
     republish_after_s: float = REPUBLISH_AFTER_S
     stale_s: float = STALE_S
+    stale_retained_s: float = STALE_RETAINED_S
     round_s: float = ROUND_S
     linger_s: float = LINGER_S
 
@@ -232,6 +238,7 @@ class ChunkScheduler:
         self._retained: dict[str, int] = {}  # artifact -> chunks (retained mode)
         self._unserved: dict[str, float] = {}  # retained artifact -> when it left serve
         self.deduplicated = 0  # needed chunks a publish already queued covers
+        self.stale_requeued = 0  # chunks queued again only because their last publish was old
         self._offers: dict[str, ArtifactOffer] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._deliveries: dict[str, _Delivery] = {}
@@ -343,13 +350,13 @@ class ChunkScheduler:
                 out_of_range.add(i)
                 continue
             last = d.last.get(i)
-            if self.retain:
-                needed = (last is None or repair or i in d.lost
-                          or (now - first > w.stale_s and now - last > w.stale_s))
+            stale = w.stale_retained_s if self.retain else w.stale_s
+            if last is None or repair or (i in d.lost if self.retain else first > last):
+                pass  # never published, a repair, lost, or sent before the device subscribed
+            elif now - first > stale and now - last > stale:
+                self.stale_requeued += 1  # asking long after a publish long ago: a lost queue
             else:
-                needed = last is None or first > last or repair or now - last > w.stale_s
-            if not needed:
-                continue
+                continue  # sent while the device was subscribed: it is merely slow
             if i in d.running:
                 self.deduplicated += 1
                 continue
