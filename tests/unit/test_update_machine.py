@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
+from dataclasses import replace
 from itertools import product
 
 import pytest
@@ -285,17 +286,25 @@ def test_a_download_times_out() -> None:
         mc.CleanDownloads("det", frozenset())]
 
 
+def test_asks_without_a_chunk_back_off_to_8x_and_a_chunk_resets_them() -> None:
+    sm = mc.UpdateMachine(replace(CFG, download_timeout_s=1000))
+    to_downloading(sm, now=0.0)  # asks after 3, 6, 12, 24, 24 ... s without a chunk
+    asks = [t for t in range(0, 100) if sm.handle(mc.Tick(float(t)))]
+    assert asks == [4, 11, 24, 49, 74, 99]
+    sm.handle(mc.ChunkAccepted("det", "m-2", 100.0))
+    assert sm.handle(mc.Tick(103.5)) == [mc.RequestChunks("det", ART)]
+
+
 def test_a_download_without_chunks_for_long_subscribes_again_once_per_stall() -> None:
     """A broker holding the chunks retained re-sends them on a new SUBSCRIBE: the device asks
     the broker again before the server has to publish anything twice."""
-    sm = mc.UpdateMachine(CFG)
+    sm = mc.UpdateMachine(replace(CFG, download_timeout_s=1000, resubscribe_after_s=60))
     to_downloading(sm, now=0.0)
-    after = CFG.resubscribe_after_s
     sm.handle(mc.ChunkAccepted("det", "m-2", 5.0))
-    assert sm.handle(mc.Tick(5.0 + after - 1)) == [mc.RequestChunks("det", ART)]
-    assert sm.handle(mc.Tick(5.0 + after + 3)) == [mc.Subscribe("det", ART),
-                                                     mc.RequestChunks("det", ART)]
-    assert sm.handle(mc.Tick(5.0 + after + 7)) == [mc.RequestChunks("det", ART)]
+    got = {t: sm.handle(mc.Tick(float(t))) for t in range(6, 200)}
+    resubscribed = [t for t, effects in got.items() if mc.Subscribe("det", ART) in effects]
+    assert resubscribed == [79, 154]  # asks at 9, 16, 29, 54, 79, 104, 129, 154, 179
+    assert all(effects[-1] == mc.RequestChunks("det", ART) for effects in got.values() if effects)
 
 
 def test_connecting_again_asks_for_the_missing_chunks() -> None:

@@ -261,6 +261,7 @@ class _Update:
     started: float = 0.0
     last_progress: float = 0.0
     last_chunk: float = 0.0  # the last chunk received (or the last subscribe)
+    stalls: int = 0  # asks in a row without a chunk since (the next waits 2**stalls longer)
     reused: int = 0
     patched: bool = False
     window_s: float = 0.0
@@ -417,6 +418,7 @@ class _Fetch(_Core):
         upd = self._current(e.model, e.manifest_id, P.DOWNLOADING)
         if upd is not None:
             upd.last_progress = upd.last_chunk = e.now
+            upd.stalls = 0
         return []
 
     def _on_ChunkBad(self, e: ChunkBad) -> list[Effect]:
@@ -444,6 +446,7 @@ class _Fetch(_Core):
         for model, upd in self.updates.items():
             if upd.phase is P.DOWNLOADING:
                 upd.last_progress = e.now
+                upd.stalls = 0
                 out.append(RequestChunks(model, upd.manifest.artifact.sha256))
         return out
 
@@ -733,8 +736,10 @@ class UpdateMachine(_Recovery):
                 continue
             if e.now - upd.started > self.cfg.download_timeout_s:
                 out += [JournalClear(model), *self._fail(upd, "failed", "download timed out")]
-            elif e.now - upd.last_progress > self.cfg.chunk_retry_s and e.connected:
+            elif (e.now - upd.last_progress > self.cfg.chunk_retry_s * 2 ** min(upd.stalls, 3)
+                  and e.connected):
                 upd.last_progress = e.now
+                upd.stalls += 1
                 sha = upd.manifest.artifact.sha256
                 if e.now - upd.last_chunk > self.cfg.resubscribe_after_s:
                     # a retained chunk stream: the broker re-sends what it holds, the server

@@ -89,10 +89,12 @@ class Device:
 @dataclass(frozen=True, slots=True)
 class MachineConfig:
     download_timeout_s: float = 600.0
+    # no chunk for this long: ask again; each further ask without a chunk waits twice as long,
+    # up to 8x (3, 6, 12, 24 s), so a fleet stalled on a slow broker does not flood the server
     chunk_retry_s: float = 3.0
     # no chunk for this long while downloading: subscribe to the chunk topics again, so a broker
     # holding them retained (the server's retained chunk stream) sends them again itself
-    resubscribe_after_s: float = 20.0
+    resubscribe_after_s: float = 60.0
     disk_retry_s: float = 30.0
     disk_margin_bytes: int = 16 << 20
     max_artifact_bytes: int = 4 << 30
