@@ -122,9 +122,9 @@ def tflite_runtimes(op_versions: dict[str, int],
         if v is None:
             unknown.append(f"{op} v{version}")
             continue
-        if _vkey(v) > _vkey(needed) or binding.startswith("the oldest"):
-            if _vkey(v) >= _vkey(needed):
-                needed, binding = v, f"{op} v{version}"
+        if _vkey(v) > _vkey(needed) or (binding.startswith("the oldest")
+                                        and _vkey(v) >= _vkey(needed)):
+            needed, binding = v, f"{op} v{version}"
     if min_runtime_metadata and _vkey(min_runtime_metadata) > _vkey(needed):
         needed, binding = min_runtime_metadata, "the model's min_runtime_version metadata"
     note = f"; not in the table: {', '.join(unknown)}" if unknown else ""

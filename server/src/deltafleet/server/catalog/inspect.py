@@ -563,9 +563,7 @@ def _parse_tflite(path: Path, data: bytes) -> ModelInfo:
                 weight_bytes[dtype] = weight_bytes.get(dtype, 0) + const_bytes
                 if n_scales and dtype in ("int8", "uint8", "int4", "int16"):
                     weight_scales.append(n_scales)
-            elif dtype in ("int8", "uint8", "int16") and n_scales:
-                act_dtypes.add(dtype)
-            elif dtype.startswith("float"):
+            elif (dtype in ("int8", "uint8", "int16") and n_scales) or dtype.startswith("float"):
                 act_dtypes.add(dtype)
         for o in range(bounds.count(sg.OperatorsLength(), "operator")):
             op = sg.Operators(o)
