@@ -3,8 +3,9 @@ accuracy. The runtimes are the server's ``[optimize]`` extra (onnxruntime, ai-ed
 
 Samples are dicts of arrays named like the model's inputs whose first axis is the sample
 axis (an ``.npz`` as ``--calibration`` / ``--eval`` take it). :func:`batches` cuts them into
-what the model accepts: chunks of up to 64 along a dynamic first dimension, else chunks of
-the fixed first dimension (the remainder is dropped).
+what the model accepts: one sample at a time along a dynamic first dimension (as a device
+serves; dynamic INT8 quantizes activations per run, so its outputs depend on the batch),
+else chunks of the fixed first dimension (the remainder is dropped).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .errors import OptimizeError
 __all__ = ["Runner", "accuracy", "batches", "deviation", "latency_ms", "load_npz",
            "random_samples"]
 
-MAX_BATCH = 64
+MAX_BATCH = 1
 
 
 def load_npz(path: Path, inputs: tuple[TensorSpec, ...], *, labels: bool = False

@@ -137,11 +137,15 @@ def onnx_int8_static(src: Path, out: Path, feed_batches: list[dict[str, np.ndarr
 
 
 def onnx_fp16(src: Path, out: Path) -> Path:
+    import warnings
+
     import onnx
 
     f16 = _import("onnxconverter_common.float16")
     try:
-        model = f16.convert_float_to_float16(onnx.load_model(str(src)), keep_io_types=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "truncated to 1e-07": FP16's range
+            model = f16.convert_float_to_float16(onnx.load_model(str(src)), keep_io_types=True)
     except Exception as e:  # noqa: BLE001
         raise OptimizeError(f"FP16 conversion failed: {_short(e)}") from e
     return _save(model, out)
