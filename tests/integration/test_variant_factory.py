@@ -251,14 +251,15 @@ def test_mixed_fleet_gets_loadable_variants_and_deltas_stay_in_their_lineage(
              ("mcu-tflr", {"tflite-runtime": "2.14"}, "tflite-int8", "tflite-int8"),
              ("app-new", {"litert": "1.2"}, None, "tflite")]
     for device_id, runtimes, runs, _ in fleet:
-        models = {"detector": lab.Installed("v1", v1[runs])} if runs else {}
+        models = {"detector": lab.Installed("v1", v1[runs], variant=runs)} if runs else {}
         dev = lab.fleet.add(device_id, {"fleet": "mixed"}, models)
         dev.runtimes = dict(runtimes)
     lab.fleet.wait_connected()
     for dev in lab.fleet.devices.values():
         dev.send_hello()
-    lab.wait_for(lambda: all(lab.status_runtimes(d) == r for d, r, _, _ in fleet), 30,
-                 "profiles with runtimes")
+    ids = {d for d, _, _, _ in fleet}
+    lab.wait_for(lambda: lab.known_devices() >= ids and all(
+        lab.status_runtimes(d) == r for d, r, _, _ in fleet), 30, "profiles with runtimes")
     lab.group("mixed", fleet="mixed")
     rid = lab.rollout("v2", "mixed", waves=[100], **FAST)
     done = lab.wait_state(rid, {"completed"}, 90)
