@@ -69,6 +69,7 @@ class Installed:
     data: bytes
     sha256: str = ""
     manifest_id: str | None = None
+    variant: str = "default"  # reported in hello, as the agent reports its manifest's
 
     def __post_init__(self) -> None:
         self.sha256 = self.sha256 or sha256_bytes(self.data)
@@ -166,7 +167,8 @@ class SimDevice:
             "arch": "x86_64", "os": "Linux sim", "cpu": "sim", "memory_bytes": 1 << 30,
             "accelerator": "none", "runtimes": dict(self.runtimes),
             "disk_free_bytes": 1 << 34}, self.labels,
-            tuple(ModelState(name, m.version, m.sha256) for name, m in self.models.items()))
+            tuple(ModelState(name, m.version, m.sha256, m.variant)
+                  for name, m in self.models.items()))
         self._publish(t.hello(self.device_id), encode(hello))
 
     def _handle(self, topic: str, payload: bytes) -> None:
@@ -267,7 +269,8 @@ class SimDevice:
             data = self._staged.pop(e.model, None) or self.fleet.model_cache[m.target_sha256]
             if e.model in self.models:
                 self.previous[e.model] = self.models[e.model]
-            self.models[e.model] = Installed(m.version, data, m.target_sha256, m.manifest_id)
+            self.models[e.model] = Installed(m.version, data, m.target_sha256, m.manifest_id,
+                                             m.variant)
             self.fleet.model_cache.setdefault(m.target_sha256, data)
             return mc.SwapDone(e.model, m.manifest_id)
         elif isinstance(e, mc.StartTrial):

@@ -13,6 +13,14 @@ Usage::
     python -m tests.harness.modelgen onnx OUT.onnx --size-mb 3 --seed 1 [--retrain-last-layer]
     python -m tests.harness.modelgen onnx-pair OUT_DIR --size-mb 3 --seed 1
     python -m tests.harness.modelgen tflite OUT.tflite --seed 1 [--retrain]
+    python -m tests.harness.modelgen digits OUT_DIR --seed 0     # trained on sklearn's digits
+    python -m tests.harness.modelgen resnet50 OUT.onnx --seed 0  # ResNet-50-shaped, ~100 MB
+
+``train_digits`` trains a real classifier (scikit-learn's MLPClassifier on the 8x8 digits that
+ship inside scikit-learn) and ``make_digits_onnx`` / ``make_digits_tflite`` write its weights as
+an ONNX graph (MatMul/Add/Relu) and a TFLite graph (FULLY_CONNECTED with fused ReLU); the
+held-out split is what accuracy is measured on. ``make_resnet50_onnx`` builds the ResNet-50
+architecture (batch-norm folded into the convolutions' biases) with He-initialised weights.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +320,316 @@ def make_tflite_model(
     return path
 
 
+# ------------------------------------------------------------ a real model: digits
+
+
+@dataclass(frozen=True)
+class DigitsModel:
+    """A classifier trained on scikit-learn's digits: ``layers`` are (W [in, out], b) float32,
+    ReLU between them, logits out; the data split it was trained and is measured on."""
+
+    layers: tuple[tuple[np.ndarray, np.ndarray], ...]
+    x_train: np.ndarray  # float32 [n, 64], pixels / 16
+    y_train: np.ndarray  # int64 [n]
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        h = x.astype(np.float32)
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < len(self.layers) - 1:
+                h = np.maximum(h, 0)
+        return h
+
+    def accuracy(self, x: np.ndarray | None = None, y: np.ndarray | None = None) -> float:
+        x = self.x_test if x is None else x
+        y = self.y_test if y is None else y
+        return float(np.mean(self.logits(x).argmax(axis=1) == y))
+
+    def with_layer(self, index: int, w: np.ndarray, b: np.ndarray) -> DigitsModel:
+        layers = list(self.layers)
+        layers[index] = (w.astype(np.float32), b.astype(np.float32))
+        return DigitsModel(tuple(layers), self.x_train, self.y_train, self.x_test, self.y_test)
+
+
+def train_digits(*, seed: int = 0, hidden: tuple[int, ...] = (64, 32),
+                 max_iter: int = 400) -> DigitsModel:
+    """Train an MLP on scikit-learn's packaged digits (no download): 70/30 stratified split."""
+    import warnings
+
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    y = data.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=seed,
+                                                        stratify=y)
+    clf = MLPClassifier(hidden_layer_sizes=hidden, activation="relu", max_iter=max_iter,
+                        random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(x_train, y_train)
+    layers = tuple((w.astype(np.float32), b.astype(np.float32))
+                   for w, b in zip(clf.coefs_, clf.intercepts_, strict=True))
+    return DigitsModel(layers, x_train, y_train, x_test, y_test)
+
+
+def retrain_digits_head(model: DigitsModel, *, steps: int = 60, lr: float = 0.5,
+                        seed: int = 1) -> DigitsModel:
+    """v2 of a digits model: only the last layer retrained (softmax regression by gradient
+    descent on the hidden features, from v1's head), as a fine-tuned head looks."""
+    rng = np.random.default_rng(seed)
+    h = model.x_train.astype(np.float32)
+    for w, b in model.layers[:-1]:
+        h = np.maximum(h @ w + b, 0)
+    w, b = (a.astype(np.float64) for a in model.layers[-1])
+    w = w + rng.standard_normal(w.shape) * 1e-3
+    onehot = np.eye(w.shape[1])[model.y_train]
+    for _ in range(steps):
+        z = h @ w + b
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        g = (p - onehot) / len(h)
+        w -= lr * (h.T @ g)
+        b -= lr * g.sum(axis=0)
+    return model.with_layer(len(model.layers) - 1, w, b)
+
+
+def make_digits_onnx(path: Path | str, model: DigitsModel, *, opset: int = 17,
+                     version: int = 1) -> Path:
+    """The digits model as ONNX: ``input`` float32 [N, 64] -> ``logits`` float32 [N, 10]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = Path(path)
+    nodes, inits = [], []
+    x = "input"
+    last = len(model.layers) - 1
+    for i, (w, b) in enumerate(model.layers):
+        inits += [numpy_helper.from_array(w, f"fc{i}.weight"),
+                  numpy_helper.from_array(b, f"fc{i}.bias")]
+        out = "logits" if i == last else f"fc{i}.relu"
+        nodes.append(helper.make_node("MatMul", [x, f"fc{i}.weight"], [f"fc{i}.mm"],
+                                      name=f"fc{i}.matmul"))
+        nodes.append(helper.make_node("Add", [f"fc{i}.mm", f"fc{i}.bias"],
+                                      [out if i == last else f"fc{i}.add"], name=f"fc{i}.add"))
+        if i != last:
+            nodes.append(helper.make_node("Relu", [f"fc{i}.add"], [out], name=f"fc{i}.relu"))
+        x = out
+    n_in, n_out = model.layers[0][0].shape[0], model.layers[-1][0].shape[1]
+    graph = helper.make_graph(
+        nodes, "digits_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_out])],
+        initializer=inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                          producer_name=PRODUCER_NAME, producer_version=PRODUCER_VERSION,
+                          model_version=version, doc_string="MLP trained on sklearn digits")
+    m.ir_version = helper.find_min_ir_version_for(m.opset_import)
+    onnx.checker.check_model(m)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def make_digits_tflite(path: Path | str, model: DigitsModel) -> Path:
+    """The digits model as TFLite: FULLY_CONNECTED layers (fused ReLU between them),
+    ``input`` float32 [1, 64] -> ``logits`` float32 [1, 10]."""
+    layers = [(w.T.copy(), b) for w, b in model.layers]  # TFLite wants [out, in]
+    return _write_tflite_fc_chain(Path(path), layers, f"{PRODUCER_NAME} digits mlp")
+
+
+def _write_tflite_fc_chain(path: Path, layers: list[tuple[np.ndarray, np.ndarray]],
+                           description: str) -> Path:
+    import flatbuffers
+    import tflite
+
+    builder = flatbuffers.Builder(4096)
+    blobs: list[bytes | None] = [None]
+    for w, b in layers:
+        blobs += [np.ascontiguousarray(w, np.float32).tobytes(),
+                  np.ascontiguousarray(b, np.float32).tobytes()]
+    buffer_offsets = []
+    for data in blobs:
+        data_off = _aligned_bytes(builder, data) if data else None
+        tflite.BufferStart(builder)
+        if data_off is not None:
+            tflite.BufferAddData(builder, data_off)
+        buffer_offsets.append(tflite.BufferEnd(builder))
+    # tensors: input, then per layer weights, bias, output
+    specs: list[tuple[str, list[int], int]] = [("input", [1, layers[0][0].shape[1]], 0)]
+    last = len(layers) - 1
+    for i, (w, b) in enumerate(layers):
+        specs += [(f"fc{i}/weights", list(w.shape), 1 + 2 * i),
+                  (f"fc{i}/bias", list(b.shape), 2 + 2 * i),
+                  ("logits" if i == last else f"fc{i}/relu", [1, w.shape[0]], 0)]
+    tensor_offsets = []
+    for name, shape, buffer_index in specs:
+        name_off = builder.CreateString(name)
+        tflite.TensorStartShapeVector(builder, len(shape))
+        for d in reversed(shape):
+            builder.PrependInt32(d)
+        shape_off = builder.EndVector()
+        tflite.TensorStart(builder)
+        tflite.TensorAddShape(builder, shape_off)
+        tflite.TensorAddType(builder, tflite.TensorType.FLOAT32)
+        tflite.TensorAddBuffer(builder, buffer_index)
+        tflite.TensorAddName(builder, name_off)
+        tensor_offsets.append(tflite.TensorEnd(builder))
+
+    def int_vector(values: list[int]) -> int:
+        builder.StartVector(4, len(values), 4)
+        for v in reversed(values):
+            builder.PrependInt32(v)
+        return builder.EndVector()
+
+    operator_offsets = []
+    for i in range(len(layers)):
+        tflite.FullyConnectedOptionsStart(builder)
+        tflite.FullyConnectedOptionsAddFusedActivationFunction(
+            builder, tflite.ActivationFunctionType.NONE if i == last
+            else tflite.ActivationFunctionType.RELU)
+        options_off = tflite.FullyConnectedOptionsEnd(builder)
+        x = 0 if i == 0 else 3 * i
+        op_inputs = int_vector([x, 3 * i + 1, 3 * i + 2])
+        op_outputs = int_vector([3 * i + 3])
+        tflite.OperatorStart(builder)
+        tflite.OperatorAddOpcodeIndex(builder, 0)
+        tflite.OperatorAddInputs(builder, op_inputs)
+        tflite.OperatorAddOutputs(builder, op_outputs)
+        tflite.OperatorAddBuiltinOptionsType(builder, tflite.BuiltinOptions.FullyConnectedOptions)
+        tflite.OperatorAddBuiltinOptions(builder, options_off)
+        operator_offsets.append(tflite.OperatorEnd(builder))
+
+    def offsets_vector(offsets: list[int]) -> int:
+        builder.StartVector(4, len(offsets), 4)
+        for off in reversed(offsets):
+            builder.PrependUOffsetTRelative(off)
+        return builder.EndVector()
+
+    tensors_vec = offsets_vector(tensor_offsets)
+    sg_inputs = int_vector([0])
+    sg_outputs = int_vector([len(specs) - 1])
+    operators_vec = offsets_vector(operator_offsets)
+    sg_name = builder.CreateString("main")
+    tflite.SubGraphStart(builder)
+    tflite.SubGraphAddTensors(builder, tensors_vec)
+    tflite.SubGraphAddInputs(builder, sg_inputs)
+    tflite.SubGraphAddOutputs(builder, sg_outputs)
+    tflite.SubGraphAddOperators(builder, operators_vec)
+    tflite.SubGraphAddName(builder, sg_name)
+    subgraph_off = tflite.SubGraphEnd(builder)
+    fc = tflite.BuiltinOperator.FULLY_CONNECTED
+    tflite.OperatorCodeStart(builder)
+    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, fc)
+    tflite.OperatorCodeAddBuiltinCode(builder, fc)
+    tflite.OperatorCodeAddVersion(builder, 1)
+    opcode_off = tflite.OperatorCodeEnd(builder)
+    opcodes_vec = offsets_vector([opcode_off])
+    subgraphs_vec = offsets_vector([subgraph_off])
+    buffers_vec = offsets_vector(buffer_offsets)
+    description_off = builder.CreateString(description)
+    tflite.ModelStart(builder)
+    tflite.ModelAddVersion(builder, TFLITE_SCHEMA_VERSION)
+    tflite.ModelAddOperatorCodes(builder, opcodes_vec)
+    tflite.ModelAddSubgraphs(builder, subgraphs_vec)
+    tflite.ModelAddDescription(builder, description_off)
+    tflite.ModelAddBuffers(builder, buffers_vec)
+    model_off = tflite.ModelEnd(builder)
+    builder.Finish(model_off, file_identifier=TFLITE_FILE_IDENTIFIER)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(builder.Output()))
+    return path
+
+
+def save_digits_npz(directory: Path | str, model: DigitsModel, *,
+                    calibration_samples: int = 64) -> dict[str, Path]:
+    """``eval.npz`` (``input`` = the held-out split, ``labels``) and ``calibration.npz``
+    (``input`` = the first training samples), as ``fleetctl model optimize`` reads them."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"eval": directory / "eval.npz", "calibration": directory / "calibration.npz"}
+    np.savez(paths["eval"], input=model.x_test, labels=model.y_test)
+    np.savez(paths["calibration"], input=model.x_train[:calibration_samples])
+    return paths
+
+
+# ------------------------------------------------------------ ResNet-50-shaped ONNX
+
+
+def make_resnet50_onnx(path: Path | str, *, seed: int = 0, num_classes: int = 1000) -> Path:
+    """The ResNet-50 v1 architecture (bottlenecks [3, 4, 6, 3], batch norm folded into each
+    convolution's bias) with He-initialised weights: ~25.5 M parameters, ~102 MB of FP32.
+    The last convolution of each residual branch is scaled by 0.2 so activations stay bounded
+    without batch norm. Input ``input`` [1, 3, 224, 224], output ``logits`` [1, num_classes]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    nodes: list[Any] = []
+    inits: list[Any] = []
+    counter = [0]
+
+    def conv(x: str, cin: int, cout: int, k: int, stride: int = 1, relu: bool = True,
+             gain: float = 1.0) -> str:
+        counter[0] += 1
+        n = f"conv{counter[0]}"
+        std = math.sqrt(2.0 / (cin * k * k)) * gain
+        w = (rng.standard_normal((cout, cin, k, k), dtype=np.float32) * std).astype(np.float32)
+        b = (rng.standard_normal(cout, dtype=np.float32) * 0.01).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{n}.weight"),
+                      numpy_helper.from_array(b, f"{n}.bias")])
+        pad = k // 2
+        nodes.append(helper.make_node("Conv", [x, f"{n}.weight", f"{n}.bias"], [f"{n}.out"],
+                                      name=n, kernel_shape=[k, k], strides=[stride, stride],
+                                      pads=[pad] * 4))
+        if not relu:
+            return f"{n}.out"
+        nodes.append(helper.make_node("Relu", [f"{n}.out"], [f"{n}.relu"], name=f"{n}.relu"))
+        return f"{n}.relu"
+
+    x = conv("input", 3, 64, 7, 2)
+    nodes.append(helper.make_node("MaxPool", [x], ["pool1"], name="pool1", kernel_shape=[3, 3],
+                                  strides=[2, 2], pads=[1, 1, 1, 1]))
+    x, cin = "pool1", 64
+    for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True)):
+        for block in range(blocks):
+            stride = 2 if block == 0 and stage > 0 else 1
+            cout = width * 4
+            y = conv(x, cin, width, 1)
+            y = conv(y, width, width, 3, stride)
+            y = conv(y, width, cout, 1, relu=False, gain=0.2)
+            shortcut = conv(x, cin, cout, 1, stride, relu=False) if block == 0 else x
+            name = f"res{stage}_{block}"
+            nodes.append(helper.make_node("Add", [y, shortcut], [f"{name}.sum"], name=f"{name}.add"))
+            nodes.append(helper.make_node("Relu", [f"{name}.sum"], [f"{name}.out"],
+                                          name=f"{name}.relu"))
+            x, cin = f"{name}.out", cout
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1))
+    w = (rng.standard_normal((cin, num_classes), dtype=np.float32) / math.sqrt(cin)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "fc.weight"),
+              numpy_helper.from_array(np.zeros(num_classes, np.float32), "fc.bias")]
+    nodes.append(helper.make_node("MatMul", ["flat", "fc.weight"], ["fc.mm"], name="fc.matmul"))
+    nodes.append(helper.make_node("Add", ["fc.mm", "fc.bias"], ["logits"], name="fc.add"))
+    graph = helper.make_graph(
+        nodes, "resnet50",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, num_classes])],
+        initializer=inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                          producer_name=PRODUCER_NAME, producer_version=PRODUCER_VERSION)
+    m.ir_version = helper.find_min_ir_version_for(m.opset_import)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(m, str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -332,6 +651,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-dim", type=int, default=8)
     p.add_argument("--output-dim", type=int, default=4)
     p.add_argument("--retrain", action="store_true")
+    p = sub.add_parser("digits", help="digits-v1/v2 .onnx/.tflite + eval.npz, calibration.npz")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("resnet50", help="a ResNet-50-shaped FP32 ONNX (~100 MB)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     if args.kind == "onnx":
@@ -346,6 +671,16 @@ def main(argv: list[str] | None = None) -> int:
                 opset=args.opset,
             )
         ]
+    elif args.kind == "digits":
+        v1 = train_digits(seed=args.seed)
+        v2 = retrain_digits_head(v1)
+        paths = [make_digits_onnx(args.out_dir / "digits-v1.onnx", v1),
+                 make_digits_onnx(args.out_dir / "digits-v2.onnx", v2, version=2),
+                 make_digits_tflite(args.out_dir / "digits-v1.tflite", v1),
+                 make_digits_tflite(args.out_dir / "digits-v2.tflite", v2),
+                 *save_digits_npz(args.out_dir, v1).values()]
+    elif args.kind == "resnet50":
+        paths = [make_resnet50_onnx(args.out, seed=args.seed)]
     elif args.kind == "onnx-pair":
         paths = list(make_onnx_pair(args.out_dir, size_mb=args.size_mb, seed=args.seed))
     else:

@@ -138,3 +138,25 @@ def test_the_one_full_artifact_rule():
         FullArtifact("identity", MODEL, 100)
     assert full_artifact(MODEL, 70, packed) == FullArtifact("identity", MODEL, 70)  # no gain
     assert PACKED_TARGET.full == packed and PACKED_TARGET.identity.codec == "identity"
+
+
+# -- deltas stay within a variant lineage -----------------------------------------------------
+INT8_V2 = VariantOption(4, "int8", "onnx", "int8", "9" * 64, 40)
+FP32_V2 = VariantOption(5, "default", "onnx", "fp32", "8" * 64, 100)
+
+
+def test_a_delta_is_planned_within_the_variant_lineage():
+    runs_int8 = RunningModel("7" * 64, "int8", "v1")
+    plan = plan_target({"onnxruntime": "1"}, runs_int8, [FP32_V2, INT8_V2],
+                       deltas={("7" * 64, INT8_V2.sha256): DeltaOption("bsdiff", DELTA, 5)},
+                       failed_deltas={})
+    assert (plan.kind, plan.variant, plan.base_sha256) == (PlanKind.DELTA, INT8_V2, "7" * 64)
+
+
+def test_no_delta_across_variants_when_the_lineage_ends():
+    runs_int8 = RunningModel("7" * 64, "int8", "v1")
+    stored = {("7" * 64, FP32_V2.sha256): DeltaOption("bsdiff", DELTA, 5)}
+    plan = plan_target({"onnxruntime": "1"}, runs_int8, [FP32_V2], deltas=stored,
+                       failed_deltas={})
+    assert plan.kind == PlanKind.FULL and plan.variant == FP32_V2 and not plan.build_delta
+    assert "no delta across variants" in plan.reason

@@ -185,7 +185,9 @@ def plan_target(
     delta first / full install / wait for the store. A delta needs its base intact in the
     store, a target file to build from, and must be worth it against what a full install
     ships (``full_artifact``, which falls back to the model file when the compressed blob is
-    bad). A pair whose build failed gets the full artifact."""
+    bad), and stays within a variant lineage: a device running variant A that gets variant B
+    (the version has no A, or B is pinned) gets B in full. A pair whose build failed gets the
+    full artifact."""
     choice = choose_variant(dict(runtimes), running.variant if running else None, list(options))
     v = choice.variant
     if v is None:
@@ -211,6 +213,10 @@ def plan_target(
 
     if running is None:
         return full_plan("runs no version of the model")
+    if running.variant is not None and running.variant != v.name:
+        # deltas stay within a variant lineage (v1-int8 -> v2-int8), never across variants
+        return full_plan(f"runs variant {running.variant}, gets {v.name}: no delta across "
+                         "variants")
     base = running.sha256
     if blob_problem(base) is not None:
         return full_plan(f"its base {base[:12]} is not intact in the server's store: no delta")

@@ -74,11 +74,14 @@ def add_model_version(
     variant: str = "default",
     precision: str = "fp32",
     golden: list[Path] | None = None,
+    extra_info: Mapping[str, Any] | None = None,
 ) -> Variant:
     """Register ``file`` as variant ``variant`` of model ``name`` at ``version``.
 
     ``golden``: ``.npz`` files of inputs (one array per model input) that devices warm the
     model up on and probe it with during its trial; they travel in every manifest.
+    ``extra_info``: more keys for ``Variant.info`` (``optimize`` records a made variant's
+    parent and measured figures there; ``golden`` here gives golden inputs in wire form).
 
     Order: validate names -> inspect the file (CatalogError for anything not a valid model) ->
     refuse an existing (model, version, variant) with ConflictError -> store the blob -> build
@@ -94,6 +97,8 @@ def add_model_version(
     sha, size = _store_model_file(session, blobs, file, info)
     compressed = _compressed_form(session, blobs, sha)
     artifacts, row = _new_rows(info, size, compressed, golden_inputs, variant, precision)
+    if extra_info:
+        row.info = {**row.info, **dict(extra_info)}
     try:
         with session.begin_nested():
             _add_rows(session, model, mv, name, version, artifacts, row)

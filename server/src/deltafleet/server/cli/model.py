@@ -199,3 +199,193 @@ def show(
             table.add_row("golden inputs", str(x["golden_inputs"]) if x["golden_inputs"] else
                           "none (warm-up and probes use zeros)")
             console.print(table)
+
+
+# ------------------------------------------------------------------ inspect / optimize
+
+
+@app.command("inspect")
+def inspect_cmd(
+    target: Annotated[str, typer.Argument(
+        help="A model file (ONNX or TFLite), or NAME:VERSION of a registered version.")],
+    variant: Annotated[str | None, typer.Option(
+        help="The variant of NAME:VERSION to inspect (default: 'default', or the only one).")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """What a model is, read without running it: inputs and outputs, opset and operators
+    (and which runtimes at which versions load it), parameters, size, precision and
+    quantization scheme, estimated inference memory. A registered variant made by `model
+    optimize` also shows its measured figures. Exit 2 for a file that is not a valid model."""
+    from ..catalog.inspect import inspect_model  # noqa: PLC0415
+    from ..errors import CatalogError, UsageError  # noqa: PLC0415
+
+    path = Path(target)
+    extra: dict[str, object] = {}
+    if path.is_file():
+        if variant is not None:
+            raise UsageError("--variant is for NAME:VERSION, not a file")
+        info = inspect_model(path).to_json()
+        where = str(path)
+    elif ":" in target:
+        with open_store() as store, store.read() as s:
+            mv = catalog.resolve_version(s, target)
+            by_name = {v.name: v for v in mv.variants}
+            name = variant or ("default" if "default" in by_name or len(by_name) != 1
+                               else next(iter(by_name)))
+            row = by_name.get(name)
+            if row is None:
+                raise UsageError(f"{target} has no variant {name!r} "
+                                 f"(it has {', '.join(sorted(by_name)) or 'none'})")
+            sha = row.artifact_sha256
+            extra = {k: row.info[k] for k in ("parent", "optimize") if k in (row.info or {})}
+        blob = blob_store(load_config()).path(sha)
+        if not blob.is_file():
+            raise CatalogError(f"the model file of {target} {name} ({sha[:12]}) is missing "
+                               "from the blob store")
+        info = inspect_model(blob).to_json()
+        info["variant"] = name
+        where = f"{target} variant {name}"
+    else:
+        raise UsageError(f"no such file: {target} (or give NAME:VERSION)")
+    info.update(extra)
+    if json_:
+        print_json(info)
+        return
+    _print_inspect(where, info)
+
+
+def _print_inspect(where: str, info: dict) -> None:  # type: ignore[type-arg]
+    table = Table("field", title=where, show_header=False)
+    table.add_column("value", overflow="fold")
+    table.add_row("format", info["format"])
+    table.add_row("size", f"{fmt_bytes(info['size_bytes'])} ({info['size_bytes']} bytes)")
+    table.add_row("sha256", info["sha256"])
+    for t in info["inputs"]:
+        table.add_row("input", f"{t['name']} {t['dtype']} {fmt_shape(t['shape'])}")
+    for t in info["outputs"]:
+        table.add_row("output", f"{t['name']} {t['dtype']} {fmt_shape(t['shape'])}")
+    table.add_row("params", f"{info['param_count']:,}")
+    q = info.get("quantization") or {}
+    scheme = q.get("scheme", "none")
+    detail = ", ".join(f"{k} {v}" for k, v in q.items() if k != "scheme" and v is not None)
+    table.add_row("precision", f"{info.get('precision', '-')}; quantization {scheme}"
+                  + (f" ({detail})" if detail else ""))
+    if info.get("opset"):
+        table.add_row("opset", ", ".join(f"{k} {n}" for k, n in info["opset"].items())
+                      + f"; IR {info['ir_version']}")
+    if info.get("op_versions"):
+        table.add_row("ops", ", ".join(f"{k} v{n}" for k, n in info["op_versions"].items()))
+    else:
+        table.add_row("ops", ", ".join(info["ops"]))
+    for r in info.get("runtimes", []):
+        table.add_row("loads in", f"{r['runtime']} >= {r['min_version']} ({r['why']})"
+                      if r["min_version"] else f"{r['runtime']}: {r['why']}")
+    mem = info.get("memory") or {}
+    if mem:
+        table.add_row("memory", f"~{fmt_bytes(mem['estimate_bytes'])} = weights "
+                      f"{fmt_bytes(mem['weights_bytes'])} + largest op working set "
+                      f"{fmt_bytes(mem['largest_op_working_set_bytes'])} ({mem['largest_op']}); "
+                      "batch 1, a floor")
+    if info.get("parent"):
+        table.add_row("made from", f"variant {info['parent']['variant']} "
+                      f"({info['parent']['sha256'][:12]})")
+    for label, value in _figure_rows(info.get("optimize")):
+        table.add_row(label, value)
+    console.print(table)
+
+
+def _figure_rows(fig: dict | None) -> list[tuple[str, str]]:  # type: ignore[type-arg]
+    if not fig:
+        return []
+    rows = [("size vs parent", f"{fig['size_ratio']:.3f}x ({fmt_bytes(fig['size_bytes'])} vs "
+             f"{fmt_bytes(fig['parent_size_bytes'])})"),
+            ("zstd vs parent", f"{fig['compressed_ratio']:.3f}x "
+             f"({fmt_bytes(fig['compressed_bytes'])} vs {fmt_bytes(fig['parent_compressed_bytes'])})")]
+    lat = fig["latency_ms"]
+    if lat.get("ratio") is not None:
+        rows.append(("latency vs parent", f"{lat['ratio']:.2f}x ({lat['variant']:.4g} vs "
+                     f"{lat['parent']:.4g} ms/sample, {lat['threads']} thread, "
+                     f"{lat['inputs']} inputs)"))
+    dev = fig["deviation"]
+    rows.append(("output deviation", f"max {dev['max_abs']:.4g}, mean {dev['mean_abs']:.4g}"
+                 + (f", top-1 agreement {dev['top1_agreement']:.1%}" if "top1_agreement" in dev
+                    else "")))
+    acc = fig.get("accuracy")
+    if acc:
+        rows.append(("accuracy", f"{acc['variant']:.2%} vs parent {acc['parent']:.2%} "
+                     f"(drop {acc['drop_points']:.2f} points, {acc['samples']} samples)"))
+    rows.append(("made in", f"{fig['optimize_seconds']:.1f} s on {fig['measured_on']['host']}"))
+    return rows
+
+
+@app.command("optimize")
+def optimize_cmd(
+    spec: Annotated[str, typer.Argument(help="NAME:VERSION whose variant to optimize.")],
+    int8: Annotated[bool, typer.Option("--int8", help="INT8: ONNX dynamic (static QDQ with "
+                                       "--calibration); TFLite full-integer.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 (ONNX).")] = False,
+    prune: Annotated[str | None, typer.Option(
+        help="Magnitude-prune this share of each weight tensor, e.g. 50% (ONNX).")] = None,
+    prune_mode: Annotated[str, typer.Option(
+        help="unstructured (single weights) or structured (whole output channels).")
+    ] = "unstructured",
+    variant: Annotated[str | None, typer.Option(
+        help="The parent variant (default: 'default', or the only one).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Name of the new variant (default: parent + recipe, e.g. 'int8-pruned50').")
+    ] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        help=".npz, one array per model input (first axis: samples): INT8 static "
+             "calibration; latency and deviation are measured on it.")] = None,
+    eval_: Annotated[Path | None, typer.Option(
+        "--eval", help=".npz with the model inputs and 'labels': accuracy of parent and "
+                       "variant is recorded, and gated.")] = None,
+    max_accuracy_drop: Annotated[float, typer.Option(
+        help="Refuse (exit 1, nothing registered) a variant losing more accuracy points "
+             "than this on --eval.")] = 1.0,
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Make INT8 / FP16 / pruned variants of a registered version, measure each against its
+    parent on this machine (size, zstd size, latency, output deviation, accuracy with
+    --eval) and register it beside the parent. Needs deltafleet-server[optimize]."""
+    from .. import optimize  # noqa: PLC0415
+    from ..errors import UsageError  # noqa: PLC0415
+
+    for f, what in ((calibration, "--calibration"), (eval_, "--eval")):
+        if f is not None and not f.is_file():
+            raise UsageError(f"{what}: no such file: {f}")
+    if max_accuracy_drop < 0:
+        raise UsageError("--max-accuracy-drop must be >= 0")
+    opts = optimize.OptimizeOptions(
+        optimize.recipes(int8, fp16, optimize.parse_prune(prune), prune_mode),
+        parent_variant=variant, name=name, calibration=calibration, eval=eval_,
+        max_accuracy_drop_points=max_accuracy_drop)
+    cfg = load_config()
+    blobs = blob_store(cfg)
+    with open_store(cfg) as store:
+        new_blobs: set[str] = set()
+        try:
+            with err_console.status(f"optimizing {spec}"), store.session() as s:
+                new_blobs = s.info.setdefault(catalog.NEW_BLOBS_KEY, set())
+                rows = optimize.optimize_version(s, blobs, spec, opts)
+                out = [{"variant": r.name, "format": r.format, "precision": r.precision,
+                        "sha256": r.artifact_sha256, "parent": r.info["parent"],
+                        "optimize": r.info["optimize"]} for r in rows]
+                audit(s, actor(), "model.optimize", spec, {
+                    "variants": [{"name": o["variant"], "sha256": o["sha256"]} for o in out],
+                    "parent": out[0]["parent"]["variant"] if out else None})
+        except BaseException:
+            _forget_unreferenced(store, blobs, new_blobs)
+            raise
+    if json_:
+        print_json(out)
+        return
+    for o in out:
+        fig = o["optimize"]
+        table = Table("field", title=f"added {spec} variant {o['variant']} ({o['format']}, "
+                      f"{o['precision']}) from {o['parent']['variant']}", show_header=False)
+        table.add_column("value", overflow="fold")
+        for label, value in _figure_rows(fig):
+            table.add_row(label, value)
+        console.print(table)
