@@ -32,6 +32,7 @@ from deltafleet.shared import (
 )
 
 from ..errors import CatalogError
+from .inspect_torch import IO_EXTRA_FILE, inspect_torch, is_torch_archive
 
 __all__ = ["ModelInfo", "detect_format", "golden_input", "inspect_model", "io_signature",
            "load_golden", "signature"]
@@ -69,7 +70,7 @@ _TFLITE_DTYPES = {
 class ModelInfo:
     """What the catalog knows about one model file."""
 
-    format: str  # "onnx" | "tflite"
+    format: str  # "onnx" | "tflite" | "ptl"
     size_bytes: int
     sha256: str
     inputs: tuple[TensorSpec, ...]
@@ -110,11 +111,13 @@ def _read_head(path: Path, n: int = 8) -> bytes:
 
 
 def detect_format(path: Path) -> str:
-    """ "tflite" or "onnx" by content (not by file name); CatalogError for anything else."""
+    """ "tflite", "ptl" or "onnx" by content (not by file name); CatalogError for anything else."""
     path = Path(path)
     head = _read_head(path)
     if len(head) == 8 and head[4:8] == TFLITE_FILE_IDENTIFIER:
         return "tflite"
+    if is_torch_archive(head):
+        return _inspect_ptl(path).format
     _load_onnx(path)
     return "onnx"
 
@@ -127,7 +130,23 @@ def inspect_model(path: Path) -> ModelInfo:
         raise CatalogError(f"{path.name} is empty, not a model")
     if len(head) == 8 and head[4:8] == TFLITE_FILE_IDENTIFIER:
         return _inspect_tflite(path)
+    if is_torch_archive(head):
+        return _inspect_ptl(path)
     return _inspect_onnx(path)
+
+
+def _inspect_ptl(path: Path) -> ModelInfo:
+    """A TorchScript-lite file (``inspect_torch``) as the catalog's ModelInfo; refused when it
+    declares no IO contract (the agent could not feed it)."""
+    info = inspect_torch(path)
+    if not info.io_declared:
+        raise CatalogError(f"{path.name} declares no inputs/outputs: save it with "
+                           f"_extra_files={{'{IO_EXTRA_FILE}': ...}} (see docs/agent.md)")
+    return ModelInfo(format="ptl", size_bytes=info.size_bytes, sha256=info.sha256,
+                     inputs=info.inputs, outputs=info.outputs, param_count=info.param_count,
+                     ops=info.ops, ir_version=None, opset=None,
+                     producer=f"TorchScript lite bytecode v{info.bytecode_version}",
+                     tflite_schema_version=None)
 
 
 # --------------------------------------------------------------------------------------- ONNX
