@@ -336,6 +336,7 @@ def ptl_classifier(*, seed: int = 0, size_mb: float = 0.5, input_dim: int = 64,
     layers' bytes stay the same, so a delta from v1 is small). Needs torch."""
     import torch
 
+    torch.set_num_threads(1)  # as the agent runs it; more threads only contend on a busy CI box
     torch.manual_seed(seed)
     hidden = _hidden_width(size_mb, input_dim, PTL_CLASSES)
 
@@ -356,15 +357,18 @@ def ptl_classifier(*, seed: int = 0, size_mb: float = 0.5, input_dim: int = 64,
 
     def train(params: Any, n_steps: int, lr: float) -> None:
         opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(n_steps):
+        for step in range(n_steps):  # mini-batches of 128, in order: deterministic
+            lo = step * 128 % len(xt)
+            xb, yb = xt[lo:lo + 128], yt[lo:lo + 128]
             opt.zero_grad()
-            logits = model.head(torch.relu(model.fc1(torch.relu(model.fc0(xt)))))
-            torch.nn.functional.cross_entropy(logits, yt).backward()
+            logits = model.head(torch.relu(model.fc1(torch.relu(model.fc0(xb)))))
+            torch.nn.functional.cross_entropy(logits, yb).backward()
             opt.step()
 
-    train(model.parameters(), steps, 1e-3)
-    if retrain_head:
-        train(model.head.parameters(), steps // 2, 1e-3)
+    with torch.inference_mode(False), torch.enable_grad():  # also when called under either
+        train(model.parameters(), steps, 1e-3)
+        if retrain_head:
+            train(model.head.parameters(), steps // 2, 1e-3)
     return model.eval()
 
 
