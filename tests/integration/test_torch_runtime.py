@@ -135,7 +135,8 @@ def test_a_v2_answering_nan_is_rolled_back_and_one_of_the_wrong_shape_never_serv
     # declares probs [N, 10], returns [N, 5]: its warm-up fails, v1 goes on serving
     data = roll_out(lab, "v3-shape")
     (target,) = data["targets"]
-    assert target["state"] in ("failed", "held") and "shape" in (target["reason"] or ""), target
+    # the device failed it (the rollout holds it for a retry)
+    assert target["reason"].startswith("failed: output 'probs' has shape (1, 5)"), target
     assert client.predict("detector", np.zeros((1, 64), np.float32)).version == "v1"
 
     # answers zeros (its warm-up) but NaN on live negative inputs: the trial rolls it back
@@ -159,8 +160,7 @@ def test_a_v2_answering_nan_is_rolled_back_and_one_of_the_wrong_shape_never_serv
         stop.set()
         worker.join(10)
     (target,) = data["targets"]
-    assert target["state"] in ("rolled_back", "failed", "held"), target
-    assert "error rate" in (target["reason"] or ""), target
+    assert target["reason"].startswith("rolled_back: error rate"), target
     assert errors and any("NaN" in e for e in errors), errors[:3]
     assert procs.agent_status("phone-1")[0]["sha256"] == v1_sha
     assert client.predict("detector", np.full((1, 64), -1.0, np.float32)).version == "v1"
