@@ -14,6 +14,7 @@ Usage::
     python -m tests.harness.modelgen onnx OUT.onnx --size-mb 3 --seed 1 [--retrain-last-layer]
     python -m tests.harness.modelgen onnx-pair OUT_DIR --size-mb 3 --seed 1
     python -m tests.harness.modelgen tflite OUT.tflite --seed 1 [--retrain]
+    python -m tests.harness.modelgen ptl-pair OUT_DIR --size-mb 0.5 --seed 1
 """
 
 from __future__ import annotations
@@ -394,8 +395,8 @@ def make_ptl_model(path: Path | str, *, seed: int = 0, size_mb: float = 0.5,
     ``misbehave``: ``"nan_on_negative"`` answers NaN for any input row with a negative value
     (all-zero warm-up inputs pass; live traffic fails), ``"wrong_shape"`` returns 5 columns
     where it declares 10. ``optimize_for_mobile`` is not applied: this CPU build of torch has
-    no XNNPACK and refuses it. Files are not byte-identical across runs: torch writes a random
-    half into ``.data/serialization_id``.
+    no XNNPACK and refuses it. The same arguments and output path give the same bytes
+    (``torch.manual_seed(seed)`` also seeds the random half of ``.data/serialization_id``).
     """
     import warnings
 
@@ -463,6 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--size-mb", type=float, default=3.0, help="approximate weight size in MiB")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("ptl-pair", help="model-v1.ptl and model-v2.ptl: trained PyTorch Mobile "
+                       "classifiers, v2's head trained further (needs torch)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--size-mb", type=float, default=0.5, help="approximate weight size in MiB")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("tflite", help="one TFLite FULLY_CONNECTED model")
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -485,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
     elif args.kind == "onnx-pair":
         paths = list(make_onnx_pair(args.out_dir, size_mb=args.size_mb, seed=args.seed))
+    elif args.kind == "ptl-pair":
+        paths = list(make_ptl_pair(args.out_dir, size_mb=args.size_mb, seed=args.seed))
     else:
         paths = [
             make_tflite_model(

@@ -38,9 +38,10 @@ def ptl_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def phone(rollout_lab, ptl_models: dict[str, Path], tmp_path: Path) -> Iterator[tuple]:
+def phone(request, rollout_lab, ptl_models: dict[str, Path], tmp_path: Path) -> Iterator[tuple]:
     """A RolloutLab whose catalog holds every .ptl version, and one real agent (group
-    "phones") on its topics, serving its API on its own port."""
+    "phones") on its topics, serving its API on its own port; its swap mode is the test's
+    indirect parameter (default "auto": warm here)."""
     from tests.harness.fleetlab import Lab, free_port
 
     lab = rollout_lab({"v1": ptl_models["v1"], "v2": ptl_models["v2"]})
@@ -51,7 +52,8 @@ def phone(rollout_lab, ptl_models: dict[str, Path], tmp_path: Path) -> Iterator[
     procs.env.update(FLEET_HOME=str(lab.cfg.home), FLEET_TOPIC_PREFIX=lab.cfg.topic_prefix)
     port = free_port()
     procs.start_agent("phone-1", {"hw": "phone"}, trusted_key=lab.cfg.public_key_path,
-                      extra_env={"FLEET_AGENT_API_PORT": str(port)})
+                      extra_env={"FLEET_AGENT_API_PORT": str(port),
+                                 "FLEET_AGENT_SWAP_MODE": getattr(request, "param", "auto")})
     lab.wait_for(lambda: "phone-1" in lab.known_devices(), 30, "the agent registered")
     lab.group("phones", hw="phone")
     try:
@@ -126,6 +128,7 @@ def test_the_agent_serves_v1_then_hot_swaps_v2_delivered_as_a_delta_under_traffi
                                reference_probs(x, retrain_head=True), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("phone", ["cold"], indirect=True)  # rollback reloads v1 from disk
 def test_a_v2_answering_nan_is_rolled_back_and_one_of_the_wrong_shape_never_serves(phone,
                                                                                    ptl_models):
     lab, procs, client = phone
@@ -164,3 +167,4 @@ def test_a_v2_answering_nan_is_rolled_back_and_one_of_the_wrong_shape_never_serv
     assert errors and any("NaN" in e for e in errors), errors[:3]
     assert procs.agent_status("phone-1")[0]["sha256"] == v1_sha
     assert client.predict("detector", np.full((1, 64), -1.0, np.float32)).version == "v1"
+    assert "cold swap of detector" in procs.log("agent-phone-1")
