@@ -32,7 +32,7 @@ from deltafleet.shared import (
 )
 
 from ..errors import CatalogError
-from .inspect_torch import IO_EXTRA_FILE, inspect_torch, is_torch_archive
+from .inspect_torch import inspect_ptl, is_torch_archive
 
 __all__ = ["ModelInfo", "detect_format", "golden_input", "inspect_model", "io_signature",
            "load_golden", "signature"]
@@ -136,17 +136,9 @@ def inspect_model(path: Path) -> ModelInfo:
 
 
 def _inspect_ptl(path: Path) -> ModelInfo:
-    """A TorchScript-lite file (``inspect_torch``) as the catalog's ModelInfo; refused when it
-    declares no IO contract (the agent could not feed it)."""
-    info = inspect_torch(path)
-    if not info.io_declared:
-        raise CatalogError(f"{path.name} declares no inputs/outputs: save it with "
-                           f"_extra_files={{'{IO_EXTRA_FILE}': ...}} (see docs/agent.md)")
-    return ModelInfo(format="ptl", size_bytes=info.size_bytes, sha256=info.sha256,
-                     inputs=info.inputs, outputs=info.outputs, param_count=info.param_count,
-                     ops=info.ops, ir_version=None, opset=None,
-                     producer=f"TorchScript lite bytecode v{info.bytecode_version}",
-                     tflite_schema_version=None)
+    """A TorchScript-lite file (``inspect_torch.inspect_ptl``)."""
+    info: ModelInfo = inspect_ptl(path)
+    return info
 
 
 # --------------------------------------------------------------------------------------- ONNX

@@ -32,7 +32,7 @@ from deltafleet.shared import TensorSpec, WireError, one_line, sha256_file
 
 from ..errors import CatalogError
 
-__all__ = ["IO_EXTRA_FILE", "TorchModelInfo", "inspect_torch", "is_torch_archive"]
+__all__ = ["IO_EXTRA_FILE", "TorchModelInfo", "inspect_ptl", "inspect_torch", "is_torch_archive"]
 
 IO_EXTRA_FILE = "deltafleet_io.json"  # the agent's runtime_torch.IO_EXTRA_FILE
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
@@ -90,6 +90,39 @@ class TorchModelInfo:
 def is_torch_archive(head: bytes) -> bool:
     """Whether the first bytes of a file can start a ``.ptl`` (a zip archive)."""
     return head[:4] == ZIP_MAGIC
+
+
+def inspect_ptl(path: Path) -> Any:
+    """A ``.ptl`` file as the catalog's ``inspect.ModelInfo`` (the catalog's inspector for
+    format "ptl"); refused when it declares no IO contract, since no agent could feed it.
+    Fills the ModelInfo fields this catalog version has (precision, quantization, runtimes,
+    memory where present)."""
+    import dataclasses
+
+    from .inspect import ModelInfo
+
+    info = inspect_torch(path)
+    if not info.io_declared:
+        raise CatalogError(f"{Path(path).name} declares no inputs/outputs: save it with "
+                           f"_extra_files={{'{IO_EXTRA_FILE}': ...}} (see docs/agent.md)")
+    quantized = any(d.startswith(("qint", "quint")) for d in info.bytes_by_dtype)
+    extra: dict[str, Any] = {
+        "precision": info.precision or "fp32",
+        "quantization": {"scheme": "static" if quantized else "none",
+                         "weight_dtypes": sorted(info.bytes_by_dtype)},
+        "runtimes": ({"runtime": "torch", "format": "ptl", "min_version": None,
+                      "why": f"TorchScript lite bytecode v{info.bytecode_version}: torch's "
+                             "lite interpreter reads bytecode up to its own version"},),
+        "memory": {"weights_bytes": info.weight_bytes, "estimate_bytes": info.weight_bytes,
+                   "method": "stored tensor bytes; torch's runtime and activations come on top"},
+    }
+    known = {f.name for f in dataclasses.fields(ModelInfo)}
+    return ModelInfo(format="ptl", size_bytes=info.size_bytes, sha256=info.sha256,
+                     inputs=info.inputs, outputs=info.outputs, param_count=info.param_count,
+                     ops=info.ops, ir_version=None, opset=None,
+                     producer=f"TorchScript lite bytecode v{info.bytecode_version}",
+                     tflite_schema_version=None,
+                     **{k: v for k, v in extra.items() if k in known})
 
 
 def inspect_torch(path: Path) -> TorchModelInfo:
