@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -106,6 +107,7 @@ def inspect_ptl(path: Path) -> Any:
         raise CatalogError(f"{Path(path).name} declares no inputs/outputs: save it with "
                            f"_extra_files={{'{IO_EXTRA_FILE}': ...}} (see docs/agent.md)")
     quantized = any(d.startswith(("qint", "quint")) for d in info.bytes_by_dtype)
+    io_bytes = sum(_batch1_bytes(t) for t in (*info.inputs, *info.outputs))
     extra: dict[str, Any] = {
         "precision": info.precision or "fp32",
         "quantization": {"scheme": "static" if quantized else "none",
@@ -113,8 +115,12 @@ def inspect_ptl(path: Path) -> Any:
         "runtimes": ({"runtime": "torch", "format": "ptl", "min_version": None,
                       "why": f"TorchScript lite bytecode v{info.bytecode_version}: torch's "
                              "lite interpreter reads bytecode up to its own version"},),
-        "memory": {"weights_bytes": info.weight_bytes, "estimate_bytes": info.weight_bytes,
-                   "method": "stored tensor bytes; torch's runtime and activations come on top"},
+        "memory": {"weights_bytes": info.weight_bytes, "largest_op_working_set_bytes": io_bytes,
+                   "largest_op": "model inputs + outputs",
+                   "estimate_bytes": info.weight_bytes + io_bytes,
+                   "method": "stored tensor bytes + the model's inputs and outputs at batch 1 "
+                             "(TorchScript bytecode gives no intermediate shapes); a floor: "
+                             "torch's runtime and activations come on top"},
     }
     known = {f.name for f in dataclasses.fields(ModelInfo)}
     return ModelInfo(format="ptl", size_bytes=info.size_bytes, sha256=info.sha256,
@@ -123,6 +129,11 @@ def inspect_ptl(path: Path) -> Any:
                      producer=f"TorchScript lite bytecode v{info.bytecode_version}",
                      tflite_schema_version=None,
                      **{k: v for k, v in extra.items() if k in known})
+
+
+def _batch1_bytes(spec: TensorSpec) -> int:
+    width = next((w for d, w in _STORAGE_DTYPES.values() if d == spec.dtype), 4)
+    return width * math.prod(d if isinstance(d, int) and d > 0 else 1 for d in spec.shape)
 
 
 def inspect_torch(path: Path) -> TorchModelInfo:
