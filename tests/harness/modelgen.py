@@ -1,4 +1,5 @@
-"""Generate small, valid, deterministic ONNX and TFLite models for tests, demos and benchmarks.
+"""Generate small, valid, deterministic ONNX and TFLite models for tests, demos and benchmarks,
+and trained PyTorch Mobile (``.ptl``) classifiers (those need torch: the agent's torch extra).
 
 Nothing is downloaded and no training framework is needed: ONNX models are built with
 ``onnx.helper`` and TFLite models with the ``tflite`` package's generated flatbuffer builders.
@@ -13,6 +14,7 @@ Usage::
     python -m tests.harness.modelgen onnx OUT.onnx --size-mb 3 --seed 1 [--retrain-last-layer]
     python -m tests.harness.modelgen onnx-pair OUT_DIR --size-mb 3 --seed 1
     python -m tests.harness.modelgen tflite OUT.tflite --seed 1 [--retrain]
+    python -m tests.harness.modelgen ptl-pair OUT_DIR --size-mb 0.5 --seed 1
     python -m tests.harness.modelgen digits OUT_DIR --seed 0     # trained on sklearn's digits
     python -m tests.harness.modelgen resnet50 OUT.onnx --seed 0  # ResNet-50-shaped, ~100 MB
 
@@ -630,6 +632,142 @@ def make_resnet50_onnx(path: Path | str, *, seed: int = 0, num_classes: int = 10
     return path
 
 
+# -- PyTorch Mobile (TorchScript lite, .ptl) -------------------------------------------------
+
+PTL_CLASSES = 10
+
+
+def ptl_dataset(*, seed: int = 0, n: int = 2048, input_dim: int = 64,
+                classes: int = PTL_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled classification set (gaussian clusters around random centres), made from the
+    seed alone: ``x [n, input_dim] float32``, ``y [n] int64``. The same seed gives the same set."""
+    rng = np.random.default_rng([seed, 7])
+    centres = rng.standard_normal((classes, input_dim)).astype(np.float32)
+    y = rng.integers(0, classes, n)
+    x = centres[y] + rng.standard_normal((n, input_dim)).astype(np.float32) * 1.5
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def ptl_classifier(*, seed: int = 0, size_mb: float = 0.5, input_dim: int = 64,
+                   retrain_head: bool = False, steps: int = 60) -> Any:
+    """A trained torch MLP classifier ``input [N, input_dim] -> probs [N, 10]`` (softmax) of
+    about ``size_mb`` MiB of float32 weights, trained on the first 3/4 of ``ptl_dataset``.
+    ``retrain_head``: then its last layer alone trained further (a fine-tuned head: the other
+    layers' bytes stay the same, so a delta from v1 is small). Needs torch."""
+    import torch
+
+    torch.set_num_threads(1)  # as the agent runs it; more threads only contend on a busy CI box
+    torch.manual_seed(seed)
+    hidden = _hidden_width(size_mb, input_dim, PTL_CLASSES)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc0 = torch.nn.Linear(input_dim, hidden)
+            self.fc1 = torch.nn.Linear(hidden, hidden)
+            self.head = torch.nn.Linear(hidden, PTL_CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc1(torch.relu(self.fc0(x))))
+            return torch.softmax(self.head(h), dim=-1)
+
+    x, y = ptl_dataset(seed=seed, input_dim=input_dim)
+    xt, yt = torch.from_numpy(x[: len(x) * 3 // 4]), torch.from_numpy(y[: len(y) * 3 // 4])
+    model = Classifier()
+
+    def train(params: Any, n_steps: int, lr: float) -> None:
+        opt = torch.optim.Adam(params, lr=lr)
+        for step in range(n_steps):  # mini-batches of 128, in order: deterministic
+            lo = step * 128 % len(xt)
+            xb, yb = xt[lo:lo + 128], yt[lo:lo + 128]
+            opt.zero_grad()
+            logits = model.head(torch.relu(model.fc1(torch.relu(model.fc0(xb)))))
+            torch.nn.functional.cross_entropy(logits, yb).backward()
+            opt.step()
+
+    with torch.inference_mode(False), torch.enable_grad():  # also when called under either
+        train(model.parameters(), steps, 1e-3)
+        if retrain_head:
+            train(model.head.parameters(), steps // 2, 1e-3)
+    return model.eval()
+
+
+def ptl_accuracy(model: Any, *, seed: int = 0, input_dim: int = 64) -> float:
+    """Top-1 accuracy of a ``ptl_classifier`` (or anything that maps x to probs) on the held-out
+    last quarter of ``ptl_dataset``."""
+    import torch
+
+    x, y = ptl_dataset(seed=seed, input_dim=input_dim)
+    xv, yv = x[len(x) * 3 // 4:], y[len(y) * 3 // 4:]
+    with torch.inference_mode():
+        probs = np.asarray(model(torch.from_numpy(xv)))
+    return float((probs.argmax(axis=1) == yv).mean())
+
+
+def make_ptl_model(path: Path | str, *, seed: int = 0, size_mb: float = 0.5,
+                   input_dim: int = 64, retrain_head: bool = False,
+                   misbehave: str | None = None) -> Path:
+    """Write a trained ``ptl_classifier`` as a TorchScript-lite file (``torch.jit.script`` +
+    ``_save_for_lite_interpreter``) with its IO contract as the agent reads it
+    (``input [N, input_dim] float32 -> probs [N, 10] float32``). Needs torch.
+
+    ``misbehave``: ``"nan_on_negative"`` answers NaN for any input row with a negative value
+    (all-zero warm-up inputs pass; live traffic fails), ``"wrong_shape"`` returns 5 columns
+    where it declares 10. ``optimize_for_mobile`` is not applied: this CPU build of torch has
+    no XNNPACK and refuses it. The same arguments and output path give the same bytes
+    (``torch.manual_seed(seed)`` also seeds the random half of ``.data/serialization_id``).
+    """
+    import warnings
+
+    import torch
+
+    from deltafleet.agent.runtime_torch import io_extra_files
+    from deltafleet.shared import TensorSpec
+
+    net = ptl_classifier(seed=seed, size_mb=size_mb, input_dim=input_dim,
+                         retrain_head=retrain_head)
+
+    class NanOnNegative(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p = self.net(x)
+            bad = (x < 0).any(dim=1, keepdim=True)
+            return torch.where(bad, torch.full_like(p, float("nan")), p)
+
+    class WrongShape(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)[:, :5]
+
+    wrappers = {None: lambda: net, "nan_on_negative": NanOnNegative, "wrong_shape": WrongShape}
+    if misbehave not in wrappers:
+        raise ValueError(f"misbehave must be one of {sorted(k for k in wrappers if k)} or None")
+    module = wrappers[misbehave]().eval()
+    extra = io_extra_files([TensorSpec("input", "float32", (None, input_dim))],
+                           [TensorSpec("probs", "float32", (None, PTL_CLASSES))])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # jit.script, lite interpreter
+        torch.jit.script(module)._save_for_lite_interpreter(str(path), _extra_files=extra)
+    return path
+
+
+def make_ptl_pair(directory: Path | str, *, size_mb: float = 0.5,
+                  seed: int = 0) -> tuple[Path, Path]:
+    """Write ``model-v1.ptl`` and ``model-v2.ptl`` (v2 = v1 with its head trained further)."""
+    directory = Path(directory)
+    return (make_ptl_model(directory / "model-v1.ptl", seed=seed, size_mb=size_mb),
+            make_ptl_model(directory / "model-v2.ptl", seed=seed, size_mb=size_mb,
+                           retrain_head=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -644,6 +782,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("onnx-pair", help="model-v1.onnx and model-v2.onnx (last layer retrained)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--size-mb", type=float, default=3.0, help="approximate weight size in MiB")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("ptl-pair", help="model-v1.ptl and model-v2.ptl: trained PyTorch Mobile "
+                       "classifiers, v2's head trained further (needs torch)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--size-mb", type=float, default=0.5, help="approximate weight size in MiB")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("tflite", help="one TFLite FULLY_CONNECTED model")
     p.add_argument("out", type=Path)
@@ -683,6 +826,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = [make_resnet50_onnx(args.out, seed=args.seed)]
     elif args.kind == "onnx-pair":
         paths = list(make_onnx_pair(args.out_dir, size_mb=args.size_mb, seed=args.seed))
+    elif args.kind == "ptl-pair":
+        paths = list(make_ptl_pair(args.out_dir, size_mb=args.size_mb, seed=args.seed))
     else:
         paths = [
             make_tflite_model(

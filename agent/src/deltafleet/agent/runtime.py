@@ -1,4 +1,5 @@
-"""Inference runtime adapters: ONNX Runtime and LiteRT / tflite-runtime behind one interface.
+"""Inference runtime adapters: ONNX Runtime, LiteRT / tflite-runtime and PyTorch Mobile
+(``runtime_torch``) behind one interface.
 
 Runtimes are optional extras of the agent, so every runtime module is imported lazily, inside
 the adapter that needs it: ``import deltafleet.agent.runtime`` works on a device that has none
@@ -6,7 +7,8 @@ of them. Every failure of a runtime (missing package, corrupt model, bad feed, n
 output) surfaces as a one-line :class:`ModelRuntimeError`; the foreign exception is chained.
 
 Runtime names used throughout the agent (device profile, ``prefer=``):
-``onnxruntime`` (format ``onnx``), ``litert`` and ``tflite-runtime`` (format ``tflite``).
+``onnxruntime`` (format ``onnx``), ``litert`` and ``tflite-runtime`` (format ``tflite``),
+``torch`` (format ``ptl``: TorchScript-lite in torch's lite interpreter).
 
 A model's inputs and outputs are :class:`deltafleet.shared.TensorSpec` with numpy dtype names
 and every dynamic dimension as None, so ``LoadedModel.signature`` compares directly with the
@@ -42,7 +44,7 @@ __all__ = [
     "zero_feeds",
 ]
 
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "ptl")
 # Runtime name -> (format, distributions that provide it, top-level module, extra to install).
 _RUNTIME_TABLE: dict[str, tuple[str, tuple[str, ...], str, str]] = {
     "onnxruntime": (
@@ -53,11 +55,13 @@ _RUNTIME_TABLE: dict[str, tuple[str, tuple[str, ...], str, str]] = {
     ),
     "litert": ("tflite", ("ai-edge-litert", "ai-edge-litert-nightly"), "ai_edge_litert", "litert"),
     "tflite-runtime": ("tflite", ("tflite-runtime",), "tflite_runtime", "tflite"),
+    "torch": ("ptl", ("torch",), "torch", "torch"),
 }
 RUNTIMES = tuple(_RUNTIME_TABLE)
 # Preference order per format: the first installed runtime wins.
-_PREFERENCE = {"onnx": ("onnxruntime",), "tflite": ("litert", "tflite-runtime")}
-_INSTALL_HINT = {"onnx": "onnxruntime", "tflite": "litert"}
+_PREFERENCE = {"onnx": ("onnxruntime",), "tflite": ("litert", "tflite-runtime"),
+               "ptl": ("torch",)}
+_INSTALL_HINT = {"onnx": "onnxruntime", "tflite": "litert", "ptl": "torch"}
 
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -282,7 +286,8 @@ def available_runtimes() -> dict[str, str]:
 
 
 def load_model(path: Path, fmt: str, *, prefer: str | None = None) -> LoadedModel:
-    """Load ``path`` as ``fmt`` ("onnx" or "tflite") in the first installed runtime for it.
+    """Load ``path`` as ``fmt`` ("onnx", "tflite" or "ptl") in the first installed runtime
+    for it.
 
     ``prefer`` names one runtime to use instead of the default order (LiteRT before
     tflite-runtime); it is then required, not a hint.
@@ -300,6 +305,10 @@ def load_model(path: Path, fmt: str, *, prefer: str | None = None) -> LoadedMode
         raise ModelRuntimeError(f"model file {path} does not exist")
     if fmt == "onnx":
         return OnnxRuntimeModel(path)
+    if fmt == "ptl":
+        from .runtime_torch import TorchLiteModel
+
+        return TorchLiteModel(path)
     if prefer is not None:
         return TFLiteModel(path, prefer)
     for runtime in _PREFERENCE["tflite"]:

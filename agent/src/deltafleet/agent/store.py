@@ -5,7 +5,7 @@ Layout under ``state_dir``::
     state.json                  current and previous model per name, last serial (per model
                                 and device-wide), failed ids, refused artifacts and the
                                 decodes started per artifact (see ``refuse_artifact``)
-    models/<sha256>.<onnx|tflite>   content-addressed, verified model files (current + previous)
+    models/<sha256>.<onnx|tflite|ptl>   content-addressed, verified model files (current + previous)
     downloads/<artifact sha256>/<index>   verified chunks of an artifact being fetched
 
 ``state.json`` is only ever replaced atomically (temp + fsync + rename + fsync dir), so after a
@@ -22,7 +22,7 @@ from typing import Any
 
 from deltafleet.shared import ModelState, atomic_write_bytes, atomic_write_json
 
-EXTENSIONS = {"onnx": "onnx", "tflite": "tflite"}
+EXTENSIONS = {"onnx": "onnx", "tflite": "tflite", "ptl": "ptl"}
 MAX_REFUSED = 32
 
 

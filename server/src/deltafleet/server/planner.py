@@ -22,6 +22,7 @@ DELTA_MIN_SAVING = 0.10
 FORMAT_RUNTIMES = {
     "onnx": ("onnxruntime",),
     "tflite": ("litert", "tflite-runtime", "tensorflow"),
+    "ptl": ("torch",),
 }
 
 

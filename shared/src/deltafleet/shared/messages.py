@@ -28,7 +28,7 @@ from .topics import check_device_id
 
 WIRE_VERSION = 1
 MAX_CHUNK_SIZE_BYTES = 1 << 20
-MODEL_FORMATS = ("onnx", "tflite")
+MODEL_FORMATS = ("onnx", "tflite", "ptl")
 ARTIFACT_KINDS = ("full", "delta")
 
 
@@ -121,7 +121,7 @@ class Manifest:
     model: str
     version: str
     variant: str
-    format: str  # "onnx" | "tflite"
+    format: str  # "onnx" | "tflite" | "ptl"
     target_sha256: str
     target_size_bytes: int
     base_sha256: str | None
