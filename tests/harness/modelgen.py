@@ -438,6 +438,38 @@ def make_digits_onnx(path: Path | str, model: DigitsModel, *, opset: int = 17,
     return path
 
 
+def make_digits_ptl(path: Path | str, model: DigitsModel) -> Path:
+    """The digits model as PyTorch Mobile (TorchScript lite): ``input`` float32 [N, 64] ->
+    ``logits`` float32 [N, 10], the same weights and IO as ``make_digits_onnx``. Needs torch."""
+    import warnings
+
+    import torch
+
+    from deltafleet.agent.runtime_torch import io_extra_files
+    from deltafleet.shared import TensorSpec
+
+    torch.manual_seed(0)  # the archive's serialization id: same model, same bytes
+    layers = []
+    for i, (w, b) in enumerate(model.layers):
+        fc = torch.nn.Linear(w.shape[0], w.shape[1])
+        with torch.no_grad():
+            fc.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
+            fc.bias.copy_(torch.from_numpy(b))
+        layers.append(fc)
+        if i < len(model.layers) - 1:
+            layers.append(torch.nn.ReLU())
+    net = torch.nn.Sequential(*layers).eval()
+    n_in, n_out = model.layers[0][0].shape[0], model.layers[-1][0].shape[1]
+    extra = io_extra_files([TensorSpec("input", "float32", (None, n_in))],
+                           [TensorSpec("logits", "float32", (None, n_out))])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(net)._save_for_lite_interpreter(str(path), _extra_files=extra)
+    return path
+
+
 def make_digits_tflite(path: Path | str, model: DigitsModel) -> Path:
     """The digits model as TFLite: FULLY_CONNECTED layers (fused ReLU between them),
     ``input`` float32 [1, 64] -> ``logits`` float32 [1, 10]."""

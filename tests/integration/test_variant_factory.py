@@ -1,8 +1,9 @@
 """The variant factory on a real trained model (an MLP trained on scikit-learn's digits):
 `fleetctl model inspect` checked against what ONNX Runtime and LiteRT report, `model optimize`
 registering INT8 variants whose recorded accuracy a recomputation matches, the accuracy gate
-refusing a broken INT8, and a mixed fleet (onnxruntime and litert devices) each getting a
-variant its runtime loads, with deltas only along a variant lineage."""
+refusing a broken INT8, and a mixed fleet (onnxruntime, litert, tflite-runtime and PyTorch
+Mobile devices) each getting a variant its runtime loads, with deltas only along a variant
+lineage."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tests.harness.cli import assert_one_line_error, fleetctl
 from tests.harness.modelgen import (
     DigitsModel,
     make_digits_onnx,
+    make_digits_ptl,
     make_digits_tflite,
     retrain_digits_head,
     save_digits_npz,
@@ -41,6 +43,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | DigitsM
             "tflite": make_digits_tflite(root / "v1.tflite", v1),
             "onnx2": make_digits_onnx(root / "v2.onnx", v2, version=2),
             "tflite2": make_digits_tflite(root / "v2.tflite", v2),
+            "ptl": make_digits_ptl(root / "v1.ptl", v1), "ptl2": make_digits_ptl(root / "v2.ptl", v2),
             **save_digits_npz(root, v1)}
 
 
@@ -205,10 +208,15 @@ def test_fp16_and_pruned_variants_record_their_figures(registered):
 # -- variants end to end --------------------------------------------------------------------
 
 
-def _add_variants(lab, digits, version: str, onnx_key: str, tflite_key: str) -> None:
+def _add_variants(lab, digits, version: str, onnx_key: str, tflite_key: str,
+                  ptl_key: str | None = None) -> None:
     with lab.store.session() as s:
         catalog.add_model_version(s, lab.blobs, "detector", version, digits[tflite_key],
                                   variant="tflite")
+    if ptl_key is not None:
+        with lab.store.session() as s:
+            catalog.add_model_version(s, lab.blobs, "detector", version, digits[ptl_key],
+                                      variant="mobile")
     with lab.store.session() as s:
         optimize.optimize_version(s, lab.blobs, f"detector:{version}",
                                   optimize.OptimizeOptions(optimize.recipes(True, False, None)))
@@ -224,6 +232,12 @@ def _variant_files(lab, version: str) -> dict[str, bytes]:
 
 
 def _loads(data: bytes, runtimes: dict[str, str], tmp: Path) -> np.ndarray:
+    if "torch" in runtimes:  # the agent's own PyTorch Mobile adapter, on the lite interpreter
+        from deltafleet.agent.runtime_torch import TorchLiteModel
+
+        path = tmp / "m.ptl"
+        path.write_bytes(data)
+        return TorchLiteModel(path).run({"input": np.zeros((1, 64), np.float32)})["logits"]
     if "onnxruntime" in runtimes:
         return ort.InferenceSession(data).run(None, {"input": np.zeros((1, 64), np.float32)})[0]
     path = tmp / "m.tflite"
@@ -239,17 +253,18 @@ def _loads(data: bytes, runtimes: dict[str, str], tmp: Path) -> np.ndarray:
 def test_mixed_fleet_gets_loadable_variants_and_deltas_stay_in_their_lineage(
         rollout_lab, digits, tmp_path):
     lab = rollout_lab({"v1": digits["onnx"], "v2": digits["onnx2"]}, start=False)
-    _add_variants(lab, digits, "v1", "onnx", "tflite")
-    _add_variants(lab, digits, "v2", "onnx2", "tflite2")
+    _add_variants(lab, digits, "v1", "onnx", "tflite", "ptl")
+    _add_variants(lab, digits, "v2", "onnx2", "tflite2", "ptl2")
     v1, v2 = _variant_files(lab, "v1"), _variant_files(lab, "v2")
-    assert set(v2) == {"default", "int8", "tflite", "tflite-int8"}
+    assert set(v2) == {"default", "int8", "tflite", "tflite-int8", "mobile"}
     lab.start_server()
     # (device, runtimes, the v1 variant it runs) -> the v2 variant it must end on
     fleet = [("gw-fp32", {"onnxruntime": "1.20"}, "default", "default"),
              ("pi-int8", {"onnxruntime": "1.17"}, "int8", "int8"),
              ("mcu-int8", {"litert": "1.2"}, "tflite-int8", "tflite-int8"),
              ("mcu-tflr", {"tflite-runtime": "2.14"}, "tflite-int8", "tflite-int8"),
-             ("app-new", {"litert": "1.2"}, None, "tflite")]
+             ("app-new", {"litert": "1.2"}, None, "tflite"),
+             ("app-torch", {"torch": "2.13"}, "mobile", "mobile")]
     for device_id, runtimes, runs, _ in fleet:
         models = {"detector": lab.Installed("v1", v1[runs], variant=runs)} if runs else {}
         dev = lab.fleet.add(device_id, {"fleet": "mixed"}, models)
