@@ -39,7 +39,7 @@ app = typer.Typer(no_args_is_help=True, help="Model versions and their variants.
 def add(
     name: Annotated[str, typer.Argument(help="Model name (lowercase, e.g. 'detector').")],
     version: Annotated[str, typer.Argument(help="Version label, e.g. 'v2' or '1.4.0'.")],
-    file: Annotated[Path, typer.Argument(help="ONNX or TFLite model file.")],
+    file: Annotated[Path, typer.Argument(help="ONNX, TFLite or PyTorch Mobile (.ptl) model file.")],
     variant: Annotated[
         str, typer.Option(help="Variant name, for another file of the same version "
                           "(e.g. 'tflite-int8').")
