@@ -26,7 +26,6 @@ from deltafleet.shared import DeltafleetError, one_line
 from .config import load_config, parse_labels
 from .errors import ConfigError
 
-
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
