@@ -150,7 +150,7 @@ def load_trusted_key(path: Path) -> Ed25519PublicKey:
     except OSError as e:
         raise refuse(f"cannot be read ({e.strerror or e})") from e
     if len(pem) > MAX_KEY_FILE_BYTES:
-        raise refuse(f"is larger than {MAX_KEY_FILE_BYTES >> 10} KiB, not a key file")
+        raise refuse(f"is larger than {MAX_KEY_FILE_BYTES >> 10} KiB")
     if b"PRIVATE KEY-----" in pem:
         raise refuse("is a private key (never copy it to a device)")
     if b"-----BEGIN PUBLIC KEY-----" not in pem:

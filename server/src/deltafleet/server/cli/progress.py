@@ -293,7 +293,7 @@ class Steps:
             beats = int((time.monotonic() - started) // self.heartbeat_s)
             seen = printed[2] if printed[:2] == (label, started) else 0
             if beats > seen:
-                self._write(f"{self.what}: still {label}, {beats * self.heartbeat_s:.0f} s")
+                self._write(f"{self.what}: still {label}, {beats * self.heartbeat_s:g} s")
                 printed = (label, started, beats)
 
 

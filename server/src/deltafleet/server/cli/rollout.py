@@ -174,7 +174,7 @@ def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> No
             time.sleep(0.5)
         return
     followed = progress.follow(fetch, until=ended, timeout_s=timeout_s, transient=True,
-                               tty=live)
+                               tty=live, interval_s=1.0 if live else 0.5)
     if followed.timed_out:
         console.print(f"timed out after {timeout_s:.0f} s; the rollout goes on "
                       f"(`fleetctl rollout status {rollout_id} --watch`)")
