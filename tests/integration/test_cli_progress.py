@@ -295,3 +295,20 @@ def test_make_demo_with_a_wrong_agent_key_fails_with_one_line(tmp_path: Path, br
     assert res.stderr.startswith('demo failed at step "start 3 agents": agent '), res.stderr
     assert f"trusted key {garbage}: is not a PEM public key" in res.stderr
     assert "Traceback" not in res.stdout + res.stderr
+
+
+def test_rollout_status_watch_stops_quietly_when_the_reader_leaves(lab) -> None:
+    """``fleetctl rollout status ID --watch | head -1``: no traceback when the pipe closes."""
+    lab.add_devices(2, {"hw": "jetson"})
+    lab.group("jetson", hw="jetson")
+    lab.stop_server()
+    rid = lab.rollout("v2", "jetson", health_window_s=1, state_timeout_s=60)
+    proc = subprocess.Popen([str(BIN / "fleetctl"), "rollout", "status", str(rid), "--watch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_of(lab), stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert LINE.match(proc.stdout.readline().strip())
+    proc.stdout.close()  # like `head -1` exiting
+    lab.start_server()  # the next change is written to a closed pipe
+    assert proc.wait(120) == 0
+    assert proc.stderr.read() == ""

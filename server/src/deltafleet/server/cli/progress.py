@@ -20,6 +20,7 @@ The functions that build lines and views (``rollout_line``, ``rollout_view``, ``
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -155,8 +156,12 @@ def follow(fetch: Callable[[], dict[str, Any]], *, until: Callable[[dict[str, An
         while True:
             line = rollout_line(data)
             if line != last:
-                stream.write(f"{clock()} {line}\n")
-                stream.flush()
+                try:
+                    stream.write(f"{clock()} {line}\n")
+                    stream.flush()
+                except BrokenPipeError:  # the reader left (`| head`): stop quietly
+                    _discard(stream)
+                    return Followed(data, False)
                 last = line
             ended = finished()
             if ended is not None:
@@ -181,6 +186,16 @@ def follow(fetch: Callable[[], dict[str, Any]], *, until: Callable[[dict[str, An
             time.sleep(interval_s)
             data = fetch()
             live.update(render())
+
+
+def _discard(stream: TextIO) -> None:
+    """Point ``stream``'s file at /dev/null, so nothing more (nor the flush at exit) fails."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 # -- local jobs ----------------------------------------------------------------------------
