@@ -6,25 +6,82 @@ v1 to the whole fleet (full artifact: the model zstd-compressed), then v2 (last 
 to `--group jetson` (delta), and prints what each device runs and, per rollout, the bytes sent
 against the model's own size. Leaves no process behind.
 
+The demo is a list of named steps. When one fails it prints one line on stderr and exits 1::
+
+    demo failed at step "start 3 agents": agent jetson-1 exited 2: error: trusted key ...
+
+(which step, which device or command, the cause); ``--logs`` adds the tails of the server's
+and agents' logs. ``--trusted-key FILE`` gives the agents FILE instead of the server's
+signing.pub, to see what a misconfigured device says.
+
 Run from the repository root as a module: ``python -m scripts.demo``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from deltafleet.agent.client import AgentClient
-from tests.harness.fleetlab import Lab, wait_for
+from deltafleet.shared import one_line
+from tests.harness.fleetlab import Lab
 from tests.harness.modelgen import make_onnx_pair
 
 DEVICES = {"jetson-1": "jetson", "jetson-2": "jetson", "rpi-1": "rpi"}
+ONLINE_TIMEOUT_S = 30.0
+
+
+class DemoFailed(Exception):
+    """A step of the demo failed; ``str()`` is the one line the demo prints."""
+
+    def __init__(self, step: str, cause: str) -> None:
+        super().__init__(f'demo failed at step "{step}": {cause}')
+        self.step, self.cause = step, cause
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """Run a step; any error in it becomes a DemoFailed naming the step and the cause."""
+    try:
+        yield
+    except DemoFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported as one line, the cause kept
+        raise DemoFailed(name, one_line(e, limit=400) or type(e).__name__) from e
+
+
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
+
+
+def last_problem(log: str) -> str | None:
+    """The last line of a process log that says what went wrong (an ``error:`` line, an
+    ERROR or WARNING record), else its last line; without the log's time stamp."""
+    lines = [x.strip() for x in log.splitlines() if x.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:") or " ERROR " in line or " WARNING " in line:
+            return _STAMP.sub("", line)
+    return _STAMP.sub("", lines[-1]) if lines else None
+
+
+def process_failure(lab: Lab, name: str) -> str | None:
+    """``<name> exited N: <its last problem>`` if the process ``name`` has ended, else None."""
+    proc = lab.procs.get(name)
+    if proc is None or proc.poll() is None:
+        return None
+    problem = last_problem(lab.log(name))
+    return f"{name.replace('-', ' ', 1)} exited {proc.returncode}" + (
+        f": {problem}" if problem else "")
 
 
 def online(lab: Lab) -> set[str]:
@@ -41,12 +98,46 @@ def online(lab: Lab) -> set[str]:
         store.dispose()
 
 
-def rollout(lab: Lab, version: str, group: str) -> dict:
+def wait_online(lab: Lab, devices: list[str], timeout_s: float = ONLINE_TIMEOUT_S) -> None:
+    """Until the server marks every device online; fails fast, naming the process, when the
+    server or an agent exits, and names the devices still offline (and what their agent last
+    said) when the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for name in ("server", *(f"agent-{d}" for d in devices)):
+            failure = process_failure(lab, name)
+            if failure:
+                raise RuntimeError(failure)
+        missing = [d for d in devices if d not in online(lab)]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            said = last_problem(lab.log(f"agent-{missing[0]}"))
+            raise RuntimeError(f"{', '.join(missing)} not online after {timeout_s:.0f} s"
+                               + (f"; agent {missing[0]} last said: {said}" if said else ""))
+        time.sleep(0.2)
+
+
+def rollout(lab: Lab, version: str, group: str) -> dict[str, Any]:
     """Roll ``version`` out to ``group``, wait for it, and print what it sent: a full artifact
-    is the model zstd-compressed (smaller than the model), a delta far smaller still."""
-    res = lab.fleetctl("rollout", "model", version, "--group", group, "--wait", "--timeout",
-                       "60", "--health-window", "1s", "--json", echo=True)
-    status = json.loads(res.stdout)
+    is the model zstd-compressed (smaller than the model), a delta far smaller still.
+    Raises (one line) when the rollout does not complete: its state and each device not
+    healthy with its reason."""
+    args = ("rollout", "model", version, "--group", group, "--wait", "--timeout", "60",
+            "--health-window", "1s", "--json")
+    res = lab.fleetctl(*args, echo=True, check=False)
+    try:
+        status = json.loads(res.stdout)
+    except ValueError:
+        raise RuntimeError(f"fleetctl {' '.join(args[:5])} exited {res.returncode}: "
+                           f"{res.stderr.strip() or 'no output'}") from None
+    if status["state"] != "completed":
+        stuck = [f"{t['device']} {t['state']}" + (f" ({t['reason']})" if t["reason"] else "")
+                 for t in status["targets"] if t["state"] != "healthy"]
+        raise RuntimeError(f"rollout {status['id']} of {version} to {group} ended "
+                           f"{status['state']}" + (f": {status['state_reason']}"
+                                                   if status.get("state_reason") else "")
+                           + (f"; {', '.join(stuck)}" if stuck else ""))
     kinds = sorted({t["artifact"] for t in status["targets"] if t["artifact"]})
     print(f"rollout {status['id']}: {status['state']}; sent {' and '.join(kinds) or 'no'} "
           f"artifacts, {status['bytes_sent']:,} bytes for {status['full_bytes']:,} bytes of model "
@@ -54,66 +145,104 @@ def rollout(lab: Lab, version: str, group: str) -> dict:
     return status
 
 
-def sent(target: dict | None) -> str:
+def sent(target: dict[str, Any] | None) -> str:
     return f"{target['bytes_sent']:,} ({target['artifact']})" if target else "-"
 
 
-def main() -> int:
+def running(lab: Lab, device_id: str) -> dict[str, Any]:
+    models = lab.agent_status(device_id)
+    if not models:
+        raise RuntimeError(f"fleet-agent status on {device_id} shows no model")
+    return models[0]
+
+
+def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
+    """The demo's steps; raises DemoFailed."""
     t0 = time.monotonic()
+    with step("start the broker"):
+        if lab.mqtt_url is None:
+            lab.start_broker()
+            print(f"broker: {lab.broker_kind} at {lab.mqtt_url}")
+        else:
+            print(f"broker: {lab.mqtt_url} (FLEET_MQTT_URL)")
+    with step("fleetctl init"):
+        lab.fleetctl("init", echo=True)
+    with step("register models v1 and v2"):
+        v1, v2 = make_onnx_pair(tmp / "models", size_mb=4.0)
+        print(f"generated detector v1 and v2 (last layer retrained), "
+              f"{v1.stat().st_size / 1e6:.1f} MB each")
+        for version, path in (("v1", v1), ("v2", v2)):  # prints what full installs ship
+            print(lab.fleetctl("model", "add", "detector", version, str(path),
+                               echo=True).stdout.strip())
+    with step("create groups"):
+        lab.fleetctl("group", "create", "fleet", "--match", "site=demo", echo=True)
+        lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson", echo=True)
+    with step("start the server"):
+        lab.start_server()
+    with step(f"start {len(DEVICES)} agents"):
+        for device_id, hw in DEVICES.items():
+            lab.start_agent(device_id, {"hw": hw, "site": "demo"}, trusted_key=trusted_key)
+        wait_online(lab, list(DEVICES))
+        print(f"agents online: {', '.join(DEVICES)}")
+
+    with step("roll v1 out to group fleet"):
+        first = rollout(lab, "v1", "fleet")
+    with step("roll v2 out to group jetson"):
+        status = rollout(lab, "v2", "jetson")
+    with step("check what each device runs"):
+        print(f"\n{'device':<10} {'group':<7} {'runs':<5} {'sha256':<14} "
+              f"{'v1 bytes sent':>20} {'v2 bytes sent':>18} {'model size':>11}")
+        v1_sent = {t["device"]: t for t in first["targets"]}
+        v2_sent = {t["device"]: t for t in status["targets"]}
+        for device_id, hw in DEVICES.items():
+            runs = running(lab, device_id)
+            t1, t2 = v1_sent.get(device_id), v2_sent.get(device_id)
+            model_size = (t2 or t1 or {}).get("full_bytes")
+            print(f"{device_id:<10} {hw:<7} {runs['version']:<5} "
+                  f"{runs['sha256'][:12]:<14} {sent(t1):>20} {sent(t2):>18} "
+                  f"{model_size or 0:>11,}")
+            expected = "v2" if hw == "jetson" else "v1"
+            if runs["version"] != expected:
+                raise RuntimeError(f"{device_id} runs {runs['version']}, expected {expected}")
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    for device_id in DEVICES:
+        with step(f"ask {device_id}'s local inference API"):
+            with AgentClient(port=lab.api_ports[device_id]) as client:
+                answer = client.predict("detector", x)
+            print(f"{device_id}: local inference API answered with detector "
+                  f"{answer.version}{' (fallback)' if answer.fallback else ''}")
+    print(f"\nOK: demo finished in {time.monotonic() - t0:.1f} s")
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--trusted-key", type=Path, metavar="FILE",
+                   help="give the agents FILE instead of the server's signing.pub "
+                        "(see what a misconfigured device says)")
+    p.add_argument("--logs", action="store_true",
+                   help="on failure, also print the tails of the server's and agents' logs")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
     with tempfile.TemporaryDirectory(prefix="deltafleet-demo-") as tmp:
         lab = Lab(Path(tmp), mqtt_url=os.environ.get("FLEET_MQTT_URL"))
         lab.env.setdefault("COLUMNS", "120")
         try:
-            if lab.mqtt_url is None:
-                lab.start_broker()
-                print(f"broker: {lab.broker_kind} at {lab.mqtt_url}")
-            else:
-                print(f"broker: {lab.mqtt_url} (FLEET_MQTT_URL)")
-            lab.fleetctl("init", echo=True)
-            v1, v2 = make_onnx_pair(Path(tmp) / "models", size_mb=4.0)
-            print(f"generated detector v1 and v2 (last layer retrained), "
-                  f"{v1.stat().st_size / 1e6:.1f} MB each")
-            for version, path in (("v1", v1), ("v2", v2)):  # prints what full installs ship
-                print(lab.fleetctl("model", "add", "detector", version, str(path),
-                                   echo=True).stdout.strip())
-            lab.fleetctl("group", "create", "fleet", "--match", "site=demo", echo=True)
-            lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson", echo=True)
-            lab.start_server()
-            for device_id, hw in DEVICES.items():
-                lab.start_agent(device_id, {"hw": hw, "site": "demo"})
-            wait_for(lambda: online(lab) >= set(DEVICES), 30, "3 agents online")
-            print(f"agents online: {', '.join(DEVICES)}")
-
-            first = rollout(lab, "v1", "fleet")
-            status = rollout(lab, "v2", "jetson")
-            print(f"\n{'device':<10} {'group':<7} {'runs':<5} {'sha256':<14} "
-                  f"{'v1 bytes sent':>20} {'v2 bytes sent':>18} {'model size':>11}")
-            v1_sent = {t["device"]: t for t in first["targets"]}
-            v2_sent = {t["device"]: t for t in status["targets"]}
-            for device_id, hw in DEVICES.items():
-                running = lab.agent_status(device_id)[0]
-                t1, t2 = v1_sent.get(device_id), v2_sent.get(device_id)
-                model_size = (t2 or t1 or {}).get("full_bytes")
-                print(f"{device_id:<10} {hw:<7} {running['version']:<5} "
-                      f"{running['sha256'][:12]:<14} {sent(t1):>20} {sent(t2):>18} "
-                      f"{model_size or 0:>11,}")
-            x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
-            for device_id in DEVICES:
-                with AgentClient(port=lab.api_ports[device_id]) as client:
-                    answer = client.predict("detector", x)
-                print(f"{device_id}: local inference API answered with detector "
-                      f"{answer.version}{' (fallback)' if answer.fallback else ''}")
-            ok = (first["state"] == status["state"] == "completed"
-                  and lab.agent_status("rpi-1")[0]["version"] == "v1")
-            print(f"\n{'OK' if ok else 'FAILED'}: demo finished in {time.monotonic() - t0:.1f} s")
-            return 0 if ok else 1
-        except Exception as e:  # noqa: BLE001 - the demo reports, then cleans up
-            print(f"demo failed: {e}", file=sys.stderr)
-            for name in ("server", *(f"agent-{d}" for d in DEVICES)):
-                tail = lab.log(name).splitlines()[-15:]
-                if tail:
-                    print(f"--- {name} log (tail) ---", *tail, sep="\n", file=sys.stderr)
+            run(lab, Path(tmp), args.trusted_key)
+            return 0
+        except DemoFailed as e:
+            print(e, file=sys.stderr, flush=True)
+            if args.logs:
+                for name in ("server", *(f"agent-{d}" for d in DEVICES)):
+                    tail = lab.log(name).splitlines()[-15:]
+                    if tail:
+                        print(f"--- {name} log (tail) ---", *tail, sep="\n", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("demo interrupted", file=sys.stderr)
+            return 130
         finally:
             lab.close()
 

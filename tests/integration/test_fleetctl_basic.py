@@ -63,7 +63,7 @@ def test_init_twice_keeps_the_key_and_does_nothing(home: Path) -> None:
 def test_commands_refuse_an_uninitialised_home_without_creating_it(fleet_home: Path) -> None:
     result = fleetctl("model", "list")
     assert_one_line_error(result)
-    assert "not initialised; run `fleetctl db upgrade`" in result.stderr
+    assert "not initialised; run `fleetctl init`" in result.stderr
     assert not fleet_home.exists()
 
 

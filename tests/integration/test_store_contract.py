@@ -104,7 +104,7 @@ class TestSchema:
         assert current_revision(db_url) == head_revision()
 
     def test_unmigrated_database_is_refused_as_not_initialised(self, db_url: str) -> None:
-        with pytest.raises(UsageError, match="not initialised; run `fleetctl db upgrade`"):
+        with pytest.raises(UsageError, match="not initialised; run `fleetctl init`"):
             check_schema(db_url)
 
 

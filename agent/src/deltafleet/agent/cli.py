@@ -4,7 +4,10 @@
 ``connection.json`` (the broker connection as the running agent last wrote it, with its pid;
 see ``daemon``), so it works while the agent runs and after it stopped.
 
-Exit codes: 0 ok, 2 bad configuration or usage, 1 any other error.
+Exit codes: 0 ok, 2 bad configuration or usage, 1 any other error. Every error is one line on
+stderr, ``error: ...`` (a usage error ends with the ``--help`` to read); a ``--trusted-key``
+that is missing, a directory, a private key or not a PEM Ed25519 public key is refused before
+anything starts or is written (``trust.load_trusted_key`` names the file and what was expected).
 """
 
 from __future__ import annotations
@@ -16,15 +19,26 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
-from deltafleet.shared import DeltafleetError
+from deltafleet.shared import DeltafleetError, one_line
 
 from .config import load_config, parse_labels
 from .errors import ConfigError
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``error: ...; see '<prog> --help'``, exit 2
+    (subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {one_line(message, limit=None)}; see '{self.prog} --help'\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fleet-agent", description="deltafleet device agent")
+    p = _Parser(prog="fleet-agent", description="deltafleet device agent")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent daemon (foreground)")
     status = sub.add_parser("status", help="show the broker connection and the models this "
@@ -35,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--state-dir", type=Path, help="state directory (FLEET_AGENT_STATE_DIR)")
     run.add_argument("--broker", dest="broker_url", help="mqtt://host:port (FLEET_AGENT_BROKER_URL)")
     run.add_argument("--trusted-key", dest="trusted_keys", action="append", type=Path,
-                     help="legacy: server signing public key to pin (repeatable)")
+                     metavar="FILE", help="legacy: the server's signing public key (PEM, "
+                     "signing.pub) to pin (repeatable)")
     run.add_argument("--root-of-trust", type=Path,
                      help="root.json to pin at first start (FLEET_AGENT_ROOT_OF_TRUST)")
     run.add_argument("--trust-bundle", type=Path,
@@ -48,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--accelerator", help="accelerator name reported in the profile")
     run.add_argument("--api-port", type=int,
                      help="local inference API port on 127.0.0.1, 0 disables (FLEET_AGENT_API_PORT)")
-    run.add_argument("--log-level", default="INFO")
+    run.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     sub.choices["status"].add_argument("--json", action="store_true", help="JSON output")
     return p
 
@@ -58,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "status":
             return _status(args)
-        logging.basicConfig(level=args.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from .trust import load_trusted_key
+
+        for key in args.trusted_keys or ():  # each named file checked before anything starts
+            load_trusted_key(key)
         cfg = load_config(
             args.config, device_id=args.device_id, state_dir=args.state_dir,
             broker_url=args.broker_url, trusted_keys=args.trusted_keys,
@@ -69,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             mqtt_ca_file=args.mqtt_ca_file, mqtt_cert_file=args.mqtt_cert_file,
             mqtt_key_file=args.mqtt_key_file,
         )
+        for key in cfg.trusted_keys:  # from the config file or FLEET_AGENT_TRUSTED_KEYS
+            load_trusted_key(key)
+        logging.basicConfig(level=args.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from .daemon import Agent
 
         agent = Agent(cfg)
@@ -76,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         agent.run()
         return 0
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e, limit=None)}", file=sys.stderr)
         return 2
     except DeltafleetError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e, limit=None)}", file=sys.stderr)
         return 1
 
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from deltafleet.shared import (
+    KeyFileError,
     TrustStore,
     VerificationError,
     WireError,
@@ -126,7 +127,43 @@ class RootTrust:
             raise SignatureRejected(f"manifest refused: untrusted signature ({e})") from e
 
 
+EXPECTED_KEY = "expected the server's Ed25519 signing public key (PEM, the server's signing.pub)"
+MAX_KEY_FILE_BYTES = 64 << 10  # a PEM public key is ~113 bytes; anything huge is not one
+
+
+def load_trusted_key(path: Path) -> Ed25519PublicKey:
+    """The pinned key in ``path``, or ConfigError: one line naming the file, what is wrong
+    with it (missing, a directory, unreadable, a private key, not PEM, not Ed25519) and what
+    was expected."""
+    path = Path(path)
+
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(f"trusted key {path}: {problem}; {EXPECTED_KEY}")
+
+    if path.is_dir():
+        raise refuse("is a directory")
+    if not path.exists():
+        raise refuse("no such file")
+    try:
+        with open(path, "rb") as f:
+            pem = f.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as e:
+        raise refuse(f"cannot be read ({e.strerror or e})") from e
+    if len(pem) > MAX_KEY_FILE_BYTES:
+        raise refuse(f"is larger than {MAX_KEY_FILE_BYTES >> 10} KiB")
+    if b"PRIVATE KEY-----" in pem:
+        raise refuse("is a private key (never copy it to a device)")
+    if b"-----BEGIN PUBLIC KEY-----" not in pem:
+        raise refuse("is not a PEM public key" if pem.strip() else "is empty")
+    try:
+        return load_public_key(pem)
+    except KeyFileError as e:
+        problem = ("is not an Ed25519 key" if "not Ed25519" in str(e)
+                   else "is not a valid PEM public key")
+        raise refuse(problem) from e
+
+
 def open_trust(cfg: AgentConfig, now: int) -> PinnedKeys | RootTrust:
     if cfg.root_of_trust is not None:
         return RootTrust.open(cfg, now)
-    return PinnedKeys([load_public_key(p) for p in cfg.trusted_keys])
+    return PinnedKeys([load_trusted_key(p) for p in cfg.trusted_keys])

@@ -18,11 +18,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .. import catalog
-from ..codecs import DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_TIME_BUDGET_S, Budget, choose
+from ..codecs import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    DEFAULT_TIME_BUDGET_S,
+    Budget,
+    Encoder,
+    choose,
+    default_encoders,
+)
 from ..errors import NotFoundError, UsageError
 from ..planner import delta_worth_it
 from ..store.models import Artifact, Delta, Model, ModelVersion, Variant
-from ._common import blob_store, console, err_console, fmt_bytes, load_config, open_store, print_json
+from ._common import blob_store, console, fmt_bytes, load_config, open_store, print_json
+from .progress import Steps
 from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Build and inspect model deltas.")
@@ -91,6 +99,41 @@ def _delta_json(session: Session, d: Delta) -> dict[str, Any]:
     }
 
 
+class _Reported(Encoder):
+    """An encoder whose encode is shown as a step of ``steps`` (same predictions, same bytes)."""
+
+    def __init__(self, inner: Encoder, steps: Steps, index: int, count: int) -> None:
+        self.inner, self.steps, self.index, self.count = inner, steps, index, count
+        self.name = inner.name
+
+    def predicted_peak_bytes(self, base_size: int, target_size: int) -> int:
+        return self.inner.predicted_peak_bytes(base_size, target_size)
+
+    def predicted_seconds(self, base_size: int, target_size: int) -> float:
+        return self.inner.predicted_seconds(base_size, target_size)
+
+    def applicable(self, base_path: Path, target_path: Path) -> bool:
+        return self.inner.applicable(base_path, target_path)
+
+    def encode(self, base_path: Path, target_path: Path, out_path: Path) -> None:
+        self.steps.start(f"encoding {self.name} ({self.index}/{self.count})")
+        try:
+            self.inner.encode(base_path, target_path, out_path)
+        except BaseException:
+            self.steps.done(f"{self.name} failed")
+            raise
+        size = out_path.stat().st_size if out_path.exists() else None
+        self.steps.done(f"{self.name} {fmt_bytes(size)}")
+        self.steps.start("verifying the smallest delta" if self.index == self.count
+                         else "choosing", silent=True)
+
+
+def reported_encoders(steps: Steps) -> list[Encoder]:
+    """``default_encoders()``, each encode shown as a step (the builds' progress)."""
+    encoders = default_encoders()
+    return [_Reported(e, steps, i, len(encoders)) for i, e in enumerate(encoders, 1)]
+
+
 @app.command("build")
 def build(
     base_spec: Annotated[str, typer.Argument(help=f"base: {SPEC_HELP}")],
@@ -124,11 +167,14 @@ def build(
             full = catalog.full_artifact(s, target_sha)
         work = cfg.home / "work"
         work.mkdir(parents=True, exist_ok=True)
-        with err_console.status(f"building delta {base_label} -> {target_label}"):
+        with Steps(f"delta {base_label} -> {target_label}") as steps:
             choice = choose(blobs.path(base_sha), blobs.path(target_sha), work,
                             budget=Budget(memory_budget_mb << 20, time_budget_s),
-                            target_sha256=target_sha,
+                            encoders=reported_encoders(steps), target_sha256=target_sha,
                             reference_bytes=full.size_bytes if full else None)
+            steps.done()
+            steps.note(f"chose {choice.codec} {fmt_bytes(choice.size_bytes)}" if choice.codec
+                       else "no delta beats the full model")
         attempts = [
             {"codec": a.codec, "size_bytes": a.size_bytes, "seconds": round(a.seconds, 3),
              "verified": a.verified, "skipped": a.skipped or None}

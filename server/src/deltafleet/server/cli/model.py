@@ -7,6 +7,7 @@ that is smaller: full installs ship the compressed form, and `list` / `show` pri
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -56,18 +57,21 @@ def add(
     """Inspect FILE and register it as VERSION of model NAME (all or nothing); also store its
     zstd-compressed form, which full installs ship, when that is smaller. Manifests carry the
     model's IO signature, which devices check the loaded model against."""
+    from .progress import ReportingBlobs, Steps  # noqa: PLC0415
+
     cfg = load_config()
     blobs = blob_store(cfg)
     with open_store(cfg) as store:
         new_blobs: set[str] = set()
         try:
             with (
-                err_console.status(f"inspecting, storing and compressing {file.name}"),
+                Steps(f"model add {name}:{version}", enabled=_shows_progress(file)) as steps,
                 store.session() as s,
             ):
+                steps.start(f"inspecting {file.name}", silent=True)
                 new_blobs = s.info.setdefault(catalog.NEW_BLOBS_KEY, set())
-                row = catalog.add_model_version(s, blobs, name, version, file,
-                                                 variant=variant, precision=precision,
+                row = catalog.add_model_version(s, ReportingBlobs(blobs, steps), name, version,
+                                                 file, variant=variant, precision=precision,
                                                  golden=golden or [])
                 compressed = catalog.compressed_artifact(row.info)
                 audit(s, actor(), "model.add", f"{name}:{version}", {
@@ -76,9 +80,12 @@ def add(
                     "compressed_sha256": compressed.sha256 if compressed else None,
                     "golden_inputs": len((row.info or {}).get("golden", [])),
                 })
+                steps.done(f"{compressed.codec} form already stored" if compressed
+                           else "compression does not make it smaller")
         except BaseException:
             _forget_unreferenced(store, blobs, new_blobs)
             raise
+    steps.note("done")
     size = (row.info or {}).get("size_bytes")
     console.print(
         f"added {name}:{version} variant {variant} ({row.format}, {precision}, "
@@ -86,6 +93,17 @@ def add(
         + (f"{compressed.codec} {fmt_bytes(compressed.size_bytes)}" if compressed
            else "the file as it is (compression does not make it smaller)")
     )
+
+
+LARGE_MODEL_BYTES = 2 << 20  # `model add` shows its steps piped from this size on
+
+
+def _shows_progress(file: Path) -> bool:
+    """A bar on a terminal always; piped lines for a large model only."""
+    try:
+        return sys.stderr.isatty() or file.stat().st_size >= LARGE_MODEL_BYTES
+    except (OSError, ValueError):
+        return False
 
 
 def _forget_unreferenced(store: Store, blobs: BlobStore, shas: set[str]) -> None:

@@ -7,7 +7,7 @@ rollout's state does not allow).
 
 from __future__ import annotations
 
-import contextlib
+import sys
 import textwrap
 import time
 from typing import Annotated, Any
@@ -155,23 +155,29 @@ def rollout_model(
 
 
 def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> None:
-    deadline = time.monotonic() + timeout_s
-    status = (console.status("waiting for devices...") if not quiet
-              else contextlib.nullcontext(None))
-    with status as st:
-        while True:
-            with store.read() as s:
-                data = rollout_json(s, get_rollout(s, rollout_id), with_targets=False)
-            if st is not None:
-                st.update(f"rollout {rollout_id}: {data['state']}, wave "
-                          f"{data['current_wave'] + 1}, {data['counts']}")
-            if data["state"] in WAIT_ENDS:
-                return
-            if time.monotonic() > deadline:
-                if not quiet:
-                    console.print(f"timed out after {timeout_s:.0f} s")
-                return
+    """Until the rollout ends or pauses (``WAIT_ENDS``) or ``timeout_s``: a live view on a
+    terminal, one line per change when piped (``progress.follow``), nothing when ``quiet``."""
+    from . import progress  # noqa: PLC0415
+
+    live = not quiet and progress.is_terminal(sys.stdout)
+
+    def fetch() -> dict[str, Any]:
+        with store.read() as s:
+            return rollout_json(s, get_rollout(s, rollout_id), with_targets=live)
+
+    def ended(data: dict[str, Any]) -> bool:
+        return data["state"] in WAIT_ENDS
+
+    if quiet:
+        deadline = time.monotonic() + timeout_s
+        while not ended(fetch()) and time.monotonic() <= deadline:
             time.sleep(0.5)
+        return
+    followed = progress.follow(fetch, until=ended, timeout_s=timeout_s, transient=True,
+                               tty=live, interval_s=1.0 if live else 0.5)
+    if followed.timed_out:
+        console.print(f"timed out after {timeout_s:.0f} s; the rollout goes on "
+                      f"(`fleetctl rollout status {rollout_id} --watch`)")
 
 
 @app.command("plan")
@@ -226,19 +232,18 @@ def rollout_status(
         if not watch:
             console.print(*_render(data, wide=wide))
             return
-        from rich.console import Console  # noqa: PLC0415
-        from rich.live import Live  # noqa: PLC0415
-        from rich.text import Text  # noqa: PLC0415
+        from . import progress  # noqa: PLC0415
 
-        def view() -> Text:
-            return Text("\n".join(_render(data, wide=wide)))
+        live = progress.is_terminal(sys.stdout)
 
-        with Live(view(), console=Console(highlight=False), refresh_per_second=2) as live:
-            while data["state"] not in FINAL_ROLLOUT_STATES:
-                time.sleep(1)
-                with store.read() as s:
-                    data = rollout_json(s, get_rollout(s, rollout_id))
-                live.update(view())
+        def fetch() -> dict[str, Any]:
+            with store.read() as s:
+                return rollout_json(s, get_rollout(s, rollout_id), with_targets=live)
+
+        # on a terminal the status view stays live; piped, one line per change
+        progress.follow(fetch, until=lambda d: d["state"] in FINAL_ROLLOUT_STATES,
+                        view=lambda d, _elapsed: _render(d, wide=wide), interval_s=1.0,
+                        tty=live)
 
 
 @app.command("list")

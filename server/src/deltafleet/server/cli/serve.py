@@ -18,10 +18,11 @@ def server(
     """Run the server in the foreground until SIGTERM/SIGINT."""
     from ..daemon import FleetServer
 
+    cfg = ServerConfig.from_env()
+    store = open_store(cfg)  # a home without `fleetctl init` is refused before any log line
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = ServerConfig.from_env()
-    with open_store(cfg) as store:
+    with store:
         srv = FleetServer(cfg, store)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: srv.stop_event.set())

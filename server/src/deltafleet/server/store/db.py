@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # alembic loads only when a migration or schema check needs i
     from alembic.config import Config
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-NOT_INITIALISED = "database is not initialised; run `fleetctl db upgrade`"
+NOT_INITIALISED = "database is not initialised; run `fleetctl init`"
 READ_ONLY_OPTION = "deltafleet_read_only"
 
 
