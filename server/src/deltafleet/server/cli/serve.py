@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from typing import Annotated
@@ -14,6 +15,10 @@ from ._common import open_store
 
 def server(
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
+    api_listen: Annotated[str | None, typer.Option(
+        "--api-listen", metavar="HOST:PORT",
+        help="Serve the management API and web console here (default: FLEET_API_LISTEN; "
+             "unset = off; PORT alone = 127.0.0.1:PORT).")] = None,
 ) -> None:
     """Run the server in the foreground until SIGTERM/SIGINT."""
     from ..daemon import FleetServer
@@ -21,6 +26,8 @@ def server(
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServerConfig.from_env()
+    if api_listen:
+        cfg = dataclasses.replace(cfg, api_listen=api_listen)
     with open_store(cfg) as store:
         srv = FleetServer(cfg, store)
         for sig in (signal.SIGTERM, signal.SIGINT):
