@@ -23,6 +23,7 @@ from .. import catalog, fleet, views
 from ..audit import audit, list_audit
 from ..config import ServerConfig
 from ..errors import UsageError
+from ..rollout.states import ACTIVE_ROLLOUT_STATES
 from ..rollouts import act_on_rollout, create_rollout, get_rollout, list_rollouts, plan_rollout, rollout_json
 from ..store import BlobStore, Store
 from ..store.models import Device, DeviceEvent, Model, ModelVersion, Rollout, RolloutTarget
@@ -190,17 +191,16 @@ def fleet_summary(c: Call) -> dict[str, Any]:
     with c.store.read() as s:
         devices = fleet.list_devices(s)
         desired = fleet.desired_models(s, devices)
-        active = sum(1 for r in list_rollouts(s) if r.state in ("running", "paused",
-                                                                "rolling_back"))
-    by_model: dict[str, int] = {}
-    by_state: dict[str, int] = {}
-    for d in devices:
-        for m in d.models:
-            key = f"{m.model_name}:{m.version or '?'}"
-            by_model[key] = by_model.get(key, 0) + 1
-        for x in desired[d.id]:
-            by_state[x.state] = by_state.get(x.state, 0) + 1
-    online = sum(1 for d in devices if d.online)
+        active = sum(1 for r in list_rollouts(s) if r.state in ACTIVE_ROLLOUT_STATES)
+        by_model: dict[str, int] = {}
+        by_state: dict[str, int] = {}
+        for d in devices:
+            for m in d.models:
+                key = f"{m.model_name}:{m.version or '?'}"
+                by_model[key] = by_model.get(key, 0) + 1
+            for x in desired[d.id]:
+                by_state[x.state] = by_state.get(x.state, 0) + 1
+        online = sum(1 for d in devices if d.online)
     return {"devices": len(devices), "online": online, "offline": len(devices) - online,
             "by_model": dict(sorted(by_model.items())), "by_state": dict(sorted(by_state.items())),
             "active_rollouts": active}
