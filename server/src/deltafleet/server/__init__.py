@@ -5,8 +5,8 @@ inspection and registered models), ``rollout`` (states, the pure engine, its SQL
 ``rollouts`` (create, plan, operator actions), ``planner`` (one plan per target), ``delivery``
 (manifests, chunk scheduling, artifact chunks), ``codecs`` (delta encoders), ``audit``,
 ``views`` (``--json`` rendering), ``store`` (database and blobs), ``errors``; the ``daemon``,
-the ``api`` (management API and console) and the ``cli`` sit at the edge. Nothing is imported here: importing ``deltafleet.server``
-stays cheap.
+the ``api`` (management API and console) and the ``cli`` sit at the edge. Nothing is
+imported here: importing ``deltafleet.server`` stays cheap.
 """
 
 __all__ = [
