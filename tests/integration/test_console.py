@@ -117,7 +117,9 @@ def test_a_rollout_started_from_the_api_completes_on_the_live_page(site):
     expect(page.locator("#bytes")).to_contain_text("bytes sent")
     states = page.locator("#targets tbody tr td:nth-child(3)").all_text_contents()
     assert states == ["healthy"] * 3
-    assert page.is_disabled("#btn-pause")  # a finished rollout takes no action
+    # what the state allows: a completed rollout cannot be paused, but can be rolled back
+    expect(page.locator("#btn-pause")).to_be_disabled()
+    expect(page.locator("#btn-rollback")).to_be_enabled()
     shot(site, page, "04-rollout-live-completed")
     page.goto(site["base"] + "/#/rollouts")
     page.wait_for_selector("#rollouts")

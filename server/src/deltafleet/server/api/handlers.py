@@ -23,7 +23,7 @@ from .. import catalog, fleet, views
 from ..audit import audit, list_audit
 from ..config import ServerConfig
 from ..errors import UsageError
-from ..rollout.states import ACTIVE_ROLLOUT_STATES
+from ..rollout.states import ACTIONS, ACTIVE_ROLLOUT_STATES
 from ..rollouts import act_on_rollout, create_rollout, get_rollout, list_rollouts, plan_rollout, rollout_json
 from ..store import BlobStore, Store
 from ..store.models import Device, DeviceEvent, Model, ModelVersion, Rollout, RolloutTarget
@@ -357,8 +357,12 @@ def rollouts_list(c: Call) -> dict[str, Any]:
 
 
 def rollout_show(c: Call) -> dict[str, Any]:
+    """As `fleetctl rollout status --json`, plus ``actions``: the operator actions its state
+    allows now (``rollout.states.ACTIONS``)."""
     with c.store.read() as s:
-        return rollout_json(s, get_rollout(s, c.params["rollout_id"]))
+        out = rollout_json(s, get_rollout(s, c.params["rollout_id"]))
+    out["actions"] = [a for a, act in ACTIONS.items() if out["state"] in act.allowed]
+    return out
 
 
 def rollout_plan(c: Call) -> dict[str, Any]:

@@ -228,8 +228,6 @@ async function rolloutsPage() {
         num(bytes(x.full_bytes)), x.created_by || "-", when(x.created_at))), {id: "rollouts"}));
 }
 
-const FINAL = new Set(["completed", "aborted", "rolled_back", "superseded", "failed"]);
-
 async function rolloutPage(id) {
   const msg = el("p", {class: "error", id: "action-error", role: "alert"});
   const actions = el("div", {class: "actions", id: "actions"});
@@ -271,7 +269,9 @@ async function rolloutPage(id) {
         stateSpan(t.state), t.artifact || "-", num(bytes(t.bytes_sent)), num(bytes(t.full_bytes)), t.reason || ""))));
     total.textContent = r.full_bytes ? `bytes sent ${bytes(r.bytes_sent)} of ${bytes(r.full_bytes)} full ` +
       `(${(100 * r.bytes_sent / r.full_bytes).toFixed(1)}%)` : "";
-    for (const b of actions.querySelectorAll("button")) b.disabled = FINAL.has(r.state);
+    for (const b of actions.querySelectorAll("button")) {
+      b.disabled = !r.actions.includes(b.id.slice("btn-".length));  // what the state allows now
+    }
     return r;
   }
   await refresh();
