@@ -199,3 +199,27 @@ def test_failed_logins_are_rate_limited_per_client_address(fleet):
     assert limited.status == 429 and int(limited.headers["retry-after"]) > 0
     assert attacker.get("/api/v1/whoami", token=fleet["tokens"]["admin"]).status == 429
     assert client(fleet, "admin").get("/api/v1/whoami").status == 200  # other addresses: fine
+
+
+def test_the_plan_over_the_api_is_the_cli_plan(fleet):
+    plan = client(fleet, "viewer").get("/api/v1/rollouts/plan",
+                                       query={"version": "detector:v1", "group": "cams"}).body
+    assert plan == fleet["lab"].fleetctl_json("rollout", "plan", "detector:v1", "--group", "cams")
+    assert {d["device"] for d in plan["devices"]} == set(DEVICES)
+
+
+def test_operator_actions_over_the_api_are_idempotent_and_follow_the_rollouts_rules(fleet):
+    ops = client(fleet, "operator")
+    assert ops.post("/api/v1/groups", {"name": "nobody", "match": ["hw=none"]}).status == 201
+    empty = ops.post("/api/v1/rollouts", {"version": "detector:v1", "group": "nobody"})
+    assert empty.status == 400 and "--allow-empty" in empty.problem["detail"]
+    rid = ops.post("/api/v1/rollouts", {"version": "detector:v1", "group": "nobody",
+                                        "allow_empty": True}).body["id"]
+    steps = [(a, ops.post(f"/api/v1/rollouts/{rid}/{a}").body)
+             for a in ("pause", "pause", "resume", "abort")]
+    assert [(a, b["changed"]) for a, b in steps] == [("pause", True), ("pause", False),
+                                                     ("resume", True), ("abort", True)]
+    shown = ops.get(f"/api/v1/rollouts/{rid}").body
+    assert shown["state"] in ("aborting", "aborted") and "pause" not in shown["actions"]
+    assert "rollback" in shown["actions"]
+    assert ops.post(f"/api/v1/rollouts/{rid}/resume").problem["status"] == 400
