@@ -223,3 +223,33 @@ def test_operator_actions_over_the_api_are_idempotent_and_follow_the_rollouts_ru
     assert shown["state"] in ("aborting", "aborted") and "pause" not in shown["actions"]
     assert "rollback" in shown["actions"]
     assert ops.post(f"/api/v1/rollouts/{rid}/resume").problem["status"] == 400
+
+
+def test_a_rollout_streams_its_status_as_server_sent_events_until_it_ends(fleet):
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", fleet["port"], timeout=30)
+    rid = fleet["rollout"]["id"]
+    conn.request("GET", f"/api/v1/rollouts/{rid}/stream",
+                 headers={"Authorization": f"Bearer {fleet['tokens']['viewer']}"})
+    res = conn.getresponse()
+    assert res.status == 200 and res.headers["content-type"].startswith("text/event-stream")
+    text = res.read().decode()  # a completed rollout: one event, then the stream ends
+    conn.close()
+    (event,) = [b for b in text.split("\n\n") if b.strip()]
+    name, data = event.split("\n", 1)
+    assert name == "event: status"
+    assert json.loads(data.removeprefix("data: "))["state"] == "completed"
+    assert client(fleet).get(f"/api/v1/rollouts/{rid}/stream").status == 401
+
+
+def test_fleetctl_token_refuses_a_bad_role_and_never_lists_secrets(fleet):
+    lab = fleet["lab"]
+    bad = lab.fleetctl("token", "create", "x", "--role", "root", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("error: invalid role 'root': use "
+                                                          "viewer, operator or admin")
+    dup = lab.fleetctl("token", "create", "viewer-1", check=False)
+    assert dup.returncode == 2 and "exists" in dup.stderr
+    listed = lab.fleetctl("token", "list").stdout
+    assert "viewer-1" in listed and "dft_" not in listed

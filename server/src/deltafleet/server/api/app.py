@@ -21,12 +21,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import ServerConfig
+from ..rollout.states import FINAL_ROLLOUT_STATES
 from ..store import BlobStore, Store
 from . import handlers as h
 from .auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, FailureLimiter, SessionTable
@@ -249,6 +250,56 @@ async def _read_multipart(request: Request, call: h.Call, into: Path) -> None:
                 call.body[key] = value
 
 
+STREAM_POLL_S = 1.0
+
+
+def _stream(ctx: ApiContext) -> Callable[[Request], Any]:
+    """``GET /rollouts/{id}/stream``: server-sent events, one ``status`` event (the rollout's
+    JSON, as ``GET /rollouts/{id}``) each time it changes, checked every second; the stream
+    ends after the event of a final state, or when the token is revoked."""
+
+    async def stream(request: Request) -> Response:
+        try:
+            principal = await _principal(ctx, request, write=False)
+            rollout_id = request.path_params["rollout_id"]
+            call = h.Call(principal, ctx.cfg, ctx.store, ctx.blobs,
+                          params={"rollout_id": rollout_id})
+            first = await run_in_threadpool(h.rollout_show, call)  # 404 before streaming
+        except Exception as e:
+            return problem_response(problem_for(e))
+        secret = request.headers.get("authorization", "").partition(" ")[2].strip()
+        session = ctx.sessions.get(request.cookies.get(SESSION_COOKIE))
+
+        async def still_allowed() -> bool:
+            if secret:
+                return await run_in_threadpool(_authenticate, ctx.store, secret) is not None
+            return session is not None and await run_in_threadpool(
+                _authenticate_sha, ctx.store, session.token_sha256) is not None
+
+        async def events() -> Any:
+            import anyio  # noqa: PLC0415 - starlette's own dependency
+
+            data: dict[str, Any] | None = first
+            last = None
+            while data is not None:
+                text = json.dumps(data, sort_keys=True)
+                if text != last:
+                    yield f"event: status\ndata: {text}\n\n"
+                    last = text
+                if data["state"] in FINAL_ROLLOUT_STATES or await request.is_disconnected():
+                    return
+                await anyio.sleep(STREAM_POLL_S)
+                if not await still_allowed():
+                    yield "event: end\ndata: {\"reason\": \"token revoked\"}\n\n"
+                    return
+                data = await run_in_threadpool(h.rollout_show, call)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"x-accel-buffering": "no"})
+
+    return stream
+
+
 def _login(ctx: ApiContext) -> Callable[[Request], Any]:
     async def login(request: Request) -> Response:
         try:
@@ -318,6 +369,11 @@ def openapi_schema() -> dict[str, Any]:
                                "golden": {"type": "array", "items": {"type": "string",
                                                                      "format": "binary"}}}}}}}
         paths.setdefault(path, {})[r.method.lower()] = op
+    paths[f"{PREFIX}/rollouts/{{rollout_id}}/stream"] = {"get": {
+        "summary": "Server-sent events: the rollout's status each time it changes, until it ends.",
+        "x-role": "viewer", "parameters": [{"name": "rollout_id", "in": "path", "required": True,
+                                            "schema": {"type": "integer"}}],
+        "responses": {"200": {"description": "text/event-stream"}, "default": problem}}}
     paths[f"{PREFIX}/health"] = {"get": {"summary": "Liveness (no token needed).", "security": [],
                                          "responses": {"200": {"description": "OK"}}}}
     paths[f"{PREFIX}/session"] = {
@@ -387,6 +443,8 @@ def build_app(cfg: ServerConfig, store: Store, *, secure_cookies: bool = False,
                          Route(f"{PREFIX}/openapi.json", _endpoint(ctx, openapi_route),
                                methods=["GET"])]
     routes += [Route(PREFIX + r.path, _endpoint(ctx, r), methods=[r.method]) for r in ROUTES]
+    routes.append(Route(f"{PREFIX}/rollouts/{{rollout_id:int}}/stream", _stream(ctx),
+                        methods=["GET"]))
     routes += [Route(PREFIX + "/{rest:path}", unknown,
                      methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
                Route("/", console, methods=["GET"]),
