@@ -90,6 +90,11 @@ def test_login_leads_to_the_fleet_overview(site):
     rows = page.locator("#devices tbody tr")
     assert rows.count() == 3
     shot(site, page, "02-fleet-overview")
+    page.goto(site["base"] + "/#/?limit=2")
+    expect(page.locator("#pager")).to_contain_text("devices 1-2 of 3")
+    page.click("#pager >> text=next")
+    expect(page.locator("#pager")).to_contain_text("devices 3-3 of 3")
+    expect(page.locator("#devices tbody tr")).to_have_count(1)
     page.goto(site["base"] + "/#/?label=hw%3Djetson&q=odd")
     expect(page.locator("#devices tbody tr")).to_have_count(1)
     assert "odd-000" in page.text_content("#devices tbody")

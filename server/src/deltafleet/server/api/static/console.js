@@ -148,8 +148,17 @@ async function fleetPage(params) {
     el("h2", {}, "By model version"), table(["model:version", {t: "devices", num: true}], byModel),
     el("h2", {}, "By update state"), table(["state", {t: "devices", num: true}], byState),
     el("h2", {}, "Devices"), filters,
-    el("p", {class: "muted"}, `${devices.total} device(s)` + (devices.total > devices.items.length ? `, first ${devices.items.length} shown` : "")),
+    pager(q, devices),
     table(["device", "presence", "runs", "asked to run", "labels", "last seen"], rows, {id: "devices"}));
+}
+
+function pager(q, page) {
+  const at = (offset) => { const n = new URLSearchParams(q); n.set("offset", String(offset)); return "/?" + n; };
+  const end = page.offset + page.items.length;
+  return el("div", {class: "pager", id: "pager"},
+    el("span", {class: "muted"}, page.total ? `devices ${page.offset + 1}-${end} of ${page.total}` : "no devices"),
+    page.offset > 0 ? link("previous", at(Math.max(0, page.offset - page.limit))) : null,
+    end < page.total ? link("next", at(end)) : null);
 }
 
 async function devicePage(id) {
