@@ -35,7 +35,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, broker) -> Iterator[dict[str,
     lab.cfg = dataclasses.replace(lab.cfg, api_listen=f"127.0.0.1:{port}")
     with lab.store.session() as s:
         tokens = {role: create_token(s, f"{role}-web", role, "test")[1]
-                  for role in ("viewer", "operator")}
+                  for role in ("viewer", "operator", "admin")}
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=TIMEOUT_MS)
@@ -51,7 +51,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, broker) -> Iterator[dict[str,
         shots = root / "screenshots"
         shots.mkdir()
         yield {"lab": lab, "port": port, "base": f"http://127.0.0.1:{port}", "tokens": tokens,
-               "browser": browser, "shots": shots}
+               "browser": browser, "shots": shots, "v2": v2}
     finally:
         browser.close()
         pw.stop()
@@ -194,3 +194,17 @@ def test_the_model_catalog_lists_versions_variants_and_sizes(site):
     assert len(rows) == 2 and "v1" in rows[0] and "KiB" in rows[0]
     assert page.locator("#upload").count() == 0  # only admins register models
     shot(site, page, "09-models")
+
+
+def test_an_admin_registers_a_model_from_the_catalog_page(site):
+    page = login(site, "admin")
+    page.goto(site["base"] + "/#/models")
+    page.wait_for_selector("#upload")
+    page.fill("#upload input[name=name]", "classifier")
+    page.fill("#upload input[name=version]", "v1")
+    page.set_input_files("#upload input[name=file]", str(site["v2"]))
+    page.click("#upload button[type=submit]")
+    expect(page.locator("#models tbody")).to_contain_text("classifier")
+    audit = api(site, "viewer").get("/api/v1/audit", query={"action": "model.add"}).body["items"]
+    assert [(e["actor"], e["subject"]) for e in audit] == [("api:admin-web", "classifier:v1")]
+    shot(site, page, "10-models-after-upload")
