@@ -43,7 +43,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, broker):
         group = ops.post("/api/v1/groups", {"name": "cams", "match": ["hw=jetson"]})
         assert group.status == 201, group
         wait_for(lambda: ops.get("/api/v1/devices", query={"online": "true"}).body["total"]
-                 == len(DEVICES), 30, "agents online")
+                 == len(DEVICES), 60, "agents online")
         created = ops.post("/api/v1/rollouts", {"version": "detector:v1", "group": "cams",
                                                 "health_window": "1s"})
         assert created.status == 201, created
