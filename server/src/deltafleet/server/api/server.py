@@ -34,6 +34,16 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage().split(": ", 1)[-1] if "bind" in record.getMessage() \
+            else record.getMessage()
+
+
 class ApiServer:
     def __init__(self, cfg: ServerConfig, store: Store) -> None:
         import uvicorn  # noqa: PLC0415 - only a server with the API on loads it
@@ -55,6 +65,7 @@ class ApiServer:
         self.app = build_app(cfg, store, secure_cookies=self.tls)
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
                                 access_log=False, lifespan="off", server_header=False,
+                                log_config=None,  # fleetctl server's logging, not uvicorn's
                                 ssl_certfile=str(cert) if cert else None,
                                 ssl_keyfile=str(key) if key else None)
         self._server = uvicorn.Server(config)
@@ -73,13 +84,24 @@ class ApiServer:
         return self.port
 
     def start(self, timeout_s: float = 15.0) -> None:
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise UsageError(f"the API cannot listen on {self.host}:{self.port} (in use, or "
-                                 "not an address of this host?)")
-            time.sleep(0.02)
+        """Listen, or raise UsageError with uvicorn's reason as one line (its start-up log is
+        held back meanwhile, so a bad address prints one error, not two)."""
+        uv_log = logging.getLogger("uvicorn.error")
+        held = _Held()
+        uv_log.addHandler(held)
+        uv_log.propagate = False
+        try:
+            self._thread.start()
+            deadline = time.monotonic() + timeout_s
+            while not self._server.started:
+                if not self._thread.is_alive() or time.monotonic() > deadline:
+                    reason = held.last or "no reason given"
+                    raise UsageError(f"the API cannot listen on {self.host}:{self.port}: "
+                                     f"{reason}")
+                time.sleep(0.02)
+        finally:
+            uv_log.removeHandler(held)
+            uv_log.propagate = True
         log.info("management API and console on %s", self.url)
 
     def stop(self, timeout_s: float = 10.0) -> None:
