@@ -81,3 +81,18 @@ def test_listen_addresses(text, expected):
 def test_a_bad_listen_address_is_one_clear_error():
     with pytest.raises(UsageError, match="expected HOST:PORT or PORT"):
         parse_listen("localhost:http")
+
+
+def test_a_taken_port_is_one_clear_error(tmp_path: Path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = ServerConfig.from_env({"FLEET_HOME": str(tmp_path),
+                                     "FLEET_API_LISTEN": f"127.0.0.1:{port}"})
+        server = ApiServer(cfg, Store("sqlite://"))
+        with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port}: address "
+                                             "already in use"):
+            server.start()
