@@ -7,6 +7,7 @@ thread; ``stop()`` asks it to exit and waits for in-flight requests.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -69,7 +70,11 @@ class ApiServer:
                                 ssl_certfile=str(cert) if cert else None,
                                 ssl_keyfile=str(key) if key else None)
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="fleet-api", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="fleet-api", daemon=True)
+
+    def _run(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits on a failed bind: start() says so
+            self._server.run()
 
     @property
     def url(self) -> str:
