@@ -253,3 +253,17 @@ def test_fleetctl_token_refuses_a_bad_role_and_never_lists_secrets(fleet):
     assert dup.returncode == 2 and "exists" in dup.stderr
     listed = lab.fleetctl("token", "list").stdout
     assert "viewer-1" in listed and "dft_" not in listed
+
+
+def test_the_console_serves_only_its_own_static_files(fleet):
+    anon = client(fleet)
+    index = anon.get("/")
+    assert index.status == 200 and b"/static/console.js" in index.body
+    assert "script-src 'self'" in index.headers["content-security-policy"]
+    assert anon.get("/static/console.js").status == 200
+    key = (fleet["lab"].home / "keys" / "signing.key").read_bytes()
+    for path in ("/static/../app.py", "/static/..%2f..%2f..%2fkeys%2fsigning.key",
+                 "/static/%2e%2e/tokens.py", "/keys/signing.key"):
+        reply = anon.get(path)
+        assert reply.status == 404 and key not in (reply.body if isinstance(reply.body, bytes)
+                                                   else b""), path
