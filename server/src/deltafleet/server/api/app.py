@@ -157,6 +157,7 @@ async def _principal(ctx: ApiContext, request: Request, *, write: bool) -> Princ
         principal = await run_in_threadpool(_authenticate, ctx.store, secret.strip())
         if principal is None:
             ctx.limiter.failed(client)
+            log.warning("API: a bad or revoked token from %s", client)
             raise ApiProblem(401, "invalid or revoked token", kind="unauthorized",
                              headers={"www-authenticate": "Bearer"})
         return principal
@@ -315,6 +316,7 @@ def _login(ctx: ApiContext) -> Callable[[Request], Any]:
                          if isinstance(secret, str) else None)
             if principal is None:
                 ctx.limiter.failed(client)
+                log.warning("API: a failed console login from %s", client)
                 raise ApiProblem(401, "invalid or revoked token", kind="unauthorized")
             sid, session = ctx.sessions.open(sha(secret.strip()))  # type: ignore[union-attr]
             response = JSONResponse({"name": principal.name, "role": principal.role,
