@@ -19,6 +19,15 @@ $(CURDIR)/.tools/bin/uv:
 
 install: .venv/.installed
 
+# The console tests' headless browser: Debian's chromium, driven by Playwright (no browser
+# download). Installed when missing (apt-get update once, then the package; needs root).
+CHROMIUM := /usr/bin/chromium
+install: $(CHROMIUM)
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "note: install Debian's chromium (apt-get install chromium) for the console tests"; fi
+
 demo: install
 	$(RUN) python -m scripts.demo
 

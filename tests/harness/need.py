@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-__all__ = ["IN_CI", "missing"]
+__all__ = ["CHROMIUM", "IN_CI", "chromium", "missing"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -17,3 +18,17 @@ def missing(what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required under CI=true", pytrace=False)
     pytest.skip(f"{what} not available")
+
+
+CHROMIUM = Path(os.environ.get("FLEET_TEST_CHROMIUM", "/usr/bin/chromium"))
+
+
+def chromium() -> str:
+    """Debian's chromium for Playwright (``executable_path``); missing: skip, or fail in CI."""
+    if not CHROMIUM.is_file():
+        missing(f"the chromium browser ({CHROMIUM}; `make install` installs it)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing("Playwright for Python (the dev dependency group)")
+    return str(CHROMIUM)

@@ -77,6 +77,11 @@ class ServerConfig:
     # None = a plain subscription (one replica).
     share_group: str | None = None
     keylist_ttl_s: int = 365 * 86400  # how long a root-signed key list stays valid
+    # Management API and web console (FLEET_API_LISTEN, HOST:PORT or PORT = 127.0.0.1:PORT);
+    # None = off. TLS on the listener when FLEET_API_TLS_CERT and FLEET_API_TLS_KEY are set.
+    api_listen: str | None = None
+    api_tls_cert_file: Path | None = None
+    api_tls_key_file: Path | None = None
 
     @property
     def keys_dir(self) -> Path:
@@ -107,8 +112,9 @@ class ServerConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
         """Read FLEET_HOME, FLEET_DB_URL, FLEET_MQTT_URL, FLEET_TOPIC_PREFIX, FLEET_MQTT_CA,
         FLEET_MQTT_CERT, FLEET_MQTT_KEY, FLEET_MQTT_USERNAME, FLEET_MQTT_PASSWORD and
-        FLEET_MQTT_IDENTITY, FLEET_SERVER_ID, FLEET_SHARE_GROUP, FLEET_CHUNK_ROUND_S, FLEET_CHUNK_RETAIN and
-        FLEET_CHUNK_RETAIN_LINGER_S (empty = unset).
+        FLEET_MQTT_IDENTITY, FLEET_SERVER_ID, FLEET_SHARE_GROUP, FLEET_CHUNK_ROUND_S, FLEET_CHUNK_RETAIN,
+        FLEET_CHUNK_RETAIN_LINGER_S, FLEET_API_LISTEN, FLEET_API_TLS_CERT and FLEET_API_TLS_KEY
+        (empty = unset).
 
         The server identity is FLEET_MQTT_IDENTITY, else FLEET_SERVER_ID, else ``fleet-server``;
         the share group is FLEET_SHARE_GROUP, else the content of ``$FLEET_HOME/share-group``.
@@ -137,6 +143,9 @@ class ServerConfig:
             chunk_round_s=_seconds(env, "FLEET_CHUNK_ROUND_S", 5.0),
             chunk_retain=_flag(env, "FLEET_CHUNK_RETAIN", True),
             chunk_retain_linger_s=_seconds(env, "FLEET_CHUNK_RETAIN_LINGER_S", 900.0),
+            api_listen=env.get("FLEET_API_LISTEN") or None,
+            api_tls_cert_file=path("FLEET_API_TLS_CERT"),
+            api_tls_key_file=path("FLEET_API_TLS_KEY"),
         )
 
 

@@ -35,6 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -67,6 +68,9 @@ from .ingest import UnstorableMessage, fits_store
 from .keys import online_signing_key, trust_publications
 from .store import BlobStore, Store, StoreError
 from .store.models import Artifact, Delta, DeviceEvent, utcnow
+
+if TYPE_CHECKING:
+    from .api.server import ApiServer
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +142,19 @@ class FleetServer:
 
     # -- loop ------------------------------------------------------------------------------
     def run(self, *, connect_timeout_s: float = 15.0) -> None:
+        self.api: ApiServer | None = None
+        if self.cfg.api_listen:  # the management API + console: uvicorn on a thread of its own
+            from .api.server import ApiServer  # noqa: PLC0415
+
+            self.api = ApiServer(self.cfg, self.store)
+            self.api.start()
         self.mqtt.start()
-        self.mqtt.wait_connected(connect_timeout_s)
+        try:
+            self.mqtt.wait_connected(connect_timeout_s)
+        except BaseException:
+            if self.api is not None:
+                self.api.stop()
+            raise
         log.info("server %s connected to %s", self.replica_id, self.cfg.mqtt_url)
         try:
             while not self.stop_event.is_set():
@@ -152,6 +167,8 @@ class FleetServer:
                 self.mqtt.publish(self.topics.server_status(), b"offline", retain=True)
             self.mqtt.stop()
             self.deltas.shutdown()
+            if self.api is not None:
+                self.api.stop()
 
     def _tick(self) -> None:
         """One loop step: apply a batch of device messages (waiting at most until chunks are

@@ -50,6 +50,7 @@ _COMMANDS: list[tuple[str, str, str | None, str]] = [
     ("keys", "keys", None, "Root of trust and manifest signing keys."),
     ("broker", "broker", None, "The MQTT broker's configuration."),
     ("store", "store", None, "The server's blob store."),
+    ("token", "token", None, "Management API tokens and their roles."),
 ]
 _BY_NAME = {c[0]: c for c in _COMMANDS}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from typing import Annotated
@@ -14,11 +15,17 @@ from ._common import open_store
 
 def server(
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
+    api_listen: Annotated[str | None, typer.Option(
+        "--api-listen", metavar="HOST:PORT",
+        help="Serve the management API and web console here (default: FLEET_API_LISTEN; "
+             "unset = off; PORT alone = 127.0.0.1:PORT).")] = None,
 ) -> None:
     """Run the server in the foreground until SIGTERM/SIGINT."""
     from ..daemon import FleetServer
 
     cfg = ServerConfig.from_env()
+    if api_listen:
+        cfg = dataclasses.replace(cfg, api_listen=api_listen)
     store = open_store(cfg)  # a home without `fleetctl init` is refused before any log line
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,7 +1,7 @@
 """ORM schema (SQLAlchemy 2.0 typed). Alembic migrations are the only thing that creates it.
 
 Tables: devices, device_models, groups, models, model_versions, variants, artifacts, deltas,
-rollouts, rollout_targets, rollout_counts, audit_log.
+rollouts, rollout_targets, rollout_counts, audit_log, api_tokens.
 
 ``rollout_counts`` holds, per rollout, wave and state, how many targets are in it. It is kept
 by one flush hook (``count_target_moves``) in the same transaction as every insert, move or
@@ -304,6 +304,21 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str] = mapped_column(String(256))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ApiToken(Base):
+    """A management API token (``api.tokens``): only the sha256 of the secret is kept; a
+    revoked token stays listed (``revoked_at``) and is refused at once."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(48), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # viewer | operator | admin
+    token_sha256: Mapped[str] = mapped_column(SHA, unique=True)
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 def _old_value(session: Session, target: RolloutTarget, name: str) -> Any:

@@ -1,0 +1,447 @@
+"""The API's endpoints: each one calls what the matching ``fleetctl`` command calls.
+
+Handlers are plain functions of a ``Call`` (the principal, path and query parameters, the
+parsed body) returning JSON-able data; they run in a worker thread (``app``), read through
+``Store.read()`` and write through ``Store.session()``. Domain rules live in ``fleet``,
+``catalog``, ``rollouts``, ``views`` and ``audit``: nothing here decides what a rollout or a
+device may do. A write is audited by the domain function (or here, as the CLI does it) with
+the token's name as the actor (``api:<name>``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from .. import catalog, fleet, views
+from ..audit import audit, list_audit
+from ..config import ServerConfig
+from ..errors import UsageError
+from ..rollout.states import ACTIONS, ACTIVE_ROLLOUT_STATES
+from ..rollouts import act_on_rollout, create_rollout, get_rollout, list_rollouts, plan_rollout, rollout_json
+from ..store import BlobStore, Store
+from ..store.models import Device, DeviceEvent, Model, ModelVersion, Rollout, RolloutTarget
+from .problems import ApiProblem
+from .tokens import Principal, create_token, list_tokens, revoke_token, token_to_json
+
+MAX_PAGE = 500
+DEFAULT_PAGE = 100
+
+
+@dataclass
+class Call:
+    """One API request as a handler sees it."""
+
+    principal: Principal
+    cfg: ServerConfig
+    store: Store
+    blobs: BlobStore
+    params: Mapping[str, Any] = field(default_factory=dict)
+    query: Mapping[str, list[str]] = field(default_factory=dict)
+    body: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, list[Path]] = field(default_factory=dict)  # multipart uploads, on disk
+
+    def q(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    def q_bool(self, name: str) -> bool | None:
+        raw = self.q(name)
+        if raw is None or raw == "":
+            return None
+        if raw.lower() in ("1", "true", "yes"):
+            return True
+        if raw.lower() in ("0", "false", "no"):
+            return False
+        raise UsageError(f"invalid {name}={raw!r}: use true or false")
+
+    def q_int(self, name: str, default: int, lo: int, hi: int) -> int:
+        raw = self.q(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise UsageError(f"invalid {name}={raw!r}: use a whole number from {lo} to {hi}")
+        return value
+
+    def page(self) -> tuple[int, int]:
+        return (self.q_int("limit", DEFAULT_PAGE, 1, MAX_PAGE),
+                self.q_int("offset", 0, 0, 2**31))
+
+    def text(self, name: str, *, required: bool = True) -> str | None:
+        value = self.body.get(name)
+        if value is None:
+            if required:
+                raise UsageError(f"missing field {name!r}")
+            return None
+        if not isinstance(value, str):
+            raise UsageError(f"field {name!r} must be a string")
+        return value
+
+
+def _paged(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
+    return {"items": items[offset:offset + limit], "total": len(items), "limit": limit,
+            "offset": offset}
+
+
+# -- devices ---------------------------------------------------------------------------------
+def _label_filters(c: Call) -> dict[str, str]:
+    out = {}
+    for item in c.query.get("label", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"invalid label={item!r}: use label=KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def devices_list(c: Call) -> dict[str, Any]:
+    """Filters: group, online, model, version (what it runs), state (what a rollout asked of
+    it is in this state), label=KEY=VALUE (repeatable), q (part of the id); limit/offset."""
+    group, model, version, state, q = (c.q("group"), c.q("model"), c.q("version"), c.q("state"),
+                                       c.q("q"))
+    online = c.q_bool("online")
+    labels = _label_filters(c)
+    limit, offset = c.page()
+    with c.store.read() as s:
+        devices = fleet.devices_in_group(s, group) if group else fleet.list_devices(s)
+        desired_all = fleet.desired_models(s, devices) if state else {}
+
+        def keep(d: Device) -> bool:
+            if online is not None and bool(d.online) is not online:
+                return False
+            if q and q not in d.id:
+                return False
+            if any((d.labels or {}).get(k) != v for k, v in labels.items()):
+                return False
+            if model or version:
+                runs = [m for m in d.models if not model or m.model_name == model]
+                if not runs or (version and not any(m.version == version for m in runs)):
+                    return False
+            return not state or any(x.state == state for x in desired_all.get(d.id, []))
+
+        picked = [d for d in devices if keep(d)]
+        page = picked[offset:offset + limit]
+        desired = fleet.desired_models(s, page)
+        items = [views.device_to_json(d, desired[d.id]) for d in page]
+    return {"items": items, "total": len(picked), "limit": limit, "offset": offset}
+
+
+def device_show(c: Call) -> dict[str, Any]:
+    with c.store.read() as s:
+        d = fleet.get_device(s, c.params["device_id"])
+        return views.device_to_json(d, fleet.desired_models(s, [d])[d.id])
+
+
+def device_labels(c: Call) -> dict[str, Any]:
+    with c.store.read() as s:
+        d = fleet.get_device(s, c.params["device_id"])
+        return {"device": d.id, "labels": dict(d.labels or {})}
+
+
+def device_history(c: Call) -> dict[str, Any]:
+    """The device's rollout targets (newest first: what it was asked, and how it went) and the
+    update events it reported lately (kept 7 days)."""
+    limit = c.q_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    with c.store.read() as s:
+        d = fleet.get_device(s, c.params["device_id"])
+        rows = s.execute(
+            select(RolloutTarget, Rollout.state, Model.name, ModelVersion.version)
+            .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+            .join(Model, Model.id == Rollout.model_id)
+            .join(ModelVersion, ModelVersion.id == Rollout.version_id)
+            .where(RolloutTarget.device_id == d.id)
+            .order_by(RolloutTarget.rollout_id.desc()).limit(limit)).all()
+        events = s.scalars(select(DeviceEvent).where(DeviceEvent.device_id == d.id)
+                           .order_by(DeviceEvent.at.desc()).limit(limit)).all()
+        return {
+            "device": d.id,
+            "rollouts": [{"rollout_id": t.rollout_id, "rollout_state": rstate, "model": name,
+                          "version": version, "state": t.state, "reason": t.reason,
+                          "attempts": t.attempts, "artifact": t.artifact_kind,
+                          "bytes_sent": t.bytes_to_send, "previous_version": t.previous_version,
+                          "updated_at": t.updated_at.isoformat() if t.updated_at else None}
+                         for t, rstate, name, version in rows],
+            "events": [{"state": e.state, "at": e.at.isoformat()} for e in events],
+        }
+
+
+def labels_list(c: Call) -> dict[str, Any]:
+    """Every label key in the fleet with its values and how many devices carry each."""
+    out: dict[str, dict[str, int]] = {}
+    with c.store.read() as s:
+        for labels in s.scalars(select(Device.labels)):
+            for k, v in (labels or {}).items():
+                out.setdefault(k, {})
+                out[k][v] = out[k].get(v, 0) + 1
+    return {"labels": out}
+
+
+def fleet_summary(c: Call) -> dict[str, Any]:
+    """Devices online/offline, by what they run and by the state of what they were asked."""
+    with c.store.read() as s:
+        devices = fleet.list_devices(s)
+        desired = fleet.desired_models(s, devices)
+        active = sum(1 for r in list_rollouts(s) if r.state in ACTIVE_ROLLOUT_STATES)
+        by_model: dict[str, int] = {}
+        by_state: dict[str, int] = {}
+        for d in devices:
+            for m in d.models:
+                key = f"{m.model_name}:{m.version or '?'}"
+                by_model[key] = by_model.get(key, 0) + 1
+            for x in desired[d.id]:
+                by_state[x.state] = by_state.get(x.state, 0) + 1
+        online = sum(1 for d in devices if d.online)
+    return {"devices": len(devices), "online": online, "offline": len(devices) - online,
+            "by_model": dict(sorted(by_model.items())), "by_state": dict(sorted(by_state.items())),
+            "active_rollouts": active}
+
+
+# -- groups ----------------------------------------------------------------------------------
+def groups_list(c: Call) -> list[dict[str, Any]]:
+    with c.store.read() as s:
+        devices = fleet.list_devices(s)
+        return [views.group_to_json(g, [d.id for d in devices
+                                        if fleet.device_matches(d, g.selector)])
+                for g in fleet.list_groups(s)]
+
+
+def group_show(c: Call) -> dict[str, Any]:
+    """As `fleetctl group show --json`: the selector and each member as a device."""
+    name = c.params["name"]
+    with c.store.read() as s:
+        group = fleet.get_group(s, name)
+        members = fleet.devices_in_group(s, name)
+        desired = fleet.desired_models(s, members)
+        out = views.group_to_json(group, [d.id for d in members])
+        out["members"] = [views.device_to_json(d, desired[d.id]) for d in members]
+    return out
+
+
+def group_create(c: Call) -> dict[str, Any]:
+    """Body: {"name": ..., "match": ["KEY=VALUE", "KEY in (A, B)"]} or {"name": ..., "all": true}."""
+    from ..cli.group import parse_matches  # noqa: PLC0415 - the parser `group create` uses
+
+    name = c.text("name")
+    assert name is not None
+    matches = c.body.get("match") or []
+    if not isinstance(matches, list) or not all(isinstance(m, str) for m in matches):
+        raise UsageError("field 'match' must be a list of strings")
+    all_devices = c.body.get("all") is True
+    if not matches and not all_devices:
+        raise UsageError("give at least one match KEY=VALUE, or all: true for every device")
+    if matches and all_devices:
+        raise UsageError("all and match exclude each other")
+    selector = parse_matches(matches)
+    with c.store.session() as s:
+        group = fleet.create_group(s, name, selector)
+        members = [d.id for d in fleet.devices_in_group(s, name)]
+        audit(s, c.principal.actor, "group.create", name, {"selector": selector})
+        return views.group_to_json(group, members)
+
+
+# -- models ----------------------------------------------------------------------------------
+def models_list(c: Call) -> list[dict[str, Any]]:
+    with c.store.read() as s:
+        return [views.model_to_json(m, detail=False) for m in catalog.list_models(s)]
+
+
+def model_show(c: Call) -> dict[str, Any]:
+    with c.store.read() as s:
+        return views.model_to_json(catalog.get_model(s, c.params["name"]))
+
+
+def version_show(c: Call) -> dict[str, Any]:
+    name, version = c.params["name"], c.params["version"]
+    with c.store.read() as s:
+        catalog.resolve_version(s, f"{name}:{version}")  # the CLI's "unknown version" error
+        model = views.model_to_json(catalog.get_model(s, name))
+    (v,) = [v for v in model["versions"] if v["version"] == version]
+    return {"model": name, **v}
+
+
+def model_upload(c: Call) -> dict[str, Any]:
+    """Multipart: ``file`` (ONNX or TFLite), ``version``, optional ``variant``, ``precision``
+    and ``golden`` files (.npz); registers the version as `fleetctl model add` does."""
+    from ..cli.model import _forget_unreferenced  # noqa: PLC0415 - the clean-up `model add` does
+
+    name = c.params["name"]
+    version = c.text("version")
+    variant = c.text("variant", required=False) or "default"
+    precision = c.text("precision", required=False) or "fp32"
+    files = c.files.get("file") or []
+    if len(files) != 1:
+        raise UsageError("send exactly one model file as the multipart field 'file'")
+    file = files[0]
+    golden = c.files.get("golden") or []
+    new_blobs: set[str] = set()
+    try:
+        with c.store.session() as s:
+            new_blobs = s.info.setdefault(catalog.NEW_BLOBS_KEY, set())
+            row = catalog.add_model_version(s, c.blobs, name, str(version), file,
+                                            variant=variant, precision=precision, golden=golden)
+            compressed = catalog.compressed_artifact(row.info)
+            audit(s, c.principal.actor, "model.add", f"{name}:{version}", {
+                "variant": variant, "precision": precision, "format": row.format,
+                "sha256": row.artifact_sha256, "file": file.name,
+                "compressed_sha256": compressed.sha256 if compressed else None,
+                "golden_inputs": len((row.info or {}).get("golden", [])),
+            })
+    except BaseException:
+        _forget_unreferenced(c.store, c.blobs, new_blobs)
+        raise
+    with c.store.read() as s:
+        model = views.model_to_json(catalog.get_model(s, name))
+    (v,) = [v for v in model["versions"] if v["version"] == version]
+    return {"model": name, **v}
+
+
+def upload_dir(cfg: ServerConfig) -> Path:
+    path = cfg.home / "work" / "uploads" / uuid.uuid4().hex
+    path.mkdir(parents=True)
+    return path
+
+
+def remove_upload(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- rollouts --------------------------------------------------------------------------------
+POLICY_TEXT = ("canary", "waves", "max_failure", "on_failure", "health_window", "max_error_rate",
+               "max_p95_ratio", "retry_backoff", "state_timeout", "bandwidth")
+POLICY_NUMBER = {"p95_slack_ms": float, "max_concurrent": int, "max_attempts": int}
+POLICY_FLAG = ("allow_io_change",)
+
+
+def _policy(body: Mapping[str, Any]) -> Any:
+    """The rollout policy from the same option names as `fleetctl rollout model` (with its
+    defaults for those not given)."""
+    from ..policy import RolloutPolicy  # noqa: PLC0415
+
+    opts: dict[str, Any] = {}
+    for key, value in body.items():
+        if key in ("version", "group", "allow_empty"):
+            continue
+        if key in POLICY_TEXT:
+            ok = isinstance(value, str) or (value is None and key in ("canary", "bandwidth"))
+        elif key in POLICY_NUMBER:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if ok and POLICY_NUMBER[key] is int:
+                ok = isinstance(value, int)
+        elif key in POLICY_FLAG:
+            ok = isinstance(value, bool)
+        else:
+            raise UsageError(f"unknown field {key!r}")
+        if not ok:
+            raise UsageError(f"field {key!r} has the wrong type")
+        opts[key] = value
+    return RolloutPolicy.from_options(**opts)
+
+
+def rollouts_list(c: Call) -> dict[str, Any]:
+    limit, offset = c.page()
+    state = c.q("state")
+    with c.store.read() as s:
+        rows = [r for r in list_rollouts(s) if not state or r.state == state]
+        page = [rollout_json(s, r, with_targets=False) for r in rows[offset:offset + limit]]
+    return {"items": page, "total": len(rows), "limit": limit, "offset": offset}
+
+
+def rollout_show(c: Call) -> dict[str, Any]:
+    """As `fleetctl rollout status --json`, plus ``actions``: the operator actions its state
+    allows now (``rollout.states.ACTIONS``)."""
+    with c.store.read() as s:
+        out = rollout_json(s, get_rollout(s, c.params["rollout_id"]))
+    out["actions"] = [a for a, act in ACTIONS.items() if out["state"] in act.allowed]
+    return out
+
+
+def rollout_plan(c: Call) -> dict[str, Any]:
+    spec, group = c.q("version"), c.q("group")
+    if not spec or not group:
+        raise UsageError("give version=[NAME:]VERSION and group=NAME")
+    blobs = c.blobs
+    with c.store.read() as s:
+        return plan_rollout(s, spec, group,
+                            blob_problem=lambda sha: None if blobs.has(sha) else "missing")
+
+
+def rollout_create(c: Call) -> dict[str, Any]:
+    """Body: {"version": "[NAME:]VERSION", "group": NAME, "allow_empty": false, and any option
+    of `fleetctl rollout model` by its name: "canary": "2", "waves": "50%,100%", ...}."""
+    spec, group = c.text("version"), c.text("group")
+    assert spec is not None and group is not None
+    policy = _policy(c.body)
+    allow_empty = c.body.get("allow_empty") is True
+    with c.store.session() as s:
+        rollout_id = create_rollout(s, spec, group, c.principal.actor, policy=policy,
+                                    allow_empty=allow_empty).id
+    with c.store.read() as s:
+        return rollout_json(s, get_rollout(s, rollout_id))
+
+
+def rollout_action(action: str) -> Callable[[Call], dict[str, Any]]:
+    def act(c: Call) -> dict[str, Any]:
+        with c.store.session() as s:
+            r, changed = act_on_rollout(s, c.params["rollout_id"], action, c.principal.actor)
+            return {"id": r.id, "state": r.state, "changed": changed}
+
+    act.__doc__ = {"pause": "Stop dispatching to more devices (devices updating finish).",
+                   "resume": "Continue a paused rollout; failures so far are acknowledged.",
+                   "abort": "Stop the rollout for good; undelivered manifests are withdrawn.",
+                   "rollback": "Return every device the rollout touched to what it ran before.",
+                   }[action]
+    return act
+
+
+# -- audit and tokens --------------------------------------------------------------------------
+def audit_list(c: Call) -> dict[str, Any]:
+    """Oldest first (``newest_first=true`` to reverse); since: ISO time or 30m, 24h, 7d;
+    actor, action: exact matches; limit/offset."""
+    from ..cli.audit import parse_since  # noqa: PLC0415 - the parser `fleetctl audit` uses
+
+    since = c.q("since")
+    actor, action = c.q("actor"), c.q("action")
+    limit, offset = c.page()
+    with c.store.read() as s:
+        rows = [views.audit_to_json(e) for e in list_audit(s, parse_since(since) if since else None)
+                if (not actor or e.actor == actor) and (not action or e.action == action)]
+    if c.q_bool("newest_first"):
+        rows.reverse()
+    return _paged(rows, limit, offset)
+
+
+def tokens_list(c: Call) -> list[dict[str, Any]]:
+    with c.store.read() as s:
+        return [token_to_json(t) for t in list_tokens(s)]
+
+
+def token_create(c: Call) -> dict[str, Any]:
+    name, role = c.text("name"), c.text("role", required=False) or "viewer"
+    assert name is not None
+    with c.store.session() as s:
+        row, secret = create_token(s, name, role, c.principal.actor)
+        return {**token_to_json(row), "token": secret}
+
+
+def token_revoke(c: Call) -> dict[str, Any]:
+    with c.store.session() as s:
+        row, changed = revoke_token(s, c.params["name"], c.principal.actor)
+        return {**token_to_json(row), "changed": changed}
+
+
+def whoami(c: Call) -> dict[str, Any]:
+    return {"name": c.principal.name, "role": c.principal.role}
+
+
+def not_found(_: Call) -> Any:
+    raise ApiProblem(404, "no such endpoint")
