@@ -372,10 +372,13 @@ def count_target_moves(session: Session, _context: Any, _instances: Any) -> None
     # the dialects' inserts are imported here: loading both dialect packages costs ~50 ms of
     # every fleetctl start, and only writes that touch the counters need one
     if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        stmt: Any = pg_insert(table)
     else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(table)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        stmt = sqlite_insert(table)
     conn.execute(stmt.on_conflict_do_update(
         index_elements=[table.c.rollout_id, table.c.wave, table.c.state],
         set_={"n": table.c.n + stmt.excluded.n}), rows)
