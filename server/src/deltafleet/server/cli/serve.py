@@ -14,13 +14,22 @@ from ._common import open_store
 
 def server(
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
+    metrics_listen: Annotated[str | None, typer.Option(
+        "--metrics-listen", metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (default: FLEET_METRICS_LISTEN, else off)")] = None,
 ) -> None:
     """Run the server in the foreground until SIGTERM/SIGINT."""
+    import dataclasses
+
+    from ..config import check_listen
     from ..daemon import FleetServer
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServerConfig.from_env()
+    if metrics_listen:
+        cfg = dataclasses.replace(cfg, metrics_listen=check_listen(metrics_listen,
+                                                                   "--metrics-listen"))
     with open_store(cfg) as store:
         srv = FleetServer(cfg, store)
         for sig in (signal.SIGTERM, signal.SIGINT):
