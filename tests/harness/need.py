@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-__all__ = ["IN_CI", "missing"]
+__all__ = ["IN_CI", "missing", "prometheus"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -17,3 +17,15 @@ def missing(what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required under CI=true", pytrace=False)
     pytest.skip(f"{what} not available")
+
+
+def prometheus() -> tuple[str, str]:
+    """The ``prometheus`` and ``promtool`` binaries (Debian's ``prometheus`` package, which
+    ``make install`` installs when missing); skips, or fails under ``CI=true``, without them."""
+    import shutil
+
+    prom, tool = shutil.which("prometheus"), shutil.which("promtool")
+    if not (prom and tool):
+        missing("prometheus and promtool (Debian package `prometheus`: run `make install`)")
+    assert prom and tool
+    return prom, tool

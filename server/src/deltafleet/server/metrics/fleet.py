@@ -176,7 +176,7 @@ class FleetCollector(Collector):
             for rid, w, state, n in s.execute(
                     select(RolloutCount.rollout_id, RolloutCount.wave, RolloutCount.state,
                            RolloutCount.n)
-                    .where(RolloutCount.rollout_id.in_(ids), RolloutCount.n != 0)):
+                    .where(RolloutCount.rollout_id.in_(ids))):  # zeros too: a move shows
                 g.add_metric([str(rid), str(w), state], n)
         yield g
 
