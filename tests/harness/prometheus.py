@@ -21,7 +21,8 @@ from .fleetlab import free_port
 def scrape_config(jobs: dict[str, list[str]], *, interval_s: float = 1.0,
                   rules: list[Path] = ()) -> str:  # type: ignore[assignment]
     """prometheus.yml text: one job per entry of ``jobs`` (its host:port targets)."""
-    lines = ["global:", f"  scrape_interval: {interval_s}s", f"  evaluation_interval: {interval_s}s"]
+    every = f"{round(interval_s * 1000)}ms"
+    lines = ["global:", f"  scrape_interval: {every}", f"  evaluation_interval: {every}"]
     if rules:
         lines += ["rule_files:"] + [f"  - {json.dumps(str(r))}" for r in rules]
     lines.append("scrape_configs:")

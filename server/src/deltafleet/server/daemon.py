@@ -420,8 +420,8 @@ class FleetServer:
         if kind is None:
             try:
                 with self.store.read() as s:
-                    row = s.get(Artifact, sha)
-                kind = "delta" if row is not None and row.kind == "delta" else "full"
+                    stored = s.scalar(select(Artifact.kind).where(Artifact.sha256 == sha))
+                kind = "delta" if stored == "delta" else "full"
             except SQLAlchemyError:
                 return "full"
             self._artifact_kinds[sha] = kind
