@@ -6,12 +6,14 @@ SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 
+from deltafleet.server import fleet
 from deltafleet.server.config import ServerConfig
 from deltafleet.server.daemon import FleetServer
 from deltafleet.server.metrics import apply_telemetry
@@ -29,7 +31,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path):
     upgrade(url)
     s = Store(url)
     with s.session() as db:
-        db.add(Device(id="cam-1", arch="aarch64", accelerator="cuda", labels={}, runtimes={}))
+        db.add(Device(id="cam-1", arch="aarch64", accelerator="cuda", labels={"hw": "jetson"},
+                      runtimes={}))
+        db.add(Device(id="cam-2", arch="x86_64", labels={"hw": "x86", "site": "b"}, runtimes={}))
+    with s.session() as db:
+        for name, selector in (("jetson", {"hw": "jetson"}), ("cuda", {"accelerator": "cuda"}),
+                               ("x86-b", {"hw": ["x86", "pi"], "site": "b"}), ("all", {})):
+            fleet.create_group(db, name, selector)
     yield s
     s.dispose()
 
@@ -91,6 +99,9 @@ def test_the_fleet_families_carry_no_device_id(store, tmp_path: Path):
     assert ('deltafleet_fleet_inference_requests_total{device_type="aarch64/cuda",model="detector",'
             'variant="int8",version="v2"} 10.0') in text
     assert "cam-1" not in text
+    groups = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'deltafleet_group_devices\{group="([^"]+)",online="false"\} (\S+)', text)}
+    assert groups == {"jetson": 1, "cuda": 1, "x86-b": 1, "all": 2}
 
 
 @pytest.mark.parametrize(("mutate", "reason"), [

@@ -1,7 +1,7 @@
 """Fleet gauges, computed from the store at scrape time (a prometheus-client custom collector).
 
-Every figure is an SQL aggregate (GROUP BY in the database; no per-device row reaches Python
-except one row per distinct label set for group membership), so a scrape costs a few queries
+Every figure is an SQL aggregate (GROUP BY in the database; no per-device row reaches Python:
+group membership is counted per distinct combination of the values the selectors name), so a scrape costs a few queries
 whatever the fleet size, and every replica of the server exposes the same numbers: they come
 from the one shared database, not from what each replica happened to handle. Aggregate them
 across replicas with ``max without (instance)``, never ``sum`` (docs/observability.md).
@@ -13,7 +13,6 @@ listing only active rollouts and those finished within ``FINISHED_KEPT_S``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -28,11 +27,11 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import Text, cast, func, or_, select
+from sqlalchemy import func, or_, select
 
 from deltafleet.shared.messages import TELEMETRY_LATENCY_BOUNDS_US
 
-from ..fleet.groups import device_matches
+from ..fleet.groups import PROFILE_SELECTOR_KEYS, device_matches
 from ..rollout.states import ACTIVE_ROLLOUT_STATES
 from ..store import Store
 from ..store.models import (
@@ -118,18 +117,20 @@ class FleetCollector(Collector):
                               "by online state.", labels=["group", "online"])
         groups = list(s.execute(select(Group.name, Group.selector)))
         if groups:
+            # GROUP BY only the fields the selectors name: one row per distinct combination of
+            # those values (a handful), however many devices and however varied their labels.
+            keys = sorted({k for _, sel in groups for k in (sel or {})})
+            exprs = [getattr(Device, k) if k in PROFILE_SELECTOR_KEYS
+                     else Device.labels[k].as_string() for k in keys]
             members: dict[tuple[str, str], int] = defaultdict(int)
-            for online, arch, os_, acc, cpu, labels, n in s.execute(
-                    select(Device.online, Device.arch, Device.os, Device.accelerator,
-                           Device.cpu, cast(Device.labels, Text), func.count())
-                    .group_by(Device.online, Device.arch, Device.os, Device.accelerator,
-                              Device.cpu, cast(Device.labels, Text))):
-                try:
-                    parsed = json.loads(labels) if labels else {}
-                except ValueError:
-                    parsed = {}
-                dev = SimpleNamespace(arch=arch, os=os_, accelerator=acc, cpu=cpu,
-                                      labels=parsed if isinstance(parsed, dict) else {})
+            for online, *values, n in s.execute(
+                    select(Device.online, *exprs, func.count())
+                    .group_by(Device.online, *exprs)):
+                seen = dict(zip(keys, values, strict=True))
+                dev = SimpleNamespace(
+                    **{k: seen.get(k) for k in PROFILE_SELECTOR_KEYS},
+                    labels={k: v for k, v in seen.items()
+                            if k not in PROFILE_SELECTOR_KEYS and v is not None})
                 for name, selector in groups:
                     if device_matches(dev, selector or {}):  # type: ignore[arg-type]
                         members[(name, _bool(online))] += n
