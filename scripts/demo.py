@@ -4,7 +4,8 @@ Starts a broker (Mosquitto if installed, else embedded amqtt; or FLEET_MQTT_URL)
 SQLite in a temp home, and three agents as separate processes (jetson-1, jetson-2, rpi-1). Rolls
 v1 to the whole fleet (full artifact: the model zstd-compressed), then v2 (last layer retrained)
 to `--group jetson` (delta), and prints what each device runs and, per rollout, the bytes sent
-against the model's own size. Leaves no process behind.
+against the model's own size, and where the server and agents serve their Prometheus metrics.
+Leaves no process behind (`make monitor` keeps the fleet running under a local Prometheus).
 
 Run from the repository root as a module: ``python -m scripts.demo``.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from deltafleet.agent.client import AgentClient
-from tests.harness.fleetlab import Lab, wait_for
+from tests.harness.fleetlab import Lab, free_port, wait_for
 from tests.harness.modelgen import make_onnx_pair
 
 DEVICES = {"jetson-1": "jetson", "jetson-2": "jetson", "rpi-1": "rpi"}
@@ -58,6 +59,27 @@ def sent(target: dict | None) -> str:
     return f"{target['bytes_sent']:,} ({target['artifact']})" if target else "-"
 
 
+def metric_lines(url: str, *names: str) -> list[str]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return [line for line in text.splitlines()
+            if line.split("{")[0].split(" ")[0] in names and not line.endswith(" 0.0")]
+
+
+def print_metrics(lab: Lab, metrics_port: int) -> None:
+    """Where the metrics are, and a few of them (docs/observability.md lists them all)."""
+    server = f"http://127.0.0.1:{metrics_port}/metrics"
+    print(f"\nmetrics: server {server} (fleetctl server --metrics-listen / FLEET_METRICS_LISTEN)")
+    for line in metric_lines(server, "deltafleet_devices", "deltafleet_device_models",
+                             "deltafleet_published_bytes_total"):
+        print(f"  {line}")
+    for device_id, port in lab.api_ports.items():
+        print(f"metrics: {device_id} http://127.0.0.1:{port}/metrics (its local API port)")
+    print("`make monitor` keeps this fleet running under a local Prometheus with the alert rules")
+
+
 def main() -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="deltafleet-demo-") as tmp:
@@ -78,9 +100,12 @@ def main() -> int:
                                    echo=True).stdout.strip())
             lab.fleetctl("group", "create", "fleet", "--match", "site=demo", echo=True)
             lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson", echo=True)
+            metrics_port = free_port()
+            lab.env["FLEET_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
             lab.start_server()
             for device_id, hw in DEVICES.items():
-                lab.start_agent(device_id, {"hw": hw, "site": "demo"})
+                lab.start_agent(device_id, {"hw": hw, "site": "demo"},
+                                extra_env={"FLEET_AGENT_TELEMETRY_S": "2"})
             wait_for(lambda: online(lab) >= set(DEVICES), 30, "3 agents online")
             print(f"agents online: {', '.join(DEVICES)}")
 
@@ -103,6 +128,7 @@ def main() -> int:
                     answer = client.predict("detector", x)
                 print(f"{device_id}: local inference API answered with detector "
                       f"{answer.version}{' (fallback)' if answer.fallback else ''}")
+            print_metrics(lab, metrics_port)
             ok = (first["state"] == status["state"] == "completed"
                   and lab.agent_status("rpi-1")[0]["version"] == "v1")
             print(f"\n{'OK' if ok else 'FAILED'}: demo finished in {time.monotonic() - t0:.1f} s")

@@ -59,10 +59,10 @@ class Prometheus:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"prometheus exited {self.proc.returncode}: "
                                    f"{self.log_path.read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
             time.sleep(0.2)
         raise TimeoutError(f"prometheus not ready on {self.url}")
 

@@ -209,12 +209,13 @@ def render_exposition(rec: TelemetryRecorder, *, agent_version: str,
     t.sample("deltafleet_agent_broker_connected", [], int(broker_connected))
     t.family("deltafleet_agent_model_info", "gauge",
              "What each model slot serves now (primary, fallback or none); always 1.")
-    for m in models:
-        serving = "primary" if m.get("loaded") else ("fallback" if m.get("fallback") else "none")
-        version = str(m.get("version") or "")
+    for slot in models:
+        serving = ("primary" if slot.get("loaded") else
+                   "fallback" if slot.get("fallback") else "none")
+        version = str(slot.get("version") or "")
         t.sample("deltafleet_agent_model_info",
-                 [*key_labels(str(m["name"]), version), ("serving", serving),
-                  ("in_trial", "true" if m.get("in_trial") else "false")], 1)
+                 [*key_labels(str(slot["name"]), version), ("serving", serving),
+                  ("in_trial", "true" if slot.get("in_trial") else "false")], 1)
     for name, attr, doc in (
             ("deltafleet_agent_inference_requests_total", "requests",
              "Predict requests of the local API that reached a model."),

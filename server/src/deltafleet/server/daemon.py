@@ -35,6 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TypeAlias
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -79,7 +80,7 @@ BATCH_MAX = 500  # device messages applied in one transaction
 INBOX_UNACKED = 1000  # backpressure: QoS 1 messages the broker may have outstanding to us
 LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRequest,
           "telemetry": Telemetry}
-Applied = Hello | Status | Event | Telemetry
+Applied: TypeAlias = Hello | Status | Event | Telemetry
 
 
 @dataclass
@@ -121,10 +122,6 @@ class FleetServer:
         self._next_reconcile = 0.0
         self._revoked_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
         self.guard = DeviceMessageGuard(is_denied=self._is_revoked)
-        self.metrics = ServerMetrics(self.store, guard=self.guard, stats=self.stats,
-                                     connected=lambda: self.mqtt.connected.is_set(),
-                                     backlog=lambda: self.mqtt.inbox.qsize())
-        self._artifact_kinds: dict[str, str] = {}
         # cfg.server_id (FLEET_SERVER_ID: one per replica, stable across restarts, equal to the
         # replica's certificate identity) turns on a persistent session: the broker queues
         # device events for us while this replica is down.
@@ -139,6 +136,10 @@ class FleetServer:
         # With a share group (a secret: cfg.share_group) replicas share device traffic: the
         # broker hands each message to one member of the shared subscription ($share works on
         # MQTT 5 and, with Mosquitto 2, on 3.1.1 too).
+        self.metrics = ServerMetrics(self.store, guard=self.guard, stats=self.stats,
+                                     connected=lambda: self.mqtt.connected.is_set(),
+                                     backlog=lambda: self.mqtt.inbox.qsize())
+        self._artifact_kinds: dict[str, str] = {}
         share = cfg.share_group
         for leaf in LEAVES:
             topic = self.topics.all_devices(leaf)

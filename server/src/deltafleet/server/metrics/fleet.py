@@ -1,9 +1,9 @@
 """Fleet gauges, computed from the store at scrape time (a prometheus-client custom collector).
 
 Every figure is an SQL aggregate (GROUP BY in the database; no per-device row reaches Python:
-group membership is counted per distinct combination of the values the selectors name), so a scrape costs a few queries
-whatever the fleet size, and every replica of the server exposes the same numbers: they come
-from the one shared database, not from what each replica happened to handle. Aggregate them
+group membership is counted per distinct combination of the values the selectors name), so a
+scrape costs a few queries whatever the fleet size, and every replica of the server exposes
+the same numbers: they come from the one shared database, not from what each replica happened to handle. Aggregate them
 across replicas with ``max without (instance)``, never ``sum`` (docs/observability.md).
 
 No family carries a device id: devices are counted by online state, model, version, variant,
