@@ -3,8 +3,9 @@
 Every figure is an SQL aggregate (GROUP BY in the database; no per-device row reaches Python:
 group membership is counted per distinct combination of the values the selectors name), so a
 scrape costs a few queries whatever the fleet size, and every replica of the server exposes
-the same numbers: they come from the one shared database, not from what each replica happened to handle. Aggregate them
-across replicas with ``max without (instance)``, never ``sum`` (docs/observability.md).
+the same numbers: they come from the one shared database, not from what each replica happened
+to handle. Aggregate them across replicas with ``max without (instance)``, never ``sum``
+(docs/observability.md).
 
 No family carries a device id: devices are counted by online state, model, version, variant,
 group and device type (``telemetry.device_type``); rollouts by their id, which is bounded by
