@@ -20,6 +20,8 @@ MQTT PUBLISH (fixed header, topic, packet id, payload) and its PUBACK, and the s
 Targets (``targets.json``, key ``metrics_cost``): ``scrape_cpu_ms_max`` (the slowest scrape)
 and ``telemetry_bytes_per_device_minute_max``; a missed target is reported, not failed.
 ``BENCH_QUICK=1`` uses 1,000 devices; ``BENCH_METRICS_DEVICES`` sets the size.
+``--drop-telemetry K`` (a test fault) deletes the telemetry of K devices behind the scrape's
+back: the run must then fail.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import delete
 
 from deltafleet.agent.telemetry import TelemetryRecorder
 from deltafleet.server import catalog, fleet
@@ -45,7 +48,7 @@ from deltafleet.server.metrics import apply_telemetry
 from deltafleet.server.policy import RolloutPolicy
 from deltafleet.server.rollouts import create_rollout
 from deltafleet.server.store import BlobStore, Store, upgrade
-from deltafleet.server.store.models import utcnow
+from deltafleet.server.store.models import DeviceTelemetry, utcnow
 from deltafleet.shared import Ack, Hello, ModelState, SigningKey, Topics, encode, sha256_file
 from tests.harness.modelgen import make_onnx_pair
 
@@ -147,6 +150,7 @@ def main() -> int:
     p.add_argument("--models", type=int, default=2)
     p.add_argument("--interval-s", type=float, default=60.0)
     p.add_argument("--targets", type=Path, default=HERE / "targets.json")
+    p.add_argument("--drop-telemetry", type=int, default=0, help=argparse.SUPPRESS)
     opts = p.parse_args()
     targets = json.loads(opts.targets.read_text()).get("metrics_cost", {}) \
         if opts.targets.exists() else {}
@@ -157,6 +161,10 @@ def main() -> int:
         t0 = time.monotonic()
         cfg, store, requests = build_store(root, opts.devices, v1)
         setup_s = time.monotonic() - t0
+        if opts.drop_telemetry:
+            with store.session() as s:
+                s.execute(delete(DeviceTelemetry).where(DeviceTelemetry.device_id.in_(
+                    [f"d{i:05d}" for i in range(opts.drop_telemetry)])))
         server = FleetServer(cfg, store)
         cpu_ms: list[float] = []
         text = ""
