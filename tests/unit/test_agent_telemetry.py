@@ -69,3 +69,21 @@ def test_the_exposition_parses_with_base_units_and_total_suffixes():
     assert total.value == 0.002
     assert families["deltafleet_agent_outbox_messages"].samples[0].value == 3
     assert "cam-1" not in text  # the scrape target itself names the device
+
+
+def test_a_superseded_summary_leaves_the_outbox_without_counting_as_acked(tmp_path):
+    from deltafleet.agent.outbox import Outbox
+
+    class Offline:
+        def is_connected(self) -> bool:
+            return False
+
+        def publish_acked(self, topic: str, payload: bytes, timeout_s: float) -> None:
+            raise AssertionError("offline")
+
+    box = Outbox(tmp_path / "outbox", Offline())
+    box.put("tm-b-1", "t", b"{}")
+    box.put("event-1", "t", b"{}")
+    assert box.discard(["tm-b-1", "unknown"]) == 1
+    assert box.pending_ids() == ["event-1"] and box.acked == 0
+    assert len(list((tmp_path / "outbox").glob("*.json"))) == 1

@@ -387,7 +387,7 @@ class Agent:
         telemetry never holds more than one outbox entry."""
         summary = self.telemetry.summary(self.variant_of)
         if self._telemetry_id is not None:
-            self.outbox.ack([self._telemetry_id])
+            self.outbox.discard([self._telemetry_id])
         try:
             self.outbox.put(summary.telemetry_id, self.topics.telemetry(self.cfg.device_id),
                             encode(summary))
