@@ -19,7 +19,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 COUNTERS = ("requests", "errors", "fallbacks", "swaps", "trials_passed", "trials_failed",
-            "latency_sum_us", *(f"lat_{i}" for i in range(13)))
+            "agreement_ppm_sum", "agreement_trials", "latency_sum_us", *(f"lat_{i}" for i in range(13)))
 
 
 def upgrade() -> None:

@@ -138,6 +138,9 @@ def test_the_server_sums_device_telemetry_by_model_version_variant_and_device_ty
     assert swaps.get("v2", 0) >= 1  # jetson-1 swapped to v2 while reporting telemetry
     verdicts = samples(text, "deltafleet_fleet_trial_verdicts_total")
     assert sum(v for k, v in verdicts.items() if ("verdict", "passed") in k) >= 1
+    agreement = {dict(k)["version"]: v for k, v in
+                 samples(text, "deltafleet_fleet_trial_output_agreement_ratio").items()}
+    assert 0 <= agreement["v2"] <= 1  # v2's trial on jetson-1 ran beside v1
 
 
 def test_fleet_gauges_come_from_the_store(obs):

@@ -48,8 +48,9 @@ def summary(seq: int, requests: int, *, boot: str = "boot-a", errors: int = 0,
     buckets[3] = requests - errors
     return Telemetry(f"tm-{boot}-{seq}", device, boot, seq, 1_700_000_000 + seq, seq * 60,
                      50_000_000, (ModelTelemetry("detector", "v2", "int8", requests, errors, 0, 1,
-                                                 1, 0, 3000 * (requests - errors),
-                                                 tuple(buckets)),))
+                                                 1, 0, 900_000, 1,
+                                                 latency_sum_us=3000 * (requests - errors),
+                                                 latency_buckets=tuple(buckets)),))
 
 
 def totals(store: Store) -> dict[str, int]:
@@ -98,6 +99,8 @@ def test_the_fleet_families_carry_no_device_id(store, tmp_path: Path):
     text = generate_latest(server.metrics.registry).decode()
     assert ('deltafleet_fleet_inference_requests_total{device_type="aarch64/cuda",model="detector",'
             'variant="int8",version="v2"} 10.0') in text
+    assert ('deltafleet_fleet_trial_output_agreement_ratio{device_type="aarch64/cuda",'
+            'model="detector",variant="int8",version="v2"} 0.9') in text
     assert "cam-1" not in text
     groups = {m.group(1): float(m.group(2)) for m in re.finditer(
         r'deltafleet_group_devices\{group="([^"]+)",online="false"\} (\S+)', text)}

@@ -25,11 +25,13 @@ def test_swaps_and_trial_verdicts_come_from_the_reports():
     rec = TelemetryRecorder("cam-1")
     rec.on_report(Event("e1", "cam-1", "m1", 1, "detector", "v2", "trial"))
     rec.on_report(Event("e2", "cam-1", "m1", 1, "detector", "v2", "healthy",
-                        health={"requests": 50, "latency_ratio_pct": 97}))
+                        health={"requests": 50, "latency_ratio_pct": 97,
+                                "agreement_ppm": 980_000}))
     rec.on_report(Event("e3", "cam-1", "m2", 2, "detector", "v3", "rolled_back",
                         health={"requests": 50, "errors": 9}))
-    got = {(m.version, m.swaps, m.trials_passed, m.trials_failed) for m in rec.summary().models}
-    assert got == {("v2", 1, 1, 0), ("v3", 0, 0, 1)}
+    got = {(m.version, m.swaps, m.trials_passed, m.trials_failed, m.agreement_ppm_sum,
+            m.agreement_trials) for m in rec.summary().models}
+    assert got == {("v2", 1, 1, 0, 980_000, 1), ("v3", 0, 0, 1, 0, 0)}
 
 
 def test_the_summary_is_bounded_and_cumulative():
@@ -87,3 +89,21 @@ def test_a_superseded_summary_leaves_the_outbox_without_counting_as_acked(tmp_pa
     assert box.discard(["tm-b-1", "unknown"]) == 1
     assert box.pending_ids() == ["event-1"] and box.acked == 0
     assert len(list((tmp_path / "outbox").glob("*.json"))) == 1
+
+
+def test_output_agreement_compares_top_classes_on_the_same_inputs():
+    import numpy as np
+
+    from deltafleet.agent.latency import output_agreement
+
+    class Fixed:
+        def __init__(self, rows):
+            self.rows = np.asarray(rows, dtype=np.float32)
+
+        def run(self, feeds):
+            return {"y": self.rows}
+
+    old = Fixed([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
+    new = Fixed([[0.7, 0.3], [0.3, 0.7], [0.4, 0.6], [0.2, 0.8]])  # one row flips class
+    assert output_agreement(old, new, [{}]) == 750_000  # type: ignore[arg-type]
+    assert output_agreement(old, old, [{}, {}]) == 1_000_000  # type: ignore[arg-type]

@@ -81,7 +81,7 @@ def _valid_wire() -> dict[str, dict[str, Any]]:
         "status": Status("dev-1", True).to_wire(),
         "ack": Ack("dev-1", ("e1", "e2")).to_wire(),
         "telemetry": Telemetry("tm-1", "dev-1", "b1", 1, NOW, 60, 1 << 20, (
-            ModelTelemetry("det", "v1", "default", 3, 1, 1, 1, 1, 0, 900,
+            ModelTelemetry("det", "v1", "default", 3, 1, 1, 1, 1, 0, 990_000, 1, 900,
                            (1, 1) + (0,) * 11),)).to_wire(),
     }
 

@@ -10,6 +10,8 @@ What is counted (cumulative since the agent started; ``boot_id`` names the start
     swaps           switches to this version (a ``trial`` report: the new model serves)
     trials          trial verdicts of this version: passed (``healthy``) or failed
                     (``rolled_back``), with the last trial's figures (latency ratio, error rate)
+    agreement       per trial, how far the new version's answers agree with the previous
+                    one's on the same inputs (``latency.output_agreement``, ppm)
 
 Bounded: at most ``MAX_TELEMETRY_MODELS`` (model, version) entries; beyond that the entry
 updated longest ago is dropped (its counts leave the summary; the server keeps what it has
@@ -22,6 +24,7 @@ checks it in tests.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import threading
@@ -58,6 +61,8 @@ class _Counts:
     swaps: int = 0
     trials_passed: int = 0
     trials_failed: int = 0
+    agreement_ppm_sum: int = 0
+    agreement_trials: int = 0
     latency_sum_us: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(TELEMETRY_LATENCY_BOUNDS_US) + 1))
     trial_figures: dict[str, int] = field(default_factory=dict)
@@ -122,21 +127,22 @@ class TelemetryRecorder:
             if state == "trial":
                 self._entry(event.model, event.version).swaps += 1
                 self._last_version[event.model] = event.version
-            elif state == "healthy" and event.health:
+            elif (state == "healthy" and event.health) or state == "rolled_back":
                 c = self._entry(event.model, event.version)
-                c.trials_passed += 1
+                if state == "healthy":
+                    c.trials_passed += 1
+                else:
+                    c.trials_failed += 1
                 c.trial_figures = dict(event.health)
-            elif state == "rolled_back":
-                c = self._entry(event.model, event.version)
-                c.trials_failed += 1
-                c.trial_figures = dict(event.health)
+                if "agreement_ppm" in event.health:
+                    c.agreement_ppm_sum += max(0, min(1_000_000, event.health["agreement_ppm"]))
+                    c.agreement_trials += 1
 
     # -- reading (agent thread, /metrics) ---------------------------------------------------
     def snapshot(self) -> dict[tuple[str, str], _Counts]:
         with self._lock:
-            return {k: _Counts(c.requests, c.errors, c.fallbacks, c.swaps, c.trials_passed,
-                               c.trials_failed, c.latency_sum_us, list(c.buckets),
-                               dict(c.trial_figures))
+            return {k: dataclasses.replace(c, buckets=list(c.buckets),
+                                           trial_figures=dict(c.trial_figures))
                     for k, c in self._counts.items()}
 
     def summary(self, variant_of: Callable[[str, str], str] | None = None) -> Telemetry:
@@ -146,7 +152,8 @@ class TelemetryRecorder:
             ModelTelemetry(model=m, version=v, variant=(variant_of(m, v) if variant_of else ""),
                            requests=c.requests, errors=c.errors, fallbacks=c.fallbacks,
                            swaps=c.swaps, trials_passed=c.trials_passed,
-                           trials_failed=c.trials_failed, latency_sum_us=c.latency_sum_us,
+                           trials_failed=c.trials_failed, agreement_ppm_sum=c.agreement_ppm_sum,
+                           agreement_trials=c.agreement_trials, latency_sum_us=c.latency_sum_us,
                            latency_buckets=tuple(c.buckets))
             for (m, v), c in self.snapshot().items())
         with self._lock:
@@ -242,6 +249,13 @@ def render_exposition(rec: TelemetryRecorder, *, agent_version: str,
         if "latency_ratio_pct" in c.trial_figures:
             t.sample("deltafleet_agent_trial_latency_ratio", key_labels(m, v),
                      c.trial_figures["latency_ratio_pct"] / 100)
+    t.family("deltafleet_agent_trial_output_agreement_ratio", "gauge",
+             "Last trial: share of the new version's answers agreeing with the previous "
+             "version's on the same inputs (top class, else values within 0.1%).")
+    for (m, v), c in counts.items():
+        if "agreement_ppm" in c.trial_figures:
+            t.sample("deltafleet_agent_trial_output_agreement_ratio", key_labels(m, v),
+                     c.trial_figures["agreement_ppm"] / 1e6)
     name = "deltafleet_agent_inference_latency_seconds"
     t.family(name, "histogram", "Latency of answered predict requests.")
     for (m, v), c in counts.items():

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Column, String
 
 from deltafleet.shared import ChunkRequest, Event, Hello, Status, Telemetry, WireError
+from deltafleet.shared.messages import TELEMETRY_COUNTERS
 
 from .store.models import Device, DeviceEvent, DeviceModel, RolloutTarget, Variant
 
@@ -191,8 +192,7 @@ def _telemetry(t: Telemetry) -> None:
         check_text(m.model, "a model name", MODEL_NAME_CHARS)
         check_text(m.version, f"the version of model {m.model}", MODEL_VERSION_CHARS)
         check_text(m.variant, f"the variant of model {m.model}", MODEL_VARIANT_CHARS)
-        for name in ("requests", "errors", "fallbacks", "swaps", "trials_passed",
-                     "trials_failed", "latency_sum_us"):
+        for name in TELEMETRY_COUNTERS:
             check_int(getattr(m, name), f"{m.model}.{name}", minimum=0)
         for b in m.latency_buckets:
             check_int(b, f"{m.model}.latency_buckets", minimum=0)

@@ -429,7 +429,7 @@ TELEMETRY_LATENCY_BOUNDS_US = (500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 10
 MAX_TELEMETRY_MODELS = 16  # (model, version) entries in one summary
 MAX_TELEMETRY_BYTES = 8 * 1024
 TELEMETRY_COUNTERS = ("requests", "errors", "fallbacks", "swaps", "trials_passed",
-                      "trials_failed", "latency_sum_us")
+                      "trials_failed", "agreement_ppm_sum", "agreement_trials", "latency_sum_us")
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,6 +450,10 @@ class ModelTelemetry:
     swaps: int = 0
     trials_passed: int = 0
     trials_failed: int = 0
+    # output agreement of the new version with the previous one in its trials (ppm, summed
+    # over ``agreement_trials`` trials; see agent/latency.output_agreement)
+    agreement_ppm_sum: int = 0
+    agreement_trials: int = 0
     latency_sum_us: int = 0
     latency_buckets: tuple[int, ...] = (0,) * (len(TELEMETRY_LATENCY_BOUNDS_US) + 1)
 

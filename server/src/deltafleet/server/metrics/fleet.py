@@ -203,7 +203,7 @@ class FleetCollector(Collector):
         labels = ["model", "version", "variant", "device_type"]
         cols = [func.sum(getattr(t, c)) for c in
                 ("requests", "errors", "fallbacks", "swaps", "trials_passed", "trials_failed",
-                 "latency_sum_us", *BUCKET_COLUMNS)]
+                 "latency_sum_us", *BUCKET_COLUMNS, "agreement_ppm_sum", "agreement_trials")]
         rows = list(s.execute(select(t.model_name, t.version, t.variant, t.device_type, *cols)
                               .group_by(t.model_name, t.version, t.variant, t.device_type)))
         fams = {
@@ -226,6 +226,11 @@ class FleetCollector(Collector):
         latency = HistogramMetricFamily("deltafleet_fleet_inference_latency_seconds",
                                         "Latency of answered inference requests on devices.",
                                         labels=labels)
+        agreement = GaugeMetricFamily("deltafleet_fleet_trial_output_agreement_ratio", "Mean, "
+                                      "over the trials of a version, of the share of its answers "
+                                      "agreeing with the previous version's on the same inputs.",
+                                      labels=labels)
+        nb = len(BUCKET_COLUMNS)
         for model, version, variant, kind, *v in rows:
             key = [model, version, variant or "", kind or ""]
             for i, name in enumerate(("requests", "errors", "fallbacks", "swaps")):
@@ -234,13 +239,17 @@ class FleetCollector(Collector):
             verdicts.add_metric([*key, "failed"], float(v[5] or 0))
             acc = 0
             buckets = []
-            for bound, n in zip((*TELEMETRY_LATENCY_BOUNDS_US, None), v[7:], strict=True):
+            agreed, trials = v[7 + nb:]
+            if trials:
+                agreement.add_metric(key, float(agreed or 0) / float(trials) / 1e6)
+            for bound, n in zip((*TELEMETRY_LATENCY_BOUNDS_US, None), v[7:7 + nb], strict=True):
                 acc += int(n or 0)
                 buckets.append(("+Inf" if bound is None else repr(bound / 1e6), float(acc)))
             latency.add_metric(key, buckets, float(v[6] or 0) / 1e6)
         yield from fams.values()
         yield verdicts
         yield latency
+        yield agreement
 
         fresh = utcnow() - timedelta(seconds=TELEMETRY_FRESH_S)
         n_dev = GaugeMetricFamily("deltafleet_fleet_telemetry_devices", "Devices whose last "

@@ -179,6 +179,13 @@ def device_health() -> _Board:
              (f"sum by (version, verdict) "
               f"({fleet(f'increase(deltafleet_fleet_trial_verdicts_total{{{m}}}[1h])')})",
               "trials {{verdict}} {{version}}")])
+    b.panel("Trial output agreement by version", "timeseries",
+            [(f"max by (model, version) "
+              f"({fleet(f'deltafleet_fleet_trial_output_agreement_ratio{{{m}}}')})",
+              "{{model}} {{version}}")], unit="percentunit",
+            description="Mean over trials: share of the new version's answers that agree with "
+                        "the previous version's on the same inputs (top class, else values "
+                        "within 0.1%). Reported, not judged.")
     b.panel("Agent memory (RSS)", "timeseries",
             [(f"max by (device_type) ({fleet('deltafleet_fleet_agent_memory_rss_max_bytes')})",
               "max {{device_type}}"),

@@ -339,6 +339,8 @@ class DeviceTelemetryModel(Base):
     swaps: Mapped[int] = mapped_column(BigInteger, default=0)
     trials_passed: Mapped[int] = mapped_column(BigInteger, default=0)
     trials_failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    agreement_ppm_sum: Mapped[int] = mapped_column(BigInteger, default=0)
+    agreement_trials: Mapped[int] = mapped_column(BigInteger, default=0)
     latency_sum_us: Mapped[int] = mapped_column(BigInteger, default=0)
     lat_0: Mapped[int] = mapped_column(BigInteger, default=0)
     lat_1: Mapped[int] = mapped_column(BigInteger, default=0)
