@@ -4,7 +4,8 @@ Starts a broker (Mosquitto if installed, else embedded amqtt; or FLEET_MQTT_URL)
 SQLite in a temp home, and three agents as separate processes (jetson-1, jetson-2, rpi-1). Rolls
 v1 to the whole fleet (full artifact: the model zstd-compressed), then v2 (last layer retrained)
 to `--group jetson` (delta), and prints what each device runs and, per rollout, the bytes sent
-against the model's own size. Leaves no process behind.
+against the model's own size, and where the server and agents serve their Prometheus metrics.
+Leaves no process behind.
 
 The demo is a list of named steps. When one fails it prints one line on stderr and exits 1::
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from deltafleet.agent.client import AgentClient
 from deltafleet.shared import one_line
-from tests.harness.fleetlab import Lab
+from tests.harness.fleetlab import Lab, free_port
 from tests.harness.modelgen import make_onnx_pair
 
 DEVICES = {"jetson-1": "jetson", "jetson-2": "jetson", "rpi-1": "rpi"}
@@ -156,6 +157,27 @@ def running(lab: Lab, device_id: str) -> dict[str, Any]:
     return models[0]
 
 
+def metric_lines(url: str, *names: str) -> list[str]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return [line for line in text.splitlines()
+            if line.split("{")[0].split(" ")[0] in names and not line.endswith(" 0.0")]
+
+
+def print_metrics(lab: Lab, metrics_port: int) -> None:
+    """Where the metrics are, and a few of them (docs/observability.md lists them all)."""
+    server = f"http://127.0.0.1:{metrics_port}/metrics"
+    print(f"\nmetrics: server {server} (fleetctl server --metrics-listen / FLEET_METRICS_LISTEN)")
+    for line in metric_lines(server, "deltafleet_devices", "deltafleet_device_models",
+                             "deltafleet_published_bytes_total"):
+        print(f"  {line}")
+    for device_id, port in lab.api_ports.items():
+        print(f"metrics: {device_id} http://127.0.0.1:{port}/metrics (its local API port)")
+    print("`make monitor` keeps this fleet running under a local Prometheus with the alert rules")
+
+
 def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
     """The demo's steps; raises DemoFailed."""
     t0 = time.monotonic()
@@ -178,10 +200,13 @@ def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
         lab.fleetctl("group", "create", "fleet", "--match", "site=demo", echo=True)
         lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson", echo=True)
     with step("start the server"):
+        metrics_port = free_port()
+        lab.env["FLEET_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
         lab.start_server()
     with step(f"start {len(DEVICES)} agents"):
         for device_id, hw in DEVICES.items():
-            lab.start_agent(device_id, {"hw": hw, "site": "demo"}, trusted_key=trusted_key)
+            lab.start_agent(device_id, {"hw": hw, "site": "demo"}, trusted_key=trusted_key,
+                            extra_env={"FLEET_AGENT_TELEMETRY_S": "2"})
         wait_online(lab, list(DEVICES))
         print(f"agents online: {', '.join(DEVICES)}")
 
@@ -211,6 +236,8 @@ def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
                 answer = client.predict("detector", x)
             print(f"{device_id}: local inference API answered with detector "
                   f"{answer.version}{' (fallback)' if answer.fallback else ''}")
+    with step("read the metrics"):
+        print_metrics(lab, metrics_port)
     print(f"\nOK: demo finished in {time.monotonic() - t0:.1f} s")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["CHROMIUM", "IN_CI", "chromium", "missing"]
+__all__ = ["CHROMIUM", "IN_CI", "chromium", "missing", "prometheus"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -32,3 +32,15 @@ def chromium() -> str:
     except ImportError:
         missing("Playwright for Python (the dev dependency group)")
     return str(CHROMIUM)
+
+
+def prometheus() -> tuple[str, str]:
+    """The ``prometheus`` and ``promtool`` binaries (Debian's ``prometheus`` package, which
+    ``make install`` installs when missing); skips, or fails under ``CI=true``, without them."""
+    import shutil
+
+    prom, tool = shutil.which("prometheus"), shutil.which("promtool")
+    if not (prom and tool):
+        missing("prometheus and promtool (Debian package `prometheus`: run `make install`)")
+    assert prom and tool
+    return prom, tool

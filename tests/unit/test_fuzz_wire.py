@@ -23,9 +23,11 @@ from deltafleet.shared import (
     Hello,
     KeyList,
     Manifest,
+    ModelTelemetry,
     RootMetadata,
     SigningKey,
     Status,
+    Telemetry,
     Topics,
     TrustBundle,
     TrustStore,
@@ -78,6 +80,9 @@ def _valid_wire() -> dict[str, dict[str, Any]]:
         "chunkreq": ChunkRequest("dev-1", SHA, (0, 1)).to_wire(),
         "status": Status("dev-1", True).to_wire(),
         "ack": Ack("dev-1", ("e1", "e2")).to_wire(),
+        "telemetry": Telemetry("tm-1", "dev-1", "b1", 1, NOW, 60, 1 << 20, (
+            ModelTelemetry("det", "v1", "default", 3, 1, 1, 1, 1, 0, 990_000, 1, 900,
+                           (1, 1) + (0,) * 11),)).to_wire(),
     }
 
 
@@ -136,11 +141,11 @@ def test_device_message_parsers_survive_arbitrary_json_objects(obj: dict, cls) -
 
 
 @FUZZ
-@given(st.data(), st.sampled_from(["hello", "event", "chunkreq", "status", "ack"]))
+@given(st.data(), st.sampled_from(["hello", "event", "chunkreq", "status", "ack", "telemetry"]))
 def test_device_message_parsers_survive_mutated_valid_messages(data: st.DataObject,
                                                                kind: str) -> None:
     cls = {"hello": Hello, "event": Event, "chunkreq": ChunkRequest, "status": Status,
-           "ack": Ack}[kind]
+           "ack": Ack, "telemetry": Telemetry}[kind]
     only_own_errors(decode, cls, as_bytes(data.draw(mutated(VALID[kind]))))
 
 
@@ -228,7 +233,7 @@ def test_topic_parsers_survive_arbitrary_topics(topic: str) -> None:
 def test_the_fuzzed_valid_messages_really_are_valid() -> None:
     """Sanity: the mutation bases parse, so mutations explore the neighbourhood of valid."""
     for kind, cls in [("hello", Hello), ("event", Event), ("chunkreq", ChunkRequest),
-                      ("status", Status), ("ack", Ack)]:
+                      ("status", Status), ("ack", Ack), ("telemetry", Telemetry)]:
         decode(cls, canonical_json(VALID[kind]))
     Manifest.from_wire(VALID["manifest"])
     assert verify_envelope(ONLINE.sign_bytes(VALID["manifest"]), [ONLINE.public_key])

@@ -15,6 +15,9 @@
     GET  /v1/results[?model=&limit=]   last-N results (input sha256, outputs, version, latency)
     GET  /v1/models/{name}/results     the same for one model
 
+    GET  /metrics                      Prometheus text exposition (``telemetry``): inference
+                                       counts and latency per model and version, memory
+
     GET  /v1/health also carries "broker": the agent's connection (url, connected, since,
     cause, error, attempts, retry_s, final; see ``deltafleet.shared.connection``).
 
@@ -68,8 +71,11 @@ class InputMismatch(BadRequest):
 class InferenceApi:
     def __init__(self, serving: Serving, describe: Callable[[], list[dict[str, Any]]],
                  host: str = "127.0.0.1", port: int = 8470,
-                 connection: Callable[[], dict[str, Any]] | None = None) -> None:
+                 connection: Callable[[], dict[str, Any]] | None = None,
+                 telemetry: Any = None, metrics: Callable[[], bytes] | None = None) -> None:
         self.serving = serving
+        self.telemetry = telemetry  # a telemetry.TelemetryRecorder: every predict is counted
+        self.metrics = metrics
         self.describe = describe
         self.connection = connection
         api = self
@@ -121,7 +127,9 @@ class InferenceApi:
                 return
             body = h.rfile.read(length)
         try:
-            if method == "GET" and parts == ["v1", "health"]:
+            if method == "GET" and parts == ["metrics"] and self.metrics is not None:
+                self._send(h, 200, self.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+            elif method == "GET" and parts == ["v1", "health"]:
                 self._json(h, 200, self._health())
             elif method == "GET" and parts == ["v1", "models"]:
                 self._json(h, 200, {"models": self.describe()})
@@ -205,7 +213,15 @@ class InferenceApi:
                 raise InputMismatch('JSON body must be {"inputs": {name: nested list}}', want)
             raw = got
         feeds = conform_inputs(specs, raw)
-        p = self.serving.predict(name, feeds)
+        try:
+            p = self.serving.predict(name, feeds)
+        except ModelUnavailable:
+            if self.telemetry is not None:
+                self.telemetry.record(name, None, latency_us=None, error=True, fallback=False)
+            raise
+        if self.telemetry is not None:
+            self.telemetry.record(name, p.version, latency_us=p.latency_us,
+                                  error=p.primary_error is not None, fallback=p.fallback is not None)
         head = {"X-Model-Name": name, "X-Model-Version": p.version or "",
                 "X-Model-Sha256": p.sha256 or "", "X-Fallback": p.fallback or "",
                 "X-Latency-Us": str(p.latency_us)}

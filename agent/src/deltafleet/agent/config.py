@@ -29,6 +29,7 @@ FLEET_AGENT_STATE_DIR, FLEET_AGENT_TRUSTED_KEYS (comma-separated paths), FLEET_A
 FLEET_AGENT_API_PORT, FLEET_AGENT_SWAP_MODE, FLEET_AGENT_FALLBACK (``model=path,...``),
 FLEET_AGENT_MQTT_CA_FILE, FLEET_AGENT_MQTT_CERT_FILE, FLEET_AGENT_MQTT_KEY_FILE,
 FLEET_AGENT_ROOT_OF_TRUST, FLEET_AGENT_TRUST_BUNDLE, FLEET_AGENT_HEARTBEAT_S,
+FLEET_AGENT_TELEMETRY_S,
 FLEET_AGENT_DISK_MARGIN_BYTES, FLEET_AGENT_DISK_RETRY_S; for tests, FLEET_AGENT_CRASH_AT and
 FLEET_AGENT_CRASH_AFTER_CHUNKS (``FaultPlan``).
 See docs/agent.md for every key.
@@ -80,6 +81,8 @@ class AgentConfig:
     mqtt_protocol: str = "auto"
     keepalive_s: int = 30
     heartbeat_s: float = 30.0  # re-publish the retained online status this often; 0 = off
+    # Send an inference telemetry summary (``telemetry``) through the outbox this often; 0 = off.
+    telemetry_interval_s: float = 60.0
     chunk_retry_s: float = 3.0  # re-request missing chunks after this long without progress
     download_timeout_s: float = 600.0
     max_artifact_bytes: int = 4 << 30
@@ -147,6 +150,8 @@ class AgentConfig:
             raise ConfigError("mqtt_cert_file and mqtt_key_file go together")
         if self.disk_margin_bytes < 0 or self.disk_retry_s <= 0:
             raise ConfigError("disk_margin_bytes must be >= 0 and disk_retry_s > 0")
+        if self.telemetry_interval_s < 0:
+            raise ConfigError("telemetry_interval_s must be >= 0 (0 turns telemetry off)")
         if self.heartbeat_s < 0 or self.patch_timeout_s <= 0:
             raise ConfigError("heartbeat_s must be >= 0 and patch_timeout_s > 0")
         return self
@@ -201,7 +206,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
             values["heartbeat_s"] = float(env["FLEET_AGENT_HEARTBEAT_S"])
         except ValueError as e:
             raise ConfigError("FLEET_AGENT_HEARTBEAT_S must be a number of seconds") from e
-    for key, var, kind in (("disk_margin_bytes", "FLEET_AGENT_DISK_MARGIN_BYTES", int),
+    for key, var, kind in (("telemetry_interval_s", "FLEET_AGENT_TELEMETRY_S", float),
+                           ("disk_margin_bytes", "FLEET_AGENT_DISK_MARGIN_BYTES", int),
                            ("disk_retry_s", "FLEET_AGENT_DISK_RETRY_S", float)):
         if env.get(var):
             try:

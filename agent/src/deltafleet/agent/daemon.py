@@ -44,6 +44,7 @@ from typing import Any
 from deltafleet.shared import (
     Ack,
     DeltafleetError,
+    Event,
     HealthPolicy,
     Hello,
     Status,
@@ -67,6 +68,7 @@ from .reports import event_id
 from .serving import Serving
 from .store import LocalStore
 from .swap import PAIR_BUDGET_S, PROBE_BUDGET_S, Swapper, TrialRunner
+from .telemetry import TelemetryRecorder, render_exposition
 from .trust import RootTrust, open_trust
 from .update import verify_manifest
 
@@ -87,6 +89,22 @@ class _MqttPublisher:
 
     def publish_acked(self, topic: str, payload: bytes, timeout_s: float) -> None:
         self.mqtt.publish_wait(topic, payload, qos=1, timeout_s=timeout_s)
+
+
+class _CountingReporter(Reporter):
+    """The executor's reporter, also telling the telemetry about swaps and trial verdicts."""
+
+    def __init__(self, outbox: Outbox, topic: str, retry_s: float,
+                 telemetry: TelemetryRecorder) -> None:
+        super().__init__(outbox, topic, retry_s)
+        self._telemetry = telemetry
+
+    def put(self, eid: str, payload: bytes) -> None:
+        super().put(eid, payload)
+        try:
+            self._telemetry.on_report(decode(Event, payload))
+        except DeltafleetError:
+            log.debug("report %s not counted in telemetry", eid, exc_info=True)
 
 
 class Agent:
@@ -122,7 +140,11 @@ class Agent:
             download_timeout_s=cfg.download_timeout_s, chunk_retry_s=cfg.chunk_retry_s,
             disk_retry_s=cfg.disk_retry_s, disk_margin_bytes=cfg.disk_margin_bytes,
             max_artifact_bytes=cfg.max_artifact_bytes, max_trial_restarts=cfg.max_trial_restarts))
-        self.reporter = Reporter(self.outbox, self.topics.events(cfg.device_id), cfg.disk_retry_s)
+        self.telemetry = TelemetryRecorder(cfg.device_id)
+        self._telemetry_at = time.monotonic() + cfg.telemetry_interval_s
+        self._telemetry_id: str | None = None
+        self.reporter = _CountingReporter(self.outbox, self.topics.events(cfg.device_id),
+                                          cfg.disk_retry_s, self.telemetry)
         self.swapper = Swapper(cfg, self.store, self.serving, soft)
         self.trials = TrialRunner(self.swapper, HealthPolicy(
             cfg.trial_max_error_rate_ppm, cfg.trial_max_p95_ratio_pct, cfg.trial_min_requests,
@@ -234,7 +256,8 @@ class Agent:
         try:
             self.api = InferenceApi(self.serving, self.describe, self.cfg.api_host,
                                     self.cfg.api_port,
-                                    connection=lambda: self.mqtt.state().to_dict())
+                                    connection=lambda: self.mqtt.state().to_dict(),
+                                    telemetry=self.telemetry, metrics=self.metrics_page)
         except OSError as e:
             log.error("local inference API cannot listen on %s:%d (%s); retrying in %.0f s",
                       self.cfg.api_host, self.cfg.api_port, e, API_RETRY_S)
@@ -328,6 +351,9 @@ class Agent:
         if self.cfg.heartbeat_s and now - self._last_heartbeat >= self.cfg.heartbeat_s and connected:
             self.publish_status()
         self.executor.feed(mc.Tick(now, connected))
+        if self.cfg.telemetry_interval_s and now >= self._telemetry_at:
+            self._telemetry_at = now + self.cfg.telemetry_interval_s
+            self.send_telemetry()
         self.reporter.store_unsaved(now)
         self.write_connection()
 
@@ -346,6 +372,37 @@ class Agent:
             atomic_write_json(Path(self.cfg.state_dir) / "connection.json", doc)
         except OSError as e:
             log.debug("could not write connection.json: %s", e)
+
+    # -- telemetry -------------------------------------------------------------------------
+    def variant_of(self, model: str, version: str) -> str:
+        inst = self.store.current(model)
+        if inst is not None and inst.version == version:
+            return inst.as_state().variant
+        prev = self.store.previous(model)
+        return prev.as_state().variant if prev is not None and prev.version == version else ""
+
+    def send_telemetry(self) -> None:
+        """Queue the next summary in the outbox; the one before it, if the server has not
+        acked it yet, is dropped (counters are cumulative: only the latest matters), so
+        telemetry never holds more than one outbox entry."""
+        summary = self.telemetry.summary(self.variant_of)
+        if self._telemetry_id is not None:
+            self.outbox.discard([self._telemetry_id])
+        try:
+            self.outbox.put(summary.telemetry_id, self.topics.telemetry(self.cfg.device_id),
+                            encode(summary))
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            log.warning("disk full: telemetry summary %d skipped", summary.seq)
+            return
+        self._telemetry_id = summary.telemetry_id
+
+    def metrics_page(self) -> bytes:
+        return render_exposition(self.telemetry, agent_version=agent_version(),
+                                 models=self.describe(), outbox_pending=self.outbox.pending(),
+                                 broker_connected=self.mqtt.connected.is_set(),
+                                 variant_of=self.variant_of)
 
     # -- API view --------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:

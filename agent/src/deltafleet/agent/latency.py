@@ -69,6 +69,34 @@ def sample_pairs(old: LoadedModel, new: LoadedModel, feeds_list: list[dict[str, 
     return pairs
 
 
+def output_agreement(old: LoadedModel, new: LoadedModel,
+                     feeds_list: list[dict[str, Any]]) -> int | None:
+    """How far the new version's answers agree with the previous one's on the same inputs, in
+    parts per million of the compared values: per output, the share of rows whose top class
+    (argmax over the last axis) is the same, for float outputs with more than one class; else
+    the share of values within ``isclose`` (rtol 1e-3). None when no input ran on both."""
+    import numpy as np
+
+    agree = total = 0.0
+    for feeds in feeds_list:
+        try:
+            a, b = old.run(feeds), new.run(feeds)
+        except ModelRuntimeError:
+            continue
+        for name in a.keys() & b.keys():
+            x, y = np.asarray(a[name]), np.asarray(b[name])
+            if x.shape != y.shape or x.size == 0:
+                total += 1
+                continue
+            if x.dtype.kind == "f" and x.ndim >= 1 and x.shape[-1] > 1:
+                same = np.argmax(x, axis=-1) == np.argmax(y, axis=-1)
+            else:
+                same = np.isclose(x, y, rtol=1e-3, atol=1e-6)
+            agree += float(np.mean(same))
+            total += 1
+    return None if not total else int(round(1_000_000 * agree / total))
+
+
 def _batch(feeds: dict[str, Any]) -> int | None:
     for v in feeds.values():
         shape = getattr(v, "shape", ())

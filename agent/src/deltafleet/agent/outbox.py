@@ -139,6 +139,17 @@ class Outbox:
             self._wake.set()  # the in-flight window may have room now
         return done
 
+    def discard(self, message_ids: Iterable[str]) -> int:
+        """Delete waiting entries the agent itself superseded (a telemetry summary replaced by
+        a newer one before the server acked it); not counted as acked."""
+        done = 0
+        with self._lock:
+            for mid in message_ids:
+                if mid in self._entries:
+                    self._forget(mid).unlink(missing_ok=True)
+                    done += 1
+        return done
+
     def resend_all(self) -> None:
         """Make every waiting entry due now (on a (re)connect, or when the server comes online:
         what was sent before may have been lost by the broker or by nobody listening)."""

@@ -25,7 +25,7 @@ from deltafleet.shared import HealthPolicy, Manifest, sha256_file
 
 from .config import AgentConfig
 from .errors import ModelRuntimeError, UpdateRejected
-from .latency import sample_pairs
+from .latency import output_agreement, sample_pairs
 from .profile import mem_available_bytes
 from .runtime import LoadedModel, load_model
 from .serving import (
@@ -263,19 +263,26 @@ class TrialRunner:
             return None
         stats = trial.session.stats
         pairs: list[tuple[int, int]] = []
+        agreement: int | None = None
         if final:
             if trial.partner is not None:  # interleaved old/new calls on the same inputs
-                pairs = sample_pairs(trial.partner.model, trial.session.model,
-                                     probe_feeds(trial.session.model, trial.golden),
+                feeds_list = probe_feeds(trial.session.model, trial.golden)
+                pairs = sample_pairs(trial.partner.model, trial.session.model, feeds_list,
                                      max(trial.policy.min_requests, MIN_PAIRS),
                                      budget_s=PAIR_BUDGET_S, on_new=stats.record)
+                # reported (telemetry, the event's health figures), never judged
+                agreement = output_agreement(trial.partner.model, trial.session.model,
+                                             feeds_list)
             requests, _, _ = stats.snapshot()
             if requests < trial.policy.min_requests:
                 probe(trial.session.model, trial.golden,
                       trial.policy.min_requests - requests, trial.session)
         requests, errors, _ = stats.snapshot()
-        return evaluate(requests, errors, trial.policy, final=final, pairs=pairs,
-                        unjudged=trial.unjudged)
+        verdict = evaluate(requests, errors, trial.policy, final=final, pairs=pairs,
+                           unjudged=trial.unjudged)
+        if verdict is not None and agreement is not None:
+            verdict.figures["agreement_ppm"] = agreement
+        return verdict
 
     def end(self, model: str, *, close_partner: bool) -> Session | None:
         """Forget the trial of ``model``; its partner (closed, or returned for a rollback)."""

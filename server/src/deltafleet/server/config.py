@@ -82,6 +82,9 @@ class ServerConfig:
     api_listen: str | None = None
     api_tls_cert_file: Path | None = None
     api_tls_key_file: Path | None = None
+    # Serve Prometheus /metrics on HOST:PORT (FLEET_METRICS_LISTEN or `fleetctl server
+    # --metrics-listen`); None = off. Use a loopback address unless a firewall guards it.
+    metrics_listen: str | None = None
 
     @property
     def keys_dir(self) -> Path:
@@ -113,8 +116,8 @@ class ServerConfig:
         """Read FLEET_HOME, FLEET_DB_URL, FLEET_MQTT_URL, FLEET_TOPIC_PREFIX, FLEET_MQTT_CA,
         FLEET_MQTT_CERT, FLEET_MQTT_KEY, FLEET_MQTT_USERNAME, FLEET_MQTT_PASSWORD and
         FLEET_MQTT_IDENTITY, FLEET_SERVER_ID, FLEET_SHARE_GROUP, FLEET_CHUNK_ROUND_S, FLEET_CHUNK_RETAIN,
-        FLEET_CHUNK_RETAIN_LINGER_S, FLEET_API_LISTEN, FLEET_API_TLS_CERT and FLEET_API_TLS_KEY
-        (empty = unset).
+        FLEET_CHUNK_RETAIN_LINGER_S, FLEET_API_LISTEN, FLEET_API_TLS_CERT, FLEET_API_TLS_KEY and
+        FLEET_METRICS_LISTEN (empty = unset).
 
         The server identity is FLEET_MQTT_IDENTITY, else FLEET_SERVER_ID, else ``fleet-server``;
         the share group is FLEET_SHARE_GROUP, else the content of ``$FLEET_HOME/share-group``.
@@ -146,7 +149,23 @@ class ServerConfig:
             api_listen=env.get("FLEET_API_LISTEN") or None,
             api_tls_cert_file=path("FLEET_API_TLS_CERT"),
             api_tls_key_file=path("FLEET_API_TLS_KEY"),
+            metrics_listen=(check_listen(env["FLEET_METRICS_LISTEN"], "FLEET_METRICS_LISTEN")
+                            if env.get("FLEET_METRICS_LISTEN") else None),
         )
+
+
+def parse_listen(text: str, source: str = "metrics listen address") -> tuple[str, int]:
+    """``HOST:PORT`` (``:PORT`` = every interface, ``[::1]:PORT`` for IPv6) or UsageError."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"{source} {text!r}: use HOST:PORT, e.g. 127.0.0.1:9464")
+    return host or "0.0.0.0", int(port)
+
+
+def check_listen(text: str, source: str) -> str:
+    parse_listen(text, source)
+    return text.strip()
 
 
 def _flag(env: Mapping[str, str], var: str, default: bool) -> bool:

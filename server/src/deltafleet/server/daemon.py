@@ -35,7 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -48,13 +48,14 @@ from deltafleet.shared import (
     Event,
     Hello,
     Status,
+    Telemetry,
     Topics,
     WireError,
     decode,
     encode,
 )
-from deltafleet.shared.messages import MAX_ACK_IDS, MAX_EVENT_ID_CHARS
-from deltafleet.shared.mqtt import CONNECTED, MqttClient, Will
+from deltafleet.shared.messages import MAX_ACK_IDS, MAX_EVENT_ID_CHARS, MAX_TELEMETRY_BYTES
+from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, Will
 
 from . import fleet
 from .config import ServerConfig, check_client_identity, mqtt_settings
@@ -66,6 +67,7 @@ from .enroll import revoked_devices
 from .guard import DeviceMessageGuard
 from .ingest import UnstorableMessage, fits_store
 from .keys import online_signing_key, trust_publications
+from .metrics import ServerMetrics, apply_telemetry
 from .store import BlobStore, Store, StoreError
 from .store.models import Artifact, Delta, DeviceEvent, utcnow
 
@@ -79,7 +81,9 @@ EVENT_IDS_KEPT_S = 7 * 86400  # how long applied event ids are remembered
 PERSISTENT_SESSION_S = 7 * 86400
 BATCH_MAX = 500  # device messages applied in one transaction
 INBOX_UNACKED = 1000  # backpressure: QoS 1 messages the broker may have outstanding to us
-LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRequest}
+LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRequest,
+          "telemetry": Telemetry}
+Applied: TypeAlias = Hello | Status | Event | Telemetry
 
 
 @dataclass
@@ -135,8 +139,12 @@ class FleetServer:
         # With a share group (a secret: cfg.share_group) replicas share device traffic: the
         # broker hands each message to one member of the shared subscription ($share works on
         # MQTT 5 and, with Mosquitto 2, on 3.1.1 too).
+        self.metrics = ServerMetrics(self.store, guard=self.guard, stats=self.stats,
+                                     connected=lambda: self.mqtt.connected.is_set(),
+                                     backlog=lambda: self.mqtt.inbox.qsize())
+        self._artifact_kinds: dict[str, str] = {}
         share = cfg.share_group
-        for leaf in ("hello", "status", "events", "chunkreq"):
+        for leaf in LEAVES:
             topic = self.topics.all_devices(leaf)
             self.mqtt.subscribe(f"$share/{share}/{topic}" if share else topic)
 
@@ -148,6 +156,8 @@ class FleetServer:
 
             self.api = ApiServer(self.cfg, self.store)
             self.api.start()
+        if self.cfg.metrics_listen:
+            self.metrics.serve(self.cfg.metrics_listen)
         self.mqtt.start()
         try:
             self.mqtt.wait_connected(connect_timeout_s)
@@ -169,6 +179,7 @@ class FleetServer:
             self.deltas.shutdown()
             if self.api is not None:
                 self.api.stop()
+            self.metrics.close()
 
     def _tick(self) -> None:
         """One loop step: apply a batch of device messages (waiting at most until chunks are
@@ -194,7 +205,7 @@ class FleetServer:
         if items:
             self._apply_resilient(items)
 
-    def _apply_resilient(self, items: list[tuple[str, Hello | Status | Event]]) -> None:
+    def _apply_resilient(self, items: list[tuple[str, Applied]]) -> None:
         """Apply validated messages in one transaction. A transient database failure (a
         deadlock or serialization failure with another replica, a dropped connection:
         StoreError) retries after a short random pause, so two replicas do not collide again;
@@ -207,6 +218,7 @@ class FleetServer:
                 self._apply(items)
                 return
             except StoreError as e:
+                self.metrics.counters.database_errors["transient"] += 1
                 level = logging.WARNING if attempt < 3 else logging.ERROR
                 log.log(level, "a batch of %d device messages failed (attempt %d): %s",
                         len(items), attempt, str(e).splitlines()[0])
@@ -217,6 +229,7 @@ class FleetServer:
                 if len(items) == 1:
                     device_id, message = items[0]
                     kind = "store_refused" if isinstance(e, SQLAlchemyError) else "error"
+                    self.metrics.counters.database_errors["refused"] += kind == "store_refused"
                     log.error("device %s: dropped its %s, which could not be applied: %s",
                               device_id, type(message).__name__.lower(), reason,
                               exc_info=kind == "error")
@@ -266,11 +279,11 @@ class FleetServer:
         if items:
             self._apply(items)
 
-    def _validate(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, Hello | Status | Event]]:
+    def _validate(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, Applied]]:
         """Parse and check every message against what the store can hold (``fits_store``)
         before any write; a message that fails is refused alone, counted for its device. Chunk
         requests are served from memory here. Returns the messages to apply, in order."""
-        items: list[tuple[str, Hello | Status | Event]] = []
+        items: list[tuple[str, Applied]] = []
         for topic, payload in batch:
             if topic == CONNECTED:
                 if not self.mqtt.session_present:
@@ -281,6 +294,9 @@ class FleetServer:
                     self.mqtt.publish(self.topics.server_status(), b"online", retain=True)
                 except (DeltafleetError, OSError) as e:
                     log.error("announcing the server after a (re)connect failed: %s", e)
+                continue
+            if topic == DISCONNECTED:
+                self.metrics.counters.broker_disconnects += 1
                 continue
             if topic.startswith("$"):
                 continue
@@ -296,7 +312,8 @@ class FleetServer:
                 kind = LEAVES.get(leaf)
                 if kind is None:
                     raise WireError(f"unknown device topic {leaf!r}")
-                message = _mine(device_id, decode(kind, payload))
+                message = _mine(device_id, decode(kind, payload, max_bytes=(
+                    MAX_TELEMETRY_BYTES if kind is Telemetry else 256 * 1024)))
                 fits_store(message)
                 if isinstance(message, ChunkRequest):
                     self.on_chunk_request(device_id, message)
@@ -314,10 +331,11 @@ class FleetServer:
                 self._refuse(device_id, topic, f"unexpected error: {type(e).__name__}", "error")
         return items
 
-    def _apply(self, items: list[tuple[str, Hello | Status | Event]]) -> None:
+    def _apply(self, items: list[tuple[str, Applied]]) -> None:
         """Apply validated messages in ONE database transaction (raises if it fails)."""
         hellos = [m for _, m in items if isinstance(m, Hello)]
         events = [m for _, m in items if isinstance(m, Event)]
+        telemetry = [m for _, m in items if isinstance(m, Telemetry)]
         presence = {m.device_id: m.online for _, m in items if isinstance(m, Status)}
         now = utcnow()
         with self.store.session() as s:
@@ -329,11 +347,20 @@ class FleetServer:
                     or not o}, now)
             for ev in fresh:
                 self.controller.on_event(s, ev, now)
+            if telemetry:
+                s.flush()  # the devices of this batch's hellos exist now
+                telemetry = apply_telemetry(s, telemetry, now)
         self.stats.duplicate_events += len(events) - len(fresh)  # counted once committed
+        self.metrics.batch_messages.observe(len(items))
+        stamp = time.time()
+        for m in (*hellos, *events, *telemetry):
+            self.metrics.lag.observe(max(0.0, stamp - (m.at if isinstance(m, Event) else
+                                                       m.sent_at)))
+        self.metrics.counters.telemetry_applied += len(telemetry)
         self.publish(resend)
-        self.ack_events(events)  # duplicates too: the device's first ack may have been lost
+        self.ack_events(events, telemetry)  # duplicates too: a device's first ack may be lost
 
-    def ack_events(self, events: list[Event]) -> None:
+    def ack_events(self, events: list[Event], telemetry: list[Telemetry] = ()) -> None:  # type: ignore[assignment]
         """After the commit: tell each device which of its events are recorded (duplicates
         too), one ack per device and batch. Its outbox deletes only acked events, so an event
         the broker accepted but lost (a crash, a server not subscribed yet) is sent again."""
@@ -341,6 +368,8 @@ class FleetServer:
         for ev in events:
             if 0 < len(ev.event_id) <= MAX_EVENT_ID_CHARS:
                 by_device[ev.device_id][ev.event_id] = None
+        for t in telemetry:
+            by_device[t.device_id][t.telemetry_id] = None
         for device_id, ids in by_device.items():
             order = list(ids)
             for i in range(0, len(order), MAX_ACK_IDS):
@@ -384,6 +413,9 @@ class FleetServer:
                               retain=p.retain)
             self.stats.chunks_published += 1
             self.stats.chunk_bytes_published += len(data)
+            kind = "repair" if p.repair else self._artifact_kind(p.artifact_sha)
+            self.metrics.counters.published_bytes[kind] += len(data)
+            self.metrics.counters.published_chunks[kind] += 1
         self.chunks.withdraw(unsent)
         if self.mqtt.connected.is_set():
             for c in self.chunks.clears(time.monotonic() if now is None else now):
@@ -397,6 +429,20 @@ class FleetServer:
             self.retained.save(self.chunks.retained)
         except OSError as e:
             log.error("cannot record the retained chunk list %s: %s", self.retained.path, e)
+
+    def _artifact_kind(self, sha: str) -> str:
+        """``delta`` or ``full`` (a model or its compressed form), from the artifacts table
+        (cached: an artifact's kind never changes)."""
+        kind = self._artifact_kinds.get(sha)
+        if kind is None:
+            try:
+                with self.store.read() as s:
+                    stored = s.scalar(select(Artifact.kind).where(Artifact.sha256 == sha))
+                kind = "delta" if stored == "delta" else "full"
+            except SQLAlchemyError:
+                return "full"
+            self._artifact_kinds[sha] = kind
+        return kind
 
     # -- reconciliation --------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -413,6 +459,8 @@ class FleetServer:
                                for sha, rate in servable.items()}, time.monotonic())
             self.publish(publishes)
         except (DeltafleetError, SQLAlchemyError, OSError) as e:
+            if isinstance(e, SQLAlchemyError | StoreError):
+                self.metrics.counters.database_errors["reconcile"] += 1
             log.error("reconcile failed (retried next tick): %s", str(e).splitlines()[0])
 
 

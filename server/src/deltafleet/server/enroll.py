@@ -37,7 +37,7 @@ from .config import SHARE_GROUP_FILE, ServerConfig, check_share_group
 from .errors import ConflictError, UsageError
 from .pki import CertPair, create_ca, issue_cert, load_cert, make_crl
 
-DEVICE_LEAVES_WRITE = ("hello", "status", "events", "chunkreq")
+DEVICE_LEAVES_WRITE = ("hello", "status", "events", "chunkreq", "telemetry")
 
 
 # -- CA ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Every device message is untrusted. The guard (no I/O, no clock of its own) decid
 2. ``invalid(device_id, reason, kind=...)`` after a parse/validation failure: count it per
    device and per kind (``REFUSAL_KINDS``); over
    ``suspect_threshold`` invalid messages within ``window_s`` the device is marked suspect.
+   ``refusals`` counts every refused message by reason (``REFUSAL_REASONS``) for the metrics.
 3. ``valid(device_id)`` after a message that validated (only then may the daemon write to
    the database).
 
@@ -29,6 +30,10 @@ DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 # store_refused  the database refused it when applied alone (the validator let it through)
 # error          an unexpected error while handling it (a server bug; logged with a traceback)
 REFUSAL_KINDS = ("oversize", "malformed", "unstorable", "store_refused", "error")
+# Every reason a message is refused, as counted in ``refusals`` (the metric
+# ``deltafleet_device_messages_refused_total{reason}``): the kinds above, plus messages
+# refused unread from a revoked device or a suspect one (``drop_suspect``).
+REFUSAL_REASONS = (*REFUSAL_KINDS, "revoked", "suspect")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,7 @@ class DeviceMessageGuard:
         self._devices: OrderedDict[str, DeviceRecord] = OrderedDict()
         self.invalid_total = 0
         self.refused_total = 0
+        self.refusals: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)  # this process's
 
     def _record(self, device_id: str) -> DeviceRecord:
         rec = self._devices.get(device_id)
@@ -80,6 +86,7 @@ class DeviceMessageGuard:
         """Before parsing: may this payload be parsed at all?"""
         if self._is_denied(device_id):
             self.refused_total += 1
+            self.refusals["revoked"] += 1
             return Verdict(False, f"device {device_id} is revoked")
         if size_bytes > self.config.max_payload_bytes:
             rec = self._record(device_id)
@@ -91,6 +98,7 @@ class DeviceMessageGuard:
         known = self._devices.get(device_id)
         if known is not None and known.suspect and self.config.drop_suspect:
             self.refused_total += 1
+            self.refusals["suspect"] += 1
             return Verdict(False, f"device {device_id} is suspect")
         return Verdict(True)
 
@@ -99,6 +107,7 @@ class DeviceMessageGuard:
         if kind not in REFUSAL_KINDS:
             raise ValueError(f"unknown refusal kind {kind!r}")
         self.invalid_total += 1
+        self.refusals[kind] += 1
         rec = self._record(device_id)
         rec.invalid_total += 1
         rec.last_reason = reason[:200]
@@ -118,6 +127,9 @@ class DeviceMessageGuard:
         rec = self._devices.get(device_id)
         return rec is not None and rec.suspect
 
+    def suspect_count(self) -> int:
+        return sum(1 for r in self._devices.values() if r.suspect)
+
     def suspects(self) -> list[str]:
         return sorted(d for d, r in self._devices.items() if r.suspect)
 
@@ -128,4 +140,5 @@ class DeviceMessageGuard:
         return self._devices.get(device_id)
 
 
-__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "REFUSAL_KINDS", "DeviceMessageGuard", "GuardConfig", "Verdict"]
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "REFUSAL_KINDS", "REFUSAL_REASONS", "DeviceMessageGuard",
+           "GuardConfig", "Verdict"]

@@ -25,7 +25,8 @@ from typing import Any
 
 from sqlalchemy import Column, String
 
-from deltafleet.shared import ChunkRequest, Event, Hello, Status, WireError
+from deltafleet.shared import ChunkRequest, Event, Hello, Status, Telemetry, WireError
+from deltafleet.shared.messages import TELEMETRY_COUNTERS
 
 from .store.models import Device, DeviceEvent, DeviceModel, RolloutTarget, Variant
 
@@ -182,12 +183,27 @@ def _event(e: Event) -> None:
         check_int(v, f"health.{k}")
 
 
+def _telemetry(t: Telemetry) -> None:
+    check_text(t.telemetry_id, "telemetry_id", EVENT_ID_CHARS)
+    check_text(t.boot_id, "boot_id", 32)
+    for name in ("seq", "sent_at", "uptime_s", "rss_bytes"):
+        check_int(getattr(t, name), name, minimum=0)
+    for m in t.models:
+        check_text(m.model, "a model name", MODEL_NAME_CHARS)
+        check_text(m.version, f"the version of model {m.model}", MODEL_VERSION_CHARS)
+        check_text(m.variant, f"the variant of model {m.model}", MODEL_VARIANT_CHARS)
+        for name in TELEMETRY_COUNTERS:
+            check_int(getattr(m, name), f"{m.model}.{name}", minimum=0)
+        for b in m.latency_buckets:
+            check_int(b, f"{m.model}.latency_buckets", minimum=0)
+
+
 def _chunk_request(r: ChunkRequest) -> None:
     for i in r.indices:
         check_int(i, "a chunk index", minimum=0)
 
 
-def fits_store(message: Hello | Status | Event | ChunkRequest) -> None:
+def fits_store(message: Hello | Status | Event | ChunkRequest | Telemetry) -> None:
     """Raise UnstorableMessage unless every field of ``message`` can be stored as it is.
 
     Device ids and sha256 fields are already checked by the parsers (1-64 safe characters,
@@ -198,6 +214,8 @@ def fits_store(message: Hello | Status | Event | ChunkRequest) -> None:
         _event(message)
     elif isinstance(message, ChunkRequest):
         _chunk_request(message)
+    elif isinstance(message, Telemetry):
+        _telemetry(message)
     elif not isinstance(message, Status):
         raise UnstorableMessage(f"not a device message: {type(message).__name__}")
 

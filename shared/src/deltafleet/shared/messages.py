@@ -4,7 +4,7 @@ Every message carries ``v`` (its format version). ``from_wire`` checks every fie
 raises WireError on anything else, so a handler never sees a half-valid message.
 
 Manifest (server -> device, signed): the desired state of one model on one device.
-Hello, Event, ChunkRequest, Status (device -> server): unsigned JSON.
+Hello, Event, ChunkRequest, Status, Telemetry (device -> server): unsigned JSON.
 Ack (server -> device): the event ids the server has durably recorded; the outbox deletes
 only those.
 
@@ -419,8 +419,111 @@ class Status:
         return cls(check_device_id(_get(d, "device_id", str)), _get(d, "online", bool))
 
 
-MAX_ACK_IDS = 1000  # event ids in one ack; a larger batch goes out as several acks
 MAX_EVENT_ID_CHARS = 64  # the server stores event ids in a 64-character column
+
+# Telemetry (device -> server, through the outbox; see docs/protocol.md and docs/observability.md)
+# Latency bucket upper bounds in microseconds; a model's ``latency_buckets`` holds one count per
+# bound plus one for +Inf, each the answers in (previous bound, bound] (not cumulative).
+TELEMETRY_LATENCY_BOUNDS_US = (500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000, 250_000,
+                               500_000, 1_000_000, 2_500_000)
+MAX_TELEMETRY_MODELS = 16  # (model, version) entries in one summary
+MAX_TELEMETRY_BYTES = 8 * 1024
+TELEMETRY_COUNTERS = ("requests", "errors", "fallbacks", "swaps", "trials_passed",
+                      "trials_failed", "agreement_ppm_sum", "agreement_trials", "latency_sum_us")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTelemetry:
+    """Inference figures of one served (model, version) since the agent started (cumulative).
+
+    ``requests`` counts every predict that reached the model slot; ``errors`` those the primary
+    did not answer (a fallback may have); ``fallbacks`` the answers the fallback model gave;
+    ``latency_buckets`` the answered requests by latency. ``version`` is "" for answers while
+    no primary was ever loaded."""
+
+    model: str
+    version: str
+    variant: str = ""
+    requests: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    swaps: int = 0
+    trials_passed: int = 0
+    trials_failed: int = 0
+    # output agreement of the new version with the previous one in its trials (ppm, summed
+    # over ``agreement_trials`` trials; see agent/latency.output_agreement)
+    agreement_ppm_sum: int = 0
+    agreement_trials: int = 0
+    latency_sum_us: int = 0
+    latency_buckets: tuple[int, ...] = (0,) * (len(TELEMETRY_LATENCY_BOUNDS_US) + 1)
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["latency_buckets"] = list(self.latency_buckets)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: Any) -> ModelTelemetry:
+        if not isinstance(d, dict):
+            raise WireError("a telemetry model entry must be an object")
+        buckets = _get(d, "latency_buckets", list)
+        if len(buckets) != len(TELEMETRY_LATENCY_BOUNDS_US) + 1 or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in buckets):
+            raise WireError(f"latency_buckets must be {len(TELEMETRY_LATENCY_BOUNDS_US) + 1} "
+                            "non-negative integers")
+        m = cls(model=_get(d, "model", str), version=_get(d, "version", str),
+                variant=_get(d, "variant", str, optional=True) or "",
+                **{k: _nonneg(d, k) for k in TELEMETRY_COUNTERS},
+                latency_buckets=tuple(buckets))
+        if m.errors > m.requests or m.fallbacks > m.requests or sum(buckets) > m.requests:
+            raise WireError(f"telemetry of {m.model}: errors, fallbacks and answered requests "
+                            "cannot exceed requests")
+        return m
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """Periodic summary of a device's inference (``models``) and its memory; counters are
+    cumulative since the agent process started (``boot_id``), ``seq`` counts summaries of that
+    boot. ``telemetry_id`` is acked like an event id (the outbox keeps only the latest)."""
+
+    telemetry_id: str
+    device_id: str
+    boot_id: str
+    seq: int
+    sent_at: int
+    uptime_s: int
+    rss_bytes: int
+    models: tuple[ModelTelemetry, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": WIRE_VERSION, "type": "telemetry", "telemetry_id": self.telemetry_id,
+                "device_id": self.device_id, "boot_id": self.boot_id, "seq": self.seq,
+                "sent_at": self.sent_at, "uptime_s": self.uptime_s,
+                "rss_bytes": self.rss_bytes, "models": [m.to_wire() for m in self.models]}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Telemetry:
+        _check_version(d)
+        if d.get("type") != "telemetry":
+            raise WireError("payload is not telemetry")
+        tid = _get(d, "telemetry_id", str)
+        boot = _get(d, "boot_id", str)
+        if not 0 < len(tid) <= MAX_EVENT_ID_CHARS or not 0 < len(boot) <= 32:
+            raise WireError("telemetry_id must be 1-64 characters and boot_id 1-32")
+        models = _get(d, "models", list)
+        if len(models) > MAX_TELEMETRY_MODELS:
+            raise WireError(f"telemetry lists {len(models)} models, over {MAX_TELEMETRY_MODELS}")
+        entries = tuple(ModelTelemetry.from_wire(m) for m in models)
+        if len({(m.model, m.version) for m in entries}) != len(entries):
+            raise WireError("telemetry lists a (model, version) twice")
+        return cls(telemetry_id=tid, device_id=check_device_id(_get(d, "device_id", str)),
+                   boot_id=boot, seq=_nonneg(d, "seq"), sent_at=_nonneg(d, "sent_at"),
+                   uptime_s=_nonneg(d, "uptime_s"), rss_bytes=_nonneg(d, "rss_bytes"),
+                   models=entries)
+
+
+MAX_ACK_IDS = 1000  # event ids in one ack; a larger batch goes out as several acks
 MAX_ACK_BYTES = 96 * 1024  # a full ack (1000 ids of 64 characters) is ~68 KiB
 
 
@@ -449,7 +552,7 @@ class Ack:
         return cls(check_device_id(_get(d, "device_id", str)), tuple(ids))
 
 
-def encode(message: Hello | Event | ChunkRequest | Status | Manifest | Ack) -> bytes:
+def encode(message: Hello | Event | ChunkRequest | Status | Manifest | Ack | Telemetry) -> bytes:
     return canonical_json(message.to_wire())
 
 

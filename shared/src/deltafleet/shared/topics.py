@@ -4,6 +4,7 @@
     {prefix}/dev/{device_id}/status     device -> server  retained online/offline (last will)
     {prefix}/dev/{device_id}/events     device -> server  update progress and results
     {prefix}/dev/{device_id}/chunkreq   device -> server  chunk indices it still needs
+    {prefix}/dev/{device_id}/telemetry  device -> server  inference summary (outbox, periodic)
     {prefix}/dev/{device_id}/desired/{model}
                                         server -> device  retained signed manifest (desired state)
     {prefix}/dev/{device_id}/ack        server -> device  event ids committed to the database
@@ -49,6 +50,9 @@ class Topics:
 
     def ack(self, device_id: str) -> str:
         return self.dev(device_id, "ack")
+
+    def telemetry(self, device_id: str) -> str:
+        return self.dev(device_id, "telemetry")
 
     def chunk_request(self, device_id: str) -> str:
         return self.dev(device_id, "chunkreq")

@@ -63,7 +63,7 @@ restart) is harmless: the broker keeps one message per topic.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "CHUNK_WINDOW_S",
@@ -120,6 +120,8 @@ class ChunkPublish:
     artifact_sha: str
     index: int
     retain: bool = False
+    # published for a repair request (metrics: bytes by kind); not part of what is published
+    repair: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,16 +418,16 @@ class ChunkScheduler:
                     self._undo[(sha, i)] = (last, True, i in d.lost)
                     d.round_repairs += 1
                     d.sent(i, now)
-                    out.append(self._publish(sha, i))
+                    out.append(self._publish(sha, i, repair=True))
                 d.repair_due = wake if d.repairs else None
         return out
 
-    def _publish(self, sha: str, i: int) -> ChunkPublish:
+    def _publish(self, sha: str, i: int, *, repair: bool = False) -> ChunkPublish:
         if not self.retain:
-            return ChunkPublish(sha, i)
+            return ChunkPublish(sha, i, repair=repair)
         offer = self._offers.get(sha)
         self._retained[sha] = max(self._retained.get(sha, 0), offer.chunks if offer else i + 1)
-        return ChunkPublish(sha, i, retain=True)
+        return ChunkPublish(sha, i, retain=True, repair=repair)
 
     def withdraw(self, publishes: Iterable[ChunkPublish]) -> None:
         """These chunks from the last ``due`` were not sent: forget they were published and

@@ -1,7 +1,8 @@
 """ORM schema (SQLAlchemy 2.0 typed). Alembic migrations are the only thing that creates it.
 
 Tables: devices, device_models, groups, models, model_versions, variants, artifacts, deltas,
-rollouts, rollout_targets, rollout_counts, audit_log, api_tokens.
+rollouts, rollout_targets, rollout_counts, device_telemetry, device_telemetry_models, audit_log,
+api_tokens.
 
 ``rollout_counts`` holds, per rollout, wave and state, how many targets are in it. It is kept
 by one flush hook (``count_target_moves``) in the same transaction as every insert, move or
@@ -293,6 +294,67 @@ class DeviceEvent(Base):
     device_id: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+# Latency buckets of device telemetry: one column per bucket of
+# ``shared.messages.TELEMETRY_LATENCY_BOUNDS_US`` plus +Inf (counts per bucket, not cumulative)
+TELEMETRY_BUCKETS = 13
+
+
+class DeviceTelemetry(Base):
+    """The latest telemetry summary of a device (``server.telemetry``): its memory, when it
+    came, and the raw cumulative counters of that agent boot (``last``: the deltas of the next
+    summary are taken against them)."""
+
+    __tablename__ = "device_telemetry"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    boot_id: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    device_type: Mapped[str] = mapped_column(String(64))
+    rss_bytes: Mapped[int] = mapped_column(BigInteger)
+    uptime_s: Mapped[int] = mapped_column(BigInteger)
+    sent_at: Mapped[int] = mapped_column(BigInteger)  # device clock, unix s
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # "model\nversion" -> counters
+
+
+class DeviceTelemetryModel(Base):
+    """Per device, model and version: inference totals summed over the agent's boots (so the
+    fleet sums the scrape takes only ever grow), with the variant and device type they ran on."""
+
+    __tablename__ = "device_telemetry_models"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(64), default="")
+    device_type: Mapped[str] = mapped_column(String(64), default="")
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    fallbacks: Mapped[int] = mapped_column(BigInteger, default=0)
+    swaps: Mapped[int] = mapped_column(BigInteger, default=0)
+    trials_passed: Mapped[int] = mapped_column(BigInteger, default=0)
+    trials_failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    agreement_ppm_sum: Mapped[int] = mapped_column(BigInteger, default=0)
+    agreement_trials: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_sum_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_0: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_1: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_2: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_3: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_4: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_5: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_6: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_7: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_8: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_9: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_10: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_11: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_12: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class AuditEntry(Base):
