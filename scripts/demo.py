@@ -4,7 +4,8 @@ Starts a broker (Mosquitto if installed, else embedded amqtt; or FLEET_MQTT_URL)
 SQLite in a temp home, and three agents as separate processes (jetson-1, jetson-2, rpi-1). Rolls
 v1 to the whole fleet (full artifact: the model zstd-compressed), then v2 (last layer retrained)
 to `--group jetson` (delta), and prints what each device runs and, per rollout, the bytes sent
-against the model's own size, and where the server and agents serve their Prometheus metrics.
+against the model's own size, where the server and agents serve their Prometheus metrics, and
+where the management API and web console are.
 Leaves no process behind.
 
 The demo is a list of named steps. When one fails it prints one line on stderr and exits 1::
@@ -178,6 +179,19 @@ def print_metrics(lab: Lab, metrics_port: int) -> None:
     print("`make monitor` keeps this fleet running under a local Prometheus with the alert rules")
 
 
+def print_console(lab: Lab, api_port: int) -> None:
+    """Where the management API and the web console are, and a token to log in with."""
+    import urllib.request
+
+    base = f"http://127.0.0.1:{api_port}"
+    with urllib.request.urlopen(f"{base}/api/v1/health", timeout=5) as r:
+        if r.status != 200:
+            raise RuntimeError(f"GET {base}/api/v1/health answered {r.status}")
+    lab.fleetctl("token", "create", "demo-viewer", "--role", "viewer", echo=True)
+    print(f"console: {base}/ and API {base}/api/v1 (OpenAPI at /api/v1/openapi.json; "
+          f"log in with a token from `fleetctl token create NAME --role viewer|operator|admin`)")
+
+
 def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
     """The demo's steps; raises DemoFailed."""
     t0 = time.monotonic()
@@ -200,8 +214,9 @@ def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
         lab.fleetctl("group", "create", "fleet", "--match", "site=demo", echo=True)
         lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson", echo=True)
     with step("start the server"):
-        metrics_port = free_port()
+        metrics_port, api_port = free_port(), free_port()
         lab.env["FLEET_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
+        lab.env["FLEET_API_LISTEN"] = f"127.0.0.1:{api_port}"
         lab.start_server()
     with step(f"start {len(DEVICES)} agents"):
         for device_id, hw in DEVICES.items():
@@ -238,6 +253,8 @@ def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
                   f"{answer.version}{' (fallback)' if answer.fallback else ''}")
     with step("read the metrics"):
         print_metrics(lab, metrics_port)
+    with step("check the management API and console"):
+        print_console(lab, api_port)
     print(f"\nOK: demo finished in {time.monotonic() - t0:.1f} s")
 
 

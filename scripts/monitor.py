@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             lab.fleetctl("model", "add", "detector", "v2", str(v2))
             lab.fleetctl("group", "create", "fleet", "--match", "site=demo")
             lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson")
-            metrics_port = free_port()
+            metrics_port, api_port = free_port(), free_port()
             lab.env["FLEET_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
+            lab.env["FLEET_API_LISTEN"] = f"127.0.0.1:{api_port}"
             lab.start_server()
             for device_id, hw in DEVICES.items():
                 lab.start_agent(device_id, {"hw": hw, "site": "demo"},
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             for device_id, port in lab.api_ports.items():
                 print(f"{device_id + ':':<12} http://127.0.0.1:{port}/metrics")
             print(f"dashboards:  {DASHBOARDS_DIR} (Grafana provisioning: {PROVISIONING_DIR})")
+            token = lab.fleetctl("token", "create", "monitor", "--role", "operator",
+                                 "--json").stdout
+            print(f"console:     http://127.0.0.1:{api_port}/  (operator token: "
+                  f"{json.loads(token).get('token', '?')})")
             print("try:")
             for what, expr in LOOK.items():
                 print(f"  {what:<32} {prom.url}/graph?g0.expr={urllib.parse.quote(expr)}")
