@@ -119,7 +119,11 @@ def _take_over(s: Session, old: Overlap, new_id: int, actor: str, now: datetime)
     for t in s.scalars(select(RolloutTarget).where(
             RolloutTarget.rollout_id == r.id, RolloutTarget.device_id.in_(moved),
             RolloutTarget.state.not_in(_LET_GO))).all():
-        was = f" (it was {t.state})" if t.state != TargetState.PENDING else ""
+        was = ""
+        if t.state in IN_FLIGHT_STATES:
+            was = f" (it was {t.state}; it may finish that update first)"
+        elif t.state != TargetState.PENDING:
+            was = f" (it was {t.state})"
         transition(t, TargetState.CANCELLED, f"taken over by rollout {new_id}{was}", now)
     if not old.others and r.state in SUPERSEDABLE_STATES:
         transition_rollout(r, RolloutState.SUPERSEDED,
