@@ -75,12 +75,16 @@ LOOK_BACK = timedelta(seconds=5)  # hellos committed late by another process are
 class _Seen:
     """What this replica remembers of one rollout between ticks (forgotten on takeover):
     when it last looked for devices that joined its group, when it last looked at every
-    device, and the pending targets planning left waiting (a delta being built, a blob on
-    hold), which are planned again every tick without using the concurrency budget."""
+    device, the pending targets planning left waiting (a delta being built, a blob on
+    hold), which are planned again every tick without using the concurrency budget, and the
+    artifacts the rollout dispatched (None: not read yet), kept servable while devices are
+    still to go (offline devices are dispatched when they come back and mostly need the same
+    artifact: its chunks stay retained instead of being cleared and published again)."""
 
     looked_at: datetime | None = None
     swept_at: datetime | None = None
     waiting: set[str] = field(default_factory=set)
+    sent: set[str] | None = None
 
     def note(self, decisions: engine.Decisions) -> None:
         for d in decisions:
@@ -241,17 +245,34 @@ class RolloutController:
             snapshot = self._snapshot(s, r, model, rows, devices, counts, waiting_online)
             decisions = engine.step(snapshot, now)
             out += self._apply(s, r, model.name, rows, devices, decisions, now)
-            self._seen[r.id].note(decisions)
+            seen = self._seen[r.id]
+            seen.note(decisions)
             if decisions:
                 flying = self._in_flight_artifacts(s, r.id)
+            serves = {sha for sha, _ in flying}
+            if r.state == RolloutState.RUNNING and any(
+                    n for (_, st), n in counts.items() if st in (T.PENDING, T.HELD)):
+                if seen.sent is None:
+                    seen.sent = self._sent_artifacts(s, r.id)
+                seen.sent |= {d.artifact_sha256 for d in decisions
+                              if isinstance(d, engine.Dispatch) and d.state == T.NOTIFIED}
+                serves |= seen.sent
             rate = int(r.policy.get("bandwidth_bytes_per_s") or 0)
-            for sha in {sha for sha, _ in flying}:
+            for sha in serves:
                 if self._check(sha).ok:
                     known = servable.get(sha)
                     caps = [x for x in (known, rate) if x]  # the tightest cap wins
                     servable[sha] = min(caps) if caps else 0
         self._report_bad_blobs(s)
         return out, servable
+
+    def _sent_artifacts(self, s: Session, rollout_id: int) -> set[str]:
+        """The update artifacts the rollout sent so far (once per replica and rollout)."""
+        return {sha for (sha,) in s.execute(
+            select(RolloutTarget.artifact_sha256).distinct()
+            .where(RolloutTarget.rollout_id == rollout_id,
+                   RolloutTarget.artifact_kind.is_not(None),
+                   RolloutTarget.artifact_sha256.is_not(None))).all() if sha is not None}
 
     def _in_flight_artifacts(self, s: Session, rollout_id: int) -> set[tuple[str, str]]:
         """(artifact, state) pairs of the rollout's targets with a manifest out."""
