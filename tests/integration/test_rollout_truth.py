@@ -295,3 +295,51 @@ def test_a_pinned_variant_goes_to_every_device_and_one_that_cannot_load_it_is_na
     assert all(lab.fleet.devices[d].models["detector"].sha256 == variants["slim"]
                for d in [*onnx_only, both])
     assert status(lab, rid)["policy"]["variant"] == "slim"
+
+
+# -- with real fleet-agent processes -----------------------------------------------------------
+@pytest.fixture
+def agents(tmp_path: Path, broker):
+    """fleetctl, `fleetctl server` and fleet-agent processes, on the session's broker under a
+    prefix of their own."""
+    import uuid
+
+    from tests.harness.fleetlab import Lab
+
+    lab = Lab(tmp_path / "agents", mqtt_url=broker.url)
+    lab.env["FLEET_TOPIC_PREFIX"] = f"t{uuid.uuid4().hex[:8]}/v1"
+    yield lab
+    lab.close()
+
+
+def test_a_real_agent_rolls_back_from_its_own_disk_and_the_status_says_0_bytes(
+        agents, onnx_pair):
+    from tests.harness.fleetlab import wait_for
+
+    lab, files = agents, onnx_pair(0.3)
+    lab.fleetctl("init")
+    lab.fleetctl("model", "add", "detector", "v1", str(files["v1"]))
+    lab.fleetctl("model", "add", "detector", "v2", str(files["v2"]))
+    lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson")
+    lab.start_server()
+    lab.start_agent("jetson-1", {"hw": "jetson"})
+    wait_for(lambda: "jetson-1" in lab.online_devices(), 30, "agent online")
+    wait = ("--wait", "--timeout", "90", "--health-window", "1s")
+    assert lab.fleetctl_json("rollout", "model", "v1", "--group", "jetson", *wait)[
+        "state"] == "completed"
+    r2 = lab.fleetctl_json("rollout", "model", "v2", "--group", "jetson", *wait)
+    (t,) = r2["targets"]
+    assert (r2["state"], t["artifact"]) == ("completed", "delta"), r2
+    assert t["bytes_sent"] == t["artifact_bytes"] > 0 and t["delivery"].startswith("delta ")
+
+    lab.fleetctl("rollout", "rollback", str(r2["id"]))
+    back = wait_for(lambda: (d := lab.fleetctl_json("rollout", "status", str(r2["id"])))[
+        "state"] == "rolled_back" and d, 60, "rolled back")
+    (b,) = back["targets"]
+    assert b["state"] == "reverted", b
+    assert b["rollback"]["bytes_sent"] == 0 and back["rollback_bytes_sent"] == 0, b
+    assert (b["artifact"], b["bytes_sent"], back["bytes_sent"]) == (
+        "delta", t["bytes_sent"], r2["bytes_sent"])
+    assert lab.agent_status("jetson-1")[0]["version"] == "v1"
+    text = lab.fleetctl("rollout", "status", str(r2["id"])).stdout
+    assert "rollback sent 0 B" in text and "still on the device" in text
