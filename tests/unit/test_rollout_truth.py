@@ -65,22 +65,24 @@ def test_sizes_and_shares_read_as_an_operator_reads_them():
 def test_a_delta_worth_sending_says_its_size_and_share_of_the_full_artifact():
     p = plan(RUNS_V1, {(V1, V2): DeltaOption("bsdiff4", DELTA, 120 * KIB)})
     assert p.kind == PlanKind.DELTA
-    assert p.reason == "delta 120.0 KiB from v1 (6% of full 1.9 MiB)"
+    assert p.reason == "delta 120.0 KiB from v1 (6% of full, 1.9 MiB compressed)"
 
 
 def test_a_delta_not_worth_it_says_why_the_full_artifact_went():
     p = plan(RUNS_V1, {(V1, V2): DeltaOption("bsdiff4", DELTA, 1750 * KIB)})
     assert p.kind == PlanKind.FULL and p.bytes == 1900 * KIB
-    assert p.reason == "delta 1.7 MiB is 92% of full 1.9 MiB: not worth it, full sent"
+    assert p.reason == "delta 1.7 MiB is 92% of full (1.9 MiB compressed): not worth it, full sent"
 
 
 @pytest.mark.parametrize(("running", "failed", "bad", "reason"), [
-    (None, {}, set(), "no version of the model on the device: full 1.9 MiB sent"),
-    (RUNS_V1, {}, {V1}, "no delta from v1 (base not in the server's store): full 1.9 MiB sent"),
+    (None, {}, set(), "no version of the model on the device: full sent (1.9 MiB compressed)"),
+    (RUNS_V1, {}, {V1},
+     "no delta from v1 (base not in the server's store): full sent (1.9 MiB compressed)"),
     (RUNS_V1, {(V1, V2): "bsdiff4 gave 2.0 MiB"}, set(),
-     "no delta from v1 (bsdiff4 gave 2.0 MiB): full 1.9 MiB sent"),
+     "no delta from v1 (bsdiff4 gave 2.0 MiB): full sent (1.9 MiB compressed)"),
     (RunningModel(V1), {}, {V1},
-     f"no delta from {V1[:12]} (base not in the server's store): full 1.9 MiB sent"),
+     f"no delta from {V1[:12]} (base not in the server's store): full sent (1.9 MiB "
+     "compressed)"),
 ])
 def test_a_full_install_names_why_there_is_no_delta(running, failed, bad, reason):
     p = plan(running, failed=failed, bad=bad)
@@ -137,7 +139,7 @@ def test_an_offline_device_is_sent_nothing_and_keeps_no_slot():
 
 def test_a_dispatch_carries_the_planner_reason_as_its_note():
     (d,) = of(Dispatch, engine.step(snap([TargetView("a", 0, T.PENDING)], [device("a")]), NOW))
-    assert (d.kind, d.note) == ("delta", "delta 120.0 KiB from v1 (6% of full 1.9 MiB)")
+    assert (d.kind, d.note) == ("delta", "delta 120.0 KiB from v1 (6% of full, 1.9 MiB compressed)")
 
 
 @pytest.mark.parametrize(("state", "rollback"), [(T.DOWNLOADING, False), (T.REVERTING, True)])

@@ -3,9 +3,11 @@ whether a delta is worth sending instead.
 
 ``plan_target`` is the one decision tree for a device: dispatch (``rollout.engine``) acts on
 it and ``fleetctl rollout plan`` prints it, so the plan is what dispatch does. Its ``reason``
-explains the delta-or-full choice with the figures (``delta 120 KiB (6% of full 1.9 MiB)``,
-``delta 1.7 MiB is 90% of full 1.9 MiB: not worth it, full sent``, ``no delta from v1 (...):
-full sent``); dispatch records it per device and ``fleetctl rollout status`` shows it.
+explains the delta-or-full choice with the figures (``delta 120.0 KiB from v1 (6% of full,
+1.9 MiB compressed)``, ``delta 1.7 MiB is 92% of full (1.9 MiB compressed): not worth it, full
+sent``, ``no delta from v1 (...): full sent (1.9 MiB compressed)``; "full" is what a full
+install ships, see ``full_artifact``); dispatch records it per device and ``fleetctl rollout
+status`` shows it.
 ``full_artifact`` is the one rule for what a full install ships. No I/O here: callers pass
 what the store holds (``blob_problem``: None when a blob is intact, else what is wrong with it).
 
@@ -249,14 +251,15 @@ def plan_target(
     def full_plan(reason: str) -> TargetPlan:
         return plan(PlanKind.FULL, reason, full.codec, full.sha256, full.size_bytes)
 
-    full_size = size_text(full.size_bytes)
+    # what a full install ships (the compressed model, usually: not the model file's size)
+    full_size = size_text(full.size_bytes) + (" compressed" if full.codec != IDENTITY else "")
     if running is None:
-        return full_plan(f"no version of the model on the device: full {full_size} sent")
+        return full_plan(f"no version of the model on the device: full sent ({full_size})")
     base = running.sha256
     base_name = running.version or base[:12]
 
     def no_delta(why: str) -> TargetPlan:
-        return full_plan(f"no delta from {base_name} ({why}): full {full_size} sent")
+        return full_plan(f"no delta from {base_name} ({why}): full sent ({full_size})")
 
     if blob_problem(base) is not None:
         return no_delta("base not in the server's store")
@@ -268,14 +271,14 @@ def plan_target(
         if blob_problem(v.sha256) is not None:
             return no_delta("the target's model file is not intact in the server's store")
         return TargetPlan(PlanKind.BUILD, f"delta from {base_name} not built yet (the server "
-                          f"builds it; full {full_size} shown as the upper bound)", v, None,
+                          f"builds it; full, {full_size}, shown as the upper bound)", v, None,
                           None, full.size_bytes, base, build_delta=True, warning=warning)
     share = share_text(delta.size_bytes, full.size_bytes)
     if not delta_worth_it(delta.size_bytes, full.size_bytes):
-        return full_plan(f"delta {size_text(delta.size_bytes)} is {share} of full {full_size}: "
+        return full_plan(f"delta {size_text(delta.size_bytes)} is {share} of full ({full_size}): "
                          "not worth it, full sent")
     if blob_problem(delta.sha256) is not None:
         return no_delta(f"the delta {delta.sha256[:12]} is not intact in the server's store")
     return plan(PlanKind.DELTA, f"delta {size_text(delta.size_bytes)} from {base_name} "
-                f"({share} of full {full_size})", delta.codec, delta.sha256, delta.size_bytes,
+                f"({share} of full, {full_size})", delta.codec, delta.sha256, delta.size_bytes,
                 base)

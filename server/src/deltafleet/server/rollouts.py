@@ -113,12 +113,13 @@ def overlaps(s: Session, model_id: int, device_ids: list[str]) -> list[Overlap]:
 def _take_over(s: Session, old: Overlap, new_id: int, actor: str, now: datetime) -> None:
     """Move ``old.devices`` out of rollout ``old.rollout_id`` (cancelled: taken over); the old
     rollout ends as superseded when it covers nothing else."""
-    r = s.get(Rollout, old.rollout_id)
+    # locked: the server may be moving these rows in this instant (its tick commits first)
+    r = s.get(Rollout, old.rollout_id, with_for_update=True)
     assert r is not None
     moved = set(old.devices)
     for t in s.scalars(select(RolloutTarget).where(
             RolloutTarget.rollout_id == r.id, RolloutTarget.device_id.in_(moved),
-            RolloutTarget.state.not_in(_LET_GO))).all():
+            RolloutTarget.state.not_in(_LET_GO)).with_for_update()).all():
         was = ""
         if t.state in IN_FLIGHT_STATES:
             was = f" (it was {t.state}; it may finish that update first)"
