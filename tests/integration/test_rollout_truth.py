@@ -226,6 +226,44 @@ def test_a_rollout_taking_over_every_device_supersedes_the_old_one(lab):
     assert lab.status(old)["state"] == "superseded"
 
 
+def test_a_rollout_that_is_rolling_back_is_never_taken_over(lab):
+    a, b = lab.add_devices(2, {"hw": "jetson"})
+    lab.group("jetson", hw="jetson")
+    rid = start(lab, "v2", "--group", "jetson", *FAST)
+    lab.wait_state(rid, {"completed"}, 60)
+    lab.fleet.devices[b].go_offline()  # its rollback waits for it: the rollout stays rolling back
+    lab.wait_for(lambda: not lab.device_online(b), 10, "device offline")
+    ok(lab, "rollout", "rollback", str(rid))
+    lab.wait_for(lambda: targets(lab.status(rid))[a]["state"] == "reverted", 60, "a reverted")
+    for extra in ((), ("--supersede",)):
+        line = one_line_refusal(fleetctl(lab, "rollout", "model", "v3", "--group", "jetson",
+                                         *extra))
+        # a (reverted) is let go; b is still covered by the rollback
+        assert f"rollout {rid} is rolling_back on 1 of these devices; wait until it ends" in line
+
+
+def test_a_device_that_joins_two_running_rollouts_groups_is_worked_by_one(lab):
+    lab.add_devices(2, {"hw": "jetson", "site": "k"}, prefix="k")
+    lab.group("all", hw="jetson")
+    lab.group("x", site="x")
+    first = start(lab, "v2", "--group", "all", "--health-window", "20s")  # stays running
+    second = start(lab, "v3", "--group", "x", "--allow-empty", *FAST)  # no overlap: allowed
+    (joiner,) = lab.add_devices(1, {"hw": "jetson", "site": "x"}, prefix="x")
+
+    def open_in() -> list[int]:
+        return [rid for rid in (first, second)
+                if targets(lab.status(rid)).get(joiner, {}).get("state") not in (None,
+                                                                                 "cancelled")]
+
+    lab.wait_for(open_in, 30, "the joiner added")
+    lab.wait_for(lambda: lab.fleet.devices[joiner].models["detector"].version != "v1", 60,
+                 "the joiner updated")
+    (owner,) = open_in()
+    assert len(open_in()) == 1
+    assert not any(t["device"] == joiner for rid in (first, second) if rid != owner
+                   for t in lab.status(rid)["targets"])
+
+
 # -- abort -------------------------------------------------------------------------------------
 def test_an_abort_says_what_each_device_was_doing(lab):
     trial, offline = lab.add_devices(2, {"hw": "jetson"})
