@@ -178,6 +178,8 @@ class RolloutPolicy:
         d = asdict(self)
         d["waves"] = list(self.waves)
         d["health"] = self.health.to_wire()
+        if self.variant is None:  # the stored form of an unpinned rollout is as it was
+            del d["variant"]
         return d
 
     @classmethod
