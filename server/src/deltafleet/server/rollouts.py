@@ -300,18 +300,26 @@ def get_rollout(s: Session, rollout_id: int) -> Rollout:
     return r
 
 
-def _shown_reason(t: RolloutTarget, online: bool, last_seen: datetime | None) -> str:
-    """The target's reason, saying so when its device is offline and the target waits on it:
-    nothing is dispatched to an offline device, and a manifest out waits at the broker."""
-    if online or t.state in TERMINAL_STATES:
+def _shown_reason(t: RolloutTarget, online: bool, last_seen: datetime | None,
+                  current_wave: int) -> str:
+    """The target's reason, saying what a pending target waits for (its wave to open, its
+    device to come back: nothing is dispatched to an offline device) and when an in-flight
+    target's device is offline (its manifest waits at the broker)."""
+    later = t.state == TargetState.PENDING and t.wave > current_wave
+    if t.state in TERMINAL_STATES or (online and not later):
         return t.reason
-    away = f"offline since {clock(last_seen)}"
-    if t.state == TargetState.PENDING:
-        why = f"waiting: {away}; the update is sent when it reconnects"
-    elif t.state in IN_FLIGHT_STATES:
-        why = f"waiting: {away}; the manifest waits for it at the broker"
+    if online:
+        why = f"waiting for wave {t.wave + 1} to open"
     else:
-        why = f"waiting: {away}"
+        away = f"offline since {clock(last_seen)}"
+        if later:
+            why = f"waiting for wave {t.wave + 1} to open; {away}"
+        elif t.state == TargetState.PENDING:
+            why = f"waiting: {away}; the update is sent when it reconnects"
+        elif t.state in IN_FLIGHT_STATES:
+            why = f"waiting: {away}; the manifest waits for it at the broker"
+        else:
+            why = f"waiting: {away}"
     return f"{why} ({t.reason})" if t.reason else why
 
 
@@ -351,7 +359,7 @@ def rollout_json(s: Session, r: Rollout, *, with_targets: bool = True) -> dict[s
                         "note": _rollback_note(t)}
         targets.append({
             "device": t.device_id, "wave": t.wave, "attempts": t.attempts,
-            "state": t.state, "reason": _shown_reason(t, bool(online), last_seen),
+            "state": t.state, "reason": _shown_reason(t, bool(online), last_seen, r.current_wave),
             "online": bool(online),
             "offline_since": None if online or last_seen is None else last_seen.isoformat(),
             "variant": variant, "artifact": t.artifact_kind, "artifact_bytes": t.bytes_to_send,
