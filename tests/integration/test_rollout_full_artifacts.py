@@ -176,5 +176,6 @@ def test_plan_counts_full_installs_at_their_compressed_size(lab):
         row = rows[device_id]
         assert (row["artifact"], row["codec"]) == ("full", "zstd")
         assert (row["bytes"], row["full_bytes"]) == (packed["size_bytes"], model_size)
-    assert "full artifact" in rows[on_v1]["reason"]
+    assert "not worth it, full" in rows[on_v1]["reason"]  # against the full artifact's size
+    assert rows[on_v1]["reason"].endswith(" sent")
     assert (plan["bytes"], plan["full_bytes"]) == (2 * packed["size_bytes"], 2 * model_size)

@@ -343,12 +343,12 @@ def test_a_failing_device_is_held_with_a_doubling_backoff_then_held_out(attempts
     (d,) = engine.on_event(t, POLICY, Report(reported, "p95 too high", {"p95_us": 9}), NOW)
     assert d.state == state and d.health == {"p95_us": 9}
     if hold_s is None:
-        assert d.hold_until is None and d.reason == f"p95 too high (held out after {attempts} " \
-                                                    "failed attempts)"
+        assert d.hold_until is None and d.reason == (
+            f"p95 too high (in its health trial; held out after {attempts} failed attempts)")
     else:
         assert d.hold_until == NOW + timedelta(seconds=hold_s)
-        assert d.reason == (f"failed: p95 too high (attempt {attempts} of 3; retry in "
-                            f"{hold_s} s)")
+        assert d.reason == (f"failed in its health trial: p95 too high (attempt {attempts} "
+                            f"of 3; retry in {hold_s} s)")
 
 
 def test_a_hold_that_ran_out_goes_back_to_pending_and_is_dispatched_again():
@@ -422,9 +422,13 @@ def test_abort_withdraws_undelivered_manifests_and_cancels_what_has_not_finished
                target("h", T.HEALTHY)]
     out = engine.step(snap(targets, state=R.ABORTING), NOW)
     assert of(Withdraw, out) == [Withdraw("n")]
-    assert sets(out) == {"p": (T.CANCELLED, "rollout aborted"),
-                         "n": (T.CANCELLED, "rollout aborted"),
-                         "d": (T.CANCELLED, "rollout aborted while the device was in downloading")}
+    aborted = "rollout aborted while the device was"
+    assert sets(out) == {
+        "p": (T.CANCELLED, f"{aborted} not sent the update yet (pending)"),
+        "n": (T.CANCELLED, f"{aborted} notified (manifest sent, no progress reported); "
+                           "manifest withdrawn"),
+        "d": (T.CANCELLED, f"{aborted} downloading the artifact; it was not stopped and may "
+                           "end on v2")}
     assert of(SetRollout, out) == [SetRollout(R.ABORTED, "why", True)]
 
 
@@ -504,7 +508,8 @@ def partial(s: Snapshot, now: datetime) -> Snapshot:
         in_flight = sum(n for (_, st), n in counts.items() if st in states.IN_FLIGHT_STATES)
         budget = (None if policy.max_concurrent is None
                   else max(0, policy.max_concurrent - in_flight + len(keep)))
-        pending = sorted((t for t in s.targets if t.state == T.PENDING and t.wave <= wave),
+        pending = sorted((t for t in s.targets if t.state == T.PENDING and t.wave <= wave
+                          and t.device_id in online),  # offline devices wait
                          key=lambda t: (t.wave, t.device_id))
         for t in pending[:budget]:
             keep.setdefault(t.device_id, t)

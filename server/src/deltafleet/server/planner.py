@@ -2,9 +2,17 @@
 whether a delta is worth sending instead.
 
 ``plan_target`` is the one decision tree for a device: dispatch (``rollout.engine``) acts on
-it and ``fleetctl rollout plan`` prints it, so the plan is what dispatch does. ``full_artifact``
-is the one rule for what a full install ships. No I/O here: callers pass what the store holds
-(``blob_problem``: None when a blob is intact, else what is wrong with it).
+it and ``fleetctl rollout plan`` prints it, so the plan is what dispatch does. Its ``reason``
+explains the delta-or-full choice with the figures (``delta 120.0 KiB from v1 (6% of full,
+1.9 MiB compressed)``, ``delta 1.7 MiB is 92% of full (1.9 MiB compressed): not worth it, full
+sent``, ``no delta from v1 (...): full sent (1.9 MiB compressed)``; "full" is what a full
+install ships, see ``full_artifact``); dispatch records it per device and ``fleetctl rollout
+status`` shows it.
+``full_artifact`` is the one rule for what a full install ships. No I/O here: callers pass
+what the store holds (``blob_problem``: None when a blob is intact, else what is wrong with it).
+
+A rollout may pin a variant (``--variant``): ``choose_variant`` then gives that variant to
+every device that can load it and says why to the ones that cannot.
 """
 
 from __future__ import annotations
@@ -93,13 +101,26 @@ def supported_formats(runtimes: dict[str, str]) -> set[str]:
 
 
 def choose_variant(
-    runtimes: dict[str, str], running_variant: str | None, options: list[VariantOption]
+    runtimes: dict[str, str], running_variant: str | None, options: list[VariantOption],
+    pinned: str | None = None,
 ) -> Choice:
-    """Prefer the variant the device already runs (deltas stay small), then "default"."""
+    """The pinned variant when there is one (None when the device cannot load it, with
+    why); else prefer the variant the device already runs (deltas stay small), then
+    "default"."""
     formats = supported_formats(runtimes)
+    have = ", ".join(sorted(runtimes)) or "none"
+    if pinned is not None:
+        named = [o for o in options if o.name == pinned]
+        if not named:
+            names = ", ".join(sorted(o.name for o in options)) or "none"
+            return Choice(None, f"the version has no variant {pinned!r} (it has: {names})")
+        (o,) = named[:1]
+        if o.format not in formats:
+            return Choice(None, f"cannot load pinned variant {pinned} ({o.format}): it has "
+                                f"runtimes [{have}]")
+        return Choice(o)
     fitting = [o for o in options if o.format in formats]
     if not fitting:
-        have = ", ".join(sorted(runtimes)) or "none"
         want = ", ".join(sorted({o.format for o in options})) or "none"
         return Choice(None, f"no variant for this device: it has runtimes [{have}], "
                             f"the version has formats [{want}]")
@@ -117,6 +138,24 @@ def delta_worth_it(delta_size_bytes: int | None, full_artifact_bytes: int) -> bo
     return delta_size_bytes is not None and delta_size_bytes <= full_artifact_bytes * (
         1 - DELTA_MIN_SAVING
     )
+
+
+def size_text(n: int) -> str:
+    """Bytes as an operator reads them (binary units, as ``fleetctl`` prints sizes)."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def share_text(part: int, whole: int) -> str:
+    """``part`` as a whole percentage of ``whole`` (at least 1% when not zero)."""
+    if whole <= 0:
+        return "?%"
+    pct = 100 * part / whole
+    return f"{max(1, round(pct)) if part else 0}%"
 
 
 def hold_reason(sha256: str, problem: str) -> str:
@@ -181,6 +220,7 @@ def plan_target(
     deltas: Mapping[tuple[str, str], DeltaOption],
     failed_deltas: Mapping[tuple[str, str], str],
     blob_problem: BlobProblem = all_intact,
+    pinned: str | None = None,
 ) -> TargetPlan:
     """The plan for one device: choose the variant, then already runs it / delta / build the
     delta first / full install / wait for the store. A delta needs its base intact in the
@@ -188,8 +228,10 @@ def plan_target(
     ships (``full_artifact``, which falls back to the model file when the compressed blob is
     bad), and stays within a variant lineage: a device running variant A that gets variant B
     (the version has no A, or B is pinned) gets B in full. A pair whose build failed gets the
-    full artifact."""
-    choice = choose_variant(dict(runtimes), running.variant if running else None, list(options))
+    full artifact. ``pinned``: the rollout's ``--variant``. The reason says why delta or full,
+    with the sizes."""
+    choice = choose_variant(dict(runtimes), running.variant if running else None, list(options),
+                            pinned)
     v = choice.variant
     if v is None:
         return TargetPlan(PlanKind.SKIP, choice.reason)
@@ -212,28 +254,38 @@ def plan_target(
     def full_plan(reason: str) -> TargetPlan:
         return plan(PlanKind.FULL, reason, full.codec, full.sha256, full.size_bytes)
 
+    # what a full install ships (the compressed model, usually: not the model file's size)
+    full_size = size_text(full.size_bytes) + (" compressed" if full.codec != IDENTITY else "")
     if running is None:
-        return full_plan("runs no version of the model")
+        return full_plan(f"no version of the model on the device: full sent ({full_size})")
     if running.variant is not None and running.variant != v.name:
         # deltas stay within a variant lineage (v1-int8 -> v2-int8), never across variants
         return full_plan(f"runs variant {running.variant}, gets {v.name}: no delta across "
-                         "variants")
+                         f"variants, full sent ({full_size})")
     base = running.sha256
+    base_name = running.version or base[:12]
+
+    def no_delta(why: str) -> TargetPlan:
+        return full_plan(f"no delta from {base_name} ({why}): full sent ({full_size})")
+
     if blob_problem(base) is not None:
-        return full_plan(f"its base {base[:12]} is not intact in the server's store: no delta")
+        return no_delta("base not in the server's store")
     delta = deltas.get((base, v.sha256))
     if delta is None:
         failed = failed_deltas.get((base, v.sha256))
         if failed is not None:
-            return full_plan(f"no delta worth sending: {failed}")
+            return no_delta(failed)
         if blob_problem(v.sha256) is not None:
-            return full_plan("the target's model file is not intact in the server's store: "
-                             "no delta can be built")
-        return TargetPlan(PlanKind.BUILD, "delta not built yet (the server builds it; the "
-                          "full artifact's size shown as the upper bound)", v, None, None,
-                          full.size_bytes, base, build_delta=True, warning=warning)
+            return no_delta("the target's model file is not intact in the server's store")
+        return TargetPlan(PlanKind.BUILD, f"delta from {base_name} not built yet (the server "
+                          f"builds it; full, {full_size}, shown as the upper bound)", v, None,
+                          None, full.size_bytes, base, build_delta=True, warning=warning)
+    share = share_text(delta.size_bytes, full.size_bytes)
     if not delta_worth_it(delta.size_bytes, full.size_bytes):
-        return full_plan("delta not at least 10% smaller than the full artifact")
+        return full_plan(f"delta {size_text(delta.size_bytes)} is {share} of full ({full_size}): "
+                         "not worth it, full sent")
     if blob_problem(delta.sha256) is not None:
-        return full_plan(f"the delta {delta.sha256[:12]} is not intact in the server's store")
-    return plan(PlanKind.DELTA, "", delta.codec, delta.sha256, delta.size_bytes, base)
+        return no_delta(f"the delta {delta.sha256[:12]} is not intact in the server's store")
+    return plan(PlanKind.DELTA, f"delta {size_text(delta.size_bytes)} from {base_name} "
+                f"({share} of full, {full_size})", delta.codec, delta.sha256, delta.size_bytes,
+                base)

@@ -137,6 +137,7 @@ class RolloutPolicy:
     bandwidth_bytes_per_s: int | None = None  # cap on chunk bytes the server publishes
     allow_io_change: bool = False  # devices accept a model whose inputs/outputs differ
     health: HealthPolicy = ROLLOUT_HEALTH  # trial limits signed into every manifest
+    variant: str | None = None  # --variant: pin this variant for every device that can load it
 
     def __post_init__(self) -> None:
         if self.on_failure not in ON_FAILURE:
@@ -156,7 +157,7 @@ class RolloutPolicy:
         min_requests: int = HEALTH_OPTION_DEFAULTS["min_requests"],
         max_concurrent: int | None = None, max_attempts: int = 3, retry_backoff: str = "30s",
         state_timeout: str = "600s", bandwidth: str | None = None,
-        allow_io_change: bool = False,
+        allow_io_change: bool = False, variant: str | None = None,
     ) -> RolloutPolicy:
         """A policy from operator input as `fleetctl rollout model` takes it (UsageError on
         anything invalid)."""
@@ -167,7 +168,7 @@ class RolloutPolicy:
             max_attempts=max_attempts, retry_backoff_s=parse_duration(retry_backoff),
             state_timeout_s=parse_duration(state_timeout),
             bandwidth_bytes_per_s=parse_rate(bandwidth) if bandwidth else None,
-            allow_io_change=allow_io_change,
+            allow_io_change=allow_io_change, variant=(variant or "").strip() or None,
             health=health_from_options(max_error_rate=max_error_rate,
                                        max_p95_ratio=max_p95_ratio,
                                        p95_slack_ms=p95_slack_ms, min_requests=min_requests),
@@ -177,6 +178,8 @@ class RolloutPolicy:
         d = asdict(self)
         d["waves"] = list(self.waves)
         d["health"] = self.health.to_wire()
+        if self.variant is None:  # the stored form of an unpinned rollout is as it was
+            del d["variant"]
         return d
 
     @classmethod

@@ -1,9 +1,16 @@
 """Rollout service functions (DB only, no MQTT): create, act on, plan, read, render. Used by
 the CLI. States and the operator actions are the tables of ``rollout.states``; a plan is
-``planner.plan_target``, the same call dispatch makes."""
+``planner.plan_target``, the same call dispatch makes.
+
+One active rollout works a device per model. A new rollout whose group covers devices an
+active rollout of the same model still covers is refused (``Overlap``) unless the operator
+asks to supersede it; then only those devices move to the new rollout (their old targets are
+cancelled, "taken over by rollout N") and the old rollout keeps working the rest, or ends as
+superseded when nothing is left to it. A rollback in progress is never taken over."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,13 +20,15 @@ from sqlalchemy.orm import Session
 from . import catalog, fleet
 from .audit import audit
 from .errors import NotFoundError, UsageError
-from .planner import BlobProblem, PlanKind, all_intact, plan_target
+from .planner import BlobProblem, PlanKind, all_intact, choose_variant, plan_target, size_text
 from .policy import RolloutPolicy, assign_waves
+from .rollout.engine import clock
 from .rollout.sql import load_deltas, running_models
 from .rollout.states import (
     ACTIONS,
     FAILURE_STATES,
     FINAL_ROLLOUT_STATES,
+    IN_FLIGHT_STATES,
     SUPERSEDABLE_STATES,
     TERMINAL_STATES,
     WAIT_ENDS,
@@ -29,6 +38,7 @@ from .rollout.states import (
     transition_rollout,
 )
 from .store.models import (
+    Device,
     DeviceModel,
     Group,
     Model,
@@ -38,16 +48,109 @@ from .store.models import (
     Variant,
 )
 
-__all__ = ["FINAL_ROLLOUT_STATES", "WAIT_ENDS", "act_on_rollout", "create_rollout", "get_rollout",
-           "list_rollouts", "plan_rollout", "rollout_json"]
+__all__ = ["FINAL_ROLLOUT_STATES", "WAIT_ENDS", "Overlap", "Started", "act_on_rollout",
+           "create_rollout", "get_rollout", "list_rollouts", "plan_rollout", "rollout_json",
+           "start_rollout"]
+
+# Targets an old rollout still covers (a takeover moves them): all but those it let go.
+_LET_GO = (TargetState.CANCELLED.value, TargetState.SKIPPED.value, TargetState.REVERTED.value)
+# Rollouts that cover their devices (an aborting one is letting go of all of them).
+_COVERING = (RolloutState.RUNNING.value, RolloutState.PAUSED.value,
+             RolloutState.ROLLING_BACK.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Overlap:
+    """An active rollout of the same model that covers ``devices`` of the new group."""
+
+    rollout_id: int
+    version: str
+    state: str
+    devices: tuple[str, ...]
+    others: int  # devices it covers outside the new group (left to it)
+
+    def refusal(self) -> str:
+        n = len(self.devices)
+        return (f"rollout {self.rollout_id} ({self.version}, {self.state}) already covers {n} "
+                f"of these devices; add --supersede to move {'it' if n == 1 else 'them'} to "
+                "the new rollout")
+
+    def summary(self) -> str:
+        left = (f"; its {self.others} other device(s) stay in rollout {self.rollout_id}"
+                if self.others else f"; rollout {self.rollout_id} is superseded")
+        return f"took over {len(self.devices)} device(s) from rollout {self.rollout_id}{left}"
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    rollout: Rollout
+    took_over: tuple[Overlap, ...] = ()
+
+
+def overlaps(s: Session, model_id: int, device_ids: list[str]) -> list[Overlap]:
+    """The active rollouts of the model that cover some of ``device_ids`` (a target not let
+    go), oldest first."""
+    wanted = set(device_ids)
+    inside: dict[int, list[str]] = {}
+    outside: dict[int, int] = {}
+    about: dict[int, tuple[str, str]] = {}
+    for rid, state, version, device_id in s.execute(
+            select(Rollout.id, Rollout.state, ModelVersion.version, RolloutTarget.device_id)
+            .join(RolloutTarget, RolloutTarget.rollout_id == Rollout.id)
+            .join(ModelVersion, ModelVersion.id == Rollout.version_id)
+            .where(Rollout.model_id == model_id, Rollout.state.in_(_COVERING),
+                   RolloutTarget.state.not_in(_LET_GO))
+            .order_by(Rollout.id, RolloutTarget.device_id)).all():
+        about[rid] = (version, state)
+        if device_id in wanted:
+            inside.setdefault(rid, []).append(device_id)
+        else:
+            outside[rid] = outside.get(rid, 0) + 1
+    return [Overlap(rid, *about[rid], tuple(ids), outside.get(rid, 0))
+            for rid, ids in inside.items()]
+
+
+def _take_over(s: Session, old: Overlap, new_id: int, actor: str, now: datetime) -> None:
+    """Move ``old.devices`` out of rollout ``old.rollout_id`` (cancelled: taken over); the old
+    rollout ends as superseded when it covers nothing else."""
+    # locked: the server may be moving these rows in this instant (its tick commits first)
+    r = s.get(Rollout, old.rollout_id, with_for_update=True)
+    assert r is not None
+    moved = set(old.devices)
+    for t in s.scalars(select(RolloutTarget).where(
+            RolloutTarget.rollout_id == r.id, RolloutTarget.device_id.in_(moved),
+            RolloutTarget.state.not_in(_LET_GO)).with_for_update()).all():
+        was = ""
+        if t.state in IN_FLIGHT_STATES:
+            was = f" (it was {t.state}; it may finish that update first)"
+        elif t.state != TargetState.PENDING:
+            was = f" (it was {t.state})"
+        transition(t, TargetState.CANCELLED, f"taken over by rollout {new_id}{was}", now)
+    if not old.others and r.state in SUPERSEDABLE_STATES:
+        transition_rollout(r, RolloutState.SUPERSEDED,
+                           f"rollout {new_id} took over its {len(moved)} device(s)", now)
+        r.finished_at = now
+    audit(s, actor, "rollout.supersede", f"rollout/{r.id}",
+          {"by": new_id, "devices": len(moved), "left": old.others})
 
 
 def create_rollout(s: Session, spec: str, group_name: str, actor: str, *,
-                   policy: RolloutPolicy | None = None, allow_empty: bool = False) -> Rollout:
+                   policy: RolloutPolicy | None = None, allow_empty: bool = False,
+                   supersede: bool = False) -> Rollout:
+    """``start_rollout``, returning the rollout."""
+    return start_rollout(s, spec, group_name, actor, policy=policy, allow_empty=allow_empty,
+                         supersede=supersede).rollout
+
+
+def start_rollout(s: Session, spec: str, group_name: str, actor: str, *,
+                  policy: RolloutPolicy | None = None, allow_empty: bool = False,
+                  supersede: bool = False) -> Started:
     """Record a rollout of version ``spec`` to ``group_name``; the server process does the rest.
 
-    A running or paused rollout of the same model is superseded: desired state is one version
-    per model, and the newest rollout decides it."""
+    Refused (UsageError) when an active rollout of the same model covers some of the group's
+    devices, unless ``supersede``: then those devices (only those) move to the new rollout.
+    With ``policy.variant`` (``--variant``) every device of the group must be able to load
+    that variant, else the rollout is refused naming the ones that cannot."""
     policy = policy or RolloutPolicy()
     version = catalog.resolve_version(s, spec)
     group = s.scalar(select(Group).where(Group.name == group_name))
@@ -60,23 +163,24 @@ def create_rollout(s: Session, spec: str, group_name: str, actor: str, *,
     if not devices and not allow_empty:
         raise UsageError(f"group {group_name!r} matches no device yet (use --allow-empty to "
                          "roll out to devices that join later)")
+    if policy.variant is not None:
+        _check_pin(s, version, policy.variant, devices, group_name, spec)
+    found = overlaps(s, version.model_id, [d.id for d in devices])
+    for o in found:
+        if o.state not in SUPERSEDABLE_STATES:
+            raise UsageError(f"rollout {o.rollout_id} is {o.state} on {len(o.devices)} of these "
+                             f"devices; wait until it ends (`fleetctl rollout status "
+                             f"{o.rollout_id}`)")
+        if not supersede:
+            raise UsageError(o.refusal())
     now = datetime.now(UTC)
-    for old in s.scalars(select(Rollout).where(
-            Rollout.model_id == version.model_id,
-            Rollout.state.in_(SUPERSEDABLE_STATES))).all():
-        transition_rollout(old, RolloutState.SUPERSEDED, "a newer rollout of this model started",
-                           now)
-        old.finished_at = now
-        for t in s.scalars(select(RolloutTarget).where(
-                RolloutTarget.rollout_id == old.id,
-                RolloutTarget.state.not_in(TERMINAL_STATES))).all():
-            transition(t, TargetState.CANCELLED, "superseded by a newer rollout", now)
-        audit(s, actor, "rollout.supersede", f"rollout/{old.id}", {})
     r = Rollout(model_id=version.model_id, version_id=version.id, group_id=group.id,
                 state=RolloutState.RUNNING.value, state_reason="", policy=policy.to_json(), current_wave=0,
                 failures_acknowledged=0, created_by=actor, created_at=now, updated_at=now)
     s.add(r)
     s.flush()
+    for o in found:
+        _take_over(s, o, r.id, actor, now)
     waves = assign_waves([d.id for d in devices], policy)
     for d in devices:
         s.add(RolloutTarget(rollout_id=r.id, device_id=d.id, state=TargetState.PENDING.value,
@@ -85,8 +189,34 @@ def create_rollout(s: Session, spec: str, group_name: str, actor: str, *,
     model = s.get(Model, version.model_id)
     audit(s, actor, "rollout.create", f"rollout/{r.id}",
           {"model": model.name if model else None, "version": version.version,
-           "group": group_name, "devices": len(devices), "policy": policy.to_json()})
-    return r
+           "group": group_name, "devices": len(devices), "policy": policy.to_json(),
+           "took_over": {str(o.rollout_id): len(o.devices) for o in found}})
+    return Started(r, tuple(found))
+
+
+def _check_pin(s: Session, version: ModelVersion, variant: str, devices: list[Device],
+               group_name: str, spec: str) -> None:
+    """A pinned variant must exist and load on every device of the group."""
+    options = catalog.variant_options(s, version.id)
+    if variant not in {o.name for o in options}:
+        names = ", ".join(sorted(o.name for o in options))
+        raise UsageError(f"version {spec} has no variant {variant!r} (it has: {names})")
+    running = running_models(s, _model_name(s, version), [d.id for d in devices])
+    cannot = [d.id for d in devices if choose_variant(
+        dict(d.runtimes or {}), getattr(running.get(d.id), "variant", None), options,
+        variant).variant is None]
+    if cannot:
+        shown = ", ".join(cannot[:5]) + (f" and {len(cannot) - 5} more" if len(cannot) > 5
+                                         else "")
+        raise UsageError(f"{len(cannot)} of {len(devices)} devices in group {group_name} cannot "
+                         f"load variant {variant} ({shown}); see `fleetctl rollout plan {spec} "
+                         f"--group {group_name} --variant {variant}`")
+
+
+def _model_name(s: Session, version: ModelVersion) -> str:
+    model = s.get(Model, version.model_id)
+    assert model is not None
+    return model.name
 
 
 def act_on_rollout(s: Session, rollout_id: int, action: str, actor: str) -> tuple[Rollout, bool]:
@@ -116,17 +246,22 @@ def act_on_rollout(s: Session, rollout_id: int, action: str, actor: str) -> tupl
 
 def plan_rollout(s: Session, spec: str, group_name: str, *,
                  blob_problem: BlobProblem = all_intact,
-                 failed_deltas: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
+                 failed_deltas: dict[tuple[str, str], str] | None = None,
+                 variant: str | None = None) -> dict[str, Any]:
     """What a rollout would do, per device, before anything is sent: ``planner.plan_target``
     as dispatch calls it, given what the server's store holds (``blob_problem``) and the pairs
     no delta could be built for. ``bytes`` is what the device would be sent (a full artifact:
     the compressed model when the catalog has one and its blob is intact; for "delta?", a
     delta not built yet, the full artifact as the upper bound); ``full_bytes`` is the model
-    file's size."""
+    file's size. ``variant``: the pin (``--variant``); devices that cannot load it are listed
+    as unable to take the model, with why."""
     version = catalog.resolve_version(s, spec)
     model = s.get(Model, version.model_id)
     assert model is not None
     options = catalog.variant_options(s, version.id)
+    if variant is not None and variant not in {o.name for o in options}:
+        names = ", ".join(sorted(o.name for o in options))
+        raise UsageError(f"version {spec} has no variant {variant!r} (it has: {names})")
     deltas = load_deltas(s, [o.sha256 for o in options])
     devices = fleet.devices_in_group(s, group_name)
     running = running_models(s, model.name, [d.id for d in devices])
@@ -135,7 +270,8 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
     for d in devices:
         now_runs = running.get(d.id)
         plan = plan_target(d.runtimes or {}, now_runs, options, deltas=deltas,
-                           failed_deltas=failed_deltas or {}, blob_problem=blob_problem)
+                           failed_deltas=failed_deltas or {}, blob_problem=blob_problem,
+                           pinned=variant)
         row: dict[str, Any] = {"device": d.id, "online": d.online,
                                "runs": now_runs.version if now_runs else None,
                                "base_sha256": now_runs.sha256 if now_runs else None}
@@ -153,7 +289,7 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
         full += v.size_bytes if plan.kind != PlanKind.NONE else 0
         rows.append(row)
     return {"model": model.name, "version": version.version, "group": group_name,
-            "devices": rows, "bytes": total, "full_bytes": full,
+            "variant": variant, "devices": rows, "bytes": total, "full_bytes": full,
             "cannot_take": sum(1 for r in rows if not r["can_take"])}
 
 
@@ -164,31 +300,72 @@ def get_rollout(s: Session, rollout_id: int) -> Rollout:
     return r
 
 
+def _shown_reason(t: RolloutTarget, online: bool, last_seen: datetime | None,
+                  current_wave: int) -> str:
+    """The target's reason, saying what a pending target waits for (its wave to open, its
+    device to come back: nothing is dispatched to an offline device) and when an in-flight
+    target's device is offline (its manifest waits at the broker)."""
+    later = t.state == TargetState.PENDING and t.wave > current_wave
+    if t.state in TERMINAL_STATES or (online and not later):
+        return t.reason
+    if online:
+        why = f"waiting for wave {t.wave + 1} to open"
+    else:
+        away = f"offline since {clock(last_seen)}"
+        if later:
+            why = f"waiting for wave {t.wave + 1} to open; {away}"
+        elif t.state == TargetState.PENDING:
+            why = f"waiting: {away}; the update is sent when it reconnects"
+        elif t.state in IN_FLIGHT_STATES:
+            why = f"waiting: {away}; the manifest waits for it at the broker"
+        else:
+            why = f"waiting: {away}"
+    return f"{why} ({t.reason})" if t.reason else why
+
+
 def rollout_json(s: Session, r: Rollout, *, with_targets: bool = True) -> dict[str, Any]:
+    """A rollout as ``fleetctl rollout status --json`` prints it. Per target: ``bytes_sent`` is
+    what the device reported fetching for the update over every attempt (0 when nothing yet,
+    or it had the file), ``artifact_bytes`` the size of the artifact its manifest named,
+    ``delivery`` why delta or full (the planner's reason at dispatch), ``rollback`` what a
+    rollback sent (apart: the update's figures are kept). The rollout's ``bytes_sent`` /
+    ``full_bytes`` compare what was sent with what full installs of the same devices would
+    have been; ``rollback_bytes_sent`` is what rollbacks sent."""
     model = s.get(Model, r.model_id)
     version = s.get(ModelVersion, r.version_id)
     group = s.get(Group, r.group_id)
     rows = s.execute(
-        select(RolloutTarget, Variant.name, DeviceModel.sha256)
+        select(RolloutTarget, Variant.name, DeviceModel.sha256, Device.online, Device.last_seen)
         .outerjoin(Variant, Variant.id == RolloutTarget.variant_id)
         .outerjoin(DeviceModel, (DeviceModel.device_id == RolloutTarget.device_id)
                    & (DeviceModel.model_name == (model.name if model else "")))
+        .outerjoin(Device, Device.id == RolloutTarget.device_id)
         .where(RolloutTarget.rollout_id == r.id)
         .order_by(RolloutTarget.device_id)
     ).all()
     counts: dict[str, int] = {}
     targets = []
-    sent = full = 0
-    for t, variant, running_sha in rows:
+    sent = full = planned = rollback_sent = 0
+    for t, variant, running_sha, online, last_seen in rows:
         counts[t.state] = counts.get(t.state, 0) + 1
-        if t.bytes_to_send is not None:
-            sent += t.bytes_to_send
+        if t.bytes_sent is not None:
+            sent += t.bytes_sent
             full += t.full_bytes or 0
+        planned += t.bytes_to_send or 0
+        rollback_sent += t.rollback_bytes_sent or 0
+        rollback = None
+        if t.rollback_bytes is not None:
+            rollback = {"artifact_bytes": t.rollback_bytes, "bytes_sent": t.rollback_bytes_sent,
+                        "note": _rollback_note(t)}
         targets.append({
             "device": t.device_id, "wave": t.wave, "attempts": t.attempts,
-            "state": t.state, "reason": t.reason, "variant": variant,
-            "artifact": t.artifact_kind, "bytes_sent": t.bytes_to_send,
-            "full_bytes": t.full_bytes, "target_sha256": t.target_sha256,
+            "state": t.state, "reason": _shown_reason(t, bool(online), last_seen, r.current_wave),
+            "online": bool(online),
+            "offline_since": None if online or last_seen is None else last_seen.isoformat(),
+            "variant": variant, "artifact": t.artifact_kind, "artifact_bytes": t.bytes_to_send,
+            "bytes_sent": t.bytes_sent or 0, "full_bytes": t.full_bytes,
+            "delivery": t.delivery or "", "rollback": rollback,
+            "target_sha256": t.target_sha256,
             "running_sha256": running_sha, "previous_version": t.previous_version,
             "health": t.health,
             "updated_at": t.updated_at.isoformat() if t.updated_at else None,
@@ -200,11 +377,22 @@ def rollout_json(s: Session, r: Rollout, *, with_targets: bool = True) -> dict[s
         "policy": r.policy, "created_by": r.created_by,
         "created_at": r.created_at.isoformat() if r.created_at else None,
         "finished_at": r.finished_at.isoformat() if r.finished_at else None,
-        "counts": counts, "bytes_sent": sent, "full_bytes": full,
+        "counts": counts, "bytes_sent": sent, "full_bytes": full, "planned_bytes": planned,
+        "rollback_bytes_sent": rollback_sent,
     }
     if with_targets:
         out["targets"] = targets
     return out
+
+
+def _rollback_note(t: RolloutTarget) -> str:
+    """What the rollback of this device sent, in words."""
+    back_to = t.previous_version or "the previous version"
+    if t.rollback_bytes_sent is None:
+        return f"rollback to {back_to}: nothing reported yet"
+    if t.rollback_bytes_sent == 0:
+        return f"rollback to {back_to}: 0 B sent, the file was still on the device"
+    return f"rollback to {back_to}: {size_text(t.rollback_bytes_sent)} sent"
 
 
 def list_rollouts(s: Session) -> list[Rollout]:

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok (with --wait: the rollout completed); 1 the rollout paused, aborted, rolled
 back or --wait timed out; 2 bad input (unknown group or version, invalid option, an action the
-rollout's state does not allow).
+rollout's state does not allow, a running rollout of the model already covering some of the
+group's devices without --supersede, a --variant some device of the group cannot load).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from ..rollouts import (
     FINAL_ROLLOUT_STATES,
     WAIT_ENDS,
     act_on_rollout,
-    create_rollout,
     get_rollout,
     list_rollouts,
     plan_rollout,
     rollout_json,
+    start_rollout,
 )
 from ..store import Store
 from ._common import (
@@ -41,6 +42,9 @@ from .table import Table, terminal_width
 app = typer.Typer(no_args_is_help=True, help="Roll model versions out to device groups.")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+VariantOpt = Annotated[str | None, typer.Option(
+    "--variant", help="pin this variant: every device gets it (a device that cannot load it "
+    "is refused by `rollout model`, listed by `rollout plan`)")]
 WideOpt = Annotated[bool, typer.Option("--wide", help=WIDE_HELP)]
 IdArg = Annotated[int, typer.Argument(help="rollout id (see `fleetctl rollout list`)")]
 
@@ -66,14 +70,23 @@ def _render(data: dict[str, Any], *, wide: bool = False) -> list[str]:
         devices.add_row(t["device"], str(t["wave"] + 1), t["state"], t["artifact"] or "-",
                         fmt_bytes(t["bytes_sent"]), fmt_bytes(t["full_bytes"]),
                         *([t["variant"] or "-", t["running_sha256"] or "-"] if wide else []),
-                        t["reason"] or "")
+                        _note(t))
     width = None if wide else terminal_width()
     parts: list[str] = [*_wrap(head, width), *waves.lines(width), *devices.lines(width)]
     if data["full_bytes"]:
         pct = 100 * data["bytes_sent"] / data["full_bytes"]
         parts.append(f"bytes sent {fmt_bytes(data['bytes_sent'])} of "
                      f"{fmt_bytes(data['full_bytes'])} full ({pct:.1f}%)")
+    if any(t.get("rollback") for t in data["targets"]):
+        parts.append(f"rollback sent {fmt_bytes(data.get('rollback_bytes_sent') or 0)}")
     return parts
+
+
+def _note(t: dict[str, Any]) -> str:
+    """A device's reason, then why delta or full, then what its rollback sent."""
+    parts = [t["reason"] or "", t.get("delivery") or "",
+             (t.get("rollback") or {}).get("note") or ""]
+    return "; ".join(p for p in parts if p)
 
 
 def _wrap(text: str, width: int | None, indent: str = "") -> list[str]:
@@ -124,6 +137,10 @@ def rollout_model(
     timeout: Annotated[str, typer.Option("--timeout", help="how long --wait waits")] = "600s",
     allow_empty: Annotated[bool, typer.Option(
         "--allow-empty", help="allow a group with no device yet")] = False,
+    supersede: Annotated[bool, typer.Option(
+        "--supersede", help="move the devices a running rollout of this model covers to this "
+        "one (refused otherwise); its other devices stay in it")] = False,
+    variant: VariantOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a rollout; a running `fleetctl server` delivers it wave by wave."""
@@ -132,16 +149,20 @@ def rollout_model(
         health_window=health_window, max_error_rate=max_error_rate, max_p95_ratio=max_p95_ratio,
         p95_slack_ms=p95_slack_ms, max_concurrent=max_concurrent, max_attempts=max_attempts,
         retry_backoff=retry_backoff, state_timeout=state_timeout, bandwidth=bandwidth,
-        allow_io_change=allow_io_change)
+        allow_io_change=allow_io_change, variant=variant)
     with open_store() as store:
         with store.session() as s:
-            rollout_id = create_rollout(s, spec, group, actor(), policy=policy,
-                                        allow_empty=allow_empty).id
+            started = start_rollout(s, spec, group, actor(), policy=policy,
+                                    allow_empty=allow_empty, supersede=supersede)
+            rollout_id = started.rollout.id
+            took_over = [{"rollout": o.rollout_id, "devices": len(o.devices), "left": o.others}
+                         for o in started.took_over]
+            summary = [o.summary() for o in started.took_over]
         if not as_json:
-            console.print(f"rollout {rollout_id} started")
+            console.print("; ".join([f"rollout {rollout_id} started", *summary]))
         if not wait:
             if as_json:
-                print_json({"id": rollout_id})
+                print_json({"id": rollout_id, "took_over": took_over})
             return
         _wait(store, rollout_id, parse_duration(timeout), quiet=as_json)
         with store.read() as s:
@@ -184,6 +205,7 @@ def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> No
 def rollout_plan(
     spec: Annotated[str, typer.Argument(help="[NAME:]VERSION to plan")],
     group: Annotated[str, typer.Option("--group", "-g", help="device group to target")],
+    variant: VariantOpt = None,
     wide: WideOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -194,7 +216,7 @@ def rollout_plan(
     cfg = load_config()
     blobs = blob_store(cfg)
     with open_store(cfg) as store, store.read() as s:
-        plan = plan_rollout(s, spec, group,
+        plan = plan_rollout(s, spec, group, variant=variant,
                             blob_problem=lambda sha: None if blobs.has(sha) else "missing")
     if as_json:
         print_json(plan)
@@ -209,7 +231,8 @@ def rollout_plan(
         table.add_row(d["device"], "yes" if d["online"] else "no", d["runs"] or "-", artifact,
                       fmt_bytes(d.get("bytes")), fmt_bytes(d.get("full_bytes")),
                       *([d.get("variant") or "-"] if wide else []), d["reason"])
-    console.print(f"plan: {plan['model']} {plan['version']} -> group {plan['group']}")
+    pin = f" (variant {plan['variant']} pinned)" if plan.get("variant") else ""
+    console.print(f"plan: {plan['model']} {plan['version']} -> group {plan['group']}{pin}")
     console.print(table)
     console.print(f"{fmt_bytes(plan['bytes'])} to send instead of {fmt_bytes(plan['full_bytes'])}"
                   f" full; {plan['cannot_take']} device(s) cannot take the model")

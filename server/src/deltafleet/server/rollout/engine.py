@@ -27,9 +27,16 @@ Rules:
 - A failure (a failed / rejected / rolled_back report, or a timeout) holds the device out for
   ``policy.hold_seconds(attempts)`` (held -> pending) until --max-attempts, then its target
   keeps the failure state for good.
-- Offline devices converge when they come back: a notified or reverting target of an offline
-  device never times out, and a wave whose online devices all have a verdict is settled as
-  soon as one device proved the version healthy.
+- Offline devices converge when they come back: no manifest is dispatched to an offline device
+  (its target waits in pending, shown as "waiting: offline since ..." and sending nothing, and
+  takes no --max-concurrent slot) until it says hello again; a notified or reverting target of
+  a device that went offline never times out, and a wave whose online devices all have a
+  verdict is settled as soon as one device proved the version healthy.
+- Bytes are what devices report fetching (``RecordBytes``, from their ``applying`` report:
+  0 when the target was already on disk); a rollback's bytes are kept apart from the
+  update's, so the rollout's delta figure survives a rollback.
+- A failure, a timeout and an abort name what the device was doing at the time (its state,
+  whether it was online, how far it got: ``activity``).
 - A device waiting for a reason of its own (too little disk) keeps its state, with no
   deadline and no attempt used.
 - A blob of the server's own store that is not intact is never shipped: planning falls back
@@ -56,6 +63,7 @@ from ..planner import (
     full_artifact,
     hold_reason,
     plan_target,
+    size_text,
 )
 from ..policy import RolloutPolicy
 from .states import (
@@ -88,6 +96,8 @@ class TargetView:
     manifest_id: str | None = None
     artifact_sha256: str | None = None
     previous_sha256: str | None = None
+    artifact_kind: str | None = None  # of the update's manifest: "full" | "delta"
+    artifact_bytes: int | None = None  # its size
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,7 @@ class DeviceView:
     runtimes: Mapping[str, str] = field(default_factory=dict)
     running: RunningModel | None = None  # what it runs of the rollout's model
     in_group: bool = True  # matches the rollout's group selector now
+    last_seen: datetime | None = None  # for an offline device: offline since
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +165,7 @@ class Report:
     state: str
     reason: str = ""
     health: Mapping[str, Any] = field(default_factory=dict)
+    bytes_received: int | None = None  # fetched for this manifest (an applying report)
 
 
 # -- what the engine decides -------------------------------------------------------------------
@@ -213,6 +225,17 @@ class Dispatch:
     timeout_s: int
     attempts: int
     warning: str = ""
+    note: str = ""  # why this artifact (the planner's reason), shown per device
+
+
+@dataclass(frozen=True, slots=True)
+class RecordBytes:
+    """What a device reports it fetched for the manifest it was sent (0: already on disk),
+    added to the update's bytes or, while reverting, to the rollback's."""
+
+    device_id: str
+    bytes: int
+    rollback: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,8 +270,8 @@ class Audit:
     details: Mapping[str, Any]
 
 
-Decision = (AddTarget | SetTarget | SetReason | RecordVariant | Dispatch | Withdraw | BuildDelta
-            | SetRollout | OpenWave | Audit)
+Decision = (AddTarget | SetTarget | SetReason | RecordVariant | Dispatch | RecordBytes
+            | Withdraw | BuildDelta | SetRollout | OpenWave | Audit)
 Decisions = tuple[Decision, ...]
 
 
@@ -296,6 +319,46 @@ def wave_settled(counts: Counts, wave: int, waiting_online: int | None) -> bool:
     return waiting_online == 0 and any(members.get(state, 0) for state in SUCCESS_STATES)
 
 
+# -- what a device is doing -------------------------------------------------------------------
+def clock(at: datetime | None) -> str:
+    """A time as status lines print it (UTC, to the second)."""
+    return at.strftime("%Y-%m-%d %H:%M:%S UTC") if at is not None else "an unknown time"
+
+
+def offline_since(device: DeviceView | None) -> str:
+    """``offline since <time>`` for an offline device, else ""."""
+    if device is None or device.online:
+        return ""
+    return f"offline since {clock(device.last_seen)}"
+
+
+def activity(t: TargetView, device: DeviceView | None, version: str = "") -> str:
+    """What the device was doing for this target, in words: the state, how far it got and
+    whether it was online (abort, failure and timeout reasons quote it)."""
+    of = f" of {version}" if version else ""
+    what = {
+        T.PENDING: "not sent the update yet (pending)",
+        T.HELD: "held out after a failure",
+        T.NOTIFIED: "notified (manifest sent, no progress reported)",
+        T.DOWNLOADING: f"downloading the {t.artifact_kind or 'artifact'}"
+                       + (f" ({_size(t.artifact_bytes)})" if t.artifact_bytes else ""),
+        T.APPLYING: f"applying the update{of}",
+        T.TRIAL: f"in its health trial{of}",
+        T.REVERTING: "rolling back to the version it ran before",
+    }.get(t.state, str(t.state))
+    away = offline_since(device)
+    return f"{what}, {away}" if away else what
+
+
+def _size(n: int | None) -> str:
+    return size_text(n or 0)
+
+
+# how a device-reported failure names the phase it happened in
+_WHILE = {T.NOTIFIED: "after the manifest, before any progress", T.DOWNLOADING: "downloading",
+          T.APPLYING: "applying", T.TRIAL: "in its health trial", T.HELD: "held out"}
+
+
 # -- the pure functions ------------------------------------------------------------------------
 def step(snapshot: Snapshot, now: datetime) -> Decisions:
     """One tick of one rollout."""
@@ -321,6 +384,9 @@ def on_event(target: TargetView, policy: RolloutPolicy, report: Report,
     decisions = _on_event(target, policy, report, now)
     for d in decisions:
         check_move(target.state, d.state)
+    if report.state == T.APPLYING and report.bytes_received is not None:
+        return (RecordBytes(target.device_id, report.bytes_received,
+                            target.state == T.REVERTING), *decisions)
     return decisions
 
 
@@ -344,20 +410,24 @@ def _on_event(t: TargetView, policy: RolloutPolicy, report: Report,
     health = dict(report.health)
     if report.state == T.HEALTHY:
         return (SetTarget(t.device_id, T.HEALTHY, report.reason, health=health),)
-    return (_failure(t, policy, TargetState(report.state), report.reason, now, health),)
+    return (_failure(t, policy, TargetState(report.state), report.reason, now, health,
+                     during=_WHILE.get(t.state, "")),)
 
 
 def _failure(t: TargetView, policy: RolloutPolicy, state: TargetState, reason: str,
-             now: datetime, health: Mapping[str, Any] | None = None) -> SetTarget:
-    """Held out for a doubling while, or for good after --max-attempts."""
+             now: datetime, health: Mapping[str, Any] | None = None, *,
+             during: str = "") -> SetTarget:
+    """Held out for a doubling while, or for good after --max-attempts. ``during``: what the
+    device was doing when it failed (``_WHILE``), when ``reason`` does not say it."""
     if t.attempts < policy.max_attempts:
         hold = policy.hold_seconds(t.attempts)
         return SetTarget(t.device_id, T.HELD,
-                         f"{state}: {reason} (attempt {t.attempts} of {policy.max_attempts}; "
-                         f"retry in {hold} s)", hold_until=now + timedelta(seconds=hold),
-                         health=health)
+                         f"{state}{' ' + during if during else ''}: {reason} (attempt "
+                         f"{t.attempts} of {policy.max_attempts}; retry in {hold} s)",
+                         hold_until=now + timedelta(seconds=hold), health=health)
     return SetTarget(t.device_id, state,
-                     f"{reason} (held out after {t.attempts} failed attempts)", health=health)
+                     f"{reason} ({during + '; ' if during else ''}held out after {t.attempts} "
+                     "failed attempts)", health=health)
 
 
 class _Tick:
@@ -444,9 +514,12 @@ class _Tick:
             self.dispatch()
         total = sum(self.counts.values())
         if self.wave >= last_wave and total and self.count(TERMINAL_STATES) == total:
-            failed = total - self.count((T.HEALTHY, T.SKIPPED))
-            self.set_rollout(R.COMPLETED, f"{failed} device(s) did not update" if failed else "",
-                             finished=True)
+            # cancelled in a running rollout: taken over by a newer rollout (--supersede)
+            failed = total - self.count((T.HEALTHY, T.SKIPPED, T.CANCELLED))
+            moved = self.count((T.CANCELLED,))
+            why = [f"{failed} device(s) did not update"] * bool(failed) + [
+                f"{moved} taken over by a newer rollout"] * bool(moved)
+            self.set_rollout(R.COMPLETED, "; ".join(why), finished=True)
 
     def expire(self) -> None:
         """Release holds that ran out; fail devices stuck in a state past its deadline."""
@@ -459,11 +532,13 @@ class _Tick:
                 if t.state in (T.NOTIFIED, T.REVERTING) and device is not None \
                         and not device.online:
                     continue
+                spent = f"timed out after {self.policy.state_timeout_s} s"
                 if t.state == T.REVERTING:
-                    self.set(t.device_id, T.FAILED, "rollback timed out")
+                    self.set(t.device_id, T.FAILED, f"rollback {spent}")
                 else:
+                    doing = activity(t, device, self.snap.rollout.version)
                     self.apply(_failure(t, self.policy, T.FAILED,
-                                        f"timed out in state {t.state}", self.now))
+                                        f"{spent} in state {t.state}: {doing}", self.now))
 
     def dispatch(self) -> None:
         in_flight = self.count(IN_FLIGHT_STATES)
@@ -474,14 +549,15 @@ class _Tick:
             if limit is not None and in_flight >= limit:
                 break
             device = self.snap.devices.get(t.device_id)
-            if device is not None and self.plan(t, device):
+            if device is not None and device.online and self.plan(t, device):
                 in_flight += 1
 
     def plan(self, t: TargetView, device: DeviceView) -> bool:
         """Plan one pending target; True when a manifest goes out."""
         snap = self.snap
         plan = plan_target(device.runtimes, device.running, snap.options, deltas=snap.deltas,
-                           failed_deltas=snap.failed_deltas, blob_problem=snap.blob_problem)
+                           failed_deltas=snap.failed_deltas, blob_problem=snap.blob_problem,
+                           pinned=self.policy.variant)
         v = plan.variant
         if v is None:
             self.set(t.device_id, T.SKIPPED, plan.reason)
@@ -506,7 +582,8 @@ class _Tick:
         self.send(Dispatch(t.device_id, T.NOTIFIED, v, snap.rollout.version, str(plan.kind),
                            plan.codec, plan.artifact_sha256, plan.bytes,
                            plan.base_sha256 if plan.kind == PlanKind.DELTA else None,
-                           self.policy.state_timeout_s, t.attempts + 1, plan.warning))
+                           self.policy.state_timeout_s, t.attempts + 1, plan.warning,
+                           plan.reason))
         return True
 
     def send(self, d: Dispatch) -> None:
@@ -519,13 +596,19 @@ class _Tick:
         self.decisions.append(d)
 
     def abort(self) -> None:
+        version = self.snap.rollout.version
         for t in list(self.targets.values()):
             if t.state in TERMINAL_STATES:
                 continue
             if t.state == T.NOTIFIED:
                 self.decisions.append(Withdraw(t.device_id))
-            reason = ("rollout aborted" if t.state in (T.PENDING, T.HELD, T.NOTIFIED)
-                      else f"rollout aborted while the device was in {t.state}")
+            doing = activity(t, self.snap.devices.get(t.device_id), version)
+            reason = f"rollout aborted while the device was {doing}"
+            if t.state == T.NOTIFIED:
+                reason += "; manifest withdrawn"
+            elif t.state in (T.DOWNLOADING, T.APPLYING, T.TRIAL):
+                reason += (f"; it was not stopped and may end on {version}" if version
+                           else "; it was not stopped")
             self.set(t.device_id, T.CANCELLED, reason)
         self.set_rollout(R.ABORTED, self.snap.rollout.state_reason, finished=True)
 
@@ -561,7 +644,9 @@ class _Tick:
                            "shipping the model as it is")
             self.send(Dispatch(t.device_id, T.REVERTING, option, prev.version, "full",
                                full.codec, full.sha256, full.size_bytes, None,
-                               self.policy.state_timeout_s, t.attempts, warning))
+                               self.policy.state_timeout_s, t.attempts, warning,
+                               f"rollback to {prev.version}: full {_size(full.size_bytes)} "
+                               "unless the device still has it"))
         if not waiting and not self.count((T.REVERTING,)):
             self.set_rollout(R.ROLLED_BACK, self.snap.rollout.state_reason, finished=True)
 

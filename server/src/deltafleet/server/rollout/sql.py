@@ -75,12 +75,16 @@ LOOK_BACK = timedelta(seconds=5)  # hellos committed late by another process are
 class _Seen:
     """What this replica remembers of one rollout between ticks (forgotten on takeover):
     when it last looked for devices that joined its group, when it last looked at every
-    device, and the pending targets planning left waiting (a delta being built, a blob on
-    hold), which are planned again every tick without using the concurrency budget."""
+    device, the pending targets planning left waiting (a delta being built, a blob on
+    hold), which are planned again every tick without using the concurrency budget, and the
+    artifacts the rollout dispatched (None: not read yet), kept servable while devices are
+    still to go (offline devices are dispatched when they come back and mostly need the same
+    artifact: its chunks stay retained instead of being cleared and published again)."""
 
     looked_at: datetime | None = None
     swept_at: datetime | None = None
     waiting: set[str] = field(default_factory=set)
+    sent: set[str] | None = None
 
     def note(self, decisions: engine.Decisions) -> None:
         for d in decisions:
@@ -120,7 +124,7 @@ def running_models(s: Session, model_name: str,
 def target_view(t: RolloutTarget) -> engine.TargetView:
     return engine.TargetView(t.device_id, t.wave, T(t.state), t.reason, t.attempts, t.hold_until,
                              t.state_deadline, t.manifest_id, t.artifact_sha256,
-                             t.previous_sha256)
+                             t.previous_sha256, t.artifact_kind, t.bytes_to_send)
 
 
 class RolloutController:
@@ -197,8 +201,12 @@ class RolloutController:
         if match is None:
             return
         t, r = match
+        fetched = None
+        if ev.state == T.APPLYING:  # after the download, or "target already on disk" (0)
+            fetched = max(0, ev.bytes_received - ev.chunks_reused * self.chunk_size_bytes)
         decisions = engine.on_event(target_view(t), RolloutPolicy.from_json(r.policy),
-                                    engine.Report(ev.state, ev.reason, dict(ev.health)), now)
+                                    engine.Report(ev.state, ev.reason, dict(ev.health),
+                                                  fetched), now)
         self._apply(s, r, "", {t.device_id: t}, {}, decisions, now)
 
     # -- reconciliation --------------------------------------------------------------------
@@ -237,17 +245,34 @@ class RolloutController:
             snapshot = self._snapshot(s, r, model, rows, devices, counts, waiting_online)
             decisions = engine.step(snapshot, now)
             out += self._apply(s, r, model.name, rows, devices, decisions, now)
-            self._seen[r.id].note(decisions)
+            seen = self._seen[r.id]
+            seen.note(decisions)
             if decisions:
                 flying = self._in_flight_artifacts(s, r.id)
+            serves = {sha for sha, _ in flying}
+            if r.state == RolloutState.RUNNING and any(
+                    n for (_, st), n in counts.items() if st in (T.PENDING, T.HELD)):
+                if seen.sent is None:
+                    seen.sent = self._sent_artifacts(s, r.id)
+                seen.sent |= {d.artifact_sha256 for d in decisions
+                              if isinstance(d, engine.Dispatch) and d.state == T.NOTIFIED}
+                serves |= seen.sent
             rate = int(r.policy.get("bandwidth_bytes_per_s") or 0)
-            for sha in {sha for sha, _ in flying}:
+            for sha in serves:
                 if self._check(sha).ok:
                     known = servable.get(sha)
                     caps = [x for x in (known, rate) if x]  # the tightest cap wins
                     servable[sha] = min(caps) if caps else 0
         self._report_bad_blobs(s)
         return out, servable
+
+    def _sent_artifacts(self, s: Session, rollout_id: int) -> set[str]:
+        """The update artifacts the rollout sent so far (once per replica and rollout)."""
+        return {sha for (sha,) in s.execute(
+            select(RolloutTarget.artifact_sha256).distinct()
+            .where(RolloutTarget.rollout_id == rollout_id,
+                   RolloutTarget.artifact_kind.is_not(None),
+                   RolloutTarget.artifact_sha256.is_not(None))).all() if sha is not None}
 
     def _in_flight_artifacts(self, s: Session, rollout_id: int) -> set[tuple[str, str]]:
         """(artifact, state) pairs of the rollout's targets with a manifest out."""
@@ -299,8 +324,10 @@ class RolloutController:
             # every due target may free a slot (a timeout) or take one (a hold ran out)
             budget = None if limit is None else max(0, limit - in_flight + len(rows))
             if budget != 0:
-                pending = (select(by).where(mine, by.state == T.PENDING,
-                                            by.wave <= r.current_wave)
+                # offline devices wait: nothing is dispatched to them (see engine)
+                pending = (select(by).join(Device, Device.id == by.device_id)
+                           .where(mine, by.state == T.PENDING, by.wave <= r.current_wave,
+                                  Device.online.is_(True))
                            .order_by(by.wave, by.device_id))
                 if seen.waiting:
                     pending = pending.where(by.device_id.not_in(seen.waiting))
@@ -326,8 +353,15 @@ class RolloutController:
     def _joiners(self, s: Session, r: Rollout, seen: _Seen, now: datetime) -> dict[str, Device]:
         """Devices with no target in ``r`` that said hello since the last look (every device
         without one on the first look and once a minute): the engine adds those in its group."""
+        other = (select(RolloutTarget.id).join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+                 .where(RolloutTarget.device_id == Device.id, Rollout.id != r.id,
+                        Rollout.model_id == r.model_id,
+                        Rollout.state.in_(ACTIVE_ROLLOUT_STATES),
+                        RolloutTarget.state.not_in(TERMINAL_STATES)))
+        # one active rollout works a device per model: one that has it open keeps it
         query = select(Device).where(~select(RolloutTarget.id).where(
-            RolloutTarget.rollout_id == r.id, RolloutTarget.device_id == Device.id).exists())
+            RolloutTarget.rollout_id == r.id, RolloutTarget.device_id == Device.id).exists(),
+            ~other.exists())
         if seen.swept_at is not None and now - seen.swept_at < SWEEP_EVERY:
             query = query.where(Device.last_seen >= (seen.looked_at or now) - LOOK_BACK)
         else:
@@ -355,7 +389,7 @@ class RolloutController:
                    if state == RolloutState.RUNNING and devices else {})
         views = {i: engine.DeviceView(
             i, bool(d.online), dict(d.runtimes or {}), running.get(i),
-            selector is not None and fleet.device_matches(d, selector))
+            selector is not None and fleet.device_matches(d, selector), d.last_seen)
             for i, d in devices.items()}
         previous = (self._previous(s, model, rows.values())
                     if state == RolloutState.ROLLING_BACK else {})
@@ -414,6 +448,12 @@ class RolloutController:
             elif isinstance(d, engine.Dispatch):
                 out.append(self._send(r, model_name, rows[d.device_id], devices[d.device_id],
                                       d, now))
+            elif isinstance(d, engine.RecordBytes):
+                t = rows[d.device_id]
+                if d.rollback:
+                    t.rollback_bytes_sent = (t.rollback_bytes_sent or 0) + d.bytes
+                else:
+                    t.bytes_sent = (t.bytes_sent or 0) + d.bytes
             elif isinstance(d, engine.Withdraw):
                 out.append(Publish(self.topics.desired(d.device_id, model_name), b""))
             elif isinstance(d, engine.BuildDelta):
@@ -448,9 +488,12 @@ class RolloutController:
             artifact=artifact, base_sha256=d.base_sha256,
             policy=RolloutPolicy.from_json(r.policy), ttl_s=self.manifest_ttl_s)
         signed = sign_manifest(self.key, manifest)
-        t.base_sha256 = d.base_sha256
-        t.artifact_sha256, t.artifact_kind = d.artifact_sha256, d.kind
-        t.bytes_to_send = d.artifact_bytes
+        t.artifact_sha256 = d.artifact_sha256  # the manifest out: its chunks are served
+        if d.state == T.REVERTING:  # the update's figures stay as they were
+            t.rollback_bytes, t.rollback_bytes_sent = d.artifact_bytes, None
+        else:
+            t.base_sha256, t.artifact_kind = d.base_sha256, d.kind
+            t.bytes_to_send, t.delivery = d.artifact_bytes, d.note
         t.manifest_id, t.serial, t.manifest = manifest.manifest_id, manifest.serial, signed.decode()
         transition(t, d.state, "", now, timeout_s=d.timeout_s)
         return Publish(self.topics.desired(device.id, model_name), signed)

@@ -10,7 +10,7 @@ Target (per device) moves::
     pending      -> notified       manifest sent (dispatch)
                  -> healthy        the device already runs the target (or says so)
                  -> skipped        no variant the device can load
-                 -> cancelled      rollout aborted / superseded / rolled back before it got there
+                 -> cancelled      aborted / taken over (--supersede) / rolled back before it
                  -> reverting      rollback of a device that was sent a manifest before a hold
                  -> downloading | applying | trial | held    (late report on that manifest)
                  -> failed | rejected | rolled_back          (late report, or no rollback)
@@ -21,7 +21,7 @@ Target (per device) moves::
     notified | downloading | applying | trial
                  -> held           a failure (event or timeout) with attempts left
                  -> failed | rejected | rolled_back   a failure after --max-attempts
-                 -> cancelled      rollout aborted / superseded
+                 -> cancelled      rollout aborted / taken over by a newer rollout
                  -> reverting      rollout rolled back
     notified | downloading
                  -> pending        the blob it fetches went bad in the store (attempt given back)
@@ -31,7 +31,7 @@ Target (per device) moves::
     healthy | failed | rejected | rolled_back
                  -> reverting      rollout rolled back: the version it ran before is sent
                  -> failed         rollback impossible (no previous version / not in the catalog)
-                 -> cancelled      rollout rolled back, and it never got a manifest
+                 -> cancelled      rolled back, never got a manifest; or taken over (--supersede)
     reverting    -> reverted       healthy again on the previous version
                  -> failed         the rollback failed or timed out
                  -> cancelled      (a superseded rollout)

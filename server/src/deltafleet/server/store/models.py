@@ -256,8 +256,13 @@ class RolloutTarget(Base):
     target_sha256: Mapped[str | None] = mapped_column(SHA)
     artifact_sha256: Mapped[str | None] = mapped_column(SHA)
     artifact_kind: Mapped[str | None] = mapped_column(String(8))  # "full" | "delta"
-    bytes_to_send: Mapped[int | None] = mapped_column(BigInteger)  # the artifact's size
+    bytes_to_send: Mapped[int | None] = mapped_column(BigInteger)  # the update artifact's size
     full_bytes: Mapped[int | None] = mapped_column(BigInteger)  # the target model file's size
+    # what the device reported fetching for the update (0: it had the file), every attempt
+    bytes_sent: Mapped[int | None] = mapped_column(BigInteger)
+    delivery: Mapped[str] = mapped_column(Text, default="")  # why delta or full (planner)
+    rollback_bytes: Mapped[int | None] = mapped_column(BigInteger)  # the rollback artifact's
+    rollback_bytes_sent: Mapped[int | None] = mapped_column(BigInteger)  # fetched to roll back
     manifest_id: Mapped[str | None] = mapped_column(String(32))
     serial: Mapped[int | None] = mapped_column(BigInteger)
     manifest: Mapped[str | None] = mapped_column(Text)  # signed envelope, re-sent on hello
