@@ -93,7 +93,9 @@ def test_a_full_install_names_why_there_is_no_delta(running, failed, bad, reason
 def test_a_pinned_variant_wins_over_the_one_the_device_runs():
     assert choose_variant(ONNX, "default", [FULL, SLIM], "slim").variant == SLIM
     p = plan(RUNS_V1, pinned="slim")
-    assert p.variant == SLIM and p.kind == PlanKind.BUILD  # a delta from v1 to slim first
+    # deltas stay within a variant's lineage: a device moving to another variant gets it whole
+    assert p.variant == SLIM and p.kind == PlanKind.FULL
+    assert "no delta across variants" in p.reason
 
 
 def test_a_device_that_cannot_load_the_pinned_variant_is_told_why():
