@@ -52,17 +52,18 @@ from deltafleet.shared import (
     decode,
     encode,
 )
-from deltafleet.shared.messages import MAX_ACK_IDS, MAX_EVENT_ID_CHARS
+from deltafleet.shared.messages import MAX_ACK_IDS, MAX_EVENT_ID_CHARS, BenchResult, Portrait
 from deltafleet.shared.mqtt import CONNECTED, MqttClient, Will
 
-from . import fleet
+from . import bench_requests, fleet
 from .config import ServerConfig, check_client_identity, mqtt_settings
 from .controller import Publish, RolloutController
 from .delivery.chunks import ArtifactOffer, ChunkScheduler, ChunkWindows
 from .delivery.retained import RetainedList
 from .deltas import DeltaBuilder
 from .enroll import revoked_devices
-from .guard import DeviceMessageGuard
+from .fleet import portraits as fleet_portraits
+from .guard import DeviceMessageGuard, check_portrait
 from .ingest import UnstorableMessage, fits_store
 from .keys import online_signing_key, trust_publications
 from .store import BlobStore, Store, StoreError
@@ -75,7 +76,9 @@ EVENT_IDS_KEPT_S = 7 * 86400  # how long applied event ids are remembered
 PERSISTENT_SESSION_S = 7 * 86400
 BATCH_MAX = 500  # device messages applied in one transaction
 INBOX_UNACKED = 1000  # backpressure: QoS 1 messages the broker may have outstanding to us
-LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRequest}
+LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRequest,
+          "portrait": Portrait, "bench": BenchResult}
+Applied = Hello | Status | Event | Portrait | BenchResult
 
 
 @dataclass
@@ -132,7 +135,7 @@ class FleetServer:
         # broker hands each message to one member of the shared subscription ($share works on
         # MQTT 5 and, with Mosquitto 2, on 3.1.1 too).
         share = cfg.share_group
-        for leaf in ("hello", "status", "events", "chunkreq"):
+        for leaf in LEAVES:
             topic = self.topics.all_devices(leaf)
             self.mqtt.subscribe(f"$share/{share}/{topic}" if share else topic)
 
@@ -177,7 +180,7 @@ class FleetServer:
         if items:
             self._apply_resilient(items)
 
-    def _apply_resilient(self, items: list[tuple[str, Hello | Status | Event]]) -> None:
+    def _apply_resilient(self, items: list[tuple[str, Applied]]) -> None:
         """Apply validated messages in one transaction. A transient database failure (a
         deadlock or serialization failure with another replica, a dropped connection:
         StoreError) retries after a short random pause, so two replicas do not collide again;
@@ -249,11 +252,11 @@ class FleetServer:
         if items:
             self._apply(items)
 
-    def _validate(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, Hello | Status | Event]]:
+    def _validate(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, Applied]]:
         """Parse and check every message against what the store can hold (``fits_store``)
         before any write; a message that fails is refused alone, counted for its device. Chunk
         requests are served from memory here. Returns the messages to apply, in order."""
-        items: list[tuple[str, Hello | Status | Event]] = []
+        items: list[tuple[str, Applied]] = []
         for topic, payload in batch:
             if topic == CONNECTED:
                 if not self.mqtt.session_present:
@@ -280,7 +283,10 @@ class FleetServer:
                 if kind is None:
                     raise WireError(f"unknown device topic {leaf!r}")
                 message = _mine(device_id, decode(kind, payload))
-                fits_store(message)
+                if isinstance(message, Portrait):
+                    check_portrait(message.portrait)
+                else:
+                    fits_store(message)
                 if isinstance(message, ChunkRequest):
                     self.on_chunk_request(device_id, message)
                 else:
@@ -297,11 +303,13 @@ class FleetServer:
                 self._refuse(device_id, topic, f"unexpected error: {type(e).__name__}", "error")
         return items
 
-    def _apply(self, items: list[tuple[str, Hello | Status | Event]]) -> None:
+    def _apply(self, items: list[tuple[str, Applied]]) -> None:
         """Apply validated messages in ONE database transaction (raises if it fails)."""
         hellos = [m for _, m in items if isinstance(m, Hello)]
         events = [m for _, m in items if isinstance(m, Event)]
         presence = {m.device_id: m.online for _, m in items if isinstance(m, Status)}
+        portraits = [m for _, m in items if isinstance(m, Portrait)]
+        benches = [m for _, m in items if isinstance(m, BenchResult)]
         now = utcnow()
         with self.store.session() as s:
             fresh = first_delivery(s, events, now)
@@ -312,9 +320,20 @@ class FleetServer:
                     or not o}, now)
             for ev in fresh:
                 self.controller.on_event(s, ev, now)
+            fleet_portraits.record_portraits(s, portraits, now)
+            fleet_portraits.record_bench_results(s, benches, now)
         self.stats.duplicate_events += len(events) - len(fresh)  # counted once committed
         self.publish(resend)
         self.ack_events(events)  # duplicates too: the device's first ack may have been lost
+        self.ack_ids(_by_device([(m.device_id, m.result_id) for m in benches]))
+
+    def ack_ids(self, by_device: dict[str, list[str]]) -> None:
+        """Ack outbox entries other than events (bench results) after the commit."""
+        for device_id, ids in by_device.items():
+            for i in range(0, len(ids), MAX_ACK_IDS):
+                self.mqtt.publish(self.topics.ack(device_id),
+                                  encode(Ack(device_id, tuple(ids[i:i + MAX_ACK_IDS]))), qos=1)
+                self.stats.acks_published += 1
 
     def ack_events(self, events: list[Event]) -> None:
         """After the commit: tell each device which of its events are recorded (duplicates
@@ -392,6 +411,11 @@ class FleetServer:
                 self._next_prune = time.monotonic() + 3600
             with self.store.session() as s:
                 publishes, servable = self.controller.reconcile(s, utcnow())
+            with self.store.session() as s:
+                bench_publishes, bench_shas = bench_requests.due(
+                    s, self.controller.key, self.artifacts, self.topics, utcnow())
+            publishes = [*publishes, *bench_publishes]
+            servable = {**{sha: None for sha in bench_shas}, **servable}
             self.chunks.serve({sha: ArtifactOffer(self.artifacts.count(sha), rate or 0)
                                for sha, rate in servable.items()}, time.monotonic())
             self.publish(publishes)
@@ -430,6 +454,13 @@ def store_finished_deltas(deltas: DeltaBuilder, blobs: BlobStore, store: Store) 
                         build_seconds=built.build_seconds))
         log.info("delta %s -> %s: %d bytes in %.1f s", built.base_sha256[:12],
                  built.target_sha256[:12], size, built.build_seconds)
+
+
+def _by_device(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for device_id, message_id in pairs:
+        out[device_id].append(message_id)
+    return out
 
 
 def _mine(topic_device: str, message):  # type: ignore[no-untyped-def]

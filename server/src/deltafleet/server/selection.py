@@ -40,6 +40,7 @@ __all__ = [
     "device_type_of",
     "plan_fleet",
     "select_variant",
+    "variant_facts",
 ]
 
 OBJECTIVES = ("latency", "size", "accuracy")
@@ -135,6 +136,26 @@ class VariantFacts:
     @property
     def static_memory_bytes(self) -> int:
         return max(STATIC_MEMORY_FLOOR_BYTES, int(self.size_bytes * STATIC_MEMORY_FACTOR))
+
+
+def variant_facts(option: Any, info: Mapping[str, Any] | None) -> VariantFacts:
+    """A catalog variant (the planner's ``VariantOption`` and the ``Variant.info`` the
+    catalog recorded) as selection sees it: ONNX opset from the inspection, and where the
+    variant factory or the operator recorded them ``accuracy``, ``min_runtime_version`` and
+    ``accelerator``."""
+    info = info or {}
+    opset = (info.get("opset") or {}).get("ai.onnx") if isinstance(info.get("opset"), dict) else None
+    acc = info.get("accuracy")
+    if acc is None and isinstance(info.get("metrics"), dict):
+        acc = info["metrics"].get("accuracy")
+    return VariantFacts(
+        option.name, option.sha256, option.format, option.precision, option.size_bytes,
+        opset=opset if isinstance(opset, int) else None,
+        min_runtime_version=info.get("min_runtime_version") if isinstance(
+            info.get("min_runtime_version"), str) else None,
+        accelerator=info.get("accelerator") if isinstance(info.get("accelerator"), str) else None,
+        accuracy=float(acc) if isinstance(acc, int | float) and not isinstance(acc, bool) else None,
+        option=option)
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,6 +180,9 @@ def rollout_plan(
     group: Annotated[str, typer.Option("--group", "-g", help="device group to target")],
     wide: WideOpt = False,
     as_json: JsonOpt = False,
+    prefer: Annotated[str | None, typer.Option(
+        help="Hardware-aware selection by latency|size|accuracy (docs/portraits.md): per "
+             "device type the variant, its figures and why.")] = None,
 ) -> None:
     """Per device: the variant it would get, its base, delta or full (with its codec), bytes
     to send (a full model ships compressed when that is smaller) against the model's size, and
@@ -189,10 +192,13 @@ def rollout_plan(
     blobs = blob_store(cfg)
     with open_store(cfg) as store, store.read() as s:
         plan = plan_rollout(s, spec, group,
-                            blob_problem=lambda sha: None if blobs.has(sha) else "missing")
+                            blob_problem=lambda sha: None if blobs.has(sha) else "missing",
+                            prefer=prefer)
     if as_json:
         print_json(plan)
         return
+    if plan.get("device_types"):
+        _print_type_plans(plan)
     table = Table("device", "online", "runs", "artifact", "bytes", "full",
                   *(["variant"] if wide else []), wide=wide)
     table.add_column("note", overflow="below")
@@ -207,6 +213,18 @@ def rollout_plan(
     console.print(table)
     console.print(f"{fmt_bytes(plan['bytes'])} to send instead of {fmt_bytes(plan['full_bytes'])}"
                   f" full; {plan['cannot_take']} device(s) cannot take the model")
+
+
+def _print_type_plans(plan: dict) -> None:
+    types = Table("device type", "devices", "variant", "p50", "memory", "source",
+                  title=f"selection by {plan['prefer']}")
+    types.add_column("why", overflow="fold")
+    for t in plan["device_types"]:
+        f = t["figures"]
+        p50 = f"{f['p50_us']} us" if f.get("p50_us") is not None else "-"
+        types.add_row(t["device_type"], str(t["devices"]), t["variant"] or "incompatible", p50,
+                      fmt_bytes(f.get("model_rss_bytes")), f.get("source", "-"), t["reason"])
+    console.print(types)
 
 
 @app.command("status")
