@@ -7,7 +7,8 @@
   what the runtime falls back to. Devices of ONNX Runtime >= 1.22 also list their EP devices.
 - **LiteRT / tflite delegates**: the runtime's built-in CPU (XNNPACK) path, then each known
   external delegate library the device has (Edge TPU, GPU, VX, QNN), loaded to see if it works.
-- **Runtime versions**, **memory** (total, MemAvailable), **disk** (free and total of the
+- **Runtime versions**, **memory** (total, available: MemAvailable, or less when the
+  process's cgroup v2 ``memory.max`` leaves less), **disk** (free and total of the
   state directory), **CPU** (count, model, the few flags that decide INT8 speed).
 - **Power**, where the device exposes it: RAPL package energy counters
   (``class/powercap/intel-rapl:*/energy_uj``) and hwmon power sensors
@@ -33,7 +34,7 @@ from deltafleet.shared.errors import one_line
 
 from .runtime import available_runtimes
 
-__all__ = ["MAX_ITEMS", "MAX_TEXT", "device_portrait", "power_readings", "probe_accelerators",
+__all__ = ["MAX_ITEMS", "MAX_TEXT", "cgroup_memory_headroom", "device_portrait", "power_readings", "probe_accelerators",
            "rapl_energy_uj", "tiny_onnx_model"]
 
 MAX_ITEMS = 16
@@ -255,15 +256,45 @@ def _memory(proc_root: Path) -> dict[str, int | None]:
     return found
 
 
+def cgroup_memory_headroom(sysfs_root: Path | str = "/sys",
+                           proc_root: Path | str = "/proc") -> int | None:
+    """``memory.max - memory.current`` of this process's cgroup (v2), None without a limit:
+    in a container the limit, not the host's MemAvailable, is what a model may use."""
+    base = Path(sysfs_root, "fs/cgroup")
+    candidates = []
+    own = _read(Path(proc_root, "self/cgroup"))
+    for line in (own or "").splitlines():
+        if line.startswith("0::"):
+            candidates.append(base / line[3:].lstrip("/"))
+    candidates.append(base)
+    for d in candidates:
+        limit = _read(d / "memory.max")
+        if limit is None:
+            continue
+        if limit == "max":
+            return None
+        try:
+            return max(0, int(limit) - int(_read(d / "memory.current") or 0))
+        except ValueError:
+            return None
+    return None
+
+
 def device_portrait(state_dir: Path | str, *, sysfs_root: Path | str = "/sys",
                     proc_root: Path | str = "/proc") -> dict[str, Any]:
     """The portrait as sent in a ``Portrait`` message (bounded; see the module docstring)."""
     usage = shutil.disk_usage(state_dir)
+    memory = _memory(Path(proc_root))
+    headroom = cgroup_memory_headroom(sysfs_root, proc_root)
+    if headroom is not None:
+        memory["cgroup_headroom_bytes"] = headroom
+        avail = memory["available_bytes"]
+        memory["available_bytes"] = headroom if avail is None else min(avail, headroom)
     return {
         "runtimes": {k: _clip(v) for k, v in available_runtimes().items()},
         **probe_accelerators(),
         "cpu": _cpu(Path(proc_root)),
-        "memory": _memory(Path(proc_root)),
+        "memory": memory,
         "disk": {"free_bytes": int(usage.free), "total_bytes": int(usage.total)},
         "power": power_readings(sysfs_root),
         "python": _clip(platform.python_version()),

@@ -63,7 +63,7 @@ from .delivery.retained import RetainedList
 from .deltas import DeltaBuilder
 from .enroll import revoked_devices
 from .fleet import portraits as fleet_portraits
-from .guard import DeviceMessageGuard, check_portrait
+from .guard import DeviceMessageGuard, check_bench_result, check_portrait
 from .ingest import UnstorableMessage, fits_store
 from .keys import online_signing_key, trust_publications
 from .store import BlobStore, Store, StoreError
@@ -285,6 +285,8 @@ class FleetServer:
                 message = _mine(device_id, decode(kind, payload))
                 if isinstance(message, Portrait):
                     check_portrait(message.portrait)
+                elif isinstance(message, BenchResult):
+                    check_bench_result(message)
                 else:
                     fits_store(message)
                 if isinstance(message, ChunkRequest):

@@ -236,11 +236,22 @@ def check_portrait(doc: Any, limits: PortraitLimits = PORTRAIT_LIMITS) -> dict[s
                   "flags": [_p_text(f, "cpu.flags[]", limits)
                             for f in _p_list(cpu.get("flags"), "cpu.flags", limits)]}
     out["memory"] = _p_obj(doc.get("memory") or {}, "memory",
-                           {"total_bytes": "int", "available_bytes": "int"}, limits)
+                           {"total_bytes": "int", "available_bytes": "int",
+                            "cgroup_headroom_bytes": "int"}, limits)
     out["disk"] = _p_obj(doc.get("disk") or {}, "disk",
                          {"free_bytes": "int", "total_bytes": "int"}, limits)
     return out
 
 
+def check_bench_result(result: Any, limits: PortraitLimits = PORTRAIT_LIMITS) -> None:
+    """A parsed ``BenchResult`` the store can hold: its texts are storable (lengths and
+    figures are bounded by the parser), its figures fit a signed 64-bit column."""
+    for name in ("result_id", "request_id", "variant", "runtime", "runtime_version"):
+        _p_text(getattr(result, name), f"bench {name}", limits)
+    _p_text(result.error, "bench error", PortraitLimits(max_text=500))
+    for k, v in result.figures.items():
+        _p_int(v, f"bench figures.{k}", optional=False)
+
+
 __all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "PORTRAIT_LIMITS", "REFUSAL_KINDS", "DeviceMessageGuard",
-           "GuardConfig", "PortraitLimits", "Verdict", "check_portrait"]
+           "GuardConfig", "PortraitLimits", "Verdict", "check_bench_result", "check_portrait"]

@@ -18,14 +18,19 @@ import time
 from pathlib import Path
 
 
-def _rss_bytes() -> int:
+def _status_bytes(key: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status (0 where unreadable).
+    VmHWM, not ``ru_maxrss``: Linux keeps ru_maxrss across exec, so a child would report its
+    parent's high-water mark."""
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        import os
-
-        return pages * os.sysconf("SC_PAGE_SIZE")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    if key == "VmHWM":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return 0
 
 
 def measure(spec: dict) -> dict:
@@ -38,7 +43,12 @@ def measure(spec: dict) -> dict:
     fmt = spec["format"]
     if fmt == "onnx":
         import onnxruntime  # noqa: F401 - the runtime's own memory is not the model's
-    before = _rss_bytes()
+    else:
+        try:
+            import ai_edge_litert.interpreter  # noqa: F401
+        except ImportError:
+            pass
+    before = _status_bytes("VmRSS")
     t0 = time.perf_counter()
     model = load_model(Path(spec["path"]), fmt)
     load_ms = int((time.perf_counter() - t0) * 1000)
@@ -59,7 +69,7 @@ def measure(spec: dict) -> dict:
         lat.append((time.perf_counter_ns() - t) // 1000)
     e1 = rapl_energy_uj(spec.get("sysfs_root", "/sys"))
     arr = np.array(lat)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     out = {"load_ms": load_ms, "p50_us": int(np.percentile(arr, 50)),
            "p95_us": int(np.percentile(arr, 95)), "peak_rss_bytes": int(peak),
            "model_rss_bytes": max(0, int(peak) - before), "runs": runs}
