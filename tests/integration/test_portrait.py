@@ -6,7 +6,6 @@ measurement, not a label, sends INT8 to the small device and FP32 to the large o
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 

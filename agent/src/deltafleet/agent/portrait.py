@@ -34,8 +34,8 @@ from deltafleet.shared.errors import one_line
 
 from .runtime import available_runtimes
 
-__all__ = ["MAX_ITEMS", "MAX_TEXT", "cgroup_memory_headroom", "device_portrait", "power_readings", "probe_accelerators",
-           "rapl_energy_uj", "tiny_onnx_model"]
+__all__ = ["MAX_ITEMS", "MAX_TEXT", "cgroup_memory_headroom", "device_portrait", "power_readings",
+           "probe_accelerators", "rapl_energy_uj", "tiny_onnx_model"]
 
 MAX_ITEMS = 16
 MAX_TEXT = 120

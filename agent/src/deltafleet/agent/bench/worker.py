@@ -11,6 +11,7 @@ load on the device counts too), only where the counter is readable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -44,10 +45,8 @@ def measure(spec: dict) -> dict:
     if fmt == "onnx":
         import onnxruntime  # noqa: F401 - the runtime's own memory is not the model's
     else:
-        try:
+        with contextlib.suppress(ImportError):
             import ai_edge_litert.interpreter  # noqa: F401
-        except ImportError:
-            pass
     before = _status_bytes("VmRSS")
     t0 = time.perf_counter()
     model = load_model(Path(spec["path"]), fmt)
