@@ -88,6 +88,9 @@ def test_benchmarks_are_run_on_request_stored_per_device_and_aggregated_per_type
         lo, hi = b["spread"]["p50_us"]
         assert lo <= b["median"]["p50_us"] <= hi
     assert lab.fleetctl("profile", "show", "no-such-type", check=False).returncode == 2
+    assert "edge-box" in lab.fleetctl("profile", "list").stdout
+    assert "int8" in lab.fleetctl("profile", "show", "edge-box").stdout
+    assert "own benchmarks" in lab.fleetctl("device", "show", "big-1").stdout
 
 
 def test_int8_goes_to_the_small_device_and_fp32_to_the_large_by_measurement(fleet):
@@ -117,6 +120,8 @@ def test_int8_goes_to_the_small_device_and_fp32_to_the_large_by_measurement(flee
     assert 2 * fp32_file <= 0.75 * headroom or fp32_rss > 0.75 * headroom
     (edge,) = plan["device_types"]
     assert edge["device_type"] == "edge-box" and edge["devices"] == 3
+    human = lab.fleetctl("rollout", "plan", "v1", "--group", "lab", "--prefer", "accuracy").stdout
+    assert "selection by accuracy" in human and "edge-box" in human
     size = lab.fleetctl_json("rollout", "plan", "v1", "--group", "lab", "--prefer", "size")
     assert {d["variant"] for d in size["devices"]} == {"int8"}
     bad = lab.fleetctl("rollout", "plan", "v1", "--group", "lab", "--prefer", "speed",

@@ -141,3 +141,25 @@ def test_bench_request_and_result_round_trip_and_refuse_bad_fields():
     assert decode(BenchResult, encode(res)) == res
     with pytest.raises(WireError, match="figures"):
         BenchResult.from_wire({**res.to_wire(), "figures": {"speed": 1}})
+
+
+def _signed(key, **over) -> bytes:
+    art = ArtifactRef("full", "identity", SHA, 10, 65536, ("cd" * 32,))
+    fields = {"request_id": "b1", "device_id": "dev-1", "issued_at": 1, "expires_at": 2**40,
+              "variants": (BenchVariant("int8", SHA, "onnx", 10, art),)}
+    fields.update(over)
+    return key.sign_bytes(BenchRequest(**fields).to_wire())
+
+
+def test_a_bench_request_is_verified_like_a_manifest():
+    from deltafleet.agent.bench import verify_bench_request
+    from deltafleet.agent.trust import PinnedKeys
+    from deltafleet.shared import DeltafleetError, SigningKey
+
+    key, other = SigningKey.generate(), SigningKey.generate()
+    trust = PinnedKeys([key.public_key])
+    assert verify_bench_request(_signed(key), trust, "dev-1").request_id == "b1"
+    for data, device in ((_signed(other), "dev-1"), (_signed(key), "dev-2"),
+                         (_signed(key, expires_at=5), "dev-1")):
+        with pytest.raises(DeltafleetError):
+            verify_bench_request(data, trust, device)

@@ -35,6 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TypeAlias
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -78,7 +79,7 @@ BATCH_MAX = 500  # device messages applied in one transaction
 INBOX_UNACKED = 1000  # backpressure: QoS 1 messages the broker may have outstanding to us
 LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRequest,
           "portrait": Portrait, "bench": BenchResult}
-Applied = Hello | Status | Event | Portrait | BenchResult
+Applied: TypeAlias = Hello | Status | Event | Portrait | BenchResult
 
 
 @dataclass
@@ -417,7 +418,7 @@ class FleetServer:
                 bench_publishes, bench_shas = bench_requests.due(
                     s, self.controller.key, self.artifacts, self.topics, utcnow())
             publishes = [*publishes, *bench_publishes]
-            servable = {**{sha: None for sha in bench_shas}, **servable}
+            servable = {**dict.fromkeys(bench_shas, 0), **servable}
             self.chunks.serve({sha: ArtifactOffer(self.artifacts.count(sha), rate or 0)
                                for sha, rate in servable.items()}, time.monotonic())
             self.publish(publishes)

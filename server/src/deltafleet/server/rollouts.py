@@ -175,7 +175,7 @@ def select_for(s: Session, version_id: int, options: list, devices: list,
         objective = Objective(prefer)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    infos = dict(s.execute(select(Variant.id, Variant.info)
+    infos: dict[int, Any] = dict(s.execute(select(Variant.id, Variant.info)
                            .where(Variant.version_id == version_id)).all())
     facts = {o.variant_id: variant_facts(o, infos.get(o.variant_id)) for o in options}
     device_facts, own, base = selection_inputs(s, devices)

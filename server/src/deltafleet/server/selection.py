@@ -265,17 +265,18 @@ def select_variant(device: DeviceFacts, variants: Sequence[VariantFacts],
         source, pick = "type baseline", 2
     else:
         source, pick = "static", 0
-    scored = sorted(fitting, key=lambda f: _key(objective.kind, f[0],
-                                               f[pick] if pick else None))  # type: ignore[arg-type]
-    best = scored[0]
-    v = best[0]
-    figs = best[pick] if pick else None
+    def figs_of(f: tuple[VariantFacts, Figures | None, Figures | None]) -> Figures | None:
+        return f[1] if pick == 1 else f[2] if pick == 2 else None
+
+    scored = sorted(fitting, key=lambda f: _key(objective.kind, f[0], figs_of(f)))
+    v = scored[0][0]
+    figs = figs_of(scored[0])
     figures: dict[str, Any] = {"source": source, "size_bytes": v.size_bytes}
     if figs is not None:
-        figures.update(figs.to_json())  # type: ignore[union-attr]
+        figures.update(figs.to_json())
     if v.accuracy is not None:
         figures["accuracy"] = v.accuracy
-    reason = _reason(objective.kind, source, v, figs, len(fitting), scored)  # type: ignore[arg-type]
+    reason = _reason(objective.kind, source, v, figs, len(fitting), scored)
     return Choice(v, reason, figures, rejected)
 
 
@@ -285,7 +286,7 @@ def _reason(objective: str, source: str, v: VariantFacts, figs: Figures | None, 
         return f"only fitting variant ({source} figures)"
     runner = scored[1][0]
     if objective == "latency" and figs is not None:
-        other = scored[1][1 if source == "device" else 2]
+        other = scored[1][1] if source == "device" else scored[1][2]
         theirs = f" vs {runner.name} {other.p50_us} us" if other is not None else ""
         return f"lowest p50 by {source}: {figs.p50_us} us{theirs}"
     if objective == "latency":
@@ -308,6 +309,10 @@ class TypePlan:
     incompatible: tuple[str, ...] = ()  # device ids no variant fits
 
 
+def _name(c: Choice) -> str | None:
+    return c.variant.name if c.variant is not None else None
+
+
 def plan_fleet(devices: Sequence[DeviceFacts], variants: Sequence[VariantFacts],
                objective: Objective = DEFAULT_OBJECTIVE,
                benchmarks: Mapping[str, Mapping[str, Figures]] | None = None,
@@ -327,12 +332,10 @@ def plan_fleet(devices: Sequence[DeviceFacts], variants: Sequence[VariantFacts],
         ids = by_type[t]
         counts: dict[str | None, int] = {}
         for i in ids:
-            c = choices[i]
-            name = c.variant.name if c.variant else None
+            name = _name(choices[i])
             counts[name] = counts.get(name, 0) + 1
         top = max(counts, key=lambda n: (counts[n], n is not None, n or ""))
-        sample = next(choices[i] for i in ids
-                      if (choices[i].variant.name if choices[i].variant else None) == top)
+        sample = next(choices[i] for i in ids if _name(choices[i]) == top)
         plans.append(TypePlan(t, top, sample.reason, sample.figures, len(ids),
                               tuple(i for i in ids if choices[i].variant is None)))
     return choices, plans

@@ -204,15 +204,15 @@ def selection_inputs(session: Session, devices: Sequence[Device]
             portraits[p.device_id] = p
     facts = {}
     for d in devices:
-        p = portraits.get(d.id)
-        doc = p.portrait if p is not None else {}
+        pr = portraits.get(d.id)
+        doc = pr.portrait if pr is not None else {}
         accelerators = set(doc.get("accelerators") or ["cpu"])
-        if p is None and d.accelerator:  # no portrait: the static profile's word
+        if pr is None and d.accelerator:  # no portrait: the static profile's word
             accelerators.add(d.accelerator.lower())
         mem = (doc.get("memory") or {}).get("available_bytes")
         disk = (doc.get("disk") or {}).get("free_bytes", d.disk_free_bytes)
         facts[d.id] = DeviceFacts(
-            d.id, p.device_type if p is not None else type_of(d),
+            d.id, pr.device_type if pr is not None else type_of(d),
             dict(d.runtimes or {}), frozenset(accelerators),
             mem if mem is not None else d.memory_bytes, disk)
     own: dict[str, dict[str, Figures]] = {}
