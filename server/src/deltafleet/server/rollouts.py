@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from . import catalog, fleet
 from .audit import audit
 from .errors import NotFoundError, UsageError
-from .planner import BlobProblem, PlanKind, all_intact, plan_target
+from .planner import BlobProblem, PlanKind, all_intact, plan_target, select_choice
 from .policy import RolloutPolicy, assign_waves
 from .rollout.sql import load_deltas, running_models
 from .rollout.states import (
@@ -150,6 +150,8 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
         row.update(can_take=True, variant=v.name, format=v.format, precision=v.precision,
                    full_bytes=v.size_bytes, target_sha256=v.sha256, artifact=str(plan.kind),
                    bytes=plan.bytes, reason=plan.reason)
+        if d.id in selecting:
+            row["selection"] = select_choice(selecting[d.id], options).reason
         if plan.codec is not None:
             row["codec"] = plan.codec
         total += plan.bytes
@@ -193,7 +195,8 @@ def type_plans(selecting: dict[str, Any], options: list) -> list[dict[str, Any]]
                           {i: x.benchmarks for i, x in selecting.items() if x.benchmarks},
                           any_sel.baselines)
     return [{"device_type": p.device_type, "variant": p.variant, "devices": p.devices,
-             "figures": p.figures, "reason": p.reason, "incompatible": list(p.incompatible)}
+             "variants": p.variants, "figures": p.figures, "reason": p.reason,
+             "incompatible": list(p.incompatible)}
             for p in plans]
 
 

@@ -277,6 +277,8 @@ def select_variant(device: DeviceFacts, variants: Sequence[VariantFacts],
     if v.accuracy is not None:
         figures["accuracy"] = v.accuracy
     reason = _reason(objective.kind, source, v, figs, len(fitting), scored)
+    if rejected:
+        reason += "; not " + "; ".join(f"{n} ({w})" for n, w in sorted(rejected.items())[:3])
     return Choice(v, reason, figures, rejected)
 
 
@@ -307,6 +309,7 @@ class TypePlan:
     figures: dict[str, Any]
     devices: int
     incompatible: tuple[str, ...] = ()  # device ids no variant fits
+    variants: dict[str, int] = field(default_factory=dict)  # every choice: how many devices
 
 
 def _name(c: Choice) -> str | None:
@@ -337,5 +340,6 @@ def plan_fleet(devices: Sequence[DeviceFacts], variants: Sequence[VariantFacts],
         top = max(counts, key=lambda n: (counts[n], n is not None, n or ""))
         sample = next(choices[i] for i in ids if _name(choices[i]) == top)
         plans.append(TypePlan(t, top, sample.reason, sample.figures, len(ids),
-                              tuple(i for i in ids if choices[i].variant is None)))
+                              tuple(i for i in ids if choices[i].variant is None),
+                              {str(k): n for k, n in counts.items()}))
     return choices, plans

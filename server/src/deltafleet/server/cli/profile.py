@@ -58,14 +58,14 @@ def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = Fa
     console.print(table)
 
 
-def _spread(b: dict[str, Any], key: str, unit: str = "") -> str:
+def _median(b: dict[str, Any], key: str) -> str:
     m = b["median"].get(key)
-    if m is None:
-        return "-"
+    return "-" if m is None else str(m)
+
+
+def _range(b: dict[str, Any], key: str) -> str:
     lo_hi = b["spread"].get(key)
-    fmt = fmt_bytes if unit == "bytes" else (lambda x: f"{x}{unit}")
-    spread = f" ({fmt(lo_hi[0])}-{fmt(lo_hi[1])})" if lo_hi and lo_hi[0] != lo_hi[1] else ""
-    return f"{fmt(m)}{spread}"
+    return "-" if not lo_hi else f"{lo_hi[0]}-{lo_hi[1]}"
 
 
 @app.command("show")
@@ -89,13 +89,13 @@ def show(
     if not rows:
         console.print(f"{device_type}: no benchmarks yet (`fleetctl profile bench`)")
         return
-    table = Table("variant", "sha256", "devices", "load", "p50", "p95", "model memory",
-                  "energy/inf", title=f"baselines of {device_type} (median, spread)")
+    table = Table("variant", "sha256", "devices", "load ms", "p50 us", "p50 min-max",
+                  "p95 us", "memory", "uJ/inf", title=f"baselines of {device_type} (medians)")
     for b in rows:
-        table.add_row(b["variant"], b["sha256"][:12], str(b["devices"]),
-                      _spread(b, "load_ms", " ms"), _spread(b, "p50_us", " us"),
-                      _spread(b, "p95_us", " us"), _spread(b, "model_rss_bytes", "bytes"),
-                      _spread(b, "energy_uj", " uJ"))
+        mem = b["median"].get("model_rss_bytes")
+        table.add_row(b["variant"], b["sha256"][:12], str(b["devices"]), _median(b, "load_ms"),
+                      _median(b, "p50_us"), _range(b, "p50_us"), _median(b, "p95_us"),
+                      fmt_bytes(mem), _median(b, "energy_uj"))
     console.print(table)
 
 

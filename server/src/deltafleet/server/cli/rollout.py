@@ -199,8 +199,9 @@ def rollout_plan(
         return
     if plan.get("device_types"):
         _print_type_plans(plan)
+    show_variant = wide or bool(plan.get("device_types"))
     table = Table("device", "online", "runs", "artifact", "bytes", "full",
-                  *(["variant"] if wide else []), wide=wide)
+                  *(["variant"] if show_variant else []), wide=wide)
     table.add_column("note", overflow="below")
     for d in plan["devices"]:
         artifact = d.get("artifact") or "cannot take"
@@ -208,7 +209,8 @@ def rollout_plan(
             artifact += f" ({d['codec']})"
         table.add_row(d["device"], "yes" if d["online"] else "no", d["runs"] or "-", artifact,
                       fmt_bytes(d.get("bytes")), fmt_bytes(d.get("full_bytes")),
-                      *([d.get("variant") or "-"] if wide else []), d["reason"])
+                      *([d.get("variant") or "-"] if show_variant else []),
+                      "; ".join(x for x in (d.get("selection"), d["reason"]) if x))
     console.print(f"plan: {plan['model']} {plan['version']} -> group {plan['group']}")
     console.print(table)
     console.print(f"{fmt_bytes(plan['bytes'])} to send instead of {fmt_bytes(plan['full_bytes'])}"
@@ -222,7 +224,10 @@ def _print_type_plans(plan: dict) -> None:
     for t in plan["device_types"]:
         f = t["figures"]
         p50 = f"{f['p50_us']} us" if f.get("p50_us") is not None else "-"
-        types.add_row(t["device_type"], str(t["devices"]), t["variant"] or "incompatible", p50,
+        chosen = t["variant"] or "incompatible"
+        if len(t.get("variants") or {}) > 1:
+            chosen = ", ".join(f"{k} x{n}" for k, n in sorted(t["variants"].items()))
+        types.add_row(t["device_type"], str(t["devices"]), chosen, p50,
                       fmt_bytes(f.get("model_rss_bytes")), f.get("source", "-"), t["reason"])
     console.print(types)
 
