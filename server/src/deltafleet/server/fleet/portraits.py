@@ -31,7 +31,7 @@ from ..selection import DeviceFacts, Figures, device_type_of
 from ..store.models import BenchRequestRow, Device, DeviceBenchmark, DevicePortrait
 
 __all__ = ["FIGURE_COLUMNS", "Baseline", "baselines", "device_benchmarks", "device_portrait_json",
-           "portrait_of",
+           "fleet_devices", "portrait_of",
            "record_bench_results", "record_portraits", "selection_inputs"]
 
 INT64_MAX = 2**63 - 1
@@ -171,6 +171,12 @@ def baselines(session: Session, device_type: str | None = None) -> list[Baseline
             spread[col] = (min(values), max(values)) if values else None
         out.append(Baseline(t, sha, rows[0].variant, len(rows), median, spread))
     return out
+
+
+def fleet_devices(session: Session, device_ids: Sequence[str]) -> list[Device]:
+    """The devices with these ids, by id (for ``selection_inputs``)."""
+    return list(session.scalars(select(Device).where(Device.id.in_(list(device_ids)))
+                                .order_by(Device.id)))
 
 
 def portrait_of(session: Session, device_id: str) -> DevicePortrait | None:
