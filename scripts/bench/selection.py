@@ -9,7 +9,9 @@ budget, objective, per-type summary) over ``--devices`` devices of ``--types`` g
 The brute force enumerates every variant per type with its own copy of the rules (written
 from the docs, not by calling the module) and must agree on every type. Prints one JSON
 document; a disagreement fails it (``"ok": false``). Target (``targets.json``, key
-``selection``): ``plan_s_max`` per objective. ``BENCH_QUICK=1``: 2,000 devices.
+``selection``): ``plan_s_max`` per objective. ``store_plan``: the same fleet in a SQLite store
+(portraits, 10 devices per type measured), ``rollout plan`` with and without ``--prefer``
+(reported, no target; ``--no-store`` skips it). ``BENCH_QUICK=1``: 2,000 devices.
 """
 
 from __future__ import annotations
@@ -71,6 +73,68 @@ def brute_force(t: DeviceType, objective: Objective) -> str | None:
     return best[1] if best else None
 
 
+def store_plan_s(types: list[DeviceType], devices: int, runs: int) -> dict:
+    """``plan_rollout(..., prefer="latency")`` (what ``fleetctl rollout plan --prefer`` runs)
+    over ``devices`` devices in a SQLite store, each with a portrait, 10 measured per type;
+    against the same plan without ``--prefer``."""
+    import tempfile
+    from datetime import UTC, datetime
+
+    from deltafleet.server import catalog, fleet
+    from deltafleet.server.fleet import portraits as fp
+    from deltafleet.server.rollouts import plan_rollout
+    from deltafleet.server.store import BlobStore, Store, upgrade
+    from deltafleet.shared import Hello
+    from deltafleet.shared.messages import BenchResult, Portrait
+    from tests.harness.modelgen import make_int8_variant, make_onnx_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        url = f"sqlite:///{root}/fleet.db"
+        upgrade(url)
+        store, blobs = Store(url), BlobStore(root / "blobs")
+        fp32 = make_onnx_model(root / "fp32.onnx", size_mb=1)
+        int8 = make_int8_variant(fp32, root / "int8.onnx")
+        now = datetime.now(UTC)
+        with store.session() as s:
+            catalog.add_model_version(s, blobs, "detector", "v1", fp32)
+            catalog.add_model_version(s, blobs, "detector", "v1", int8, variant="int8",
+                                      precision="int8")
+            fleet.create_group(s, "all", {"site": "bench"})
+            hellos = [Hello(f"d{i:05d}", "1", {"arch": t.arch, "cpu": t.cpu,
+                                               "memory_bytes": t.memory_bytes,
+                                               "runtimes": t.runtimes},
+                            {"site": "bench", "device-type": t.name}, ())
+                      for i in range(devices) for t in [types[i % len(types)]]]
+            for j in range(0, devices, 1000):
+                fleet.upsert_devices_from_hellos(s, hellos[j:j + 1000], now)
+            fp.record_portraits(s, [Portrait(h.device_id, {"memory": {
+                "available_bytes": h.profile["memory_bytes"] // 2}}) for h in hellos], now)
+            options = catalog.variant_options(s, catalog.resolve_version(s, "detector:v1").id)
+            results = []
+            for i, h in enumerate(hellos[:10 * len(types)]):
+                t = types[i % len(types)]
+                for o, v in zip(options, VARIANTS[:2], strict=False):
+                    f = type_figures(t, v)
+                    results.append(BenchResult(f"r{i}{o.name}", h.device_id, "r", o.name,
+                                               o.sha256, "onnxruntime", "1",
+                                               {"p50_us": f.p50_us, "p95_us": f.p95_us,
+                                                "model_rss_bytes": f.model_rss_bytes or 0,
+                                                "runs": 5}))
+            fp.record_bench_results(s, results, now)
+        out = {}
+        for label, prefer in (("without_prefer_s", None), ("prefer_latency_s", "latency")):
+            took = []
+            for _ in range(runs):
+                with store.read() as s:
+                    t0 = time.perf_counter()
+                    plan_rollout(s, "detector:v1", "all", prefer=prefer)
+                    took.append(time.perf_counter() - t0)
+            out[label] = round(statistics.median(took), 3)
+        store.dispose()
+        return out
+
+
 def main() -> int:
     quick = os.environ.get("BENCH_QUICK") == "1"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,6 +142,8 @@ def main() -> int:
     p.add_argument("--devices", type=int, default=2000 if quick else 10_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--targets", type=Path, default=HERE / "targets.json")
+    p.add_argument("--no-store", action="store_true",
+                   help="skip timing rollout plan --prefer through a SQLite store")
     opts = p.parse_args()
     if opts.types < 1 or opts.devices < opts.types or opts.runs < 1:
         print("selection: need --types >= 1, --devices >= --types, --runs >= 1", file=sys.stderr)
@@ -114,6 +180,7 @@ def main() -> int:
     met = None if limit is None else all(r["plan_s"] <= limit for r in results.values())
     doc = {"ok": not failures, "failures": failures, "types": len(types),
            "devices": len(devices), "variants": len(VARIANTS), "objectives": results,
+           "store_plan": None if opts.no_store else store_plan_s(types, len(devices), opts.runs),
            "targets": {"plan_s_max": limit, "met": met}}
     print(json.dumps(doc, indent=2))
     return 0 if not failures else 1

@@ -182,15 +182,19 @@ class Selecting:
     objective: Any  # selection.Objective
     benchmarks: Mapping[str, Any] | None = None  # sha256 -> Figures (the device's own)
     baselines: Mapping[tuple[str, str], Any] | None = None  # (type, sha256) -> Figures
+    chosen: Any = None  # a selection.Choice already made for these inputs (a fleet-wide plan)
 
 
 def select_choice(selecting: Selecting, options: list[VariantOption]) -> Choice:
     """The planner's ``Choice`` from ``selection.select_variant`` (its reason kept)."""
     from .selection import select_variant  # noqa: PLC0415
 
-    facts = [selecting.facts[o.variant_id] for o in options if o.variant_id in selecting.facts]
-    picked = select_variant(selecting.device, facts, selecting.objective, selecting.benchmarks,
-                            selecting.baselines)
+    picked = selecting.chosen
+    if picked is None:
+        facts = [selecting.facts[o.variant_id] for o in options
+                 if o.variant_id in selecting.facts]
+        picked = select_variant(selecting.device, facts, selecting.objective,
+                                selecting.benchmarks, selecting.baselines)
     return Choice(None if picked.variant is None else picked.variant.option, picked.reason)
 
 

@@ -4,6 +4,7 @@ the CLI. States and the operator actions are the tables of ``rollout.states``; a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy.orm import Session
 from . import catalog, fleet
 from .audit import audit
 from .errors import NotFoundError, UsageError
-from .planner import BlobProblem, PlanKind, all_intact, plan_target, select_choice
+from .planner import BlobProblem, PlanKind, all_intact, plan_target
 from .policy import RolloutPolicy, assign_waves
 from .rollout.sql import load_deltas, running_models
 from .rollout.states import (
@@ -132,6 +133,8 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
     devices = fleet.devices_in_group(s, group_name)
     running = running_models(s, model.name, [d.id for d in devices])
     selecting = select_for(s, version.id, options, devices, prefer) if prefer else {}
+    choices, by_type = type_plans(selecting, options) if selecting else ({}, [])
+    selecting = {i: replace(x, chosen=choices[i]) for i, x in selecting.items()}
     rows = []
     total = full = 0
     for d in devices:
@@ -150,8 +153,8 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
         row.update(can_take=True, variant=v.name, format=v.format, precision=v.precision,
                    full_bytes=v.size_bytes, target_sha256=v.sha256, artifact=str(plan.kind),
                    bytes=plan.bytes, reason=plan.reason)
-        if d.id in selecting:
-            row["selection"] = select_choice(selecting[d.id], options).reason
+        if d.id in choices:
+            row["selection"] = choices[d.id].reason
         if plan.codec is not None:
             row["codec"] = plan.codec
         total += plan.bytes
@@ -162,7 +165,7 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
            "cannot_take": sum(1 for r in rows if not r["can_take"])}
     if selecting:
         out["prefer"] = prefer
-        out["device_types"] = type_plans(selecting, options)
+        out["device_types"] = by_type
     return out
 
 
@@ -185,16 +188,19 @@ def select_for(s: Session, version_id: int, options: list, devices: list,
             for d in devices}
 
 
-def type_plans(selecting: dict[str, Any], options: list) -> list[dict[str, Any]]:
-    """``rollout plan --prefer``: per device type the variant, its figures and why."""
+def type_plans(selecting: dict[str, Any], options: list) -> tuple[dict[str, Any],
+                                                                  list[dict[str, Any]]]:
+    """``rollout plan --prefer``: the choice per device id, and per device type the variant,
+    its figures and why."""
     from .selection import plan_fleet  # noqa: PLC0415
 
     any_sel = next(iter(selecting.values()))
     facts = [any_sel.facts[o.variant_id] for o in options]
-    _, plans = plan_fleet([x.device for x in selecting.values()], facts, any_sel.objective,
-                          {i: x.benchmarks for i, x in selecting.items() if x.benchmarks},
-                          any_sel.baselines)
-    return [{"device_type": p.device_type, "variant": p.variant, "devices": p.devices,
+    choices, plans = plan_fleet([x.device for x in selecting.values()], facts,
+                                any_sel.objective,
+                                {i: x.benchmarks for i, x in selecting.items() if x.benchmarks},
+                                any_sel.baselines)
+    return choices, [{"device_type": p.device_type, "variant": p.variant, "devices": p.devices,
              "variants": p.variants, "figures": p.figures, "reason": p.reason,
              "incompatible": list(p.incompatible)}
             for p in plans]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 __all__ = [
@@ -55,6 +56,7 @@ FORMAT_RUNTIMES = {"onnx": ("onnxruntime",), "tflite": ("litert", "tflite-runtim
 PRECISION_RANK = {"fp32": 3, "fp16": 2, "int8": 1}  # static accuracy estimate
 
 
+@lru_cache(maxsize=4096)
 def _version_tuple(text: str | None) -> tuple[int, ...]:
     out = []
     for part in (text or "").split("."):
@@ -65,6 +67,7 @@ def _version_tuple(text: str | None) -> tuple[int, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=1024)
 def ort_max_opset(version: str) -> int | None:
     """The newest ONNX opset an ONNX Runtime version implements (None: unknown, older)."""
     v = _version_tuple(version)[:2]

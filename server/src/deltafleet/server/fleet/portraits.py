@@ -154,22 +154,25 @@ class Baseline:
 
 
 def baselines(session: Session, device_type: str | None = None) -> list[Baseline]:
-    """The baseline library (or one type's part of it), by type then variant name."""
-    q = select(DeviceBenchmark).where(DeviceBenchmark.error.is_(None))
+    """The baseline library (or one type's part of it), by type then variant name. Reads
+    columns, not ORM rows: the library may span every device of the fleet."""
+    cols = [getattr(DeviceBenchmark, c) for c in FIGURE_COLUMNS]
+    q = select(DeviceBenchmark.device_type, DeviceBenchmark.sha256, DeviceBenchmark.variant,
+               *cols).where(DeviceBenchmark.error.is_(None))
     if device_type is not None:
         q = q.where(DeviceBenchmark.device_type == device_type)
-    groups: dict[tuple[str, str], list[DeviceBenchmark]] = {}
-    for row in session.scalars(q):
-        groups.setdefault((row.device_type, row.sha256), []).append(row)
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for row in session.execute(q):
+        groups.setdefault((row[0], row[1]), []).append(row)
     out = []
-    for (t, sha), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0].variant)):
+    for (t, sha), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0][2])):
         median: dict[str, int | None] = {}
         spread: dict[str, tuple[int, int] | None] = {}
-        for col in FIGURE_COLUMNS:
-            values = [getattr(r, col) for r in rows if getattr(r, col) is not None]
+        for i, col in enumerate(FIGURE_COLUMNS, start=3):
+            values = [r[i] for r in rows if r[i] is not None]
             median[col] = int(statistics.median(values)) if values else None
             spread[col] = (min(values), max(values)) if values else None
-        out.append(Baseline(t, sha, rows[0].variant, len(rows), median, spread))
+        out.append(Baseline(t, sha, rows[0][2], len(rows), median, spread))
     return out
 
 
@@ -201,31 +204,35 @@ def device_portrait_json(session: Session, device_id: str) -> dict[str, Any]:
 def selection_inputs(session: Session, devices: Sequence[Device]
                      ) -> tuple[dict[str, DeviceFacts], dict[str, dict[str, Figures]],
                                 dict[tuple[str, str], Figures]]:
-    """Per device id its ``DeviceFacts``, its own figures by sha256, and the baselines."""
+    """Per device id its ``DeviceFacts``, its own figures by sha256, and the baselines of
+    the devices' types (columns read in batches of 500 ids, no ORM rows)."""
     ids = [d.id for d in devices]
-    portraits: dict[str, DevicePortrait] = {}
+    portraits: dict[str, tuple[str, dict[str, Any]]] = {}
+    own: dict[str, dict[str, Figures]] = {}
     for i in range(0, len(ids), 500):
-        for p in session.scalars(select(DevicePortrait)
-                                 .where(DevicePortrait.device_id.in_(ids[i:i + 500]))):
-            portraits[p.device_id] = p
+        batch = ids[i:i + 500]
+        for device_id, dtype, doc in session.execute(
+                select(DevicePortrait.device_id, DevicePortrait.device_type,
+                       DevicePortrait.portrait).where(DevicePortrait.device_id.in_(batch))):
+            portraits[device_id] = (dtype, doc or {})
+        for device_id, sha, p50, p95, load, rss, energy in session.execute(
+                select(DeviceBenchmark.device_id, DeviceBenchmark.sha256, DeviceBenchmark.p50_us,
+                       DeviceBenchmark.p95_us, DeviceBenchmark.load_ms,
+                       DeviceBenchmark.model_rss_bytes, DeviceBenchmark.energy_uj)
+                .where(DeviceBenchmark.device_id.in_(batch), DeviceBenchmark.error.is_(None))):
+            if p50 is not None and p95 is not None:
+                own.setdefault(device_id, {})[sha] = Figures(p50, p95, load or 0, rss, energy)
     facts = {}
     for d in devices:
-        pr = portraits.get(d.id)
-        doc = pr.portrait if pr is not None else {}
+        dtype, doc = portraits.get(d.id, (None, {}))
         accelerators = set(doc.get("accelerators") or ["cpu"])
-        if pr is None and d.accelerator:  # no portrait: the static profile's word
+        if dtype is None and d.accelerator:  # no portrait: the static profile's word
             accelerators.add(d.accelerator.lower())
         mem = (doc.get("memory") or {}).get("available_bytes")
         disk = (doc.get("disk") or {}).get("free_bytes", d.disk_free_bytes)
         facts[d.id] = DeviceFacts(
-            d.id, pr.device_type if pr is not None else type_of(d),
-            dict(d.runtimes or {}), frozenset(accelerators),
+            d.id, dtype or type_of(d), dict(d.runtimes or {}), frozenset(accelerators),
             mem if mem is not None else d.memory_bytes, disk)
-    own: dict[str, dict[str, Figures]] = {}
-    for device_id, rows in device_benchmarks(session, ids).items():
-        figs = {r.sha256: f for r in rows if (f := _figures(r)) is not None}
-        if figs:
-            own[device_id] = figs
     types = {f.device_type for f in facts.values()}
     base = {(b.device_type, b.sha256): f for b in baselines(session)
             if b.device_type in types and (f := b.figures()) is not None}
