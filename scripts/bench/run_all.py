@@ -4,7 +4,8 @@ Each runs as a module from the repository root (``python -m scripts.bench.<name>
 imports the test harness as ``tests.harness``. Sizes come from each benchmark's environment
 fallbacks (``BENCH_QUICK=1`` for the small smoke configuration; ``BENCH_DEVICES=500,1000``,
 ``BENCH_HEARTBEAT_DEVICES``, ``BENCH_ARTIFACT_MB`` for fleet_scale; ``BENCH_RUNS``,
-``BENCH_RATE``, ``BENCH_MODEL_MB`` for hot_swap; see each module's docstring).
+``BENCH_RATE``, ``BENCH_MODEL_MB`` for hot_swap; selection takes ``BENCH_QUICK`` only (2,000
+devices instead of 10,000); see each module's docstring).
 
 Results are written to bench-results/<name>.json -- also for a failed run, whose JSON says what
 failed -- and summarised on stdout. A benchmark fails when it exits non-zero, prints no JSON or

@@ -25,7 +25,7 @@ Example ``/etc/deltafleet/agent.toml``::
 
 Environment variables override the file: FLEET_AGENT_DEVICE_ID, FLEET_AGENT_BROKER_URL,
 FLEET_AGENT_STATE_DIR, FLEET_AGENT_TRUSTED_KEYS (comma-separated paths), FLEET_AGENT_LABELS
-(``k=v,k=v``), FLEET_AGENT_ACCELERATOR, FLEET_AGENT_HARDWARE_ID, FLEET_TOPIC_PREFIX,
+(``k=v,k=v``), FLEET_AGENT_ACCELERATOR, FLEET_AGENT_HARDWARE_ID, FLEET_AGENT_SYSFS_ROOT, FLEET_TOPIC_PREFIX,
 FLEET_AGENT_API_PORT, FLEET_AGENT_SWAP_MODE, FLEET_AGENT_FALLBACK (``model=path,...``),
 FLEET_AGENT_MQTT_CA_FILE, FLEET_AGENT_MQTT_CERT_FILE, FLEET_AGENT_MQTT_KEY_FILE,
 FLEET_AGENT_ROOT_OF_TRUST, FLEET_AGENT_TRUST_BUNDLE, FLEET_AGENT_HEARTBEAT_S,
@@ -77,6 +77,7 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     accelerator: str = "none"
     hardware_id: str | None = None
+    sysfs_root: str = "/sys"  # where the portrait reads power sensors (RAPL, hwmon)
     topic_prefix: str = DEFAULT_PREFIX
     mqtt_protocol: str = "auto"
     keepalive_s: int = 30
@@ -185,6 +186,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
         ("state_dir", "FLEET_AGENT_STATE_DIR"),
         ("accelerator", "FLEET_AGENT_ACCELERATOR"),
         ("hardware_id", "FLEET_AGENT_HARDWARE_ID"),
+        ("sysfs_root", "FLEET_AGENT_SYSFS_ROOT"),
         ("topic_prefix", "FLEET_TOPIC_PREFIX"),
         ("mqtt_ca_file", "FLEET_AGENT_MQTT_CA_FILE"),
         ("mqtt_cert_file", "FLEET_AGENT_MQTT_CERT_FILE"),

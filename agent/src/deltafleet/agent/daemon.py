@@ -54,15 +54,17 @@ from deltafleet.shared import (
     encode,
     trust_topic,
 )
-from deltafleet.shared.messages import MAX_ACK_BYTES
+from deltafleet.shared.messages import MAX_ACK_BYTES, Portrait
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, MqttSettings, Will
 
 from . import machine as mc
+from .bench import BenchRunner, verify_bench_request
 from .config import CRASH_STEPS, AgentConfig
 from .errors import AgentError, ModelRuntimeError, UpdateRejected, is_no_space
 from .executor import MAX_DECODE_STARTS, Executor, Reporter, freeze_heap, soft
 from .journal import Journal, raw_manifest
 from .outbox import Outbox
+from .portrait import device_portrait
 from .profile import agent_version, device_profile, hardware_id, mem_available_bytes
 from .reports import event_id
 from .serving import Serving
@@ -153,6 +155,9 @@ class Agent:
                                  mqtt=self.mqtt, topics=self.topics, trust=self.trust,
                                  hardware_id=self.hardware_id, swapper=self.swapper,
                                  trials=self.trials, reporter=self.reporter)
+        self.bench = BenchRunner(Path(cfg.state_dir), cfg.device_id, store=self.store,
+                                 outbox=self.outbox, mqtt=self.mqtt, topics=self.topics,
+                                 sysfs_root=cfg.sysfs_root)
         self.api: Any = None
         self._connection_seen: tuple[Any, ...] | None = None
         self._api_retry_at: float | None = 0.0 if cfg.api_port else None
@@ -207,6 +212,7 @@ class Agent:
         self.mqtt.subscribe(self.topics.desired_filter(self.cfg.device_id))
         self.mqtt.subscribe(self.topics.server_status())
         self.mqtt.subscribe(self.topics.ack(self.cfg.device_id))
+        self.mqtt.subscribe(self.topics.bench_request(self.cfg.device_id))
         self.mqtt.start()
         self.outbox.start()
         log.info("agent %s started; broker %s", self.cfg.device_id, self.cfg.broker_url)
@@ -230,6 +236,7 @@ class Agent:
             self._shut_down()
 
     def _shut_down(self) -> None:
+        self.bench.stop()
         if self.api is not None:
             self.api.stop()
         self.write_connection(stopped=True)
@@ -288,8 +295,13 @@ class Agent:
             if payload == b"online":
                 self.send_hello()  # a (re)started server has not heard our hello yet
                 self.outbox.resend_all()  # nor, maybe, the reports sent while it was away
+        elif topic == self.topics.bench_request(self.cfg.device_id):
+            if payload:
+                self.on_bench_request(payload)
         elif topic.startswith(f"{self.topics.prefix}/art/"):
             sha, index = self.topics.parse_chunk(topic)
+            if self.bench.wants(sha):
+                self.bench.on_chunk(sha, index, payload)
             self.executor.on_chunk(sha, index, payload)
         elif topic.startswith(self.topics.dev(self.cfg.device_id, "desired") + "/"):
             model = topic.rsplit("/", 1)[1]
@@ -298,6 +310,16 @@ class Agent:
 
     def on_manifest(self, model: str, payload: bytes) -> None:
         self.executor.feed(self.executor.manifest_event(model, payload))
+
+    def on_bench_request(self, payload: bytes) -> None:
+        """A signed benchmark request: verified like a manifest, run off the request path."""
+        try:
+            req = verify_bench_request(payload, self.trust, self.cfg.device_id)
+        except DeltafleetError as e:
+            log.warning("ignoring a bench request: %s", e)
+            return
+        if self.bench.submit(req):
+            log.info("bench request %s: %d variants queued", req.request_id, len(req.variants))
 
     def on_trust(self, payload: bytes) -> None:
         """A trust bundle (root chain + key list): apply, persist, re-check held manifests."""
@@ -342,6 +364,17 @@ class Agent:
             models=tuple(m.as_state() for m in self.store.all_current()),
         )
         self.mqtt.publish(self.topics.hello(did), encode(hello))
+        self.send_portrait()
+
+    def send_portrait(self) -> None:
+        """What the device can actually use (``portrait``), after each hello."""
+        did = self.cfg.device_id
+        try:
+            doc = device_portrait(self.cfg.state_dir, sysfs_root=self.cfg.sysfs_root)
+        except OSError as e:
+            log.warning("cannot read the device portrait: %s", e)
+            return
+        self.mqtt.publish(self.topics.portrait(did), encode(Portrait(did, doc)))
 
     def tick(self) -> None:
         now = time.monotonic()

@@ -54,17 +54,24 @@ from deltafleet.shared import (
     decode,
     encode,
 )
-from deltafleet.shared.messages import MAX_ACK_IDS, MAX_EVENT_ID_CHARS, MAX_TELEMETRY_BYTES
+from deltafleet.shared.messages import (
+    MAX_ACK_IDS,
+    MAX_EVENT_ID_CHARS,
+    MAX_TELEMETRY_BYTES,
+    BenchResult,
+    Portrait,
+)
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, Will
 
-from . import fleet
+from . import bench_requests, fleet
 from .config import ServerConfig, check_client_identity, mqtt_settings
 from .controller import Publish, RolloutController
 from .delivery.chunks import ArtifactOffer, ChunkScheduler, ChunkWindows
 from .delivery.retained import RetainedList
 from .deltas import DeltaBuilder
 from .enroll import revoked_devices
-from .guard import DeviceMessageGuard
+from .fleet import portraits as fleet_portraits
+from .guard import DeviceMessageGuard, check_bench_result, check_portrait
 from .ingest import UnstorableMessage, fits_store
 from .keys import online_signing_key, trust_publications
 from .metrics import ServerMetrics, apply_telemetry
@@ -82,8 +89,8 @@ PERSISTENT_SESSION_S = 7 * 86400
 BATCH_MAX = 500  # device messages applied in one transaction
 INBOX_UNACKED = 1000  # backpressure: QoS 1 messages the broker may have outstanding to us
 LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRequest,
-          "telemetry": Telemetry}
-Applied: TypeAlias = Hello | Status | Event | Telemetry
+          "telemetry": Telemetry, "portrait": Portrait, "bench": BenchResult}
+Applied: TypeAlias = Hello | Status | Event | Telemetry | Portrait | BenchResult
 
 
 @dataclass
@@ -314,7 +321,12 @@ class FleetServer:
                     raise WireError(f"unknown device topic {leaf!r}")
                 message = _mine(device_id, decode(kind, payload, max_bytes=(
                     MAX_TELEMETRY_BYTES if kind is Telemetry else 256 * 1024)))
-                fits_store(message)
+                if isinstance(message, Portrait):
+                    check_portrait(message.portrait)
+                elif isinstance(message, BenchResult):
+                    check_bench_result(message)
+                else:
+                    fits_store(message)
                 if isinstance(message, ChunkRequest):
                     self.on_chunk_request(device_id, message)
                 else:
@@ -337,6 +349,8 @@ class FleetServer:
         events = [m for _, m in items if isinstance(m, Event)]
         telemetry = [m for _, m in items if isinstance(m, Telemetry)]
         presence = {m.device_id: m.online for _, m in items if isinstance(m, Status)}
+        portraits = [m for _, m in items if isinstance(m, Portrait)]
+        benches = [m for _, m in items if isinstance(m, BenchResult)]
         now = utcnow()
         with self.store.session() as s:
             fresh = first_delivery(s, events, now)
@@ -347,9 +361,12 @@ class FleetServer:
                     or not o}, now)
             for ev in fresh:
                 self.controller.on_event(s, ev, now)
-            if telemetry:
+            if telemetry or portraits or benches:
                 s.flush()  # the devices of this batch's hellos exist now
+            if telemetry:
                 telemetry = apply_telemetry(s, telemetry, now)
+            fleet_portraits.record_portraits(s, portraits, now)
+            fleet_portraits.record_bench_results(s, benches, now)
         self.stats.duplicate_events += len(events) - len(fresh)  # counted once committed
         self.metrics.batch_messages.observe(len(items))
         stamp = time.time()
@@ -359,6 +376,15 @@ class FleetServer:
         self.metrics.counters.telemetry_applied += len(telemetry)
         self.publish(resend)
         self.ack_events(events, telemetry)  # duplicates too: a device's first ack may be lost
+        self.ack_ids(_by_device([(m.device_id, m.result_id) for m in benches]))
+
+    def ack_ids(self, by_device: dict[str, list[str]]) -> None:
+        """Ack outbox entries other than events (bench results) after the commit."""
+        for device_id, ids in by_device.items():
+            for i in range(0, len(ids), MAX_ACK_IDS):
+                self.mqtt.publish(self.topics.ack(device_id),
+                                  encode(Ack(device_id, tuple(ids[i:i + MAX_ACK_IDS]))), qos=1)
+                self.stats.acks_published += 1
 
     def ack_events(self, events: list[Event], telemetry: list[Telemetry] = ()) -> None:  # type: ignore[assignment]
         """After the commit: tell each device which of its events are recorded (duplicates
@@ -455,6 +481,11 @@ class FleetServer:
                 self._next_prune = time.monotonic() + 3600
             with self.store.session() as s:
                 publishes, servable = self.controller.reconcile(s, utcnow())
+            with self.store.session() as s:
+                bench_publishes, bench_shas = bench_requests.due(
+                    s, self.controller.key, self.artifacts, self.topics, utcnow())
+            publishes = [*publishes, *bench_publishes]
+            servable = {**dict.fromkeys(bench_shas, 0), **servable}
             self.chunks.serve({sha: ArtifactOffer(self.artifacts.count(sha), rate or 0)
                                for sha, rate in servable.items()}, time.monotonic())
             self.publish(publishes)
@@ -495,6 +526,13 @@ def store_finished_deltas(deltas: DeltaBuilder, blobs: BlobStore, store: Store) 
                         build_seconds=built.build_seconds))
         log.info("delta %s -> %s: %d bytes in %.1f s", built.base_sha256[:12],
                  built.target_sha256[:12], size, built.build_seconds)
+
+
+def _by_device(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for device_id, message_id in pairs:
+        out[device_id].append(message_id)
+    return out
 
 
 def _mine(topic_device: str, message):  # type: ignore[no-untyped-def]

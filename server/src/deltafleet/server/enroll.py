@@ -37,7 +37,7 @@ from .config import SHARE_GROUP_FILE, ServerConfig, check_share_group
 from .errors import ConflictError, UsageError
 from .pki import CertPair, create_ca, issue_cert, load_cert, make_crl
 
-DEVICE_LEAVES_WRITE = ("hello", "status", "events", "chunkreq", "telemetry")
+DEVICE_LEAVES_WRITE = ("hello", "status", "events", "chunkreq", "telemetry", "portrait", "bench")
 
 
 # -- CA ---------------------------------------------------------------------------------------
@@ -297,6 +297,7 @@ def render_acl(prefix: str, server_identities: str | Sequence[str]) -> str:
     lines += [
         f"pattern read {prefix}/dev/%u/desired/#",
         f"pattern read {prefix}/dev/%u/ack",
+        f"pattern read {prefix}/dev/%u/benchreq",
         f"pattern read {prefix}/art/#",
         f"pattern read {prefix}/server/status",
         f"pattern read {prefix}/trust/#",

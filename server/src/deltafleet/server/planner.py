@@ -212,6 +212,32 @@ class TargetPlan:
         return self.kind in (PlanKind.FULL, PlanKind.DELTA)
 
 
+@dataclass(frozen=True, slots=True)
+class Selecting:
+    """Hardware-aware selection for one device (``selection.select_variant``): its facts, the
+    variants' facts by variant id, the objective and the figures the store holds."""
+
+    device: Any  # selection.DeviceFacts
+    facts: Mapping[int, Any]  # variant_id -> selection.VariantFacts
+    objective: Any  # selection.Objective
+    benchmarks: Mapping[str, Any] | None = None  # sha256 -> Figures (the device's own)
+    baselines: Mapping[tuple[str, str], Any] | None = None  # (type, sha256) -> Figures
+    chosen: Any = None  # a selection.Choice already made for these inputs (a fleet-wide plan)
+
+
+def select_choice(selecting: Selecting, options: list[VariantOption]) -> Choice:
+    """The planner's ``Choice`` from ``selection.select_variant`` (its reason kept)."""
+    from .selection import select_variant  # noqa: PLC0415
+
+    picked = selecting.chosen
+    if picked is None:
+        facts = [selecting.facts[o.variant_id] for o in options
+                 if o.variant_id in selecting.facts]
+        picked = select_variant(selecting.device, facts, selecting.objective,
+                                selecting.benchmarks, selecting.baselines)
+    return Choice(None if picked.variant is None else picked.variant.option, picked.reason)
+
+
 def plan_target(
     runtimes: Mapping[str, str],
     running: RunningModel | None,
@@ -221,6 +247,7 @@ def plan_target(
     failed_deltas: Mapping[tuple[str, str], str],
     blob_problem: BlobProblem = all_intact,
     pinned: str | None = None,
+    selecting: Selecting | None = None,
 ) -> TargetPlan:
     """The plan for one device: choose the variant, then already runs it / delta / build the
     delta first / full install / wait for the store. A delta needs its base intact in the
@@ -228,10 +255,13 @@ def plan_target(
     ships (``full_artifact``, which falls back to the model file when the compressed blob is
     bad), and stays within a variant lineage: a device running variant A that gets variant B
     (the version has no A, or B is pinned) gets B in full. A pair whose build failed gets the
-    full artifact. ``pinned``: the rollout's ``--variant``. The reason says why delta or full,
+    full artifact. ``pinned``: the rollout's ``--variant``, which wins over everything. With
+    ``selecting`` (and no pin) the variant is chosen by ``selection.select_variant``
+    (constraints, objective, figures) instead of by format. The reason says why delta or full,
     with the sizes."""
-    choice = choose_variant(dict(runtimes), running.variant if running else None, list(options),
-                            pinned)
+    choice = (select_choice(selecting, list(options)) if selecting is not None and pinned is None
+              else choose_variant(dict(runtimes), running.variant if running else None,
+                                  list(options), pinned))
     v = choice.variant
     if v is None:
         return TargetPlan(PlanKind.SKIP, choice.reason)

@@ -10,7 +10,7 @@ superseded when nothing is left to it. A rollback in progress is never taken ove
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -247,7 +247,8 @@ def act_on_rollout(s: Session, rollout_id: int, action: str, actor: str) -> tupl
 def plan_rollout(s: Session, spec: str, group_name: str, *,
                  blob_problem: BlobProblem = all_intact,
                  failed_deltas: dict[tuple[str, str], str] | None = None,
-                 variant: str | None = None) -> dict[str, Any]:
+                 variant: str | None = None,
+                 prefer: str | None = None) -> dict[str, Any]:
     """What a rollout would do, per device, before anything is sent: ``planner.plan_target``
     as dispatch calls it, given what the server's store holds (``blob_problem``) and the pairs
     no delta could be built for. ``bytes`` is what the device would be sent (a full artifact:
@@ -265,13 +266,16 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
     deltas = load_deltas(s, [o.sha256 for o in options])
     devices = fleet.devices_in_group(s, group_name)
     running = running_models(s, model.name, [d.id for d in devices])
+    selecting = select_for(s, version.id, options, devices, prefer) if prefer else {}
+    choices, by_type = type_plans(selecting, options) if selecting else ({}, [])
+    selecting = {i: replace(x, chosen=choices[i]) for i, x in selecting.items()}
     rows = []
     total = full = 0
     for d in devices:
         now_runs = running.get(d.id)
         plan = plan_target(d.runtimes or {}, now_runs, options, deltas=deltas,
                            failed_deltas=failed_deltas or {}, blob_problem=blob_problem,
-                           pinned=variant)
+                           pinned=variant, selecting=selecting.get(d.id))
         row: dict[str, Any] = {"device": d.id, "online": d.online,
                                "runs": now_runs.version if now_runs else None,
                                "base_sha256": now_runs.sha256 if now_runs else None}
@@ -283,14 +287,57 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
         row.update(can_take=True, variant=v.name, format=v.format, precision=v.precision,
                    full_bytes=v.size_bytes, target_sha256=v.sha256, artifact=str(plan.kind),
                    bytes=plan.bytes, reason=plan.reason)
+        if d.id in choices:
+            row["selection"] = choices[d.id].reason
         if plan.codec is not None:
             row["codec"] = plan.codec
         total += plan.bytes
         full += v.size_bytes if plan.kind != PlanKind.NONE else 0
         rows.append(row)
-    return {"model": model.name, "version": version.version, "group": group_name,
-            "variant": variant, "devices": rows, "bytes": total, "full_bytes": full,
-            "cannot_take": sum(1 for r in rows if not r["can_take"])}
+    out = {"model": model.name, "version": version.version, "group": group_name,
+           "variant": variant, "devices": rows, "bytes": total, "full_bytes": full,
+           "cannot_take": sum(1 for r in rows if not r["can_take"])}
+    if selecting:
+        out["prefer"] = prefer
+        out["device_types"] = by_type
+    return out
+
+
+def select_for(s: Session, version_id: int, options: list, devices: list,
+               prefer: str) -> dict[str, Any]:
+    """Per device id the planner's ``Selecting`` (``--prefer``; docs/portraits.md)."""
+    from .fleet.portraits import selection_inputs  # noqa: PLC0415
+    from .planner import Selecting  # noqa: PLC0415
+    from .selection import Objective, variant_facts  # noqa: PLC0415
+
+    try:
+        objective = Objective(prefer)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    infos: dict[int, Any] = dict(s.execute(select(Variant.id, Variant.info)
+                           .where(Variant.version_id == version_id)).all())
+    facts = {o.variant_id: variant_facts(o, infos.get(o.variant_id)) for o in options}
+    device_facts, own, base = selection_inputs(s, devices)
+    return {d.id: Selecting(device_facts[d.id], facts, objective, own.get(d.id), base)
+            for d in devices}
+
+
+def type_plans(selecting: dict[str, Any], options: list) -> tuple[dict[str, Any],
+                                                                  list[dict[str, Any]]]:
+    """``rollout plan --prefer``: the choice per device id, and per device type the variant,
+    its figures and why."""
+    from .selection import plan_fleet  # noqa: PLC0415
+
+    any_sel = next(iter(selecting.values()))
+    facts = [any_sel.facts[o.variant_id] for o in options]
+    choices, plans = plan_fleet([x.device for x in selecting.values()], facts,
+                                any_sel.objective,
+                                {i: x.benchmarks for i, x in selecting.items() if x.benchmarks},
+                                any_sel.baselines)
+    return choices, [{"device_type": p.device_type, "variant": p.variant, "devices": p.devices,
+             "variants": p.variants, "figures": p.figures, "reason": p.reason,
+             "incompatible": list(p.incompatible)}
+            for p in plans]
 
 
 def get_rollout(s: Session, rollout_id: int) -> Rollout:

@@ -5,6 +5,8 @@ raises WireError on anything else, so a handler never sees a half-valid message.
 
 Manifest (server -> device, signed): the desired state of one model on one device.
 Hello, Event, ChunkRequest, Status, Telemetry (device -> server): unsigned JSON.
+Portrait, BenchResult (device -> server) and BenchRequest (server -> device, signed): device
+portraits and on-device benchmarks (docs/portraits.md).
 Ack (server -> device): the event ids the server has durably recorded; the outbox deletes
 only those.
 
@@ -552,7 +554,162 @@ class Ack:
         return cls(check_device_id(_get(d, "device_id", str)), tuple(ids))
 
 
-def encode(message: Hello | Event | ChunkRequest | Status | Manifest | Ack | Telemetry) -> bytes:
+MAX_PORTRAIT_BYTES = 16 * 1024  # a portrait's JSON; the server checks every field
+MAX_BENCH_VARIANTS = 8
+MAX_BENCH_RUNS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Portrait:
+    """Device -> server after each hello: what the device can actually use (providers that
+    opened a session, delegates, runtime versions, memory/disk headroom, power sensors; see
+    ``agent.portrait``). The shape is checked here, every field by the server's guard."""
+
+    device_id: str
+    portrait: dict[str, Any]
+    sent_at: int = field(default_factory=lambda: int(time.time()))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": WIRE_VERSION, "type": "portrait", "device_id": self.device_id,
+                "portrait": self.portrait, "sent_at": self.sent_at}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Portrait:
+        _check_version(d)
+        if d.get("type") != "portrait":
+            raise WireError("payload is not a portrait")
+        portrait = _get(d, "portrait", dict)
+        if len(canonical_json(portrait)) > MAX_PORTRAIT_BYTES:
+            raise WireError(f"portrait over {MAX_PORTRAIT_BYTES} bytes")
+        return cls(check_device_id(_get(d, "device_id", str)), portrait, _nonneg(d, "sent_at"))
+
+
+@dataclass(frozen=True, slots=True)
+class BenchVariant:
+    """One candidate to benchmark: the model file by sha256 (on disk, or fetched as the
+    chunks of ``artifact``, the full identity artifact)."""
+
+    name: str
+    sha256: str
+    format: str
+    size_bytes: int
+    artifact: ArtifactRef | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "sha256": self.sha256, "format": self.format,
+                             "size_bytes": self.size_bytes}
+        if self.artifact is not None:
+            d["artifact"] = self.artifact.to_wire()
+        return d
+
+    @classmethod
+    def from_wire(cls, d: Any) -> BenchVariant:
+        if not isinstance(d, dict):
+            raise WireError("bench variant must be an object")
+        fmt = _get(d, "format", str)
+        if fmt not in MODEL_FORMATS:
+            raise WireError(f"unknown model format {fmt!r}")
+        art = d.get("artifact")
+        artifact = None if art is None else ArtifactRef.from_wire(art)
+        sha = _sha(d, "sha256")
+        if artifact is not None and (artifact.kind != "full" or artifact.sha256 != sha
+                                     or artifact.codec != "identity"):
+            raise WireError("a bench artifact must be the model file itself (full, identity)")
+        name = _get(d, "name", str)
+        if not 0 < len(name) <= 64:
+            raise WireError("bench variant names are 1-64 characters")
+        return cls(name, sha, fmt, _nonneg(d, "size_bytes"), artifact)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRequest:
+    """Server -> device (signed like manifests, retained on ``benchreq``): benchmark these
+    variants off the request path and report a ``BenchResult`` per variant."""
+
+    request_id: str
+    device_id: str
+    issued_at: int
+    expires_at: int
+    variants: tuple[BenchVariant, ...]
+    runs: int = 50
+    warmup: int = 5
+    golden_inputs: tuple[dict[str, Any], ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "v": WIRE_VERSION, "type": "benchreq", "request_id": self.request_id,
+            "device_id": self.device_id, "issued_at": self.issued_at,
+            "expires_at": self.expires_at, "variants": [v.to_wire() for v in self.variants],
+            "runs": self.runs, "warmup": self.warmup}
+        if self.golden_inputs:
+            d["golden_inputs"] = list(self.golden_inputs)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> BenchRequest:
+        _check_version(d)
+        if d.get("type") != "benchreq":
+            raise WireError("payload is not a bench request")
+        variants = _get(d, "variants", list)
+        if not 0 < len(variants) <= MAX_BENCH_VARIANTS:
+            raise WireError(f"a bench request names 1-{MAX_BENCH_VARIANTS} variants")
+        runs, warmup = _nonneg(d, "runs"), _nonneg(d, "warmup")
+        if not 0 < runs <= MAX_BENCH_RUNS or warmup > MAX_BENCH_RUNS:
+            raise WireError(f"runs must be 1-{MAX_BENCH_RUNS}")
+        rid = _get(d, "request_id", str)
+        if not 0 < len(rid) <= MAX_EVENT_ID_CHARS - 8:
+            raise WireError("bad request id")
+        return cls(rid, check_device_id(_get(d, "device_id", str)), _nonneg(d, "issued_at"),
+                   _nonneg(d, "expires_at"), tuple(BenchVariant.from_wire(v) for v in variants),
+                   runs, warmup, _golden(d))
+
+
+BENCH_FIGURES = ("load_ms", "p50_us", "p95_us", "peak_rss_bytes", "model_rss_bytes",
+                 "energy_uj_per_inference", "runs")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    """Device -> server through the outbox (``result_id`` is its stable id, acked like an
+    event's): one variant's figures, or ``error`` when it could not be measured."""
+
+    result_id: str
+    device_id: str
+    request_id: str
+    variant: str
+    sha256: str
+    runtime: str
+    runtime_version: str
+    figures: dict[str, int]  # BENCH_FIGURES; energy only where RAPL is readable
+    error: str = ""
+    at: int = field(default_factory=lambda: int(time.time()))
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(v=WIRE_VERSION, type="bench")
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> BenchResult:
+        _check_version(d)
+        if d.get("type") != "bench":
+            raise WireError("payload is not a bench result")
+        figures = _int_map(d, "figures")
+        if set(figures) - set(BENCH_FIGURES) or any(v < 0 for v in figures.values()):
+            raise WireError(f"bench figures are non-negative {', '.join(BENCH_FIGURES)}")
+        texts = {k: _get(d, k, str) for k in ("result_id", "request_id", "variant", "runtime",
+                                              "runtime_version")}
+        if not 0 < len(texts["result_id"]) <= MAX_EVENT_ID_CHARS or any(
+                len(v) > 64 for v in texts.values()):
+            raise WireError("bench result text fields are at most 64 characters")
+        return cls(texts["result_id"], check_device_id(_get(d, "device_id", str)),
+                   texts["request_id"], texts["variant"], _sha(d, "sha256"),  # type: ignore[arg-type]
+                   texts["runtime"], texts["runtime_version"], figures,
+                   (_get(d, "error", str, optional=True) or "")[:500], _nonneg(d, "at"))
+
+
+def encode(message: Hello | Event | ChunkRequest | Status | Manifest | Ack | Telemetry
+           | Portrait | BenchRequest | BenchResult) -> bytes:
     return canonical_json(message.to_wire())
 
 

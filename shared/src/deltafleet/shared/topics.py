@@ -5,6 +5,9 @@
     {prefix}/dev/{device_id}/events     device -> server  update progress and results
     {prefix}/dev/{device_id}/chunkreq   device -> server  chunk indices it still needs
     {prefix}/dev/{device_id}/telemetry  device -> server  inference summary (outbox, periodic)
+    {prefix}/dev/{device_id}/portrait   device -> server  what it can use (after each hello)
+    {prefix}/dev/{device_id}/bench      device -> server  benchmark results (outbox, acked)
+    {prefix}/dev/{device_id}/benchreq   server -> device  retained signed benchmark request
     {prefix}/dev/{device_id}/desired/{model}
                                         server -> device  retained signed manifest (desired state)
     {prefix}/dev/{device_id}/ack        server -> device  event ids committed to the database
@@ -56,6 +59,15 @@ class Topics:
 
     def chunk_request(self, device_id: str) -> str:
         return self.dev(device_id, "chunkreq")
+
+    def portrait(self, device_id: str) -> str:
+        return self.dev(device_id, "portrait")
+
+    def bench(self, device_id: str) -> str:
+        return self.dev(device_id, "bench")
+
+    def bench_request(self, device_id: str) -> str:
+        return self.dev(device_id, "benchreq")
 
     def desired(self, device_id: str, model: str) -> str:
         return f"{self.dev(device_id, 'desired')}/{model}"

@@ -44,6 +44,7 @@ _COMMANDS: list[tuple[str, str, str | None, str]] = [
     ("db", "db", None, "Database schema migrations."),
     ("model", "model", None, "Model versions and their variants."),
     ("device", "device", None, "Devices in the fleet."),
+    ("profile", "profile", None, "Device types, their benchmark baselines, bench requests."),
     ("group", "group", None, "Device groups (label and profile selectors)."),
     ("rollout", "rollout", None, "Roll model versions out to device groups."),
     ("delta", "delta", None, "Build and inspect model deltas."),

@@ -37,7 +37,12 @@ def _load(device_id: str | None = None, group: str | None = None) -> list[dict[s
         else:
             devices = fleet.list_devices(s)
         desired = fleet.desired_models(s, devices)
-        return [views.device_to_json(d, desired[d.id]) for d in devices]
+        rows = [views.device_to_json(d, desired[d.id]) for d in devices]
+        if device_id is not None:
+            from ..fleet.portraits import device_portrait_json  # noqa: PLC0415
+
+            rows[0].update(device_portrait_json(s, device_id))
+        return rows
 
 
 def _runs(d: dict[str, Any]) -> str:
@@ -137,6 +142,42 @@ def show(
         for x in d["desired"]:
             asked.add_row(x["model"], x["version"] or "?", str(x["rollout_id"]), x["state"], x["why"])
         console.print("", asked)
+    _show_portrait(d, wide=wide)
+
+
+def _show_portrait(d: dict[str, Any], *, wide: bool) -> None:
+    """The portrait (what the device can use) and its own benchmarks (docs/portraits.md)."""
+    p = d.get("portrait")
+    if p is not None:
+        doc = p["portrait"]
+        table = Table("field", title=f"portrait (type {p['device_type']})", show_header=False,
+                      wide=wide)
+        table.add_column("value", overflow="fold")
+        table.add_row("accelerators", ", ".join(doc.get("accelerators") or []) or "-")
+        table.add_row("providers", ", ".join(
+            f"{x['name']}{'' if x['ok'] else ' (failed)'}" for x in doc.get("providers") or [])
+            or "-")
+        table.add_row("delegates", ", ".join(
+            f"{x['name']}{'' if x['ok'] else ' (failed)'}" for x in doc.get("delegates") or [])
+            or "-")
+        mem, disk = doc.get("memory") or {}, doc.get("disk") or {}
+        table.add_row("memory available", fmt_bytes(mem.get("available_bytes")))
+        table.add_row("disk free", fmt_bytes(disk.get("free_bytes")))
+        table.add_row("power sensors", ", ".join(x["name"] for x in doc.get("power") or []) or "-")
+        console.print("", table)
+    if d.get("benchmarks"):
+        bench = Table("variant", "sha256", "runtime", "load", "p50", "p95", "model memory",
+                      "energy/inf", title="own benchmarks", wide=wide)
+        for b in d["benchmarks"]:
+            if b["error"]:
+                bench.add_row(b["variant"], b["sha256"][:12], b["runtime"], "-", "-", "-", "-",
+                              b["error"][:60])
+                continue
+            bench.add_row(b["variant"], b["sha256"][:12], f"{b['runtime']} {b['runtime_version']}",
+                          f"{b['load_ms']} ms", f"{b['p50_us']} us", f"{b['p95_us']} us",
+                          fmt_bytes(b["model_rss_bytes"]),
+                          "-" if b["energy_uj"] is None else f"{b['energy_uj']} uJ")
+        console.print("", bench)
 
 
 @app.command("enroll")

@@ -208,6 +208,9 @@ def rollout_plan(
     variant: VariantOpt = None,
     wide: WideOpt = False,
     as_json: JsonOpt = False,
+    prefer: Annotated[str | None, typer.Option(
+        help="Hardware-aware selection by latency|size|accuracy (docs/portraits.md): per "
+             "device type the variant, its figures and why.")] = None,
 ) -> None:
     """Per device: the variant it would get, its base, delta or full (with its codec), bytes
     to send (a full model ships compressed when that is smaller) against the model's size, and
@@ -217,12 +220,16 @@ def rollout_plan(
     blobs = blob_store(cfg)
     with open_store(cfg) as store, store.read() as s:
         plan = plan_rollout(s, spec, group, variant=variant,
-                            blob_problem=lambda sha: None if blobs.has(sha) else "missing")
+                            blob_problem=lambda sha: None if blobs.has(sha) else "missing",
+                            prefer=prefer)
     if as_json:
         print_json(plan)
         return
+    if plan.get("device_types"):
+        _print_type_plans(plan)
+    show_variant = wide or bool(plan.get("device_types"))
     table = Table("device", "online", "runs", "artifact", "bytes", "full",
-                  *(["variant"] if wide else []), wide=wide)
+                  *(["variant"] if show_variant else []), wide=wide)
     table.add_column("note", overflow="below")
     for d in plan["devices"]:
         artifact = d.get("artifact") or "cannot take"
@@ -230,12 +237,28 @@ def rollout_plan(
             artifact += f" ({d['codec']})"
         table.add_row(d["device"], "yes" if d["online"] else "no", d["runs"] or "-", artifact,
                       fmt_bytes(d.get("bytes")), fmt_bytes(d.get("full_bytes")),
-                      *([d.get("variant") or "-"] if wide else []), d["reason"])
+                      *([d.get("variant") or "-"] if show_variant else []),
+                      "; ".join(x for x in (d.get("selection"), d["reason"]) if x))
     pin = f" (variant {plan['variant']} pinned)" if plan.get("variant") else ""
     console.print(f"plan: {plan['model']} {plan['version']} -> group {plan['group']}{pin}")
     console.print(table)
     console.print(f"{fmt_bytes(plan['bytes'])} to send instead of {fmt_bytes(plan['full_bytes'])}"
                   f" full; {plan['cannot_take']} device(s) cannot take the model")
+
+
+def _print_type_plans(plan: dict) -> None:
+    types = Table("device type", "devices", "variant", "p50", "memory", "source",
+                  title=f"selection by {plan['prefer']}")
+    types.add_column("why", overflow="fold")
+    for t in plan["device_types"]:
+        f = t["figures"]
+        p50 = f"{f['p50_us']} us" if f.get("p50_us") is not None else "-"
+        chosen = t["variant"] or "incompatible"
+        if len(t.get("variants") or {}) > 1:
+            chosen = ", ".join(f"{k} x{n}" for k, n in sorted(t["variants"].items()))
+        types.add_row(t["device_type"], str(t["devices"]), chosen, p50,
+                      fmt_bytes(f.get("model_rss_bytes")), f.get("source", "-"), t["reason"])
+    console.print(types)
 
 
 @app.command("status")

@@ -2,7 +2,7 @@
 
 Tables: devices, device_models, groups, models, model_versions, variants, artifacts, deltas,
 rollouts, rollout_targets, rollout_counts, device_telemetry, device_telemetry_models, audit_log,
-api_tokens.
+api_tokens, device_portraits, device_benchmarks, bench_requests (docs/portraits.md).
 
 ``rollout_counts`` holds, per rollout, wave and state, how many targets are in it. It is kept
 by one flush hook (``count_target_moves``) in the same transaction as every insert, move or
@@ -360,6 +360,57 @@ class DeviceTelemetryModel(Base):
     lat_11: Mapped[int] = mapped_column(BigInteger, default=0)
     lat_12: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DevicePortrait(Base):
+    """What a device can actually use (its last ``Portrait``, checked by ``guard.check_portrait``)
+    and its device type, the key of the baseline library (``selection.device_type_of``)."""
+
+    __tablename__ = "device_portraits"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    device_type: Mapped[str] = mapped_column(String(64), index=True)
+    portrait: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DeviceBenchmark(Base):
+    """A device's latest benchmark of one model file (by sha256); ``device_type`` is copied
+    from its portrait when the result arrives, so baselines group without a join."""
+
+    __tablename__ = "device_benchmarks"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(SHA, primary_key=True)
+    device_type: Mapped[str] = mapped_column(String(64), index=True)
+    variant: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(String(64))
+    runtime: Mapped[str] = mapped_column(String(64))
+    runtime_version: Mapped[str] = mapped_column(String(64))
+    load_ms: Mapped[int | None] = mapped_column(BigInteger)
+    p50_us: Mapped[int | None] = mapped_column(BigInteger)
+    p95_us: Mapped[int | None] = mapped_column(BigInteger)
+    peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    model_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    energy_uj: Mapped[int | None] = mapped_column(BigInteger)  # per inference
+    runs: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    measured_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class BenchRequestRow(Base):
+    """A signed benchmark request for one device; the server publishes it retained on the
+    device's ``benchreq`` topic (``published_at``) and clears it once every result is in."""
+
+    __tablename__ = "bench_requests"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    envelope: Mapped[str] = mapped_column(Text)  # the signed request as published
+    variants: Mapped[list[Any]] = mapped_column(JSON, default=list)  # sha256s asked
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class AuditEntry(Base):
