@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..views import asked_line
 from ._common import (
     JSON_HELP,
     WIDE_HELP,
@@ -27,6 +28,15 @@ WideOpt = Annotated[bool, typer.Option("--wide", help=WIDE_HELP)]
 
 
 def _load(device_id: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
+    """Devices as ``--json`` prints them: from the API when FLEET_API_URL is set, else the
+    local store."""
+    from . import remote  # noqa: PLC0415
+
+    if remote.active():
+        api = remote.client()
+        if device_id is not None:
+            return [api.get(f"/devices/{remote.quote_part(device_id)}")]
+        return api.get_all("/devices", {"group": group})
     from .. import fleet, views  # noqa: PLC0415
 
     with open_store() as store, store.read() as s:
@@ -47,8 +57,6 @@ def _runs(d: dict[str, Any]) -> str:
 def _asked(d: dict[str, Any], *, wide: bool) -> str:
     """Compact: ``v2 r7 held`` (``detector:v2 r7 held`` when the device has several models);
     wide: the whole sentence with the reason."""
-    from ..views import asked_line  # noqa: PLC0415
-
     if wide:
         return "; ".join(asked_line(x) for x in d["desired"]) or "-"
     names = {m["model"] for m in d["running"]} | {x["model"] for x in d["desired"]}
@@ -154,6 +162,9 @@ def enroll_cmd(
     """Issue a client certificate and write an enrollment bundle: client.crt/key, ca.crt,
     root.json (the root of trust to pin), trust.json (current key list) and agent.toml.
     The bundle holds a private key: copy it to the device over a trusted channel, then delete."""
+    from .remote import local_only  # noqa: PLC0415
+
+    local_only("device enroll")
     from .. import enroll  # noqa: PLC0415
     from ..audit import audit  # noqa: PLC0415
 
@@ -177,6 +188,9 @@ def revoke_cmd(
 ) -> None:
     """Deny the device on the server and put its certificates on the CRL. Reload the broker
     (restart Mosquitto) so it reads the new CRL."""
+    from .remote import local_only  # noqa: PLC0415
+
+    local_only("device revoke")
     from .. import enroll  # noqa: PLC0415
     from ..audit import audit  # noqa: PLC0415
 
