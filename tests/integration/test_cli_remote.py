@@ -113,6 +113,8 @@ READS = [
     ("device", "list"), ("device", "list", "--wide"), ("device", "list", "--json"),
     ("device", "list", "--group", "cams", "--json"),
     ("device", "show", "cam-1"), ("device", "show", "cam-1", "--json"),
+    ("device", "history", "cam-1", "--wide"), ("device", "history", "cam-2", "--json"),
+    ("device", "labels", "cam-1"), ("device", "labels", "cam-1", "--json"),
     ("group", "list"), ("group", "list", "--json"), ("group", "show", "cams", "--wide"),
     ("group", "show", "cams", "--json"),
     ("model", "list"), ("model", "list", "--wide", "--json"), ("model", "show", "detector"),
@@ -130,7 +132,7 @@ def test_a_read_command_prints_the_same_through_the_api(fleet, args):
 
 
 ERRORS = [
-    ("device", "show", "nope"), ("group", "show", "nope"), ("model", "show", "nope"),
+    ("device", "show", "nope"), ("device", "history", "nope"), ("group", "show", "nope"), ("model", "show", "nope"),
     ("rollout", "status", "999"), ("rollout", "plan", "detector:v9", "-g", "cams"),
     ("rollout", "pause", "999"), ("audit", "--since", "yesterday"),
     ("rollout", "model", "detector:v1", "-g", "cams", "--waves", "lots"),

@@ -26,7 +26,7 @@ from ..errors import UsageError
 from ..rollout.states import ACTIONS, ACTIVE_ROLLOUT_STATES
 from ..rollouts import act_on_rollout, create_rollout, get_rollout, list_rollouts, plan_rollout, rollout_json
 from ..store import BlobStore, Store
-from ..store.models import Device, DeviceEvent, Model, ModelVersion, Rollout, RolloutTarget
+from ..store.models import Device
 from .problems import ApiProblem
 from .tokens import Principal, create_token, list_tokens, revoke_token, token_to_json
 
@@ -149,30 +149,13 @@ def device_labels(c: Call) -> dict[str, Any]:
 
 
 def device_history(c: Call) -> dict[str, Any]:
-    """The device's rollout targets (newest first: what it was asked, and how it went) and the
-    update events it reported lately (kept 7 days)."""
+    """As `fleetctl device history --json`: the device's rollout targets (newest first: what
+    it was asked, and how it went) and the update events it reported lately (kept 7 days)."""
+    from ..cli.device import history_json  # noqa: PLC0415 - what `device history` prints
+
     limit = c.q_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
     with c.store.read() as s:
-        d = fleet.get_device(s, c.params["device_id"])
-        rows = s.execute(
-            select(RolloutTarget, Rollout.state, Model.name, ModelVersion.version)
-            .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
-            .join(Model, Model.id == Rollout.model_id)
-            .join(ModelVersion, ModelVersion.id == Rollout.version_id)
-            .where(RolloutTarget.device_id == d.id)
-            .order_by(RolloutTarget.rollout_id.desc()).limit(limit)).all()
-        events = s.scalars(select(DeviceEvent).where(DeviceEvent.device_id == d.id)
-                           .order_by(DeviceEvent.at.desc()).limit(limit)).all()
-        return {
-            "device": d.id,
-            "rollouts": [{"rollout_id": t.rollout_id, "rollout_state": rstate, "model": name,
-                          "version": version, "state": t.state, "reason": t.reason,
-                          "attempts": t.attempts, "artifact": t.artifact_kind,
-                          "bytes_sent": t.bytes_to_send, "previous_version": t.previous_version,
-                          "updated_at": t.updated_at.isoformat() if t.updated_at else None}
-                         for t, rstate, name, version in rows],
-            "events": [{"state": e.state, "at": e.at.isoformat()} for e in events],
-        }
+        return history_json(s, c.params["device_id"], limit)
 
 
 def labels_list(c: Call) -> dict[str, Any]:
