@@ -192,8 +192,10 @@ def test_rollout_actions_and_wait_go_through_the_api(fleet):
     aborted = remote(fleet, "rollout", "abort", rid)
     assert aborted.returncode == 0, aborted.stderr
     assert aborted.stdout == f"rollout {rid}: abort requested; state is now aborting\n"
+    wait_for(lambda: json.loads(remote(fleet, "rollout", "status", rid, "--json").stdout)
+             ["state"] == "aborted", 30, "the abort to finish")
     _same(fleet, "rollout", "status", rid)
-    _same(fleet, "rollout", "abort", rid, "--json")
+    assert json.loads(_same(fleet, "rollout", "abort", rid, "--json").stdout)["changed"] is False
 
 
 def test_a_viewer_tokens_pause_exits_2_with_the_apis_line(fleet):
