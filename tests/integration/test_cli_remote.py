@@ -226,6 +226,11 @@ def test_a_wrong_url_exits_1_with_one_line(fleet):
     res = remote(fleet, "device", "list", env={"FLEET_API_URL": url})
     assert res.returncode == 1
     assert res.stderr == f"error: cannot reach the API at {url}: connection refused\n"
+    plain = fleet["url"].replace("https://", "http://")  # plain HTTP to the TLS listener
+    res = remote(fleet, "device", "list", env={"FLEET_API_URL": plain})
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    assert res.stderr.startswith(f"error: cannot reach the API at {plain}: ") \
+        and res.stderr.count("\n") == 1, res.stderr
 
 
 def test_an_unknown_ca_exits_1_with_one_line(fleet):

@@ -20,6 +20,7 @@ exit 1; a connection that fails is ``cannot reach the API at URL: cause``, exit 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import ssl
@@ -184,7 +185,7 @@ class ApiClient:
         except urllib.error.URLError as e:
             raise ApiUnavailable(f"cannot reach the API at {self.cfg.url}: "
                                  f"{_cause(e.reason)}") from None
-        except (OSError, ValueError) as e:  # reset, timed out, bad URL
+        except (OSError, ValueError, http.client.HTTPException) as e:  # reset, timed out, not HTTP
             raise ApiUnavailable(f"cannot reach the API at {self.cfg.url}: {_cause(e)}") from None
         try:
             return json.loads(raw) if raw else None
