@@ -99,7 +99,11 @@ def _untimed(value: Any) -> Any:
 def _same(fleet, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``args`` locally and through the API: the same exit code, stdout and stderr
     (ages and ``last_seen`` aside: the agents keep reporting in between)."""
-    mine, theirs = local(fleet, *args), remote(fleet, *args)
+    return _same_as(fleet, "operator", *args)
+
+
+def _same_as(fleet, role: str, *args: str) -> subprocess.CompletedProcess[str]:
+    mine, theirs = local(fleet, *args), remote(fleet, *args, role=role)
     assert (theirs.returncode, theirs.stderr) == (mine.returncode, mine.stderr), (args, theirs.stderr[-3000:])
     if "--json" in args and mine.returncode == 0:
         assert _untimed(json.loads(theirs.stdout)) == _untimed(json.loads(mine.stdout)), args
@@ -180,9 +184,10 @@ def test_rollout_actions_and_wait_go_through_the_api(fleet):
     up = remote(fleet, "model", "add", "detector", "v2", str(fleet["v2"]), role="admin")
     assert up.returncode == 0, up.stderr
     started = remote(fleet, "rollout", "model", "detector:v2", "-g", "cams", "--canary", "1",
-                     "--health-window", "30s", "--json")
-    assert started.returncode == 0, started.stderr
-    rid = str(json.loads(started.stdout)["id"])
+                     "--health-window", "60s", "--wait", "--timeout", "2s")
+    assert started.returncode == 1, started.stderr  # --wait: not completed, so exit 1
+    assert "timed out after 2 s; the rollout goes on" in started.stdout
+    rid = re.match(r"rollout (\d+) started", started.stdout).group(1)
     paused = remote(fleet, "rollout", "pause", rid, "--json")
     assert (paused.returncode, json.loads(paused.stdout)) == \
         (0, {"id": int(rid), "state": "paused", "changed": True})
@@ -196,6 +201,21 @@ def test_rollout_actions_and_wait_go_through_the_api(fleet):
              ["state"] == "aborted", 30, "the abort to finish")
     _same(fleet, "rollout", "status", rid)
     assert json.loads(_same(fleet, "rollout", "abort", rid, "--json").stdout)["changed"] is False
+
+
+def test_an_admin_manages_tokens_through_the_api(fleet):
+    made = remote(fleet, "token", "create", "ci-remote", "--role", "viewer", "--json",
+                  role="admin")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["token"].startswith("dft_")
+    assert _same_as(fleet, "admin", "token", "list").returncode == 0
+    assert _same_as(fleet, "admin", "token", "list", "--json").returncode == 0
+    revoked = remote(fleet, "token", "revoke", "ci-remote", role="admin")
+    assert (revoked.returncode, revoked.stdout) == (0, "revoked token ci-remote\n")
+    assert _same_as(fleet, "admin", "token", "revoke", "ci-remote").stdout == \
+        "token ci-remote was already revoked\n"
+    refused = remote(fleet, "token", "list")  # an operator
+    assert refused.returncode == 2 and "operator" in refused.stderr, refused.stderr
 
 
 def test_a_viewer_tokens_pause_exits_2_with_the_apis_line(fleet):
@@ -241,7 +261,7 @@ def test_an_unknown_ca_exits_1_with_one_line(fleet):
 
 LOCAL_ONLY = [
     ("init",), ("db", "upgrade"), ("keys", "show"), ("broker", "config"), ("server",),
-    ("delta", "list"), ("store", "verify"), ("token", "list"), ("device", "enroll", "cam-9"),
+    ("delta", "list"), ("store", "verify"), ("device", "enroll", "cam-9"),
     ("device", "revoke", "cam-1"), ("model", "compress"), ("model", "inspect", "detector:v1"),
 ]
 

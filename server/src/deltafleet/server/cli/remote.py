@@ -124,6 +124,9 @@ class ApiClient:
         return self._call("POST", path, data=data,
                           headers={"Content-Type": "application/json"})
 
+    def delete(self, path: str) -> Any:
+        return self._call("DELETE", path)
+
     def get_all(self, path: str, query: Mapping[str, Any] | None = None) -> list[Any]:
         """Every item of a paged list (``{"items", "total", ...}``), page after page."""
         items: list[Any] = []
