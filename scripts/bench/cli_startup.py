@@ -1,6 +1,10 @@
 """How long fleetctl takes to start: ``fleetctl --help`` and ``fleetctl device list`` (on a
 fresh home made with ``fleetctl init``) against ``python -c pass``, medians of N runs each, in
-one run (so a busy machine slows all three alike and the figures stay comparable).
+one run (so a busy machine slows all of them alike and the figures stay comparable).
+
+``device_list_api`` is ``fleetctl device list`` through the management API: the bench starts
+``fleetctl server --api-listen`` on that home (no broker needed; it keeps retrying one) with a
+viewer token, and runs the command with ``FLEET_API_URL`` set and no access to the home.
 
     .venv/bin/python -m scripts.bench.cli_startup [--runs 7] [--targets scripts/bench/targets.json]
 
@@ -17,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +55,49 @@ def time_runs(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[flo
     return took, None
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_api(fleetctl: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """``fleetctl server --api-listen`` on a free port, and the client's environment for it."""
+    made = subprocess.run([*fleetctl, "token", "create", "bench", "--role", "viewer", "--json"],
+                          env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    if made.returncode != 0:
+        raise RuntimeError(f"fleetctl token create exited {made.returncode}: {made.stderr}")
+    port = free_port()
+    server_env = {**env, "FLEET_MQTT_URL": f"mqtt://127.0.0.1:{free_port()}"}
+    proc = subprocess.Popen([*fleetctl, "server", "--api-listen", f"127.0.0.1:{port}"],
+                            env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop(proc)
+                raise RuntimeError("fleetctl server --api-listen did not listen") from None
+            time.sleep(0.2)
+    client_env = {k: v for k, v in env.items() if not k.startswith("FLEET_")}
+    client_env.update({"FLEET_API_URL": f"http://127.0.0.1:{port}",
+                       "FLEET_API_TOKEN": json.loads(made.stdout)["token"]})
+    return proc, client_env
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int,
@@ -70,25 +119,39 @@ def main() -> int:
             "python_pass": [sys.executable, "-c", "pass"],
             "help": [*fleetctl, "--help"],
             "device_list": [*fleetctl, "device", "list"],
+            "device_list_api": [*fleetctl, "device", "list"],
         }
+        envs = dict.fromkeys(commands, env)
+        server = None
+        try:
+            server, envs["device_list_api"] = start_api(fleetctl, env)
+        except RuntimeError as e:
+            failures.append(str(e))
+            del commands["device_list_api"]
         medians: dict[str, float] = {}
         samples: dict[str, list[float]] = {}
-        for _round in range(opts.runs):  # interleaved: load drifts hit every command alike
-            for name, argv in commands.items():
-                took, error = time_runs(argv, env, 1)
-                samples.setdefault(name, []).extend(took)
-                if error:
-                    failures.append(error)
+        try:
+            for _round in range(opts.runs):  # interleaved: load drifts hit every command alike
+                for name, argv in commands.items():
+                    took, error = time_runs(argv, envs[name], 1)
+                    samples.setdefault(name, []).extend(took)
+                    if error:
+                        failures.append(error)
+        finally:
+            if server is not None:
+                stop(server)
         for name, xs in samples.items():
             medians[name] = round(statistics.median(xs), 4)
-    checks = {"help_s_max": "help", "device_list_s_max": "device_list"}
+    checks = {"help_s_max": "help", "device_list_s_max": "device_list",
+              "device_list_api_s_max": "device_list_api"}
     met = {key: medians.get(name, float("inf")) <= limit
            for key, name in checks.items() if (limit := targets.get(key)) is not None}
     doc = {
         "ok": not failures,
         "failures": sorted(set(failures)),
         "runs": opts.runs,
-        "command": {k: " ".join(v) for k, v in commands.items()},
+        "command": {k: ("FLEET_API_URL=... " if k.endswith("_api") else "") + " ".join(v)
+                    for k, v in commands.items()},
         "median_s": medians,
         "over_python_s": {k: round(v - medians.get("python_pass", 0.0), 4)
                           for k, v in medians.items() if k != "python_pass"},

@@ -169,13 +169,13 @@ def test_installed_fleetctl_prints_one_line_error_and_exit_2(home: Path, tmp_pat
 def test_model_add_failing_after_the_blob_is_stored_removes_it_again(
     home: Path, onnx_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from deltafleet.server.cli import model as model_cli
+    from deltafleet.server import audit as audit_module
     from deltafleet.server.store import StoreError
 
     def broken_audit(*args: object, **kwargs: object) -> None:
         raise StoreError("database error: disk I/O error")
 
-    monkeypatch.setattr(model_cli, "audit", broken_audit)
+    monkeypatch.setattr(audit_module, "audit", broken_audit)  # `model add` imports it late
     before = snapshot(home)
     assert_one_line_error(fleetctl("model", "add", "det", "v1", str(onnx_file)), exit_code=1)
     assert snapshot(home)[0] == before[0]

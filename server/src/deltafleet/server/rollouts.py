@@ -80,6 +80,10 @@ class Overlap:
                 if self.others else f"; rollout {self.rollout_id} is superseded")
         return f"took over {len(self.devices)} device(s) from rollout {self.rollout_id}{left}"
 
+    def to_json(self) -> dict[str, Any]:
+        return {"rollout": self.rollout_id, "devices": len(self.devices), "left": self.others,
+                "summary": self.summary()}
+
 
 @dataclass(frozen=True, slots=True)
 class Started:

@@ -24,9 +24,16 @@ from ..audit import audit, list_audit
 from ..config import ServerConfig
 from ..errors import UsageError
 from ..rollout.states import ACTIONS, ACTIVE_ROLLOUT_STATES
-from ..rollouts import act_on_rollout, create_rollout, get_rollout, list_rollouts, plan_rollout, rollout_json
+from ..rollouts import (
+    act_on_rollout,
+    get_rollout,
+    list_rollouts,
+    plan_rollout,
+    rollout_json,
+    start_rollout,
+)
 from ..store import BlobStore, Store
-from ..store.models import Device, DeviceEvent, Model, ModelVersion, Rollout, RolloutTarget
+from ..store.models import Device
 from .problems import ApiProblem
 from .tokens import Principal, create_token, list_tokens, revoke_token, token_to_json
 
@@ -149,30 +156,13 @@ def device_labels(c: Call) -> dict[str, Any]:
 
 
 def device_history(c: Call) -> dict[str, Any]:
-    """The device's rollout targets (newest first: what it was asked, and how it went) and the
-    update events it reported lately (kept 7 days)."""
+    """As `fleetctl device history --json`: the device's rollout targets (newest first: what
+    it was asked, and how it went) and the update events it reported lately (kept 7 days)."""
+    from ..cli.device import history_json  # noqa: PLC0415 - what `device history` prints
+
     limit = c.q_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
     with c.store.read() as s:
-        d = fleet.get_device(s, c.params["device_id"])
-        rows = s.execute(
-            select(RolloutTarget, Rollout.state, Model.name, ModelVersion.version)
-            .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
-            .join(Model, Model.id == Rollout.model_id)
-            .join(ModelVersion, ModelVersion.id == Rollout.version_id)
-            .where(RolloutTarget.device_id == d.id)
-            .order_by(RolloutTarget.rollout_id.desc()).limit(limit)).all()
-        events = s.scalars(select(DeviceEvent).where(DeviceEvent.device_id == d.id)
-                           .order_by(DeviceEvent.at.desc()).limit(limit)).all()
-        return {
-            "device": d.id,
-            "rollouts": [{"rollout_id": t.rollout_id, "rollout_state": rstate, "model": name,
-                          "version": version, "state": t.state, "reason": t.reason,
-                          "attempts": t.attempts, "artifact": t.artifact_kind,
-                          "bytes_sent": t.bytes_to_send, "previous_version": t.previous_version,
-                          "updated_at": t.updated_at.isoformat() if t.updated_at else None}
-                         for t, rstate, name, version in rows],
-            "events": [{"state": e.state, "at": e.at.isoformat()} for e in events],
-        }
+        return history_json(s, c.params["device_id"], limit)
 
 
 def labels_list(c: Call) -> dict[str, Any]:
@@ -317,7 +307,7 @@ def remove_upload(path: Path) -> None:
 
 # -- rollouts --------------------------------------------------------------------------------
 POLICY_TEXT = ("canary", "waves", "max_failure", "on_failure", "health_window", "max_error_rate",
-               "max_p95_ratio", "retry_backoff", "state_timeout", "bandwidth")
+               "max_p95_ratio", "retry_backoff", "state_timeout", "bandwidth", "variant")
 POLICY_NUMBER = {"p95_slack_ms": float, "max_concurrent": int, "max_attempts": int}
 POLICY_FLAG = ("allow_io_change",)
 
@@ -329,10 +319,11 @@ def _policy(body: Mapping[str, Any]) -> Any:
 
     opts: dict[str, Any] = {}
     for key, value in body.items():
-        if key in ("version", "group", "allow_empty"):
+        if key in ("version", "group", "allow_empty", "supersede"):
             continue
         if key in POLICY_TEXT:
-            ok = isinstance(value, str) or (value is None and key in ("canary", "bandwidth"))
+            ok = isinstance(value, str) or (value is None
+                                            and key in ("canary", "bandwidth", "variant"))
         elif key in POLICY_NUMBER:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             if ok and POLICY_NUMBER[key] is int:
@@ -371,22 +362,26 @@ def rollout_plan(c: Call) -> dict[str, Any]:
         raise UsageError("give version=[NAME:]VERSION and group=NAME")
     blobs = c.blobs
     with c.store.read() as s:
-        return plan_rollout(s, spec, group,
+        return plan_rollout(s, spec, group, variant=c.q("variant") or None,
+                            prefer=c.q("prefer") or None,
                             blob_problem=lambda sha: None if blobs.has(sha) else "missing")
 
 
 def rollout_create(c: Call) -> dict[str, Any]:
-    """Body: {"version": "[NAME:]VERSION", "group": NAME, "allow_empty": false, and any option
-    of `fleetctl rollout model` by its name: "canary": "2", "waves": "50%,100%", ...}."""
+    """Body: {"version": "[NAME:]VERSION", "group": NAME, "allow_empty": false, "supersede":
+    false, and any option of `fleetctl rollout model` by its name: "canary": "2", "waves":
+    "50%,100%", "variant": "int8", ...}. ``took_over``: what ``supersede`` moved."""
     spec, group = c.text("version"), c.text("group")
     assert spec is not None and group is not None
     policy = _policy(c.body)
     allow_empty = c.body.get("allow_empty") is True
     with c.store.session() as s:
-        rollout_id = create_rollout(s, spec, group, c.principal.actor, policy=policy,
-                                    allow_empty=allow_empty).id
+        started = start_rollout(s, spec, group, c.principal.actor, policy=policy,
+                                allow_empty=allow_empty, supersede=c.body.get("supersede") is True)
+        rollout_id = started.rollout.id
+        took_over = [o.to_json() for o in started.took_over]
     with c.store.read() as s:
-        return rollout_json(s, get_rollout(s, rollout_id))
+        return {**rollout_json(s, get_rollout(s, rollout_id)), "took_over": took_over}
 
 
 def rollout_action(action: str) -> Callable[[Call], dict[str, Any]]:

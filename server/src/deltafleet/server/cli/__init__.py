@@ -11,6 +11,11 @@ its command runs (or its own ``--help`` is asked); ``fleetctl --help`` lists the
 ``_COMMANDS`` below without importing any of them, so sqlalchemy, alembic, onnx, numpy and the
 codecs load only in the commands that need them.
 
+Through the management API: with ``FLEET_API_URL`` (and a token) set, the commands that have
+an endpoint fetch their data from the API and render it with the same code (``remote``); those
+in ``LOCAL_ONLY`` and the few subcommands that call ``remote.local_only`` refuse in one line
+(exit 2) instead of touching a local store.
+
 Adding a command module: define ``app = typer.Typer(..., help=...)`` in ``cli/<noun>.py`` and
 add ``(name, module, None, help)`` to ``_COMMANDS`` (or ``(name, module, function, help)`` for a
 single top-level command). The help given here is what ``fleetctl --help`` lists.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer import _click as click
@@ -54,6 +59,8 @@ _COMMANDS: list[tuple[str, str, str | None, str]] = [
     ("token", "token", None, "Management API tokens and their roles."),
 ]
 _BY_NAME = {c[0]: c for c in _COMMANDS}
+# commands without an API endpoint: refused while FLEET_API_URL is set (``remote``)
+LOCAL_ONLY = frozenset({"init", "server", "db", "delta", "keys", "broker", "store"})
 
 
 def one_line(e: BaseException) -> str:
@@ -77,7 +84,22 @@ def _load(name: str) -> click.Command:
         single.command(name)(getattr(mod, function))
         command = typer.main.get_command(single)
     command.name = name
+    if name in LOCAL_ONLY:
+        _refuse_remotely(command, name)
     return command
+
+
+def _refuse_remotely(command: click.Command, name: str) -> None:
+    """Make ``command`` refuse to run while FLEET_API_URL is set (its --help still works)."""
+    original = command.callback
+
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        from .remote import local_only  # noqa: PLC0415
+
+        local_only(name)
+        return original(*args, **kwargs) if original is not None else None
+
+    command.callback = callback
 
 
 def usage_error_line(e: UsageError) -> str:
@@ -151,8 +173,24 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    api_url: Annotated[str | None, typer.Option(
+        "--api-url", metavar="URL", help="Go through the management API at URL "
+        "(default: $FLEET_API_URL; unset: the local store).")] = None,
+    token: Annotated[str | None, typer.Option(
+        "--token", help="API token (default: $FLEET_API_TOKEN). Visible to `ps`: prefer "
+        "--token-file.")] = None,
+    token_file: Annotated[str | None, typer.Option(
+        "--token-file", metavar="PATH", help="File holding the API token "
+        "(default: $FLEET_API_TOKEN_FILE).")] = None,
+) -> None:
     """deltafleet: register models, manage devices and groups, roll out updates."""
+    import os  # noqa: PLC0415
+
+    for env, value in (("FLEET_API_URL", api_url), ("FLEET_API_TOKEN", token),
+                       ("FLEET_API_TOKEN_FILE", token_file)):
+        if value is not None:
+            os.environ[env] = value
 
 
 def main() -> None:

@@ -139,5 +139,12 @@ def fmt_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def fmt_selector(selector: dict[str, Any]) -> str:
+    """A group's selector as the operator writes it: ``arch=aarch64, hw in (jetson, xavier)``
+    (``fleet.format_selector``, here without loading the store)."""
+    return ", ".join(f"{k} in ({', '.join(v)})" if isinstance(v, list) else f"{k}={v}"
+                     for k, v in selector.items())
+
+
 def fmt_shape(shape: list[Any]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from .. import views
-from ..audit import list_audit
 from ..errors import UsageError
+from . import remote
 from ._common import JSON_HELP, WIDE_HELP, console, fmt_time, open_store, print_json
 from .table import Table
 
@@ -44,9 +43,10 @@ def audit(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Show the audit log (oldest first): every change made through fleetctl."""
-    start = parse_since(since) if since else None
-    with open_store() as store, store.read() as s:
-        rows = [views.audit_to_json(e) for e in list_audit(s, start)]
+    if remote.active():
+        rows = remote.client().get_all("/audit", {"since": since})
+    else:
+        rows = _load(parse_since(since) if since else None)
     if json_:
         print_json(rows)
         return
@@ -57,3 +57,11 @@ def audit(
         table.add_row(fmt_time(e["at"]), e["actor"], e["action"], e["subject"],
                       json.dumps(e["details"], sort_keys=True))
     console.print(table if rows else "no audit entries")
+
+
+def _load(start: datetime | None) -> list[dict[str, Any]]:
+    from .. import views  # noqa: PLC0415
+    from ..audit import list_audit  # noqa: PLC0415
+
+    with open_store() as store, store.read() as s:
+        return [views.audit_to_json(e) for e in list_audit(s, start)]

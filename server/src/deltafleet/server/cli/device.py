@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..views import asked_line
 from ._common import (
     JSON_HELP,
     WIDE_HELP,
@@ -27,6 +28,15 @@ WideOpt = Annotated[bool, typer.Option("--wide", help=WIDE_HELP)]
 
 
 def _load(device_id: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
+    """Devices as ``--json`` prints them: from the API when FLEET_API_URL is set, else the
+    local store."""
+    from . import remote  # noqa: PLC0415
+
+    if remote.active():
+        api = remote.client()
+        if device_id is not None:
+            return [api.get(f"/devices/{remote.quote_part(device_id)}")]
+        return api.get_all("/devices", {"group": group})
     from .. import fleet, views  # noqa: PLC0415
 
     with open_store() as store, store.read() as s:
@@ -52,8 +62,6 @@ def _runs(d: dict[str, Any]) -> str:
 def _asked(d: dict[str, Any], *, wide: bool) -> str:
     """Compact: ``v2 r7 held`` (``detector:v2 r7 held`` when the device has several models);
     wide: the whole sentence with the reason."""
-    from ..views import asked_line  # noqa: PLC0415
-
     if wide:
         return "; ".join(asked_line(x) for x in d["desired"]) or "-"
     names = {m["model"] for m in d["running"]} | {x["model"] for x in d["desired"]}
@@ -180,6 +188,108 @@ def _show_portrait(d: dict[str, Any], *, wide: bool) -> None:
         console.print("", bench)
 
 
+HISTORY_LIMIT = 100
+
+
+def history_json(s: Any, device_id: str, limit: int = HISTORY_LIMIT) -> dict[str, Any]:
+    """A device's rollout targets, newest first (what it was asked, how it went), and the
+    update events it reported lately (kept 7 days), newest first; ``limit`` of each."""
+    from sqlalchemy import select  # noqa: PLC0415
+
+    from .. import fleet  # noqa: PLC0415
+    from ..store.models import (  # noqa: PLC0415
+        DeviceEvent,
+        Model,
+        ModelVersion,
+        Rollout,
+        RolloutTarget,
+    )
+
+    d = fleet.get_device(s, device_id)
+    rows = s.execute(
+        select(RolloutTarget, Rollout.state, Model.name, ModelVersion.version)
+        .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+        .join(Model, Model.id == Rollout.model_id)
+        .join(ModelVersion, ModelVersion.id == Rollout.version_id)
+        .where(RolloutTarget.device_id == d.id)
+        .order_by(RolloutTarget.rollout_id.desc()).limit(limit)).all()
+    events = s.scalars(select(DeviceEvent).where(DeviceEvent.device_id == d.id)
+                       .order_by(DeviceEvent.at.desc()).limit(limit)).all()
+    return {
+        "device": d.id,
+        "rollouts": [{"rollout_id": t.rollout_id, "rollout_state": rstate, "model": name,
+                      "version": version, "state": t.state, "reason": t.reason,
+                      "attempts": t.attempts, "artifact": t.artifact_kind,
+                      "bytes_sent": t.bytes_to_send, "previous_version": t.previous_version,
+                      "updated_at": t.updated_at.isoformat() if t.updated_at else None}
+                     for t, rstate, name, version in rows],
+        "events": [{"state": e.state, "at": e.at.isoformat()} for e in events],
+    }
+
+
+@app.command("history")
+def history(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="Device id.")],
+    limit: Annotated[int, typer.Option(
+        min=1, max=500, help="At most this many rollouts, and as many events.")] = HISTORY_LIMIT,
+    wide: WideOpt = False,
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """A device's rollouts, newest first (what each asked, the state it reached, attempts,
+    bytes, reason) and the update events it reported lately (kept 7 days)."""
+    from . import remote  # noqa: PLC0415
+
+    if remote.active():
+        out = remote.client().get(f"/devices/{remote.quote_part(device_id)}/history",
+                                  {"limit": limit})
+    else:
+        with open_store() as store, store.read() as s:
+            out = history_json(s, device_id, limit)
+    if json_:
+        print_json(out)
+        return
+    if out["rollouts"]:
+        table = Table("rollout", "model", "version", "state", "attempts", "artifact", "sent",
+                      *(["rollout state", "before", "updated"] if wide else []),
+                      title=f"device {out['device']}: rollouts", wide=wide)
+        table.add_column("reason", overflow="fold")
+        for r in out["rollouts"]:
+            table.add_row(str(r["rollout_id"]), r["model"], r["version"], r["state"],
+                          str(r["attempts"]), r["artifact"] or "-", fmt_bytes(r["bytes_sent"]),
+                          *([r["rollout_state"], r["previous_version"] or "-",
+                             fmt_time(r["updated_at"])] if wide else []), r["reason"] or "")
+        console.print(table)
+    else:
+        console.print(f"device {out['device']}: in no rollout yet")
+    if out["events"]:
+        events = Table("at (UTC)", "state", title="update events (7 days)", wide=wide)
+        for e in out["events"]:
+            events.add_row(fmt_time(e["at"]), e["state"])
+        console.print("", events)
+
+
+@app.command("labels")
+def labels(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="Device id.")],
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """A device's labels, as it reported them."""
+    from . import remote  # noqa: PLC0415
+
+    if remote.active():
+        out = remote.client().get(f"/devices/{remote.quote_part(device_id)}/labels")
+    else:
+        (d,) = _load(device_id=device_id)
+        out = {"device": d["id"], "labels": d["labels"]}
+    if json_:
+        print_json(out)
+        return
+    table = Table("label", "value", title=f"device {out['device']}: labels")
+    for k, v in sorted(out["labels"].items()):
+        table.add_row(k, v)
+    console.print(table if out["labels"] else f"device {out['device']} has no labels")
+
+
 @app.command("enroll")
 def enroll_cmd(
     device_id: Annotated[str, typer.Argument(metavar="ID", help="Device id (certificate CN).")],
@@ -195,6 +305,9 @@ def enroll_cmd(
     """Issue a client certificate and write an enrollment bundle: client.crt/key, ca.crt,
     root.json (the root of trust to pin), trust.json (current key list) and agent.toml.
     The bundle holds a private key: copy it to the device over a trusted channel, then delete."""
+    from .remote import local_only  # noqa: PLC0415
+
+    local_only("device enroll")
     from .. import enroll  # noqa: PLC0415
     from ..audit import audit  # noqa: PLC0415
 
@@ -218,6 +331,9 @@ def revoke_cmd(
 ) -> None:
     """Deny the device on the server and put its certificates on the CRL. Reload the broker
     (restart Mosquitto) so it reads the new CRL."""
+    from .remote import local_only  # noqa: PLC0415
+
+    local_only("device revoke")
     from .. import enroll  # noqa: PLC0415
     from ..audit import audit  # noqa: PLC0415
 

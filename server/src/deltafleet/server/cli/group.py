@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from .. import fleet, views
-from ..audit import audit
 from ..errors import UsageError
-from ._common import JSON_HELP, WIDE_HELP, actor, console, open_store, print_json
+from . import remote
+from ._common import JSON_HELP, WIDE_HELP, actor, console, fmt_selector, open_store, print_json
 from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Device groups (label and profile selectors).")
@@ -18,6 +17,8 @@ app = typer.Typer(no_args_is_help=True, help="Device groups (label and profile s
 def parse_matches(matches: list[str]) -> dict[str, str | list[str]]:
     """``["arch=aarch64", "hw in (jetson, xavier)"]`` -> a selector; UsageError for bad or
     repeated keys."""
+    from .. import fleet  # noqa: PLC0415
+
     selector: dict[str, str | list[str]] = {}
     for item in matches:
         key, value = fleet.parse_match(item)
@@ -47,13 +48,25 @@ def create(
         raise UsageError("give at least one --match KEY=VALUE, or --all for every device")
     if matches and all_devices:
         raise UsageError("--all and --match exclude each other")
-    selector = parse_matches(matches)
+    if remote.active():
+        out = remote.client().post("/groups", {"name": name, "match": matches,
+                                               "all": all_devices})
+    else:
+        out = _create(name, parse_matches(matches))
+    shown = fmt_selector(out["selector"]) or "all devices"
+    console.print(f"created group {out['name']} ({shown}); matches {len(out['devices'])} "
+                  "device(s) now")
+
+
+def _create(name: str, selector: dict[str, str | list[str]]) -> dict[str, Any]:
+    from .. import fleet, views  # noqa: PLC0415
+    from ..audit import audit  # noqa: PLC0415
+
     with open_store() as store, store.session() as s:
         group = fleet.create_group(s, name, selector)
-        n = len(fleet.devices_in_group(s, name))
+        members = [d.id for d in fleet.devices_in_group(s, name)]
         audit(s, actor(), "group.create", name, {"selector": selector})
-    shown = fleet.format_selector(selector) or "all devices"
-    console.print(f"created group {group.name} ({shown}); matches {n} device(s) now")
+        return views.group_to_json(group, members)
 
 
 @app.command("list")
@@ -62,14 +75,7 @@ def list_cmd(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """List groups with their selectors and the devices they match now."""
-    with open_store() as store, store.read() as s:
-        devices = fleet.list_devices(s)
-        rows = [
-            views.group_to_json(
-                g, [d.id for d in devices if fleet.device_matches(d, g.selector)]
-            )
-            for g in fleet.list_groups(s)
-        ]
+    rows = remote.client().get("/groups") if remote.active() else _list()
     if json_:
         print_json(rows)
         return
@@ -77,8 +83,30 @@ def list_cmd(
     table.add_column("selector", overflow="fold")
     for g in rows:
         table.add_row(g["name"], str(len(g["devices"])),
-                      fleet.format_selector(g["selector"]) or "(all)")
+                      fmt_selector(g["selector"]) or "(all)")
     console.print(table if rows else "no groups; create one with `fleetctl group create`")
+
+
+def _list() -> list[dict[str, Any]]:
+    from .. import fleet, views  # noqa: PLC0415
+
+    with open_store() as store, store.read() as s:
+        devices = fleet.list_devices(s)
+        return [views.group_to_json(g, [d.id for d in devices
+                                        if fleet.device_matches(d, g.selector)])
+                for g in fleet.list_groups(s)]
+
+
+def _show(name: str) -> dict[str, Any]:
+    from .. import fleet, views  # noqa: PLC0415
+
+    with open_store() as store, store.read() as s:
+        group = fleet.get_group(s, name)
+        members = fleet.devices_in_group(s, name)
+        desired = fleet.desired_models(s, members)
+        out = views.group_to_json(group, [d.id for d in members])
+        out["members"] = [views.device_to_json(d, desired[d.id]) for d in members]
+        return out
 
 
 @app.command("show")
@@ -88,16 +116,13 @@ def show(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Show a group: its selector and the devices it matches now (what each runs)."""
-    with open_store() as store, store.read() as s:
-        group = fleet.get_group(s, name)
-        members = fleet.devices_in_group(s, name)
-        desired = fleet.desired_models(s, members)
-        out = views.group_to_json(group, [d.id for d in members])
-        out["members"] = [views.device_to_json(d, desired[d.id]) for d in members]
+    out = (remote.client().get(f"/groups/{remote.quote_part(name)}") if remote.active()
+           else _show(name))
+    members = out["members"]
     if json_:
         print_json(out)
         return
-    console.print(f"group {out['name']}: {fleet.format_selector(out['selector']) or '(all)'}; "
+    console.print(f"group {out['name']}: {fmt_selector(out['selector']) or '(all)'}; "
                   f"{len(members)} device(s)")
     if not members:
         return

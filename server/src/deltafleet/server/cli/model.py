@@ -9,14 +9,11 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .. import catalog, views
-from ..audit import audit
-from ..store import BlobStore, Store
-from ..store.models import Artifact
+from . import remote
 from ._common import (
     JSON_HELP,
     WIDE_HELP,
@@ -32,6 +29,9 @@ from ._common import (
     print_json,
 )
 from .table import Table
+
+if TYPE_CHECKING:
+    from ..store import BlobStore, Store
 
 app = typer.Typer(no_args_is_help=True, help="Model versions and their variants.")
 
@@ -57,7 +57,14 @@ def add(
     """Inspect FILE and register it as VERSION of model NAME (all or nothing); also store its
     zstd-compressed form, which full installs ship, when that is smaller. Manifests carry the
     model's IO signature, which devices check the loaded model against."""
-    from .progress import ReportingBlobs, Steps  # noqa: PLC0415
+    if remote.active():
+        _add_remote(name, version, file, variant=variant, precision=precision,
+                    golden=golden or [])
+        return
+    from .. import catalog  # noqa: PLC0415
+    from ..audit import audit  # noqa: PLC0415
+    from ._reporting import ReportingBlobs  # noqa: PLC0415
+    from .progress import Steps  # noqa: PLC0415
 
     cfg = load_config()
     blobs = blob_store(cfg)
@@ -86,13 +93,39 @@ def add(
             _forget_unreferenced(store, blobs, new_blobs)
             raise
     steps.note("done")
-    size = (row.info or {}).get("size_bytes")
+    _print_added(name, version, variant, precision, row.format, (row.info or {}).get("size_bytes"),
+                 row.artifact_sha256,
+                 {"codec": compressed.codec, "size_bytes": compressed.size_bytes}
+                 if compressed else None)
+
+
+def _print_added(name: str, version: str, variant: str, precision: str, fmt: str,
+                 size: int | None, sha256: str, compressed: dict[str, Any] | None) -> None:
     console.print(
-        f"added {name}:{version} variant {variant} ({row.format}, {precision}, "
-        f"{fmt_bytes(size)}, sha256 {row.artifact_sha256[:16]}); full installs ship "
-        + (f"{compressed.codec} {fmt_bytes(compressed.size_bytes)}" if compressed
+        f"added {name}:{version} variant {variant} ({fmt}, {precision}, "
+        f"{fmt_bytes(size)}, sha256 {sha256[:16]}); full installs ship "
+        + (f"{compressed['codec']} {fmt_bytes(compressed['size_bytes'])}" if compressed
            else "the file as it is (compression does not make it smaller)")
     )
+
+
+def _add_remote(name: str, version: str, file: Path, *, variant: str, precision: str,
+                golden: list[Path]) -> None:
+    """``model add`` through the API: the file (and golden inputs) uploaded, registered there."""
+    from .progress import Steps  # noqa: PLC0415
+
+    fields = {"version": version, "variant": variant, "precision": precision}
+    files = [("file", file), *(("golden", g) for g in golden)]
+    size = file.stat().st_size if file.is_file() else None
+    with Steps(f"model add {name}:{version}", enabled=_shows_progress(file)) as steps:
+        steps.start(f"uploading {file.name}", size)
+        out = remote.client().upload(f"/models/{remote.quote_part(name)}/versions", fields,
+                                     files, on_bytes=steps.advance)
+        steps.done(f"uploaded {fmt_bytes(size)}; registered on the server")
+    steps.note("done")
+    (x,) = [x for x in out["variants"] if x["name"] == variant]
+    _print_added(name, version, variant, x["precision"], x["format"], x["size_bytes"],
+                 x["sha256"], x["compressed"])
 
 
 LARGE_MODEL_BYTES = 2 << 20  # `model add` shows its steps piped from this size on
@@ -108,6 +141,8 @@ def _shows_progress(file: Path) -> bool:
 
 def _forget_unreferenced(store: Store, blobs: BlobStore, shas: set[str]) -> None:
     """Remove blobs a failed add wrote first, unless a committed artifact row uses them."""
+    from ..store.models import Artifact  # noqa: PLC0415
+
     for sha in shas:
         with contextlib.suppress(Exception), store.session() as s:
             if s.get(Artifact, sha) is None:
@@ -120,6 +155,10 @@ def compress(
 ) -> None:
     """Store the zstd-compressed form of models registered before full installs shipped
     compressed (idempotent: variants that have one are left alone)."""
+    remote.local_only("model compress")
+    from .. import catalog  # noqa: PLC0415
+    from ..audit import audit  # noqa: PLC0415
+
     cfg = load_config()
     blobs = blob_store(cfg)
     with open_store(cfg) as store:
@@ -153,8 +192,13 @@ def list_cmd(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """List models with their versions and variants."""
-    with open_store() as store, store.read() as s:
-        models = [views.model_to_json(m, detail=False) for m in catalog.list_models(s)]
+    if remote.active():
+        models = remote.client().get("/models")
+    else:
+        from .. import catalog, views  # noqa: PLC0415
+
+        with open_store() as store, store.read() as s:
+            models = [views.model_to_json(m, detail=False) for m in catalog.list_models(s)]
     if json_:
         print_json(models)
         return
@@ -179,8 +223,13 @@ def show(
 ) -> None:
     """Show one model: versions, variants, format, precision, sha256, size, what a full
     install ships (the zstd-compressed file when smaller) and IO signature."""
-    with open_store() as store, store.read() as s:
-        model = views.model_to_json(catalog.get_model(s, name))
+    if remote.active():
+        model = remote.client().get(f"/models/{remote.quote_part(name)}")
+    else:
+        from .. import catalog, views  # noqa: PLC0415
+
+        with open_store() as store, store.read() as s:
+            model = views.model_to_json(catalog.get_model(s, name))
     if json_:
         print_json(model)
         return
@@ -246,6 +295,9 @@ def inspect_cmd(
         info = inspect_model(path).to_json()
         where = str(path)
     elif ":" in target:
+        remote.local_only("model inspect NAME:VERSION")
+        from .. import catalog  # noqa: PLC0415
+
         with open_store() as store, store.read() as s:
             mv = catalog.resolve_version(s, target)
             by_name = {v.name: v for v in mv.variants}
@@ -367,7 +419,9 @@ def optimize_cmd(
     """Make INT8 / FP16 / pruned variants of a registered version, measure each against its
     parent on this machine (size, zstd size, latency, output deviation, accuracy with
     --eval) and register it beside the parent. Needs deltafleet-server[optimize]."""
-    from .. import optimize  # noqa: PLC0415
+    remote.local_only("model optimize")
+    from .. import catalog, optimize  # noqa: PLC0415
+    from ..audit import audit  # noqa: PLC0415
     from ..errors import UsageError  # noqa: PLC0415
 
     for f, what in ((calibration, "--calibration"), (eval_, "--eval")):

@@ -27,10 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO
 
-from ..store.blobs import BlobStore
 from ._common import fmt_bytes
 
 # The order devices are counted in: done first, then in progress, then the ones in trouble.
@@ -312,36 +310,6 @@ class Steps:
                 printed = (label, started, beats)
 
 
-class ReportingBlobs(BlobStore):
-    """The blob store as ``model add`` sees it, its writes shown as steps of ``steps``.
-
-    ``catalog.add_model_version`` inspects (and hashes) the file, stores it, then builds and
-    stores its compressed form; the steps follow from its calls here: the first ``put_file``
-    ends "inspecting" and is "storing" (with a byte count), the time after it is
-    "compressing", a second ``put_file`` stores the compressed form.
-    """
-
-    def __init__(self, blobs: BlobStore, steps: Steps) -> None:
-        super().__init__(blobs.root)
-        self.steps = steps
-        self.puts = 0
-
-    def put_file(self, src: Path) -> tuple[str, int]:
-        size = Path(src).stat().st_size
-        first, self.puts = self.puts == 0, self.puts + 1
-        if first:
-            self.steps.done(f"inspected and hashed {fmt_bytes(size)}")
-        else:
-            self.steps.done(f"compressed to {fmt_bytes(size)}")
-        self.steps.start("storing" if first else "storing the compressed form", size)
-        with open(src, "rb") as f:
-            sha, n = self._put_stream(CountingReader(f, self.steps.advance))  # type: ignore[arg-type]
-        self.steps.done(f"stored {fmt_bytes(n)}")
-        if first:
-            self.steps.start("compressing", size)
-        return sha, n
-
-
 class CountingReader:
     """A binary file whose ``read`` reports the bytes it returns to ``on_bytes``."""
 
@@ -355,5 +323,5 @@ class CountingReader:
         return data
 
 
-__all__ = ["CountingReader", "Followed", "ReportingBlobs", "Steps", "clock", "follow",
+__all__ = ["CountingReader", "Followed", "Steps", "clock", "follow",
            "rollout_line", "rollout_view", "states_text", "wave_total"]

@@ -16,17 +16,8 @@ from typing import Annotated, Any
 import typer
 
 from ..policy import HEALTH_OPTION_DEFAULTS, RolloutPolicy, parse_duration
-from ..rollouts import (
-    FINAL_ROLLOUT_STATES,
-    WAIT_ENDS,
-    act_on_rollout,
-    get_rollout,
-    list_rollouts,
-    plan_rollout,
-    rollout_json,
-    start_rollout,
-)
-from ..store import Store
+from ..rollout.states import FINAL_ROLLOUT_STATES, WAIT_ENDS
+from . import remote
 from ._common import (
     WIDE_HELP,
     actor,
@@ -89,6 +80,18 @@ def _note(t: dict[str, Any]) -> str:
     return "; ".join(p for p in parts if p)
 
 
+def _status(rollout_id: int, *, with_targets: bool = True) -> dict[str, Any]:
+    """``rollout status --json``: from the API when FLEET_API_URL is set, else the store."""
+    if remote.active():
+        data: dict[str, Any] = remote.client().get(f"/rollouts/{rollout_id}")
+        data.pop("actions", None)  # the API's extra: what the console may offer
+        return data
+    from ..rollouts import get_rollout, rollout_json  # noqa: PLC0415
+
+    with open_store() as store, store.read() as s:
+        return rollout_json(s, get_rollout(s, rollout_id), with_targets=with_targets)
+
+
 def _wrap(text: str, width: int | None, indent: str = "") -> list[str]:
     if width is None:
         return [indent + text]
@@ -144,29 +147,39 @@ def rollout_model(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a rollout; a running `fleetctl server` delivers it wave by wave."""
-    policy = RolloutPolicy.from_options(
+    options: dict[str, Any] = dict(
         canary=canary, waves=waves, max_failure=max_failure, on_failure=on_failure,
         health_window=health_window, max_error_rate=max_error_rate, max_p95_ratio=max_p95_ratio,
         p95_slack_ms=p95_slack_ms, max_concurrent=max_concurrent, max_attempts=max_attempts,
         retry_backoff=retry_backoff, state_timeout=state_timeout, bandwidth=bandwidth,
         allow_io_change=allow_io_change, variant=variant)
-    with open_store() as store:
-        with store.session() as s:
-            started = start_rollout(s, spec, group, actor(), policy=policy,
-                                    allow_empty=allow_empty, supersede=supersede)
-            rollout_id = started.rollout.id
-            took_over = [{"rollout": o.rollout_id, "devices": len(o.devices), "left": o.others}
-                         for o in started.took_over]
-            summary = [o.summary() for o in started.took_over]
-        if not as_json:
-            console.print("; ".join([f"rollout {rollout_id} started", *summary]))
-        if not wait:
-            if as_json:
-                print_json({"id": rollout_id, "took_over": took_over})
-            return
-        _wait(store, rollout_id, parse_duration(timeout), quiet=as_json)
-        with store.read() as s:
-            data = rollout_json(s, get_rollout(s, rollout_id))
+    timeout_s = parse_duration(timeout)
+    if remote.active():  # the server parses the options, with the same rules and messages
+        body = {k: v for k, v in options.items() if v is not None or k in ("canary", "bandwidth")}
+        started = remote.client().post("/rollouts", {
+            "version": spec, "group": group, "allow_empty": allow_empty,
+            "supersede": supersede, **body})
+        rollout_id, took_over = started["id"], started.get("took_over") or []
+        summary = [o["summary"] for o in took_over]
+    else:
+        from ..rollouts import start_rollout  # noqa: PLC0415
+
+        policy = RolloutPolicy.from_options(**options)
+        with open_store() as store, store.session() as s:
+            begun = start_rollout(s, spec, group, actor(), policy=policy,
+                                  allow_empty=allow_empty, supersede=supersede)
+            rollout_id = begun.rollout.id
+            took_over = [o.to_json() for o in begun.took_over]
+            summary = [o.summary() for o in begun.took_over]
+    if not as_json:
+        console.print("; ".join([f"rollout {rollout_id} started", *summary]))
+    if not wait:
+        if as_json:
+            print_json({"id": rollout_id, "took_over": [
+                {k: o[k] for k in ("rollout", "devices", "left")} for o in took_over]})
+        return
+    _wait(rollout_id, timeout_s, quiet=as_json)
+    data = _status(rollout_id)
     if as_json:
         print_json(data)
     else:
@@ -175,7 +188,7 @@ def rollout_model(
         raise typer.Exit(1)
 
 
-def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> None:
+def _wait(rollout_id: int, timeout_s: float, *, quiet: bool) -> None:
     """Until the rollout ends or pauses (``WAIT_ENDS``) or ``timeout_s``: a live view on a
     terminal, one line per change when piped (``progress.follow``), nothing when ``quiet``."""
     from . import progress  # noqa: PLC0415
@@ -183,8 +196,7 @@ def _wait(store: Store, rollout_id: int, timeout_s: float, *, quiet: bool) -> No
     live = not quiet and progress.is_terminal(sys.stdout)
 
     def fetch() -> dict[str, Any]:
-        with store.read() as s:
-            return rollout_json(s, get_rollout(s, rollout_id), with_targets=live)
+        return _status(rollout_id, with_targets=live)
 
     def ended(data: dict[str, Any]) -> bool:
         return data["state"] in WAIT_ENDS
@@ -216,12 +228,18 @@ def rollout_plan(
     to send (a full model ships compressed when that is smaller) against the model's size, and
     which devices cannot take the model and why; what the server would do with the blobs in
     its store now. Sends nothing."""
-    cfg = load_config()
-    blobs = blob_store(cfg)
-    with open_store(cfg) as store, store.read() as s:
-        plan = plan_rollout(s, spec, group, variant=variant,
-                            blob_problem=lambda sha: None if blobs.has(sha) else "missing",
-                            prefer=prefer)
+    if remote.active():
+        query = {"version": spec, "group": group, "variant": variant, "prefer": prefer}
+        plan = remote.client().get("/rollouts/plan", {k: v for k, v in query.items() if v})
+    else:
+        from ..rollouts import plan_rollout  # noqa: PLC0415
+
+        cfg = load_config()
+        blobs = blob_store(cfg)
+        with open_store(cfg) as store, store.read() as s:
+            plan = plan_rollout(s, spec, group, variant=variant,
+                                blob_problem=lambda sha: None if blobs.has(sha) else "missing",
+                                prefer=prefer)
     if as_json:
         print_json(plan)
         return
@@ -269,34 +287,32 @@ def rollout_status(
     as_json: JsonOpt = False,
 ) -> None:
     """Each device's wave, state and reason; bytes sent against the full size."""
-    with open_store() as store:
-        with store.read() as s:
-            data = rollout_json(s, get_rollout(s, rollout_id))
-        if as_json:
-            print_json(data)
-            return
-        if not watch:
-            console.print(*_render(data, wide=wide))
-            return
-        from . import progress  # noqa: PLC0415
+    data = _status(rollout_id)
+    if as_json:
+        print_json(data)
+        return
+    if not watch:
+        console.print(*_render(data, wide=wide))
+        return
+    from . import progress  # noqa: PLC0415
 
-        live = progress.is_terminal(sys.stdout)
-
-        def fetch() -> dict[str, Any]:
-            with store.read() as s:
-                return rollout_json(s, get_rollout(s, rollout_id), with_targets=live)
-
-        # on a terminal the status view stays live; piped, one line per change
-        progress.follow(fetch, until=lambda d: d["state"] in FINAL_ROLLOUT_STATES,
-                        view=lambda d, _elapsed: _render(d, wide=wide), interval_s=1.0,
-                        tty=live)
+    live = progress.is_terminal(sys.stdout)
+    # on a terminal the status view stays live; piped, one line per change
+    progress.follow(lambda: _status(rollout_id, with_targets=live),
+                    until=lambda d: d["state"] in FINAL_ROLLOUT_STATES,
+                    view=lambda d, _elapsed: _render(d, wide=wide), interval_s=1.0, tty=live)
 
 
 @app.command("list")
 def rollout_list(wide: WideOpt = False, as_json: JsonOpt = False) -> None:
     """List rollouts, newest first."""
-    with open_store() as store, store.read() as s:
-        rows = [rollout_json(s, r, with_targets=False) for r in list_rollouts(s)]
+    if remote.active():
+        rows = remote.client().get_all("/rollouts")
+    else:
+        from ..rollouts import list_rollouts, rollout_json  # noqa: PLC0415
+
+        with open_store() as store, store.read() as s:
+            rows = [rollout_json(s, r, with_targets=False) for r in list_rollouts(s)]
     if as_json:
         print_json(rows)
         return
@@ -310,12 +326,17 @@ def rollout_list(wide: WideOpt = False, as_json: JsonOpt = False) -> None:
 
 
 def _action(action: str, rollout_id: int, as_json: bool) -> None:
-    with open_store() as store, store.session() as s:
-        r, changed = act_on_rollout(s, rollout_id, action, actor())
-        out = {"id": r.id, "state": r.state, "changed": changed}
+    if remote.active():
+        out = remote.client().post(f"/rollouts/{rollout_id}/{action}")
+    else:
+        from ..rollouts import act_on_rollout  # noqa: PLC0415
+
+        with open_store() as store, store.session() as s:
+            r, changed = act_on_rollout(s, rollout_id, action, actor())
+            out = {"id": r.id, "state": r.state, "changed": changed}
     if as_json:
         print_json(out)
-    elif changed:
+    elif out["changed"]:
         console.print(f"rollout {rollout_id}: {action} requested; state is now {out['state']}")
     else:
         console.print(f"rollout {rollout_id} is already {out['state']}; nothing to do")

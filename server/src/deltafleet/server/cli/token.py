@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from . import remote
 from ._common import JSON_HELP, actor, console, fmt_time, open_store, print_json
 from .table import Table
 
@@ -21,11 +22,15 @@ def create(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Create a token and print its secret ONCE (only its hash is stored)."""
-    from ..api.tokens import create_token, token_to_json  # noqa: PLC0415
+    if remote.active():
+        out = remote.client().post("/tokens", {"name": name, "role": role})
+    else:
+        from ..api.tokens import create_token, token_to_json  # noqa: PLC0415
 
-    with open_store() as store, store.session() as s:
-        row, secret = create_token(s, name, role, actor())
-        out = {**token_to_json(row), "token": secret}
+        with open_store() as store, store.session() as s:
+            row, secret = create_token(s, name, role, actor())
+            out = {**token_to_json(row), "token": secret}
+    secret = out["token"]
     if json_:
         print_json(out)
         return
@@ -36,20 +41,26 @@ def create(
 @app.command("revoke")
 def revoke(name: Annotated[str, typer.Argument(help="Token name.")]) -> None:
     """Revoke a token: every request with it is refused from now on."""
-    from ..api.tokens import revoke_token  # noqa: PLC0415
+    if remote.active():
+        changed = remote.client().delete(f"/tokens/{remote.quote_part(name)}")["changed"]
+    else:
+        from ..api.tokens import revoke_token  # noqa: PLC0415
 
-    with open_store() as store, store.session() as s:
-        _, changed = revoke_token(s, name, actor())
+        with open_store() as store, store.session() as s:
+            _, changed = revoke_token(s, name, actor())
     console.print(f"revoked token {name}" if changed else f"token {name} was already revoked")
 
 
 @app.command("list")
 def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """List tokens (names, roles, who made them, revoked or not; never the secrets)."""
-    from ..api.tokens import list_tokens, token_to_json  # noqa: PLC0415
+    if remote.active():
+        rows = remote.client().get("/tokens")
+    else:
+        from ..api.tokens import list_tokens, token_to_json  # noqa: PLC0415
 
-    with open_store() as store, store.read() as s:
-        rows = [token_to_json(t) for t in list_tokens(s)]
+        with open_store() as store, store.read() as s:
+            rows = [token_to_json(t) for t in list_tokens(s)]
     if json_:
         print_json(rows)
         return

@@ -1,0 +1,275 @@
+"""`fleetctl` as a client of the management API: a real `fleetctl server` with its API on an
+HTTPS listener (a certificate from a private CA), a real Mosquitto and two fleet-agent
+processes. Each covered command run on the local store and through FLEET_API_URL prints the
+same thing and exits the same; a rollout started through the API reaches the devices and
+`rollout model --wait` exits 0; refusals are one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from typing import Any
+
+import pytest
+
+from deltafleet.server import pki
+from deltafleet.shared import sha256_file
+from tests.harness.fleetlab import BIN, Lab, free_port, wait_for, wait_port
+from tests.harness.modelgen import make_onnx_pair
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+DEVICES = {"cam-1": "jetson", "cam-2": "jetson"}
+API_ENV = ("FLEET_API_URL", "FLEET_API_TOKEN", "FLEET_API_TOKEN_FILE", "FLEET_API_CA")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, broker):
+    root = tmp_path_factory.mktemp("cli-remote")
+    lab = Lab(root / "lab", mqtt_url=broker.url)
+    for name in API_ENV:
+        lab.env.pop(name, None)
+    lab.env["FLEET_TOPIC_PREFIX"] = "cli-remote/v1"  # the session broker is shared
+    lab.env["COLUMNS"] = "200"
+    ca = pki.create_ca("test CA")
+    leaf = pki.issue_cert(ca, "fleet-api", server_hosts=["127.0.0.1"])
+    (root / "api.crt").write_bytes(leaf.cert_pem)
+    (root / "api.key").write_bytes(leaf.key_pem)
+    (root / "ca.crt").write_bytes(ca.cert_pem)
+    port = free_port()
+    lab.env.update({"FLEET_API_LISTEN": f"127.0.0.1:{port}",
+                    "FLEET_API_TLS_CERT": str(root / "api.crt"),
+                    "FLEET_API_TLS_KEY": str(root / "api.key")})
+    try:
+        v1, v2 = make_onnx_pair(root / "models", size_mb=0.5)
+        lab.fleetctl("init")
+        tokens = {role: lab.fleetctl_json("token", "create", f"{role}-1", "--role", role)["token"]
+                  for role in ("viewer", "operator", "admin")}
+        lab.start_server()
+        wait_port(port, 30)
+        for device_id, hw in DEVICES.items():
+            lab.start_agent(device_id, {"hw": hw, "site": "lab"})
+        fleet = {"lab": lab, "url": f"https://127.0.0.1:{port}", "tokens": tokens,
+                 "ca": root / "ca.crt", "v1": v1, "v2": v2, "root": root}
+        added = remote(fleet, "model", "add", "detector", "v1", str(v1), role="admin")
+        assert added.returncode == 0, added.stderr
+        fleet["added"] = added.stdout
+        grouped = remote(fleet, "group", "create", "cams", "--match", "hw=jetson")
+        assert grouped.returncode == 0, grouped.stderr
+        wait_for(lambda: lab.online_devices() == set(DEVICES), 60, "agents online")
+        rolled = remote(fleet, "rollout", "model", "detector:v1", "-g", "cams",
+                        "--health-window", "1s", "--wait", "--timeout", "90s")
+        fleet["rolled"] = rolled
+        fleet["rollout"] = int(re.match(r"rollout (\d+) started", rolled.stdout).group(1))
+        yield fleet
+    finally:
+        lab.close()
+
+
+def local(fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    return fleet["lab"].fleetctl(*args, check=False)
+
+
+def remote(fleet, *args: str, role: str = "operator",
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """fleetctl through the API, with no access to the server's home."""
+    lab_env = {k: v for k, v in fleet["lab"].env.items() if not k.startswith("FLEET_")}
+    lab_env.update({"FLEET_API_URL": fleet["url"], "FLEET_API_TOKEN": fleet["tokens"][role],
+                    "FLEET_API_CA": str(fleet["ca"]), "COLUMNS": "200",
+                    "FLEET_HOME": str(fleet["root"] / "no-such-home")})
+    lab_env.update(env or {})
+    return subprocess.run([str(BIN / "fleetctl"), *args], env=lab_env, text=True,
+                          capture_output=True, timeout=120)
+
+
+AGES = re.compile(r"\b\d+[smhd]\b")
+CLOCK = re.compile(r"\b(\d{4}-\d\d-\d\d )?\d\d:\d\d:\d\d\b")
+TIMING_KEYS = {"last_seen"}
+
+
+def _untimed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+def _same(fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` locally and through the API: the same exit code, stdout and stderr
+    (ages and ``last_seen`` aside: the agents keep reporting in between)."""
+    return _same_as(fleet, "operator", *args)
+
+
+def _same_as(fleet, role: str, *args: str) -> subprocess.CompletedProcess[str]:
+    mine, theirs = local(fleet, *args), remote(fleet, *args, role=role)
+    assert (theirs.returncode, theirs.stderr) == (mine.returncode, mine.stderr), (args, theirs.stderr[-3000:])
+    if "--json" in args and mine.returncode == 0:
+        assert _untimed(json.loads(theirs.stdout)) == _untimed(json.loads(mine.stdout)), args
+    else:
+        assert AGES.sub("-", CLOCK.sub("-", theirs.stdout)) == \
+            AGES.sub("-", CLOCK.sub("-", mine.stdout)), args
+    return theirs
+
+
+READS = [
+    ("device", "list"), ("device", "list", "--wide"), ("device", "list", "--json"),
+    ("device", "list", "--group", "cams", "--json"),
+    ("device", "show", "cam-1"), ("device", "show", "cam-1", "--json"),
+    ("device", "history", "cam-1", "--wide"), ("device", "history", "cam-2", "--json"),
+    ("device", "labels", "cam-1"), ("device", "labels", "cam-1", "--json"),
+    ("group", "list"), ("group", "list", "--json"), ("group", "show", "cams", "--wide"),
+    ("group", "show", "cams", "--json"),
+    ("model", "list"), ("model", "list", "--wide", "--json"), ("model", "show", "detector"),
+    ("model", "show", "detector", "--json"),
+    ("rollout", "list"), ("rollout", "list", "--json"),
+    ("rollout", "plan", "detector:v1", "-g", "cams"),
+    ("rollout", "plan", "detector:v1", "-g", "cams", "--wide", "--json"),
+    ("audit",), ("audit", "--json"), ("audit", "--since", "1h", "--wide"),
+]
+
+
+@pytest.mark.parametrize("args", READS, ids=" ".join)
+def test_a_read_command_prints_the_same_through_the_api(fleet, args):
+    assert _same(fleet, *args).returncode == 0
+
+
+ERRORS = [
+    ("device", "show", "nope"), ("device", "history", "nope"), ("group", "show", "nope"), ("model", "show", "nope"),
+    ("rollout", "status", "999"), ("rollout", "plan", "detector:v9", "-g", "cams"),
+    ("rollout", "pause", "999"), ("audit", "--since", "yesterday"),
+    ("rollout", "model", "detector:v1", "-g", "cams", "--waves", "lots"),
+    ("group", "create", "cams", "--match", "hw=jetson"),
+]
+
+
+@pytest.mark.parametrize("args", ERRORS, ids=" ".join)
+def test_a_refused_command_says_the_same_line_through_the_api(fleet, args):
+    res = _same(fleet, *args)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") \
+        and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_a_rollout_started_through_the_api_reaches_the_devices(fleet):
+    assert fleet["rolled"].returncode == 0, fleet["rolled"].stderr + fleet["rolled"].stdout
+    rid = str(fleet["rollout"])
+    status = _same(fleet, "rollout", "status", rid, "--json")
+    assert json.loads(status.stdout)["state"] == "completed"
+    _same(fleet, "rollout", "status", rid, "--wide")
+    text = _same(fleet, "rollout", "status", rid)
+    assert fleet["rolled"].stdout.rstrip().endswith(text.stdout.rstrip())
+    for device_id in DEVICES:
+        assert fleet["lab"].agent_status(device_id)[0]["sha256"] == sha256_file(fleet["v1"])
+    refused = _same(fleet, "rollout", "pause", rid)
+    assert refused.returncode == 2 and "cannot pause" in refused.stderr
+    watched = _same(fleet, "rollout", "status", rid, "--watch")  # ended: one line, at once
+    assert "completed" in watched.stdout
+    audit = json.loads(local(fleet, "audit", "--json").stdout)
+    actors = {e["action"]: e["actor"] for e in audit}
+    assert actors["model.add"] == "api:admin-1" and actors["rollout.create"] == "api:operator-1"
+
+
+def test_model_add_through_the_api_uploads_and_prints_what_local_add_prints(fleet):
+    assert fleet["added"].startswith("added detector:v1 variant default (onnx, fp32, ")
+    mine = local(fleet, "model", "add", "local-twin", "v1", str(fleet["v1"]))
+    assert mine.returncode == 0, mine.stderr
+    assert fleet["added"] == mine.stdout.replace("local-twin", "detector")
+    again = remote(fleet, "model", "add", "detector", "v1", str(fleet["v1"]), role="admin")
+    assert again.returncode == 2 and again.stderr == \
+        local(fleet, "model", "add", "detector", "v1", str(fleet["v1"])).stderr
+
+
+def test_rollout_actions_and_wait_go_through_the_api(fleet):
+    up = remote(fleet, "model", "add", "detector", "v2", str(fleet["v2"]), role="admin")
+    assert up.returncode == 0, up.stderr
+    started = remote(fleet, "rollout", "model", "detector:v2", "-g", "cams", "--canary", "1",
+                     "--health-window", "60s", "--wait", "--timeout", "2s")
+    assert started.returncode == 1, started.stderr  # --wait: not completed, so exit 1
+    assert "timed out after 2 s; the rollout goes on" in started.stdout
+    rid = re.match(r"rollout (\d+) started", started.stdout).group(1)
+    paused = remote(fleet, "rollout", "pause", rid, "--json")
+    assert (paused.returncode, json.loads(paused.stdout)) == \
+        (0, {"id": int(rid), "state": "paused", "changed": True})
+    assert _same(fleet, "rollout", "pause", rid).stdout == \
+        f"rollout {rid} is already paused; nothing to do\n"
+    assert remote(fleet, "rollout", "resume", rid).returncode == 0
+    aborted = remote(fleet, "rollout", "abort", rid)
+    assert aborted.returncode == 0, aborted.stderr
+    assert aborted.stdout == f"rollout {rid}: abort requested; state is now aborting\n"
+    wait_for(lambda: json.loads(remote(fleet, "rollout", "status", rid, "--json").stdout)
+             ["state"] == "aborted", 30, "the abort to finish")
+    _same(fleet, "rollout", "status", rid)
+    assert json.loads(_same(fleet, "rollout", "abort", rid, "--json").stdout)["changed"] is False
+
+
+def test_an_admin_manages_tokens_through_the_api(fleet):
+    made = remote(fleet, "token", "create", "ci-remote", "--role", "viewer", "--json",
+                  role="admin")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["token"].startswith("dft_")
+    assert _same_as(fleet, "admin", "token", "list").returncode == 0
+    assert _same_as(fleet, "admin", "token", "list", "--json").returncode == 0
+    revoked = remote(fleet, "token", "revoke", "ci-remote", role="admin")
+    assert (revoked.returncode, revoked.stdout) == (0, "revoked token ci-remote\n")
+    assert _same_as(fleet, "admin", "token", "revoke", "ci-remote").stdout == \
+        "token ci-remote was already revoked\n"
+    refused = remote(fleet, "token", "list")  # an operator
+    assert refused.returncode == 2 and "operator" in refused.stderr, refused.stderr
+
+
+def test_a_viewer_tokens_pause_exits_2_with_the_apis_line(fleet):
+    res = remote(fleet, "rollout", "pause", str(fleet["rollout"]), role="viewer")
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("error: ") and "viewer" in res.stderr
+    assert res.stderr.count("\n") == 1
+
+
+def test_a_bad_token_exits_2_with_one_line(fleet):
+    res = remote(fleet, "device", "list", env={"FLEET_API_TOKEN": "dft_nope"})
+    assert res.returncode == 2 and res.stderr.startswith("error: ") \
+        and res.stderr.count("\n") == 1, res.stderr
+    none = remote(fleet, "device", "list", env={"FLEET_API_TOKEN": ""})
+    assert none.returncode == 2 and "FLEET_API_TOKEN" in none.stderr
+
+
+def test_a_token_file_and_the_root_options_work_like_the_environment(fleet, tmp_path):
+    token = tmp_path / "token"
+    token.write_text(fleet["tokens"]["viewer"] + "\n")
+    res = remote(fleet, "--api-url", fleet["url"], "--token-file", str(token), "model", "list",
+                 env={"FLEET_API_TOKEN": "", "FLEET_API_URL": ""})
+    assert (res.returncode, res.stdout) == (0, local(fleet, "model", "list").stdout)
+
+
+def test_a_wrong_url_exits_1_with_one_line(fleet):
+    url = f"http://127.0.0.1:{free_port()}"
+    res = remote(fleet, "device", "list", env={"FLEET_API_URL": url})
+    assert res.returncode == 1
+    assert res.stderr == f"error: cannot reach the API at {url}: connection refused\n"
+    plain = fleet["url"].replace("https://", "http://")  # plain HTTP to the TLS listener
+    res = remote(fleet, "device", "list", env={"FLEET_API_URL": plain})
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    assert res.stderr.startswith(f"error: cannot reach the API at {plain}: ") \
+        and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_an_unknown_ca_exits_1_with_one_line(fleet):
+    res = remote(fleet, "device", "list", env={"FLEET_API_CA": ""})
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert "certificate verify failed" in res.stderr and "FLEET_API_CA" in res.stderr
+
+
+LOCAL_ONLY = [
+    ("init",), ("db", "upgrade"), ("keys", "show"), ("broker", "config"), ("server",),
+    ("delta", "list"), ("store", "verify"), ("device", "enroll", "cam-9"),
+    ("device", "revoke", "cam-1"), ("model", "compress"), ("model", "inspect", "detector:v1"),
+]
+
+
+@pytest.mark.parametrize("args", LOCAL_ONLY, ids=" ".join)
+def test_a_command_without_an_endpoint_refuses_with_the_api_set(fleet, args):
+    res = remote(fleet, *args)
+    assert res.returncode == 2, res
+    assert res.stderr.startswith("error: `fleetctl ") and \
+        res.stderr.endswith("works on the server's host only; unset FLEET_API_URL\n")
+    assert not (fleet["root"] / "no-such-home").exists()  # no local store was made
