@@ -170,3 +170,14 @@ def audit_to_json(entry: AuditEntry) -> dict[str, Any]:
         "subject": entry.subject,
         "details": entry.details or {},
     }
+
+
+def device_detail_json(s: Any, device_id: str) -> dict[str, Any]:
+    """`fleetctl device show --json` (and GET /devices/ID): the device, what it was asked to
+    run, its portrait and its own benchmarks."""
+    from . import fleet
+    from .fleet.portraits import device_portrait_json
+
+    d = fleet.get_device(s, device_id)
+    return {**device_to_json(d, fleet.desired_models(s, [d])[d.id]),
+            **device_portrait_json(s, d.id)}

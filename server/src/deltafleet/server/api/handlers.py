@@ -145,8 +145,7 @@ def devices_list(c: Call) -> dict[str, Any]:
 
 def device_show(c: Call) -> dict[str, Any]:
     with c.store.read() as s:
-        d = fleet.get_device(s, c.params["device_id"])
-        return views.device_to_json(d, fleet.desired_models(s, [d])[d.id])
+        return views.device_detail_json(s, c.params["device_id"])
 
 
 def device_labels(c: Call) -> dict[str, Any]:

@@ -41,18 +41,10 @@ def _load(device_id: str | None = None, group: str | None = None) -> list[dict[s
 
     with open_store() as store, store.read() as s:
         if device_id is not None:
-            devices = [fleet.get_device(s, device_id)]
-        elif group is not None:
-            devices = fleet.devices_in_group(s, group)
-        else:
-            devices = fleet.list_devices(s)
+            return [views.device_detail_json(s, device_id)]
+        devices = fleet.devices_in_group(s, group) if group is not None else fleet.list_devices(s)
         desired = fleet.desired_models(s, devices)
-        rows = [views.device_to_json(d, desired[d.id]) for d in devices]
-        if device_id is not None:
-            from ..fleet.portraits import device_portrait_json  # noqa: PLC0415
-
-            rows[0].update(device_portrait_json(s, device_id))
-        return rows
+        return [views.device_to_json(d, desired[d.id]) for d in devices]
 
 
 def _runs(d: dict[str, Any]) -> str:
