@@ -86,10 +86,11 @@ class RolloutLab:
         with self.store.session() as s:
             fleet.create_group(s, name, selector)
 
-    def rollout(self, version: str, group: str, **policy: Any) -> int:
+    def rollout(self, version: str, group: str, *, supersede: bool = False,
+                **policy: Any) -> int:
         with self.store.session() as s:
             return create_rollout(s, f"detector:{version}", group, "test",
-                                  policy=RolloutPolicy(**policy)).id
+                                  policy=RolloutPolicy(**policy), supersede=supersede).id
 
     def act(self, rollout_id: int, action: str) -> bool:
         with self.store.session() as s:
