@@ -20,6 +20,7 @@ from ..rollouts import (
     FINAL_ROLLOUT_STATES,
     WAIT_ENDS,
     act_on_rollout,
+    agreement_line,
     get_rollout,
     list_rollouts,
     plan_rollout,
@@ -79,6 +80,8 @@ def _render(data: dict[str, Any], *, wide: bool = False) -> list[str]:
                      f"{fmt_bytes(data['full_bytes'])} full ({pct:.1f}%)")
     if any(t.get("rollback") for t in data["targets"]):
         parts.append(f"rollback sent {fmt_bytes(data.get('rollback_bytes_sent') or 0)}")
+    if agreement_line(data):
+        parts.append(agreement_line(data))
     return parts
 
 
@@ -141,6 +144,12 @@ def rollout_model(
         "--supersede", help="move the devices a running rollout of this model covers to this "
         "one (refused otherwise); its other devices stay in it")] = False,
     variant: VariantOpt = None,
+    prefer: Annotated[str | None, typer.Option(
+        "--prefer", help="choose each device's variant by selection: latency | size | "
+        "accuracy (its portrait and benchmarks; devices no variant fits are skipped)")] = None,
+    min_agreement: Annotated[str | None, typer.Option(
+        "--min-agreement", help="trial: roll back a model whose answers agree with the "
+        "previous version's on less than this share of sampled requests, e.g. 98%")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a rollout; a running `fleetctl server` delivers it wave by wave."""
@@ -149,7 +158,8 @@ def rollout_model(
         health_window=health_window, max_error_rate=max_error_rate, max_p95_ratio=max_p95_ratio,
         p95_slack_ms=p95_slack_ms, max_concurrent=max_concurrent, max_attempts=max_attempts,
         retry_backoff=retry_backoff, state_timeout=state_timeout, bandwidth=bandwidth,
-        allow_io_change=allow_io_change, variant=variant)
+        allow_io_change=allow_io_change, variant=variant, prefer=prefer,
+        min_agreement=min_agreement)
     with open_store() as store:
         with store.session() as s:
             started = start_rollout(s, spec, group, actor(), policy=policy,
@@ -158,11 +168,15 @@ def rollout_model(
             took_over = [{"rollout": o.rollout_id, "devices": len(o.devices), "left": o.others}
                          for o in started.took_over]
             summary = [o.summary() for o in started.took_over]
+            unfit = started.incompatible_line()
         if not as_json:
+            if unfit:
+                console.print(unfit)
             console.print("; ".join([f"rollout {rollout_id} started", *summary]))
         if not wait:
             if as_json:
-                print_json({"id": rollout_id, "took_over": took_over})
+                print_json({"id": rollout_id, "took_over": took_over,
+                            "incompatible": started.incompatible})
             return
         _wait(store, rollout_id, parse_duration(timeout), quiet=as_json)
         with store.read() as s:
