@@ -152,3 +152,62 @@ def test_when_both_cannot_be_held_the_previous_models_recorded_answers_judge(
     assert "recorded answers" in ev.reason, ev.reason
     assert ev.health["agreement_samples"] == 30
     assert ev.health["agreement_ppm"] < 980_000
+
+
+def test_rollout_model_min_agreement_gates_each_device_and_status_shows_it_per_wave(
+        lab, digits, tmp_path):
+    """End to end: `fleetctl server`, two `fleet-agent`s under live traffic, `fleetctl rollout
+    model --min-agreement 98%`: the faithful INT8 version passes on every device (canary, then
+    the rest), the rotated one is rolled back by the gate on the canary (the rollout pauses),
+    and `rollout status` shows agreement per wave."""
+    import json
+
+    from tests.harness.fleetlab import wait_for
+
+    lab.env["FLEET_TOPIC_PREFIX"] = "gate/v1"  # the session broker is shared
+    lab.fleetctl("init")
+    for version, path in (("v1", digits["v1"]), ("v2", digits["int8"]), ("v3", digits["rotated"])):
+        lab.fleetctl("model", "add", "detector", version, str(path))
+    lab.fleetctl("group", "create", "lab", "--match", "site=lab")
+    lab.start_server()
+    devices = ("gate-a", "gate-b")
+    for d in devices:
+        lab.start_agent(d, {"site": "lab"})
+    wait_for(lambda: lab.online_devices() >= set(devices), 30, "agents online")
+    fast = ("--health-window", "4s", "--max-p95-ratio", "off", "--retry-backoff", "1s",
+            "--min-agreement", "98%", "--canary", "1", "--wait", "--timeout", "120s")
+    first = lab.fleetctl("rollout", "model", "v1", "--group", "lab", *fast, check=False)
+    assert first.returncode == 0, first.stdout + first.stderr
+    from tests.harness.fleetlab import wait_port
+
+    for d in devices:
+        wait_port(lab.api_ports[d])
+    traffic = [Traffic(lab.api_ports[d], digits["x"]) for d in devices]
+    for t in traffic:
+        t.__enter__()
+    try:
+        good = lab.fleetctl("rollout", "model", "v2", "--group", "lab", *fast, check=False)
+        assert good.returncode == 0, good.stdout + good.stderr
+        bad = lab.fleetctl("rollout", "model", "v3", "--group", "lab", *fast,
+                           "--max-attempts", "1", "--on-failure", "pause", check=False)
+    finally:
+        for t in traffic:
+            t.__exit__()
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    rollouts = {r["version"]: r for r in lab.fleetctl_json("rollout", "list")}
+    passed = json.loads(lab.fleetctl("rollout", "status", str(rollouts["v2"]["id"]),
+                                     "--json").stdout)
+    assert passed["state"] == "completed"
+    assert passed["policy"]["health"]["min_agreement_ppm"] == 980_000
+    assert [a["wave"] for a in passed["agreement"]] == [0, 1]  # the canary, then the rest
+    assert all(a["min_ppm"] >= 980_000 for a in passed["agreement"]), passed["agreement"]
+    gated = json.loads(lab.fleetctl("rollout", "status", str(rollouts["v3"]["id"]),
+                                    "--json").stdout)
+    canary = next(t for t in gated["targets"] if t["wave"] == 0)
+    assert canary["state"] == "rolled_back" and "output agreement" in canary["reason"], canary
+    assert gated["agreement"][0]["max_ppm"] < 980_000
+    human = lab.fleetctl("rollout", "status", str(rollouts["v3"]["id"])).stdout
+    assert "agreement with the previous version: wave 1" in " ".join(human.split())
+    assert all(not t.failures for t in traffic)
+    for d in devices:  # the canary rolled back, the rest never left v2 (paused)
+        assert lab.agent_status(d)[0]["version"] == "v2"
