@@ -13,6 +13,11 @@ same instant. A replica that takes over re-sends the manifests already recorded 
 the old owner may have died between its commit and its publish (agents ignore a manifest they
 already have).
 
+With ``--prefer`` (``policy.prefer``) the selection inputs of the devices a tick may plan
+(portraits, own benchmarks, their types' baselines) are loaded once per tick in a fixed number
+of queries (``fleet.portraits.selecting_for``) and handed to the engine on each
+``DeviceView.selecting``.
+
 A blob of the server's own store that does not hash to its name is never shipped (see
 ``store.BlobVerifier``); verdicts are asked lazily, once per blob and tick, only for what
 planning looks at. Each corruption is logged once, with what depends on the blob.
