@@ -161,6 +161,29 @@ def make_int8_variant(src: Path | str, dst: Path | str) -> Path:
     return dst
 
 
+def make_permuted_classes(src: Path | str, dst: Path | str, classes: tuple[int, ...] = (0, 1, 2)
+                          ) -> Path:
+    """A copy of an ONNX classifier whose last layer's columns (weights and bias) for
+    ``classes`` are rotated: it answers class ``classes[i+1]`` where the source answered
+    ``classes[i]``, so it disagrees on every input whose top class is one of them (about
+    ``len(classes)`` tenths of a balanced ten-class set). The same graph, shapes and size."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    last = max(int(n.split(".")[0][2:]) for n in inits if n.startswith("fc"))
+    order = list(classes[1:]) + [classes[0]]
+    for name in (f"fc{last}.weight", f"fc{last}.bias"):
+        a = numpy_helper.to_array(inits[name]).copy()
+        a[..., list(classes)] = a[..., order]
+        inits[name].CopyFrom(numpy_helper.from_array(a, name))
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
 def make_incompressible_onnx_model(path: Path | str, *, seed: int = 0,
                                    size_mb: float = 0.1) -> Path:
     """Write an ONNX model zstd cannot shrink: ``output = input + noise`` over uint8 vectors,

@@ -583,3 +583,48 @@ def test_a_partial_snapshot_decides_what_the_whole_one_does_and_counters_match(s
         assert {k: v for k, v in counts.items() if v} == engine.count_targets(world.values())
         if rng.random() < 0.3:
             rstate = rng.choice([R.RUNNING, R.PAUSED, R.ROLLING_BACK])
+
+
+# -- selection in dispatch (--prefer) ---------------------------------------------------------
+INT8 = VariantOption(8, "int8", "onnx", "int8", "5" * 64, 300)
+
+
+def selecting(memory_bytes: int, measured: dict[str, tuple[int, int]]):
+    """A ``Selecting`` for a device with this much memory and these (p50_us, rss) per sha."""
+    from deltafleet.server.planner import Selecting
+    from deltafleet.server.selection import DeviceFacts, Figures, Objective, variant_facts
+
+    facts = {o.variant_id: variant_facts(o, {}) for o in (OPT, INT8)}
+    own = {sha: Figures(p50, p50 * 2, 1, rss) for sha, (p50, rss) in measured.items()}
+    return Selecting(DeviceFacts("x", "edge", ONNX, frozenset({"cpu"}), memory_bytes, 1 << 34),
+                     facts, Objective("latency"), own, {})
+
+
+def test_with_prefer_dispatch_sends_the_variant_selection_chose():
+    measured = {V2: (100, 40 << 20), INT8.sha256: (300, 10 << 20)}
+    big = replace(device("big"), selecting=selecting(8 << 30, measured))
+    small = replace(device("small"), selecting=selecting(20 << 20, measured))
+    s = replace(snap([target("big"), target("small")], [big, small]),
+                options=(OPT, INT8))
+    out = engine.step(s, NOW)
+    assert {d.device_id: d.option.name for d in of(Dispatch, out)} == {
+        "big": "default", "small": "int8"}
+    assert {d.device_id: d.kind for d in of(Dispatch, out)} == {"big": "delta", "small": "full"}
+
+
+def test_a_device_no_variant_fits_is_skipped_with_the_selections_reason_and_never_notified():
+    tiny = replace(device("tiny"), selecting=selecting(4 << 20, {V2: (100, 40 << 20),
+                                                                 INT8.sha256: (300, 10 << 20)}))
+    out = engine.step(replace(snap([target("tiny")], [tiny]), options=(OPT, INT8)), NOW)
+    assert not of(Dispatch, out)
+    state, reason = sets(out)["tiny"]
+    assert state == T.SKIPPED and "memory" in reason
+
+
+def test_a_pinned_variant_wins_over_selection():
+    small = replace(device("small"), selecting=selecting(20 << 20, {
+        V2: (100, 40 << 20), INT8.sha256: (300, 10 << 20)}))
+    s = replace(snap([target("small")], [small], policy=replace(POLICY, variant="default")),
+                options=(OPT, INT8))
+    (d,) = of(Dispatch, engine.step(s, NOW))
+    assert d.option.name == "default"

@@ -13,7 +13,9 @@ A held request waits (up to ``hold_timeout_s``), it is never failed because of a
 primary is missing or raises, the fallback model answers and the response says so.
 
 Every primary request is counted on its session (requests, errors, latency samples) so the
-trial can judge a new version on live traffic; the last N results go to a ring buffer.
+trial can judge a new version on live traffic; during a trial with an agreement gate each
+answer is also offered to the session's shadow (``latency.Shadow``: a bounded, sampled queue
+the previous model works off the request path); the last N results go to a ring buffer.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class Session:
         self.version = version
         self.sha256 = sha256
         self.stats = SessionStats()
+        # the agreement gate's shadow during this session's trial (``latency.Shadow.offer``):
+        # handed each answer it gives; it returns at once and never raises
+        self.shadow: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None
         self._inflight = 0
         self._cond = threading.Condition()
 
@@ -315,6 +320,9 @@ class Serving:
                     primary_error = str(e)
                 else:
                     session.stats.record(int((time.perf_counter() - t_run) * 1e6), True)
+                    shadow = session.shadow
+                    if shadow is not None:
+                        shadow(feeds, outputs)
                     p = Prediction(name, session.version, session.sha256, None, outputs,
                                    int((time.perf_counter() - t0) * 1e6))
                     if record:

@@ -8,8 +8,11 @@ failed, during the gap). Either way the journal's ``activating`` step and state.
 written between load + IO check + warm-up and the flip.
 
 Trial: the previous version stays loaded beside the new one when memory allows, for paired
-latency probes at the end of the window (``latency.sample_pairs``); too few requests are
-topped up with golden/zero probes; ``trial.evaluate`` judges.
+latency probes at the end of the window (``latency.sample_pairs``) and, with an agreement gate
+(``min_agreement_ppm``), for the shadow that reruns a sample of live requests on it
+(``latency.Shadow``); when a cold swap had to unload it, its answers on the golden inputs are
+recorded first and the new model is compared with those. Too few requests are topped up with
+golden/zero probes; ``trial.evaluate`` judges.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from deltafleet.shared import HealthPolicy, Manifest, sha256_file
 
 from .config import AgentConfig
 from .errors import ModelRuntimeError, UpdateRejected
-from .latency import output_agreement, sample_pairs
+from .latency import Shadow, compare_outputs, recorded_agreement, sample_pairs
 from .profile import mem_available_bytes
 from .runtime import LoadedModel, load_model
 from .serving import (
@@ -39,7 +42,7 @@ from .serving import (
     probe_feeds,
 )
 from .store import InstalledModel, LocalStore
-from .trial import MIN_PAIRS, Verdict, evaluate
+from .trial import MIN_PAIRS, Agreement, Verdict, evaluate
 
 log = logging.getLogger(__name__)
 PROBE_BUDGET_S = 5.0
@@ -54,6 +57,10 @@ class TrialRun:
     golden: list[Any] = field(default_factory=list)
     partner: Session | None = None  # the previous version, kept loaded for paired probes
     unjudged: str = ""  # why latency cannot be judged although the policy asks for it
+    shadow: Shadow | None = None  # the agreement gate's sampler of live requests
+    # (inputs, outputs) of the previous version on the golden inputs, taken before a cold
+    # swap unloaded it: the agreement gate's reference when both cannot be held
+    recorded: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
 
 
 def golden_of(m: Manifest) -> list[Any]:
@@ -67,6 +74,9 @@ class Swapper:
     def __init__(self, cfg: AgentConfig, store: LocalStore, serving: Serving,
                  soft: Callable[..., bool]) -> None:
         self.cfg, self.store, self.serving, self._soft = cfg, store, serving, soft
+        # per model: the previous version's answers on the golden inputs, taken before a
+        # cold swap unloaded it (the agreement gate's reference; ``TrialRunner.start``)
+        self.recorded: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
 
     def load_verified(self, inst: InstalledModel) -> LoadedModel:
         path = self.store.model_path(inst.sha256, inst.format)
@@ -141,6 +151,8 @@ class Swapper:
             session = Session(model, m.version, m.target_sha256)
             return session, self.serving.slot(m.model).flip(session)
         log.info("cold swap of %s: unloading %s first", m.model, old.version)
+        if HealthPolicy.from_manifest(m.health_policy).judges_agreement and golden:
+            self.recorded[m.model] = record_outputs(old.model, golden)
         slot = self.serving.slot(m.model)
         slot.close_gap()
         try:
@@ -223,7 +235,13 @@ class TrialRunner:
         policy = HealthPolicy.from_manifest(m.health_policy, self.defaults)
         partner, unjudged = self._pairing_partner(policy, session, kept, previous,
                                                   may_load=may_load)
-        self.runs[m.model] = TrialRun(m, session, policy, golden_of(m), partner, unjudged)
+        recorded = self.swapper.recorded.pop(m.model, [])
+        shadow = None
+        if policy.judges_agreement and partner is not None:
+            shadow = Shadow(partner.model, name=f"shadow-{m.model}")
+            session.shadow = shadow.offer
+        self.runs[m.model] = TrialRun(m, session, policy, golden_of(m), partner, unjudged,
+                                      shadow, recorded)
         return True
 
     def _pairing_partner(self, policy: HealthPolicy, new: Session, kept: Session | None,
@@ -234,7 +252,7 @@ class TrialRunner:
         it, by the swap's own rule); else None and why latency cannot be judged."""
         why = ""
         sw = self.swapper
-        if not policy.judges_latency:
+        if not policy.judges_latency and not policy.judges_agreement:
             why = "off"
         elif kept is None:
             if previous is None:
@@ -263,35 +281,85 @@ class TrialRunner:
             return None
         stats = trial.session.stats
         pairs: list[tuple[int, int]] = []
-        agreement: int | None = None
+        golden_agree: tuple[float, int] = (0.0, 0)
         if final:
             if trial.partner is not None:  # interleaved old/new calls on the same inputs
                 feeds_list = probe_feeds(trial.session.model, trial.golden)
-                pairs = sample_pairs(trial.partner.model, trial.session.model, feeds_list,
-                                     max(trial.policy.min_requests, MIN_PAIRS),
-                                     budget_s=PAIR_BUDGET_S, on_new=stats.record)
-                # reported (telemetry, the event's health figures), never judged
-                agreement = output_agreement(trial.partner.model, trial.session.model,
+                if trial.policy.judges_latency:
+                    pairs = sample_pairs(trial.partner.model, trial.session.model, feeds_list,
+                                         max(trial.policy.min_requests, MIN_PAIRS),
+                                         budget_s=PAIR_BUDGET_S, on_new=stats.record)
+                golden_agree = _agreement_on(trial.partner.model, trial.session.model,
                                              feeds_list)
+            elif trial.recorded:
+                golden_agree = recorded_agreement(trial.session.model, trial.recorded)
             requests, _, _ = stats.snapshot()
             if requests < trial.policy.min_requests:
                 probe(trial.session.model, trial.golden,
                       trial.policy.min_requests - requests, trial.session)
+            if trial.shadow is not None:
+                trial.shadow.wait_idle()
+        agreement = _agreement(trial, golden_agree)
         requests, errors, _ = stats.snapshot()
         verdict = evaluate(requests, errors, trial.policy, final=final, pairs=pairs,
-                           unjudged=trial.unjudged)
-        if verdict is not None and agreement is not None:
-            verdict.figures["agreement_ppm"] = agreement
+                           unjudged=trial.unjudged, agreement=agreement)
         return verdict
 
     def end(self, model: str, *, close_partner: bool) -> Session | None:
         """Forget the trial of ``model``; its partner (closed, or returned for a rollback)."""
         trial = self.runs.pop(model, None)
+        if trial is not None and trial.shadow is not None:
+            trial.session.shadow = None
+            trial.shadow.stop()
         partner = trial.partner if trial else None
         if close_partner and partner is not None:
             partner.drain_and_close()
             return None
         return partner
+
+
+def _agreement_on(old: LoadedModel, new: LoadedModel,
+                  feeds_list: list[dict[str, Any]]) -> tuple[float, int]:
+    agree, total = 0.0, 0
+    for feeds in feeds_list:
+        try:
+            got, n = compare_outputs(old.run(feeds), new.run(feeds))
+        except ModelRuntimeError:
+            continue
+        agree, total = agree + got, total + n
+    return agree, total
+
+
+def _agreement(trial: TrialRun, golden: tuple[float, int]) -> Agreement | None:
+    """What the trial measured of output agreement: shadowed live requests plus golden inputs
+    (beside the previous model, or against its recorded answers). None when nothing was
+    compared."""
+    agree, compared = golden
+    samples = compared and len(trial.golden) or 0
+    source = "golden inputs" if not trial.recorded or trial.partner else \
+        "golden inputs against the previous version's recorded answers"
+    if trial.shadow is not None:
+        s_agree, s_compared, s_samples = trial.shadow.counts()
+        agree, compared, samples = agree + s_agree, compared + s_compared, samples + s_samples
+        source = "shadowed live requests and golden inputs"
+        dropped = trial.shadow.dropped
+    else:
+        dropped = 0
+    if not compared:
+        return None
+    return Agreement(int(round(1_000_000 * agree / compared)), samples, source, dropped)
+
+
+def record_outputs(model: LoadedModel, golden: list[dict[str, Any]]
+                   ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The model's answers on the golden inputs (before it is unloaded)."""
+    out = []
+    for feeds in golden:
+        try:
+            out.append((feeds, model.run(feeds)))
+        except ModelRuntimeError:
+            continue
+    return out
 
 
 def probe(model: LoadedModel, golden: list[Any], n: int, session: Session | None) -> list[int]:

@@ -7,6 +7,9 @@ The manifest's ``health_policy`` (integers) sets the bar:
                          latency on the same inputs (0 or less = latency not judged)
     min_requests         fewest samples to judge on; the agent tops up with golden/zero probes
     p95_slack_us         (optional) a latency rise smaller than this is never a breach
+    min_agreement_ppm    (optional) the agreement gate: the new version's answers must agree
+                         with the previous one's on at least this share of what was compared
+                         (0 or missing = not judged)
 
 Missing keys take the agent's defaults (``AgentConfig.trial_*``, which default to
 :class:`deltafleet.shared.HealthPolicy`'s).
@@ -24,6 +27,13 @@ test: the k-th smallest of n values, with k from the Binomial(n, 1/2) tail), so 
 assumption about the shape of the noise. The key keeps its historical name (``p95``): the
 policy value is the allowed slowdown; how it is measured is described here and in
 docs/agent.md.
+
+Agreement is measured on a sample of live requests rerun on the previous model off the request
+path (``latency.Shadow``) plus the golden inputs at the end of the window (run on both models,
+or compared with the previous model's answers recorded before a cold swap unloaded it). Top-1
+for classifiers, relative deviation otherwise (``latency.compare_outputs``). The gate breaks
+early once ``MIN_AGREEMENT_SAMPLES`` requests were compared and the share is below the bar; at
+the end of the window it judges on whatever was compared.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from typing import Any
 
 from deltafleet.shared.contracts import HealthPolicy
 
+MIN_AGREEMENT_SAMPLES = 20  # compared requests before the gate may end a trial early
 LATENCY_CONFIDENCE = 0.99  # one-sided, for the median ratio and rise of paired latencies
 MIN_PAIRS = 50  # pairs the agent asks for (at least min_requests); fewer if its budget ends
 
@@ -115,6 +126,20 @@ def compare_latency(pairs: Sequence[tuple[int, int]],
 
 
 @dataclass(frozen=True, slots=True)
+class Agreement:
+    """Output agreement of the new version with the previous one, as measured in a trial."""
+
+    ppm: int  # agreeing share of the compared outputs, parts per million
+    samples: int  # inputs compared (shadowed requests + golden inputs)
+    source: str  # what was compared, in words
+    dropped: int = 0  # shadow samples dropped because the shadow was behind
+
+    def figures(self) -> dict[str, int]:
+        return {"agreement_ppm": self.ppm, "agreement_samples": self.samples,
+                "shadow_dropped": self.dropped}
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     ok: bool
     reason: str
@@ -123,35 +148,46 @@ class Verdict:
 
 
 def evaluate(requests: int, errors: int, policy: HealthPolicy, *, final: bool,
-             pairs: Sequence[tuple[int, int]] = (), unjudged: str = "") -> Verdict | None:
+             pairs: Sequence[tuple[int, int]] = (), unjudged: str = "",
+             agreement: Agreement | None = None) -> Verdict | None:
     """Judge a trial. Returns None while undecided (not ``final`` and no breach yet).
 
     ``requests``/``errors`` count every call on the new version (applications' requests and
     the agent's probes); ``pairs`` are ``(old_us, new_us)`` latencies of interleaved calls on
     the same inputs. ``unjudged`` says why there are no pairs although the policy judges
-    latency (it goes into the reason of a passing verdict)."""
+    latency (it goes into the reason of a passing verdict). ``agreement``: what the trial
+    measured of output agreement (always reported; judged when the policy has a gate)."""
     figures: dict[str, Any] = {
         "requests": requests, "errors": errors,
         "error_rate_ppm": (errors * 1_000_000 // requests) if requests else 0,
     }
+    if agreement is not None:
+        figures.update(agreement.figures())
     if requests >= policy.min_requests and figures["error_rate_ppm"] > policy.max_error_rate_ppm:
         return Verdict(False, f"error rate {figures['error_rate_ppm']} ppm > "
                               f"{policy.max_error_rate_ppm} ppm ({errors}/{requests} requests)",
                        figures)
+    breach = _disagrees(policy, agreement, final=final)
+    if breach:
+        return Verdict(False, breach, figures)
     if not final:
         return None
     if requests == 0:
         return Verdict(False, "no request could be judged", figures)
     if requests < policy.min_requests and errors * 1_000_000 > policy.max_error_rate_ppm * requests:
         return Verdict(False, f"{errors}/{requests} requests failed", figures)
+    notes = []
+    if policy.judges_agreement and agreement is None:
+        notes.append("agreement not judged: nothing compared with the previous version ("
+                     + (unjudged or "no previous version loaded") + ")")
     if not policy.judges_latency:
-        return Verdict(True, "within policy (latency not judged: off)", figures,
-                       "latency not judged: off")
+        notes.insert(0, "latency not judged: off")
+        return Verdict(True, f"within policy ({'; '.join(notes)})", figures, "; ".join(notes))
     cmp = compare_latency(pairs)
     if cmp is None:
         why = unjudged or f"{len(pairs)} latency pairs are too few for a bound"
-        return Verdict(True, f"within policy (latency not judged: {why})", figures,
-                       f"latency not judged: {why}")
+        notes.insert(0, f"latency not judged: {why}")
+        return Verdict(True, f"within policy ({'; '.join(notes)})", figures, "; ".join(notes))
     figures.update(cmp.figures())
     if cmp.ratio_low_pct > policy.max_p95_ratio_pct and cmp.rise_low_us > policy.p95_slack_us:
         return Verdict(False, f"latency {cmp.ratio_pct}% of the previous version's on the same "
@@ -159,4 +195,19 @@ def evaluate(requests: int, errors: int, policy: HealthPolicy, *, final: bool,
                               f"{LATENCY_CONFIDENCE:.0%} confidence) > "
                               f"{policy.max_p95_ratio_pct}% allowed; {cmp.pairs} interleaved "
                               f"pairs, p95 {cmp.new_p95_us} us vs {cmp.old_p95_us} us", figures)
+    if notes:
+        return Verdict(True, f"within policy ({'; '.join(notes)})", figures, "; ".join(notes))
     return Verdict(True, "within policy", figures)
+
+
+def _disagrees(policy: HealthPolicy, agreement: Agreement | None, *, final: bool) -> str:
+    """Why the agreement gate fails the trial, or "" (not judged, too few yet, or within)."""
+    if not policy.judges_agreement or agreement is None:
+        return ""
+    if not final and agreement.samples < MIN_AGREEMENT_SAMPLES:
+        return ""
+    if agreement.ppm >= policy.min_agreement_ppm:
+        return ""
+    return (f"output agreement {agreement.ppm / 10_000:.1f}% with the previous version < "
+            f"{policy.min_agreement_ppm / 10_000:g}% required ({agreement.samples} inputs "
+            f"compared: {agreement.source})")

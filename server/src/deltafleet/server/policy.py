@@ -17,6 +17,7 @@ from typing import Any
 from deltafleet.shared import ROLLOUT_HEALTH, HealthPolicy
 
 from .errors import UsageError
+from .selection import OBJECTIVES
 
 ON_FAILURE = ("pause", "abort", "rollback")
 
@@ -97,15 +98,35 @@ def parse_pct(text: str, what: str) -> float:
     return float(m.group(1))
 
 
+def parse_agreement(text: str | None) -> int:
+    """``--min-agreement``: '98%' / '98' -> 980000 ppm; None, 'off', '0' -> 0 (not judged)."""
+    if text is None or text.strip().lower() in LATENCY_OFF:
+        return 0
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%?\s*", text)
+    if not m or not 0 <= float(m.group(1)) <= 100:
+        raise UsageError(f"invalid --min-agreement {text!r}: use a percentage such as 98%, "
+                         "or off")
+    return round(float(m.group(1)) * 10_000)
+
+
+def parse_prefer(text: str | None) -> str | None:
+    """``--prefer``: one of ``selection.OBJECTIVES`` (None: choose by format, as before)."""
+    if text is None or not text.strip():
+        return None
+    if text.strip() not in OBJECTIVES:
+        raise UsageError(f"invalid --prefer {text!r}: use one of {', '.join(OBJECTIVES)}")
+    return text.strip()
+
+
 def health_from_options(*, max_error_rate: str, max_p95_ratio: str, p95_slack_ms: float,
-                        min_requests: int) -> HealthPolicy:
+                        min_requests: int, min_agreement: str | None = None) -> HealthPolicy:
     """The trial limits signed into manifests, from operator input."""
     if min_requests < 1:
         raise UsageError("the trial's minimum number of requests must be at least 1")
     return HealthPolicy(
         max_error_rate_ppm=int(parse_pct(max_error_rate, "--max-error-rate") * 10_000),
         max_p95_ratio_pct=parse_latency_ratio(max_p95_ratio), min_requests=min_requests,
-        p95_slack_us=int(p95_slack_ms * 1000))
+        p95_slack_us=int(p95_slack_ms * 1000), min_agreement_ppm=parse_agreement(min_agreement))
 
 
 def _health_options(policy: HealthPolicy) -> dict[str, Any]:
@@ -138,6 +159,9 @@ class RolloutPolicy:
     allow_io_change: bool = False  # devices accept a model whose inputs/outputs differ
     health: HealthPolicy = ROLLOUT_HEALTH  # trial limits signed into every manifest
     variant: str | None = None  # --variant: pin this variant for every device that can load it
+    # --prefer latency|size|accuracy: choose each device's variant by selection (portraits,
+    # benchmarks; docs/portraits.md); None: by format, as before
+    prefer: str | None = None
 
     def __post_init__(self) -> None:
         if self.on_failure not in ON_FAILURE:
@@ -146,6 +170,8 @@ class RolloutPolicy:
             parse_count_or_pct(self.canary, "canary")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise UsageError("--max-concurrent must be at least 1")
+        if self.prefer is not None:
+            parse_prefer(self.prefer)
 
     @classmethod
     def from_options(
@@ -158,6 +184,7 @@ class RolloutPolicy:
         max_concurrent: int | None = None, max_attempts: int = 3, retry_backoff: str = "30s",
         state_timeout: str = "600s", bandwidth: str | None = None,
         allow_io_change: bool = False, variant: str | None = None,
+        prefer: str | None = None, min_agreement: str | None = None,
     ) -> RolloutPolicy:
         """A policy from operator input as `fleetctl rollout model` takes it (UsageError on
         anything invalid)."""
@@ -169,17 +196,20 @@ class RolloutPolicy:
             state_timeout_s=parse_duration(state_timeout),
             bandwidth_bytes_per_s=parse_rate(bandwidth) if bandwidth else None,
             allow_io_change=allow_io_change, variant=(variant or "").strip() or None,
+            prefer=parse_prefer(prefer),
             health=health_from_options(max_error_rate=max_error_rate,
                                        max_p95_ratio=max_p95_ratio,
-                                       p95_slack_ms=p95_slack_ms, min_requests=min_requests),
+                                       p95_slack_ms=p95_slack_ms, min_requests=min_requests,
+                                       min_agreement=min_agreement),
         )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["waves"] = list(self.waves)
         d["health"] = self.health.to_wire()
-        if self.variant is None:  # the stored form of an unpinned rollout is as it was
-            del d["variant"]
+        for key in ("variant", "prefer"):  # left out when unset: stored forms stay as they were
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod

@@ -20,7 +20,15 @@ from sqlalchemy.orm import Session
 from . import catalog, fleet
 from .audit import audit
 from .errors import NotFoundError, UsageError
-from .planner import BlobProblem, PlanKind, all_intact, choose_variant, plan_target, size_text
+from .planner import (
+    BlobProblem,
+    PlanKind,
+    all_intact,
+    choose_variant,
+    plan_target,
+    select_choice,
+    size_text,
+)
 from .policy import RolloutPolicy, assign_waves
 from .rollout.engine import clock
 from .rollout.sql import load_deltas, running_models
@@ -89,6 +97,15 @@ class Overlap:
 class Started:
     rollout: Rollout
     took_over: tuple[Overlap, ...] = ()
+    incompatible: int = 0  # devices of the group no variant fits: skipped, never notified
+
+    def incompatible_line(self) -> str:
+        """One line for `rollout model` (empty when every device can take the version)."""
+        n = self.incompatible
+        if not n:
+            return ""
+        return (f"{n} device(s) incompatible (no variant fits): skipped, never notified; see "
+                f"`fleetctl rollout status {self.rollout.id}` for why")
 
 
 def overlaps(s: Session, model_id: int, device_ids: list[str]) -> list[Overlap]:
@@ -186,16 +203,42 @@ def start_rollout(s: Session, spec: str, group_name: str, actor: str, *,
     for o in found:
         _take_over(s, o, r.id, actor, now)
     waves = assign_waves([d.id for d in devices], policy)
+    unfit = incompatible(s, version, devices, policy)
     for d in devices:
-        s.add(RolloutTarget(rollout_id=r.id, device_id=d.id, state=TargetState.PENDING.value,
-                            reason="",
+        why = unfit.get(d.id)
+        s.add(RolloutTarget(rollout_id=r.id, device_id=d.id,
+                            state=(TargetState.SKIPPED if why else TargetState.PENDING).value,
+                            reason=f"incompatible: {why}" if why else "",
                             wave=waves[d.id], attempts=0, health={}, updated_at=now))
     model = s.get(Model, version.model_id)
     audit(s, actor, "rollout.create", f"rollout/{r.id}",
           {"model": model.name if model else None, "version": version.version,
            "group": group_name, "devices": len(devices), "policy": policy.to_json(),
-           "took_over": {str(o.rollout_id): len(o.devices) for o in found}})
-    return Started(r, tuple(found))
+           "took_over": {str(o.rollout_id): len(o.devices) for o in found},
+           "incompatible": len(unfit)})
+    return Started(r, tuple(found), len(unfit))
+
+
+def incompatible(s: Session, version: ModelVersion, devices: list[Device],
+                 policy: RolloutPolicy) -> dict[str, str]:
+    """Device id -> why no variant of ``version`` fits it, by the rollout's rule: the pin,
+    else selection (``--prefer``: constraints on portraits and figures), else format. These
+    targets start skipped: they are never notified."""
+    if not devices:
+        return {}
+    options = catalog.variant_options(s, version.id)
+    running = running_models(s, _model_name(s, version), [d.id for d in devices])
+    selecting = (select_for(s, version.id, options, devices, policy.prefer)
+                 if policy.prefer and policy.variant is None else {})
+    out = {}
+    for d in devices:
+        now_runs = running.get(d.id)
+        choice = (select_choice(selecting[d.id], options) if d.id in selecting else
+                  choose_variant(dict(d.runtimes or {}), now_runs.variant if now_runs else None,
+                                 options, policy.variant))
+        if choice.variant is None:
+            out[d.id] = choice.reason
+    return out
 
 
 def _check_pin(s: Session, version: ModelVersion, variant: str, devices: list[Device],
@@ -310,20 +353,14 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
 def select_for(s: Session, version_id: int, options: list, devices: list,
                prefer: str) -> dict[str, Any]:
     """Per device id the planner's ``Selecting`` (``--prefer``; docs/portraits.md)."""
-    from .fleet.portraits import selection_inputs  # noqa: PLC0415
-    from .planner import Selecting  # noqa: PLC0415
-    from .selection import Objective, variant_facts  # noqa: PLC0415
+    from .fleet.portraits import selecting_for  # noqa: PLC0415
+    from .selection import Objective  # noqa: PLC0415
 
     try:
         objective = Objective(prefer)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    infos: dict[int, Any] = dict(s.execute(select(Variant.id, Variant.info)
-                           .where(Variant.version_id == version_id)).all())
-    facts = {o.variant_id: variant_facts(o, infos.get(o.variant_id)) for o in options}
-    device_facts, own, base = selection_inputs(s, devices)
-    return {d.id: Selecting(device_facts[d.id], facts, objective, own.get(d.id), base)
-            for d in devices}
+    return selecting_for(s, version_id, options, devices, objective)
 
 
 def type_plans(selecting: dict[str, Any], options: list) -> tuple[dict[str, Any],
@@ -396,9 +433,13 @@ def rollout_json(s: Session, r: Rollout, *, with_targets: bool = True) -> dict[s
     ).all()
     counts: dict[str, int] = {}
     targets = []
+    agreement: dict[int, list[int]] = {}
     sent = full = planned = rollback_sent = 0
     for t, variant, running_sha, online, last_seen in rows:
         counts[t.state] = counts.get(t.state, 0) + 1
+        agreed = (t.health or {}).get("agreement_ppm")
+        if isinstance(agreed, int) and not isinstance(agreed, bool):
+            agreement.setdefault(t.wave, []).append(agreed)
         if t.bytes_sent is not None:
             sent += t.bytes_sent
             full += t.full_bytes or 0
@@ -430,10 +471,19 @@ def rollout_json(s: Session, r: Rollout, *, with_targets: bool = True) -> dict[s
         "finished_at": r.finished_at.isoformat() if r.finished_at else None,
         "counts": counts, "bytes_sent": sent, "full_bytes": full, "planned_bytes": planned,
         "rollback_bytes_sent": rollback_sent,
+        "agreement": [_wave_agreement(w, v) for w, v in sorted(agreement.items())],
     }
     if with_targets:
         out["targets"] = targets
     return out
+
+
+def _wave_agreement(wave: int, ppm: list[int]) -> dict[str, Any]:
+    """Output agreement with the previous version in one wave, from its devices' trial
+    reports (``agreement_ppm``: shadowed live requests and golden inputs; docs/agent.md)."""
+    ordered = sorted(ppm)
+    return {"wave": wave, "devices": len(ordered), "min_ppm": ordered[0],
+            "median_ppm": ordered[len(ordered) // 2], "max_ppm": ordered[-1]}
 
 
 def _rollback_note(t: RolloutTarget) -> str:

@@ -61,6 +61,10 @@ class HealthPolicy:
     version's latency at most this % of the previous one's on the same inputs (0 = latency not
     judged). ``min_requests``: fewest samples to judge on (the agent tops up with probes).
     ``p95_slack_us``: a latency rise smaller than this never counts.
+    ``min_agreement_ppm``: the agreement gate: the share (parts per million) of sampled live
+    requests and golden inputs on which the new version's answer agrees with the previous
+    one's (top-1 for classifiers, relative deviation otherwise); 0 = not judged. Left out of
+    the wire form when 0, so manifests without a gate read as they always did.
 
     The class defaults are the one set of defaults: what a device applies to a key its
     manifest leaves out (``AgentConfig.trial_*`` take them). They are the device's historical
@@ -76,15 +80,23 @@ class HealthPolicy:
     max_p95_ratio_pct: int = 0
     min_requests: int = 20
     p95_slack_us: int = 1_000
+    min_agreement_ppm: int = 0
 
     @property
     def judges_latency(self) -> bool:
         return self.max_p95_ratio_pct > 0
 
+    @property
+    def judges_agreement(self) -> bool:
+        return self.min_agreement_ppm > 0
+
     def to_wire(self) -> dict[str, int]:
-        return {"max_error_rate_ppm": self.max_error_rate_ppm,
-                "max_p95_ratio_pct": self.max_p95_ratio_pct,
-                "min_requests": self.min_requests, "p95_slack_us": self.p95_slack_us}
+        d = {"max_error_rate_ppm": self.max_error_rate_ppm,
+             "max_p95_ratio_pct": self.max_p95_ratio_pct,
+             "min_requests": self.min_requests, "p95_slack_us": self.p95_slack_us}
+        if self.min_agreement_ppm:
+            d["min_agreement_ppm"] = self.min_agreement_ppm
+        return d
 
     @classmethod
     def from_wire(cls, d: Any) -> HealthPolicy:
@@ -100,6 +112,8 @@ class HealthPolicy:
                 raise WireError(f"health_policy.{key} is negative")
         if d.get("min_requests", 1) < 1:
             raise WireError("health_policy.min_requests must be at least 1")
+        if d.get("min_agreement_ppm", 0) > 1_000_000:
+            raise WireError("health_policy.min_agreement_ppm is above 1000000")
         return cls(**d)
 
     @classmethod
@@ -116,6 +130,8 @@ class HealthPolicy:
             max_p95_ratio_pct=max(0, int(policy.get("max_p95_ratio_pct", d.max_p95_ratio_pct))),
             min_requests=max(1, int(policy.get("min_requests", d.min_requests))),
             p95_slack_us=int(policy.get("p95_slack_us", d.p95_slack_us)),
+            min_agreement_ppm=min(1_000_000, max(0, int(policy.get("min_agreement_ppm",
+                                                                   d.min_agreement_ppm)))),
         )
 
 

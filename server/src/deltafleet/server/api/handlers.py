@@ -306,7 +306,8 @@ def remove_upload(path: Path) -> None:
 
 # -- rollouts --------------------------------------------------------------------------------
 POLICY_TEXT = ("canary", "waves", "max_failure", "on_failure", "health_window", "max_error_rate",
-               "max_p95_ratio", "retry_backoff", "state_timeout", "bandwidth", "variant")
+               "max_p95_ratio", "retry_backoff", "state_timeout", "bandwidth", "variant", "prefer",
+               "min_agreement")
 POLICY_NUMBER = {"p95_slack_ms": float, "max_concurrent": int, "max_attempts": int}
 POLICY_FLAG = ("allow_io_change",)
 
@@ -321,8 +322,8 @@ def _policy(body: Mapping[str, Any]) -> Any:
         if key in ("version", "group", "allow_empty", "supersede"):
             continue
         if key in POLICY_TEXT:
-            ok = isinstance(value, str) or (value is None
-                                            and key in ("canary", "bandwidth", "variant"))
+            ok = isinstance(value, str) or (value is None and key in (
+                "canary", "bandwidth", "variant", "prefer", "min_agreement"))
         elif key in POLICY_NUMBER:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             if ok and POLICY_NUMBER[key] is int:
@@ -379,8 +380,10 @@ def rollout_create(c: Call) -> dict[str, Any]:
                                 allow_empty=allow_empty, supersede=c.body.get("supersede") is True)
         rollout_id = started.rollout.id
         took_over = [o.to_json() for o in started.took_over]
+        incompatible, unfit = started.incompatible, started.incompatible_line()
     with c.store.read() as s:
-        return {**rollout_json(s, get_rollout(s, rollout_id)), "took_over": took_over}
+        return {**rollout_json(s, get_rollout(s, rollout_id)), "took_over": took_over,
+                "incompatible": incompatible, "incompatible_line": unfit}
 
 
 def rollout_action(action: str) -> Callable[[Call], dict[str, Any]]:

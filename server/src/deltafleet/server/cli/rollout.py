@@ -70,7 +70,17 @@ def _render(data: dict[str, Any], *, wide: bool = False) -> list[str]:
                      f"{fmt_bytes(data['full_bytes'])} full ({pct:.1f}%)")
     if any(t.get("rollback") for t in data["targets"]):
         parts.append(f"rollback sent {fmt_bytes(data.get('rollback_bytes_sent') or 0)}")
+    if agreement_line(data):
+        parts.append(agreement_line(data))
     return parts
+
+
+def agreement_line(data: dict[str, Any]) -> str:
+    """`rollout status`: agreement per wave in one line ("" when no device reported one)."""
+    parts = [f"wave {a['wave'] + 1} {a['median_ppm'] / 10_000:.1f}% "
+             f"(min {a['min_ppm'] / 10_000:.1f}%, {a['devices']} device(s))"
+             for a in data.get("agreement") or []]
+    return ("agreement with the previous version: " + "; ".join(parts)) if parts else ""
 
 
 def _note(t: dict[str, Any]) -> str:
@@ -144,6 +154,12 @@ def rollout_model(
         "--supersede", help="move the devices a running rollout of this model covers to this "
         "one (refused otherwise); its other devices stay in it")] = False,
     variant: VariantOpt = None,
+    prefer: Annotated[str | None, typer.Option(
+        "--prefer", help="choose each device's variant by selection: latency | size | "
+        "accuracy (its portrait and benchmarks; devices no variant fits are skipped)")] = None,
+    min_agreement: Annotated[str | None, typer.Option(
+        "--min-agreement", help="trial: roll back a model whose answers agree with the "
+        "previous version's on less than this share of sampled requests, e.g. 98%")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a rollout; a running `fleetctl server` delivers it wave by wave."""
@@ -152,7 +168,8 @@ def rollout_model(
         health_window=health_window, max_error_rate=max_error_rate, max_p95_ratio=max_p95_ratio,
         p95_slack_ms=p95_slack_ms, max_concurrent=max_concurrent, max_attempts=max_attempts,
         retry_backoff=retry_backoff, state_timeout=state_timeout, bandwidth=bandwidth,
-        allow_io_change=allow_io_change, variant=variant)
+        allow_io_change=allow_io_change, variant=variant, prefer=prefer,
+        min_agreement=min_agreement)
     timeout_s = parse_duration(timeout)
     if remote.active():  # the server parses the options, with the same rules and messages
         body = {k: v for k, v in options.items() if v is not None or k in ("canary", "bandwidth")}
@@ -161,6 +178,7 @@ def rollout_model(
             "supersede": supersede, **body})
         rollout_id, took_over = started["id"], started.get("took_over") or []
         summary = [o["summary"] for o in took_over]
+        incompatible, unfit = started.get("incompatible", 0), started.get("incompatible_line", "")
     else:
         from ..rollouts import start_rollout  # noqa: PLC0415
 
@@ -171,12 +189,16 @@ def rollout_model(
             rollout_id = begun.rollout.id
             took_over = [o.to_json() for o in begun.took_over]
             summary = [o.summary() for o in begun.took_over]
+            incompatible, unfit = begun.incompatible, begun.incompatible_line()
     if not as_json:
+        if unfit:
+            console.print(unfit)
         console.print("; ".join([f"rollout {rollout_id} started", *summary]))
     if not wait:
         if as_json:
             print_json({"id": rollout_id, "took_over": [
-                {k: o[k] for k in ("rollout", "devices", "left")} for o in took_over]})
+                {k: o[k] for k in ("rollout", "devices", "left")} for o in took_over],
+                "incompatible": incompatible})
         return
     _wait(rollout_id, timeout_s, quiet=as_json)
     data = _status(rollout_id)

@@ -27,8 +27,9 @@ from sqlalchemy.orm import Session
 from deltafleet.shared.messages import BenchResult, Portrait
 
 from ..guard import check_portrait
-from ..selection import DeviceFacts, Figures, device_type_of
-from ..store.models import BenchRequestRow, Device, DeviceBenchmark, DevicePortrait
+from ..planner import Selecting, VariantOption
+from ..selection import DeviceFacts, Figures, Objective, device_type_of, variant_facts
+from ..store.models import BenchRequestRow, Device, DeviceBenchmark, DevicePortrait, Variant
 
 __all__ = ["FIGURE_COLUMNS", "Baseline", "baselines", "device_benchmarks", "device_portrait_json",
            "fleet_devices", "portrait_of",
@@ -237,3 +238,18 @@ def selection_inputs(session: Session, devices: Sequence[Device]
     base = {(b.device_type, b.sha256): f for b in baselines(session)
             if b.device_type in types and (f := b.figures()) is not None}
     return facts, own, base
+
+
+def selecting_for(session: Session, version_id: int, options: Sequence[VariantOption],
+                  devices: Sequence[Device], objective: Objective) -> dict[str, Selecting]:
+    """Per device id the planner's ``Selecting`` for a version's variants: what `rollout plan
+    --prefer` and dispatch (``rollout.sql``, once per tick for the devices it loaded) hand
+    ``planner.plan_target``. A fixed number of queries, whatever the number of devices."""
+    if not devices:
+        return {}
+    infos: dict[int, Any] = dict(session.execute(
+        select(Variant.id, Variant.info).where(Variant.version_id == version_id)).all())
+    facts = {o.variant_id: variant_facts(o, infos.get(o.variant_id)) for o in options}
+    device_facts, own, base = selection_inputs(session, devices)
+    return {d.id: Selecting(device_facts[d.id], facts, objective, own.get(d.id), base)
+            for d in devices}

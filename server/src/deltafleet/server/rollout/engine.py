@@ -37,6 +37,9 @@ Rules:
   update's, so the rollout's delta figure survives a rollback.
 - A failure, a timeout and an abort name what the device was doing at the time (its state,
   whether it was online, how far it got: ``activity``).
+- With ``--prefer`` (``policy.prefer``) a device's variant is chosen by selection
+  (``DeviceView.selecting``: its portrait, benchmarks and its type's baseline); a device no
+  variant fits is skipped with the selection's reason and never notified. ``--variant`` wins.
 - A device waiting for a reason of its own (too little disk) keeps its state, with no
   deadline and no attempt used.
 - A blob of the server's own store that is not intact is never shipped: planning falls back
@@ -58,6 +61,7 @@ from ..planner import (
     DeltaOption,
     PlanKind,
     RunningModel,
+    Selecting,
     VariantOption,
     all_intact,
     full_artifact,
@@ -108,6 +112,9 @@ class DeviceView:
     running: RunningModel | None = None  # what it runs of the rollout's model
     in_group: bool = True  # matches the rollout's group selector now
     last_seen: datetime | None = None  # for an offline device: offline since
+    # the rollout's --prefer: the selection inputs (portrait, benchmarks, baselines) planning
+    # chooses its variant by; None: by format (``planner.choose_variant``)
+    selecting: Selecting | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,7 +564,7 @@ class _Tick:
         snap = self.snap
         plan = plan_target(device.runtimes, device.running, snap.options, deltas=snap.deltas,
                            failed_deltas=snap.failed_deltas, blob_problem=snap.blob_problem,
-                           pinned=self.policy.variant)
+                           pinned=self.policy.variant, selecting=device.selecting)
         v = plan.variant
         if v is None:
             self.set(t.device_id, T.SKIPPED, plan.reason)

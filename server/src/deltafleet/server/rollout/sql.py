@@ -13,6 +13,11 @@ same instant. A replica that takes over re-sends the manifests already recorded 
 the old owner may have died between its commit and its publish (agents ignore a manifest they
 already have).
 
+With ``--prefer`` (``policy.prefer``) the selection inputs of the devices a tick may plan
+(portraits, own benchmarks, their types' baselines) are loaded once per tick in a fixed number
+of queries (``fleet.portraits.selecting_for``) and handed to the engine on each
+``DeviceView.selecting``.
+
 A blob of the server's own store that does not hash to its name is never shipped (see
 ``store.BlobVerifier``); verdicts are asked lazily, once per blob and tick, only for what
 planning looks at. Each corruption is logged once, with what depends on the blob.
@@ -35,8 +40,10 @@ from ..audit import audit
 from ..delivery.artifacts import ArtifactChunks
 from ..delivery.manifests import build_manifest, sign_manifest
 from ..deltas import DeltaBuilder
-from ..planner import DeltaOption, RunningModel
+from ..fleet.portraits import selecting_for
+from ..planner import DeltaOption, RunningModel, Selecting
 from ..policy import RolloutPolicy
+from ..selection import Objective
 from ..store import BlobCheck, BlobStore, BlobVerifier, models
 from ..store.models import (
     Artifact,
@@ -387,17 +394,30 @@ class RolloutController:
                 deltas = load_deltas(s, [o.sha256 for o in options])
         running = (running_models(s, model.name, devices)
                    if state == RolloutState.RUNNING and devices else {})
+        policy = RolloutPolicy.from_json(r.policy)
+        selecting = (self._selecting(s, version.id, options, rows, devices, policy.prefer)
+                     if options and policy.prefer and policy.variant is None else {})
         views = {i: engine.DeviceView(
             i, bool(d.online), dict(d.runtimes or {}), running.get(i),
-            selector is not None and fleet.device_matches(d, selector), d.last_seen)
+            selector is not None and fleet.device_matches(d, selector), d.last_seen,
+            selecting.get(i))
             for i, d in devices.items()}
         previous = (self._previous(s, model, rows.values())
                     if state == RolloutState.ROLLING_BACK else {})
         return engine.Snapshot(
-            engine.RolloutView(r.id, state, RolloutPolicy.from_json(r.policy), version.version,
+            engine.RolloutView(r.id, state, policy, version.version,
                                r.current_wave, r.failures_acknowledged, r.state_reason),
             tuple(target_view(t) for t in rows.values()), views, options, deltas,
             dict(self.deltas.failed), previous, self.blob_problem, counts, waiting_online)
+
+    @staticmethod
+    def _selecting(s: Session, version_id: int, options: tuple, rows: dict[str, RolloutTarget],
+                   devices: dict[str, Device], prefer: str) -> dict[str, Selecting]:
+        """The selection inputs of the devices this tick may plan (pending or held targets,
+        devices without one: joiners), loaded once per tick in a fixed number of queries."""
+        planned = [d for i, d in devices.items()
+                   if i not in rows or rows[i].state in (T.PENDING, T.HELD)]
+        return selecting_for(s, version_id, options, planned, Objective(prefer))
 
     def _previous(self, s: Session, model: Model,
                   targets: Iterable[RolloutTarget]) -> dict[str, engine.RollbackOption]:
