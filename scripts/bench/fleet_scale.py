@@ -15,7 +15,9 @@ Every run starts its own Mosquitto (so the broker's peak RSS is that run's) and 
    rollout an operator's ``fleetctl`` reads (rollout status, device list, rollout list) run one
    after the other as processes; their wall time, start-up included, is reported (a read that
    fails, e.g. ``database is locked``, fails the run; ``--no-cli-reads`` leaves them out),
-   with ``fleetctl --help`` beside them as the cost of a start under the same load. The
+   with ``fleetctl --help`` beside them as the cost of a start under the same load, and with
+   ``--api-reads`` each read again through the management API (``FLEET_API_URL``, a viewer
+   token; the server answers them, so its CPU figures include that). The
    simulated devices run at ``--sim-nice`` (10): they stand for devices on other machines, so
    the server, the broker and the operator's reads get the CPU first; ``simulator_cpu_s``
    still says what they took.
@@ -85,7 +87,7 @@ from deltafleet.server.store import BlobStore, Store, upgrade
 from deltafleet.server.store.models import Device, Rollout, RolloutTarget
 from deltafleet.shared import Hello, SigningKey, Status, encode, sha256_file
 from deltafleet.shared.mqtt import CONNECTED, MqttClient, MqttSettings
-from tests.harness.fleetlab import Lab, wait_for
+from tests.harness.fleetlab import Lab, free_port, wait_for
 from tests.harness.fleetsim import SimDevice, SimFleet
 
 HERE = Path(__file__).resolve().parent
@@ -159,50 +161,59 @@ class CliReads:
     """``fleetctl`` reads an operator runs while the rollout is in flight, one after the other
     (rollout status, device list, rollout list), each timed wall-clock as the operator feels it
     (process start included), and beside them ``fleetctl --help`` (no database) under the same
-    load: what the machine's CPU alone costs a start. The reads run at normal priority even
-    when the simulated devices are niced (``--sim-nice``). A read that exits non-zero
-    (``database is locked``) is a failure."""
+    load: what the machine's CPU alone costs a start. With ``api_env`` every read also runs
+    through the management API (``FLEET_API_URL``: the server answers it, the client imports no
+    database code). The reads run at normal priority even when the simulated devices are niced
+    (``--sim-nice``). A read that exits non-zero (``database is locked``) is a failure."""
 
     READS = (("rollout", "status", "{rid}", "--json"), ("device", "list", "--json"),
              ("rollout", "list", "--json"), ("--help",))
 
-    def __init__(self, lab: Lab, rollout_id: int) -> None:
-        self.lab, self.rid = lab, rollout_id
-        self.times: list[float] = []
-        self.help_times: list[float] = []
+    def __init__(self, lab: Lab, rollout_id: int, api_env: dict[str, str] | None = None) -> None:
+        self.lab, self.rid, self.api_env = lab, rollout_id, api_env
+        self.times: dict[str, list[float]] = {"local": [], "api": [], "help": []}
         self.failed: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cli-reads", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _one(self, args: list[str], env: dict[str, str], kind: str) -> None:
         import subprocess
 
         from tests.harness.fleetlab import BIN
 
+        t = time.monotonic()
+        res = subprocess.run([str(BIN / "fleetctl"), *args], env=env, text=True,
+                             capture_output=True, timeout=300, preexec_fn=_normal_priority)
+        self.times[kind].append(time.monotonic() - t)
+        if res.returncode != 0:
+            self.failed.append(f"fleetctl {' '.join(args)} ({kind}) exited {res.returncode}: "
+                               f"{(res.stderr or res.stdout).strip()[:200]}")
+
+    def _run(self) -> None:
         i = 0
         while not self._stop.wait(0.25):
             args = [a.format(rid=self.rid) for a in self.READS[i % len(self.READS)]]
             i += 1
-            t = time.monotonic()
-            res = subprocess.run([str(BIN / "fleetctl"), *args], env=self.lab.env, text=True,
-                                 capture_output=True, timeout=300, preexec_fn=_normal_priority)
-            took = time.monotonic() - t
-            (self.help_times if args == ["--help"] else self.times).append(took)
-            if res.returncode != 0:
-                self.failed.append(f"fleetctl {' '.join(args)} exited {res.returncode}: "
-                                   f"{(res.stderr or res.stdout).strip()[:200]}")
+            if args == ["--help"]:
+                self._one(args, self.lab.env, "help")
+                continue
+            self._one(args, self.lab.env, "local")
+            if self.api_env is not None:
+                self._one(args, self.api_env, "api")
 
     def stop(self) -> dict[str, Any]:
         self._stop.set()
         self._thread.join(60)
-        t, h = sorted(self.times), sorted(self.help_times)
-        return {"fleetctl_reads": len(t),
-                "fleetctl_read_p50_s": round(t[len(t) // 2], 3) if t else None,
-                "fleetctl_read_max_s": round(t[-1], 3) if t else None,
-                "fleetctl_help_p50_s": round(h[len(h) // 2], 3) if h else None,
-                "fleetctl_help_max_s": round(h[-1], 3) if h else None,
-                "fleetctl_reads_failed": len(self.failed)}
+        out: dict[str, Any] = {"fleetctl_reads": len(self.times["local"]),
+                               "fleetctl_reads_failed": len(self.failed)}
+        for kind, prefix in (("local", "fleetctl_read"), ("api", "fleetctl_api_read"),
+                             ("help", "fleetctl_help")):
+            t = sorted(self.times[kind])
+            if t:
+                out[f"{prefix}_p50_s"] = round(t[len(t) // 2], 3)
+                out[f"{prefix}_max_s"] = round(t[-1], 3)
+        return out
 
 
 def _normal_priority() -> None:
@@ -580,8 +591,14 @@ def bench_fanout(tmp: Path, model: Path, n: int, opts: argparse.Namespace) -> di
     observer, published = count_chunk_publishes(lab.mqtt_url, prefix)
     watches = None
     try:
+        api_port = free_port()
+        lab.env["FLEET_API_LISTEN"] = f"127.0.0.1:{api_port}"
         server = lab.start_server()
         wait_for(lambda: "connected" in lab.log("server"), 30, "server connected")
+        token = json.loads(lab.fleetctl("token", "create", "bench", "--role", "viewer",
+                                        "--json").stdout)["token"]
+        api_env = {**lab.env, "FLEET_API_URL": f"http://127.0.0.1:{api_port}",
+                   "FLEET_API_TOKEN": token}
         watches = Watches(server.pid, broker_pid(lab))
         result["simulator_nice"] = sim_priority(opts.sim_nice)
 
@@ -621,7 +638,8 @@ def bench_fanout(tmp: Path, model: Path, n: int, opts: argparse.Namespace) -> di
                                           state_timeout_s=int(opts.timeout_s),
                                           max_attempts=opts.max_attempts)
             result["rollout_id"] = rid
-            reads = CliReads(lab, rid) if opts.cli_reads else None
+            reads = (CliReads(lab, rid, api_env if opts.api_reads else None)
+                     if opts.cli_reads else None)
             deadline = t0 + opts.timeout_s
             while True:
                 by_state, on_target = await asyncio.to_thread(target_counts, store, rid,
@@ -920,10 +938,13 @@ def check_targets(targets: dict, out: dict) -> dict:
     limit = targets.get("fleetctl_read_s_max")
     if limit is not None:
         for r in out.get("fanout", []):
-            m = r.get("fleetctl_read_max_s")
-            checks.append({"name": f"slowest fleetctl read during the rollout at {r['devices']}",
-                           "target": f"<= {limit} s", "measured": m,
-                           "pass": None if m is None or not r.get("ok") else m <= limit})
+            for key, how in (("fleetctl_read_max_s", "on the store"),
+                             ("fleetctl_api_read_max_s", "through the API")):
+                m = r.get(key)
+                checks.append({"name": f"slowest fleetctl read {how} during the rollout at "
+                                       f"{r['devices']}", "target": f"<= {limit} s",
+                               "measured": m,
+                               "pass": None if m is None or not r.get("ok") else m <= limit})
     hb = out.get("heartbeats")
     limit = targets.get("heartbeat_cpu_pct_max")
     if hb and limit is not None:
@@ -963,6 +984,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=900.0, help="per run")
     p.add_argument("--no-cli-reads", dest="cli_reads", action="store_false",
                    help="do not run fleetctl reads beside the fan-out")
+    p.add_argument("--api-reads", action="store_true",
+                   help="also run each read through the management API (the server answers "
+                        "them: its CPU figures then include that)")
     p.add_argument("--sim-nice", type=int, default=int(_env("BENCH_SIM_NICE", "10")),
                    help="niceness of the simulated devices (0: compete with the server)")
     p.add_argument("--only", default=_env("BENCH_ONLY", "fanout,heartbeats,failover"),
