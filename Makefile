@@ -5,7 +5,7 @@ UV := $(if $(SYSTEM_UV),$(SYSTEM_UV),$(CURDIR)/.tools/bin/uv)
 export FLEET_UV := $(UV)
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: install prometheus demo monitor test test-fast lint bench clean
+.PHONY: install system-packages demo monitor test test-fast lint bench clean
 
 $(CURDIR)/.tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -17,35 +17,37 @@ $(CURDIR)/.tools/bin/uv:
 	.venv/bin/python -m compileall -q shared/src agent/src server/src migrations scripts tests/harness
 	@touch $@
 
-install: .venv/.installed prometheus
+install: .venv/.installed system-packages
 
-# Prometheus + promtool (Debian's package) for the metrics tests and `make monitor`; installed only
-# when missing. policy-rc.d (exit 101) keeps the package from starting its own service on :9090
-# during the install; tests and `make monitor` run their own Prometheus on a free port.
+# Debian packages the tests need, installed only when missing, with ONE apt-get update:
+# prometheus + promtool (metrics tests, `make monitor`) and chromium (console tests, driven by
+# Playwright: no browser download). policy-rc.d (exit 101) keeps the prometheus package from
+# starting its own service on :9090; tests and `make monitor` run their own on a free port.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-prometheus:
-	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
-	  echo "installing prometheus (Debian package)"; \
+CHROMIUM := /usr/bin/chromium
+system-packages:
+	@prom=; chrome=; \
+	command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || prom=prometheus; \
+	[ -x $(CHROMIUM) ] || chrome=chromium; \
+	if [ -n "$$prom$$chrome" ]; then \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "note: install $$prom $$chrome (Debian packages) for the metrics and console tests"; \
+	    exit 0; \
+	  fi; \
+	  echo "installing $$prom $$chrome (Debian packages)"; \
 	  made_policy=; \
 	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	    printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null && \
 	    $(SUDO) chmod 755 /usr/sbin/policy-rc.d && made_policy=1; \
 	  fi; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus \
-	    >/dev/null; rc=$$?; \
+	  { [ -z "$$prom" ] || DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	      --no-install-recommends prometheus >/dev/null; } && \
+	  { [ -z "$$chrome" ] || DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	      chromium >/dev/null; }; rc=$$?; \
 	  [ -n "$$made_policy" ] && $(SUDO) rm -f /usr/sbin/policy-rc.d; \
 	  exit $$rc; \
 	fi
-
-# The console tests' headless browser: Debian's chromium, driven by Playwright (no browser
-# download). Installed when missing (apt-get update once, then the package; needs root).
-CHROMIUM := /usr/bin/chromium
-install: $(CHROMIUM)
-$(CHROMIUM):
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	else echo "note: install Debian's chromium (apt-get install chromium) for the console tests"; fi
 
 demo: install
 	$(RUN) python -m scripts.demo
