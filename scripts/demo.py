@@ -3,7 +3,9 @@
 Starts a broker (Mosquitto if installed, else embedded amqtt; or FLEET_MQTT_URL), a server with
 SQLite in a temp home, and three agents as separate processes (jetson-1, jetson-2, rpi-1). Rolls
 v1 to the whole fleet (full artifact: the model zstd-compressed), then v2 (last layer retrained)
-to `--group jetson` (delta), and prints what each device runs and, per rollout, the bytes sent
+to `--group jetson` (delta), makes an INT8 variant of v2 (`model optimize`) and shows the
+variant each device type would get and why (`rollout plan --prefer size`), prints what each
+device runs and, per rollout, the bytes sent
 against the model's own size, where the server and agents serve their Prometheus metrics, and
 where the management API and web console are.
 Leaves no process behind.
@@ -251,6 +253,10 @@ def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
                 answer = client.predict("detector", x)
             print(f"{device_id}: local inference API answered with detector "
                   f"{answer.version}{' (fallback)' if answer.fallback else ''}")
+    with step("make an INT8 variant of v2 and plan by device type"):
+        print(lab.fleetctl("model", "optimize", "detector:v2", "--int8", echo=True).stdout.strip())
+        print(lab.fleetctl("rollout", "plan", "detector:v2", "--group", "fleet", "--prefer",
+                           "size", echo=True).stdout.rstrip())
     with step("read the metrics"):
         print_metrics(lab, metrics_port)
     with step("check the management API and console"):
