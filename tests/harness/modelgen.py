@@ -232,6 +232,59 @@ def _aligned_bytes(builder: Any, data: bytes, alignment: int = 16) -> int:
     return builder.EndVector()
 
 
+def _finish_fc_model(builder: Any, path: Path, tensor_offsets: list[int],
+                     operator_offsets: list[int], buffer_offsets: list[int], *, output: int,
+                     description: str) -> Path:
+    """The rest of a TFLite model of FULLY_CONNECTED operators: one subgraph (input tensor 0,
+    output tensor ``output``), its operator code, the model table; written to ``path``."""
+    import tflite
+
+    def offsets_vector(offsets: list[int]) -> int:
+        builder.StartVector(4, len(offsets), 4)
+        for off in reversed(offsets):
+            builder.PrependUOffsetTRelative(off)
+        return builder.EndVector()
+
+    def int_vector(values: list[int]) -> int:
+        builder.StartVector(4, len(values), 4)
+        for v in reversed(values):
+            builder.PrependInt32(v)
+        return builder.EndVector()
+
+    tensors_vec = offsets_vector(tensor_offsets)
+    sg_inputs = int_vector([0])
+    sg_outputs = int_vector([output])
+    operators_vec = offsets_vector(operator_offsets)
+    sg_name = builder.CreateString("main")
+    tflite.SubGraphStart(builder)
+    tflite.SubGraphAddTensors(builder, tensors_vec)
+    tflite.SubGraphAddInputs(builder, sg_inputs)
+    tflite.SubGraphAddOutputs(builder, sg_outputs)
+    tflite.SubGraphAddOperators(builder, operators_vec)
+    tflite.SubGraphAddName(builder, sg_name)
+    subgraph_off = tflite.SubGraphEnd(builder)
+    fc = tflite.BuiltinOperator.FULLY_CONNECTED
+    tflite.OperatorCodeStart(builder)
+    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, fc)
+    tflite.OperatorCodeAddBuiltinCode(builder, fc)
+    tflite.OperatorCodeAddVersion(builder, 1)
+    opcode_off = tflite.OperatorCodeEnd(builder)
+    opcodes_vec = offsets_vector([opcode_off])
+    subgraphs_vec = offsets_vector([subgraph_off])
+    buffers_vec = offsets_vector(buffer_offsets)
+    description_off = builder.CreateString(description)
+    tflite.ModelStart(builder)
+    tflite.ModelAddVersion(builder, TFLITE_SCHEMA_VERSION)
+    tflite.ModelAddOperatorCodes(builder, opcodes_vec)
+    tflite.ModelAddSubgraphs(builder, subgraphs_vec)
+    tflite.ModelAddDescription(builder, description_off)
+    tflite.ModelAddBuffers(builder, buffers_vec)
+    builder.Finish(tflite.ModelEnd(builder), file_identifier=TFLITE_FILE_IDENTIFIER)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(builder.Output()))
+    return path
+
+
 def make_tflite_model(
     path: Path | str,
     *,
@@ -303,57 +356,10 @@ def make_tflite_model(
     tflite.OperatorAddBuiltinOptions(builder, options_off)
     operator_off = tflite.OperatorEnd(builder)
 
-    tflite.SubGraphStartTensorsVector(builder, len(tensor_offsets))
-    for off in reversed(tensor_offsets):
-        builder.PrependUOffsetTRelative(off)
-    tensors_vec = builder.EndVector()
-    sg_inputs = int_vector(tflite.SubGraphStartInputsVector, [0])
-    sg_outputs = int_vector(tflite.SubGraphStartOutputsVector, [3])
-    tflite.SubGraphStartOperatorsVector(builder, 1)
-    builder.PrependUOffsetTRelative(operator_off)
-    operators_vec = builder.EndVector()
-    sg_name = builder.CreateString("main")
-    tflite.SubGraphStart(builder)
-    tflite.SubGraphAddTensors(builder, tensors_vec)
-    tflite.SubGraphAddInputs(builder, sg_inputs)
-    tflite.SubGraphAddOutputs(builder, sg_outputs)
-    tflite.SubGraphAddOperators(builder, operators_vec)
-    tflite.SubGraphAddName(builder, sg_name)
-    subgraph_off = tflite.SubGraphEnd(builder)
-
-    fc = tflite.BuiltinOperator.FULLY_CONNECTED
-    tflite.OperatorCodeStart(builder)
-    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, fc)
-    tflite.OperatorCodeAddBuiltinCode(builder, fc)
-    tflite.OperatorCodeAddVersion(builder, 1)
-    opcode_off = tflite.OperatorCodeEnd(builder)
-
-    tflite.ModelStartOperatorCodesVector(builder, 1)
-    builder.PrependUOffsetTRelative(opcode_off)
-    opcodes_vec = builder.EndVector()
-    tflite.ModelStartSubgraphsVector(builder, 1)
-    builder.PrependUOffsetTRelative(subgraph_off)
-    subgraphs_vec = builder.EndVector()
-    tflite.ModelStartBuffersVector(builder, len(buffer_offsets))
-    for off in reversed(buffer_offsets):
-        builder.PrependUOffsetTRelative(off)
-    buffers_vec = builder.EndVector()
-    description = builder.CreateString(
-        f"{PRODUCER_NAME} fully_connected {input_dim}->{output_dim} seed={seed}"
-        f"{' retrained' if retrain else ''}"
-    )
-    tflite.ModelStart(builder)
-    tflite.ModelAddVersion(builder, TFLITE_SCHEMA_VERSION)
-    tflite.ModelAddOperatorCodes(builder, opcodes_vec)
-    tflite.ModelAddSubgraphs(builder, subgraphs_vec)
-    tflite.ModelAddDescription(builder, description)
-    tflite.ModelAddBuffers(builder, buffers_vec)
-    model_off = tflite.ModelEnd(builder)
-    builder.Finish(model_off, file_identifier=TFLITE_FILE_IDENTIFIER)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(builder.Output()))
-    return path
+    return _finish_fc_model(
+        builder, path, tensor_offsets, [operator_off], buffer_offsets, output=3,
+        description=(f"{PRODUCER_NAME} fully_connected {input_dim}->{output_dim} seed={seed}"
+                     f"{' retrained' if retrain else ''}"))
 
 
 # ------------------------------------------------------------ a real model: digits
@@ -483,7 +489,7 @@ def make_digits_ptl(path: Path | str, model: DigitsModel) -> Path:
     from deltafleet.shared import TensorSpec
 
     torch.manual_seed(0)  # the archive's serialization id: same model, same bytes
-    layers = []
+    layers: list[Any] = []
     for i, (w, b) in enumerate(model.layers):
         fc = torch.nn.Linear(w.shape[0], w.shape[1])
         with torch.no_grad():
@@ -573,45 +579,8 @@ def _write_tflite_fc_chain(path: Path, layers: list[tuple[np.ndarray, np.ndarray
         tflite.OperatorAddBuiltinOptions(builder, options_off)
         operator_offsets.append(tflite.OperatorEnd(builder))
 
-    def offsets_vector(offsets: list[int]) -> int:
-        builder.StartVector(4, len(offsets), 4)
-        for off in reversed(offsets):
-            builder.PrependUOffsetTRelative(off)
-        return builder.EndVector()
-
-    tensors_vec = offsets_vector(tensor_offsets)
-    sg_inputs = int_vector([0])
-    sg_outputs = int_vector([len(specs) - 1])
-    operators_vec = offsets_vector(operator_offsets)
-    sg_name = builder.CreateString("main")
-    tflite.SubGraphStart(builder)
-    tflite.SubGraphAddTensors(builder, tensors_vec)
-    tflite.SubGraphAddInputs(builder, sg_inputs)
-    tflite.SubGraphAddOutputs(builder, sg_outputs)
-    tflite.SubGraphAddOperators(builder, operators_vec)
-    tflite.SubGraphAddName(builder, sg_name)
-    subgraph_off = tflite.SubGraphEnd(builder)
-    fc = tflite.BuiltinOperator.FULLY_CONNECTED
-    tflite.OperatorCodeStart(builder)
-    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, fc)
-    tflite.OperatorCodeAddBuiltinCode(builder, fc)
-    tflite.OperatorCodeAddVersion(builder, 1)
-    opcode_off = tflite.OperatorCodeEnd(builder)
-    opcodes_vec = offsets_vector([opcode_off])
-    subgraphs_vec = offsets_vector([subgraph_off])
-    buffers_vec = offsets_vector(buffer_offsets)
-    description_off = builder.CreateString(description)
-    tflite.ModelStart(builder)
-    tflite.ModelAddVersion(builder, TFLITE_SCHEMA_VERSION)
-    tflite.ModelAddOperatorCodes(builder, opcodes_vec)
-    tflite.ModelAddSubgraphs(builder, subgraphs_vec)
-    tflite.ModelAddDescription(builder, description_off)
-    tflite.ModelAddBuffers(builder, buffers_vec)
-    model_off = tflite.ModelEnd(builder)
-    builder.Finish(model_off, file_identifier=TFLITE_FILE_IDENTIFIER)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(builder.Output()))
-    return path
+    return _finish_fc_model(builder, path, tensor_offsets, operator_offsets, buffer_offsets,
+                            output=len(specs) - 1, description=description)
 
 
 def save_digits_npz(directory: Path | str, model: DigitsModel, *,
