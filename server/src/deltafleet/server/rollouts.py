@@ -10,7 +10,7 @@ superseded when nothing is left to it. A rollback in progress is never taken ove
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +23,7 @@ from .errors import NotFoundError, UsageError
 from .planner import (
     BlobProblem,
     PlanKind,
+    Selecting,
     all_intact,
     choose_variant,
     plan_target,
@@ -311,17 +312,25 @@ def plan_rollout(s: Session, spec: str, group_name: str, *,
         names = ", ".join(sorted(o.name for o in options))
         raise UsageError(f"version {spec} has no variant {variant!r} (it has: {names})")
     deltas = load_deltas(s, [o.sha256 for o in options])
-    devices = fleet.devices_in_group(s, group_name)
+    devices = fleet.devices_in_group(s, group_name, models=False)
+    seen: dict[str, str | None] = {}  # one look at the store per blob, not per device
+
+    def problem(sha: str) -> str | None:
+        if sha not in seen:
+            seen[sha] = blob_problem(sha)
+        return seen[sha]
+
     running = running_models(s, model.name, [d.id for d in devices])
     selecting = select_for(s, version.id, options, devices, prefer) if prefer else {}
     choices, by_type = type_plans(selecting, options) if selecting else ({}, [])
-    selecting = {i: replace(x, chosen=choices[i]) for i, x in selecting.items()}
+    selecting = {i: Selecting(x.device, x.facts, x.objective, x.benchmarks, x.baselines,
+                              choices[i]) for i, x in selecting.items()}
     rows = []
     total = full = 0
     for d in devices:
         now_runs = running.get(d.id)
         plan = plan_target(d.runtimes or {}, now_runs, options, deltas=deltas,
-                           failed_deltas=failed_deltas or {}, blob_problem=blob_problem,
+                           failed_deltas=failed_deltas or {}, blob_problem=problem,
                            pinned=variant, selecting=selecting.get(d.id))
         row: dict[str, Any] = {"device": d.id, "online": d.online,
                                "runs": now_runs.version if now_runs else None,

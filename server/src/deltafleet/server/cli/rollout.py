@@ -30,6 +30,8 @@ from ._common import (
 )
 from .table import Table, terminal_width
 
+PER_DEVICE_ROWS = 100  # rollout plan --prefer: a larger group prints its per-type summary only
+
 app = typer.Typer(no_args_is_help=True, help="Roll model versions out to device groups.")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
@@ -245,6 +247,9 @@ def rollout_plan(
     prefer: Annotated[str | None, typer.Option(
         help="Hardware-aware selection by latency|size|accuracy (docs/portraits.md): per "
              "device type the variant, its figures and why.")] = None,
+    per_device: Annotated[bool, typer.Option(
+        "--per-device", help=f"With --prefer, list every device too when the group has more "
+                             f"than {PER_DEVICE_ROWS} (--json always does).")] = False,
 ) -> None:
     """Per device: the variant it would get, its base, delta or full (with its codec), bytes
     to send (a full model ships compressed when that is smaller) against the model's size, and
@@ -267,6 +272,11 @@ def rollout_plan(
         return
     if plan.get("device_types"):
         _print_type_plans(plan)
+        if len(plan["devices"]) > PER_DEVICE_ROWS and not per_device:
+            console.print(f"{len(plan['devices'])} devices: one row each with --per-device "
+                          "or --json")
+            _print_plan_total(plan)
+            return
     show_variant = wide or bool(plan.get("device_types"))
     table = Table("device", "online", "runs", "artifact", "bytes", "full",
                   *(["variant"] if show_variant else []), wide=wide)
@@ -282,6 +292,10 @@ def rollout_plan(
     pin = f" (variant {plan['variant']} pinned)" if plan.get("variant") else ""
     console.print(f"plan: {plan['model']} {plan['version']} -> group {plan['group']}{pin}")
     console.print(table)
+    _print_plan_total(plan)
+
+
+def _print_plan_total(plan: dict) -> None:
     console.print(f"{fmt_bytes(plan['bytes'])} to send instead of {fmt_bytes(plan['full_bytes'])}"
                   f" full; {plan['cannot_take']} device(s) cannot take the model")
 
@@ -289,7 +303,7 @@ def rollout_plan(
 def _print_type_plans(plan: dict) -> None:
     types = Table("device type", "devices", "variant", "p50", "memory", "source",
                   title=f"selection by {plan['prefer']}")
-    types.add_column("why", overflow="fold")
+    types.add_column("why", overflow="below")
     for t in plan["device_types"]:
         f = t["figures"]
         p50 = f"{f['p50_us']} us" if f.get("p50_us") is not None else "-"

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from typing import Any
 
 KEY_HEADERS = frozenset({
-    "id", "device", "model", "version", "state", "name", "group", "variant", "runs", "asked",
+    "id", "device", "device type", "model", "version", "state", "name", "group", "variant",
+    "runs", "asked",
     "field", "keyid", "action", "base", "target", "wave", "at (UTC)", "actor", "codec",
 })
 GAP = "  "

@@ -286,8 +286,7 @@ def get_device(session: Session, device_id: str) -> Device:
     return device
 
 
-def list_devices(session: Session) -> list[Device]:
-    """Every device with its models loaded, by id."""
-    return list(
-        session.scalars(select(Device).options(selectinload(Device.models)).order_by(Device.id))
-    )
+def list_devices(session: Session, *, models: bool = True) -> list[Device]:
+    """Every device (with its models loaded unless ``models`` is False), by id."""
+    query = select(Device).order_by(Device.id)
+    return list(session.scalars(query.options(selectinload(Device.models)) if models else query))

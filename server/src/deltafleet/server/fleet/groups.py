@@ -141,7 +141,8 @@ def get_group(session: Session, name: str) -> Group:
     return group
 
 
-def devices_in_group(session: Session, group_name: str) -> list[Device]:
-    """The devices a group's selector matches now (models loaded), by id."""
+def devices_in_group(session: Session, group_name: str, *, models: bool = True) -> list[Device]:
+    """The devices a group's selector matches now (with their models unless ``models`` is
+    False: a plan over a large fleet reads what they run with one query of its own), by id."""
     group = get_group(session, group_name)
-    return [d for d in list_devices(session) if device_matches(d, group.selector)]
+    return [d for d in list_devices(session, models=models) if device_matches(d, group.selector)]

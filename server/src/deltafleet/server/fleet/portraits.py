@@ -208,20 +208,25 @@ def selection_inputs(session: Session, devices: Sequence[Device]
     """Per device id its ``DeviceFacts``, its own figures by sha256, and the baselines of
     the devices' types (columns read in batches of 500 ids, no ORM rows)."""
     ids = [d.id for d in devices]
+    wanted = set(ids)
     portraits: dict[str, tuple[str, dict[str, Any]]] = {}
     own: dict[str, dict[str, Figures]] = {}
-    for i in range(0, len(ids), 500):
-        batch = ids[i:i + 500]
-        for device_id, dtype, doc in session.execute(
-                select(DevicePortrait.device_id, DevicePortrait.device_type,
-                       DevicePortrait.portrait).where(DevicePortrait.device_id.in_(batch))):
-            portraits[device_id] = (dtype, doc or {})
-        for device_id, sha, p50, p95, load, rss, energy in session.execute(
-                select(DeviceBenchmark.device_id, DeviceBenchmark.sha256, DeviceBenchmark.p50_us,
-                       DeviceBenchmark.p95_us, DeviceBenchmark.load_ms,
-                       DeviceBenchmark.model_rss_bytes, DeviceBenchmark.energy_uj)
-                .where(DeviceBenchmark.device_id.in_(batch), DeviceBenchmark.error.is_(None))):
-            if p50 is not None and p95 is not None:
+    # many ids: one scan of each table, filtered here, beats batches of IN (...)
+    batches = [ids[i:i + 500] for i in range(0, len(ids), 500)] if len(ids) <= 2000 else [None]
+    for batch in batches:
+        pq = select(DevicePortrait.device_id, DevicePortrait.device_type, DevicePortrait.portrait)
+        bq = (select(DeviceBenchmark.device_id, DeviceBenchmark.sha256, DeviceBenchmark.p50_us,
+                     DeviceBenchmark.p95_us, DeviceBenchmark.load_ms,
+                     DeviceBenchmark.model_rss_bytes, DeviceBenchmark.energy_uj)
+              .where(DeviceBenchmark.error.is_(None)))
+        if batch is not None:
+            pq = pq.where(DevicePortrait.device_id.in_(batch))
+            bq = bq.where(DeviceBenchmark.device_id.in_(batch))
+        for device_id, dtype, doc in session.execute(pq):
+            if device_id in wanted:
+                portraits[device_id] = (dtype, doc or {})
+        for device_id, sha, p50, p95, load, rss, energy in session.execute(bq):
+            if p50 is not None and p95 is not None and device_id in wanted:
                 own.setdefault(device_id, {})[sha] = Figures(p50, p95, load or 0, rss, energy)
     facts = {}
     for d in devices:
