@@ -15,11 +15,13 @@ cheap) runs in ``_decode_worker`` as a separate interpreter, never in the agent:
 A refusal raises a ``codecs.CodecError``: ``MemoryCapExceeded`` (over the cap, predicted or
 hit), ``DecodeTimeout``, ``TargetMismatch``, or ``DecodeRefused`` with the child's one-line
 reason. The child's start costs an interpreter and the numpy import (~0.3 s, ~50 MB) per
-update, not per byte (see docs/deltas.md for the measured figures).
+update, not per byte (see docs/deltas.md for the measured figures); it runs at nice
+``DECODE_NICE`` so that start and the patching yield the CPU to the model being served.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +51,7 @@ from .codecs import staged_mismatch
 
 log = logging.getLogger(__name__)
 WORKER_MODULE = "deltafleet.agent._decode_worker"
+DECODE_NICE = 10  # the child runs at low priority: inference on the device comes first
 
 
 class DecodeRefused(CodecError):
@@ -134,6 +137,8 @@ def _run_child(codec: str, spec: dict, base_path: Path | None, out: Path, target
                                 stderr=subprocess.PIPE, env=env)
     except OSError as e:
         raise DecodeEnvironmentError(f"cannot start the decoder: {e}") from e
+    with contextlib.suppress(OSError):  # its start and its patching yield to the serving
+        os.setpriority(os.PRIO_PROCESS, proc.pid, DECODE_NICE)
     try:
         stdout, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
