@@ -26,9 +26,10 @@ planning looks at. Each corruption is logged once, with what depends on the blob
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -76,6 +77,7 @@ CONTROLLER = "controller"
 LEASE_S = 5.0
 SWEEP_EVERY = timedelta(seconds=60)  # every device without a target is looked at this often
 LOOK_BACK = timedelta(seconds=5)  # hellos committed late by another process are still seen
+FLYING_EVERY = timedelta(seconds=5)  # in-flight artifacts are read again at least this often
 
 
 @dataclass(slots=True)
@@ -92,6 +94,29 @@ class _Seen:
     swept_at: datetime | None = None
     waiting: set[str] = field(default_factory=set)
     sent: set[str] | None = None
+    # (artifact, state) of the targets with a manifest out, read at most every FLYING_EVERY
+    # and grown by this replica's dispatches in between: a scan of every in-flight target
+    # each tick would cost devices x duration
+    flying: set[tuple[str, str]] | None = None
+    flying_at: datetime | None = None
+
+    def in_flight(self, read: Callable[[], set[tuple[str, str]]],
+                  now: datetime) -> set[tuple[str, str]]:
+        if self.flying is None or self.flying_at is None or now - self.flying_at >= FLYING_EVERY:
+            self.flying, self.flying_at = read(), now
+        return self.flying
+
+    def dispatched(self, decisions: engine.Decisions, read: Callable[[], set[tuple[str, str]]],
+                   now: datetime) -> set[tuple[str, str]]:
+        """After this tick's decisions: dispatches join the set; a rollout-level move (abort,
+        rollback, pause, ...) or a withdrawal reads it again."""
+        if any(isinstance(d, engine.SetRollout | engine.Withdraw) for d in decisions):
+            self.flying_at = None
+            return self.in_flight(read, now)
+        self.flying = (self.flying or set()) | {
+            (d.artifact_sha256, str(d.state)) for d in decisions
+            if isinstance(d, engine.Dispatch) and d.artifact_sha256}
+        return self.flying
 
     def note(self, decisions: engine.Decisions) -> None:
         for d in decisions:
@@ -247,15 +272,16 @@ class RolloutController:
                                    RolloutTarget.manifest.is_not(None))).all()
                         if manifest is not None]
             counts = models.counts(s, r.id)
-            flying = self._in_flight_artifacts(s, r.id)
+            seen = self._seen[r.id]
+            read = partial(self._in_flight_artifacts, s, r.id)
+            flying = seen.in_flight(read, now)
             rows, devices, waiting_online = self._load(s, r, counts, flying, now)
             snapshot = self._snapshot(s, r, model, rows, devices, counts, waiting_online)
             decisions = engine.step(snapshot, now)
             out += self._apply(s, r, model.name, rows, devices, decisions, now)
-            seen = self._seen[r.id]
             seen.note(decisions)
             if decisions:
-                flying = self._in_flight_artifacts(s, r.id)
+                flying = seen.dispatched(decisions, read, now)
             serves = {sha for sha, _ in flying}
             if r.state == RolloutState.RUNNING and any(
                     n for (_, st), n in counts.items() if st in (T.PENDING, T.HELD)):
