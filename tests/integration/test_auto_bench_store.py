@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from deltafleet.server import bench_requests as br
 from deltafleet.server.catalog import variant_options
@@ -231,3 +231,18 @@ def test_a_device_with_an_open_request_is_not_the_one_asked(store: Store) -> Non
         (rid,) = br.auto_requests(s, NOW)
         row = s.get(BenchRequestRow, rid)
         assert row.device_id == "e1" and len(named(row)) == 1  # detector: asked on e2 already
+
+
+@pytest.mark.postgres
+def test_one_replica_sweeps_at_a_time_on_postgresql(pg_url: str) -> None:
+    upgrade(pg_url)
+    store = Store(pg_url)
+    with store.session() as s:
+        add_version(s, "detector", "v1", [("default", "onnx", {})])
+        add_devices(s, "edge-box", ["e1"])
+    with store.session() as first, store.session() as second:
+        assert first.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"),
+                            {"k": br._SWEEP_LOCK})  # another replica is sweeping
+        assert br.auto_requests(second, NOW) == []
+    with store.session() as s:
+        assert len(br.auto_requests(s, NOW)) == 1

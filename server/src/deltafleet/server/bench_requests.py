@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, aliased
 
 from deltafleet.shared import ArtifactRef, SigningKey, Topics
@@ -58,6 +58,7 @@ AUTO_MAX_DEVICES = 20
 # requests created this long before a variant's file entered the store still count as asked
 # for it (clock skew between the host that registered it and the server's)
 _ASKED_SKEW = timedelta(hours=1)
+_SWEEP_LOCK = 0x6175746F62656E  # PostgreSQL advisory lock: one replica sweeps at a time
 
 
 def _check_params(options: Sequence[VariantOption], runs: int, warmup: int) -> None:
@@ -154,7 +155,11 @@ def auto_requests(s: Session, now: datetime, *, max_devices: int = AUTO_MAX_DEVI
     (``_representatives``) by selection's constraints (``selection.why_not``); at most
     ``MAX_BENCH_VARIANTS`` of them (the rest next sweep) in one request of ``AUTO_RUNS``
     runs. At most ``max_devices`` requests; the other types wait for the next sweep. A fixed
-    number of queries, whatever the number of devices or types."""
+    number of queries, whatever the number of devices or types. On PostgreSQL a replica that
+    finds another one sweeping makes none (that one's requests count at the next sweep)."""
+    if s.get_bind().dialect.name == "postgresql" and not s.scalar(
+            text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _SWEEP_LOCK}):
+        return []
     candidates = _candidates(s)
     if not candidates or max_devices <= 0:
         return []

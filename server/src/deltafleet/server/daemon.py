@@ -496,7 +496,6 @@ class FleetServer:
                 self.metrics.counters.database_errors["reconcile"] += 1
             log.error("reconcile failed (retried next tick): %s", str(e).splitlines()[0])
 
-
     def auto_bench(self) -> None:
         """Every ``cfg.auto_bench_s`` (0: never) ask device types to benchmark the newest
         variants they have not measured (``bench_requests.auto_requests``), in a transaction
