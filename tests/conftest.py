@@ -15,6 +15,9 @@ import pytest
 from tests.harness.broker import Broker, has_mosquitto
 from tests.harness.need import missing
 
+# No automatic benchmark requests unless a test turns them on: tests count published bytes.
+os.environ.setdefault("FLEET_AUTO_BENCH_S", "0")
+
 PG_ADMIN_URL = os.environ.get("FLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 

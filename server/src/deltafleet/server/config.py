@@ -59,6 +59,10 @@ class ServerConfig:
     # are cleared FLEET_CHUNK_RETAIN_LINGER_S later (a later wave of its rollout reuses them).
     chunk_retain: bool = True
     chunk_retain_linger_s: float = 900.0
+    # Seconds between sweeps for automatic benchmarks (FLEET_AUTO_BENCH_S, 0 = off): a device
+    # type with an online device is asked to benchmark the newest versions' variants none of
+    # its devices measured or was asked for (bench_requests.auto_requests, docs/portraits.md).
+    auto_bench_s: float = 60.0
     manifest_ttl_s: int = 7 * 86400
     # MQTT authentication of the server itself (TLS client certificate and/or user+password).
     # Unset TLS files fall back to $FLEET_HOME/pki/ (made by `fleetctl broker config`) when
@@ -116,8 +120,8 @@ class ServerConfig:
         """Read FLEET_HOME, FLEET_DB_URL, FLEET_MQTT_URL, FLEET_TOPIC_PREFIX, FLEET_MQTT_CA,
         FLEET_MQTT_CERT, FLEET_MQTT_KEY, FLEET_MQTT_USERNAME, FLEET_MQTT_PASSWORD and
         FLEET_MQTT_IDENTITY, FLEET_SERVER_ID, FLEET_SHARE_GROUP, FLEET_CHUNK_ROUND_S, FLEET_CHUNK_RETAIN,
-        FLEET_CHUNK_RETAIN_LINGER_S, FLEET_API_LISTEN, FLEET_API_TLS_CERT, FLEET_API_TLS_KEY and
-        FLEET_METRICS_LISTEN (empty = unset).
+        FLEET_CHUNK_RETAIN_LINGER_S, FLEET_AUTO_BENCH_S (0 = off), FLEET_API_LISTEN,
+        FLEET_API_TLS_CERT, FLEET_API_TLS_KEY and FLEET_METRICS_LISTEN (empty = unset).
 
         The server identity is FLEET_MQTT_IDENTITY, else FLEET_SERVER_ID, else ``fleet-server``;
         the share group is FLEET_SHARE_GROUP, else the content of ``$FLEET_HOME/share-group``.
@@ -146,6 +150,7 @@ class ServerConfig:
             chunk_round_s=_seconds(env, "FLEET_CHUNK_ROUND_S", 5.0),
             chunk_retain=_flag(env, "FLEET_CHUNK_RETAIN", True),
             chunk_retain_linger_s=_seconds(env, "FLEET_CHUNK_RETAIN_LINGER_S", 900.0),
+            auto_bench_s=_seconds(env, "FLEET_AUTO_BENCH_S", 60.0, zero_is_off=True),
             api_listen=env.get("FLEET_API_LISTEN") or None,
             api_tls_cert_file=path("FLEET_API_TLS_CERT"),
             api_tls_key_file=path("FLEET_API_TLS_KEY"),
@@ -179,7 +184,8 @@ def _flag(env: Mapping[str, str], var: str, default: bool) -> bool:
     raise UsageError(f"{var}: expected 1/0, true/false, yes/no or on/off, got {env[var]!r}")
 
 
-def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
+def _seconds(env: Mapping[str, str], var: str, default: float, *,
+             zero_is_off: bool = False) -> float:
     raw = env.get(var)
     if not raw:
         return default
@@ -187,8 +193,11 @@ def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
+    if zero_is_off and value == 0:
+        return 0.0
     if not 0 < value < 3600:
-        raise UsageError(f"{var}: expected seconds between 0 and 3600, got {raw!r}")
+        off = " (0 = off)" if zero_is_off else ""
+        raise UsageError(f"{var}: expected seconds between 0 and 3600{off}, got {raw!r}")
     return value
 
 

@@ -130,6 +130,7 @@ class FleetServer:
         self.chunks.restore(self.retained.load(), time.monotonic())
         self._next_prune = 0.0
         self._next_reconcile = 0.0
+        self._next_auto_bench = 0.0
         self._revoked_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
         self.guard = DeviceMessageGuard(is_denied=self._is_revoked)
         # cfg.server_id (FLEET_SERVER_ID: one per replica, stable across restarts, equal to the
@@ -481,6 +482,7 @@ class FleetServer:
                 self._next_prune = time.monotonic() + 3600
             with self.store.session() as s:
                 publishes, servable = self.controller.reconcile(s, utcnow())
+            self.auto_bench()
             with self.store.session() as s:
                 bench_publishes, bench_shas = bench_requests.due(
                     s, self.controller.key, self.artifacts, self.topics, utcnow())
@@ -493,6 +495,22 @@ class FleetServer:
             if isinstance(e, SQLAlchemyError | StoreError):
                 self.metrics.counters.database_errors["reconcile"] += 1
             log.error("reconcile failed (retried next tick): %s", str(e).splitlines()[0])
+
+    def auto_bench(self) -> None:
+        """Every ``cfg.auto_bench_s`` (0: never) ask device types to benchmark the newest
+        variants they have not measured (``bench_requests.auto_requests``), in a transaction
+        of its own; a failure is logged and tried at the next sweep."""
+        if self.cfg.auto_bench_s <= 0 or time.monotonic() < self._next_auto_bench:
+            return
+        self._next_auto_bench = time.monotonic() + self.cfg.auto_bench_s
+        try:
+            with self.store.session() as s:
+                ids = bench_requests.auto_requests(s, utcnow())
+            if ids:
+                log.info("asked %d device(s) to benchmark new variants (automatic)", len(ids))
+        except Exception:  # never fatal: rollouts and device messages go on
+            log.exception("automatic benchmark sweep failed (tried again in %.0f s)",
+                          self.cfg.auto_bench_s)
 
 
 def first_delivery(s: Session, events: list[Event], now: datetime) -> list[Event]:

@@ -42,6 +42,7 @@ __all__ = [
     "plan_fleet",
     "select_variant",
     "variant_facts",
+    "why_not",
 ]
 
 OBJECTIVES = ("latency", "size", "accuracy")
@@ -198,8 +199,10 @@ def _memory_need(v: VariantFacts, own: Figures | None, base: Figures | None) -> 
     return v.static_memory_bytes, "estimated"
 
 
-def _why_not(device: DeviceFacts, v: VariantFacts, own: Figures | None,
-             base: Figures | None) -> str | None:
+def why_not(device: DeviceFacts, v: VariantFacts, own: Figures | None = None,
+            base: Figures | None = None) -> str | None:
+    """The first constraint (rule 1) ``v`` fails on ``device``, None if it fits. ``own`` and
+    ``base``: the device's and its type's figures of ``v``, if any (measured memory)."""
     rt = _runtime_version(device, v.format)
     if rt is None:
         return f"no {v.format} runtime"
@@ -245,7 +248,7 @@ def select_variant(device: DeviceFacts, variants: Sequence[VariantFacts],
     for v in variants:
         own = own_all.get(v.sha256)
         base = base_all.get((device.device_type, v.sha256))
-        why = _why_not(device, v, own, base)
+        why = why_not(device, v, own, base)
         if why is None:
             fitting.append((v, own, base))
         else:

@@ -2,6 +2,7 @@
 
     fleetctl profile list [--json]            device types: devices, portraits, variants measured
     fleetctl profile show TYPE [--json]       per variant: median and spread over the type
+                                              (``auto``: figures an automatic request asked for)
     fleetctl profile bench MODEL:VERSION (--device ID ... | --group NAME) [--runs N]
                                               ask devices to benchmark the version's variants
 """
@@ -31,18 +32,23 @@ def _types(s: Any) -> list[dict[str, Any]]:
                                      func.count(func.distinct(DeviceBenchmark.device_id)))
                               .group_by(DeviceBenchmark.device_type)).all())
     variants: dict[str, set[str]] = {}
+    auto: dict[str, set[str]] = {}
     for b in baselines(s):
         variants.setdefault(b.device_type, set()).add(b.variant)
+        if b.auto:
+            auto.setdefault(b.device_type, set()).add(b.variant)
     return [{"device_type": t, "devices": portraits.get(t, 0),
              "devices_measured": measured.get(t, 0),
-             "variants_measured": sorted(variants.get(t, ()))}
+             "variants_measured": sorted(variants.get(t, ())),
+             "variants_auto": sorted(auto.get(t, ()))}
             for t in sorted(set(portraits) | set(measured))]
 
 
 @app.command("list")
 def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """Device types (a device's ``device-type`` label, else arch/cpu/memory class), how many
-    devices sent a portrait, how many benchmarked, and which variants have a baseline."""
+    devices sent a portrait, how many benchmarked, and which variants have a baseline
+    ("(auto)": measured on an automatic request)."""
     with open_store() as store, store.read() as s:
         rows = _types(s)
     if json_:
@@ -53,8 +59,9 @@ def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = Fa
         return
     table = Table("device type", "devices", "measured", "variants measured")
     for r in rows:
+        shown = [f"{v} (auto)" if v in r["variants_auto"] else v for v in r["variants_measured"]]
         table.add_row(r["device_type"], str(r["devices"]), str(r["devices_measured"]),
-                      ", ".join(r["variants_measured"]) or "-")
+                      ", ".join(shown) or "-")
     console.print(table)
 
 
@@ -74,7 +81,8 @@ def show(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """One device type's baselines: per variant the median over its devices of load time,
-    p50/p95 latency, model memory and energy per inference, with the spread (min-max)."""
+    p50/p95 latency, model memory and energy per inference, with the spread (min-max);
+    ``auto``: how many of the devices measured it on an automatic request."""
     from ..errors import NotFoundError  # noqa: PLC0415
     from ..fleet.portraits import baselines  # noqa: PLC0415
 
@@ -87,13 +95,15 @@ def show(
         print_json({"device_type": device_type, "baselines": rows})
         return
     if not rows:
-        console.print(f"{device_type}: no benchmarks yet (`fleetctl profile bench`)")
+        console.print(f"{device_type}: no benchmarks yet (`fleetctl profile bench`, or the "
+                      "server's automatic requests)")
         return
-    table = Table("variant", "sha256", "devices", "load ms", "p50 us", "p50 min-max",
+    table = Table("variant", "sha256", "devices", "auto", "load ms", "p50 us", "p50 min-max",
                   "p95 us", "memory", "uJ/inf", title=f"baselines of {device_type} (medians)")
     for b in rows:
         mem = b["median"].get("model_rss_bytes")
-        table.add_row(b["variant"], b["sha256"][:12], str(b["devices"]), _median(b, "load_ms"),
+        table.add_row(b["variant"], b["sha256"][:12], str(b["devices"]), str(b["auto"]),
+                      _median(b, "load_ms"),
                       _median(b, "p50_us"), _range(b, "p50_us"), _median(b, "p95_us"),
                       fmt_bytes(mem), _median(b, "energy_uj"))
     console.print(table)

@@ -6,9 +6,11 @@
 - ``record_bench_results``: the latest figures per (device, model sha256); a request whose
   every variant has a result is marked done.
 - ``baselines``: per (device type, sha256) the median of each figure over the devices of the
-  type that measured it, with the spread (min, max, devices): ``fleetctl profile list|show``
-  and selection's second source of figures.
-- ``selection_inputs``: what ``selection.select_variant`` needs of a list of devices.
+  type that measured it, with the spread (min, max, devices) and how many of those figures an
+  automatic request asked for (``AUTO_REQUEST_PREFIX``): ``fleetctl profile list|show`` and
+  selection's second source of figures.
+- ``selection_inputs``: what ``selection.select_variant`` needs of a list of devices
+  (``device_facts``: one device's constraints, from its portrait and profile).
 
 Each function works in the caller's session and never commits.
 """
@@ -31,14 +33,21 @@ from ..planner import Selecting, VariantOption
 from ..selection import DeviceFacts, Figures, Objective, device_type_of, variant_facts
 from ..store.models import BenchRequestRow, Device, DeviceBenchmark, DevicePortrait, Variant
 
-__all__ = ["FIGURE_COLUMNS", "Baseline", "baselines", "device_benchmarks", "device_portrait_json",
-           "fleet_devices", "portrait_of",
-           "record_bench_results", "record_portraits", "selection_inputs"]
+__all__ = ["AUTO_REQUEST_PREFIX", "FIGURE_COLUMNS", "Baseline", "baselines", "device_benchmarks",
+           "device_facts", "device_portrait_json", "fleet_devices", "is_auto_request",
+           "portrait_of", "record_bench_results", "record_portraits", "selection_inputs"]
 
 INT64_MAX = 2**63 - 1
 FIGURE_COLUMNS = ("load_ms", "p50_us", "p95_us", "peak_rss_bytes", "model_rss_bytes",
                   "energy_uj")
 _WIRE_FIGURE = {"energy_uj": "energy_uj_per_inference"}
+# the id prefix of the bench requests the server makes by itself (bench_requests.auto_requests)
+AUTO_REQUEST_PREFIX = "auto-"
+
+
+def is_auto_request(request_id: str | None) -> bool:
+    """Whether figures with this request id came from an automatic bench request."""
+    return bool(request_id) and str(request_id).startswith(AUTO_REQUEST_PREFIX)
 
 
 def type_of(device: Device) -> str:
@@ -130,7 +139,8 @@ def device_benchmarks(session: Session, device_ids: Iterable[str]) -> dict[str, 
 
 @dataclass(frozen=True, slots=True)
 class Baseline:
-    """One (device type, sha256) entry of the library: medians and spread over devices."""
+    """One (device type, sha256) entry of the library: medians and spread over devices;
+    ``auto``: how many of those devices measured it on an automatic request."""
 
     device_type: str
     sha256: str
@@ -138,6 +148,7 @@ class Baseline:
     devices: int
     median: dict[str, int | None]
     spread: dict[str, tuple[int, int] | None]  # figure -> (min, max)
+    auto: int = 0
 
     def figures(self) -> Figures | None:
         m = self.median
@@ -150,7 +161,7 @@ class Baseline:
 
     def to_json(self) -> dict[str, Any]:
         return {"device_type": self.device_type, "sha256": self.sha256, "variant": self.variant,
-                "devices": self.devices, "median": self.median,
+                "devices": self.devices, "auto": self.auto, "median": self.median,
                 "spread": {k: list(v) if v else None for k, v in self.spread.items()}}
 
 
@@ -159,7 +170,7 @@ def baselines(session: Session, device_type: str | None = None) -> list[Baseline
     columns, not ORM rows: the library may span every device of the fleet."""
     cols = [getattr(DeviceBenchmark, c) for c in FIGURE_COLUMNS]
     q = select(DeviceBenchmark.device_type, DeviceBenchmark.sha256, DeviceBenchmark.variant,
-               *cols).where(DeviceBenchmark.error.is_(None))
+               *cols, DeviceBenchmark.request_id).where(DeviceBenchmark.error.is_(None))
     if device_type is not None:
         q = q.where(DeviceBenchmark.device_type == device_type)
     groups: dict[tuple[str, str], list[Any]] = {}
@@ -173,7 +184,8 @@ def baselines(session: Session, device_type: str | None = None) -> list[Baseline
             values = [r[i] for r in rows if r[i] is not None]
             median[col] = int(statistics.median(values)) if values else None
             spread[col] = (min(values), max(values)) if values else None
-        out.append(Baseline(t, sha, rows[0][2], len(rows), median, spread))
+        out.append(Baseline(t, sha, rows[0][2], len(rows), median, spread,
+                            sum(is_auto_request(r[-1]) for r in rows)))
     return out
 
 
@@ -202,6 +214,20 @@ def device_portrait_json(session: Session, device_id: str) -> dict[str, Any]:
     }
 
 
+def device_facts(d: Device, device_type: str | None, portrait: dict[str, Any] | None
+                 ) -> DeviceFacts:
+    """A device's constraints as selection sees them: accelerators, available memory and
+    free disk from its portrait (``device_type`` None: it sent none), else its profile."""
+    doc = portrait or {}
+    accelerators = set(doc.get("accelerators") or ["cpu"])
+    if device_type is None and d.accelerator:  # no portrait: the static profile's word
+        accelerators.add(d.accelerator.lower())
+    mem = (doc.get("memory") or {}).get("available_bytes")
+    disk = (doc.get("disk") or {}).get("free_bytes", d.disk_free_bytes)
+    return DeviceFacts(d.id, device_type or type_of(d), dict(d.runtimes or {}),
+                       frozenset(accelerators), mem if mem is not None else d.memory_bytes, disk)
+
+
 def selection_inputs(session: Session, devices: Sequence[Device]
                      ) -> tuple[dict[str, DeviceFacts], dict[str, dict[str, Figures]],
                                 dict[tuple[str, str], Figures]]:
@@ -228,17 +254,7 @@ def selection_inputs(session: Session, devices: Sequence[Device]
         for device_id, sha, p50, p95, load, rss, energy in session.execute(bq):
             if p50 is not None and p95 is not None and device_id in wanted:
                 own.setdefault(device_id, {})[sha] = Figures(p50, p95, load or 0, rss, energy)
-    facts = {}
-    for d in devices:
-        dtype, doc = portraits.get(d.id, (None, {}))
-        accelerators = set(doc.get("accelerators") or ["cpu"])
-        if dtype is None and d.accelerator:  # no portrait: the static profile's word
-            accelerators.add(d.accelerator.lower())
-        mem = (doc.get("memory") or {}).get("available_bytes")
-        disk = (doc.get("disk") or {}).get("free_bytes", d.disk_free_bytes)
-        facts[d.id] = DeviceFacts(
-            d.id, dtype or type_of(d), dict(d.runtimes or {}), frozenset(accelerators),
-            mem if mem is not None else d.memory_bytes, disk)
+    facts = {d.id: device_facts(d, *portraits.get(d.id, (None, {}))) for d in devices}
     types = {f.device_type for f in facts.values()}
     base = {(b.device_type, b.sha256): f for b in baselines(session)
             if b.device_type in types and (f := b.figures()) is not None}
