@@ -232,7 +232,8 @@ def selection_inputs(session: Session, devices: Sequence[Device]
                      ) -> tuple[dict[str, DeviceFacts], dict[str, dict[str, Figures]],
                                 dict[tuple[str, str], Figures]]:
     """Per device id its ``DeviceFacts``, its own figures by sha256, and the baselines of
-    the devices' types (columns read in batches of 500 ids, no ORM rows)."""
+    the devices' types (columns, no ORM rows: by batches of 500 ids, or one scan of each
+    table for more than 2,000 devices)."""
     ids = [d.id for d in devices]
     wanted = set(ids)
     portraits: dict[str, tuple[str, dict[str, Any]]] = {}
