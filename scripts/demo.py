@@ -4,9 +4,10 @@ Starts a broker (Mosquitto if installed, else embedded amqtt; or FLEET_MQTT_URL)
 SQLite in a temp home, and three agents as separate processes (jetson-1, jetson-2, rpi-1). Rolls
 v1 to the whole fleet (full artifact: the model zstd-compressed), then v2 (last layer retrained)
 to `--group jetson` (delta), makes an INT8 variant of v2 (`model optimize`) and shows the
-variant each device type would get and why (`rollout plan --prefer size`), prints what each
-device runs and, per rollout, the bytes sent
-against the model's own size, where the server and agents serve their Prometheus metrics, and
+variant each device type would get and why (`rollout plan --prefer size`), waits until the
+server has had one device per type benchmark the new variant on its own (FLEET_AUTO_BENCH_S)
+and plans again by measured latency (`--prefer latency`), prints what each device runs and,
+per rollout, the bytes sent against the model's own size, where the server and agents serve their Prometheus metrics, and
 where the management API and web console are.
 Leaves no process behind.
 
@@ -194,6 +195,19 @@ def print_console(lab: Lab, api_port: int) -> None:
           f"log in with a token from `fleetctl token create NAME --role viewer|operator|admin`)")
 
 
+def wait_auto_bench(lab: Lab, variant: str, timeout_s: float = 60.0) -> None:
+    """Until every device type has a baseline for ``variant`` (the server asked one device
+    per type on its own, FLEET_AUTO_BENCH_S)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        types = json.loads(lab.fleetctl("profile", "list", "--json").stdout)
+        if types and all(variant in t["variants_auto"] for t in types):
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"not every device type benchmarked variant {variant} within "
+                       f"{timeout_s:.0f} s")
+
+
 def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
     """The demo's steps; raises DemoFailed."""
     t0 = time.monotonic()
@@ -219,10 +233,12 @@ def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
         metrics_port, api_port = free_port(), free_port()
         lab.env["FLEET_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
         lab.env["FLEET_API_LISTEN"] = f"127.0.0.1:{api_port}"
+        lab.env["FLEET_AUTO_BENCH_S"] = "2"  # new variants measured on one device per type
         lab.start_server()
     with step(f"start {len(DEVICES)} agents"):
         for device_id, hw in DEVICES.items():
-            lab.start_agent(device_id, {"hw": hw, "site": "demo"}, trusted_key=trusted_key,
+            lab.start_agent(device_id, {"hw": hw, "site": "demo", "device-type": f"{hw}-board"},
+                            trusted_key=trusted_key,
                             extra_env={"FLEET_AGENT_TELEMETRY_S": "2"})
         wait_online(lab, list(DEVICES))
         print(f"agents online: {', '.join(DEVICES)}")
@@ -257,6 +273,11 @@ def run(lab: Lab, tmp: Path, trusted_key: Path | None = None) -> None:
         print(lab.fleetctl("model", "optimize", "detector:v2", "--int8", echo=True).stdout.strip())
         print(lab.fleetctl("rollout", "plan", "detector:v2", "--group", "fleet", "--prefer",
                            "size", echo=True).stdout.rstrip())
+    with step("wait for the devices to benchmark the new variants by themselves"):
+        wait_auto_bench(lab, "int8")
+        print(lab.fleetctl("profile", "list", echo=True).stdout.rstrip())
+        print(lab.fleetctl("rollout", "plan", "detector:v2", "--group", "fleet", "--prefer",
+                           "latency", echo=True).stdout.rstrip())
     with step("read the metrics"):
         print_metrics(lab, metrics_port)
     with step("check the management API and console"):
