@@ -7,8 +7,8 @@ to `--group jetson` (delta), makes an INT8 variant of v2 (`model optimize`) and 
 variant each device type would get and why (`rollout plan --prefer size`), waits until the
 server has had one device per type benchmark the new variant on its own (FLEET_AUTO_BENCH_S)
 and plans again by measured latency (`--prefer latency`), prints what each device runs and,
-per rollout, the bytes sent against the model's own size, where the server and agents serve their Prometheus metrics, and
-where the management API and web console are.
+per rollout, the bytes sent against the model's own size, where the server and agents serve
+their Prometheus metrics, and where the management API and web console are.
 Leaves no process behind.
 
 The demo is a list of named steps. When one fails it prints one line on stderr and exits 1::
