@@ -52,7 +52,7 @@ def _why(state: str, reason: str, rollout_state: str, is_open: bool, waiting: st
     """``pending: waiting: device offline since <time>; the update is sent when it
     reconnects (<reason>)`` for an offline device, else ``<state>: <reason>``."""
     if waiting:
-        then = ("the update is sent when it reconnects" if state == "pending"
+        then = ("the update is sent when it reconnects" if state in ("pending", "held")
                 else "the manifest waits for it at the broker")
         text = f"{state}: waiting: {waiting}; {then}" + (f" ({reason})" if reason else "")
     else:
