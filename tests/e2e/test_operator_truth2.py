@@ -80,7 +80,7 @@ def start(lab: Lab, *args: str) -> int:
 
 def test_a_device_in_trial_is_not_healthy_for_the_rollout_that_takes_it_over(fleet):
     lab, dev = fleet["lab"], "dev-trial"
-    old = start(lab, "v2", "--group", "trial", "--health-window", "15s")
+    old = start(lab, "v2", "--group", "trial", "--health-window", "25s")  # checked within it
     wait_for(lambda: target(lab, old, dev)["state"] == "trial", 30, "the old rollout's trial")
     (running,) = shown(lab, dev)["running"]
     assert (running["version"], running["state"]) == ("v2", "trial"), running
