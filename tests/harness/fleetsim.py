@@ -185,6 +185,8 @@ class SimDevice:
             self._on_chunk(sha, index, payload)
         elif "/desired/" in topic and payload:
             self.feed(self._manifest_event(topic.rsplit("/", 1)[1], payload))
+        elif "/desired/" in topic:  # cleared: withdrawn, as the agent takes it
+            self.feed(mc.Withdrawn(topic.rsplit("/", 1)[1]))
 
     def _device(self, model: str) -> mc.Device:
         cur = self.models.get(model)
@@ -213,7 +215,7 @@ class SimDevice:
                 self.feed(mc.ChunkBad(model, m.manifest_id, index, time.monotonic()))
                 continue
             have[index] = data
-            self.feed(mc.ChunkAccepted(model, m.manifest_id, time.monotonic()))
+            self.feed(mc.ChunkAccepted(model, m.manifest_id, time.monotonic(), len(data)))
             if len(have) == len(m.artifact.chunks):
                 self.feed(mc.DownloadComplete(model, m.manifest_id,
                                               sum(len(b) for b in have.values()), 0))

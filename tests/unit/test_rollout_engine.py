@@ -421,14 +421,14 @@ def test_abort_withdraws_undelivered_manifests_and_cancels_what_has_not_finished
     targets = [target("p"), target("n", T.NOTIFIED), target("d", T.DOWNLOADING),
                target("h", T.HEALTHY)]
     out = engine.step(snap(targets, state=R.ABORTING), NOW)
-    assert of(Withdraw, out) == [Withdraw("n")]
+    assert of(Withdraw, out) == [Withdraw("n"), Withdraw("d")]  # the agent drops a download
     aborted = "rollout aborted while the device was"
     assert sets(out) == {
         "p": (T.CANCELLED, f"{aborted} not sent the update yet (pending)"),
         "n": (T.CANCELLED, f"{aborted} notified (manifest sent, no progress reported); "
                            "manifest withdrawn"),
-        "d": (T.CANCELLED, f"{aborted} downloading the artifact; it was not stopped and may "
-                           "end on v2")}
+        "d": (T.CANCELLED, f"{aborted} downloading the artifact; manifest withdrawn, download "
+                           "stopped: it keeps the version it runs")}
     assert of(SetRollout, out) == [SetRollout(R.ABORTED, "why", True)]
 
 

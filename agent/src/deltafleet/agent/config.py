@@ -30,8 +30,8 @@ FLEET_AGENT_API_PORT, FLEET_AGENT_SWAP_MODE, FLEET_AGENT_FALLBACK (``model=path,
 FLEET_AGENT_MQTT_CA_FILE, FLEET_AGENT_MQTT_CERT_FILE, FLEET_AGENT_MQTT_KEY_FILE,
 FLEET_AGENT_ROOT_OF_TRUST, FLEET_AGENT_TRUST_BUNDLE, FLEET_AGENT_HEARTBEAT_S,
 FLEET_AGENT_TELEMETRY_S,
-FLEET_AGENT_DISK_MARGIN_BYTES, FLEET_AGENT_DISK_RETRY_S; for tests, FLEET_AGENT_CRASH_AT and
-FLEET_AGENT_CRASH_AFTER_CHUNKS (``FaultPlan``).
+FLEET_AGENT_DISK_MARGIN_BYTES, FLEET_AGENT_DISK_RETRY_S, FLEET_AGENT_DOWNLOAD_TIMEOUT_S; for
+tests, FLEET_AGENT_CRASH_AT and FLEET_AGENT_CRASH_AFTER_CHUNKS (``FaultPlan``).
 See docs/agent.md for every key.
 """
 
@@ -210,7 +210,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
             raise ConfigError("FLEET_AGENT_HEARTBEAT_S must be a number of seconds") from e
     for key, var, kind in (("telemetry_interval_s", "FLEET_AGENT_TELEMETRY_S", float),
                            ("disk_margin_bytes", "FLEET_AGENT_DISK_MARGIN_BYTES", int),
-                           ("disk_retry_s", "FLEET_AGENT_DISK_RETRY_S", float)):
+                           ("disk_retry_s", "FLEET_AGENT_DISK_RETRY_S", float),
+                           ("download_timeout_s", "FLEET_AGENT_DOWNLOAD_TIMEOUT_S", float)):
         if env.get(var):
             try:
                 values[key] = kind(env[var])

@@ -21,6 +21,11 @@ manifest refused for its signature is kept and checked again after the next acce
 update, so a rotation and a manifest signed by the new key may arrive in either order. The
 retained online status is re-published every ``heartbeat_s`` (the server's last_seen).
 
+Withdrawal: an empty payload on ``desired/<model>`` (the server cleared the retained manifest,
+e.g. ``rollout abort``) is the machine's ``Withdrawn``: a download in progress stops (its
+chunks and journal record removed) and the running model stays; an update applying or in its
+trial goes on. It is unsigned on purpose: it can only stop an update, never install one.
+
 The broker connection (``MqttClient.state()``) is written to ``connection.json`` in the state
 directory on every change between up and down or of its cause, with the agent's pid, for
 ``fleet-agent status``; the local API's ``/v1/health`` carries it live.
@@ -307,6 +312,8 @@ class Agent:
             model = topic.rsplit("/", 1)[1]
             if payload:
                 self.on_manifest(model, payload)
+            else:  # the retained manifest cleared: withdrawn (an abort stops a download)
+                self.executor.feed(mc.Withdrawn(model))
 
     def on_manifest(self, model: str, payload: bytes) -> None:
         self.executor.feed(self.executor.manifest_event(model, payload))

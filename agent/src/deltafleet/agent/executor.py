@@ -169,7 +169,7 @@ class Executor:
                     os._exit(137)  # fault injection for tests: die mid-download
                 if self._chunks_this_run == 2 or cs.total < 2:
                     self._do_CrashPoint(mc.CrashPoint(model, "download"))
-                self.feed(mc.ChunkAccepted(model, m.manifest_id, time.monotonic()))
+                self.feed(mc.ChunkAccepted(model, m.manifest_id, time.monotonic(), len(data)))
                 if cs.complete:
                     self.feed(mc.DownloadComplete(model, m.manifest_id, cs.bytes_received(),
                                                   cs.reused))

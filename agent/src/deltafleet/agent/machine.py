@@ -19,9 +19,12 @@ Per model, an update is in one phase; the one setter (``_move``) refuses any mov
     checking      downloading   DownloadOpened
     checking      applying      Inspected (the target is already on disk)
     checking      idle          Inspected (refused, rejected, no space), OutOfSpace
+    checking      idle          Withdrawn (the server cleared the manifest)
     downloading   checking      SerialNoted (a newer manifest supersedes the download)
     downloading   applying      DownloadComplete
     downloading   idle          Tick (download timed out), OutOfSpace (paused for space)
+    downloading   idle          Withdrawn (the server cleared the manifest: chunks and
+                                journal record removed, the running model stays)
     applying      trial         SwapDone
     applying      idle          ApplyFailed, OutOfSpace (held for space)
     trial         idle          TrialVerdict (pass: committed)
@@ -31,6 +34,15 @@ Per model, an update is in one phase; the one setter (``_move``) refuses any mov
 Beside the phase, per model: ``pending`` (a manifest that arrived during a trial, handled
 after it), ``waiting`` (held back for disk space, retried every ``disk_retry_s``; never a
 failure), ``unverified`` (refused for its signature, retried after the next trust update).
+
+A withdrawal (``Withdrawn``: an empty retained payload on the model's desired topic, which the
+server publishes when a rollout is aborted) drops what has not touched the running model yet:
+a download or check in progress, a manifest pending after a trial, waiting for space or for
+its key. From ``applying`` on, nothing changes (the swap and trial finish as they would).
+Being unsigned, a withdrawal can only stop an update, never start one.
+
+A failure report of a download (``Tick``: timed out) carries the bytes fetched so far
+(``bytes_received``, ``chunks_reused``), so the server counts what a failed download cost.
 
 The journal (``journal``) is written *before* each step's effect, with the steps of
 ``JOURNAL_NEXT``; phase and journal step go together as ``downloading`` [downloading],
@@ -110,6 +122,7 @@ from .machine_events import (
     TrialVerdict,
     TrustUpdated,
     Unsubscribe,
+    Withdrawn,
 )
 from .trial import Verdict
 
@@ -263,6 +276,7 @@ class _Update:
     last_chunk: float = 0.0  # the last chunk received (or the last subscribe)
     stalls: int = 0  # asks in a row without a chunk since (the next waits 2**stalls longer)
     reused: int = 0
+    bytes_received: int = 0  # of the artifact's chunks on disk (reused or fetched)
     patched: bool = False
     window_s: float = 0.0
     ends_at: float | None = None  # set when the trial runs
@@ -360,12 +374,16 @@ class _Core:
         m = upd.manifest
         out: list[Effect] = [Log(m.model, logging.WARNING,
                                  f"update of {m.model} to {m.version} {state}: {reason}")]
-        if upd.phase is P.DOWNLOADING:
+        fetched = reused = 0
+        if upd.phase is P.DOWNLOADING:  # what the failed download cost is counted too
             out += [Unsubscribe(m.model, m.artifact.sha256), ForgetDownload(m.model)]
+            fetched, reused = upd.bytes_received, upd.reused
         if self.updates.get(m.model) is upd:
             self._move(m.model, P.IDLE)
         return [*out, MarkFailed(m.model, m.manifest_id, m.serial),
-                Report(m.model, m, state, reason=reason, running_sha=True), *self._clean(m.model)]
+                Report(m.model, m, state, reason=reason, running_sha=True,
+                       bytes_received=fetched, chunks_reused=reused),
+                *self._clean(m.model)]
 
     def _wait(self, m: Manifest, raw: bytes, reason: str, step: str, now: float) -> list[Effect]:
         """Too little disk for ``m``: report ``waiting`` (once per manifest and ``step``), keep
@@ -406,7 +424,7 @@ class _Fetch(_Core):
             return []
         self._move(e.model, P.DOWNLOADING)
         upd.started = upd.last_progress = upd.last_chunk = e.now
-        upd.reused = e.reused
+        upd.reused, upd.bytes_received = e.reused, e.bytes_received
         sha = upd.manifest.artifact.sha256
         out = [Subscribe(e.model, sha),
                Report(e.model, upd.manifest, "downloading", chunks_reused=e.reused)]
@@ -419,6 +437,7 @@ class _Fetch(_Core):
         if upd is not None:
             upd.last_progress = upd.last_chunk = e.now
             upd.stalls = 0
+            upd.bytes_received += e.size
         return []
 
     def _on_ChunkBad(self, e: ChunkBad) -> list[Effect]:
@@ -643,6 +662,38 @@ class UpdateMachine(_Recovery):
         self._move(e.model, P.IDLE)
         return out + self._wait(upd.manifest, upd.raw, e.reason, e.step, e.now)
 
+
+    def _on_Withdrawn(self, e: Withdrawn) -> list[Effect]:
+        """The server cleared the model's manifest (an abort): drop what has not touched the
+        running model (see the module docstring); an update applying or in trial goes on."""
+        model = e.model
+        out: list[Effect] = []
+        self.unverified.pop(model, None)
+        pending = self.pending.pop(model, None)
+        if pending is not None:
+            out.append(Log(model, logging.INFO, f"manifest {pending[0]} of {model}, pending "
+                           "after the trial, withdrawn by the server; dropped"))
+        wait = self.waiting.pop(model, None)
+        if wait is not None:
+            mid = wait.manifest.manifest_id
+            out += [Log(model, logging.INFO, f"manifest {mid} of {model}, held for disk "
+                        "space, withdrawn by the server; dropped"),
+                    DropDownload(model, wait.manifest.artifact.sha256),
+                    JournalClear(model, only_manifest_id=mid)]
+        upd = self.updates.get(model)
+        if upd is not None and upd.phase in (P.CHECKING, P.DOWNLOADING):
+            m = upd.manifest
+            if upd.phase is P.DOWNLOADING:
+                out += [Unsubscribe(model, m.artifact.sha256), ForgetDownload(model)]
+            self._move(model, P.IDLE)
+            out += [DropDownload(model, m.artifact.sha256), JournalClear(model),
+                    Log(model, logging.WARNING, f"update of {model} to {m.version} withdrawn by "
+                        f"the server: download stopped, {m.model} stays as it runs")]
+        elif upd is not None:
+            return [*out, Log(model, logging.INFO, f"withdrawal of {model} ignored: the update "
+                              f"to {upd.manifest.version} is {upd.phase}, past the point of "
+                              "stopping")]
+        return [*out, *self._clean(model)] if out else []
 
     def _on_ManifestRejected(self, e: ManifestRejected) -> list[Effect]:
         if e.hold:

@@ -69,6 +69,7 @@ __all__ = [
     "TrialVerdict",
     "TrustUpdated",
     "Unsubscribe",
+    "Withdrawn",
 ]
 
 
@@ -153,6 +154,7 @@ class ChunkAccepted:
     model: str
     manifest_id: str
     now: float
+    size: int = 0  # the chunk's bytes (what the download has fetched grows by this)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,12 @@ class RolledBack:
     manifest_id: str
     durable: bool  # state.json names the previous model again
     sha256: str | None  # what runs now
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawn:
+    """An empty payload on the model's desired topic: the server took its manifest back."""
+    model: str
 
 
 @dataclass(frozen=True, slots=True)

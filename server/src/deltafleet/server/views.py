@@ -42,13 +42,21 @@ def desired_to_json(d: Desired) -> dict[str, Any]:
         "open": d.open,
         "state": d.state,
         "reason": d.reason,
-        "why": _why(d.state, d.reason, d.rollout_state, d.open),
+        "waiting": d.waiting or None,
+        "why": _why(d.state, d.reason, d.rollout_state, d.open, d.waiting),
         "updated_at": _iso(d.updated_at),
     }
 
 
-def _why(state: str, reason: str, rollout_state: str, is_open: bool) -> str:
-    text = f"{state}: {reason}" if reason else state
+def _why(state: str, reason: str, rollout_state: str, is_open: bool, waiting: str = "") -> str:
+    """``pending: waiting: device offline since <time>; the update is sent when it
+    reconnects (<reason>)`` for an offline device, else ``<state>: <reason>``."""
+    if waiting:
+        then = ("the update is sent when it reconnects" if state in ("pending", "held")
+                else "the manifest waits for it at the broker")
+        text = f"{state}: waiting: {waiting}; {then}" + (f" ({reason})" if reason else "")
+    else:
+        text = f"{state}: {reason}" if reason else state
     return text if is_open else f"{text} (rollout {rollout_state})"
 
 
@@ -60,8 +68,10 @@ def asked_line(d: Mapping[str, Any]) -> str:
 def device_to_json(device: Device, desired: list[Desired] | None = None) -> dict[str, Any]:
     """A device as a JSON-able dict (its models must be loaded, see get_device).
 
-    ``running`` (also ``models``) is what the device last verified and reported; ``desired``
-    what its rollouts asked of it that it does not run, with why (``fleet.desired_models``).
+    ``running`` (also ``models``) is what the device last verified and reported (``state``
+    "trial" while it runs the model in a trial, not committed yet, else None); ``desired``
+    what its rollouts asked of it that it does not run, with why (``fleet.desired_models``;
+    ``waiting`` says when the device is offline).
     """
     running = [
         {
@@ -69,6 +79,7 @@ def device_to_json(device: Device, desired: list[Desired] | None = None) -> dict
             "version": m.version,
             "variant": m.variant,
             "sha256": m.sha256,
+            "state": m.state,
             "updated_at": _iso(m.updated_at),
         }
         for m in sorted(device.models, key=lambda m: m.model_name)

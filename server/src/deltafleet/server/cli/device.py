@@ -47,8 +47,14 @@ def _load(device_id: str | None = None, group: str | None = None) -> list[dict[s
         return [views.device_to_json(d, desired[d.id]) for d in devices]
 
 
+def _trial(m: dict[str, Any]) -> str:
+    """`` (trial)`` while the device runs the model in a trial (not committed yet)."""
+    return " (trial)" if m.get("state") == "trial" else ""
+
+
 def _runs(d: dict[str, Any]) -> str:
-    return ", ".join(f"{m['model']}:{m['version'] or '?'}" for m in d["running"]) or "-"
+    return ", ".join(f"{m['model']}:{m['version'] or '?'}{_trial(m)}"
+                     for m in d["running"]) or "-"
 
 
 def _asked(d: dict[str, Any], *, wide: bool) -> str:
@@ -130,7 +136,7 @@ def show(
         models = Table("model", "version", "variant", "since", "sha256",
                        title="runs (as the device reported)", wide=wide)
         for m in d["running"]:
-            models.add_row(m["model"], m["version"] or "?", m["variant"] or "-",
+            models.add_row(m["model"], (m["version"] or "?") + _trial(m), m["variant"] or "-",
                            fmt_time(m["updated_at"]), m["sha256"] if wide else m["sha256"][:12])
         console.print(models)
     else:

@@ -4,8 +4,13 @@ What a device runs (``DeviceModel``: model, version, variant, sha256) comes only
 device verified and reported: its hello, or the sha256 an event says it runs now. An event's
 version is the manifest's (what the device was asked to run), so it is never taken for what
 runs unless the catalog agrees that version has that sha256: a failed or rolled back update
-leaves the row as the device last reported it. What a device was asked to run is apart:
-``desired_models`` (its latest rollout target per model that it does not run).
+leaves the row as the device last reported it. ``DeviceModel.state`` is "trial" while the
+device's last report for the model was a trial (it runs the model but has not committed to
+it): a healthy or rolled back report clears it, and so does any report or hello of another
+sha256; one that only restates the same sha256 (a hello, a rejection) leaves it. What a device
+was asked to run is apart: ``desired_models`` (its latest rollout target per model that it does
+not run, or runs only in a trial), which says ``waiting: device offline since ...`` for an
+offline device whose open target waits for it.
 
 Each function takes an open SQLAlchemy ``Session`` and never commits (the caller's
 ``Store.session()`` block is the transaction) and never prints. Anything read from a device is
@@ -26,7 +31,8 @@ from sqlalchemy.orm import Session, selectinload
 from deltafleet.shared import Hello
 
 from ..errors import NotFoundError
-from ..rollout.states import ACTIVE_ROLLOUT_STATES
+from ..rollout.engine import clock
+from ..rollout.states import ACTIVE_ROLLOUT_STATES, TERMINAL_STATES
 from ..store.models import (
     Device,
     DeviceModel,
@@ -37,7 +43,11 @@ from ..store.models import (
     Variant,
 )
 
+TRIAL = "trial"  # DeviceModel.state while the model runs in a trial
+_SETTLED = ("healthy", "rolled_back")  # reports that end a trial
+
 __all__ = [
+    "TRIAL",
     "Desired",
     "desired_models",
     "get_device",
@@ -149,6 +159,8 @@ def _apply_hello(session: Session, device: Device, existing: dict[str, DeviceMod
             session.add(DeviceModel(device_id=hello.device_id, model_name=name,
                                     updated_at=now, **fields))
         elif any(getattr(current, k) != v for k, v in fields.items()):
+            if current.sha256 != m.sha256:
+                current.state = None  # another model than the one in trial
             for k, v in fields.items():
                 setattr(current, k, v)
             current.updated_at = now
@@ -180,19 +192,27 @@ def record_device_model(
     variant: str | None,
     sha256: str,
     now: datetime,
+    report: str | None = None,
 ) -> DeviceModel | None:
-    """Record that a device now runs ``sha256`` for ``model_name``.
+    """Record that a device now runs ``sha256`` for ``model_name``, as its event of state
+    ``report`` says.
 
     The same sha256 as recorded leaves the row as it is (the device's own report of version
-    and variant stands). A new sha256 takes its version and variant from the catalog when the
-    catalog has that artifact for the model (``version``/``variant`` only choose among
-    several); else ``version`` and ``variant`` are kept as given. Returns None, writing
+    and variant stands), but for its trial state: a ``trial`` report sets it, a ``healthy`` or
+    ``rolled_back`` one clears it, any other leaves it. A new sha256 takes its version and
+    variant from the catalog when the catalog has that artifact for the model
+    (``version``/``variant`` only choose among several); else ``version`` and ``variant`` are
+    kept as given; its trial state is set only by a ``trial`` report. Returns None, writing
     nothing, for a device never seen.
     """
     if session.get(Device, device_id) is None:
         return None
     row = session.get(DeviceModel, (device_id, model_name))
+    trial = TRIAL if report == TRIAL else None
     if row is not None and row.sha256 == sha256:
+        if report in (TRIAL, *_SETTLED) and row.state != trial:
+            row.state = trial
+            session.flush()
         return row
     known = session.execute(
         select(ModelVersion.version, Variant.name)
@@ -211,6 +231,7 @@ def record_device_model(
     row.version = version
     row.variant = variant
     row.sha256 = sha256
+    row.state = trial
     row.updated_at = now
     session.flush()
     return row
@@ -218,8 +239,10 @@ def record_device_model(
 
 @dataclass(frozen=True, slots=True)
 class Desired:
-    """What a device was asked to run for one model and does not run (yet): its latest
-    rollout target. ``open`` is False once the rollout ended (aborted, rolled back, ...)."""
+    """What a device was asked to run for one model and does not run (yet), or runs only in
+    a trial: its latest rollout target. ``open`` is False once the rollout ended (aborted,
+    rolled back, ...). ``waiting``: why an open target the device has not finished does not
+    move now (``device offline since <time>``), else ""."""
 
     model: str
     version: str | None  # None: a rollback to a version the server never learnt the name of
@@ -231,6 +254,7 @@ class Desired:
     reason: str
     updated_at: datetime
     open: bool
+    waiting: str = ""
 
 
 _NOT_ASKED = frozenset({"reverted"})  # the rollout's ask was withdrawn and undone
@@ -238,8 +262,10 @@ _NOT_ASKED = frozenset({"reverted"})  # the rollout's ask was withdrawn and undo
 
 def desired_models(session: Session, devices: list[Device]) -> dict[str, list[Desired]]:
     """Per device id: its latest rollout target per model, unless the device runs that target
-    (its recorded sha256 is the target's, or the version when no artifact is chosen yet) or
-    the target was reverted. Models must be loaded on ``devices``. One query."""
+    (its recorded sha256 is the target's, or the version when no artifact is chosen yet; in
+    a trial only for the target of that trial) or the target was reverted. An open target of
+    an offline device not in a final state says it waits for the device. Models must be
+    loaded on ``devices``. One query."""
     ids = [d.id for d in devices]
     out: dict[str, list[Desired]] = {i: [] for i in ids}
     if not ids:
@@ -254,6 +280,7 @@ def desired_models(session: Session, devices: list[Device]) -> dict[str, list[De
         .order_by(RolloutTarget.device_id, Model.name, Rollout.id.desc())
     ).all()
     running = {(d.id, m.model_name): m for d in devices for m in d.models}
+    away = {d.id: f"device offline since {clock(d.last_seen)}" for d in devices if not d.online}
     seen: set[tuple[str, str]] = set()
     for t, rollout_state, model_name, version, variant in rows:
         key = (t.device_id, model_name)
@@ -266,14 +293,16 @@ def desired_models(session: Session, devices: list[Device]) -> dict[str, list[De
         if t.state == "reverting":  # asked to go back to what it ran before
             asked, sha, variant_name = t.previous_version, t.previous_sha256, None
         runs = running.get(key)
-        if t.state in _NOT_ASKED or (runs is not None and (runs.sha256 == sha or (
+        proven = runs is not None and (runs.state != TRIAL or t.state == TRIAL)
+        if t.state in _NOT_ASKED or (runs is not None and proven and (runs.sha256 == sha or (
                 sha is None and asked is not None and runs.version == asked))):
             continue
+        is_open = rollout_state in ACTIVE_ROLLOUT_STATES
+        waiting = away.get(t.device_id, "") if is_open and t.state not in TERMINAL_STATES else ""
         out[t.device_id].append(Desired(
             model=model_name, version=asked, variant=variant_name, sha256=sha,
             rollout_id=t.rollout_id, rollout_state=rollout_state, state=t.state,
-            reason=t.reason or "", updated_at=t.updated_at,
-            open=rollout_state in ACTIVE_ROLLOUT_STATES))
+            reason=t.reason or "", updated_at=t.updated_at, open=is_open, waiting=waiting))
     return out
 
 

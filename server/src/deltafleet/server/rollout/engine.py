@@ -14,7 +14,9 @@ Per rollout state, every tick::
                  --max-concurrent and holds); open the next wave when the current one is
                  settled; complete when every wave is open and every target is terminal.
     paused       expire holds and deadlines; nothing new is dispatched.
-    aborting     withdraw undelivered manifests, cancel what has not finished -> aborted.
+    aborting     withdraw the manifests of devices not past downloading (an agent drops a
+                 download when its manifest is withdrawn), cancel what has not finished
+                 -> aborted.
     rolling_back every device the rollout touched gets a manifest for the model it ran before
                  (a higher serial, never a replay) -> rolled_back when none is reverting.
 
@@ -33,8 +35,13 @@ Rules:
   a device that went offline never times out, and a wave whose online devices all have a
   verdict is settled as soon as one device proved the version healthy.
 - Bytes are what devices report fetching (``RecordBytes``, from their ``applying`` report:
-  0 when the target was already on disk); a rollback's bytes are kept apart from the
+  0 when the target was already on disk, and from the failure report of a download that
+  timed out or failed before applying); a rollback's bytes are kept apart from the
   update's, so the rollout's delta figure survives a rollback.
+- A device that runs the target only in a trial (``DeviceView.in_trial``: its last report for
+  the model was a trial, e.g. of the rollout it was taken over from) is not "already runs
+  it": its target stays pending, saying so, until the trial commits (then healthy) or rolls
+  back (then it is dispatched).
 - A failure, a timeout and an abort name what the device was doing at the time (its state,
   whether it was online, how far it got: ``activity``).
 - With ``--prefer`` (``policy.prefer``) a device's variant is chosen by selection
@@ -115,6 +122,8 @@ class DeviceView:
     # the rollout's --prefer: the selection inputs (portrait, benchmarks, baselines) planning
     # chooses its variant by; None: by format (``planner.choose_variant``)
     selecting: Selecting | None = None
+    # ``running`` is in a trial (its last report for the model was one): not proven yet
+    in_trial: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +181,9 @@ class Report:
     state: str
     reason: str = ""
     health: Mapping[str, Any] = field(default_factory=dict)
-    bytes_received: int | None = None  # fetched for this manifest (an applying report)
+    # fetched for this manifest: an applying report, or a failure before applying (a
+    # download that timed out or failed)
+    bytes_received: int | None = None
 
 
 # -- what the engine decides -------------------------------------------------------------------
@@ -391,9 +402,12 @@ def on_event(target: TargetView, policy: RolloutPolicy, report: Report,
     decisions = _on_event(target, policy, report, now)
     for d in decisions:
         check_move(target.state, d.state)
-    if report.state == T.APPLYING and report.bytes_received is not None:
-        return (RecordBytes(target.device_id, report.bytes_received,
-                            target.state == T.REVERTING), *decisions)
+    fetched = report.bytes_received
+    if fetched is not None and (report.state == T.APPLYING or (
+            fetched > 0 and report.state in FAILURE_STATES
+            and target.state in (T.NOTIFIED, T.DOWNLOADING, T.REVERTING))):
+        return (RecordBytes(target.device_id, fetched, target.state == T.REVERTING),
+                *decisions)
     return decisions
 
 
@@ -575,6 +589,13 @@ class _Tick:
             t = self.targets[t.device_id] = replace(
                 t, previous_sha256=device.running.sha256 if device.running else None)
         if plan.kind == PlanKind.NONE:
+            if device.in_trial:  # what runs may still roll back: not proven for this rollout
+                version = (device.running.version if device.running else None) \
+                    or snap.rollout.version
+                self.decisions.append(SetReason(
+                    t.device_id, f"the device is trying {version} in a trial; healthy once "
+                                 "it commits"))
+                return False
             self.set(t.device_id, T.HEALTHY, plan.reason)
             return False
         if plan.kind == PlanKind.BUILD:
@@ -607,13 +628,19 @@ class _Tick:
         for t in list(self.targets.values()):
             if t.state in TERMINAL_STATES:
                 continue
-            if t.state == T.NOTIFIED:
+            device = self.snap.devices.get(t.device_id)
+            if t.state in (T.NOTIFIED, T.DOWNLOADING):
                 self.decisions.append(Withdraw(t.device_id))
-            doing = activity(t, self.snap.devices.get(t.device_id), version)
+            doing = activity(t, device, version)
             reason = f"rollout aborted while the device was {doing}"
             if t.state == T.NOTIFIED:
                 reason += "; manifest withdrawn"
-            elif t.state in (T.DOWNLOADING, T.APPLYING, T.TRIAL):
+            elif t.state == T.DOWNLOADING:
+                reason += ("; manifest withdrawn, download stopped: it keeps the version it "
+                           "runs" if device is None or device.online else
+                           "; manifest withdrawn: its download gets no more chunks and "
+                           "stops at its download timeout, on the version it runs")
+            elif t.state in (T.APPLYING, T.TRIAL):
                 reason += (f"; it was not stopped and may end on {version}" if version
                            else "; it was not stopped")
             self.set(t.device_id, T.CANCELLED, reason)

@@ -41,6 +41,7 @@ from ..audit import audit
 from ..delivery.artifacts import ArtifactChunks
 from ..delivery.manifests import build_manifest, sign_manifest
 from ..deltas import DeltaBuilder
+from ..fleet.devices import TRIAL
 from ..fleet.portraits import selecting_for
 from ..planner import DeltaOption, RunningModel, Selecting
 from ..policy import RolloutPolicy
@@ -147,10 +148,17 @@ def load_deltas(s: Session, target_shas: Iterable[str]) -> dict[tuple[str, str],
 def running_models(s: Session, model_name: str,
                    device_ids: Iterable[str] | None = None) -> dict[str, RunningModel]:
     """What each device reports it runs of the model."""
+    return {i: run for i, (run, _) in running_states(s, model_name, device_ids).items()}
+
+
+def running_states(s: Session, model_name: str, device_ids: Iterable[str] | None = None,
+                   ) -> dict[str, tuple[RunningModel, bool]]:
+    """What each device reports it runs of the model, and whether it runs it in a trial."""
     query = select(DeviceModel).where(DeviceModel.model_name == model_name)
     if device_ids is not None:
         query = query.where(DeviceModel.device_id.in_(set(device_ids)))
-    return {m.device_id: RunningModel(m.sha256, m.variant, m.version) for m in s.scalars(query)}
+    return {m.device_id: (RunningModel(m.sha256, m.variant, m.version),
+                          m.state == TRIAL) for m in s.scalars(query)}
 
 
 def target_view(t: RolloutTarget) -> engine.TargetView:
@@ -224,7 +232,7 @@ class RolloutController:
     def on_event(self, s: Session, ev: Event, now: datetime) -> None:
         if ev.sha256:
             fleet.record_device_model(s, ev.device_id, ev.model, ev.version, None,
-                                      ev.sha256, now)
+                                      ev.sha256, now, report=str(ev.state))
         match = None
         for t, r, model_name in self.open_targets(s, ev.device_id, lock=True):
             if model_name == ev.model and (ev.manifest_id is None
@@ -233,9 +241,9 @@ class RolloutController:
         if match is None:
             return
         t, r = match
-        fetched = None
-        if ev.state == T.APPLYING:  # after the download, or "target already on disk" (0)
-            fetched = max(0, ev.bytes_received - ev.chunks_reused * self.chunk_size_bytes)
+        # after the download, or "target already on disk" (0), or what a download fetched
+        # before it failed (the engine counts it for applying and failure reports only)
+        fetched = max(0, ev.bytes_received - ev.chunks_reused * self.chunk_size_bytes)
         decisions = engine.on_event(target_view(t), RolloutPolicy.from_json(r.policy),
                                     engine.Report(ev.state, ev.reason, dict(ev.health),
                                                   fetched), now)
@@ -418,15 +426,15 @@ class RolloutController:
             if rows or devices:
                 options = tuple(catalog.variant_options(s, version.id))
                 deltas = load_deltas(s, [o.sha256 for o in options])
-        running = (running_models(s, model.name, devices)
+        running = (running_states(s, model.name, devices)
                    if state == RolloutState.RUNNING and devices else {})
         policy = RolloutPolicy.from_json(r.policy)
         selecting = (self._selecting(s, version.id, options, rows, devices, policy.prefer)
                      if options and policy.prefer and policy.variant is None else {})
         views = {i: engine.DeviceView(
-            i, bool(d.online), dict(d.runtimes or {}), running.get(i),
+            i, bool(d.online), dict(d.runtimes or {}), running[i][0] if i in running else None,
             selector is not None and fleet.device_matches(d, selector), d.last_seen,
-            selecting.get(i))
+            selecting.get(i), i in running and running[i][1])
             for i, d in devices.items()}
         previous = (self._previous(s, model, rows.values())
                     if state == RolloutState.ROLLING_BACK else {})

@@ -124,6 +124,9 @@ class DeviceModel(Base):
     variant: Mapped[str | None] = mapped_column(String(64))
     sha256: Mapped[str] = mapped_column(SHA)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # "trial" while the last report for this model was a trial (runs, not proven yet);
+    # None once committed, rolled back or reported settled (migration 0007)
+    state: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
     device: Mapped[Device] = relationship(back_populates="models", lazy="raise")
 
