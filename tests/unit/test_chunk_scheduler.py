@@ -371,6 +371,29 @@ def test_token_bucket(steps: list[tuple[float, int]], granted: list[bool]) -> No
     assert [bucket.take(n, now) for now, n in steps] == granted
 
 
+def test_a_cap_below_one_chunk_a_second_still_sends_one_chunk_per_chunk_over_rate() -> None:
+    bucket = TokenBucket(64_000, now=0.0, unit=65_536)  # 64 kB/s, 64 KiB chunks
+    assert bucket.take(65_536, 0.0)
+    assert not bucket.take(65_536, 1.0)  # 64,000 B back: not yet a chunk
+    assert bucket.take(65_536, 1.03)  # 65,920 B back
+    assert bucket.take(65_536, 5.0)  # refilled, but bursts stop at one chunk:
+    assert not bucket.take(65_536, 5.0)
+
+
+def test_a_scheduler_capped_below_one_chunk_a_second_publishes_every_chunk() -> None:
+    s = ChunkScheduler(CHUNK, ChunkWindows())
+    rate = CHUNK // 2  # half a chunk per second
+    s.serve({A: ArtifactOffer(3, rate)}, now=0.0)
+    s.request("d1", A, range(3), 0.0)
+    sent: list[int] = []
+    now = 0.0
+    while now < 30.0 and len(sent) < 3:
+        now += 0.5
+        sent += [p.index for p in s.due(now) if p.artifact_sha == A]
+    assert sorted(sent) == [0, 1, 2]
+    assert now >= 4.0  # two chunks over the cap took about 2 s each
+
+
 # -- retained mode: each chunk once per rollout, however late devices ask ------------------
 
 def retained_scheduler(chunks: int = 3, **windows: float) -> ChunkScheduler:

@@ -32,7 +32,8 @@ A gather becomes a round when no round is open, once ``first_s`` passed without 
 joining it (a wave of requests keeps it gathering, for ``round_s`` at most after it opened):
 due at ``max(min(last_join + first_s, opened + round_s), last_round_start + round_s)``. The
 round publishes what it holds, in index order, as the artifact's bandwidth cap allows (a token
-bucket of ``rate_bytes_per_s``, one second of burst, ``chunk_size`` bytes per chunk; chunks
+bucket of ``rate_bytes_per_s``, one second (at least one chunk) of burst, ``chunk_size``
+bytes per chunk; chunks
 over it stay in the round for ``repair_s`` later). Any publish of chunk ``i`` takes ``i`` out of
 the gather and the repairs: every device waiting for it was subscribed. So each chunk goes out
 at most once per round, plus repairs (each at most once per ``republish_after_s``).
@@ -156,17 +157,20 @@ class DeliveryStats:
 
 
 class TokenBucket:
-    """Bandwidth cap for one artifact: ``rate`` bytes/s, bursts of one second."""
+    """Bandwidth cap for one artifact: ``rate`` bytes/s, bursts of one second or of one
+    ``unit`` (a chunk), whichever is larger: a cap below one chunk per second still sends, one
+    chunk every ``unit / rate`` seconds, instead of never."""
 
-    __slots__ = ("rate", "stamp", "tokens")
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
 
-    def __init__(self, rate_bytes_per_s: int, now: float) -> None:
+    def __init__(self, rate_bytes_per_s: int, now: float, unit: int = 0) -> None:
         self.rate = rate_bytes_per_s
-        self.tokens = float(rate_bytes_per_s)
+        self.capacity = float(max(rate_bytes_per_s, unit))
+        self.tokens = self.capacity
         self.stamp = now
 
     def take(self, n: int, now: float) -> bool:
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens < n:
             return False
@@ -174,7 +178,7 @@ class TokenBucket:
         return True
 
     def give(self, n: int) -> None:
-        self.tokens = min(float(self.rate), self.tokens + n)
+        self.tokens = min(self.capacity, self.tokens + n)
 
 
 class _Delivery:
@@ -328,7 +332,7 @@ class ChunkScheduler:
             rate = offer.rate_bytes_per_s
             bucket = self._buckets.get(sha)
             if rate and (bucket is None or bucket.rate != rate):
-                self._buckets[sha] = TokenBucket(rate, now)
+                self._buckets[sha] = TokenBucket(rate, now, self.chunk_size_bytes)
             elif not rate:
                 self._buckets.pop(sha, None)
 
