@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from . import catalog, fleet
@@ -431,29 +431,55 @@ def rollout_json(s: Session, r: Rollout, *, with_targets: bool = True) -> dict[s
     model = s.get(Model, r.model_id)
     version = s.get(ModelVersion, r.version_id)
     group = s.get(Group, r.group_id)
+    out: dict[str, Any] = {
+        "id": r.id, "model": model.name if model else None,
+        "version": version.version if version else None, "group": group.name if group else None,
+        "state": r.state, "state_reason": r.state_reason, "current_wave": r.current_wave,
+        "policy": r.policy, "created_by": r.created_by,
+        "created_at": r.created_at.isoformat() if r.created_at else None,
+        "finished_at": r.finished_at.isoformat() if r.finished_at else None,
+        **_rollout_figures(s, r.id),
+    }
+    if with_targets:
+        out["targets"] = _target_rows(s, r, model.name if model else "")
+    return out
+
+
+def _rollout_figures(s: Session, rollout_id: int) -> dict[str, Any]:
+    """Counts by state, bytes and agreement per wave from aggregates and two columns, not
+    from loading every target: `rollout list` costs the same at 10 or 10,000 devices."""
+    mine = RolloutTarget.rollout_id == rollout_id
+    counts = {state: int(n) for state, n in s.execute(
+        select(RolloutTarget.state, func.count()).where(mine)
+        .group_by(RolloutTarget.state).order_by(RolloutTarget.state)).all()}
+    sent, full, planned, rollback_sent = s.execute(select(
+        func.coalesce(func.sum(RolloutTarget.bytes_sent), 0),
+        func.coalesce(func.sum(case((RolloutTarget.bytes_sent.is_not(None),
+                                     func.coalesce(RolloutTarget.full_bytes, 0)), else_=0)), 0),
+        func.coalesce(func.sum(RolloutTarget.bytes_to_send), 0),
+        func.coalesce(func.sum(RolloutTarget.rollback_bytes_sent), 0)).where(mine)).one()
+    agreement: dict[int, list[int]] = {}
+    for wave, health in s.execute(select(RolloutTarget.wave, RolloutTarget.health).where(mine)):
+        agreed = (health or {}).get("agreement_ppm")
+        if isinstance(agreed, int) and not isinstance(agreed, bool):
+            agreement.setdefault(wave, []).append(agreed)
+    return {"counts": counts, "bytes_sent": int(sent), "full_bytes": int(full),
+            "planned_bytes": int(planned), "rollback_bytes_sent": int(rollback_sent),
+            "agreement": [_wave_agreement(w, v) for w, v in sorted(agreement.items())]}
+
+
+def _target_rows(s: Session, r: Rollout, model_name: str) -> list[dict[str, Any]]:
     rows = s.execute(
         select(RolloutTarget, Variant.name, DeviceModel.sha256, Device.online, Device.last_seen)
         .outerjoin(Variant, Variant.id == RolloutTarget.variant_id)
         .outerjoin(DeviceModel, (DeviceModel.device_id == RolloutTarget.device_id)
-                   & (DeviceModel.model_name == (model.name if model else "")))
+                   & (DeviceModel.model_name == model_name))
         .outerjoin(Device, Device.id == RolloutTarget.device_id)
         .where(RolloutTarget.rollout_id == r.id)
         .order_by(RolloutTarget.device_id)
     ).all()
-    counts: dict[str, int] = {}
     targets = []
-    agreement: dict[int, list[int]] = {}
-    sent = full = planned = rollback_sent = 0
     for t, variant, running_sha, online, last_seen in rows:
-        counts[t.state] = counts.get(t.state, 0) + 1
-        agreed = (t.health or {}).get("agreement_ppm")
-        if isinstance(agreed, int) and not isinstance(agreed, bool):
-            agreement.setdefault(t.wave, []).append(agreed)
-        if t.bytes_sent is not None:
-            sent += t.bytes_sent
-            full += t.full_bytes or 0
-        planned += t.bytes_to_send or 0
-        rollback_sent += t.rollback_bytes_sent or 0
         rollback = None
         if t.rollback_bytes is not None:
             rollback = {"artifact_bytes": t.rollback_bytes, "bytes_sent": t.rollback_bytes_sent,
@@ -471,20 +497,7 @@ def rollout_json(s: Session, r: Rollout, *, with_targets: bool = True) -> dict[s
             "health": t.health,
             "updated_at": t.updated_at.isoformat() if t.updated_at else None,
         })
-    out: dict[str, Any] = {
-        "id": r.id, "model": model.name if model else None,
-        "version": version.version if version else None, "group": group.name if group else None,
-        "state": r.state, "state_reason": r.state_reason, "current_wave": r.current_wave,
-        "policy": r.policy, "created_by": r.created_by,
-        "created_at": r.created_at.isoformat() if r.created_at else None,
-        "finished_at": r.finished_at.isoformat() if r.finished_at else None,
-        "counts": counts, "bytes_sent": sent, "full_bytes": full, "planned_bytes": planned,
-        "rollback_bytes_sent": rollback_sent,
-        "agreement": [_wave_agreement(w, v) for w, v in sorted(agreement.items())],
-    }
-    if with_targets:
-        out["targets"] = targets
-    return out
+    return targets
 
 
 def _wave_agreement(wave: int, ppm: list[int]) -> dict[str, Any]:

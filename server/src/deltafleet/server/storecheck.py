@@ -39,7 +39,6 @@ from deltafleet.codecs import CodecError
 from deltafleet.shared import sha256_file
 
 from .catalog import COMPRESSED_KIND, compressed_artifact
-from .codecs import build_compressed_full, choose, default_encoders
 from .store import BlobCheck, BlobStore, BlobVerifier
 from .store.models import Artifact, Delta, Model, ModelVersion, Rollout, RolloutTarget, Variant
 
@@ -190,6 +189,8 @@ def _repair_compressed(s: Session, blobs: BlobStore, verifier: BlobVerifier, r: 
     model_sha = users[0].artifact_sha256
     if not verifier.intact(model_sha):
         return f"not repaired: its model file {model_sha[:12]} is not intact (repair it first)"
+    from .codecs import build_compressed_full  # noqa: PLC0415  (numpy: only to repair)
+
     built = build_compressed_full(blobs.path(model_sha), work_dir, model_sha256=model_sha)
     if built is None:
         return "not repaired: compressing the model no longer makes it smaller or round-trips"
@@ -219,6 +220,8 @@ def _repair_delta(s: Session, blobs: BlobStore, verifier: BlobVerifier, r: BlobR
     for end in (d.base_sha256, d.target_sha256):
         if not verifier.intact(end):
             return f"not repaired: {end[:12]} (its base or target) is not intact"
+    from .codecs import choose, default_encoders  # noqa: PLC0415  (numpy: only to repair)
+
     encoders = [e for e in default_encoders() if e.name == d.codec]
     if not encoders:
         return f"not repaired: unknown codec {d.codec}"

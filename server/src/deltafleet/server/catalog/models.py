@@ -25,7 +25,6 @@ from sqlalchemy.orm import Session, selectinload
 from deltafleet.codecs import ZSTD
 from deltafleet.shared import is_sha256
 
-from ..codecs import build_compressed_full
 from ..errors import ConflictError, NotFoundError, UsageError
 from ..planner import FullArtifact, VariantOption
 from ..planner import full_artifact as resolve_full
@@ -214,6 +213,8 @@ def _compressed_form(session: Session, blobs: BlobStore, model_sha256: str) -> d
         if (known is not None and blobs.has(known.sha256)
                 and session.get(Artifact, known.sha256) is not None):
             return dict(other["compressed"])
+    from ..codecs import build_compressed_full  # noqa: PLC0415  (numpy: only when writing)
+
     built = build_compressed_full(blobs.path(model_sha256), blobs.root,
                                   model_sha256=model_sha256)
     if built is None:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -40,7 +41,6 @@ from .. import catalog, fleet
 from ..audit import audit
 from ..delivery.artifacts import ArtifactChunks
 from ..delivery.manifests import build_manifest, sign_manifest
-from ..deltas import DeltaBuilder
 from ..fleet.devices import TRIAL
 from ..fleet.portraits import selecting_for
 from ..planner import DeltaOption, RunningModel, Selecting
@@ -71,6 +71,9 @@ from .states import (
     transition_rollout,
 )
 from .states import TargetState as T
+
+if TYPE_CHECKING:  # the builder's codecs import numpy: a `fleetctl` read does not need it
+    from ..deltas import DeltaBuilder
 
 log = logging.getLogger(__name__)
 
