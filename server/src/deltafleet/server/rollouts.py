@@ -397,7 +397,7 @@ def get_rollout(s: Session, rollout_id: int) -> Rollout:
     return r
 
 
-def _shown_reason(t: RolloutTarget, online: bool, last_seen: datetime | None,
+def _shown_reason(t: Any, online: bool, last_seen: datetime | None,
                   current_wave: int) -> str:
     """The target's reason, saying what a pending target waits for (its wave to open, its
     device to come back: nothing is dispatched to an offline device) and when an in-flight
@@ -469,8 +469,12 @@ def _rollout_figures(s: Session, rollout_id: int) -> dict[str, Any]:
 
 
 def _target_rows(s: Session, r: Rollout, model_name: str) -> list[dict[str, Any]]:
+    """One dict per target; columns, not ORM rows (a read of 10,000 targets builds no objects:
+    each row answers the same attribute names)."""
     rows = s.execute(
-        select(RolloutTarget, Variant.name, DeviceModel.sha256, Device.online, Device.last_seen)
+        select(RolloutTarget.__table__, Variant.name.label("variant_name"),
+               DeviceModel.sha256.label("running_sha256"), Device.online, Device.last_seen)
+        .select_from(RolloutTarget)
         .outerjoin(Variant, Variant.id == RolloutTarget.variant_id)
         .outerjoin(DeviceModel, (DeviceModel.device_id == RolloutTarget.device_id)
                    & (DeviceModel.model_name == model_name))
@@ -479,7 +483,9 @@ def _target_rows(s: Session, r: Rollout, model_name: str) -> list[dict[str, Any]
         .order_by(RolloutTarget.device_id)
     ).all()
     targets = []
-    for t, variant, running_sha, online, last_seen in rows:
+    for t in rows:
+        variant, running_sha, online, last_seen = (t.variant_name, t.running_sha256, t.online,
+                                                   t.last_seen)
         rollback = None
         if t.rollback_bytes is not None:
             rollback = {"artifact_bytes": t.rollback_bytes, "bytes_sent": t.rollback_bytes_sent,
@@ -508,7 +514,7 @@ def _wave_agreement(wave: int, ppm: list[int]) -> dict[str, Any]:
             "median_ppm": ordered[len(ordered) // 2], "max_ppm": ordered[-1]}
 
 
-def _rollback_note(t: RolloutTarget) -> str:
+def _rollback_note(t: Any) -> str:
     """What the rollback of this device sent, in words."""
     back_to = t.previous_version or "the previous version"
     if t.rollback_bytes_sent is None:
