@@ -8,7 +8,8 @@
 - ``peer``: the test-side server signing with ``key``;
 - ``rollout_lab(models, ...)``: a ``RolloutLab`` (server thread, simulated fleet) on the
   session's broker, closed after the test;
-- ``secure_fleet``: enrolled devices and a Mosquitto on the generated TLS config.
+- ``secure_fleet``: enrolled devices and a Mosquitto on the generated TLS config;
+- ``empty_store``: a migrated, empty store, once on SQLite and once on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 from deltafleet.server import enroll, keys
 from deltafleet.server.config import ServerConfig
+from deltafleet.server.store import Store, upgrade
 from deltafleet.shared import SigningKey
 from tests.harness.broker import has_mosquitto
 from tests.harness.fleetlab import Lab
@@ -28,6 +30,14 @@ from tests.harness.mqtt_peer import Peer
 from tests.harness.need import missing
 from tests.harness.rollout_lab import RolloutLab
 from tests.harness.tls_broker import TlsBroker
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def empty_store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    url = (f"sqlite:///{tmp_path}/fleet.db" if request.param == "sqlite"
+           else str(request.getfixturevalue("pg_url")))
+    upgrade(url)
+    return Store(url)
 
 
 @pytest.fixture

@@ -32,12 +32,9 @@ NOW = datetime(2026, 12, 2, 12, tzinfo=UTC)
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    url = (f"sqlite:///{tmp_path}/fleet.db" if request.param == "sqlite"
-           else str(request.getfixturevalue("pg_url")))
-    upgrade(url)
-    return Store(url)
+@pytest.fixture
+def store(empty_store: Store) -> Store:
+    return empty_store
 
 
 def sha(tag: str) -> str:

@@ -4,13 +4,12 @@ keeps per device, how a type's baseline aggregates its devices, what selection i
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from deltafleet.server.fleet import portraits as fp
 from deltafleet.server.fleet import upsert_devices_from_hellos
-from deltafleet.server.store import Store, upgrade
+from deltafleet.server.store import Store
 from deltafleet.server.store.models import BenchRequestRow
 from deltafleet.shared import Hello
 from deltafleet.shared.messages import BenchResult, Portrait
@@ -19,12 +18,9 @@ NOW = datetime(2026, 12, 2, tzinfo=UTC)
 A, B = "a" * 64, "b" * 64
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    url = (f"sqlite:///{tmp_path}/fleet.db" if request.param == "sqlite"
-           else str(request.getfixturevalue("pg_url")))
-    upgrade(url)
-    return Store(url)
+@pytest.fixture
+def store(empty_store: Store) -> Store:
+    return empty_store
 
 
 def hello(device_id: str, mem: int, labels: dict[str, str] | None = None) -> Hello:
