@@ -32,7 +32,7 @@ from deltafleet.shared import Hello
 
 from ..errors import NotFoundError
 from ..rollout.engine import clock
-from ..rollout.states import ACTIVE_ROLLOUT_STATES, TERMINAL_STATES
+from ..rollout.states import ACTIVE_ROLLOUT_STATES, TERMINAL_STATES, TargetState
 from ..store.models import (
     Device,
     DeviceModel,
@@ -43,8 +43,8 @@ from ..store.models import (
     Variant,
 )
 
-TRIAL = "trial"  # DeviceModel.state while the model runs in a trial
-_SETTLED = ("healthy", "rolled_back")  # reports that end a trial
+TRIAL = TargetState.TRIAL.value  # DeviceModel.state while the model runs in a trial
+_SETTLED = (TargetState.HEALTHY.value, TargetState.ROLLED_BACK.value)  # reports ending one
 
 __all__ = [
     "TRIAL",
@@ -290,7 +290,7 @@ def desired_models(session: Session, devices: list[Device]) -> dict[str, list[De
         sha: str | None = t.target_sha256
         asked: str | None = version
         variant_name: str | None = variant
-        if t.state == "reverting":  # asked to go back to what it ran before
+        if t.state == TargetState.REVERTING:  # asked to go back to what it ran before
             asked, sha, variant_name = t.previous_version, t.previous_sha256, None
         runs = running.get(key)
         proven = runs is not None and (runs.state != TRIAL or t.state == TRIAL)
