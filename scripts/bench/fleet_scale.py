@@ -172,6 +172,7 @@ class CliReads:
     def __init__(self, lab: Lab, rollout_id: int, api_env: dict[str, str] | None = None) -> None:
         self.lab, self.rid, self.api_env = lab, rollout_id, api_env
         self.times: dict[str, list[float]] = {"local": [], "api": [], "help": []}
+        self.by_read: dict[str, float] = {}
         self.failed: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cli-reads", daemon=True)
@@ -185,7 +186,10 @@ class CliReads:
         t = time.monotonic()
         res = subprocess.run([str(BIN / "fleetctl"), *args], env=env, text=True,
                              capture_output=True, timeout=300, preexec_fn=_normal_priority)
-        self.times[kind].append(time.monotonic() - t)
+        took = time.monotonic() - t
+        self.times[kind].append(took)
+        key = f"{kind} {' '.join(a for a in args if a != str(self.rid))}"
+        self.by_read[key] = max(self.by_read.get(key, 0.0), round(took, 3))
         if res.returncode != 0:
             self.failed.append(f"fleetctl {' '.join(args)} ({kind}) exited {res.returncode}: "
                                f"{(res.stderr or res.stdout).strip()[:200]}")
@@ -213,6 +217,7 @@ class CliReads:
             if t:
                 out[f"{prefix}_p50_s"] = round(t[len(t) // 2], 3)
                 out[f"{prefix}_max_s"] = round(t[-1], 3)
+        out["fleetctl_read_max_s_by_read"] = dict(sorted(self.by_read.items()))
         return out
 
 

@@ -9,6 +9,10 @@ class ServerError(DeltafleetError):
     """Root of the server's own errors."""
 
 
+class StoreError(ServerError):
+    """The database could not be reached or refused a statement (not the operator's input)."""
+
+
 class UsageError(ServerError):
     """The operator asked for something invalid: fix the input and retry (exit code 2)."""
 

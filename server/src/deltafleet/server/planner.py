@@ -24,6 +24,8 @@ from typing import Any
 
 from deltafleet.codecs import IDENTITY
 
+from .phrases import size_text
+
 # A delta is sent only when it is at least this much smaller than the full artifact.
 DELTA_MIN_SAVING = 0.10
 
@@ -138,16 +140,6 @@ def delta_worth_it(delta_size_bytes: int | None, full_artifact_bytes: int) -> bo
     return delta_size_bytes is not None and delta_size_bytes <= full_artifact_bytes * (
         1 - DELTA_MIN_SAVING
     )
-
-
-def size_text(n: int) -> str:
-    """Bytes as an operator reads them (binary units, as ``fleetctl`` prints sizes)."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
 
 
 def share_text(part: int, whole: int) -> str:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from . import catalog, fleet
+from . import catalog, fleet, reads
 from .audit import audit
 from .errors import NotFoundError, UsageError
 from .planner import (
@@ -28,10 +28,8 @@ from .planner import (
     choose_variant,
     plan_target,
     select_choice,
-    size_text,
 )
 from .policy import RolloutPolicy, assign_waves
-from .rollout.engine import clock
 from .rollout.sql import load_deltas, running_models
 from .rollout.states import (
     ACTIONS,
@@ -39,7 +37,6 @@ from .rollout.states import (
     FINAL_ROLLOUT_STATES,
     IN_FLIGHT_STATES,
     SUPERSEDABLE_STATES,
-    TERMINAL_STATES,
     WAIT_ENDS,
     RolloutState,
     TargetState,
@@ -48,7 +45,6 @@ from .rollout.states import (
 )
 from .store.models import (
     Device,
-    DeviceModel,
     Group,
     Model,
     ModelVersion,
@@ -397,131 +393,10 @@ def get_rollout(s: Session, rollout_id: int) -> Rollout:
     return r
 
 
-def _shown_reason(t: Any, online: bool, last_seen: datetime | None,
-                  current_wave: int) -> str:
-    """The target's reason, saying what a pending target waits for (its wave to open, its
-    device to come back: nothing is dispatched to an offline device) and when an in-flight
-    target's device is offline (its manifest waits at the broker)."""
-    later = t.state == TargetState.PENDING and t.wave > current_wave
-    if t.state in TERMINAL_STATES or (online and not later):
-        return t.reason
-    if online:
-        why = f"waiting for wave {t.wave + 1} to open"
-    else:
-        away = f"offline since {clock(last_seen)}"
-        if later:
-            why = f"waiting for wave {t.wave + 1} to open; {away}"
-        elif t.state == TargetState.PENDING:
-            why = f"waiting: {away}; the update is sent when it reconnects"
-        elif t.state in IN_FLIGHT_STATES:
-            why = f"waiting: {away}; the manifest waits for it at the broker"
-        else:
-            why = f"waiting: {away}"
-    return f"{why} ({t.reason})" if t.reason else why
-
-
 def rollout_json(s: Session, r: Rollout, *, with_targets: bool = True) -> dict[str, Any]:
-    """A rollout as ``fleetctl rollout status --json`` prints it. Per target: ``bytes_sent`` is
-    what the device reported fetching for the update over every attempt (0 when nothing yet,
-    or it had the file), ``artifact_bytes`` the size of the artifact its manifest named,
-    ``delivery`` why delta or full (the planner's reason at dispatch), ``rollback`` what a
-    rollback sent (apart: the update's figures are kept). The rollout's ``bytes_sent`` /
-    ``full_bytes`` compare what was sent with what full installs of the same devices would
-    have been; ``rollback_bytes_sent`` is what rollbacks sent."""
-    model = s.get(Model, r.model_id)
-    version = s.get(ModelVersion, r.version_id)
-    group = s.get(Group, r.group_id)
-    out: dict[str, Any] = {
-        "id": r.id, "model": model.name if model else None,
-        "version": version.version if version else None, "group": group.name if group else None,
-        "state": r.state, "state_reason": r.state_reason, "current_wave": r.current_wave,
-        "policy": r.policy, "created_by": r.created_by,
-        "created_at": r.created_at.isoformat() if r.created_at else None,
-        "finished_at": r.finished_at.isoformat() if r.finished_at else None,
-        **_rollout_figures(s, r.id),
-    }
-    if with_targets:
-        out["targets"] = _target_rows(s, r, model.name if model else "")
-    return out
-
-
-def _rollout_figures(s: Session, rollout_id: int) -> dict[str, Any]:
-    """Counts by state, bytes and agreement per wave from aggregates and two columns, not
-    from loading every target: `rollout list` costs the same at 10 or 10,000 devices."""
-    mine = RolloutTarget.rollout_id == rollout_id
-    counts = {state: int(n) for state, n in s.execute(
-        select(RolloutTarget.state, func.count()).where(mine)
-        .group_by(RolloutTarget.state).order_by(RolloutTarget.state)).all()}
-    sent, full, planned, rollback_sent = s.execute(select(
-        func.coalesce(func.sum(RolloutTarget.bytes_sent), 0),
-        func.coalesce(func.sum(case((RolloutTarget.bytes_sent.is_not(None),
-                                     func.coalesce(RolloutTarget.full_bytes, 0)), else_=0)), 0),
-        func.coalesce(func.sum(RolloutTarget.bytes_to_send), 0),
-        func.coalesce(func.sum(RolloutTarget.rollback_bytes_sent), 0)).where(mine)).one()
-    agreement: dict[int, list[int]] = {}
-    for wave, health in s.execute(select(RolloutTarget.wave, RolloutTarget.health).where(mine)):
-        agreed = (health or {}).get("agreement_ppm")
-        if isinstance(agreed, int) and not isinstance(agreed, bool):
-            agreement.setdefault(wave, []).append(agreed)
-    return {"counts": counts, "bytes_sent": int(sent), "full_bytes": int(full),
-            "planned_bytes": int(planned), "rollback_bytes_sent": int(rollback_sent),
-            "agreement": [_wave_agreement(w, v) for w, v in sorted(agreement.items())]}
-
-
-def _target_rows(s: Session, r: Rollout, model_name: str) -> list[dict[str, Any]]:
-    """One dict per target; columns, not ORM rows (a read of 10,000 targets builds no objects:
-    each row answers the same attribute names)."""
-    rows = s.execute(
-        select(RolloutTarget.__table__, Variant.name.label("variant_name"),
-               DeviceModel.sha256.label("running_sha256"), Device.online, Device.last_seen)
-        .select_from(RolloutTarget)
-        .outerjoin(Variant, Variant.id == RolloutTarget.variant_id)
-        .outerjoin(DeviceModel, (DeviceModel.device_id == RolloutTarget.device_id)
-                   & (DeviceModel.model_name == model_name))
-        .outerjoin(Device, Device.id == RolloutTarget.device_id)
-        .where(RolloutTarget.rollout_id == r.id)
-        .order_by(RolloutTarget.device_id)
-    ).all()
-    targets = []
-    for t in rows:
-        variant, running_sha, online, last_seen = (t.variant_name, t.running_sha256, t.online,
-                                                   t.last_seen)
-        rollback = None
-        if t.rollback_bytes is not None:
-            rollback = {"artifact_bytes": t.rollback_bytes, "bytes_sent": t.rollback_bytes_sent,
-                        "note": _rollback_note(t)}
-        targets.append({
-            "device": t.device_id, "wave": t.wave, "attempts": t.attempts,
-            "state": t.state, "reason": _shown_reason(t, bool(online), last_seen, r.current_wave),
-            "online": bool(online),
-            "offline_since": None if online or last_seen is None else last_seen.isoformat(),
-            "variant": variant, "artifact": t.artifact_kind, "artifact_bytes": t.bytes_to_send,
-            "bytes_sent": t.bytes_sent or 0, "full_bytes": t.full_bytes,
-            "delivery": t.delivery or "", "rollback": rollback,
-            "target_sha256": t.target_sha256,
-            "running_sha256": running_sha, "previous_version": t.previous_version,
-            "health": t.health,
-            "updated_at": t.updated_at.isoformat() if t.updated_at else None,
-        })
-    return targets
-
-
-def _wave_agreement(wave: int, ppm: list[int]) -> dict[str, Any]:
-    """Output agreement with the previous version in one wave, from its devices' trial
-    reports (``agreement_ppm``: shadowed live requests and golden inputs; docs/agent.md)."""
-    ordered = sorted(ppm)
-    return {"wave": wave, "devices": len(ordered), "min_ppm": ordered[0],
-            "median_ppm": ordered[len(ordered) // 2], "max_ppm": ordered[-1]}
-
-
-def _rollback_note(t: Any) -> str:
-    """What the rollback of this device sent, in words."""
-    back_to = t.previous_version or "the previous version"
-    if t.rollback_bytes_sent is None:
-        return f"rollback to {back_to}: nothing reported yet"
-    if t.rollback_bytes_sent == 0:
-        return f"rollback to {back_to}: 0 B sent, the file was still on the device"
-    return f"rollback to {back_to}: {size_text(t.rollback_bytes_sent)} sent"
+    """A rollout as ``fleetctl rollout status --json`` prints it (``reads.rollout_json``: the
+    same statements fleetctl runs on the store without SQLAlchemy)."""
+    return reads.rollout_json(reads.SessionReader(s), r.id, with_targets=with_targets)
 
 
 def list_rollouts(s: Session) -> list[Rollout]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .fleet import Desired
+    from .reads import DeviceRow
     from .store.models import AuditEntry, Device, Group, Model, Variant
 
 __all__ = [
@@ -65,14 +66,16 @@ def asked_line(d: Mapping[str, Any]) -> str:
     return f"{d['model']}:{d['version'] or '?'} by rollout {d['rollout_id']} - {d['why']}"
 
 
-def device_to_json(device: Device, desired: list[Desired] | None = None) -> dict[str, Any]:
-    """A device as a JSON-able dict (its models must be loaded, see get_device).
+def device_to_json(device: Device | DeviceRow, desired: list[Desired] | None = None) -> dict[str, Any]:
+    """A device as a JSON-able dict: an ORM row (its models must be loaded, see get_device)
+    or a ``reads.DeviceRow``.
 
     ``running`` (also ``models``) is what the device last verified and reported (``state``
     "trial" while it runs the model in a trial, not committed yet, else None); ``desired``
     what its rollouts asked of it that it does not run, with why (``fleet.desired_models``;
     ``waiting`` says when the device is offline).
     """
+    models: list[Any] = list(device.models)
     running = [
         {
             "model": m.model_name,
@@ -82,7 +85,7 @@ def device_to_json(device: Device, desired: list[Desired] | None = None) -> dict
             "state": m.state,
             "updated_at": _iso(m.updated_at),
         }
-        for m in sorted(device.models, key=lambda m: m.model_name)
+        for m in sorted(models, key=lambda m: m.model_name)
     ]
     return {
         "id": device.id,

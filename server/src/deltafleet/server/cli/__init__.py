@@ -110,6 +110,19 @@ def usage_error_line(e: UsageError) -> str:
     return f"error: {message}; see '{path} --help'"
 
 
+def _unstorable_argument(args: Sequence[str]) -> str | None:
+    """What is wrong with the first argument no store or file name can hold: bytes that are
+    not UTF-8 (Python hands them over as lone surrogates) or a NUL; None when all are text."""
+    for n, arg in enumerate(args, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"argument {n} is not valid UTF-8 text"
+        if "\x00" in arg:
+            return f"argument {n} holds a NUL character"
+    return None
+
+
 def _fail(line: str, code: int) -> NoReturn:
     click.echo(line, err=True)
     sys.exit(code)
@@ -147,6 +160,9 @@ class _FleetGroup(TyperGroup):
              **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        bad = _unstorable_argument(sys.argv[1:] if args is None else args)
+        if bad is not None:
+            _fail(f"error: {bad}; see 'fleetctl --help'", EXIT_USAGE)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except NoArgsIsHelpError as e:  # a bare group: its help

@@ -14,7 +14,9 @@ import os
 import re
 import sqlite3
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -23,6 +25,7 @@ from .table import Table, console, err_console  # noqa: F401 - the commands' out
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
+    from ..reads import Reader
     from ..store import BlobStore, Store
 
 JSON_HELP = "Print JSON instead of a table."
@@ -54,7 +57,7 @@ def open_store(cfg: ServerConfig | None = None, *, check: bool = True) -> Store:
     from ..store import Store, check_schema  # noqa: PLC0415
 
     cfg = cfg or load_config()
-    if check and not _sqlite_at_head(cfg.db_url):
+    if check and _sqlite_at_head(cfg.db_url) is None:
         check_schema(cfg.db_url)
     return Store(cfg.db_url)
 
@@ -65,7 +68,7 @@ _DOWN = re.compile(r"^down_revision\s*(?::[^=]*)?=\s*(.+)$", re.M)
 
 def _migration_head() -> str | None:
     """The one head of the migration scripts, read as text (None: not exactly one)."""
-    from ..store import migrations_dir  # noqa: PLC0415
+    from ..reads import migrations_dir  # noqa: PLC0415
 
     revisions: set[str] = set()
     downs: set[str] = set()
@@ -80,22 +83,39 @@ def _migration_head() -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
-def _sqlite_at_head(url: str) -> bool:
-    """True if ``url`` is an SQLite file whose schema is at the migrations' head, found
-    without loading alembic (it costs a command ~0.2 s). False means: ask ``check_schema``,
-    which says what is wrong."""
-    from ..store.db import _sqlite_file, parse_url  # noqa: PLC0415
+def _sqlite_at_head(url: str) -> Path | None:
+    """The file of ``url`` when it is an SQLite file whose schema is at the migrations' head,
+    found without loading SQLAlchemy or alembic (they cost a command 0.4-1 s). None means:
+    ask ``check_schema``, which says what is wrong."""
+    from ..reads import sqlite_path  # noqa: PLC0415
 
-    path = _sqlite_file(parse_url(url))
+    path = sqlite_path(url)
     if path is None or not path.is_file():
-        return False
+        return None
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
                                                 uri=True, timeout=5)) as conn:
             rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
     except sqlite3.Error:
-        return False
-    return len(rows) == 1 and rows[0][0] == _migration_head()
+        return None
+    return path if len(rows) == 1 and rows[0][0] == _migration_head() else None
+
+
+@contextlib.contextmanager
+def read_store(cfg: ServerConfig | None = None) -> Iterator[Reader]:
+    """One read of the configured store for ``reads``' statements: on an SQLite file at head
+    through the standard library's sqlite3 (no SQLAlchemy import: a read starts in a fraction
+    of the time), else through a Store's read session (PostgreSQL; a store to be refused)."""
+    from .. import reads  # noqa: PLC0415
+
+    cfg = cfg or load_config()
+    path = _sqlite_at_head(cfg.db_url)
+    if path is not None:
+        with reads.SqliteReader(path) as q:
+            yield q
+        return
+    with open_store(cfg) as store, store.read() as s:
+        yield reads.SessionReader(s)
 
 
 def blob_store(cfg: ServerConfig) -> BlobStore:

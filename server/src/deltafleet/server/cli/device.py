@@ -19,6 +19,7 @@ from ._common import (
     load_config,
     open_store,
     print_json,
+    read_store,
 )
 from .table import Table
 
@@ -37,13 +38,14 @@ def _load(device_id: str | None = None, group: str | None = None) -> list[dict[s
         if device_id is not None:
             return [api.get(f"/devices/{remote.quote_part(device_id)}")]
         return api.get_all("/devices", {"group": group})
-    from .. import fleet, views  # noqa: PLC0415
+    from .. import reads, views  # noqa: PLC0415
 
-    with open_store() as store, store.read() as s:
-        if device_id is not None:
+    if device_id is not None:
+        with open_store() as store, store.read() as s:
             return [views.device_detail_json(s, device_id)]
-        devices = fleet.devices_in_group(s, group) if group is not None else fleet.list_devices(s)
-        desired = fleet.desired_models(s, devices)
+    with read_store() as q:  # the SQLite default: no SQLAlchemy import
+        devices = reads.devices(q, group)
+        desired = reads.desired_for(q, devices)
         return [views.device_to_json(d, desired[d.id]) for d in devices]
 
 

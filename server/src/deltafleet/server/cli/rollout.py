@@ -27,6 +27,7 @@ from ._common import (
     load_config,
     open_store,
     print_json,
+    read_store,
 )
 from .table import Table, terminal_width
 
@@ -98,10 +99,10 @@ def _status(rollout_id: int, *, with_targets: bool = True) -> dict[str, Any]:
         data: dict[str, Any] = remote.client().get(f"/rollouts/{rollout_id}")
         data.pop("actions", None)  # the API's extra: what the console may offer
         return data
-    from ..rollouts import get_rollout, rollout_json  # noqa: PLC0415
+    from .. import reads  # noqa: PLC0415
 
-    with open_store() as store, store.read() as s:
-        return rollout_json(s, get_rollout(s, rollout_id), with_targets=with_targets)
+    with read_store() as q:  # the SQLite default: no SQLAlchemy import
+        return reads.rollout_json(q, rollout_id, with_targets=with_targets)
 
 
 def _wrap(text: str, width: int | None, indent: str = "") -> list[str]:
@@ -345,10 +346,10 @@ def rollout_list(wide: WideOpt = False, as_json: JsonOpt = False) -> None:
     if remote.active():
         rows = remote.client().get_all("/rollouts")
     else:
-        from ..rollouts import list_rollouts, rollout_json  # noqa: PLC0415
+        from .. import reads  # noqa: PLC0415
 
-        with open_store() as store, store.read() as s:
-            rows = [rollout_json(s, r, with_targets=False) for r in list_rollouts(s)]
+        with read_store() as q:
+            rows = reads.rollouts_json(q)
     if as_json:
         print_json(rows)
         return

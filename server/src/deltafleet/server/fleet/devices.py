@@ -21,7 +21,6 @@ are dropped. Upserting the same hellos twice, or from two replicas at once, leav
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -31,15 +30,13 @@ from sqlalchemy.orm import Session, selectinload
 from deltafleet.shared import Hello
 
 from ..errors import NotFoundError
-from ..rollout.engine import clock
-from ..rollout.states import ACTIVE_ROLLOUT_STATES, TERMINAL_STATES, TargetState
+from ..reads import Desired, SessionReader, desired_for
+from ..rollout.states import TargetState
 from ..store.models import (
     Device,
     DeviceModel,
     Model,
     ModelVersion,
-    Rollout,
-    RolloutTarget,
     Variant,
 )
 
@@ -237,73 +234,11 @@ def record_device_model(
     return row
 
 
-@dataclass(frozen=True, slots=True)
-class Desired:
-    """What a device was asked to run for one model and does not run (yet), or runs only in
-    a trial: its latest rollout target. ``open`` is False once the rollout ended (aborted,
-    rolled back, ...). ``waiting``: why an open target the device has not finished does not
-    move now (``device offline since <time>``), else ""."""
-
-    model: str
-    version: str | None  # None: a rollback to a version the server never learnt the name of
-    variant: str | None
-    sha256: str | None
-    rollout_id: int
-    rollout_state: str
-    state: str
-    reason: str
-    updated_at: datetime
-    open: bool
-    waiting: str = ""
-
-
-_NOT_ASKED = frozenset({"reverted"})  # the rollout's ask was withdrawn and undone
-
-
 def desired_models(session: Session, devices: list[Device]) -> dict[str, list[Desired]]:
-    """Per device id: its latest rollout target per model, unless the device runs that target
-    (its recorded sha256 is the target's, or the version when no artifact is chosen yet; in
-    a trial only for the target of that trial) or the target was reverted. An open target of
-    an offline device not in a final state says it waits for the device. Models must be
-    loaded on ``devices``. One query."""
-    ids = [d.id for d in devices]
-    out: dict[str, list[Desired]] = {i: [] for i in ids}
-    if not ids:
-        return out
-    rows = session.execute(
-        select(RolloutTarget, Rollout.state, Model.name, ModelVersion.version, Variant.name)
-        .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
-        .join(Model, Model.id == Rollout.model_id)
-        .join(ModelVersion, ModelVersion.id == Rollout.version_id)
-        .outerjoin(Variant, Variant.id == RolloutTarget.variant_id)
-        .where(RolloutTarget.device_id.in_(ids))
-        .order_by(RolloutTarget.device_id, Model.name, Rollout.id.desc())
-    ).all()
-    running = {(d.id, m.model_name): m for d in devices for m in d.models}
-    away = {d.id: f"device offline since {clock(d.last_seen)}" for d in devices if not d.online}
-    seen: set[tuple[str, str]] = set()
-    for t, rollout_state, model_name, version, variant in rows:
-        key = (t.device_id, model_name)
-        if key in seen:
-            continue
-        seen.add(key)
-        sha: str | None = t.target_sha256
-        asked: str | None = version
-        variant_name: str | None = variant
-        if t.state == TargetState.REVERTING:  # asked to go back to what it ran before
-            asked, sha, variant_name = t.previous_version, t.previous_sha256, None
-        runs = running.get(key)
-        proven = runs is not None and (runs.state != TRIAL or t.state == TRIAL)
-        if t.state in _NOT_ASKED or (runs is not None and proven and (runs.sha256 == sha or (
-                sha is None and asked is not None and runs.version == asked))):
-            continue
-        is_open = rollout_state in ACTIVE_ROLLOUT_STATES
-        waiting = away.get(t.device_id, "") if is_open and t.state not in TERMINAL_STATES else ""
-        out[t.device_id].append(Desired(
-            model=model_name, version=asked, variant=variant_name, sha256=sha,
-            rollout_id=t.rollout_id, rollout_state=rollout_state, state=t.state,
-            reason=t.reason or "", updated_at=t.updated_at, open=is_open, waiting=waiting))
-    return out
+    """Per device id: its latest rollout target per model that it does not run, or runs only
+    in a trial, with why (``reads.desired_for``, the statement fleetctl runs without
+    SQLAlchemy). Models must be loaded on ``devices``. One query."""
+    return desired_for(SessionReader(session), devices)
 
 
 def get_device(session: Session, device_id: str) -> Device:

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import ConflictError, NotFoundError, UsageError
+from ..reads import PROFILE_SELECTOR_KEYS, device_matches
 from ..store.models import Device, Group
 from .devices import list_devices
 
@@ -40,29 +41,8 @@ __all__ = [
 
 GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SELECTOR_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")
-PROFILE_SELECTOR_KEYS = ("arch", "os", "accelerator", "cpu")
 MAX_ANY_OF = 64
 _IN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._/-]*)\s+in\s*\((.*)\)\s*$")
-
-
-def _selector_value(device: Device, key: str) -> str | None:
-    profile = key in PROFILE_SELECTOR_KEYS
-    value = getattr(device, key) if profile else (device.labels or {}).get(key)
-    return None if value is None else str(value)
-
-
-def device_matches(device: Device, selector: Mapping[str, Any]) -> bool:
-    """True if, for every selector entry, the device's value is the entry's value (or one of
-    its values, for a list); an empty selector matches all.
-
-    Keys arch, os, accelerator and cpu name profile fields; any other key names a label.
-    """
-    for key, wanted in selector.items():
-        value = _selector_value(device, key)
-        options = wanted if isinstance(wanted, list) else [wanted]
-        if value is None or value not in [str(x) for x in options]:
-            return False
-    return True
 
 
 def _check_value(key: str, value: Any) -> None:

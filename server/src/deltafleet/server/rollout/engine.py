@@ -63,6 +63,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..phrases import clock, size_text
 from ..planner import (
     BlobProblem,
     DeltaOption,
@@ -74,7 +75,6 @@ from ..planner import (
     full_artifact,
     hold_reason,
     plan_target,
-    size_text,
 )
 from ..policy import RolloutPolicy
 from .states import (
@@ -338,11 +338,6 @@ def wave_settled(counts: Counts, wave: int, waiting_online: int | None) -> bool:
 
 
 # -- what a device is doing -------------------------------------------------------------------
-def clock(at: datetime | None) -> str:
-    """A time as status lines print it (UTC, to the second)."""
-    return at.strftime("%Y-%m-%d %H:%M:%S UTC") if at is not None else "an unknown time"
-
-
 def offline_since(device: DeviceView | None) -> str:
     """``offline since <time>`` for an offline device, else ""."""
     if device is None or device.online:

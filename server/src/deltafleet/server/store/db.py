@@ -34,7 +34,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from deltafleet.shared import one_line
 
-from ..errors import ServerError, UsageError
+from ..errors import StoreError, UsageError
+from ..reads import migrations_dir  # noqa: F401 - its home is the light reads module
 
 if TYPE_CHECKING:  # alembic loads only when a migration or schema check needs it
     from alembic.config import Config
@@ -42,10 +43,6 @@ if TYPE_CHECKING:  # alembic loads only when a migration or schema check needs i
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 NOT_INITIALISED = "database is not initialised; run `fleetctl init`"
 READ_ONLY_OPTION = "deltafleet_read_only"
-
-
-class StoreError(ServerError):
-    """The database could not be reached or refused a statement (not the operator's input)."""
 
 
 def _one_line(e: BaseException) -> str:
@@ -176,15 +173,6 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.dispose()
-
-
-def migrations_dir() -> Path:
-    """The Alembic script directory: inside the installed wheel, else the repo checkout."""
-    package_dir = Path(__file__).resolve().parents[1]  # deltafleet/server
-    for candidate in (package_dir / "migrations", package_dir.parents[3] / "migrations"):
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise StoreError(f"alembic migrations not found next to {package_dir}")
 
 
 def alembic_config(url: str | URL) -> Config:
