@@ -126,6 +126,27 @@ def test_no_fitting_variant_is_incompatible_with_every_reason():
     assert choice.reason == "incompatible: fp32: no onnx runtime; tfl-int8: no tflite runtime"
 
 
+def test_a_pytorch_mobile_variant_goes_to_a_device_that_reports_torch():
+    """Every format the planner ships has a runtime here: a torch-only device gets the .ptl
+    variant under every objective, and an ONNX-only device is told why not."""
+    ptl = VariantFacts("mobile", "7" * 64, "ptl", "fp32", 30 * MiB, accuracy=0.92)
+    torch_only = DeviceFacts("app", "phone", {"torch": "2.13.0+cpu"}, frozenset({"cpu"}),
+                             8 << 30, 8 << 30)
+    for objective in ("latency", "size", "accuracy"):
+        choice = select_variant(torch_only, (FP32, INT8, ptl), Objective(objective))
+        assert choice.variant == ptl, (objective, choice)
+        assert choice.rejected["int8"] == "no onnx runtime"
+    assert select_variant(BIG, (ptl,), Objective("size")).reason == \
+        "incompatible: mobile: no ptl runtime"
+
+
+def test_the_planner_and_selection_know_the_same_formats():
+    from deltafleet.server import planner, selection  # noqa: PLC0415
+
+    assert planner.FORMAT_RUNTIMES is selection.FORMAT_RUNTIMES
+    assert set(selection.FORMAT_RUNTIMES) == {"onnx", "tflite", "ptl"}
+
+
 def test_unknown_objective_is_refused():
     with pytest.raises(ValueError, match="unknown objective"):
         Objective("speed")

@@ -25,15 +25,11 @@ from typing import Any
 from deltafleet.codecs import IDENTITY
 
 from .phrases import size_text
+from .selection import FORMAT_RUNTIMES
 
 # A delta is sent only when it is at least this much smaller than the full artifact.
 DELTA_MIN_SAVING = 0.10
 
-FORMAT_RUNTIMES = {
-    "onnx": ("onnxruntime",),
-    "tflite": ("litert", "tflite-runtime", "tensorflow"),
-    "ptl": ("torch",),
-}
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,12 @@ DISK_FACTOR = 1.0  # the staged file needs its size free (the running one stays 
 # The newest default-domain ONNX opset each ONNX Runtime minor implements (its release notes).
 ORT_MAX_OPSET = {(1, 14): 18, (1, 15): 19, (1, 16): 19, (1, 17): 20, (1, 18): 21,
                  (1, 19): 21, (1, 20): 21, (1, 21): 22, (1, 22): 22, (1, 23): 23}
-FORMAT_RUNTIMES = {"onnx": ("onnxruntime",), "tflite": ("litert", "tflite-runtime", "tensorflow")}
+# Which reported runtimes load each model format (the planner's default path uses this too).
+FORMAT_RUNTIMES = {
+    "onnx": ("onnxruntime",),
+    "tflite": ("litert", "tflite-runtime", "tensorflow"),
+    "ptl": ("torch",),
+}
 PRECISION_RANK = {"fp32": 3, "fp16": 2, "int8": 1}  # static accuracy estimate
 
 
