@@ -205,6 +205,36 @@ def test_fp16_and_pruned_variants_record_their_figures(registered):
     assert pruned["optimize"]["compressed_ratio"] < 0.9
 
 
+def test_combined_static_int8_fp16_and_structured_pruning_in_one_call(registered, fleet_home):
+    """``--int8 --fp16 --prune 50% --prune-mode structured --calibration``: one variant per
+    precision, each pruned by whole output channels first; the INT8 one is static QDQ."""
+    import onnx
+    from onnx import numpy_helper
+
+    made = _json("model", "optimize", "digits:v1", "--int8", "--fp16", "--prune", "50%",
+                 "--prune-mode", "structured", "--calibration", str(registered["calibration"]),
+                 "--eval", str(registered["eval"]), "--max-accuracy-drop", "100")
+    assert [m["variant"] for m in made] == ["int8-pruned50s", "fp16-pruned50s"]
+    for m in made:
+        prune = m["optimize"]["recipe"]["prune"]
+        assert prune["mode"] == "structured" and prune["sparsity"] == pytest.approx(0.5, abs=0.05)
+        assert m["optimize"]["accuracy"]["variant"] is not None
+        out = ort.InferenceSession(str(_blob(fleet_home, m["sha256"]))).run(
+            None, {"input": np.zeros((4, 64), np.float32)})[0]
+        assert out.shape == (4, 10) and np.isfinite(out).all()
+    shown = _json("model", "inspect", "digits:v1", "--variant", "int8-pruned50s")
+    assert shown["quantization"]["scheme"] == "static-qdq"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(shown["ops"])
+    # structured: whole output channels (MatMul columns) are zero, not scattered weights
+    fp16 = onnx.load_model(str(_blob(fleet_home, made[1]["sha256"])))
+    weights = [numpy_helper.to_array(t) for t in fp16.graph.initializer if len(t.dims) == 2]
+    assert weights and all(w.dtype == np.float16 for w in weights)
+    for w in weights:
+        dead = (w == 0).all(axis=0)
+        assert dead.sum() == round(w.shape[1] * 0.5), w.shape
+        assert (w[:, ~dead] != 0).mean() > 0.9  # the kept channels keep their weights
+
+
 # -- variants end to end --------------------------------------------------------------------
 
 
