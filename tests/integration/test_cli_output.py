@@ -47,6 +47,8 @@ def fleet_home(tmp_path_factory, broker, onnx_pair) -> dict[str, str]:
         home = {"FLEET_HOME": str(lab.cfg.home), "FLEET_DB_URL": lab.cfg.db_url,
                 "rid": str(rid), "bad": bad}
         assert run(home, "keys", "init").returncode == 0
+        assert run(home, "token", "create", "release-pipeline-berlin", "--role",
+                   "operator").returncode == 0
         yield home
     finally:
         lab.close()
@@ -75,6 +77,11 @@ def commands(home: dict[str, str]) -> dict[tuple[str, ...], set[str]]:
         ("rollout", "plan", "v2", "--group", "edge"): devices | {"v1", "v2"},
         ("audit",): {"test", "rollout.create", "rollout/1"},
         ("keys", "show"): set(),
+        ("device", "history", home["bad"]): {"detector", "v2", "rolled_back"},
+        ("delta", "show", "1"): {"detector:v1/default", "detector:v2/default"},
+        ("profile", "list"): set(),
+        ("device", "labels", "sim-000"): {"site", "berlin-hall-7-north-wing"},
+        ("token", "list"): {"release-pipeline-berlin", "operator"},
     }
 
 
@@ -86,6 +93,18 @@ def test_every_list_command_fits_80_columns_piped_with_key_fields_whole(fleet_ho
         assert lines and all(len(line) <= 80 for line in lines), (args, res.stdout)
         words = {w.strip(",;()") for w in res.stdout.split()}
         assert keys <= words, (args, keys - words, res.stdout)
+
+
+def test_every_list_and_show_command_takes_wide(fleet_home) -> None:
+    """--wide on every table command: exit 0 and at least what the 80-column view shows."""
+    for args, keys in commands(fleet_home).items():
+        if args[0] == "audit" or args[:2] == ("rollout", "plan"):
+            continue
+        res = run(fleet_home, *args, "--wide")
+        assert res.returncode == 0, (args, res.stderr)
+        words = {w.strip(",;()") for w in res.stdout.split()}
+        names = {k for k in keys if k not in ("rolled_back", "healthy")}  # wide: sentences
+        assert names <= words, (args, names - words, res.stdout)
 
 
 def test_the_failed_device_is_shown_with_its_state_whole(fleet_home) -> None:

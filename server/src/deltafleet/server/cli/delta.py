@@ -29,7 +29,7 @@ from ..codecs import (
 from ..errors import NotFoundError, UsageError
 from ..planner import delta_worth_it
 from ..store.models import Artifact, Delta, Model, ModelVersion, Variant
-from ._common import blob_store, console, fmt_bytes, load_config, open_store, print_json
+from ._common import WIDE_HELP, blob_store, console, fmt_bytes, load_config, open_store, print_json
 from .progress import Steps
 from .table import Table
 
@@ -252,8 +252,9 @@ def list_deltas(
 def show(
     delta_id: Annotated[int, typer.Argument(help="delta id (see `fleetctl delta list`)")],
     json_out: JsonOpt = False,
+    wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False,
 ) -> None:
-    """Show one cached delta."""
+    """Show one cached delta (--wide: long values on one line, not folded)."""
     with open_store() as store, store.read() as s:
         d = s.get(Delta, delta_id)
         if d is None:
@@ -262,7 +263,7 @@ def show(
     if json_out:
         print_json(data)
         return
-    table = Table("field", show_header=False)
+    table = Table("field", show_header=False, wide=wide)
     table.add_column("value", overflow="fold")
     for k, v in data.items():
         if k.endswith("size_bytes") and isinstance(v, int):

@@ -252,7 +252,7 @@ def history(
         table = Table("rollout", "model", "version", "state", "attempts", "artifact", "sent",
                       *(["rollout state", "before", "updated"] if wide else []),
                       title=f"device {out['device']}: rollouts", wide=wide)
-        table.add_column("reason", overflow="fold")
+        table.add_column("reason", overflow="below")  # under its row: 80 columns hold the rest
         for r in out["rollouts"]:
             table.add_row(str(r["rollout_id"]), r["model"], r["version"], r["state"],
                           str(r["attempts"]), r["artifact"] or "-", fmt_bytes(r["bytes_sent"]),
@@ -272,8 +272,9 @@ def history(
 def labels(
     device_id: Annotated[str, typer.Argument(metavar="ID", help="Device id.")],
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    wide: WideOpt = False,
 ) -> None:
-    """A device's labels, as it reported them."""
+    """A device's labels, as it reported them (--wide: long values on one line)."""
     from . import remote  # noqa: PLC0415
 
     if remote.active():
@@ -284,7 +285,7 @@ def labels(
     if json_:
         print_json(out)
         return
-    table = Table("label", "value", title=f"device {out['device']}: labels")
+    table = Table("label", "value", title=f"device {out['device']}: labels", wide=wide)
     for k, v in sorted(out["labels"].items()):
         table.add_row(k, v)
     console.print(table if out["labels"] else f"device {out['device']} has no labels")

@@ -19,7 +19,7 @@ from deltafleet.shared import DeltafleetError, SigningKey
 from .. import keys
 from ..audit import audit
 from ..store import Store
-from ._common import JSON_HELP, actor, console, fmt_time, load_config, print_json
+from ._common import JSON_HELP, WIDE_HELP, actor, console, fmt_time, load_config, print_json
 from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Root of trust and manifest signing keys.")
@@ -59,22 +59,25 @@ def fmt_time_unix(ts: int) -> str:
 
 
 @app.command("show")
-def show(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
-    """Root version and keys, key list version and expiry, the online key, pending requests."""
+def show(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+         wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False) -> None:
+    """Root version and keys, key list version and expiry, the online key, pending requests
+    (key ids cut to 16 hex digits; --wide: whole)."""
+    cut = None if wide else 16
     d = keys.describe(load_config())
     if json_:
         print_json(d)
         return
-    t = Table("field", show_header=False)
+    t = Table("field", show_header=False, wide=wide)
     t.add_column("value", overflow="fold")
     t.add_row("root", f"v{d['root_version']} threshold {d['root_threshold']}: "
-              + ", ".join(k[:16] for k in d["root_keyids"]))
+              + ", ".join(k[:cut] for k in d["root_keyids"]))
     t.add_row("root key online", "yes (move it offline)" if d["root_key_online"] else "no")
     t.add_row("key list", f"v{d['keylist_version']}: "
-              + ", ".join(k[:16] for k in d["keylist_keyids"]))
+              + ", ".join(k[:cut] for k in d["keylist_keyids"]))
     t.add_row("key list expires", fmt_time_unix(d["keylist_expires_at"])
               + (" [red]EXPIRED[/red]" if d["keylist_expired"] else ""))
-    t.add_row("online key", (d["online_keyid"] or "-")[:16])
+    t.add_row("online key", (d["online_keyid"] or "-")[:cut])
     t.add_row("pending request", d["pending_request"] or "-")
     console.print(t)
 

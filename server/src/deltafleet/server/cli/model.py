@@ -220,9 +220,11 @@ def list_cmd(
 def show(
     name: Annotated[str, typer.Argument(help="Model name.")],
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False,
 ) -> None:
     """Show one model: versions, variants, format, precision, sha256, size, what a full
-    install ships (the zstd-compressed file when smaller) and IO signature."""
+    install ships (the zstd-compressed file when smaller) and IO signature (--wide: long
+    values on one line, not folded)."""
     if remote.active():
         model = remote.client().get(f"/models/{remote.quote_part(name)}")
     else:
@@ -238,7 +240,7 @@ def show(
         console.print(f"\n[bold]{model['name']}:{v['version']}[/bold]  added "
                       f"{fmt_time(v['created_at'])}")
         for x in v["variants"]:
-            table = Table("field", title=f"variant {x['name']}", show_header=False)
+            table = Table("field", title=f"variant {x['name']}", show_header=False, wide=wide)
             table.add_column("value", overflow="fold")
             info = x["info"]
             table.add_row("format", x["format"])

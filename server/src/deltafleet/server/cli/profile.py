@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JSON_HELP, actor, console, fmt_bytes, open_store, print_json
+from ._common import JSON_HELP, WIDE_HELP, actor, console, fmt_bytes, open_store, print_json
 from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Device types and their benchmark baselines.")
@@ -45,7 +45,8 @@ def _types(s: Any) -> list[dict[str, Any]]:
 
 
 @app.command("list")
-def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+             wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False) -> None:
     """Device types (a device's ``device-type`` label, else arch/cpu/memory class), how many
     devices sent a portrait, how many benchmarked, and which variants have a baseline
     ("(auto)": measured on an automatic request)."""
@@ -57,7 +58,7 @@ def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = Fa
     if not rows:
         console.print("no device portraits yet")
         return
-    table = Table("device type", "devices", "measured", "variants measured")
+    table = Table("device type", "devices", "measured", "variants measured", wide=wide)
     for r in rows:
         shown = [f"{v} (auto)" if v in r["variants_auto"] else v for v in r["variants_measured"]]
         table.add_row(r["device_type"], str(r["devices"]), str(r["devices_measured"]),
@@ -79,6 +80,7 @@ def _range(b: dict[str, Any], key: str) -> str:
 def show(
     device_type: Annotated[str, typer.Argument(metavar="TYPE", help="A device type.")],
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False,
 ) -> None:
     """One device type's baselines: per variant the median over its devices of load time,
     p50/p95 latency, model memory and energy per inference, with the spread (min-max);
@@ -99,10 +101,12 @@ def show(
                       "server's automatic requests)")
         return
     table = Table("variant", "sha256", "devices", "auto", "load ms", "p50 us", "p50 min-max",
-                  "p95 us", "memory", "uJ/inf", title=f"baselines of {device_type} (medians)")
+                  "p95 us", "memory", "uJ/inf", title=f"baselines of {device_type} (medians)",
+                  wide=wide)
     for b in rows:
         mem = b["median"].get("model_rss_bytes")
-        table.add_row(b["variant"], b["sha256"][:12], str(b["devices"]), str(b["auto"]),
+        table.add_row(b["variant"], b["sha256"] if wide else b["sha256"][:12],
+                      str(b["devices"]), str(b["auto"]),
                       _median(b, "load_ms"),
                       _median(b, "p50_us"), _range(b, "p50_us"), _median(b, "p95_us"),
                       fmt_bytes(mem), _median(b, "energy_uj"))

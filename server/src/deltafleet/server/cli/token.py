@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from . import remote
-from ._common import JSON_HELP, actor, console, fmt_time, open_store, print_json
+from ._common import JSON_HELP, WIDE_HELP, actor, console, fmt_time, open_store, print_json
 from .table import Table
 
 app = typer.Typer(no_args_is_help=True, help="Management API tokens and their roles.")
@@ -52,7 +52,8 @@ def revoke(name: Annotated[str, typer.Argument(help="Token name.")]) -> None:
 
 
 @app.command("list")
-def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+             wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False) -> None:
     """List tokens (names, roles, who made them, revoked or not; never the secrets)."""
     if remote.active():
         rows = remote.client().get("/tokens")
@@ -64,7 +65,7 @@ def list_cmd(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = Fa
     if json_:
         print_json(rows)
         return
-    table = Table("token", "role", "created (UTC)", "by", "revoked (UTC)")
+    table = Table("token", "role", "created (UTC)", "by", "revoked (UTC)", wide=wide)
     for t in rows:
         table.add_row(str(t["name"]), str(t["role"]), fmt_time(t["created_at"]),  # type: ignore[arg-type]
                       str(t["created_by"]), fmt_time(t["revoked_at"]) if t["revoked_at"] else "-")  # type: ignore[arg-type]
