@@ -132,3 +132,48 @@ def test_prefer_takes_one_of_the_objectives(lab: RolloutLab):
     res = fleetctl(lab, "rollout", "model", "v2", "--group", "lab", "--prefer", "speed")
     assert res.returncode == 2 and "--prefer" in res.stderr, (res.stdout, res.stderr)
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_an_accuracy_budget_keeps_out_the_variant_optimize_measured_too_lossy(lab: RolloutLab):
+    """The int8 variant's accuracy as `model optimize --eval` records it (2 points below its
+    parent): --prefer size sends it, --prefer size@1 does not, and the rollout keeps the
+    budget in its policy."""
+    from deltafleet.server.store.models import Variant  # noqa: PLC0415
+
+    kinds = {"big-000": "big", "big-001": "big"}
+    lab.add_devices(2, LABELS, prefix="big")
+    for dev in lab.fleet.devices.values():
+        dev.runtimes = {"onnxruntime": ORT}
+        dev.send_hello()
+    lab.wait_for(lambda: all(lab.status_runtimes(d) == {"onnxruntime": ORT} for d in kinds),
+                 30, "runtimes recorded")
+    _measure(lab, kinds)
+    lab.group("lab", site="lab")
+    with lab.store.session() as s:
+        version = catalog.resolve_version(s, "detector:v2")
+        by_name = {v.name: v for v in s.query(Variant).filter_by(version_id=version.id)}
+        parent = by_name["default"]
+        by_name["int8"].info = {**by_name["int8"].info, "optimize": {
+            "parent": {"variant": "default", "sha256": parent.artifact_sha256},
+            "accuracy": {"parent": 0.95, "variant": 0.93, "drop_points": 2.0}}}
+
+    def plan(prefer: str) -> dict:
+        res = fleetctl(lab, "rollout", "plan", "v2", "--group", "lab", "--prefer", prefer,
+                       "--json")
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        return json.loads(res.stdout)
+
+    assert {d["variant"] for d in plan("size")["devices"]} == {"int8"}
+    kept = plan("size@1")
+    assert {d["variant"] for d in kept["devices"]} == {"default"}
+    assert kept["prefer"] == "size@1"
+    assert {d["variant"] for d in plan("accuracy")["devices"]} == {"default"}
+    res = fleetctl(lab, "rollout", "model", "v2", "--group", "lab", "--prefer", "size@1",
+                   *FAST)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    rid = int(res.stdout.strip().splitlines()[-1].split()[1])
+    done = lab.wait_state(rid, {"completed"}, 90)
+    assert {t["variant"] for t in done["targets"]} == {"default"}
+    assert done["policy"]["prefer"] == "size@1"
+    bad = fleetctl(lab, "rollout", "plan", "v2", "--group", "lab", "--prefer", "size@lots")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

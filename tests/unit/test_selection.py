@@ -175,3 +175,59 @@ def test_every_generated_type_gets_the_brute_force_best():
         for tp in plans:
             assert tp.variant == brute_force(by_name[tp.device_type], objective), tp
             assert tp.devices == 2
+
+
+def test_prefer_text_carries_an_accuracy_budget_in_points():
+    assert Objective.parse("latency") == Objective("latency")
+    assert Objective.parse(" size@0.5 ") == Objective("size", 0.005)
+    assert Objective.parse("latency@1").text() == "latency@1"
+    assert Objective.parse("accuracy@0").accuracy_budget == 0
+    for bad in ("latency@", "latency@x", "latency@-1", "latency@nan", "latency@101",
+                "speed@1", "latency@1@2"):
+        with pytest.raises(ValueError):
+            Objective.parse(bad)
+
+
+def test_parse_prefer_is_one_line_and_normal_form():
+    from deltafleet.server.errors import UsageError  # noqa: PLC0415
+    from deltafleet.server.policy import parse_prefer  # noqa: PLC0415
+
+    assert parse_prefer("latency@1.0") == "latency@1"
+    assert parse_prefer(None) is None and parse_prefer("  ") is None
+    for bad in ("fast", "latency@lots", "size@\ud800"):
+        with pytest.raises(UsageError) as info:
+            parse_prefer(bad)
+        assert "\n" not in str(info.value)
+
+
+def test_the_accuracy_model_optimize_measured_is_what_selection_ranks_by():
+    """``model optimize --eval`` records the variant's accuracy and its parent's (same eval
+    set): --prefer accuracy ranks by those, not by the precision label, and a budget keeps
+    out the variant that lost too much."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from deltafleet.server.selection import variant_facts, with_parent_accuracy  # noqa: PLC0415
+
+    def option(name, sha, precision, size):
+        return SimpleNamespace(name=name, sha256=sha, format="onnx", precision=precision,
+                               size_bytes=size)
+
+    infos = {
+        1: {"opset": {"ai.onnx": 17}},  # the parent: no accuracy of its own
+        2: {"optimize": {"parent": {"variant": "default", "sha256": "p" * 64},
+                         "accuracy": {"parent": 0.95, "variant": 0.962, "drop_points": -1.2}}},
+        3: {"optimize": {"parent": {"variant": "default", "sha256": "p" * 64},
+                         "accuracy": {"parent": 0.95, "variant": 0.90, "drop_points": 5.0}}},
+    }
+    facts = with_parent_accuracy({
+        1: variant_facts(option("default", "p" * 64, "fp32", 40 * MiB), infos[1]),
+        2: variant_facts(option("int8", "q" * 64, "int8", 10 * MiB), infos[2]),
+        3: variant_facts(option("int8-pruned50", "r" * 64, "int8", 6 * MiB), infos[3]),
+    }, infos)
+    assert [facts[i].accuracy for i in (1, 2, 3)] == [0.95, 0.962, 0.90]
+    variants = tuple(facts.values())
+    assert select_variant(BIG, variants, Objective("accuracy")).variant.name == "int8"
+    assert select_variant(BIG, variants, Objective("size")).variant.name == "int8-pruned50"
+    choice = select_variant(BIG, variants, Objective.parse("size@2"))
+    assert choice.variant.name == "int8"
+    assert "budget" in choice.rejected["int8-pruned50"]

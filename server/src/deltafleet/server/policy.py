@@ -17,7 +17,7 @@ from typing import Any
 from deltafleet.shared import ROLLOUT_HEALTH, HealthPolicy
 
 from .errors import UsageError
-from .selection import OBJECTIVES
+from .selection import OBJECTIVES, Objective
 
 ON_FAILURE = ("pause", "abort", "rollback")
 
@@ -110,12 +110,18 @@ def parse_agreement(text: str | None) -> int:
 
 
 def parse_prefer(text: str | None) -> str | None:
-    """``--prefer``: one of ``selection.OBJECTIVES`` (None: choose by format, as before)."""
+    """``--prefer``: one of ``selection.OBJECTIVES``, optionally ``@POINTS``, the accuracy it
+    may give up against the most accurate fitting variant (``latency@1``); None: choose by
+    format, as before. Returns the normal form."""
     if text is None or not text.strip():
         return None
-    if text.strip() not in OBJECTIVES:
-        raise UsageError(f"invalid --prefer {text!r}: use one of {', '.join(OBJECTIVES)}")
-    return text.strip()
+    try:
+        return Objective.parse(text).text()
+    except ValueError as e:
+        if "budget" in str(e):
+            raise UsageError(f"invalid --prefer: {e}") from None
+        raise UsageError(f"invalid --prefer {text!r}: use one of {', '.join(OBJECTIVES)}, "
+                         "optionally @POINTS (e.g. latency@1)") from None
 
 
 def health_from_options(*, max_error_rate: str, max_p95_ratio: str, p95_slack_ms: float,

@@ -362,7 +362,7 @@ def select_for(s: Session, version_id: int, options: list, devices: list,
     from .selection import Objective  # noqa: PLC0415
 
     try:
-        objective = Objective(prefer)
+        objective = Objective.parse(prefer)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return selecting_for(s, version_id, options, devices, objective)

@@ -24,7 +24,7 @@ No I/O, no clock: callers pass what the store holds. The brute-force check in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "plan_fleet",
     "select_variant",
     "variant_facts",
+    "with_parent_accuracy",
     "why_not",
 ]
 
@@ -110,6 +111,28 @@ class Objective:
         if self.kind not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.kind!r}; use one of {', '.join(OBJECTIVES)}")
 
+    @classmethod
+    def parse(cls, text: str) -> Objective:
+        """``--prefer KIND[@POINTS]``: ``latency@1`` is the fastest variant losing at most 1
+        accuracy point against the most accurate one that fits (ValueError: not that form)."""
+        kind, at, points = text.strip().partition("@")
+        if not at:
+            return cls(kind)
+        try:
+            budget = float(points)
+        except ValueError:
+            budget = -1.0
+        if not 0 <= budget <= 100:  # also NaN
+            raise ValueError(f"invalid accuracy budget {points!r} in {text!r}: give accuracy "
+                             "points from 0 to 100, e.g. latency@1")
+        return cls(kind, budget / 100)
+
+    def text(self) -> str:
+        """The form ``parse`` reads back (``latency``, ``size@0.5``)."""
+        if self.accuracy_budget is None:
+            return self.kind
+        return f"{self.kind}@{round(self.accuracy_budget * 100, 6):g}"
+
 
 DEFAULT_OBJECTIVE = Objective()
 
@@ -157,6 +180,8 @@ def variant_facts(option: Any, info: Mapping[str, Any] | None) -> VariantFacts:
     acc = info.get("accuracy")
     if acc is None and isinstance(info.get("metrics"), dict):
         acc = info["metrics"].get("accuracy")
+    if acc is None:  # measured by `model optimize --eval`
+        acc = _dig(info, "optimize", "accuracy", "variant")
     return VariantFacts(
         option.name, option.sha256, option.format, option.precision, option.size_bytes,
         opset=opset if isinstance(opset, int) else None,
@@ -165,6 +190,29 @@ def variant_facts(option: Any, info: Mapping[str, Any] | None) -> VariantFacts:
         accelerator=info.get("accelerator") if isinstance(info.get("accelerator"), str) else None,
         accuracy=float(acc) if isinstance(acc, int | float) and not isinstance(acc, bool) else None,
         option=option)
+
+
+def _dig(info: Mapping[str, Any], *keys: str) -> Any:
+    value: Any = info
+    for key in keys:
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
+
+
+def with_parent_accuracy(facts: Mapping[Any, VariantFacts],
+                         infos: Mapping[Any, Mapping[str, Any] | None]) -> dict[Any, VariantFacts]:
+    """``facts`` where a parent variant without a recorded accuracy gets the one its child's
+    ``model optimize --eval`` measured for it on the same eval set (by the parent's sha256)."""
+    measured: dict[str, float] = {}
+    for info in infos.values():
+        parent_sha = _dig(info or {}, "optimize", "parent", "sha256")
+        acc = _dig(info or {}, "optimize", "accuracy", "parent")
+        if isinstance(parent_sha, str) and isinstance(acc, int | float) \
+                and not isinstance(acc, bool):
+            measured.setdefault(parent_sha, float(acc))
+    return {k: (replace(v, accuracy=measured[v.sha256])
+                if v.accuracy is None and v.sha256 in measured else v)
+            for k, v in facts.items()}
 
 
 @dataclass(frozen=True, slots=True)

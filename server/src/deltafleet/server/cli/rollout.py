@@ -159,7 +159,8 @@ def rollout_model(
     variant: VariantOpt = None,
     prefer: Annotated[str | None, typer.Option(
         "--prefer", help="choose each device's variant by selection: latency | size | "
-        "accuracy (its portrait and benchmarks; devices no variant fits are skipped)")] = None,
+        "accuracy (its portrait and benchmarks; devices no variant fits are skipped); "
+        "latency@1: giving up at most 1 accuracy point")] = None,
     min_agreement: Annotated[str | None, typer.Option(
         "--min-agreement", help="trial: roll back a model whose answers agree with the "
         "previous version's on less than this share of sampled requests, e.g. 98%")] = None,
@@ -247,7 +248,8 @@ def rollout_plan(
     as_json: JsonOpt = False,
     prefer: Annotated[str | None, typer.Option(
         help="Hardware-aware selection by latency|size|accuracy (docs/portraits.md): per "
-             "device type the variant, its figures and why.")] = None,
+             "device type the variant, its figures and why; latency@1: giving up at most 1 "
+             "accuracy point.")] = None,
     per_device: Annotated[bool, typer.Option(
         "--per-device", help=f"With --prefer, list every device too when the group has more "
                              f"than {PER_DEVICE_ROWS} (--json always does).")] = False,

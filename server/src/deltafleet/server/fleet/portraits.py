@@ -30,7 +30,14 @@ from deltafleet.shared.messages import BenchResult, Portrait
 
 from ..guard import check_portrait
 from ..planner import Selecting, VariantOption
-from ..selection import DeviceFacts, Figures, Objective, device_type_of, variant_facts
+from ..selection import (
+    DeviceFacts,
+    Figures,
+    Objective,
+    device_type_of,
+    variant_facts,
+    with_parent_accuracy,
+)
 from ..store.models import BenchRequestRow, Device, DeviceBenchmark, DevicePortrait, Variant
 
 __all__ = ["AUTO_REQUEST_PREFIX", "FIGURE_COLUMNS", "Baseline", "baselines", "device_benchmarks",
@@ -271,7 +278,8 @@ def selecting_for(session: Session, version_id: int, options: Sequence[VariantOp
         return {}
     infos: dict[int, Any] = dict(session.execute(
         select(Variant.id, Variant.info).where(Variant.version_id == version_id)).all())
-    facts = {o.variant_id: variant_facts(o, infos.get(o.variant_id)) for o in options}
+    facts = with_parent_accuracy(
+        {o.variant_id: variant_facts(o, infos.get(o.variant_id)) for o in options}, infos)
     device_facts, own, base = selection_inputs(session, devices)
     return {d.id: Selecting(device_facts[d.id], facts, objective, own.get(d.id), base)
             for d in devices}

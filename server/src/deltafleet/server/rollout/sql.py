@@ -454,7 +454,7 @@ class RolloutController:
         devices without one: joiners), loaded once per tick in a fixed number of queries."""
         planned = [d for i, d in devices.items()
                    if i not in rows or rows[i].state in (T.PENDING, T.HELD)]
-        return selecting_for(s, version_id, options, planned, Objective(prefer))
+        return selecting_for(s, version_id, options, planned, Objective.parse(prefer))
 
     def _previous(self, s: Session, model: Model,
                   targets: Iterable[RolloutTarget]) -> dict[str, engine.RollbackOption]:
