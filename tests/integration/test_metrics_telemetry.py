@@ -86,6 +86,34 @@ def test_an_agent_restart_does_not_lower_the_totals(store):
     assert totals(store)["swaps"] == 2  # one swap per boot in these summaries
 
 
+def _two(seq: int, v1: int, v2: int | None) -> Telemetry:
+    """A summary of v1 (and v2 unless None: left out, unchanged since the acked one)."""
+    def entry(version: str, n: int) -> ModelTelemetry:
+        buckets = [0] * BUCKETS
+        buckets[3] = n
+        return ModelTelemetry("detector", version, "int8", n, latency_sum_us=3000 * n,
+                              latency_buckets=tuple(buckets))
+    models = (entry("v1", v1),) + (() if v2 is None else (entry("v2", v2),))
+    return Telemetry(f"tm-boot-a-{seq}", "cam-1", "boot-a", seq, 1_700_000_000 + seq, seq * 60,
+                     50_000_000, models)
+
+
+def _requests(store: Store, version: str) -> int:
+    with store.read() as s:
+        return s.get(DeviceTelemetryModel, ("cam-1", "detector", version)).requests
+
+
+def test_an_entry_left_out_of_a_summary_keeps_its_counts_and_later_adds_only_the_difference(
+        store):
+    apply(store, _two(1, 10, 5))
+    apply(store, _two(2, 20, None))  # v2 unchanged: not sent
+    assert (_requests(store, "v1"), _requests(store, "v2")) == (20, 5)
+    apply(store, _two(3, 20, 8))  # v2 served again: 3 more, not 8
+    assert (_requests(store, "v1"), _requests(store, "v2")) == (20, 8)
+    apply(store, _two(4, 20, 2))  # v2 lower in the same boot: evicted, counted from zero
+    assert _requests(store, "v2") == 10
+
+
 def test_a_summary_of_a_device_the_server_does_not_know_is_not_acked(store):
     assert apply(store, summary(1, 5, device="ghost")) == []
 

@@ -46,6 +46,46 @@ def test_the_summary_is_bounded_and_cumulative():
     assert next(m for m in second.models if m.version == "v9").requests == 2
 
 
+def test_a_summary_leaves_out_what_the_server_already_acknowledged():
+    """v1 and v2 served before v3: once a summary carrying their final counts is acked, later
+    summaries carry v3 only; an entry sent but not acked yet (or changed since) stays in."""
+    rec = TelemetryRecorder("cam-1")
+    for v in ("v1", "v2"):
+        rec.record("detector", v, latency_us=10, error=False, fallback=False)
+    first = rec.summary()
+    assert {m.version for m in first.models} == {"v1", "v2"}
+    rec.record("detector", "v3", latency_us=10, error=False, fallback=False)
+    second = rec.summary()  # first not acked yet: everything again
+    assert {m.version for m in second.models} == {"v1", "v2", "v3"}
+    rec.acked(first.seq)
+    assert {m.version for m in rec.summary().models} == {"v3"}  # v3 was never acked
+    rec.acked(second.seq)
+    assert rec.summary().models == ()  # nothing changed since the acked one
+    rec.record("detector", "v1", latency_us=10, error=False, fallback=False)  # served again
+    (m,) = rec.summary().models
+    assert (m.version, m.requests) == ("v1", 2)  # cumulative, as before
+
+
+def test_a_late_ack_of_an_old_summary_does_not_hide_newer_counts():
+    rec = TelemetryRecorder("cam-1")
+    rec.record("detector", "v2", latency_us=10, error=False, fallback=False)
+    old = rec.summary()
+    rec.record("detector", "v2", latency_us=10, error=False, fallback=False)
+    rec.acked(old.seq)
+    (m,) = rec.summary().models
+    assert m.requests == 2
+
+
+def test_an_evicted_entry_that_comes_back_is_sent_from_zero():
+    rec = TelemetryRecorder("cam-1", max_models=2)
+    rec.record("detector", "v1", latency_us=10, error=False, fallback=False)
+    rec.acked(rec.summary().seq)
+    for v in ("v2", "v3"):  # v1 evicted
+        rec.record("detector", v, latency_us=10, error=False, fallback=False)
+    rec.record("detector", "v1", latency_us=10, error=False, fallback=False)
+    assert {(m.version, m.requests) for m in rec.summary().models} == {("v3", 1), ("v1", 1)}
+
+
 def test_a_summary_round_trips_the_wire_and_stays_under_a_kilobyte_per_model():
     rec = TelemetryRecorder("cam-1")
     for _ in range(1000):

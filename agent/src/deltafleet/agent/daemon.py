@@ -349,6 +349,9 @@ class Agent:
             log.warning("ignoring an invalid ack: %s", e)
             return
         self.outbox.ack(ack.event_ids)
+        if self._telemetry_id is not None and self._telemetry_id in ack.event_ids:
+            self.telemetry.acked(int(self._telemetry_id.rsplit("-", 1)[1]))
+            self._telemetry_id = None
 
     def publish_status(self) -> None:
         did = self.cfg.device_id

@@ -15,7 +15,12 @@ What is counted (cumulative since the agent started; ``boot_id`` names the start
 
 Bounded: at most ``MAX_TELEMETRY_MODELS`` (model, version) entries; beyond that the entry
 updated longest ago is dropped (its counts leave the summary; the server keeps what it has
-already summed). A summary is one ``Telemetry`` message (a few hundred bytes per model).
+already summed). A summary carries only the entries that changed since the last summary the
+server acknowledged (``acked``): a version the device no longer serves stops costing bytes
+once its final counts are in, so a device serving one model sends one entry a minute however
+many versions it ran since it started. The server keeps every entry's last counters, so an
+entry left out is unchanged, not zero. A summary is one ``Telemetry`` message (a few hundred
+bytes per entry).
 
 The text exposition is written here (no client library: the agent's metrics are a handful of
 families, and the agent's dependencies stay paho-mqtt and numpy); ``promtool check metrics``
@@ -89,6 +94,10 @@ class TelemetryRecorder:
         self._lock = threading.Lock()
         self._counts: OrderedDict[tuple[str, str], _Counts] = OrderedDict()
         self._last_version: dict[str, str] = {}
+        # the counters each entry had in the newest summary the server acknowledged, and
+        # those of the summaries sent since (by seq), not acknowledged yet
+        self._acked: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._sent: dict[int, dict[tuple[str, str], tuple[int, ...]]] = {}
 
     def _entry(self, model: str, version: str) -> _Counts:
         key = (model, version)
@@ -96,7 +105,8 @@ class TelemetryRecorder:
         if c is None:
             c = self._counts[key] = _Counts()
             while len(self._counts) > self.max_models:
-                self._counts.popitem(last=False)
+                gone, _ = self._counts.popitem(last=False)
+                self._acked.pop(gone, None)
         else:
             self._counts.move_to_end(key)
         return c
@@ -146,8 +156,11 @@ class TelemetryRecorder:
                     for k, c in self._counts.items()}
 
     def summary(self, variant_of: Callable[[str, str], str] | None = None) -> Telemetry:
-        """The next summary message (``seq`` advances)."""
+        """The next summary message (``seq`` advances): the entries changed since the last
+        acknowledged summary."""
         now = self.clock()
+        with self._lock:
+            acked = dict(self._acked)
         models = tuple(
             ModelTelemetry(model=m, version=v, variant=(variant_of(m, v) if variant_of else ""),
                            requests=c.requests, errors=c.errors, fallbacks=c.fallbacks,
@@ -155,14 +168,32 @@ class TelemetryRecorder:
                            trials_failed=c.trials_failed, agreement_ppm_sum=c.agreement_ppm_sum,
                            agreement_trials=c.agreement_trials, latency_sum_us=c.latency_sum_us,
                            latency_buckets=tuple(c.buckets))
-            for (m, v), c in self.snapshot().items())
+            for (m, v), c in self.snapshot().items() if acked.get((m, v)) != _vector(c))
         with self._lock:
             self.seq += 1
             seq = self.seq
+            self._sent[seq] = {(x.model, x.version): _vector(x) for x in models}
         return Telemetry(telemetry_id=f"tm-{self.boot_id}-{seq}", device_id=self.device_id,
                          boot_id=self.boot_id, seq=seq, sent_at=int(now),
                          uptime_s=int(max(0.0, now - self.started_at)), rss_bytes=rss_bytes(),
                          models=models)
+
+
+    def acked(self, seq: int) -> None:
+        """The server acknowledged summary ``seq``: what it carried is what the server has
+        (an older summary acknowledged late changes nothing newer)."""
+        with self._lock:
+            for s in sorted(k for k in self._sent if k <= seq):
+                for key, vec in self._sent.pop(s).items():
+                    if key in self._counts:
+                        self._acked[key] = vec
+
+
+def _vector(c: _Counts | ModelTelemetry) -> tuple[int, ...]:
+    """An entry's counters as one comparable tuple."""
+    buckets = c.buckets if isinstance(c, _Counts) else c.latency_buckets
+    return (c.requests, c.errors, c.fallbacks, c.swaps, c.trials_passed, c.trials_failed,
+            c.agreement_ppm_sum, c.agreement_trials, c.latency_sum_us, *buckets)
 
 
 # -- text exposition (format 0.0.4) ----------------------------------------------------------

@@ -8,6 +8,11 @@ restarted agent does not lower the fleet sums (Prometheus would read a drop as a
 reset), a summary sent twice (the outbox is at-least-once) adds nothing (same boot, ``seq``
 not newer), and an entry the agent dropped from its bounded summary keeps what it added.
 
+A summary carries only the entries that changed since the last one the server acknowledged;
+an entry not in it keeps its last counters here (``last`` carries it forward, at most
+``LAST_ENTRIES`` per device). An entry whose counters went down within one boot was evicted
+from the agent's table and started again from zero: its counters are all new.
+
 The device's row is read ``FOR UPDATE`` (PostgreSQL): two replicas applying two summaries of
 one device at once take turns instead of both adding the same difference.
 """
@@ -27,6 +32,7 @@ from ..store.models import TELEMETRY_BUCKETS, Device, DeviceTelemetry, DeviceTel
 BUCKET_COLUMNS = tuple(f"lat_{i}" for i in range(TELEMETRY_BUCKETS))
 COLUMNS = (*TELEMETRY_COUNTERS, *BUCKET_COLUMNS)
 DEVICE_TYPE_CHARS = 64
+LAST_ENTRIES = 64  # entries' last counters kept per device (the agent keeps at most 16)
 
 __all__ = ["COLUMNS", "apply_telemetry", "device_type"]
 
@@ -57,13 +63,16 @@ def apply_telemetry(s: Session, messages: Iterable[Telemetry], now: datetime) ->
             continue
         before = dict(row.last or {}) if same_boot and row is not None else {}
         kind = device_type(device)
-        last: dict[str, list[int]] = {}
+        last: dict[str, list[int]] = dict(before)
         for m in t.models:
             key = f"{m.model}\n{m.version}"
             vec = _vector(m)
             old = before.get(key) or [0] * len(vec)
+            if any(a < b for a, b in zip(vec, old, strict=False)):
+                old = [0] * len(vec)  # evicted on the device and counted again from zero
             delta = [max(0, a - b) for a, b in zip(vec, old, strict=False)]
-            last[key] = vec
+            last.pop(key, None)
+            last[key] = vec  # newest last: the oldest go first past LAST_ENTRIES
             if not any(delta):
                 continue
             series = s.get(DeviceTelemetryModel, (t.device_id, m.model, m.version))
@@ -82,6 +91,6 @@ def apply_telemetry(s: Session, messages: Iterable[Telemetry], now: datetime) ->
             s.add(row)
         row.boot_id, row.seq, row.device_type = t.boot_id, t.seq, kind
         row.rss_bytes, row.uptime_s, row.sent_at = t.rss_bytes, t.uptime_s, t.sent_at
-        row.received_at, row.last = now, last
+        row.received_at, row.last = now, dict(list(last.items())[-LAST_ENTRIES:])
         done.append(t)
     return done
