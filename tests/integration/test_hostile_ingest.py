@@ -58,9 +58,9 @@ class HeldServer:
         self.batches: list[list[str]] = []
         drain = self.server._drain
 
-        def held_drain(timeout_s: float) -> list[tuple[str, bytes]]:
+        def held_drain(timeout_s: float, linger_s: float = 0.0) -> list[tuple[str, bytes]]:
             self.gate.wait()
-            batch = drain(timeout_s)
+            batch = drain(timeout_s, linger_s)
             if batch:
                 self.batches.append([t for t, _ in batch if not t.startswith("$")])
             return batch
