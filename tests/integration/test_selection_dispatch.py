@@ -177,3 +177,40 @@ def test_an_accuracy_budget_keeps_out_the_variant_optimize_measured_too_lossy(la
     assert done["policy"]["prefer"] == "size@1"
     bad = fleetctl(lab, "rollout", "plan", "v2", "--group", "lab", "--prefer", "size@lots")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_model_add_records_what_a_variant_needs_and_selection_applies_it(lab: RolloutLab,
+                                                                        tmp_path: Path):
+    """`model add --accelerator cuda --min-runtime-version 1.18`: kept in the variant's info,
+    shown by `model show`, and a device without CUDA or with an older runtime is told why
+    not; a malformed value is one line, exit 2, and registers nothing."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from deltafleet.server.selection import DeviceFacts, variant_facts, why_not  # noqa: PLC0415
+    from deltafleet.server.store.models import Variant  # noqa: PLC0415
+
+    int8 = tmp_path / "m" / "v2-int8.onnx"
+    res = fleetctl(lab, "model", "add", "detector", "v2", str(int8), "--variant", "int8-cuda",
+                   "--precision", "int8", "--accelerator", "CUDA",
+                   "--min-runtime-version", "1.18")
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    for bad in (("--accelerator", "cu da"), ("--min-runtime-version", "1.x"),
+                ("--accelerator", "\udced\udca0\udc80"), ("--accelerator", "x" * 33)):
+        res = fleetctl(lab, "model", "add", "detector", "v2", str(int8), "--variant", "bad",
+                       *bad)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    shown = fleetctl(lab, "model", "show", "detector").stdout
+    assert "cuda, runtime >= 1.18" in shown and "variant bad" not in shown
+    with lab.store.read() as s:
+        row = s.query(Variant).filter_by(name="int8-cuda").one()
+        facts = variant_facts(SimpleNamespace(name=row.name, sha256=row.artifact_sha256,
+                                              format=row.format, precision=row.precision,
+                                              size_bytes=1 << 20), row.info)
+    cpu = DeviceFacts("a", "t", {"onnxruntime": "1.20.1"}, frozenset({"cpu"}), 8 << 30, 8 << 30)
+    cuda_old = DeviceFacts("b", "t", {"onnxruntime": "1.17.0"}, frozenset({"cpu", "cuda"}),
+                           8 << 30, 8 << 30)
+    cuda = DeviceFacts("c", "t", {"onnxruntime": "1.20.1"}, frozenset({"cpu", "cuda"}),
+                       8 << 30, 8 << 30)
+    assert why_not(cpu, facts) == "needs cuda"
+    assert why_not(cuda_old, facts) == "onnxruntime 1.17.0 < 1.18"
+    assert why_not(cuda, facts) is None

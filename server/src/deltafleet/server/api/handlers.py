@@ -267,6 +267,8 @@ def model_upload(c: Call) -> dict[str, Any]:
     version = c.text("version")
     variant = c.text("variant", required=False) or "default"
     precision = c.text("precision", required=False) or "fp32"
+    accelerator = c.text("accelerator", required=False) or None
+    min_runtime_version = c.text("min_runtime_version", required=False) or None
     files = c.files.get("file") or []
     if len(files) != 1:
         raise UsageError("send exactly one model file as the multipart field 'file'")
@@ -277,7 +279,9 @@ def model_upload(c: Call) -> dict[str, Any]:
         with c.store.session() as s:
             new_blobs = s.info.setdefault(catalog.NEW_BLOBS_KEY, set())
             row = catalog.add_model_version(s, c.blobs, name, str(version), file,
-                                            variant=variant, precision=precision, golden=golden)
+                                            variant=variant, precision=precision, golden=golden,
+                                            accelerator=accelerator,
+                                            min_runtime_version=min_runtime_version)
             compressed = catalog.compressed_artifact(row.info)
             audit(s, c.principal.actor, "model.add", f"{name}:{version}", {
                 "variant": variant, "precision": precision, "format": row.format,

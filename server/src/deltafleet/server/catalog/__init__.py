@@ -34,6 +34,7 @@ from .models import (
     get_model,
     list_models,
     resolve_version,
+    variant_needs,
     variant_option,
     variant_options,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "load_golden",
     "resolve_version",
     "signature",
+    "variant_needs",
     "variant_option",
     "variant_options",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "VARIANT_RE",
     "VERSION_RE",
     "add_model_version",
+    "variant_needs",
     "backfill_compressed",
     "best_delta",
     "compressed_artifact",
@@ -55,6 +56,8 @@ MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PRECISIONS = ("fp32", "fp16", "int8")
+ACCELERATOR_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")  # an execution provider / delegate
+RUNTIME_VERSION_RE = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6}){0,3}$")
 NEW_BLOBS_KEY = "deltafleet.new_blobs"  # session.info: blobs this transaction wrote first
 COMPRESSED_KIND = "compressed"  # artifacts.kind of a model's compressed form (full installs)
 
@@ -74,6 +77,8 @@ def add_model_version(
     precision: str = "fp32",
     golden: list[Path] | None = None,
     extra_info: Mapping[str, Any] | None = None,
+    accelerator: str | None = None,
+    min_runtime_version: str | None = None,
 ) -> Variant:
     """Register ``file`` as variant ``variant`` of model ``name`` at ``version``.
 
@@ -81,6 +86,9 @@ def add_model_version(
     model up on and probe it with during its trial; they travel in every manifest.
     ``extra_info``: more keys for ``Variant.info`` (``optimize`` records a made variant's
     parent and measured figures there; ``golden`` here gives golden inputs in wire form).
+    ``accelerator`` (an execution provider or delegate the variant needs, e.g. ``cuda``,
+    ``npu``) and ``min_runtime_version`` (of its format's runtime): constraints selection
+    (``--prefer``) applies; a device without them is not given this variant.
 
     Order: validate names -> inspect the file (CatalogError for anything not a valid model) ->
     refuse an existing (model, version, variant) with ConflictError -> store the blob -> build
@@ -90,20 +98,39 @@ def add_model_version(
     Adding another variant to an existing version is allowed.
     """
     file = _check_new_variant(name, version, variant, precision, file)
+    needs = variant_needs(accelerator, min_runtime_version)
     info = inspect_model(file)
     golden_inputs = load_golden([Path(g) for g in golden or []], info.inputs)
     model, mv = _existing_version(session, name, version, variant)
     sha, size = _store_model_file(session, blobs, file, info)
     compressed = _compressed_form(session, blobs, sha)
     artifacts, row = _new_rows(info, size, compressed, golden_inputs, variant, precision)
-    if extra_info:
-        row.info = {**row.info, **dict(extra_info)}
+    if extra_info or needs:
+        row.info = {**row.info, **dict(extra_info or {}), **needs}
     try:
         with session.begin_nested():
             _add_rows(session, model, mv, name, version, artifacts, row)
     except IntegrityError as e:  # a concurrent add of the same thing won the race
         raise ConflictError(f"{name}:{version} variant {variant!r} already exists") from e
     return row
+
+
+def variant_needs(accelerator: str | None, min_runtime_version: str | None) -> dict[str, str]:
+    """The ``Variant.info`` keys of what a variant needs of a device (UsageError if malformed)."""
+    needs: dict[str, str] = {}
+    if accelerator:
+        acc = accelerator.strip().lower()
+        if not ACCELERATOR_RE.match(acc):
+            raise UsageError(f"invalid accelerator {accelerator!r}: use a provider name such "
+                             "as cuda, npu or tensorrt (1-32 letters, digits, '_' or '-')")
+        needs["accelerator"] = acc
+    if min_runtime_version:
+        ver = min_runtime_version.strip()
+        if not RUNTIME_VERSION_RE.match(ver):
+            raise UsageError(f"invalid runtime version {min_runtime_version!r}: use digits and "
+                             "dots, e.g. 1.18 or 2.14.0")
+        needs["min_runtime_version"] = ver
+    return needs
 
 
 def _check_new_variant(name: str, version: str, variant: str, precision: str,

@@ -53,13 +53,20 @@ def add(
             "the swap, refuse it if they give an error or non-finite output, and probe with "
             "them during the trial when there is no live traffic.")
     ] = None,
+    accelerator: Annotated[str | None, typer.Option(
+        help="An execution provider or delegate this variant needs (cuda, npu, ...): "
+             "selection (--prefer) gives it only to devices that report it.")] = None,
+    min_runtime_version: Annotated[str | None, typer.Option(
+        help="The oldest runtime version that loads this variant (e.g. 1.18): older "
+             "devices are not given it under --prefer.")] = None,
 ) -> None:
     """Inspect FILE and register it as VERSION of model NAME (all or nothing); also store its
     zstd-compressed form, which full installs ship, when that is smaller. Manifests carry the
     model's IO signature, which devices check the loaded model against."""
     if remote.active():
         _add_remote(name, version, file, variant=variant, precision=precision,
-                    golden=golden or [])
+                    golden=golden or [], accelerator=accelerator,
+                    min_runtime_version=min_runtime_version)
         return
     from .. import catalog  # noqa: PLC0415
     from ..audit import audit  # noqa: PLC0415
@@ -79,7 +86,8 @@ def add(
                 new_blobs = s.info.setdefault(catalog.NEW_BLOBS_KEY, set())
                 row = catalog.add_model_version(s, ReportingBlobs(blobs, steps), name, version,
                                                  file, variant=variant, precision=precision,
-                                                 golden=golden or [])
+                                                 golden=golden or [], accelerator=accelerator,
+                                                 min_runtime_version=min_runtime_version)
                 compressed = catalog.compressed_artifact(row.info)
                 audit(s, actor(), "model.add", f"{name}:{version}", {
                     "variant": variant, "precision": precision, "format": row.format,
@@ -110,11 +118,14 @@ def _print_added(name: str, version: str, variant: str, precision: str, fmt: str
 
 
 def _add_remote(name: str, version: str, file: Path, *, variant: str, precision: str,
-                golden: list[Path]) -> None:
+                golden: list[Path], accelerator: str | None = None,
+                min_runtime_version: str | None = None) -> None:
     """``model add`` through the API: the file (and golden inputs) uploaded, registered there."""
     from .progress import Steps  # noqa: PLC0415
 
-    fields = {"version": version, "variant": variant, "precision": precision}
+    fields = {"version": version, "variant": variant, "precision": precision,
+              **({"accelerator": accelerator} if accelerator else {}),
+              **({"min_runtime_version": min_runtime_version} if min_runtime_version else {})}
     files = [("file", file), *(("golden", g) for g in golden)]
     size = file.stat().st_size if file.is_file() else None
     with Steps(f"model add {name}:{version}", enabled=_shows_progress(file)) as steps:
@@ -257,6 +268,11 @@ def show(
             else:
                 table.add_row("full install", "the file as it is (identity)")
             table.add_row("params", str(info.get("param_count", "-")))
+            if info.get("accelerator") or info.get("min_runtime_version"):
+                table.add_row("needs", ", ".join(x for x in (
+                    info.get("accelerator"),
+                    info.get("min_runtime_version") and
+                    f"runtime >= {info['min_runtime_version']}") if x))
             if info.get("opset"):
                 table.add_row("opset", ", ".join(f"{k} {n}" for k, n in info["opset"].items()))
             for t in x["inputs"]:
