@@ -263,6 +263,7 @@ LOCAL_ONLY = [
     ("init",), ("db", "upgrade"), ("keys", "show"), ("broker", "config"), ("server",),
     ("delta", "list"), ("store", "verify"), ("device", "enroll", "cam-9"),
     ("device", "revoke", "cam-1"), ("model", "compress"), ("model", "inspect", "detector:v1"),
+    ("profile", "list"), ("profile", "show", "x86_64/cpu/8GiB"),
 ]
 
 

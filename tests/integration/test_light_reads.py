@@ -91,7 +91,7 @@ def test_lite_and_session_reads_agree_with_each_other_and_with_the_orm(rollout_l
         assert r["counts"] == by_state
     assert {r["id"] for r in through_session["rollouts"]} == rollout_ids
     states = {r["id"]: r["state"] for r in through_session["rollouts"]}
-    assert states[first] == "rolled_back" and states[second] == "running"
+    assert states[first] == "rolled_back" and states[second] in ("running", "completed")
 
 
 def _fleetctl_subprocess(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
