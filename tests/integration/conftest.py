@@ -9,7 +9,8 @@
 - ``rollout_lab(models, ...)``: a ``RolloutLab`` (server thread, simulated fleet) on the
   session's broker, closed after the test;
 - ``secure_fleet``: enrolled devices and a Mosquitto on the generated TLS config;
-- ``empty_store``: a migrated, empty store, once on SQLite and once on PostgreSQL.
+- ``empty_store``: a migrated, empty store, once on SQLite and once on PostgreSQL;
+- ``lab_db_url``: the database a ``rollout_lab`` runs on, once SQLite, once PostgreSQL.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def empty_store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
            else str(request.getfixturevalue("pg_url")))
     upgrade(url)
     return Store(url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def lab_db_url(request: pytest.FixtureRequest) -> str | None:
+    """A ``rollout_lab`` database: None (the lab's own SQLite file), then PostgreSQL."""
+    return None if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture

@@ -28,11 +28,6 @@ def models(onnx_pair) -> dict[str, Path]:
     return onnx_pair(0.3)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest) -> str | None:
-    return None if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
-
-
 def _everything(q: reads.Reader) -> dict[str, object]:
     """Every read fleetctl makes, as JSON-able values."""
     devices = reads.devices(q)
@@ -49,8 +44,8 @@ def _everything(q: reads.Reader) -> dict[str, object]:
 
 @pytest.mark.broker
 def test_lite_and_session_reads_agree_with_each_other_and_with_the_orm(rollout_lab, models,
-                                                                        db_url):
-    lab = rollout_lab(models, db_url=db_url)
+                                                                        lab_db_url):
+    lab = rollout_lab(models, db_url=lab_db_url)
     ids = lab.add_devices(8, {"hw": "jetson"})
     lab.add_devices(2, {"hw": "pi"}, prefix="pi")
     lab.group("jetson", hw="jetson")
@@ -72,7 +67,7 @@ def test_lite_and_session_reads_agree_with_each_other_and_with_the_orm(rollout_l
         rollout_ids = set(s.scalars(select(RolloutRow.id)))
         device_ids = set(s.scalars(select(Device.id)))
         recounts = {rid: recount(s, rid) for rid in rollout_ids}
-    if db_url is None:
+    if lab_db_url is None:
         path = reads.sqlite_path(lab.cfg.db_url)
         assert path is not None
         with reads.SqliteReader(path) as q:

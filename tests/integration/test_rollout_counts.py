@@ -29,11 +29,6 @@ def models(onnx_pair) -> dict[str, Path]:
     return onnx_pair(0.3)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest) -> str | None:
-    return None if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
-
-
 def assert_counts_equal_recount(store: Store) -> None:
     with store.read() as s:
         for rid in s.scalars(select(Rollout.id)).all():
@@ -42,8 +37,8 @@ def assert_counts_equal_recount(store: Store) -> None:
 
 @pytest.mark.broker
 def test_counters_equal_a_recount_after_failures_holds_abort_and_rollback(rollout_lab, models,
-                                                                          db_url):
-    lab = rollout_lab(models, db_url=db_url)
+                                                                          lab_db_url):
+    lab = rollout_lab(models, db_url=lab_db_url)
     ids = lab.add_devices(12, {"hw": "jetson"})
     lab.group("jetson", hw="jetson")
     for device_id in ids[:2]:
