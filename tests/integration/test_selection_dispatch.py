@@ -78,19 +78,24 @@ def _measure(lab: RolloutLab, kinds: dict[str, str]) -> None:
             for d, k in kinds.items() for p, (name, sha) in shas.items()], now)
 
 
-def test_rollout_model_prefer_latency_sends_each_device_its_measured_best(lab: RolloutLab):
-    kinds = {"big-000": "big", "big-001": "big", "small-000": "small", "small-001": "small",
-             "tiny-000": "tiny"}
-    for prefix in ("big", "small", "tiny"):
-        n = sum(1 for k in kinds.values() if k == prefix)
-        lab.add_devices(n, LABELS, prefix=prefix)
-    for dev in lab.fleet.devices.values():  # a real runtime version: selection checks opsets
+def _measured_fleet(lab: RolloutLab, kinds: dict[str, str]) -> None:
+    """Devices named ``<kind>-NNN`` reporting a real ONNX Runtime version (selection checks
+    opsets), measured (``_measure``), in group ``lab``."""
+    for prefix in dict.fromkeys(kinds.values()):
+        lab.add_devices(sum(1 for k in kinds.values() if k == prefix), LABELS, prefix=prefix)
+    for dev in lab.fleet.devices.values():
         dev.runtimes = {"onnxruntime": ORT}
         dev.send_hello()
     lab.wait_for(lambda: all(lab.status_runtimes(d) == {"onnxruntime": ORT} for d in kinds),
                  30, "runtimes recorded")
     _measure(lab, kinds)
     lab.group("lab", site="lab")
+
+
+def test_rollout_model_prefer_latency_sends_each_device_its_measured_best(lab: RolloutLab):
+    kinds = {"big-000": "big", "big-001": "big", "small-000": "small", "small-001": "small",
+             "tiny-000": "tiny"}
+    _measured_fleet(lab, kinds)
 
     res = fleetctl(lab, "rollout", "model", "v2", "--group", "lab", "--prefer", "latency",
                    *FAST)
@@ -141,14 +146,7 @@ def test_an_accuracy_budget_keeps_out_the_variant_optimize_measured_too_lossy(la
     from deltafleet.server.store.models import Variant  # noqa: PLC0415
 
     kinds = {"big-000": "big", "big-001": "big"}
-    lab.add_devices(2, LABELS, prefix="big")
-    for dev in lab.fleet.devices.values():
-        dev.runtimes = {"onnxruntime": ORT}
-        dev.send_hello()
-    lab.wait_for(lambda: all(lab.status_runtimes(d) == {"onnxruntime": ORT} for d in kinds),
-                 30, "runtimes recorded")
-    _measure(lab, kinds)
-    lab.group("lab", site="lab")
+    _measured_fleet(lab, kinds)
     with lab.store.session() as s:
         version = catalog.resolve_version(s, "detector:v2")
         by_name = {v.name: v for v in s.query(Variant).filter_by(version_id=version.id)}
