@@ -147,3 +147,13 @@ def test_output_agreement_compares_top_classes_on_the_same_inputs():
     new = Fixed([[0.7, 0.3], [0.3, 0.7], [0.4, 0.6], [0.2, 0.8]])  # one row flips class
     assert output_agreement(old, new, [{}]) == 750_000  # type: ignore[arg-type]
     assert output_agreement(old, old, [{}, {}]) == 1_000_000  # type: ignore[arg-type]
+
+
+def test_summaries_the_server_never_acks_are_not_remembered_forever():
+    rec = TelemetryRecorder("cam-1")
+    for _ in range(100):  # the server away for 100 minutes
+        rec.record("detector", "v2", latency_us=10, error=False, fallback=False)
+        last = rec.summary()
+    assert len(rec._sent) <= 8
+    rec.acked(last.seq)
+    assert rec.summary().models == ()

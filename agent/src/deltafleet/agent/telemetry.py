@@ -40,9 +40,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from deltafleet.shared import Event, ModelTelemetry, Telemetry
-from deltafleet.shared.messages import MAX_TELEMETRY_MODELS, TELEMETRY_LATENCY_BOUNDS_US
+from deltafleet.shared.messages import (
+    MAX_TELEMETRY_MODELS,
+    TELEMETRY_COUNTERS,
+    TELEMETRY_LATENCY_BOUNDS_US,
+)
 
 __all__ = ["TelemetryRecorder", "render_exposition", "rss_bytes"]
+
+SENT_KEPT = 8  # unacknowledged summaries remembered (the outbox holds only the newest)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -173,6 +179,8 @@ class TelemetryRecorder:
             self.seq += 1
             seq = self.seq
             self._sent[seq] = {(x.model, x.version): _vector(x) for x in models}
+            for old in [k for k in self._sent if k <= seq - SENT_KEPT]:
+                del self._sent[old]  # unacked for long (server away): a late ack just sends more
         return Telemetry(telemetry_id=f"tm-{self.boot_id}-{seq}", device_id=self.device_id,
                          boot_id=self.boot_id, seq=seq, sent_at=int(now),
                          uptime_s=int(max(0.0, now - self.started_at)), rss_bytes=rss_bytes(),
@@ -192,8 +200,7 @@ class TelemetryRecorder:
 def _vector(c: _Counts | ModelTelemetry) -> tuple[int, ...]:
     """An entry's counters as one comparable tuple."""
     buckets = c.buckets if isinstance(c, _Counts) else c.latency_buckets
-    return (c.requests, c.errors, c.fallbacks, c.swaps, c.trials_passed, c.trials_failed,
-            c.agreement_ppm_sum, c.agreement_trials, c.latency_sum_us, *buckets)
+    return (*(getattr(c, k) for k in TELEMETRY_COUNTERS), *buckets)
 
 
 # -- text exposition (format 0.0.4) ----------------------------------------------------------
