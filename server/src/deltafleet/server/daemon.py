@@ -5,11 +5,13 @@ module owns the I/O: it feeds device messages to the controller, publishes what 
 and serves artifact chunks. Device messages are untrusted: a message that does not validate
 is logged and counted and causes no database write.
 
-Chunk delivery: devices publish the indices they miss on their chunkreq topic; the pure
-``delivery.chunks.ChunkScheduler`` decides which chunks to publish and when (one publish per
-chunk per round serves every device asking within the round's window; rounds of an artifact
-start at most every ``cfg.chunk_round_s``), and this module reads each chunk from the blob
-store (``delivery.artifacts``) and publishes it on its content-addressed topic. With
+Device messages: ``inbox`` parses and checks each one and applies a batch in one
+transaction. Chunk delivery: devices publish the indices they miss on their chunkreq topic;
+the pure ``delivery.chunks.ChunkScheduler`` decides which chunks to publish and when (one
+publish per chunk per round serves every device asking within the round's window; rounds of an
+artifact start at most every ``cfg.chunk_round_s``), and ``delivery.publisher.ChunkPublisher``
+reads each chunk from the blob store (``delivery.artifacts``) and publishes it on its
+content-addressed topic. With
 ``cfg.chunk_retain`` every chunk is published retained, so devices asking late get it from the
 broker and each chunk goes out once per rollout; after a reconnect to a broker that kept no
 session (``session_present`` False) the broker may have lost them, and each goes out once more
@@ -25,24 +27,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
-import random
 import socket
 import threading
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from deltafleet.shared import (
-    Ack,
     ChunkRequest,
     DeltafleetError,
     Event,
@@ -51,28 +48,30 @@ from deltafleet.shared import (
     Telemetry,
     Topics,
     WireError,
-    decode,
-    encode,
 )
-from deltafleet.shared.messages import (
-    MAX_ACK_IDS,
-    MAX_EVENT_ID_CHARS,
-    MAX_TELEMETRY_BYTES,
-    BenchResult,
-    Portrait,
-)
+from deltafleet.shared.messages import MAX_EVENT_ID_CHARS, BenchResult, Portrait
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, Will
 
 from . import bench_requests, fleet
 from .config import ServerConfig, check_client_identity, mqtt_settings
 from .controller import Publish, RolloutController
-from .delivery.chunks import ArtifactOffer, ChunkScheduler, ChunkWindows
-from .delivery.retained import RetainedList
+from .delivery.chunks import ChunkWindows
+from .delivery.publisher import ChunkPublisher
 from .deltas import DeltaBuilder
 from .enroll import revoked_devices
 from .fleet import portraits as fleet_portraits
-from .guard import DeviceMessageGuard, check_bench_result, check_portrait
-from .ingest import UnstorableMessage, fits_store
+from .guard import DeviceMessageGuard
+from .inbox import (
+    LEAVES,
+    Applied,
+    apply_resilient,
+    drain,
+    first_delivery,
+    ids_by_device,
+    parse_device_message,
+    publish_acks,
+)
+from .ingest import UnstorableMessage
 from .keys import online_signing_key, trust_publications
 from .metrics import ServerMetrics, apply_telemetry
 from .store import BlobStore, Store, StoreError
@@ -86,15 +85,11 @@ log = logging.getLogger(__name__)
 RECONCILE_EVERY_S = 0.5
 EVENT_IDS_KEPT_S = 7 * 86400  # how long applied event ids are remembered
 PERSISTENT_SESSION_S = 7 * 86400
-BATCH_MAX = 500  # device messages applied in one transaction
 # After the first message of a batch, gather more for up to this long (never past the chunks'
 # deadline): 10,000 devices' heartbeats arrive ~3 at a time, and a commit per handful cost
 # most of the server's idle CPU.
 BATCH_LINGER_S = 0.05
 INBOX_UNACKED = 1000  # backpressure: QoS 1 messages the broker may have outstanding to us
-LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRequest,
-          "telemetry": Telemetry, "portrait": Portrait, "bench": BenchResult}
-Applied: TypeAlias = Hello | Status | Event | Telemetry | Portrait | BenchResult
 
 
 @dataclass
@@ -125,13 +120,6 @@ class FleetServer:
         self.stats = ServerStats()
         self.stop_event = threading.Event()
         self.artifacts = self.controller.artifacts
-        self.chunks = ChunkScheduler(
-            cfg.chunk_size_bytes,
-            ChunkWindows(round_s=cfg.chunk_round_s, linger_s=cfg.chunk_retain_linger_s),
-            retain=cfg.chunk_retain)
-        self.retained = RetainedList(
-            cfg.home / "chunks" / f"retained-{cfg.server_id or 'server'}.json")
-        self.chunks.restore(self.retained.load(), time.monotonic())
         self._next_prune = 0.0
         self._next_reconcile = 0.0
         self._next_auto_bench = 0.0
@@ -154,7 +142,15 @@ class FleetServer:
         self.metrics = ServerMetrics(self.store, guard=self.guard, stats=self.stats,
                                      connected=lambda: self.mqtt.connected.is_set(),
                                      backlog=lambda: self.mqtt.inbox.qsize())
-        self._artifact_kinds: dict[str, str] = {}
+        self.publisher = ChunkPublisher(
+            artifacts=self.artifacts, topics=self.topics,
+            windows=ChunkWindows(round_s=cfg.chunk_round_s, linger_s=cfg.chunk_retain_linger_s),
+            retain=cfg.chunk_retain,
+            retained_path=cfg.home / "chunks" / f"retained-{cfg.server_id or 'server'}.json",
+            stats=self.stats, counters=self.metrics.counters, kind_of=self._artifact_kind,
+            now=time.monotonic())
+        self.chunks = self.publisher.scheduler  # the pure scheduler (tests read its stats)
+        self.retained = self.publisher.retained
         share = cfg.share_group
         for leaf in LEAVES:
             topic = self.topics.all_devices(leaf)
@@ -216,46 +212,8 @@ class FleetServer:
         the valid ones in one transaction; see ``_apply_resilient``."""
         items = self._validate(batch)
         if items:
-            self._apply_resilient(items)
-
-    def _apply_resilient(self, items: list[tuple[str, Applied]]) -> None:
-        """Apply validated messages in one transaction. A transient database failure (a
-        deadlock or serialization failure with another replica, a dropped connection:
-        StoreError) retries after a short random pause, so two replicas do not collide again;
-        after three failures the batch is logged and dropped: the server keeps serving. Any
-        other failure means a message the database will not take: the batch is then applied
-        message by message, so only that message is dropped (logged with its device id and
-        counted for that device) and every other message lands once."""
-        for attempt in (1, 2, 3):
-            try:
-                self._apply(items)
-                return
-            except StoreError as e:
-                self.metrics.counters.database_errors["transient"] += 1
-                level = logging.WARNING if attempt < 3 else logging.ERROR
-                log.log(level, "a batch of %d device messages failed (attempt %d): %s",
-                        len(items), attempt, str(e).splitlines()[0])
-                time.sleep(random.uniform(0.05, 0.25) * attempt)
-            except Exception as e:  # the database or a bug refused one message: find it, drop it
-                cause = getattr(e, "orig", None) or e  # the database's own words
-                reason = (str(cause).splitlines() or [type(e).__name__])[0][:200]
-                if len(items) == 1:
-                    device_id, message = items[0]
-                    kind = "store_refused" if isinstance(e, SQLAlchemyError) else "error"
-                    self.metrics.counters.database_errors["refused"] += kind == "store_refused"
-                    log.error("device %s: dropped its %s, which could not be applied: %s",
-                              device_id, type(message).__name__.lower(), reason,
-                              exc_info=kind == "error")
-                    self._refuse(device_id, type(message).__name__.lower(),
-                                 f"the store refused it: {reason}", kind)
-                    return
-                log.warning("a batch of %d device messages failed (%s); applying them one by "
-                            "one", len(items), reason)
-                for item in items:
-                    self._apply_resilient([item])
-                return
-        log.error("dropped %d device messages (from %s) after three database failures",
-                  len(items), ", ".join(sorted({d for d, _ in items}))[:300])
+            apply_resilient(self._apply, items, refuse=self._refuse,
+                            database_errors=self.metrics.counters.database_errors)
 
     def _refuse(self, device_id: str, where: str, reason: str, kind: str) -> None:
         """Count one refused device message for its device, with its reason."""
@@ -266,28 +224,7 @@ class FleetServer:
             log.error("device %s is now suspect: repeated invalid messages", device_id)
 
     def _drain(self, timeout_s: float, linger_s: float = 0.0) -> list[tuple[str, bytes]]:
-        """Up to BATCH_MAX inbox items: wait for the first, then take what arrives within
-        ``linger_s`` of it."""
-        inbox = self.mqtt.inbox
-        try:
-            batch = [inbox.get(timeout=timeout_s)]
-        except queue.Empty:
-            return []
-        until = time.monotonic() + linger_s
-        while len(batch) < BATCH_MAX:
-            try:
-                batch.append(inbox.get_nowait())
-                continue
-            except queue.Empty:
-                pass
-            left = until - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                batch.append(inbox.get(timeout=left))
-            except queue.Empty:
-                break
-        return batch
+        return drain(self.mqtt.inbox, timeout_s, linger_s)
 
     def publish(self, items: list[Publish]) -> None:
         for p in items:
@@ -327,23 +264,13 @@ class FleetServer:
             self.stats.messages += 1
             device_id = ""
             try:
-                device_id, leaf = self.topics.parse_dev(topic)
+                device_id, _ = self.topics.parse_dev(topic)
                 verdict = self.guard.admit(device_id, len(payload), time.monotonic())
                 if not verdict.ok:
                     self.stats.invalid_messages += 1
                     log.warning("refused a message on %s: %s", topic, verdict.reason)
                     continue
-                kind = LEAVES.get(leaf)
-                if kind is None:
-                    raise WireError(f"unknown device topic {leaf!r}")
-                message = _mine(device_id, decode(kind, payload, max_bytes=(
-                    MAX_TELEMETRY_BYTES if kind is Telemetry else 256 * 1024)))
-                if isinstance(message, Portrait):
-                    check_portrait(message.portrait)
-                elif isinstance(message, BenchResult):
-                    check_bench_result(message)
-                else:
-                    fits_store(message)
+                message = parse_device_message(self.topics, topic, payload)
                 if isinstance(message, ChunkRequest):
                     self.on_chunk_request(device_id, message)
                 else:
@@ -392,33 +319,15 @@ class FleetServer:
                                                        m.sent_at)))
         self.metrics.counters.telemetry_applied += len(telemetry)
         self.publish(resend)
-        self.ack_events(events, telemetry)  # duplicates too: a device's first ack may be lost
-        self.ack_ids(_by_device([(m.device_id, m.result_id) for m in benches]))
-
-    def ack_ids(self, by_device: dict[str, list[str]]) -> None:
-        """Ack outbox entries other than events (bench results) after the commit."""
-        for device_id, ids in by_device.items():
-            for i in range(0, len(ids), MAX_ACK_IDS):
-                self.mqtt.publish(self.topics.ack(device_id),
-                                  encode(Ack(device_id, tuple(ids[i:i + MAX_ACK_IDS]))), qos=1)
-                self.stats.acks_published += 1
-
-    def ack_events(self, events: list[Event], telemetry: list[Telemetry] = ()) -> None:  # type: ignore[assignment]
-        """After the commit: tell each device which of its events are recorded (duplicates
-        too), one ack per device and batch. Its outbox deletes only acked events, so an event
-        the broker accepted but lost (a crash, a server not subscribed yet) is sent again."""
-        by_device: dict[str, dict[str, None]] = defaultdict(dict)
-        for ev in events:
-            if 0 < len(ev.event_id) <= MAX_EVENT_ID_CHARS:
-                by_device[ev.device_id][ev.event_id] = None
-        for t in telemetry:
-            by_device[t.device_id][t.telemetry_id] = None
-        for device_id, ids in by_device.items():
-            order = list(ids)
-            for i in range(0, len(order), MAX_ACK_IDS):
-                self.mqtt.publish(self.topics.ack(device_id),
-                                  encode(Ack(device_id, tuple(order[i:i + MAX_ACK_IDS]))), qos=1)
-                self.stats.acks_published += 1
+        # After the commit, tell each device which of its outbox entries are recorded, one
+        # ack per device and batch. Duplicates too: its outbox deletes only acked entries, so
+        # one the broker accepted but lost (a crash, a server not subscribed yet) is sent
+        # again, and a device's first ack may be lost.
+        self.stats.acks_published += publish_acks(self.mqtt.publish, self.topics, ids_by_device([
+            *((ev.device_id, ev.event_id) for ev in events
+              if 0 < len(ev.event_id) <= MAX_EVENT_ID_CHARS),
+            *((t.device_id, t.telemetry_id) for t in telemetry),
+            *((m.device_id, m.result_id) for m in benches)]))
 
     def _is_revoked(self, device_id: str) -> bool:
         """Server-side deny list (`fleetctl device revoke`), re-read at most every 5 s."""
@@ -430,62 +339,21 @@ class FleetServer:
 
     # -- chunks ----------------------------------------------------------------------------
     def on_chunk_request(self, device_id: str, req: ChunkRequest) -> None:
-        """Queue the chunks this request needs published (rules: ``delivery.chunks``)."""
-        queued = self.chunks.request(device_id, req.artifact_sha256, req.indices,
-                                     time.monotonic(), repair=req.repair)
-        if not queued.known:
-            log.warning("device %s asked for unknown artifact %s", device_id,
-                        req.artifact_sha256[:12])
+        self.publisher.request(device_id, req, time.monotonic())
 
     def flush_chunks(self, now: float | None = None) -> None:
-        """Publish the chunks due, each read from the blob store and checked against its
-        hash. A blob that is not intact sends none of its chunks; the controller holds it."""
-        due = self.chunks.due(time.monotonic() if now is None else now)
-        self.stats.chunks_deduplicated = self.chunks.deduplicated
-        self.stats.chunk_rounds = self.chunks.rounds
-        broken: set[str] = set()
-        unsent = []
-        for p in due:
-            data = None if p.artifact_sha in broken else self.artifacts.read(p.artifact_sha,
-                                                                              p.index)
-            if data is None:
-                broken.add(p.artifact_sha)
-                unsent.append(p)
-                continue
-            self.mqtt.publish(self.topics.chunk(p.artifact_sha, p.index), data, qos=1,
-                              retain=p.retain)
-            self.stats.chunks_published += 1
-            self.stats.chunk_bytes_published += len(data)
-            kind = "repair" if p.repair else self._artifact_kind(p.artifact_sha)
-            self.metrics.counters.published_bytes[kind] += len(data)
-            self.metrics.counters.published_chunks[kind] += 1
-        self.chunks.withdraw(unsent)
-        if self.mqtt.connected.is_set():
-            for c in self.chunks.clears(time.monotonic() if now is None else now):
-                for i in range(c.chunks):
-                    self.mqtt.publish(self.topics.chunk(c.artifact_sha, i), b"", qos=1,
-                                      retain=True)
-                self.stats.chunks_cleared += c.chunks
-                log.info("cleared the %d retained chunks of artifact %s", c.chunks,
-                         c.artifact_sha[:12])
-        try:
-            self.retained.save(self.chunks.retained)
-        except OSError as e:
-            log.error("cannot record the retained chunk list %s: %s", self.retained.path, e)
+        self.publisher.flush(self.mqtt, time.monotonic() if now is None else now,
+                             connected=self.mqtt.connected.is_set())
 
-    def _artifact_kind(self, sha: str) -> str:
-        """``delta`` or ``full`` (a model or its compressed form), from the artifacts table
-        (cached: an artifact's kind never changes)."""
-        kind = self._artifact_kinds.get(sha)
-        if kind is None:
-            try:
-                with self.store.read() as s:
-                    stored = s.scalar(select(Artifact.kind).where(Artifact.sha256 == sha))
-                kind = "delta" if stored == "delta" else "full"
-            except SQLAlchemyError:
-                return "full"
-            self._artifact_kinds[sha] = kind
-        return kind
+    def _artifact_kind(self, sha: str) -> str | None:
+        """``delta`` or ``full`` (a model or its compressed form), from the artifacts table;
+        None while the database cannot tell."""
+        try:
+            with self.store.read() as s:
+                stored = s.scalar(select(Artifact.kind).where(Artifact.sha256 == sha))
+        except SQLAlchemyError:
+            return None
+        return "delta" if stored == "delta" else "full"
 
     # -- reconciliation --------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -504,8 +372,7 @@ class FleetServer:
                     s, self.controller.key, self.artifacts, self.topics, utcnow())
             publishes = [*publishes, *bench_publishes]
             servable = {**dict.fromkeys(bench_shas, 0), **servable}
-            self.chunks.serve({sha: ArtifactOffer(self.artifacts.count(sha), rate or 0)
-                               for sha, rate in servable.items()}, time.monotonic())
+            self.publisher.serve(servable, time.monotonic())
             self.publish(publishes)
         except (DeltafleetError, SQLAlchemyError, OSError) as e:
             if isinstance(e, SQLAlchemyError | StoreError):
@@ -529,23 +396,6 @@ class FleetServer:
                           self.cfg.auto_bench_s)
 
 
-def first_delivery(s: Session, events: list[Event], now: datetime) -> list[Event]:
-    """Drop events already applied (by event_id, durable in device_events) and record
-    the others in the same transaction that applies them. Ids are stored whole:
-    ``fits_store`` refused any longer than the column."""
-    if not events:
-        return []
-    ids = {ev.event_id for ev in events}
-    seen = set(s.scalars(select(DeviceEvent.event_id).where(DeviceEvent.event_id.in_(ids))))
-    fresh: dict[str, Event] = {}
-    for ev in events:
-        if ev.event_id not in seen and ev.event_id not in fresh:
-            fresh[ev.event_id] = ev
-    s.add_all(DeviceEvent(event_id=ev.event_id, device_id=ev.device_id,
-                          state=ev.state, at=now) for ev in fresh.values())
-    return list(fresh.values())
-
-
 def store_finished_deltas(deltas: DeltaBuilder, blobs: BlobStore, store: Store) -> None:
     """Record the deltas the builder finished: each into the blob store and a Delta row."""
     for built in deltas.finished():
@@ -560,16 +410,3 @@ def store_finished_deltas(deltas: DeltaBuilder, blobs: BlobStore, store: Store) 
                         build_seconds=built.build_seconds))
         log.info("delta %s -> %s: %d bytes in %.1f s", built.base_sha256[:12],
                  built.target_sha256[:12], size, built.build_seconds)
-
-
-def _by_device(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = defaultdict(list)
-    for device_id, message_id in pairs:
-        out[device_id].append(message_id)
-    return out
-
-
-def _mine(topic_device: str, message):  # type: ignore[no-untyped-def]
-    if topic_device != message.device_id:
-        raise WireError(f"device {message.device_id} spoke on the topic of {topic_device}")
-    return message
