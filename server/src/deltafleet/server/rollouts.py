@@ -30,7 +30,7 @@ from .planner import (
     select_choice,
 )
 from .policy import RolloutPolicy, assign_waves
-from .rollout.sql import load_deltas, running_models
+from .rollout.load import load_deltas, running_models
 from .rollout.states import (
     ACTIONS,
     FAILURE_STATES,

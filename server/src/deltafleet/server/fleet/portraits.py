@@ -272,7 +272,7 @@ def selection_inputs(session: Session, devices: Sequence[Device]
 def selecting_for(session: Session, version_id: int, options: Sequence[VariantOption],
                   devices: Sequence[Device], objective: Objective) -> dict[str, Selecting]:
     """Per device id the planner's ``Selecting`` for a version's variants: what `rollout plan
-    --prefer` and dispatch (``rollout.sql``, once per tick for the devices it loaded) hand
+    --prefer` and dispatch (``rollout.load``, once per tick for the devices it loaded) hand
     ``planner.plan_target``. A fixed number of queries, whatever the number of devices."""
     if not devices:
         return {}
