@@ -37,12 +37,12 @@ FLEET_AGENT_CRASH_AT / FLEET_AGENT_CRASH_AFTER_CHUNKS) kills the agent at a step
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ from deltafleet.shared import (
     Hello,
     Status,
     Topics,
-    atomic_write_json,
     decode,
     encode,
     trust_topic,
@@ -67,7 +66,7 @@ from .bench import BenchRunner, verify_bench_request
 from .config import CRASH_STEPS, AgentConfig
 from .errors import AgentError, ModelRuntimeError, UpdateRejected, is_no_space
 from .executor import MAX_DECODE_STARTS, Executor, Reporter, freeze_heap, soft
-from .journal import Journal, raw_manifest
+from .journal import Journal, found_entries
 from .outbox import Outbox
 from .portrait import device_portrait
 from .profile import agent_version, device_profile, hardware_id, mem_available_bytes
@@ -78,6 +77,7 @@ from .swap import PAIR_BUDGET_S, PROBE_BUDGET_S, Swapper, TrialRunner
 from .telemetry import TelemetryRecorder, render_exposition
 from .trust import RootTrust, open_trust
 from .update import verify_manifest
+from .views import ConnectionFile, TelemetrySender, describe_models, variant_of
 
 __all__ = ["CRASH_STEPS", "MAX_DECODE_STARTS", "PAIR_BUDGET_S", "PROBE_BUDGET_S", "Agent",
            "agent_version", "device_profile", "event_id", "hardware_id", "mem_available_bytes"]
@@ -148,8 +148,9 @@ class Agent:
             disk_retry_s=cfg.disk_retry_s, disk_margin_bytes=cfg.disk_margin_bytes,
             max_artifact_bytes=cfg.max_artifact_bytes, max_trial_restarts=cfg.max_trial_restarts))
         self.telemetry = TelemetryRecorder(cfg.device_id)
-        self._telemetry_at = time.monotonic() + cfg.telemetry_interval_s
-        self._telemetry_id: str | None = None
+        self.telemetry_sender = TelemetrySender(
+            self.telemetry, self.outbox, self.topics.telemetry(cfg.device_id),
+            cfg.telemetry_interval_s, partial(variant_of, self.store))
         self.reporter = _CountingReporter(self.outbox, self.topics.events(cfg.device_id),
                                           cfg.disk_retry_s, self.telemetry)
         self.swapper = Swapper(cfg, self.store, self.serving, soft)
@@ -164,7 +165,7 @@ class Agent:
                                  outbox=self.outbox, mqtt=self.mqtt, topics=self.topics,
                                  sysfs_root=cfg.sysfs_root)
         self.api: Any = None
-        self._connection_seen: tuple[Any, ...] | None = None
+        self.connection_file = ConnectionFile(cfg.state_dir)
         self._api_retry_at: float | None = 0.0 if cfg.api_port else None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -190,24 +191,10 @@ class Agent:
                 inst = prev
             self.serving.install(inst.model, model, inst.version, inst.sha256)
 
-    def journal_entries(self) -> tuple[mc.JournalEntry, ...]:
-        """The journal records found at start, each with its (re-verified) manifest."""
-        entries = []
-        for model, rec in self.journal.all().items():
-            current = self.store.current(model)
-            cur_sha = current.sha256 if current else None
-            try:  # our own journal of a manifest accepted before: expiry and serial are done
-                m = verify_manifest(raw_manifest(rec), self.trust, device_id=self.cfg.device_id,
-                                    hardware_id=self.hardware_id, check_expiry=False)
-            except UpdateRejected as e:
-                entries.append(mc.JournalEntry(model, rec, None, cur_sha, False, str(e)))
-                continue
-            on_disk = self.store.model_path(m.target_sha256, m.format).is_file()
-            entries.append(mc.JournalEntry(model, rec, m, cur_sha, on_disk))
-        return tuple(entries)
-
     def run(self) -> None:
-        self.executor.feed(mc.Restarted(self.journal_entries()))
+        self.executor.feed(mc.Restarted(found_entries(self.journal, self.store, partial(
+            verify_manifest, trust=self.trust, device_id=self.cfg.device_id,
+            hardware_id=self.hardware_id, check_expiry=False))))
         self.load_installed()
         self.executor.feed(mc.Resumed(time.time()))
         freeze_heap()
@@ -349,9 +336,7 @@ class Agent:
             log.warning("ignoring an invalid ack: %s", e)
             return
         self.outbox.ack(ack.event_ids)
-        if self._telemetry_id is not None and self._telemetry_id in ack.event_ids:
-            self.telemetry.acked(int(self._telemetry_id.rsplit("-", 1)[1]))
-            self._telemetry_id = None
+        self.telemetry_sender.acked(ack.event_ids)
 
     def publish_status(self) -> None:
         did = self.cfg.device_id
@@ -394,83 +379,21 @@ class Agent:
         if self.cfg.heartbeat_s and now - self._last_heartbeat >= self.cfg.heartbeat_s and connected:
             self.publish_status()
         self.executor.feed(mc.Tick(now, connected))
-        if self.cfg.telemetry_interval_s and now >= self._telemetry_at:
-            self._telemetry_at = now + self.cfg.telemetry_interval_s
-            self.send_telemetry()
+        self.telemetry_sender.tick(now)
         self.reporter.store_unsaved(now)
         self.write_connection()
 
     def write_connection(self, *, stopped: bool = False) -> None:
         """``connection.json`` for ``fleet-agent status``, on a change only (see module doc)."""
-        st = self.mqtt.state()
-        key = (st.connected, st.since, st.failure.cause if st.failure else None, st.final,
-               stopped, self.api is not None)
-        if key == self._connection_seen:
-            return
-        self._connection_seen = key
-        doc = {**st.to_dict(), "pid": None if stopped else os.getpid(),
-               "api": f"http://{self.cfg.api_host}:{self.api.port}" if self.api else None,
-               "written_at": time.time()}
-        try:
-            atomic_write_json(Path(self.cfg.state_dir) / "connection.json", doc)
-        except OSError as e:
-            log.debug("could not write connection.json: %s", e)
+        api = f"http://{self.cfg.api_host}:{self.api.port}" if self.api else None
+        self.connection_file.write(self.mqtt.state(), api=api, stopped=stopped)
 
-    # -- telemetry -------------------------------------------------------------------------
-    def variant_of(self, model: str, version: str) -> str:
-        inst = self.store.current(model)
-        if inst is not None and inst.version == version:
-            return inst.as_state().variant
-        prev = self.store.previous(model)
-        return prev.as_state().variant if prev is not None and prev.version == version else ""
-
-    def send_telemetry(self) -> None:
-        """Queue the next summary in the outbox; the one before it, if the server has not
-        acked it yet, is dropped (counters are cumulative: only the latest matters), so
-        telemetry never holds more than one outbox entry."""
-        summary = self.telemetry.summary(self.variant_of)
-        if self._telemetry_id is not None:
-            self.outbox.discard([self._telemetry_id])
-        try:
-            self.outbox.put(summary.telemetry_id, self.topics.telemetry(self.cfg.device_id),
-                            encode(summary))
-        except OSError as e:
-            if not is_no_space(e):
-                raise
-            log.warning("disk full: telemetry summary %d skipped", summary.seq)
-            return
-        self._telemetry_id = summary.telemetry_id
-
+    # -- views -----------------------------------------------------------------------------
     def metrics_page(self) -> bytes:
         return render_exposition(self.telemetry, agent_version=agent_version(),
                                  models=self.describe(), outbox_pending=self.outbox.pending(),
                                  broker_connected=self.mqtt.connected.is_set(),
-                                 variant_of=self.variant_of)
+                                 variant_of=partial(variant_of, self.store))
 
-    # -- API view --------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
-        out = []
-        names = {i.model for i in self.store.all_current()} | set(self.serving.slots)
-        for name in sorted(names):
-            inst = self.store.current(name)
-            prev = self.store.previous(name)
-            slot = self.serving.slots.get(name)
-            session = slot.session if slot else None
-            model = session.model if session else (slot.fallback if slot else None)
-            out.append({
-                "name": name,
-                "version": session.version if session else None,
-                "sha256": session.sha256 if session else None,
-                "format": inst.format if inst else None,
-                "previous": prev.version if prev else None,
-                "loaded": session is not None,
-                "fallback": slot.fallback_name if slot else None,
-                "in_trial": self.machine.in_trial(name),
-                "swaps": slot.swaps if slot else 0,
-                "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
-                           for s in (model.inputs if model else ())],
-                "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
-                            for s in (model.outputs if model else ())],
-            })
-        return out
-
+        return describe_models(self.store, self.serving, self.machine.in_trial)

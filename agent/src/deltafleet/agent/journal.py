@@ -24,14 +24,17 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from deltafleet.shared import atomic_write_json
+from deltafleet.shared.messages import Manifest
 
-from .machine import JOURNAL_NEXT, STEPS, Recovery, raw_manifest, reconcile
+from .errors import UpdateRejected
+from .machine import JOURNAL_NEXT, STEPS, JournalEntry, Recovery, raw_manifest, reconcile
 
-__all__ = ["STEPS", "Journal", "Recovery", "raw_manifest", "reconcile"]
+__all__ = ["STEPS", "Journal", "Recovery", "found_entries", "raw_manifest", "reconcile"]
 
 _NEXT = JOURNAL_NEXT
 
@@ -84,3 +87,22 @@ class Journal:
 
     def clear(self, model: str) -> None:
         self._path(model).unlink(missing_ok=True)
+
+
+def found_entries(journal: Journal, store: Any,
+                  verify: Callable[[bytes], Manifest]) -> tuple[JournalEntry, ...]:
+    """The journal records found at start, each with its manifest verified again by
+    ``verify`` (our own journal of a manifest accepted before: expiry and serial are done) and
+    whether its target is on disk."""
+    entries = []
+    for model, rec in journal.all().items():
+        current = store.current(model)
+        cur_sha = current.sha256 if current else None
+        try:
+            m = verify(raw_manifest(rec))
+        except UpdateRejected as e:
+            entries.append(JournalEntry(model, rec, None, cur_sha, False, str(e)))
+            continue
+        on_disk = store.model_path(m.target_sha256, m.format).is_file()
+        entries.append(JournalEntry(model, rec, m, cur_sha, on_disk))
+    return tuple(entries)
