@@ -1,22 +1,9 @@
 """Initial schema: devices, groups, models, versions, variants, artifacts, deltas, rollouts,
 rollout targets and the audit log.
-
-Revision ID: 0001
-Revises:
-Create Date: 2025-01-01 00:00:00
 """
-
-from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-revision: str = "0001"
-down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def _ts(name: str, *, nullable: bool = False) -> sa.Column:
@@ -233,3 +220,8 @@ def downgrade() -> None:
         "devices",
     ):
         op.drop_table(table)
+
+
+# the chain alembic follows
+revision = "0001"
+down_revision = None

@@ -2,23 +2,10 @@
 (targets per rollout, wave and state, backfilled from the existing targets) and the indexes a
 tick asks through (pending targets of open waves, due deadlines and holds, a device's targets,
 devices that said hello lately).
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-12-10 00:00:00
 """
-
-from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-revision: str = "0002"
-down_revision: str | None = "0001"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 INDEXES = {
     "ix_rollout_targets_pending": ["rollout_id", "state", "wave", "device_id"],
@@ -55,3 +42,8 @@ def downgrade() -> None:
     for name in INDEXES:
         op.drop_index(name, table_name="rollout_targets")
     op.drop_table("rollout_counts")
+
+
+# the chain alembic follows
+revision = "0002"
+down_revision = "0001"

@@ -1,22 +1,9 @@
 """Management API tokens: ``api_tokens`` (name, role, sha256 of the secret, who made it,
 when it was revoked).
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-12-02 00:00:00
 """
-
-from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-revision: str = "0003"
-down_revision: str | None = "0002"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
@@ -37,3 +24,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("api_tokens")
+
+
+# the chain alembic follows
+revision = "0003"
+down_revision = "0002"

@@ -1,22 +1,9 @@
 """Device telemetry: the latest summary per device (``device_telemetry``) and inference totals
 per device, model and version (``device_telemetry_models``), for the fleet metrics.
-
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-12-20 00:00:00
 """
-
-from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-revision: str = "0004"
-down_revision: str | None = "0003"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 COUNTERS = ("requests", "errors", "fallbacks", "swaps", "trials_passed", "trials_failed",
             "agreement_ppm_sum", "agreement_trials", "latency_sum_us", *(f"lat_{i}" for i in range(13)))
@@ -57,3 +44,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("device_telemetry_models")
     op.drop_table("device_telemetry")
+
+
+# the chain alembic follows
+revision = "0004"
+down_revision = "0003"

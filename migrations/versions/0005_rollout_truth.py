@@ -1,23 +1,10 @@
 """Rollout truth: per target, the bytes the device reported fetching for the update and for a
 rollback (kept apart, so a rollback does not erase the rollout's delta figure), the rollback
 artifact's size, and why the update was sent as a delta or in full (the planner's reason).
-
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-12-02 00:00:00
 """
-
-from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-revision: str = "0005"
-down_revision: str | None = "0004"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
@@ -37,3 +24,8 @@ def downgrade() -> None:
         batch.drop_column("rollback_bytes")
         batch.drop_column("delivery")
         batch.drop_column("bytes_sent")
+
+
+# the chain alembic follows
+revision = "0005"
+down_revision = "0004"

@@ -1,21 +1,8 @@
 """Device portraits, on-device benchmarks and benchmark requests (docs/portraits.md).
-
-Revision ID: 0006
-Revises: 0005
-Create Date: 2026-12-02 00:00:00
 """
-
-from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-revision: str = "0006"
-down_revision: str | None = "0005"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def _ts(name: str, nullable: bool = False) -> sa.Column:
@@ -76,3 +63,8 @@ def downgrade() -> None:
     op.drop_table("device_benchmarks")
     op.drop_index("ix_device_portraits_device_type", table_name="device_portraits")
     op.drop_table("device_portraits")
+
+
+# the chain alembic follows
+revision = "0006"
+down_revision = "0005"

@@ -2,23 +2,10 @@
 report for that model was a trial (the model runs but is not proven yet), NULL once it
 committed, rolled back or reported the model as settled. A rollout never takes a device in
 trial for "already runs it" (see rollout.engine).
-
-Revision ID: 0007
-Revises: 0006
-Create Date: 2026-12-02 16:00:00
 """
-
-from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-revision: str = "0007"
-down_revision: str | None = "0006"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
@@ -29,3 +16,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("device_models") as batch:
         batch.drop_column("state")
+
+
+# the chain alembic follows
+revision = "0007"
+down_revision = "0006"
