@@ -31,7 +31,6 @@ from deltafleet.agent.client import AgentClient
 from deltafleet.server.monitoring import DASHBOARDS_DIR, PROVISIONING_DIR, RULES
 from scripts.demo import DEVICES, online, rollout
 from tests.harness.fleetlab import Lab, free_port, wait_for, wait_port
-from tests.harness.modelgen import make_onnx_pair
 from tests.harness.prometheus import Prometheus
 
 LOOK = {
@@ -74,19 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if lab.mqtt_url is None:
                 lab.start_broker()
-            lab.fleetctl("init")
-            v1, v2 = make_onnx_pair(Path(tmp) / "models", size_mb=2.0)
-            lab.fleetctl("model", "add", "detector", "v1", str(v1))
-            lab.fleetctl("model", "add", "detector", "v2", str(v2))
-            lab.fleetctl("group", "create", "fleet", "--match", "site=demo")
-            lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson")
             metrics_port, api_port = free_port(), free_port()
             lab.env["FLEET_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
             lab.env["FLEET_API_LISTEN"] = f"127.0.0.1:{api_port}"
-            lab.start_server()
-            for device_id, hw in DEVICES.items():
-                lab.start_agent(device_id, {"hw": hw, "site": "demo"},
-                                extra_env={"FLEET_AGENT_TELEMETRY_S": "10"})
+            lab.seed_detector(Path(tmp) / "models", size_mb=2.0, site="demo",
+                              devices=DEVICES,
+                              agent_env={"FLEET_AGENT_TELEMETRY_S": "10"})
             wait_port(metrics_port)
             prom = Prometheus(prom_bin, {
                 "deltafleet-server": [f"127.0.0.1:{metrics_port}"],

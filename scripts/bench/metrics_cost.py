@@ -35,7 +35,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -49,9 +48,10 @@ from deltafleet.server.daemon import FleetServer
 from deltafleet.server.metrics import apply_telemetry
 from deltafleet.server.policy import RolloutPolicy
 from deltafleet.server.rollouts import create_rollout
-from deltafleet.server.store import BlobStore, Store, upgrade
+from deltafleet.server.store import Store
 from deltafleet.server.store.models import DeviceTelemetry, utcnow
-from deltafleet.shared import Ack, Hello, ModelState, SigningKey, Topics, encode, sha256_file
+from deltafleet.shared import Ack, Hello, ModelState, Topics, encode, sha256_file
+from scripts.bench.offline_store import offline_store
 from tests.harness.modelgen import make_onnx_pair
 
 HERE = Path(__file__).resolve().parent
@@ -91,12 +91,7 @@ def telemetry_cost(models: int, interval_s: float, past_versions: int = 2) -> di
 
 
 def build_store(root: Path, n: int, model: Path) -> tuple[ServerConfig, Store, int]:
-    cfg = ServerConfig(home=root / "home", db_url=f"sqlite:///{root}/fleet.db",
-                       mqtt_url="mqtt://127.0.0.1:1", topic_prefix=f"b{uuid.uuid4().hex[:8]}/v1")
-    upgrade(cfg.db_url)
-    SigningKey.generate().save(cfg.signing_key_path, cfg.public_key_path)
-    store = Store(cfg.db_url)
-    blobs = BlobStore(cfg.blobs_dir)
+    cfg, store, blobs = offline_store(root)
     sha = sha256_file(model)
     hws = ("jetson", "rpi", "x86")
     hellos = [Hello(f"d{i:05d}", "1.0", {"arch": "aarch64" if i % 3 < 2 else "x86_64",

@@ -15,30 +15,23 @@ import json
 import sys
 import tempfile
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import event
 
 from deltafleet.server import catalog, fleet
-from deltafleet.server.config import ServerConfig
 from deltafleet.server.daemon import FleetServer
 from deltafleet.server.policy import RolloutPolicy
 from deltafleet.server.rollouts import create_rollout
-from deltafleet.server.store import BlobStore, Store, upgrade
 from deltafleet.server.store.models import counts, recount, utcnow
-from deltafleet.shared import Hello, SigningKey
+from deltafleet.shared import Hello
+from scripts.bench.offline_store import offline_store
 from tests.harness.modelgen import make_onnx_pair
 
 
 def measure(root: Path, size: int, ticks: int, model: Path) -> dict[str, object]:
-    cfg = ServerConfig(home=root / "home", db_url=f"sqlite:///{root}/fleet.db",
-                       mqtt_url="mqtt://127.0.0.1:1", topic_prefix=f"b{uuid.uuid4().hex[:8]}/v1")
-    upgrade(cfg.db_url)
-    SigningKey.generate().save(cfg.signing_key_path, cfg.public_key_path)
-    store = Store(cfg.db_url)
-    blobs = BlobStore(cfg.blobs_dir)
+    cfg, store, blobs = offline_store(root)
     hellos = [Hello(f"d{i:05d}", "1.0", {"runtimes": {"onnxruntime": "1.20"}}, {"hw": "x"}, ())
               for i in range(size)]
     with store.session() as s:

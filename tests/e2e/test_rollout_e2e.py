@@ -18,21 +18,12 @@ DEVICES = {"jetson-1": "jetson", "jetson-2": "jetson", "rpi-1": "rpi"}
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, broker):
     from tests.harness.fleetlab import Lab, wait_for
-    from tests.harness.modelgen import make_onnx_pair
 
     root = tmp_path_factory.mktemp("e2e")
     lab = Lab(root / "lab", mqtt_url=broker.url)
     lab.env["FLEET_TOPIC_PREFIX"] = "e2e/v1"  # the session broker is shared with other tests
     try:
-        v1, v2 = make_onnx_pair(root / "models", size_mb=2.0)
-        lab.fleetctl("init")
-        lab.fleetctl("model", "add", "detector", "v1", str(v1))
-        lab.fleetctl("model", "add", "detector", "v2", str(v2))
-        lab.fleetctl("group", "create", "fleet", "--match", "site=lab")
-        lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson")
-        lab.start_server()
-        for device_id, hw in DEVICES.items():
-            lab.start_agent(device_id, {"hw": hw, "site": "lab"})
+        v1, v2 = lab.seed_detector(root / "models", size_mb=2.0, site="lab", devices=DEVICES)
         wait_for(lambda: lab.online_devices() >= set(DEVICES), 30, "agents online")
         r1 = lab.fleetctl_json("rollout", "model", "v1", "--group", "fleet", "--wait",
                                "--timeout", "90", "--health-window", "1s")

@@ -153,6 +153,25 @@ class Lab:
                                f"{res.stderr.strip() or res.stdout.strip()}")
         return res
 
+    def seed_detector(self, models_dir: Path, *, size_mb: float, site: str,
+                      devices: dict[str, str],
+                      agent_env: dict[str, str] | None = None) -> tuple[Path, Path]:
+        """The common fleet of the e2e, metrics and monitor runs: ``detector`` v1 and v2 (an
+        ONNX pair), groups ``fleet`` (site=SITE) and ``jetson`` (hw=jetson), the server, and
+        one agent per ``devices`` entry (id -> hw label). Returns the two model files."""
+        from tests.harness.modelgen import make_onnx_pair  # noqa: PLC0415
+
+        v1, v2 = make_onnx_pair(models_dir, size_mb=size_mb)
+        self.fleetctl("init")
+        self.fleetctl("model", "add", "detector", "v1", str(v1))
+        self.fleetctl("model", "add", "detector", "v2", str(v2))
+        self.fleetctl("group", "create", "fleet", "--match", f"site={site}")
+        self.fleetctl("group", "create", "jetson", "--match", "hw=jetson")
+        self.start_server()
+        for device_id, hw in devices.items():
+            self.start_agent(device_id, {"hw": hw, "site": site}, extra_env=agent_env)
+        return v1, v2
+
     def fleetctl_json(self, *args: str) -> Any:
         return json.loads(self.fleetctl(*args, "--json").stdout)
 

@@ -285,6 +285,25 @@ def _finish_fc_model(builder: Any, path: Path, tensor_offsets: list[int],
     return path
 
 
+def _float_tensors(builder: Any, specs: list[tuple[str, list[int], int]]) -> list[int]:
+    """FLOAT32 TFLite tensors (name, shape, buffer index) built into ``builder``: offsets."""
+    import tflite  # noqa: PLC0415
+
+    offsets = []
+    for name, shape, buffer_index in specs:
+        name_off = builder.CreateString(name)
+        tflite.TensorStartShapeVector(builder, len(shape))
+        for d in reversed(shape):
+            builder.PrependInt32(d)
+        shape_off = builder.EndVector()
+        tflite.TensorStart(builder)
+        tflite.TensorAddShape(builder, shape_off)
+        tflite.TensorAddType(builder, tflite.TensorType.FLOAT32)
+        tflite.TensorAddBuffer(builder, buffer_index)
+        tflite.TensorAddName(builder, name_off)
+        offsets.append(tflite.TensorEnd(builder))
+    return offsets
+
 def make_tflite_model(
     path: Path | str,
     *,
@@ -320,19 +339,7 @@ def make_tflite_model(
         ("dense/bias", [output_dim], 2),
         ("output", [1, output_dim], 0),
     ]
-    tensor_offsets = []
-    for name, shape, buffer_index in tensor_specs:
-        name_off = builder.CreateString(name)
-        tflite.TensorStartShapeVector(builder, len(shape))
-        for d in reversed(shape):
-            builder.PrependInt32(d)
-        shape_off = builder.EndVector()
-        tflite.TensorStart(builder)
-        tflite.TensorAddShape(builder, shape_off)
-        tflite.TensorAddType(builder, tflite.TensorType.FLOAT32)
-        tflite.TensorAddBuffer(builder, buffer_index)
-        tflite.TensorAddName(builder, name_off)
-        tensor_offsets.append(tflite.TensorEnd(builder))
+    tensor_offsets = _float_tensors(builder, tensor_specs)
 
     tflite.FullyConnectedOptionsStart(builder)
     tflite.FullyConnectedOptionsAddFusedActivationFunction(
@@ -541,19 +548,7 @@ def _write_tflite_fc_chain(path: Path, layers: list[tuple[np.ndarray, np.ndarray
         specs += [(f"fc{i}/weights", list(w.shape), 1 + 2 * i),
                   (f"fc{i}/bias", list(b.shape), 2 + 2 * i),
                   ("logits" if i == last else f"fc{i}/relu", [1, w.shape[0]], 0)]
-    tensor_offsets = []
-    for name, shape, buffer_index in specs:
-        name_off = builder.CreateString(name)
-        tflite.TensorStartShapeVector(builder, len(shape))
-        for d in reversed(shape):
-            builder.PrependInt32(d)
-        shape_off = builder.EndVector()
-        tflite.TensorStart(builder)
-        tflite.TensorAddShape(builder, shape_off)
-        tflite.TensorAddType(builder, tflite.TensorType.FLOAT32)
-        tflite.TensorAddBuffer(builder, buffer_index)
-        tflite.TensorAddName(builder, name_off)
-        tensor_offsets.append(tflite.TensorEnd(builder))
+    tensor_offsets = _float_tensors(builder, specs)
 
     def int_vector(values: list[int]) -> int:
         builder.StartVector(4, len(values), 4)

@@ -145,6 +145,21 @@ class Peer:
 
 # -- models that misbehave, for trial and IO-contract tests (built with onnx.helper) ----------
 
+def start_with_v1(lab, peer: Peer, pub: Path, v1: Path, device: str, **env: str) -> Any:
+    """An agent (API on a free port) trusting ``pub``, running ``v1`` of ``detector`` offered by
+    the peer; returns its local API client once v1 is healthy."""
+    from deltafleet.agent.client import AgentClient  # noqa: PLC0415
+    from tests.harness.fleetlab import free_port, wait_port  # noqa: PLC0415
+
+    port = free_port()
+    lab.start_agent(device, {"hw": "test"}, trusted_key=pub,
+                    extra_env={"FLEET_AGENT_API_PORT": str(port), **env})
+    peer.offer(device, "detector", "v1", v1, serial=1)
+    peer.wait_event(lambda e: e.device_id == device and e.state == "healthy", 60)
+    wait_port(port)
+    return AgentClient(port=port)
+
+
 def _save_onnx(path: Path, nodes: list, inputs: list, outputs: list, inits: list) -> Path:
     from onnx import helper
 

@@ -6,6 +6,9 @@ device traffic or writes the database until ``start_server()``.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -22,6 +25,8 @@ from deltafleet.shared import SigningKey
 
 from .fleetlab import wait_for
 from .fleetsim import Installed, SimFleet
+
+FLEETCTL = Path(sys.executable).with_name("fleetctl")
 
 
 class RolloutLab:
@@ -81,6 +86,16 @@ class RolloutLab:
     def status_runtimes(self, device_id: str) -> dict[str, str]:
         with self.store.session() as s:
             return dict(fleet.get_device(s, device_id).runtimes or {})
+
+    def fleetctl(self, *args: str, columns: int = 100, actor: str | None = None,
+                 timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        """``fleetctl`` as a subprocess on this lab's store (its output, exit code)."""
+        exe = [str(FLEETCTL)] if FLEETCTL.exists() else [
+            sys.executable, "-c", "from deltafleet.server.cli import main; main()"]
+        env = {**os.environ, "FLEET_HOME": str(self.cfg.home), "FLEET_DB_URL": self.cfg.db_url,
+               "COLUMNS": str(columns), **({"FLEET_ACTOR": actor} if actor else {})}
+        return subprocess.run([*exe, *args], capture_output=True, text=True, env=env,
+                              timeout=timeout_s)
 
     def group(self, name: str, **selector: str) -> None:
         with self.store.session() as s:

@@ -3,15 +3,13 @@ the new model is loaded beside the old one (warm) or after it (cold, requests he
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from deltafleet.agent.client import AgentClient
 from deltafleet.shared import SigningKey, sha256_file
 from tests.harness.mqtt_peer import Peer
+from tests.harness.traffic import PredictTraffic
 
 pytestmark = pytest.mark.broker
 
@@ -28,19 +26,6 @@ def test_swaps_under_traffic_fail_no_request(tmp_path: Path, broker, mode: str):
     peer = Peer(broker.url, key)
     device = f"swap-{mode}"
     port = free_port()
-    answered: list[str | None] = []
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with AgentClient(port=port) as c:
-            x = np.ones((1, 64), np.float32)
-            while not stop.is_set():
-                try:
-                    answered.append(c.predict("detector", x).version)
-                except BaseException as e:  # noqa: BLE001
-                    failures.append(e)
-
     try:
         lab.start_agent(device, {"hw": "test"}, trusted_key=tmp_path / "signing.pub",
                         extra_env={"FLEET_AGENT_API_PORT": str(port),
@@ -48,23 +33,20 @@ def test_swaps_under_traffic_fail_no_request(tmp_path: Path, broker, mode: str):
         m = peer.offer(device, "detector", "v1", v1, serial=1)
         peer.wait_event(lambda e: e.manifest_id == m.manifest_id and e.state == "healthy", 60)
         wait_port(port)
-        workers = [threading.Thread(target=traffic) for _ in range(3)]
-        for w in workers:
-            w.start()
-        for serial, (path, version) in enumerate([(v2, "v2"), (v1, "v1"), (v2, "v2")], start=2):
-            m = peer.offer(device, "detector", version, path, serial=serial, trial_window_s=1)
-            ev = peer.wait_event(lambda e, mid=m.manifest_id: e.manifest_id == mid
-                                 and e.state in ("healthy", "rolled_back", "failed"), 60)
-            assert ev.state == "healthy", ev.reason
-        stop.set()
-        for w in workers:
-            w.join(10)
-        assert not failures, failures[:3]
+        with PredictTraffic(port, threads=3) as traffic:
+            for serial, (path, version) in enumerate([(v2, "v2"), (v1, "v1"), (v2, "v2")],
+                                                     start=2):
+                m = peer.offer(device, "detector", version, path, serial=serial,
+                               trial_window_s=1)
+                ev = peer.wait_event(lambda e, mid=m.manifest_id: e.manifest_id == mid
+                                     and e.state in ("healthy", "rolled_back", "failed"), 60)
+                assert ev.state == "healthy", ev.reason
+        answered = traffic.answered
+        assert not traffic.failures, traffic.failures[:3]
         assert answered.count("v1") and answered.count("v2")
         assert answered[-1] == "v2" and None not in answered  # never the fallback, never none
         assert lab.agent_status(device)[0]["sha256"] == sha256_file(v2)
         assert "cold swap of detector" in lab.log(f"agent-{device}") or mode == "warm"
     finally:
-        stop.set()
         peer.close()
         lab.close()

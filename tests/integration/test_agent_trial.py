@@ -14,7 +14,12 @@ import pytest
 from deltafleet.agent.client import AgentClient
 from deltafleet.agent.daemon import PAIR_BUDGET_S
 from deltafleet.shared import sha256_file
-from tests.harness.mqtt_peer import Peer, make_linear_model, make_nan_on_negative_model, make_slow_model
+from tests.harness.mqtt_peer import (
+    make_linear_model,
+    make_nan_on_negative_model,
+    make_slow_model,
+    start_with_v1,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -28,18 +33,6 @@ def models(tmp_path_factory: pytest.TempPathFactory, onnx_pair) -> dict[str, Pat
             "nan": make_nan_on_negative_model(d / "nan.onnx"),
             "fallback": make_linear_model(d / "fallback.onnx"),
             "narrow": make_linear_model(d / "narrow.onnx", input_dim=32)}
-
-
-def start_with_v1(lab, peer: Peer, pub: Path, v1: Path, device: str, **env: str) -> AgentClient:
-    from tests.harness.fleetlab import free_port, wait_port
-
-    port = free_port()
-    lab.start_agent(device, {"hw": "test"}, trusted_key=pub,
-                    extra_env={"FLEET_AGENT_API_PORT": str(port), **env})
-    peer.offer(device, "detector", "v1", v1, serial=1)
-    peer.wait_event(lambda e: e.device_id == device and e.state == "healthy", 60)
-    wait_port(port)
-    return AgentClient(port=port)
 
 
 def test_slower_model_is_rolled_back_within_its_window(lab, key, peer, models):

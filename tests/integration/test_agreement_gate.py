@@ -13,13 +13,12 @@ from __future__ import annotations
 import base64
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from deltafleet.agent.client import AgentClient
-from tests.harness.mqtt_peer import Peer
+from tests.harness.mqtt_peer import Peer, start_with_v1
 
 pytestmark = pytest.mark.broker
 
@@ -48,18 +47,6 @@ def golden(x: np.ndarray, n: int) -> tuple[dict, ...]:
                             "b64": base64.b64encode(np.ascontiguousarray(
                                 x[i:i + 1], np.float32).tobytes()).decode()}}
                  for i in range(n))
-
-
-def start_with_v1(lab, peer: Peer, pub: Path, v1: Path, device: str, **env: str) -> AgentClient:
-    from tests.harness.fleetlab import free_port, wait_port
-
-    port = free_port()
-    lab.start_agent(device, {"hw": "test"}, trusted_key=pub,
-                    extra_env={"FLEET_AGENT_API_PORT": str(port), **env})
-    peer.offer(device, "detector", "v1", v1, serial=1)
-    peer.wait_event(lambda e: e.device_id == device and e.state == "healthy", 60)
-    wait_port(port)
-    return AgentClient(port=port)
 
 
 class Traffic:

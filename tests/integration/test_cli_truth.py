@@ -8,10 +8,7 @@ fleetctl runs as a user runs it: the installed console script in a subprocess, a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +17,6 @@ from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
-FLEETCTL = Path(sys.executable).with_name("fleetctl")
 FAST = {"health_window_s": 1, "retry_backoff_s": 1, "state_timeout_s": 60}
 
 
@@ -30,11 +26,7 @@ def lab(rollout_lab, onnx_pair) -> RolloutLab:
 
 
 def fleetctl(lab: RolloutLab, *args: str) -> subprocess.CompletedProcess[str]:
-    exe = [str(FLEETCTL)] if FLEETCTL.exists() else [
-        sys.executable, "-c", "from deltafleet.server.cli import main; main()"]
-    env = {**os.environ, "FLEET_HOME": str(lab.cfg.home), "FLEET_DB_URL": lab.cfg.db_url,
-           "COLUMNS": "80"}
-    return subprocess.run([*exe, *args], capture_output=True, text=True, env=env, timeout=60)
+    return lab.fleetctl(*args, columns=80, timeout_s=60)
 
 
 def assert_runs_v1_asked_v2(lab: RolloutLab, device_id: str, rid: int,

@@ -147,15 +147,7 @@ def test_a_corrupt_model_blob_is_never_published_held_server_side_and_repair_res
 
 # -- in-process server (RolloutLab) with simulated devices: deltas and a mid-download corruption
 def fleetctl(lab, *args: str):  # noqa: ANN201
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, FLEET_HOME=str(lab.cfg.home), FLEET_DB_URL=lab.cfg.db_url)
-    exe = Path(sys.executable).parent / "fleetctl"
-    return subprocess.run([str(exe), *args], env=env, text=True, capture_output=True,
-                          timeout=120)
-
+    return lab.fleetctl(*args)
 
 @pytest.fixture
 def sim(rollout_lab, onnx_pair):

@@ -19,7 +19,6 @@ from deltafleet.agent.client import AgentClient
 from deltafleet.server.monitoring import RULES, dashboards
 from tests.harness import need
 from tests.harness.fleetlab import Lab, free_port, wait_for, wait_port
-from tests.harness.modelgen import make_onnx_pair
 from tests.harness.prometheus import Prometheus, promtool
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -54,16 +53,8 @@ def obs(tmp_path_factory: pytest.TempPathFactory, broker):
     lab.env["FLEET_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
     prom = None
     try:
-        v1, v2 = make_onnx_pair(root / "models", size_mb=1.0)
-        lab.fleetctl("init")
-        lab.fleetctl("model", "add", "detector", "v1", str(v1))
-        lab.fleetctl("model", "add", "detector", "v2", str(v2))
-        lab.fleetctl("group", "create", "fleet", "--match", "site=lab")
-        lab.fleetctl("group", "create", "jetson", "--match", "hw=jetson")
-        lab.start_server()
-        for device_id, hw in DEVICES.items():
-            lab.start_agent(device_id, {"hw": hw, "site": "lab"},
-                            extra_env={"FLEET_AGENT_TELEMETRY_S": "1"})
+        v1, v2 = lab.seed_detector(root / "models", size_mb=1.0, site="lab", devices=DEVICES,
+                                   agent_env={"FLEET_AGENT_TELEMETRY_S": "1"})
         wait_port(metrics_port)
         prom = Prometheus(prom_bin, {
             "deltafleet-server": [f"127.0.0.1:{metrics_port}"],

@@ -17,9 +17,7 @@ a real broker."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,6 @@ from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
-FLEETCTL = Path(sys.executable).with_name("fleetctl")
 FAST = ("--health-window", "1s", "--retry-backoff", "1s", "--state-timeout", "60s")
 
 
@@ -44,11 +41,7 @@ def lab(rollout_lab, onnx_pair, tmp_path: Path) -> RolloutLab:
 
 
 def fleetctl(lab: RolloutLab, *args: str) -> subprocess.CompletedProcess[str]:
-    exe = [str(FLEETCTL)] if FLEETCTL.exists() else [
-        sys.executable, "-c", "from deltafleet.server.cli import main; main()"]
-    env = {**os.environ, "FLEET_HOME": str(lab.cfg.home), "FLEET_DB_URL": lab.cfg.db_url,
-           "COLUMNS": "80", "FLEET_ACTOR": "alice"}
-    return subprocess.run([*exe, *args], capture_output=True, text=True, env=env, timeout=120)
+    return lab.fleetctl(*args, columns=80, actor="alice")
 
 
 def ok(lab: RolloutLab, *args: str) -> str:

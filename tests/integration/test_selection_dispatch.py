@@ -12,9 +12,7 @@ subprocess)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,7 +26,6 @@ from tests.harness.rollout_lab import RolloutLab
 
 pytestmark = pytest.mark.broker
 
-FLEETCTL = Path(sys.executable).with_name("fleetctl")
 FAST = ("--health-window", "1s", "--retry-backoff", "1s", "--state-timeout", "60s")
 LABELS = {"site": "lab"}  # the same for every device: labels decide nothing here
 MiB = 1 << 20
@@ -41,11 +38,7 @@ ORT = "1.20.1"
 
 
 def fleetctl(lab: RolloutLab, *args: str) -> subprocess.CompletedProcess[str]:
-    exe = [str(FLEETCTL)] if FLEETCTL.exists() else [
-        sys.executable, "-c", "from deltafleet.server.cli import main; main()"]
-    env = {**os.environ, "FLEET_HOME": str(lab.cfg.home), "FLEET_DB_URL": lab.cfg.db_url,
-           "COLUMNS": "100", "FLEET_ACTOR": "alice"}
-    return subprocess.run([*exe, *args], capture_output=True, text=True, env=env, timeout=120)
+    return lab.fleetctl(*args, columns=100, actor="alice")
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from deltafleet.agent.client import AgentClient, ApiError
 from deltafleet.server import catalog
 from deltafleet.shared import sha256_file
 from tests.harness.need import missing
+from tests.harness.traffic import PredictTraffic
 
 pytestmark = pytest.mark.broker
 
@@ -95,28 +96,9 @@ def test_the_agent_serves_v1_then_hot_swaps_v2_delivered_as_a_delta_under_traffi
     np.testing.assert_allclose(r.outputs["probs"], reference_probs(x, retrain_head=False),
                                rtol=1e-5, atol=1e-6)
 
-    answered: list[str | None] = []
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with AgentClient(port=client.port) as c:
-            x = np.ones((1, 64), np.float32)
-            while not stop.is_set():
-                try:
-                    answered.append(c.predict("detector", x).version)
-                except BaseException as e:  # noqa: BLE001
-                    failures.append(e)
-
-    workers = [threading.Thread(target=traffic) for _ in range(2)]
-    for w in workers:
-        w.start()
-    try:
+    with PredictTraffic(client.port, threads=2) as traffic:
         data = roll_out(lab, "v2")
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(10)
+    answered, failures = traffic.answered, traffic.failures
     assert data["state"] == "completed", data
     (target,) = data["targets"]
     assert target["artifact"] == "delta" and target["state"] == "healthy", target

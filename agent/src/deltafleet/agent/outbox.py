@@ -128,12 +128,8 @@ class Outbox:
         """The server recorded these ids: delete their entries. Unknown ids (acked before, or
         never ours) are ignored. Returns how many entries were deleted. The deletion needs no
         fsync: an entry that reappears after a power cut is sent, deduplicated and acked again."""
-        done = 0
         with self._lock:
-            for mid in message_ids:
-                if mid in self._entries:
-                    self._forget(mid).unlink(missing_ok=True)
-                    done += 1
+            done = self._delete(message_ids)
             self.acked += done
         if done:
             self._wake.set()  # the in-flight window may have room now
@@ -142,12 +138,16 @@ class Outbox:
     def discard(self, message_ids: Iterable[str]) -> int:
         """Delete waiting entries the agent itself superseded (a telemetry summary replaced by
         a newer one before the server acked it); not counted as acked."""
-        done = 0
         with self._lock:
-            for mid in message_ids:
-                if mid in self._entries:
-                    self._forget(mid).unlink(missing_ok=True)
-                    done += 1
+            return self._delete(message_ids)
+
+    def _delete(self, message_ids: Iterable[str]) -> int:
+        """Delete the entries of these ids that exist (the lock held); how many."""
+        done = 0
+        for mid in message_ids:
+            if mid in self._entries:
+                self._forget(mid).unlink(missing_ok=True)
+                done += 1
         return done
 
     def resend_all(self) -> None:

@@ -228,6 +228,17 @@ class _Text:
         self.lines.append(f"{name}{_labels(labels)} {_num(value)}")
 
 
+# The last trial's figures as gauges: (family, trial figure, divisor, help).
+TRIAL_GAUGES = (
+    ("deltafleet_agent_trial_latency_ratio", "latency_ratio_pct", 100,
+     "Last trial: median latency of the new version over the previous one's, on the same "
+     "inputs (paired samples)."),
+    ("deltafleet_agent_trial_output_agreement_ratio", "agreement_ppm", 1e6,
+     "Last trial: share of the new version's answers agreeing with the previous version's "
+     "on the same inputs (top class, else values within 0.1%)."),
+)
+
+
 def render_exposition(rec: TelemetryRecorder, *, agent_version: str,
                       models: list[dict[str, object]], outbox_pending: int,
                       broker_connected: bool,
@@ -280,20 +291,11 @@ def render_exposition(rec: TelemetryRecorder, *, agent_version: str,
                  c.trials_passed)
         t.sample("deltafleet_agent_trial_verdicts_total", [*key_labels(m, v), ("verdict", "failed")],
                  c.trials_failed)
-    t.family("deltafleet_agent_trial_latency_ratio", "gauge",
-             "Last trial: median latency of the new version over the previous one's, on the "
-             "same inputs (paired samples).")
-    for (m, v), c in counts.items():
-        if "latency_ratio_pct" in c.trial_figures:
-            t.sample("deltafleet_agent_trial_latency_ratio", key_labels(m, v),
-                     c.trial_figures["latency_ratio_pct"] / 100)
-    t.family("deltafleet_agent_trial_output_agreement_ratio", "gauge",
-             "Last trial: share of the new version's answers agreeing with the previous "
-             "version's on the same inputs (top class, else values within 0.1%).")
-    for (m, v), c in counts.items():
-        if "agreement_ppm" in c.trial_figures:
-            t.sample("deltafleet_agent_trial_output_agreement_ratio", key_labels(m, v),
-                     c.trial_figures["agreement_ppm"] / 1e6)
+    for name, figure, scale, doc in TRIAL_GAUGES:
+        t.family(name, "gauge", doc)
+        for (m, v), c in counts.items():
+            if figure in c.trial_figures:
+                t.sample(name, key_labels(m, v), c.trial_figures[figure] / scale)
     name = "deltafleet_agent_inference_latency_seconds"
     t.family(name, "histogram", "Latency of answered predict requests.")
     for (m, v), c in counts.items():
