@@ -83,7 +83,6 @@ def make_onnx_model(
     With ``retrain_last_layer`` only the final MatMul/Add initializers differ (and
     ``model_version`` is 2 instead of 1), so the file has exactly the same size.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     if size_mb <= 0 or input_dim <= 0 or output_dim <= 0:
@@ -130,7 +129,15 @@ def make_onnx_model(
             f"v{2 if retrain_last_layer else 1} (v2 = v1 with its last layer retrained)"
         ),
     )
-    # The lowest IR version this opset allows, so older runtimes on devices can load the file.
+    return save_checked(model, path)
+
+
+def save_checked(model: Any, path: Path) -> Path:
+    """Write ``model`` at the lowest IR version its opset allows (so older runtimes on devices
+    load the file), after the ONNX checker passed it."""
+    import onnx  # noqa: PLC0415
+    from onnx import helper  # noqa: PLC0415
+
     model.ir_version = helper.find_min_ir_version_for(model.opset_import)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +196,6 @@ def make_incompressible_onnx_model(path: Path | str, *, seed: int = 0,
     """Write an ONNX model zstd cannot shrink: ``output = input + noise`` over uint8 vectors,
     with ``noise`` uniformly random bytes (what encrypted or already-compressed weights look
     like). Its full artifact is the file as it is."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     path = Path(path)
@@ -204,11 +210,7 @@ def make_incompressible_onnx_model(path: Path | str, *, seed: int = 0,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name=PRODUCER_NAME, producer_version=PRODUCER_VERSION)
-    model.ir_version = helper.find_min_ir_version_for(model.opset_import)
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.SerializeToString())
-    return path
+    return save_checked(model, path)
 
 
 def tflite_weights(
@@ -451,7 +453,6 @@ def retrain_digits_head(model: DigitsModel, *, steps: int = 60, lr: float = 0.5,
 def make_digits_onnx(path: Path | str, model: DigitsModel, *, opset: int = 17,
                      version: int = 1) -> Path:
     """The digits model as ONNX: ``input`` float32 [N, 64] -> ``logits`` float32 [N, 10]."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     path = Path(path)
@@ -478,11 +479,7 @@ def make_digits_onnx(path: Path | str, model: DigitsModel, *, opset: int = 17,
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                           producer_name=PRODUCER_NAME, producer_version=PRODUCER_VERSION,
                           model_version=version, doc_string="MLP trained on sklearn digits")
-    m.ir_version = helper.find_min_ir_version_for(m.opset_import)
-    onnx.checker.check_model(m)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(m.SerializeToString())
-    return path
+    return save_checked(m, path)
 
 
 def make_digits_ptl(path: Path | str, model: DigitsModel) -> Path:

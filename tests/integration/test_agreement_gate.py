@@ -11,7 +11,6 @@ INT8 variant (ONNX Runtime dynamic quantization); live traffic is the digits tes
 from __future__ import annotations
 
 import base64
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 
 from deltafleet.agent.client import AgentClient
 from tests.harness.mqtt_peer import Peer, start_with_v1
+from tests.harness.traffic import PredictTraffic
 
 pytestmark = pytest.mark.broker
 
@@ -49,34 +49,9 @@ def golden(x: np.ndarray, n: int) -> tuple[dict, ...]:
                  for i in range(n))
 
 
-class Traffic:
+def Traffic(port: int, x: np.ndarray) -> PredictTraffic:  # noqa: N802 - reads as the class
     """Live requests (digits, one per call) from a thread; every answer and failure kept."""
-
-    def __init__(self, port: int, x: np.ndarray) -> None:
-        self.port, self.x = port, x.astype(np.float32)
-        self.answered: list[str | None] = []
-        self.failures: list[BaseException] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        with AgentClient(port=self.port) as c:
-            i = 0
-            while not self._stop.is_set():
-                try:
-                    r = c.predict("detector", self.x[i % len(self.x)][None, :])
-                    self.answered.append(r.version)
-                except BaseException as e:  # noqa: BLE001
-                    self.failures.append(e)
-                i += 1
+    return PredictTraffic(port, threads=1, rows=x)
 
 
 def _verdict(peer: Peer, manifest_id: str):

@@ -39,17 +39,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from deltafleet.shared import (
-    ChunkRequest,
-    DeltafleetError,
-    Event,
-    Hello,
-    Status,
-    Telemetry,
-    Topics,
-    WireError,
-)
-from deltafleet.shared.messages import MAX_EVENT_ID_CHARS, BenchResult, Portrait
+from deltafleet.shared import ChunkRequest, DeltafleetError, Event, Hello, Topics, WireError
+from deltafleet.shared.messages import MAX_EVENT_ID_CHARS
 from deltafleet.shared.mqtt import CONNECTED, DISCONNECTED, MqttClient, Will
 
 from . import bench_requests, fleet
@@ -64,6 +55,7 @@ from .guard import DeviceMessageGuard
 from .inbox import (
     LEAVES,
     Applied,
+    Batch,
     apply_resilient,
     drain,
     first_delivery,
@@ -289,27 +281,23 @@ class FleetServer:
 
     def _apply(self, items: list[tuple[str, Applied]]) -> None:
         """Apply validated messages in ONE database transaction (raises if it fails)."""
-        hellos = [m for _, m in items if isinstance(m, Hello)]
-        events = [m for _, m in items if isinstance(m, Event)]
-        telemetry = [m for _, m in items if isinstance(m, Telemetry)]
-        presence = {m.device_id: m.online for _, m in items if isinstance(m, Status)}
-        portraits = [m for _, m in items if isinstance(m, Portrait)]
-        benches = [m for _, m in items if isinstance(m, BenchResult)]
+        b = Batch.of(items)
+        hellos, events, telemetry, benches = b.hellos, b.events, b.telemetry, b.benches
         now = utcnow()
         with self.store.session() as s:
             fresh = first_delivery(s, events, now)
             resend = self.controller.on_hellos(s, hellos, now)
             # a hello also says "online"; a later status in the same batch may say otherwise
             fleet.set_devices_presence(
-                s, {d: o for d, o in presence.items() if d not in {h.device_id for h in hellos}
-                    or not o}, now)
+                s, {d: o for d, o in b.presence.items()
+                    if d not in {h.device_id for h in hellos} or not o}, now)
             for ev in fresh:
                 self.controller.on_event(s, ev, now)
-            if telemetry or portraits or benches:
+            if telemetry or b.portraits or benches:
                 s.flush()  # the devices of this batch's hellos exist now
             if telemetry:
                 telemetry = apply_telemetry(s, telemetry, now)
-            fleet_portraits.record_portraits(s, portraits, now)
+            fleet_portraits.record_portraits(s, b.portraits, now)
             fleet_portraits.record_bench_results(s, benches, now)
         self.stats.duplicate_events += len(events) - len(fresh)  # counted once committed
         self.metrics.batch_messages.observe(len(items))

@@ -15,6 +15,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias, TypeVar
 
@@ -41,7 +42,7 @@ from .ingest import fits_store
 from .store import StoreError
 from .store.models import DeviceEvent
 
-__all__ = ["BATCH_MAX", "LEAVES", "Applied", "apply_resilient", "drain", "first_delivery",
+__all__ = ["BATCH_MAX", "LEAVES", "Applied", "Batch", "apply_resilient", "drain", "first_delivery",
            "parse_device_message", "publish_acks"]
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,28 @@ LEAVES = {"hello": Hello, "status": Status, "events": Event, "chunkreq": ChunkRe
           "telemetry": Telemetry, "portrait": Portrait, "bench": BenchResult}
 Applied: TypeAlias = Hello | Status | Event | Telemetry | Portrait | BenchResult
 Item = TypeVar("Item", bound=tuple[str, Any])
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Validated device messages by kind, each list in arrival order."""
+
+    hellos: list[Hello]
+    events: list[Event]
+    telemetry: list[Telemetry]
+    presence: dict[str, bool]  # device -> online, the last status of the batch
+    portraits: list[Portrait]
+    benches: list[BenchResult]
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[str, Applied]]) -> Batch:
+        messages = [m for _, m in items]
+        return cls([m for m in messages if isinstance(m, Hello)],
+                   [m for m in messages if isinstance(m, Event)],
+                   [m for m in messages if isinstance(m, Telemetry)],
+                   {m.device_id: m.online for m in messages if isinstance(m, Status)},
+                   [m for m in messages if isinstance(m, Portrait)],
+                   [m for m in messages if isinstance(m, BenchResult)])
 
 
 def drain(inbox: queue.Queue[Any], timeout_s: float, linger_s: float = 0.0) -> list[Any]:

@@ -175,6 +175,18 @@ def group_to_json(group: Group, device_ids: list[str] | None = None) -> dict[str
     return out
 
 
+def group_show_json(s: Any, name: str) -> dict[str, Any]:
+    """`fleetctl group show --json` (and the API's): the selector and each member as a device."""
+    from . import fleet  # noqa: PLC0415
+
+    group = fleet.get_group(s, name)
+    members = fleet.devices_in_group(s, name)
+    desired = fleet.desired_models(s, members)
+    out = group_to_json(group, [d.id for d in members])
+    out["members"] = [device_to_json(d, desired[d.id]) for d in members]
+    return out
+
+
 def audit_to_json(entry: AuditEntry) -> dict[str, Any]:
     return {
         "id": entry.id,

@@ -206,14 +206,8 @@ def groups_list(c: Call) -> list[dict[str, Any]]:
 
 def group_show(c: Call) -> dict[str, Any]:
     """As `fleetctl group show --json`: the selector and each member as a device."""
-    name = c.params["name"]
     with c.store.read() as s:
-        group = fleet.get_group(s, name)
-        members = fleet.devices_in_group(s, name)
-        desired = fleet.desired_models(s, members)
-        out = views.group_to_json(group, [d.id for d in members])
-        out["members"] = [views.device_to_json(d, desired[d.id]) for d in members]
-    return out
+        return views.group_show_json(s, c.params["name"])
 
 
 def group_create(c: Call) -> dict[str, Any]:

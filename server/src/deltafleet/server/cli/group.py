@@ -98,15 +98,10 @@ def _list() -> list[dict[str, Any]]:
 
 
 def _show(name: str) -> dict[str, Any]:
-    from .. import fleet, views  # noqa: PLC0415
+    from .. import views  # noqa: PLC0415
 
     with open_store() as store, store.read() as s:
-        group = fleet.get_group(s, name)
-        members = fleet.devices_in_group(s, name)
-        desired = fleet.desired_models(s, members)
-        out = views.group_to_json(group, [d.id for d in members])
-        out["members"] = [views.device_to_json(d, desired[d.id]) for d in members]
-        return out
+        return views.group_show_json(s, name)
 
 
 @app.command("show")

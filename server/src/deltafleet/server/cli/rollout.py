@@ -381,25 +381,22 @@ def _action(action: str, rollout_id: int, as_json: bool) -> None:
         console.print(f"rollout {rollout_id} is already {out['state']}; nothing to do")
 
 
-@app.command("pause")
-def rollout_pause(rollout_id: IdArg, as_json: JsonOpt = False) -> None:
-    """Stop dispatching to more devices (devices already updating finish)."""
-    _action("pause", rollout_id, as_json)
+ACTION_HELP = {
+    "pause": "Stop dispatching to more devices (devices already updating finish).",
+    "resume": "Continue a paused rollout; failures so far are acknowledged, new ones count.",
+    "abort": "Stop the rollout for good; undelivered manifests are withdrawn.",
+    "rollback": "Return every device the rollout touched to the version it ran before.",
+}
 
 
-@app.command("resume")
-def rollout_resume(rollout_id: IdArg, as_json: JsonOpt = False) -> None:
-    """Continue a paused rollout; failures so far are acknowledged, new ones count."""
-    _action("resume", rollout_id, as_json)
+def _action_command(action: str) -> None:
+    def command(rollout_id: IdArg, as_json: JsonOpt = False) -> None:
+        _action(action, rollout_id, as_json)
+
+    command.__name__ = f"rollout_{action}"
+    command.__doc__ = ACTION_HELP[action]
+    app.command(action)(command)
 
 
-@app.command("abort")
-def rollout_abort(rollout_id: IdArg, as_json: JsonOpt = False) -> None:
-    """Stop the rollout for good; undelivered manifests are withdrawn."""
-    _action("abort", rollout_id, as_json)
-
-
-@app.command("rollback")
-def rollout_rollback(rollout_id: IdArg, as_json: JsonOpt = False) -> None:
-    """Return every device the rollout touched to the version it ran before."""
-    _action("rollback", rollout_id, as_json)
+for _name in ACTION_HELP:
+    _action_command(_name)

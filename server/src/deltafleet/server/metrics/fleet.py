@@ -71,6 +71,18 @@ def _histogram(name: str, doc: str, labels: list[str], bounds: tuple[float, ...]
     return h
 
 
+# The summed telemetry counters, in the order of the query's first columns: (column, family,
+# help).
+FLEET_COUNTERS = (
+    ("requests", "deltafleet_fleet_inference_requests",
+     "Inference requests devices served (telemetry)."),
+    ("errors", "deltafleet_fleet_inference_errors", "Requests the primary model did not answer."),
+    ("fallbacks", "deltafleet_fleet_fallback_answers",
+     "Answers devices gave from their fallback model."),
+    ("swaps", "deltafleet_fleet_model_swaps", "Devices switching to a version (hot swaps)."),
+)
+
+
 class FleetCollector(Collector):
     """Collects the fleet families from ``store`` on every scrape (read-only session)."""
 
@@ -206,20 +218,8 @@ class FleetCollector(Collector):
                  "latency_sum_us", *BUCKET_COLUMNS, "agreement_ppm_sum", "agreement_trials")]
         rows = list(s.execute(select(t.model_name, t.version, t.variant, t.device_type, *cols)
                               .group_by(t.model_name, t.version, t.variant, t.device_type)))
-        fams = {
-            "requests": CounterMetricFamily("deltafleet_fleet_inference_requests",
-                                            "Inference requests devices served (telemetry).",
-                                            labels=labels),
-            "errors": CounterMetricFamily("deltafleet_fleet_inference_errors",
-                                          "Requests the primary model did not answer.",
-                                          labels=labels),
-            "fallbacks": CounterMetricFamily("deltafleet_fleet_fallback_answers",
-                                             "Answers devices gave from their fallback model.",
-                                             labels=labels),
-            "swaps": CounterMetricFamily("deltafleet_fleet_model_swaps",
-                                         "Devices switching to a version (hot swaps).",
-                                         labels=labels),
-        }
+        fams = {key: CounterMetricFamily(name, doc, labels=labels)
+                for key, name, doc in FLEET_COUNTERS}
         verdicts = CounterMetricFamily("deltafleet_fleet_trial_verdicts", "Trial verdicts on "
                                        "devices: passed or failed (rolled back).",
                                        labels=[*labels, "verdict"])
@@ -233,7 +233,7 @@ class FleetCollector(Collector):
         nb = len(BUCKET_COLUMNS)
         for model, version, variant, kind, *v in rows:
             key = [model, version, variant or "", kind or ""]
-            for i, name in enumerate(("requests", "errors", "fallbacks", "swaps")):
+            for i, name in enumerate(fams):
                 fams[name].add_metric(key, float(v[i] or 0))
             verdicts.add_metric([*key, "passed"], float(v[4] or 0))
             verdicts.add_metric([*key, "failed"], float(v[5] or 0))
