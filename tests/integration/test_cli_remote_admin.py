@@ -202,6 +202,7 @@ def test_device_revoke_through_the_api_denies_the_device_and_is_audited(fleet, t
 @pytest.mark.parametrize("args", [
     ("model", "inspect", "detector:v1"), ("model", "inspect", "detector:v1", "--json"),
     ("model", "inspect", "detector:v9"), ("model", "inspect", "nope:v1"),
+    ("model", "inspect", "detector:"),
     ("model", "inspect", "detector:v1", "--variant", "nope"),
 ], ids=" ".join)
 def test_model_inspect_of_a_registered_version_is_the_same_through_the_api(fleet, args):
@@ -248,6 +249,7 @@ def test_model_compress_through_the_api_prints_the_same_and_is_audited(fleet):
 # -- roles -----------------------------------------------------------------------------------
 ADMIN_ONLY = [
     ("keys", "show"), ("keys", "rotate"), ("keys", "export", "--out", "{tmp}/x"),
+    ("keys", "import", "{tmp}/signed.json"),
     ("device", "enroll", "cam-5", "--out", "{tmp}/x", "--broker-url", BROKER),
     ("device", "revoke", "cam-9"), ("model", "optimize", "detector:v1", "--prune", "50%"),
     ("model", "compress"),
@@ -259,6 +261,7 @@ ADMIN_ONLY = [
 def test_a_viewer_or_operator_token_is_refused_the_admin_commands(fleet, args, role,
                                                                   tmp_path):
     before = len(audit_rows(fleet))
+    (tmp_path / "signed.json").write_text('{"v": 1, "type": "signed-trust"}')
     res = remote(fleet, *(a.replace("{tmp}", str(tmp_path)) for a in args), role=role)
     assert res.returncode == 2 and res.stdout == ""
     line = one_line(res)
@@ -322,3 +325,23 @@ def test_a_lying_content_length_is_refused_unread_or_cut_off(fleet):
                             {"Content-Length": "5"})
     assert short == 400 and problem["detail"] == "the request body is not valid JSON"
     assert len(audit_rows(fleet)) == before
+
+
+def test_the_openapi_schema_lists_the_new_endpoints_with_their_roles(fleet):
+    status, schema = _https(fleet, "GET", "/openapi.json", role="viewer")
+    assert status == 200
+    paths = schema["paths"]
+    roles = {(p, m): op["x-role"] for p, ops in paths.items() for m, op in ops.items()
+             if "x-role" in op}
+    for path, method, role in (("/keys", "get", "admin"), ("/keys/trust", "get", "admin"),
+                               ("/keys/rotate", "post", "admin"),
+                               ("/keys/import", "post", "admin"),
+                               ("/devices/{device_id}/enroll", "post", "admin"),
+                               ("/devices/{device_id}/revoke", "post", "admin"),
+                               ("/models/{name}/versions/{version}/inspect", "get", "viewer"),
+                               ("/models/optimize", "post", "admin"),
+                               ("/models/compress", "post", "admin")):
+        assert roles[("/api/v1" + path, method)] == role, path
+    form = paths["/api/v1/models/optimize"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"]
+    assert form["required"] == ["version"] and form["properties"]["eval"]["format"] == "binary"

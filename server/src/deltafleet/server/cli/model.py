@@ -341,6 +341,8 @@ def inspect_cmd(
         where = str(path)
     elif ":" in target and remote.active():
         name, _, version = target.partition(":")
+        if not name or not version:  # catalog.resolve_version's line: no path to ask
+            raise UsageError(f"invalid version {target!r}: use NAME:VERSION")
         info = remote.client().get(
             f"/models/{remote.quote_part(name)}/versions/{remote.quote_part(version)}/inspect",
             {"variant": variant})
