@@ -345,3 +345,26 @@ def test_the_openapi_schema_lists_the_new_endpoints_with_their_roles(fleet):
     form = paths["/api/v1/models/optimize"]["post"]["requestBody"]["content"][
         "multipart/form-data"]["schema"]
     assert form["required"] == ["version"] and form["properties"]["eval"]["format"] == "binary"
+
+
+MULTIPART = "multipart/form-data; boundary=b0"
+
+
+def _form(**fields: str) -> bytes:
+    return b"".join(f'--b0\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+                    .encode("utf-8", "surrogatepass") for k, v in fields.items()) + b"--b0--\r\n"
+
+
+@pytest.mark.parametrize("body", [
+    b"--b0\r\nnot a part", _form(version="detector:v1\x00", int8="true"),
+    _form(version="detector:v1", int8="maybe"),
+    _form(version="detector:v1", int8="true", max_accuracy_drop="nan"),
+    _form(version="detector:\ud800", int8="true"), _form(int8="true"),
+], ids=["malformed", "nul", "bad-flag", "nan", "surrogate", "no-version"])
+def test_a_hostile_optimize_form_is_a_one_line_problem_and_registers_nothing(fleet, body):
+    before = (len(audit_rows(fleet)), local(fleet, "model", "show", "detector", "--json").stdout)
+    status, problem = _https(fleet, "POST", "/models/optimize", body,
+                             {"Content-Type": MULTIPART})
+    assert 400 <= status < 500 and "\n" not in problem["detail"], (status, problem)
+    assert (len(audit_rows(fleet)),
+            local(fleet, "model", "show", "detector", "--json").stdout) == before

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
@@ -47,6 +48,9 @@ def problem_for(e: BaseException) -> ApiProblem:
     if isinstance(e, ClientDisconnect):  # the body ended before its Content-Length
         return ApiProblem(400, "the request body ended before its Content-Length",
                           kind="invalid-input")
+    if isinstance(e, HTTPException) and 400 <= e.status_code < 500:  # e.g. a malformed form
+        return ApiProblem(e.status_code, " ".join(str(e.detail).split())[:300]
+                          or TITLES.get(e.status_code, "bad request"), kind="invalid-input")
     if isinstance(e, DeltafleetError):
         line = one_line(e, limit=None)
         if isinstance(e, NotFoundError):
