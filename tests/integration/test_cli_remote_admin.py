@@ -368,3 +368,18 @@ def test_a_hostile_optimize_form_is_a_one_line_problem_and_registers_nothing(fle
     assert 400 <= status < 500 and "\n" not in problem["detail"], (status, problem)
     assert (len(audit_rows(fleet)),
             local(fleet, "model", "show", "detector", "--json").stdout) == before
+
+
+def test_a_root_rotation_through_the_api_sends_only_the_new_public_key(fleet, tmp_path):
+    """Last in the module: it leaves a root rotation waiting for the offline signatures."""
+    made = remote(fleet, "keys", "new-root", "--out", str(tmp_path / "new-root.key"))
+    assert made.returncode == 0, made.stderr  # the offline machine's command runs anywhere
+    keyid = re.search(r"new root key ([0-9a-f]{16})", made.stdout).group(1)
+    asked = remote(fleet, "keys", "rotate", "--root", "--new-root-pub",
+                   str(tmp_path / "new-root.pub"), role="admin")
+    assert asked.returncode == 0 and asked.stdout.startswith("signing request written to ")
+    assert remote(fleet, "keys", "export", "--out", str(tmp_path / "x"),
+                  role="admin").returncode == 0
+    request = json.loads((tmp_path / "x" / "request.json").read_text())
+    assert [k[:16] for k in request["root"]["keys"]] == [keyid]
+    assert last_audit(fleet, "keys.rotate")["subject"] == "root"
