@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from deltafleet.server.cli._common import fmt_selector
-from deltafleet.server.cli.remote import ApiClient, ApiConfig, ApiRefused, ApiUnavailable
+from deltafleet.server.cli.remote import (
+    ApiClient,
+    ApiConfig,
+    ApiFailed,
+    ApiRefused,
+    ApiUnavailable,
+)
 from deltafleet.server.errors import UsageError
 from deltafleet.server.fleet import format_selector
 
@@ -37,6 +43,10 @@ print("HEAVY", ",".join(heavy), file=sys.stderr)
     ["rollout", "list"], ["rollout", "pause", "1"], ["audit"], ["group", "show", "cams"],
     ["rollout", "plan", "d:v1", "-g", "cams"], ["model", "add", "d", "v1", "/nonexistent.onnx"],
     ["rollout", "model", "d:v1", "-g", "cams", "--wait"],
+    ["keys", "show"], ["keys", "rotate"], ["keys", "export", "--out", "/nonexistent/x"],
+    ["device", "enroll", "cam-9", "--out", "/nonexistent/x"], ["device", "revoke", "cam-1"],
+    ["model", "inspect", "d:v1", "--json"], ["model", "optimize", "d:v1", "--int8"],
+    ["model", "compress"],
 ])
 def test_the_api_path_loads_no_database_or_model_library(args, tmp_path: Path):
     env = {"FLEET_API_URL": "http://127.0.0.1:9", "FLEET_API_TOKEN": "dft_x",
@@ -69,12 +79,15 @@ def test_settings_need_a_url_with_a_scheme_and_a_token(tmp_path: Path):
 
 class _Problems(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        status = int(self.path.split("?")[0].rsplit("/", 1)[-1])
+        last = self.path.split("?")[0].rsplit("/", 1)[-1]
+        status = 500 if last == "failed" else int(last)
         if status == 200:
             body, kind = {"items": [1, 2], "total": 2}, "application/json"
         else:
             body, kind = {"status": status, "detail": f"the  line\nfor {status}"}, \
                 "application/problem+json"
+            if last == "failed":
+                body["type"] = "urn:deltafleet:problem:failed"
         raw = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", kind)
@@ -112,6 +125,14 @@ def test_a_5xx_problem_is_not_the_operators_fault(problems, status):
         api.get(f"/x/{status}")
     assert url in str(e.value) and f"the line for {status}" in str(e.value)
     assert not isinstance(e.value, UsageError)  # exit 1
+
+
+def test_a_command_that_failed_on_the_server_is_its_own_line_exit_1(problems):
+    api, url = problems
+    with pytest.raises(ApiFailed) as e:
+        api.get("/x/failed")
+    assert str(e.value) == "the line for 500"  # as the local command prints it
+    assert url not in str(e.value) and not isinstance(e.value, UsageError)  # exit 1
 
 
 def test_a_paged_list_is_read_whole(problems):

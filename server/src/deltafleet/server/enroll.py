@@ -195,7 +195,10 @@ def revoke_device(cfg: ServerConfig, device_id: str, *, reason: str = "") -> lis
 
     The broker reads the CRL at start: reload or restart Mosquitto afterwards.
     """
-    check_device_id(device_id)
+    try:
+        check_device_id(device_id)
+    except WireError as e:
+        raise UsageError(str(e)) from e
     revoked = _revoked(cfg)
     serials = _issued(cfg).get(device_id, [])
     revoked[device_id] = {"at": int(time.time()), "reason": reason, "serials": serials}

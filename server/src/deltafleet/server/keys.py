@@ -374,19 +374,34 @@ def describe(cfg: ServerConfig, *, now: int | None = None) -> dict[str, Any]:
     }
 
 
-def export_trust(cfg: ServerConfig, out_dir: Path) -> list[Path]:
-    """Public material for offline signing or for devices: root.json (pin), trust.json
-    (bundle), root.pub files, and the pending request.json if any. No private keys."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = load_trust(cfg)
-    written = [out_dir / "root.json", out_dir / "trust.json"]
-    atomic_write_bytes(written[0], pinned_root_bytes(cfg))
-    atomic_write_bytes(written[1], store.bundle().to_bytes())
+def trust_files(cfg: ServerConfig) -> dict[str, bytes]:
+    """Public trust material by file name: root.json (pin), trust.json (bundle), and the
+    pending request.json if any. No private keys (``keys export``, ``GET /keys/trust``)."""
+    files = {"root.json": pinned_root_bytes(cfg), "trust.json": load_trust(cfg).bundle().to_bytes()}
     p = paths(cfg)
     if p.request.exists():
-        written.append(out_dir / "request.json")
-        atomic_write_bytes(written[-1], p.request.read_bytes())
+        files["request.json"] = p.request.read_bytes()
+    return files
+
+
+def export_trust(cfg: ServerConfig, out_dir: Path) -> list[Path]:
+    """Write ``trust_files`` into ``out_dir``."""
+    return write_trust_files(trust_files(cfg), out_dir)
+
+
+def write_trust_files(files: dict[str, bytes], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in files.items():
+        atomic_write_bytes(out_dir / name, data)
+        written.append(out_dir / name)
     return written
+
+
+def rotation_to_json(result: RotationResult) -> dict[str, Any]:
+    return {"activated": result.activated, "keylist_version": result.keylist_version,
+            "online_keyid": result.online_keyid,
+            "request_path": str(result.request_path) if result.request_path else None}
 
 
 def read_signed_file(path: Path) -> dict[str, Any]:
@@ -419,7 +434,10 @@ __all__ = [
     "pinned_root_bytes",
     "rotate_online_key",
     "rotate_root",
+    "rotation_to_json",
     "sign_request",
     "trust_bundle_bytes",
+    "trust_files",
     "trust_publications",
+    "write_trust_files",
 ]

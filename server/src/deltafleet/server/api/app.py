@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -63,6 +64,18 @@ class ApiRoute:
     query: tuple[str, ...] = ()
     body: str | None = None  # "json" | "multipart"
     status: int = 200
+    form: tuple[str, ...] = ()  # multipart fields: "name", "name*" required, "name:file[]"
+
+    @property
+    def public_path(self) -> str:
+        """The path as OpenAPI and messages show it (no Starlette convertors)."""
+        return re.sub(r":\w+}", "}", self.path)
+
+
+UPLOAD_FORM = ("file*:file", "version*", "variant", "precision", "accelerator",
+               "min_runtime_version", "golden:file[]")
+OPTIMIZE_FORM = ("version*", "int8:boolean", "fp16:boolean", "prune", "prune_mode", "variant",
+                 "name", "max_accuracy_drop:number", "calibration:file", "eval:file")
 
 
 ROUTES: tuple[ApiRoute, ...] = (
@@ -77,6 +90,12 @@ ROUTES: tuple[ApiRoute, ...] = (
              "A device's rollouts and reported update events, newest first.", ("limit",)),
     ApiRoute("GET", "/devices/{device_id}/labels", h.device_labels, "viewer",
              "A device's labels (as it reported them)."),
+    # ``:path``: an id holding a "/" (%2F) reaches the handler, which refuses it as the CLI does
+    ApiRoute("POST", "/devices/{device_id:path}/enroll", h.device_enroll, "admin",
+             "Enroll a device: its certificate and bundle (in this response only).",
+             body="json", status=201),
+    ApiRoute("POST", "/devices/{device_id:path}/revoke", h.device_revoke, "admin",
+             "Revoke a device: deny list and CRL; {reason}.", body="json"),
     ApiRoute("GET", "/labels", h.labels_list, "viewer",
              "Label keys in the fleet, with values and device counts."),
     ApiRoute("GET", "/groups", h.groups_list, "viewer", "Groups with their member ids."),
@@ -86,13 +105,22 @@ ROUTES: tuple[ApiRoute, ...] = (
     ApiRoute("GET", "/groups/{name}", h.group_show, "viewer",
              "A group's selector and its members as devices."),
     ApiRoute("GET", "/models", h.models_list, "viewer", "Models, versions and variants."),
+    ApiRoute("POST", "/models/compress", h.models_compress, "admin",
+             "Store the zstd form of variants that have none: {model} or every model.",
+             body="json"),
+    ApiRoute("POST", "/models/optimize", h.model_optimize, "admin",
+             "Make, measure and register INT8 / FP16 / pruned variants (synchronous).",
+             body="multipart", status=201, form=OPTIMIZE_FORM),
     ApiRoute("GET", "/models/{name}", h.model_show, "viewer",
              "One model with every version and variant in detail."),
     ApiRoute("POST", "/models/{name}/versions", h.model_upload, "admin",
              "Register a version: multipart file, version, [variant, precision, golden].",
-             body="multipart", status=201),
+             body="multipart", status=201, form=UPLOAD_FORM),
     ApiRoute("GET", "/models/{name}/versions/{version}", h.version_show, "viewer",
              "One version with its variants."),
+    ApiRoute("GET", "/models/{name}/versions/{version}/inspect", h.version_inspect, "viewer",
+             "What a registered variant's file is (IO, ops, runtimes, memory, figures).",
+             ("variant",)),
     ApiRoute("GET", "/rollouts", h.rollouts_list, "viewer", "Rollouts, newest first (paged).",
              ("state", "limit", "offset")),
     ApiRoute("POST", "/rollouts", h.rollout_create, "operator",
@@ -112,6 +140,16 @@ ROUTES: tuple[ApiRoute, ...] = (
              "Create a token {name, role}; the secret is in this response only.",
              body="json", status=201),
     ApiRoute("DELETE", "/tokens/{name}", h.token_revoke, "admin", "Revoke a token."),
+    ApiRoute("GET", "/keys", h.keys_show, "admin",
+             "Root and key list versions, key ids, expiry, the online key id (no keys)."),
+    ApiRoute("GET", "/keys/trust", h.keys_trust, "admin",
+             "Public trust files: root.json, trust.json, a pending request.json."),
+    ApiRoute("POST", "/keys/rotate", h.keys_rotate, "admin",
+             "Rotate the online key, or the root ({root: true, new_root_pub: PEM}).",
+             body="json"),
+    ApiRoute("POST", "/keys/import", h.keys_import, "admin",
+             "Activate a signed root / key list (the file `fleetctl keys sign` wrote).",
+             body="json"),
 )
 
 
@@ -202,17 +240,17 @@ def _endpoint(ctx: ApiContext, route: ApiRoute) -> Callable[[Request], Any]:
             principal = await _principal(ctx, request, write=route.method != "GET")
             if not role_allows(principal.role, route.role):
                 raise ApiProblem(403, f"token {principal.name!r} ({principal.role}) may not "
-                                 f"{route.method} {PREFIX}{route.path.replace(':int', '')}; "
+                                 f"{route.method} {PREFIX}{route.public_path}; "
                                  f"it needs the {route.role} role", kind="forbidden")
-            call = h.Call(principal, ctx.cfg, ctx.store, ctx.blobs,
-                          params=dict(request.path_params),
+            params = dict(request.path_params)
+            for key, value in params.items():
+                if isinstance(value, str):
+                    h.check_text(key, value)
+            call = h.Call(principal, ctx.cfg, ctx.store, ctx.blobs, params=params,
                           query={k: request.query_params.getlist(k)
                                  for k in request.query_params})
             if route.body == "json":
-                raw = await request.body()
-                if len(raw) > MAX_JSON_BYTES:
-                    raise ApiProblem(413, "the JSON body is larger than 1 MiB")
-                call.body = _json_body(raw)
+                call.body = _json_body(await _read_json(request))
             elif route.body == "multipart":
                 upload = h.upload_dir(ctx.cfg)
                 await _read_multipart(request, call, upload)
@@ -228,6 +266,20 @@ def _endpoint(ctx: ApiContext, route: ApiRoute) -> Callable[[Request], Any]:
                 h.remove_upload(upload)
 
     return endpoint
+
+
+async def _read_json(request: Request) -> bytes:
+    """The body, refused (413) unread when its Content-Length says it is too big, and as soon
+    as it grows past the limit when it has none (or lies)."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_JSON_BYTES:
+        raise ApiProblem(413, "the JSON body is larger than 1 MiB")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_JSON_BYTES:
+            raise ApiProblem(413, "the JSON body is larger than 1 MiB")
+    return bytes(raw)
 
 
 async def _read_multipart(request: Request, call: h.Call, into: Path) -> None:
@@ -343,6 +395,26 @@ def _login(ctx: ApiContext) -> Callable[[Request], Any]:
     return dispatch
 
 
+FORM_TYPES: dict[str, dict[str, Any]] = {
+    "string": {"type": "string"}, "boolean": {"type": "boolean"}, "number": {"type": "number"},
+    "file": {"type": "string", "format": "binary"},
+    "file[]": {"type": "array", "items": {"type": "string", "format": "binary"}},
+}
+
+
+def _form_schema(form: tuple[str, ...]) -> dict[str, Any]:
+    """A multipart body's schema from ``ApiRoute.form`` ("name*" required, "name:type")."""
+    props: dict[str, Any] = {}
+    required = []
+    for item in form:
+        name, _, kind = item.partition(":")
+        if name.endswith("*"):
+            name = name[:-1]
+            required.append(name)
+        props[name] = FORM_TYPES[kind or "string"]
+    return {"type": "object", "required": required, "properties": props}
+
+
 def openapi_schema() -> dict[str, Any]:
     """OpenAPI 3.1 from ``ROUTES``: every path, its role (``x-role``) and query parameters."""
     problem = {"description": "problem JSON (RFC 9457)",
@@ -350,7 +422,7 @@ def openapi_schema() -> dict[str, Any]:
                                                                    "#/components/schemas/Problem"}}}}
     paths: dict[str, dict[str, Any]] = {}
     for r in ROUTES:
-        path = PREFIX + r.path.replace(":int", "")
+        path = PREFIX + r.public_path
         params = [{"name": p.strip("{}").split(":")[0], "in": "path", "required": True,
                    "schema": {"type": "integer" if ":int" in p else "string"}}
                   for p in r.path.split("/") if p.startswith("{")]
@@ -363,13 +435,8 @@ def openapi_schema() -> dict[str, Any]:
         if r.body == "json":
             op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
         elif r.body == "multipart":
-            op["requestBody"] = {"content": {"multipart/form-data": {"schema": {
-                "type": "object", "required": ["file", "version"],
-                "properties": {"file": {"type": "string", "format": "binary"},
-                               "version": {"type": "string"}, "variant": {"type": "string"},
-                               "precision": {"type": "string"},
-                               "golden": {"type": "array", "items": {"type": "string",
-                                                                     "format": "binary"}}}}}}}
+            op["requestBody"] = {"content": {"multipart/form-data": {"schema": _form_schema(
+                r.form)}}}
         paths.setdefault(path, {})[r.method.lower()] = op
     paths[f"{PREFIX}/rollouts/{{rollout_id}}/stream"] = {"get": {
         "summary": "Server-sent events: the rollout's status each time it changes, until it ends.",

@@ -10,16 +10,19 @@ the token's name as the actor (``api:<name>``).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import shutil
+import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from .. import catalog, fleet, views
+from .. import catalog, enroll, fleet, keys, views
 from ..audit import audit, list_audit
 from ..config import ServerConfig
 from ..errors import UsageError
@@ -60,13 +63,35 @@ class Call:
 
     def q_bool(self, name: str) -> bool | None:
         raw = self.q(name)
-        if raw is None or raw == "":
-            return None
-        if raw.lower() in ("1", "true", "yes"):
-            return True
-        if raw.lower() in ("0", "false", "no"):
-            return False
-        raise UsageError(f"invalid {name}={raw!r}: use true or false")
+        return None if raw is None or raw == "" else _parse_bool(name, raw)
+
+    def flag(self, name: str) -> bool:
+        """A true/false field of a JSON or multipart body (absent: false)."""
+        value = self.body.get(name)
+        if value is None or isinstance(value, bool):
+            return bool(value)
+        if isinstance(value, str):
+            return _parse_bool(name, value)
+        raise UsageError(f"field {name!r} must be true or false")
+
+    def number(self, name: str, default: float) -> float:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"field {name!r} must be a number") from None
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise UsageError(f"field {name!r} must be a number")
+        return number
+
+    def file(self, name: str) -> Path | None:
+        """The one uploaded file of multipart field ``name`` (None: not sent)."""
+        files = self.files.get(name) or []
+        if len(files) > 1:
+            raise UsageError(f"send at most one file as the multipart field {name!r}")
+        return files[0] if files else None
 
     def q_int(self, name: str, default: int, lo: int, hi: int) -> int:
         raw = self.q(name)
@@ -92,7 +117,32 @@ class Call:
             return None
         if not isinstance(value, str):
             raise UsageError(f"field {name!r} must be a string")
-        return value
+        return check_text(f"field {name!r}", value)
+
+
+MAX_TEXT_CHARS = 4096
+
+
+def check_text(what: str, value: str) -> str:
+    """``value`` if a store, a file and a log line can hold it: UTF-8 text (no lone
+    surrogates), no NUL, at most ``MAX_TEXT_CHARS``; else a UsageError naming ``what``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8 text") from None
+    if "\x00" in value:
+        raise UsageError(f"{what} holds a NUL character")
+    if len(value) > MAX_TEXT_CHARS:
+        raise UsageError(f"{what} is longer than {MAX_TEXT_CHARS} characters")
+    return value
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    raise UsageError(f"invalid {name}={raw!r}: use true or false")
 
 
 def _paged(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
@@ -162,6 +212,38 @@ def device_history(c: Call) -> dict[str, Any]:
     limit = c.q_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
     with c.store.read() as s:
         return history_json(s, c.params["device_id"], limit)
+
+
+def device_enroll(c: Call) -> dict[str, Any]:
+    """As `fleetctl device enroll`: the fleet CA issues the device a client certificate; the
+    bundle (client.crt/key, ca.crt, root.json, trust.json, agent.toml) is in this response
+    only, with each file's mode: the server keeps no copy of the device's key. Body:
+    {"broker_url": "mqtts://...", "install_dir": "/etc/deltafleet"} (both optional)."""
+    device_id = c.params["device_id"]
+    broker_url = c.text("broker_url", required=False) or None
+    install_dir = c.text("install_dir", required=False) or "/etc/deltafleet"
+    with _scratch(c.cfg, "enroll-") as folder:
+        result = enroll.enroll_device(c.cfg, device_id, folder / "bundle",
+                                      broker_url=broker_url, install_dir=install_dir)
+        files = [{"name": f.name, "mode": f.stat().st_mode & 0o777,
+                  "content": f.read_text(encoding="utf-8")} for f in result.files]
+    with c.store.session() as s:
+        audit(s, c.principal.actor, "device.enroll", device_id,
+              {"serial": str(result.serial), "broker_url": result.broker_url})
+    return {"device_id": device_id, "serial": str(result.serial),
+            "broker_url": result.broker_url, "files": files}
+
+
+def device_revoke(c: Call) -> dict[str, Any]:
+    """As `fleetctl device revoke`: the device is denied on the server (deny list) and its
+    certificates go on the CRL (reload the broker to apply it). Body: {"reason": "..."}."""
+    device_id = c.params["device_id"]
+    reason = c.text("reason", required=False) or ""
+    serials = enroll.revoke_device(c.cfg, device_id, reason=reason)
+    with c.store.session() as s:
+        audit(s, c.principal.actor, "device.revoke", device_id,
+              {"serials": [str(x) for x in serials], "reason": reason})
+    return {"device_id": device_id, "serials": [str(x) for x in serials]}
 
 
 def labels_list(c: Call) -> dict[str, Any]:
@@ -252,6 +334,49 @@ def version_show(c: Call) -> dict[str, Any]:
     return {"model": name, **v}
 
 
+def version_inspect(c: Call) -> dict[str, Any]:
+    """As `fleetctl model inspect NAME:VERSION --json`: IO, opset and operators, runtimes
+    that load it, parameters, precision, memory; lineage and measured figures of a variant
+    `model optimize` made. Query: ``variant`` (default: 'default', or the only one)."""
+    from ..cli.model import inspect_registered  # noqa: PLC0415 - what `model inspect` runs
+
+    spec = f"{c.params['name']}:{c.params['version']}"
+    return inspect_registered(c.store, c.blobs, spec, c.q("variant") or None)
+
+
+def model_optimize(c: Call) -> list[dict[str, Any]]:
+    """As `fleetctl model optimize SPEC --json`, run here and now (it may take minutes).
+    Multipart: ``version`` ([NAME:]VERSION), ``int8``, ``fp16`` (true/false), ``prune``
+    (50%), ``prune_mode``, ``variant`` (the parent), ``name``, ``max_accuracy_drop``, and the
+    files ``calibration`` and ``eval`` (.npz)."""
+    from ..cli.model import (  # noqa: PLC0415 - what `model optimize` runs
+        check_optimize_inputs,
+        optimize_options,
+        optimize_registered,
+    )
+
+    spec = c.text("version")
+    assert spec is not None
+    calibration, eval_ = c.file("calibration"), c.file("eval")
+    max_drop = c.number("max_accuracy_drop", 1.0)
+    check_optimize_inputs(calibration, eval_, max_drop)
+    opts = optimize_options(c.flag("int8"), c.flag("fp16"), c.text("prune", required=False),
+                            c.text("prune_mode", required=False) or "unstructured",
+                            variant=c.text("variant", required=False),
+                            name=c.text("name", required=False), calibration=calibration,
+                            eval_=eval_, max_accuracy_drop=max_drop)
+    return optimize_registered(c.store, c.blobs, spec, opts, c.principal.actor)
+
+
+def models_compress(c: Call) -> list[dict[str, Any]]:
+    """As `fleetctl model compress [NAME]`: store the zstd form of every variant (of
+    ``model``, or all) that has none; one row per variant looked at. Body: {"model": NAME}."""
+    from ..cli.model import compress_registered  # noqa: PLC0415 - what `model compress` runs
+
+    return compress_registered(c.store, c.blobs, c.text("model", required=False),
+                               c.principal.actor)
+
+
 def model_upload(c: Call) -> dict[str, Any]:
     """Multipart: ``file`` (ONNX or TFLite), ``version``, optional ``variant``, ``precision``
     and ``golden`` files (.npz); registers the version as `fleetctl model add` does."""
@@ -290,6 +415,18 @@ def model_upload(c: Call) -> dict[str, Any]:
         model = views.model_to_json(catalog.get_model(s, name))
     (v,) = [v for v in model["versions"] if v["version"] == version]
     return {"model": name, **v}
+
+
+@contextlib.contextmanager
+def _scratch(cfg: ServerConfig, prefix: str) -> Iterator[Path]:
+    """A private (0700) folder under FLEET_HOME/work for the request, removed after it."""
+    work = cfg.home / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=work))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def upload_dir(cfg: ServerConfig) -> Path:
@@ -396,6 +533,51 @@ def rollout_action(action: str) -> Callable[[Call], dict[str, Any]]:
                    "rollback": "Return every device the rollout touched to what it ran before.",
                    }[action]
     return act
+
+
+# -- keys (public material only: no endpoint reads or returns a private key) -------------------
+def keys_show(c: Call) -> dict[str, Any]:
+    """As `fleetctl keys show --json`: root version, key ids and threshold, key list version
+    and expiry, the online key's id, a pending signing request. Key ids, never keys."""
+    return keys.describe(c.cfg)
+
+
+def keys_trust(c: Call) -> dict[str, Any]:
+    """As `fleetctl keys export`: the public trust files by name (root.json to pin,
+    trust.json, request.json while a rotation waits for the offline root)."""
+    return {"files": {name: data.decode("utf-8") for name, data in keys.trust_files(c.cfg).items()}}
+
+
+def keys_rotate(c: Call) -> dict[str, Any]:
+    """As `fleetctl keys rotate [--root --new-root-pub PUB]`: a new online key, or a new
+    root, activated at once if the root key is on the server, else a signing request to take
+    to the offline root. Body: {"root": false} or {"root": true, "new_root_pub": "<PEM>"}
+    (a public key; private keys are never sent)."""
+    root = c.flag("root")
+    if root:
+        pem = c.text("new_root_pub", required=False)
+        if not pem:
+            raise keys.KeysError("--root needs --new-root-pub (make one with `keys new-root`)")
+        with _scratch(c.cfg, "root-pub-") as folder:
+            (folder / "root.pub").write_text(pem, encoding="utf-8")
+            result = keys.rotate_root(c.cfg, folder / "root.pub")
+    else:
+        result = keys.rotate_online_key(c.cfg)
+    with c.store.session() as s:
+        audit(s, c.principal.actor, "keys.rotate", "root" if root else "online",
+              {"keylist_version": result.keylist_version, "activated": result.activated})
+    return keys.rotation_to_json(result)
+
+
+def keys_import(c: Call) -> dict[str, Any]:
+    """As `fleetctl keys import SIGNED`: the body is the file `fleetctl keys sign` wrote; it
+    is verified exactly as a device would before it becomes the server's."""
+    store = keys.import_signed(c.cfg, c.body)
+    assert store.keylist is not None
+    out = {"root_version": store.root.version, "keylist_version": store.keylist.version}
+    with c.store.session() as s:
+        audit(s, c.principal.actor, "keys.import", "keylist", out)
+    return out
 
 
 # -- audit and tokens --------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 from deltafleet.shared import DeltafleetError, one_line
@@ -18,6 +20,7 @@ from ..store import StoreError
 __all__ = ["ApiProblem", "problem_for", "problem_response"]
 
 PROBLEM_JSON = "application/problem+json"
+FAILED_KIND = "failed"  # a deltafleet error that is not the caller's input: its line, exit 1
 TITLES = {
     400: "bad request", 401: "unauthorized", 403: "forbidden", 404: "not found",
     405: "method not allowed", 409: "conflict", 413: "content too large",
@@ -42,6 +45,12 @@ def problem_for(e: BaseException) -> ApiProblem:
     """The problem a deltafleet error stands for (anything else is a 500 without details)."""
     if isinstance(e, ApiProblem):
         return e
+    if isinstance(e, ClientDisconnect):  # the body ended before its Content-Length
+        return ApiProblem(400, "the request body ended before its Content-Length",
+                          kind="invalid-input")
+    if isinstance(e, HTTPException) and 400 <= e.status_code < 500:  # e.g. a malformed form
+        return ApiProblem(e.status_code, " ".join(str(e.detail).split())[:300]
+                          or TITLES.get(e.status_code, "bad request"), kind="invalid-input")
     if isinstance(e, DeltafleetError):
         line = one_line(e, limit=None)
         if isinstance(e, NotFoundError):
@@ -54,7 +63,7 @@ def problem_for(e: BaseException) -> ApiProblem:
             return ApiProblem(400, line, kind="invalid-input")
         if isinstance(e, StoreError):
             return ApiProblem(503, line, kind="store-unavailable")
-        return ApiProblem(500, line, kind="server-error")
+        return ApiProblem(500, line, kind=FAILED_KIND)  # the CLI's exit-1 line
     return ApiProblem(500, "internal error (see the server log)", kind="server-error")
 
 

@@ -306,23 +306,49 @@ def enroll_cmd(
     """Issue a client certificate and write an enrollment bundle: client.crt/key, ca.crt,
     root.json (the root of trust to pin), trust.json (current key list) and agent.toml.
     The bundle holds a private key: copy it to the device over a trusted channel, then delete."""
-    from .remote import local_only  # noqa: PLC0415
+    from . import remote  # noqa: PLC0415
 
-    local_only("device enroll")
-    from .. import enroll  # noqa: PLC0415
-    from ..audit import audit  # noqa: PLC0415
+    folder = out or Path(f"enroll-{device_id}")
+    if remote.active():
+        result = _enroll_remote(remote.client(), device_id, folder, broker_url=broker_url,
+                                install_dir=install_dir)
+    else:
+        from .. import enroll  # noqa: PLC0415
+        from ..audit import audit  # noqa: PLC0415
 
-    cfg = load_config()
-    result = enroll.enroll_device(cfg, device_id, out or Path(f"enroll-{device_id}"),
-                                  broker_url=broker_url, install_dir=install_dir)
-    with open_store(cfg) as store, store.session() as s:
-        audit(s, actor(), "device.enroll", device_id,
-              {"serial": str(result.serial), "broker_url": result.broker_url})
+        cfg = load_config()
+        made = enroll.enroll_device(cfg, device_id, folder, broker_url=broker_url,
+                                    install_dir=install_dir)
+        with open_store(cfg) as store, store.session() as s:
+            audit(s, actor(), "device.enroll", device_id,
+                  {"serial": str(made.serial), "broker_url": made.broker_url})
+        result = {"device_id": device_id, "directory": str(made.directory),
+                  "serial": str(made.serial), "files": [str(f) for f in made.files]}
     if json_:
-        print_json({"device_id": device_id, "directory": str(result.directory),
-                    "serial": str(result.serial), "files": [str(f) for f in result.files]})
+        print_json(result)
         return
-    console.print(f"enrolled {device_id}: bundle in {result.directory}")
+    console.print(f"enrolled {device_id}: bundle in {result['directory']}")
+
+
+def _enroll_remote(api: Any, device_id: str, folder: Path, *, broker_url: str | None,
+                   install_dir: str) -> dict[str, Any]:
+    """``device enroll`` through the API: the server's CA issues the certificate and sends the
+    bundle once; it is written here, each file with the mode the local command gives it."""
+    from deltafleet.shared import atomic_write_bytes  # noqa: PLC0415
+
+    from ..errors import ConflictError  # noqa: PLC0415
+    from .remote import quote_part  # noqa: PLC0415
+
+    if folder.exists() and any(folder.iterdir()):  # before the server issues anything
+        raise ConflictError(f"{folder} exists and is not empty")
+    made = api.post(f"/devices/{quote_part(device_id)}/enroll",
+                    {"broker_url": broker_url, "install_dir": install_dir})
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for f in made["files"]:
+        atomic_write_bytes(folder / Path(f["name"]).name, f["content"].encode("utf-8"),
+                           mode=int(f["mode"]) & 0o644)
+    return {"device_id": device_id, "directory": str(folder), "serial": made["serial"],
+            "files": [str(folder / Path(f["name"]).name) for f in made["files"]]}
 
 
 @app.command("revoke")
@@ -332,16 +358,18 @@ def revoke_cmd(
 ) -> None:
     """Deny the device on the server and put its certificates on the CRL. Reload the broker
     (restart Mosquitto) so it reads the new CRL."""
-    from .remote import local_only  # noqa: PLC0415
+    from . import remote  # noqa: PLC0415
 
-    local_only("device revoke")
-    from .. import enroll  # noqa: PLC0415
-    from ..audit import audit  # noqa: PLC0415
+    if remote.active():
+        serials = remote.client().post(f"/devices/{remote.quote_part(device_id)}/revoke",
+                                       {"reason": reason})["serials"]
+    else:
+        from .. import enroll  # noqa: PLC0415
+        from ..audit import audit  # noqa: PLC0415
 
-    cfg = load_config()
-    serials = enroll.revoke_device(cfg, device_id, reason=reason)
-    with open_store(cfg) as store, store.session() as s:
-        audit(s, actor(), "device.revoke", device_id,
-              {"serials": [str(x) for x in serials], "reason": reason})
+        cfg = load_config()
+        serials = [str(x) for x in enroll.revoke_device(cfg, device_id, reason=reason)]
+        with open_store(cfg) as store, store.session() as s:
+            audit(s, actor(), "device.revoke", device_id, {"serials": serials, "reason": reason})
     console.print(f"revoked {device_id}: {len(serials)} certificate(s) on the CRL; "
                   "reload the broker to apply it")

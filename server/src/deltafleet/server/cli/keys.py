@@ -1,5 +1,10 @@
 """`fleetctl keys`: the root of trust (offline root key -> key list -> online signing key).
 
+Through the API (``FLEET_API_URL``, an admin token): ``show``, ``rotate``, ``export`` and
+``import`` (public material and signed files only: private keys never travel); ``init`` runs
+on the server's host only; ``sign`` and ``new-root`` belong to the offline machine and touch
+no server at all.
+
 Exit codes as for every fleetctl command: 0 ok, 1 deltafleet error, 2 invalid input (including
 a signed file that does not verify).
 """
@@ -9,16 +14,11 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from sqlalchemy.exc import SQLAlchemyError
 
-from deltafleet.shared import DeltafleetError, SigningKey
-
-from .. import keys
-from ..audit import audit
-from ..store import Store
+from . import remote
 from ._common import JSON_HELP, WIDE_HELP, actor, console, fmt_time, load_config, print_json
 from .table import Table
 
@@ -26,6 +26,13 @@ app = typer.Typer(no_args_is_help=True, help="Root of trust and manifest signing
 
 
 def _audit(action: str, subject: str, details: dict) -> None:
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
+    from deltafleet.shared import DeltafleetError  # noqa: PLC0415
+
+    from ..audit import audit  # noqa: PLC0415
+    from ..store import Store  # noqa: PLC0415
+
     cfg = load_config()
     try:
         with Store(cfg.db_url) as store, store.session() as s:
@@ -41,6 +48,9 @@ def init(
              "FLEET_HOME. Recommended: the root key then lives offline.")] = None,
 ) -> None:
     """Create root v1 and key list v1 naming the online signing key."""
+    remote.local_only("keys init")
+    from .. import keys  # noqa: PLC0415
+
     cfg = load_config()
     store = keys.init_keys(cfg, root_key_out=root_key_out)
     assert store.keylist is not None
@@ -64,7 +74,12 @@ def show(json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     """Root version and keys, key list version and expiry, the online key, pending requests
     (key ids cut to 16 hex digits; --wide: whole)."""
     cut = None if wide else 16
-    d = keys.describe(load_config())
+    if remote.active():
+        d = remote.client().get("/keys")
+    else:
+        from .. import keys  # noqa: PLC0415
+
+        d = keys.describe(load_config())
     if json_:
         print_json(d)
         return
@@ -99,27 +114,59 @@ def rotate(
     machine (`fleetctl keys export`), sign it (`fleetctl keys sign`), bring back the result
     (`fleetctl keys import`).
     """
-    cfg = load_config()
-    if root:
-        if new_root_pub is None:
-            raise keys.KeysError("--root needs --new-root-pub (make one with `keys new-root`)")
-        result = keys.rotate_root(cfg, new_root_pub, root_key=root_key, new_root_key=new_root_key)
+    if remote.active():
+        out = _rotate_remote(root, new_root_pub, root_key, new_root_key)
     else:
-        result = keys.rotate_online_key(cfg, root_key=root_key)
-    if result.activated:
-        console.print(f"key list v{result.keylist_version} active; online key "
-                      f"{result.online_keyid[:16]}. Restart `fleetctl server` to publish it.")
+        from .. import keys  # noqa: PLC0415
+
+        cfg = load_config()
+        if root:
+            if new_root_pub is None:
+                raise keys.KeysError("--root needs --new-root-pub (make one with `keys new-root`)")
+            result = keys.rotate_root(cfg, new_root_pub, root_key=root_key,
+                                      new_root_key=new_root_key)
+        else:
+            result = keys.rotate_online_key(cfg, root_key=root_key)
+        out = keys.rotation_to_json(result)
+        _audit("keys.rotate", "root" if root else "online",
+               {"keylist_version": out["keylist_version"], "activated": out["activated"]})
+    if out["activated"]:
+        console.print(f"key list v{out['keylist_version']} active; online key "
+                      f"{out['online_keyid'][:16]}. Restart `fleetctl server` to publish it.")
     else:
-        console.print(f"signing request written to {result.request_path}; sign it with the "
+        console.print(f"signing request written to {out['request_path']}; sign it with the "
                       "root key (`fleetctl keys sign`), then `fleetctl keys import`")
-    _audit("keys.rotate", "root" if root else "online",
-           {"keylist_version": result.keylist_version, "activated": result.activated})
+
+
+def _rotate_remote(root: bool, new_root_pub: Path | None, root_key: Path | None,
+                   new_root_key: Path | None) -> dict[str, Any]:
+    """``keys rotate`` through the API: only the new root's PUBLIC key is sent."""
+    from ..errors import UsageError  # noqa: PLC0415
+
+    if root_key is not None or new_root_key is not None:
+        raise UsageError("--root-key and --new-root-key name private keys, which never go "
+                         "to the API: sign the request offline (`fleetctl keys sign`), then "
+                         "`fleetctl keys import`")
+    body: dict[str, object] = {"root": root}
+    if root and new_root_pub is not None:  # without it the server says what is missing
+        try:
+            body["new_root_pub"] = new_root_pub.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read {new_root_pub}: {e}") from None
+    return remote.client().post("/keys/rotate", body)  # type: ignore[no-any-return]
 
 
 @app.command("export")
 def export(out: Annotated[Path, typer.Option(help="Directory to write to.")]) -> None:
     """Write public trust material: root.json (pin), trust.json, request.json if pending."""
-    for p in keys.export_trust(load_config(), out):
+    from .. import keys  # noqa: PLC0415
+
+    if remote.active():
+        files = remote.client().get("/keys/trust")["files"]
+        written = keys.write_trust_files({k: v.encode() for k, v in files.items()}, out)
+    else:
+        written = keys.export_trust(load_config(), out)
+    for p in written:
         console.print(f"wrote {p}")
 
 
@@ -131,6 +178,10 @@ def sign(
     out: Annotated[Path, typer.Option(help="Where to write the signed file.")],
 ) -> None:
     """Offline machine: sign a request with the root key(s). Needs no FLEET_HOME."""
+    from deltafleet.shared import SigningKey  # noqa: PLC0415
+
+    from .. import keys  # noqa: PLC0415
+
     signed = keys.sign_request(keys.read_signed_file(request),
                                [SigningKey.load(p) for p in root_key])
     out.write_text(json.dumps(signed, indent=2, sort_keys=True))
@@ -141,18 +192,24 @@ def sign(
 def import_(signed: Annotated[Path, typer.Argument(help="File written by `keys sign`.")]
             ) -> None:
     """Verify a signed root / key list exactly as a device would, then activate it."""
-    cfg = load_config()
-    store = keys.import_signed(cfg, keys.read_signed_file(signed))
-    assert store.keylist is not None
-    console.print(f"root v{store.root.version}, key list v{store.keylist.version} active. "
+    from .. import keys  # noqa: PLC0415
+
+    if remote.active():
+        out = remote.client().post("/keys/import", keys.read_signed_file(signed))
+    else:
+        store = keys.import_signed(load_config(), keys.read_signed_file(signed))
+        assert store.keylist is not None
+        out = {"root_version": store.root.version, "keylist_version": store.keylist.version}
+        _audit("keys.import", "keylist", out)
+    console.print(f"root v{out['root_version']}, key list v{out['keylist_version']} active. "
                   "Restart `fleetctl server` to publish it.")
-    _audit("keys.import", "keylist", {"root_version": store.root.version,
-                                      "keylist_version": store.keylist.version})
 
 
 @app.command("new-root")
 def new_root(out: Annotated[Path, typer.Option(help="Private key path (.pub beside it).")]
              ) -> None:
     """Offline machine: generate a new root key pair for `keys rotate --root`."""
+    from .. import keys  # noqa: PLC0415
+
     key = keys.generate_root_key(out)
     console.print(f"new root key {key.keyid[:16]}: {out} (public: {out.with_suffix('.pub')})")

@@ -31,6 +31,11 @@ from ._common import (
 from .table import Table
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from sqlalchemy.orm import Session
+
+    from ..optimize import OptimizeOptions
     from ..store import BlobStore, Store
 
 app = typer.Typer(no_args_is_help=True, help="Model versions and their variants.")
@@ -160,41 +165,63 @@ def _forget_unreferenced(store: Store, blobs: BlobStore, shas: set[str]) -> None
                 blobs.delete(sha)
 
 
+@contextlib.contextmanager
+def recording_new_blobs(store: Store, blobs: BlobStore) -> Iterator[Session]:
+    """A write session whose newly stored blobs are removed again when it fails (unless a
+    committed artifact row uses them): all or nothing, blobs included."""
+    from .. import catalog  # noqa: PLC0415
+
+    new_blobs: set[str] = set()
+    try:
+        with store.session() as s:
+            new_blobs = s.info.setdefault(catalog.NEW_BLOBS_KEY, set())
+            yield s
+    except BaseException:
+        _forget_unreferenced(store, blobs, new_blobs)
+        raise
+
+
+def compress_registered(store: Store, blobs: BlobStore, name: str | None,
+                        who: str) -> list[dict[str, Any]]:
+    """`model compress` (and ``POST /models/compress``): the compressed form of every variant
+    (of ``name``, or all) that has none; one row per variant looked at. Audited as ``who``."""
+    from .. import catalog  # noqa: PLC0415
+    from ..audit import audit  # noqa: PLC0415
+
+    with recording_new_blobs(store, blobs) as s:
+        if name is not None:
+            catalog.get_model(s, name)  # NotFoundError for an unknown model
+        rows = [{"variant_id": v.id, "sha256": v.artifact_sha256,
+                 "size_bytes": (v.info or {}).get("size_bytes"), "compressed": form}
+                for v, form in catalog.backfill_compressed(s, blobs, name)]
+        if rows:
+            audit(s, who, "model.compress", name or "*", {
+                "variants": [r["variant_id"] for r in rows],
+                "compressed": sum(1 for r in rows if r["compressed"] is not None)})
+    return rows
+
+
 @app.command("compress")
 def compress(
     name: Annotated[str | None, typer.Argument(help="Only this model (default: all).")] = None,
 ) -> None:
     """Store the zstd-compressed form of models registered before full installs shipped
     compressed (idempotent: variants that have one are left alone)."""
-    remote.local_only("model compress")
-    from .. import catalog  # noqa: PLC0415
-    from ..audit import audit  # noqa: PLC0415
-
-    cfg = load_config()
-    blobs = blob_store(cfg)
-    with open_store(cfg) as store:
-        new_blobs: set[str] = set()
-        try:
-            with err_console.status("compressing"), store.session() as s:
-                new_blobs = s.info.setdefault(catalog.NEW_BLOBS_KEY, set())
-                if name is not None:
-                    catalog.get_model(s, name)  # NotFoundError for an unknown model
-                done = catalog.backfill_compressed(s, blobs, name)
-                rows = [(v.id, v.artifact_sha256, (v.info or {}).get("size_bytes"), form)
-                        for v, form in done]
-                if done:
-                    audit(s, actor(), "model.compress", name or "*", {
-                        "variants": [r[0] for r in rows],
-                        "compressed": sum(1 for r in rows if r[3] is not None)})
-        except BaseException:
-            _forget_unreferenced(store, blobs, new_blobs)
-            raise
+    with err_console.status("compressing"):
+        if remote.active():
+            rows = remote.client().post("/models/compress", {"model": name})
+        else:
+            cfg = load_config()
+            with open_store(cfg) as store:
+                rows = compress_registered(store, blob_store(cfg), name, actor())
     if not rows:
         console.print("every variant already has its compressed form")
-    for vid, sha, size, form in rows:
-        console.print(f"variant {vid} ({sha[:16]}, {fmt_bytes(size)}): " + (
-            f"full installs now ship {form['codec']} {fmt_bytes(form['size_bytes'])}" if form
-            else "compression does not make it smaller; it ships as it is"))
+    for r in rows:
+        form = r["compressed"]
+        console.print(f"variant {r['variant_id']} ({r['sha256'][:16]}, "
+                      f"{fmt_bytes(r['size_bytes'])}): " + (
+                          f"full installs now ship {form['codec']} {fmt_bytes(form['size_bytes'])}"
+                          if form else "compression does not make it smaller; it ships as it is"))
 
 
 @app.command("list")
@@ -302,45 +329,65 @@ def inspect_cmd(
     (and which runtimes at which versions load it), parameters, size, precision and
     quantization scheme, estimated inference memory. A registered variant made by `model
     optimize` also shows its measured figures. Exit 2 for a file that is not a valid model."""
-    from ..catalog.inspect import inspect_model  # noqa: PLC0415
-    from ..errors import CatalogError, UsageError  # noqa: PLC0415
+    from ..errors import UsageError  # noqa: PLC0415
 
     path = Path(target)
-    extra: dict[str, object] = {}
     if path.is_file():
         if variant is not None:
             raise UsageError("--variant is for NAME:VERSION, not a file")
+        from ..catalog.inspect import inspect_model  # noqa: PLC0415
+
         info = inspect_model(path).to_json()
         where = str(path)
+    elif ":" in target and remote.active():
+        name, _, version = target.partition(":")
+        if not name or not version:  # catalog.resolve_version's line: no path to ask
+            raise UsageError(f"invalid version {target!r}: use NAME:VERSION")
+        info = remote.client().get(
+            f"/models/{remote.quote_part(name)}/versions/{remote.quote_part(version)}/inspect",
+            {"variant": variant})
+        where = f"{target} variant {info['variant']}"
     elif ":" in target:
-        remote.local_only("model inspect NAME:VERSION")
-        from .. import catalog  # noqa: PLC0415
-
-        with open_store() as store, store.read() as s:
-            mv = catalog.resolve_version(s, target)
-            by_name = {v.name: v for v in mv.variants}
-            name = variant or ("default" if "default" in by_name or len(by_name) != 1
-                               else next(iter(by_name)))
-            row = by_name.get(name)
-            if row is None:
-                raise UsageError(f"{target} has no variant {name!r} "
-                                 f"(it has {', '.join(sorted(by_name)) or 'none'})")
-            sha = row.artifact_sha256
-            extra = {k: row.info[k] for k in ("parent", "optimize") if k in (row.info or {})}
-        blob = blob_store(load_config()).path(sha)
-        if not blob.is_file():
-            raise CatalogError(f"the model file of {target} {name} ({sha[:12]}) is missing "
-                               "from the blob store")
-        info = inspect_model(blob).to_json()
-        info["variant"] = name
-        where = f"{target} variant {name}"
+        cfg = load_config()
+        with open_store(cfg) as store:
+            info = inspect_registered(store, blob_store(cfg), target, variant)
+        where = f"{target} variant {info['variant']}"
     else:
         raise UsageError(f"no such file: {target} (or give NAME:VERSION)")
-    info.update(extra)
     if json_:
         print_json(info)
         return
     _print_inspect(where, info)
+
+
+def inspect_registered(store: Store, blobs: BlobStore, target: str,
+                       variant: str | None) -> dict[str, Any]:
+    """`model inspect NAME:VERSION --json` (and ``GET .../versions/{v}/inspect``): what the
+    variant's file is, plus its lineage and measured figures when `model optimize` made it."""
+    from .. import catalog  # noqa: PLC0415
+    from ..catalog.inspect import inspect_model  # noqa: PLC0415
+    from ..errors import CatalogError, UsageError  # noqa: PLC0415
+
+    with store.read() as s:
+        mv = catalog.resolve_version(s, target)
+        by_name = {v.name: v for v in mv.variants}
+        name = variant or ("default" if "default" in by_name or len(by_name) != 1
+                           else next(iter(by_name)))
+        row = by_name.get(name)
+        if row is None:
+            raise UsageError(f"{target} has no variant {name!r} "
+                             f"(it has {', '.join(sorted(by_name)) or 'none'})")
+        sha = row.artifact_sha256
+        extra: dict[str, Any] = {k: row.info[k] for k in ("parent", "optimize")
+                                 if k in (row.info or {})}
+    blob = blobs.path(sha)
+    if not blob.is_file():
+        raise CatalogError(f"the model file of {target} {name} ({sha[:12]}) is missing "
+                           "from the blob store")
+    info = inspect_model(blob).to_json()
+    info["variant"] = name
+    info.update(extra)
+    return info
 
 
 def _print_inspect(where: str, info: dict) -> None:  # type: ignore[type-arg]
@@ -437,37 +484,23 @@ def optimize_cmd(
     """Make INT8 / FP16 / pruned variants of a registered version, measure each against its
     parent on this machine (size, zstd size, latency, output deviation, accuracy with
     --eval) and register it beside the parent. Needs deltafleet-server[optimize]."""
-    remote.local_only("model optimize")
-    from .. import catalog, optimize  # noqa: PLC0415
-    from ..audit import audit  # noqa: PLC0415
-    from ..errors import UsageError  # noqa: PLC0415
-
-    for f, what in ((calibration, "--calibration"), (eval_, "--eval")):
-        if f is not None and not f.is_file():
-            raise UsageError(f"{what}: no such file: {f}")
-    if max_accuracy_drop < 0:
-        raise UsageError("--max-accuracy-drop must be >= 0")
-    opts = optimize.OptimizeOptions(
-        optimize.recipes(int8, fp16, optimize.parse_prune(prune), prune_mode),
-        parent_variant=variant, name=name, calibration=calibration, eval=eval_,
-        max_accuracy_drop_points=max_accuracy_drop)
-    cfg = load_config()
-    blobs = blob_store(cfg)
-    with open_store(cfg) as store:
-        new_blobs: set[str] = set()
-        try:
-            with err_console.status(f"optimizing {spec}"), store.session() as s:
-                new_blobs = s.info.setdefault(catalog.NEW_BLOBS_KEY, set())
-                rows = optimize.optimize_version(s, blobs, spec, opts)
-                out = [{"variant": r.name, "format": r.format, "precision": r.precision,
-                        "sha256": r.artifact_sha256, "parent": r.info["parent"],
-                        "optimize": r.info["optimize"]} for r in rows]
-                audit(s, actor(), "model.optimize", spec, {
-                    "variants": [{"name": o["variant"], "sha256": o["sha256"]} for o in out],
-                    "parent": out[0]["parent"]["variant"] if out else None})
-        except BaseException:
-            _forget_unreferenced(store, blobs, new_blobs)
-            raise
+    check_optimize_inputs(calibration, eval_, max_accuracy_drop)
+    with err_console.status(f"optimizing {spec}"):
+        if remote.active():
+            fields = {"version": spec, "int8": str(int8).lower(), "fp16": str(fp16).lower(),
+                      "prune_mode": prune_mode, "max_accuracy_drop": repr(max_accuracy_drop),
+                      **{k: v for k, v in (("prune", prune), ("variant", variant),
+                                           ("name", name)) if v is not None}}
+            files = [(k, f) for k, f in (("calibration", calibration), ("eval", eval_))
+                     if f is not None]
+            out = remote.client().upload("/models/optimize", fields, files)
+        else:
+            opts = optimize_options(int8, fp16, prune, prune_mode, variant=variant, name=name,
+                                    calibration=calibration, eval_=eval_,
+                                    max_accuracy_drop=max_accuracy_drop)
+            cfg = load_config()
+            with open_store(cfg) as store:
+                out = optimize_registered(store, blob_store(cfg), spec, opts, actor())
     if json_:
         print_json(out)
         return
@@ -479,3 +512,43 @@ def optimize_cmd(
         for label, value in _figure_rows(fig):
             table.add_row(label, value)
         console.print(table)
+
+
+def check_optimize_inputs(calibration: Path | None, eval_: Path | None,
+                          max_accuracy_drop: float) -> None:
+    from ..errors import UsageError  # noqa: PLC0415
+
+    for f, what in ((calibration, "--calibration"), (eval_, "--eval")):
+        if f is not None and not f.is_file():
+            raise UsageError(f"{what}: no such file: {f}")
+    if not max_accuracy_drop >= 0:  # NaN too
+        raise UsageError("--max-accuracy-drop must be >= 0")
+
+
+def optimize_options(int8: bool, fp16: bool, prune: str | None, prune_mode: str, *,
+                     variant: str | None, name: str | None, calibration: Path | None,
+                     eval_: Path | None, max_accuracy_drop: float) -> OptimizeOptions:
+    from .. import optimize  # noqa: PLC0415
+
+    return optimize.OptimizeOptions(
+        optimize.recipes(int8, fp16, optimize.parse_prune(prune), prune_mode),
+        parent_variant=variant, name=name, calibration=calibration, eval=eval_,
+        max_accuracy_drop_points=max_accuracy_drop)
+
+
+def optimize_registered(store: Store, blobs: BlobStore, spec: str, opts: OptimizeOptions,
+                        who: str) -> list[dict[str, Any]]:
+    """`model optimize` (and ``POST /models/optimize``): make, measure and register the
+    variants (all or nothing); what ``--json`` prints. Audited as ``who``."""
+    from .. import optimize  # noqa: PLC0415
+    from ..audit import audit  # noqa: PLC0415
+
+    with recording_new_blobs(store, blobs) as s:
+        rows = optimize.optimize_version(s, blobs, spec, opts)
+        out = [{"variant": r.name, "format": r.format, "precision": r.precision,
+                "sha256": r.artifact_sha256, "parent": r.info["parent"],
+                "optimize": r.info["optimize"]} for r in rows]
+        audit(s, who, "model.optimize", spec, {
+            "variants": [{"name": o["variant"], "sha256": o["sha256"]} for o in out],
+            "parent": out[0]["parent"]["variant"] if out else None})
+    return out

@@ -14,8 +14,10 @@ Settings (the root options ``--api-url``, ``--token``, ``--token-file`` set the 
   otherwise the system's trust store.
 
 Errors: a problem response becomes ``error: <detail>`` (``detail`` is the line the CLI prints
-for the same failure): 4xx exit 2 (400/404/409/422 bad input, 401/403 the token), 429 and 5xx
-exit 1; a connection that fails is ``cannot reach the API at URL: cause``, exit 1.
+for the same failure): 4xx exit 2 (400/404/409/422 bad input, 401/403 the token), a command
+that failed on the server (500 ``failed``, e.g. `model optimize`'s accuracy gate) exit 1 with
+its line; other 5xx and 429 exit 1 naming the API; a connection that fails is ``cannot reach
+the API at URL: cause``, exit 1.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 # urllib.request, http.client and ssl are imported when a request is made: the local path,
 # which imports this module to ask ``active()``, does not pay for them (~25 ms).
 
-__all__ = ["ApiClient", "ApiConfig", "ApiRefused", "ApiUnavailable", "active", "client",
+__all__ = ["ApiClient", "ApiConfig", "ApiFailed", "ApiRefused", "ApiUnavailable", "active", "client",
            "local_only", "quote_part"]
 
 URL_ENV = "FLEET_API_URL"
@@ -46,6 +48,7 @@ TOKEN_FILE_ENV = "FLEET_API_TOKEN_FILE"
 CA_ENV = "FLEET_API_CA"
 PREFIX = "/api/v1"
 PAGE = 500  # the API's largest page
+FAILED_TYPE = "urn:deltafleet:problem:failed"  # api.problems.FAILED_KIND
 CHUNK_BYTES = 1 << 20
 
 
@@ -55,6 +58,11 @@ class ApiRefused(UsageError):
 
 class ApiUnavailable(ServerError):
     """The API could not be reached, or failed (5xx, 429): not the operator's input (exit 1)."""
+
+
+class ApiFailed(ServerError):
+    """The command ran on the server and failed there, not by the operator's input (a 500
+    problem of type ``failed``: the line the local command prints, exit 1)."""
 
 
 def active() -> bool:
@@ -207,14 +215,16 @@ class ApiClient:
                                  "JSON (is FLEET_API_URL the API's address?)") from None
 
     def _problem(self, e: urllib.error.HTTPError) -> Exception:
-        detail = ""
+        detail = kind = ""
         try:
             body = json.loads(e.read() or b"{}")
             if isinstance(body, dict):
-                detail = str(body.get("detail") or "")
+                detail, kind = str(body.get("detail") or ""), str(body.get("type") or "")
         except (ValueError, OSError):
             pass
         detail = " ".join(detail.split()) or f"{e.code} {e.reason}"
+        if e.code == 500 and kind == FAILED_TYPE:
+            return ApiFailed(detail)
         if e.code == 429 or e.code >= 500:
             if e.code in (502, 503, 504):
                 return ApiUnavailable(f"cannot reach the API at {self.cfg.url}: {detail}")
