@@ -830,17 +830,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.kind == "onnx":
-        paths = [
-            make_onnx_model(
-                args.out,
-                seed=args.seed,
-                size_mb=args.size_mb,
-                retrain_last_layer=args.retrain_last_layer,
-                input_dim=args.input_dim,
-                output_dim=args.output_dim,
-                opset=args.opset,
-            )
-        ]
+        paths = [make_onnx_model(args.out, seed=args.seed, size_mb=args.size_mb,
+                                 retrain_last_layer=args.retrain_last_layer,
+                                 input_dim=args.input_dim, output_dim=args.output_dim,
+                                 opset=args.opset)]
     elif args.kind == "digits":
         v1 = train_digits(seed=args.seed)
         v2 = retrain_digits_head(v1)
@@ -856,15 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.kind == "ptl-pair":
         paths = list(make_ptl_pair(args.out_dir, size_mb=args.size_mb, seed=args.seed))
     else:
-        paths = [
-            make_tflite_model(
-                args.out,
-                seed=args.seed,
-                input_dim=args.input_dim,
-                output_dim=args.output_dim,
-                retrain=args.retrain,
-            )
-        ]
+        paths = [make_tflite_model(args.out, seed=args.seed, input_dim=args.input_dim,
+                                   output_dim=args.output_dim, retrain=args.retrain)]
     for p_ in paths:
         print(f"{p_}\t{p_.stat().st_size}")
     return 0
