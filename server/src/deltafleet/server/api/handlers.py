@@ -308,6 +308,28 @@ def remove_upload(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# -- deltas ----------------------------------------------------------------------------------
+def deltas_list(c: Call) -> dict[str, Any]:
+    """As `fleetctl delta list --json`, paged: built deltas (by id), then the pairs the server
+    is building or failed to build (``state``, ``reason``); ``model``: from or to a version of
+    it; ``state``: built, building or failed."""
+    from ..delta_views import list_deltas  # noqa: PLC0415
+
+    limit, offset = c.page()
+    with c.store.read() as s:
+        rows = list_deltas(s, c.cfg.home, model=c.q("model") or None, state=c.q("state") or None)
+    return _paged(rows, limit, offset)
+
+
+def delta_show(c: Call) -> dict[str, Any]:
+    """As `fleetctl delta show --json`: base -> target, codec, size, ratio to the target's
+    full artifact (the compressed model when the catalog has one)."""
+    from ..delta_views import show_delta  # noqa: PLC0415
+
+    with c.store.read() as s:
+        return show_delta(s, c.params["delta_id"])
+
+
 # -- rollouts --------------------------------------------------------------------------------
 POLICY_TEXT = ("canary", "waves", "max_failure", "on_failure", "health_window", "max_error_rate",
                "max_p95_ratio", "retry_backoff", "state_timeout", "bandwidth", "variant", "prefer",
