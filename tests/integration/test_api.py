@@ -229,12 +229,13 @@ def test_a_rollout_streams_its_status_as_server_sent_events_until_it_ends(fleet)
                  headers={"Authorization": f"Bearer {fleet['tokens']['viewer']}"})
     res = conn.getresponse()
     assert res.status == 200 and res.headers["content-type"].startswith("text/event-stream")
-    text = res.read().decode()  # a completed rollout: one event, then the stream ends
+    text = res.read().decode()  # a completed rollout: its device events, its status, the end
     conn.close()
-    (event,) = [b for b in text.split("\n\n") if b.strip()]
+    *moves, event = [b for b in text.split("\n\n") if b.strip()]
     name, data = event.split("\n", 1)
     assert name == "event: status"
     assert json.loads(data.removeprefix("data: "))["state"] == "completed"
+    assert moves and all(m.startswith("id: ") and "\nevent: device\n" in m for m in moves)
     assert client(fleet).get(f"/api/v1/rollouts/{rid}/stream").status == 401
 
 

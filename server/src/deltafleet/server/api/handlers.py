@@ -26,9 +26,11 @@ from ..errors import UsageError
 from ..rollout.states import ACTIONS, ACTIVE_ROLLOUT_STATES
 from ..rollouts import (
     act_on_rollout,
+    device_selection,
     get_rollout,
     list_rollouts,
     plan_rollout,
+    rollout_events,
     rollout_json,
     start_rollout,
 )
@@ -146,6 +148,14 @@ def devices_list(c: Call) -> dict[str, Any]:
 def device_show(c: Call) -> dict[str, Any]:
     with c.store.read() as s:
         return views.device_detail_json(s, c.params["device_id"])
+
+
+def device_variants(c: Call) -> dict[str, Any]:
+    """Per model, the device's newest rollout: the variant it was sent, why delta or full
+    (``delivery``) and the variant the rollout's rule picks for it now, with why (pin,
+    ``--prefer`` selection on its portrait and benchmarks, or by format)."""
+    with c.store.read() as s:
+        return device_selection(s, c.params["device_id"])
 
 
 def device_labels(c: Call) -> dict[str, Any]:
@@ -380,6 +390,12 @@ def rollout_show(c: Call) -> dict[str, Any]:
         out = rollout_json(s, get_rollout(s, c.params["rollout_id"]))
     out["actions"] = [a for a, act in ACTIONS.items() if out["state"] in act.allowed]
     return out
+
+
+def rollout_device_events(c: Call, after: int | None, limit: int) -> list[dict[str, Any]]:
+    """The rollout's device events after event id ``after`` (None: its last ``limit``)."""
+    with c.store.read() as s:
+        return rollout_events(s, c.params["rollout_id"], after=after, limit=limit)
 
 
 def rollout_plan(c: Call) -> dict[str, Any]:
