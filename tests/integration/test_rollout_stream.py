@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
 from deltafleet.server.api.tokens import create_token
+from deltafleet.server.rollouts import create_rollout, rollout_events
+from deltafleet.server.store.models import ROLLOUT_EVENTS_KEPT_DAYS, Rollout, RolloutEvent, utcnow
 from tests.harness.api_client import ApiClient, ServerEvent
 from tests.harness.fleetlab import free_port, wait_port
 from tests.harness.rollout_lab import RolloutLab
@@ -100,3 +102,23 @@ def test_a_bad_last_event_id_is_refused_with_a_problem(streamed):
     reply = streamed["api"].get(f"/api/v1/rollouts/{streamed['rid']}/stream",
                                 headers={"Last-Event-ID": "yesterday"})
     assert reply.status == 400 and "Last-Event-ID" in reply.problem["detail"]
+
+
+def test_a_rollouts_events_are_dropped_a_week_after_it_ended(rollout_lab, onnx_pair, lab_db_url):
+    lab = rollout_lab(onnx_pair(0.3), db_url=lab_db_url, start=False)
+    lab.group("nobody", hw="none")
+    with lab.store.session() as s:
+        old, new = (create_rollout(s, f"detector:{v}", "nobody", "test", allow_empty=True).id
+                    for v in ("v1", "v2"))
+        for rid in (old, new):
+            s.add(RolloutEvent(rollout_id=rid, device_id="d", from_state=None,
+                               to_state="pending", reason="", at=utcnow()))
+        ended = s.get(Rollout, old)
+        ended.state = "completed"
+        ended.finished_at = utcnow() - timedelta(days=ROLLOUT_EVENTS_KEPT_DAYS, minutes=1)
+    with lab.store.read() as s:  # the flush that ended it saw it unfinished: kept till the next
+        assert len(rollout_events(s, old)) == 1
+    with lab.store.session() as s:
+        s.get(Rollout, new).state = "aborted"  # a rollout ends: the old one's events go
+    with lab.store.read() as s:
+        assert (len(rollout_events(s, old)), len(rollout_events(s, new))) == (0, 1)
