@@ -245,7 +245,7 @@ async function modelsPage() {
     el("h2", {}, "Deltas"),
     el("p", {class: "muted"}, `${deltas.total} delta(s): built ones are shipped instead of the full install when worth it`),
     table(["from", "to", "state", "codec", {t: "size", num: true}, {t: "full install", num: true},
-           {t: "% of full", num: true}, "why not / why", "built"],
+           {t: "% of full", num: true}, "reason", "built"],
       deltas.items.map((x) => row(x.base || x.base_sha256.slice(0, 12), x.target || x.target_sha256.slice(0, 12),
         stateSpan(x.state), x.codec || "-", num(bytes(x.size_bytes)), num(bytes(x.full_artifact_bytes)),
         num(x.ratio === null ? "-" : `${(100 * x.ratio).toFixed(1)}%`),
