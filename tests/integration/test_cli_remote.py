@@ -33,6 +33,8 @@ READS = [
     ("device", "show", "cam-1"), ("device", "show", "cam-1", "--json"),
     ("device", "history", "cam-1", "--wide"), ("device", "history", "cam-2", "--json"),
     ("device", "labels", "cam-1"), ("device", "labels", "cam-1", "--json"),
+    ("device", "variants", "cam-1"), ("device", "variants", "cam-2", "--wide"),
+    ("device", "variants", "cam-1", "--json"),
     ("group", "list"), ("group", "list", "--json"), ("group", "show", "cams", "--wide"),
     ("group", "show", "cams", "--json"),
     ("model", "list"), ("model", "list", "--wide", "--json"), ("model", "show", "detector"),
@@ -50,7 +52,8 @@ def test_a_read_command_prints_the_same_through_the_api(fleet, args):
 
 
 ERRORS = [
-    ("device", "show", "nope"), ("device", "history", "nope"), ("group", "show", "nope"), ("model", "show", "nope"),
+    ("device", "show", "nope"), ("device", "history", "nope"), ("device", "variants", "nope"),
+    ("group", "show", "nope"), ("model", "show", "nope"),
     ("rollout", "status", "999"), ("rollout", "plan", "detector:v9", "-g", "cams"),
     ("rollout", "pause", "999"), ("audit", "--since", "yesterday"),
     ("rollout", "model", "detector:v1", "-g", "cams", "--waves", "lots"),
@@ -82,6 +85,15 @@ def test_a_rollout_started_through_the_api_reaches_the_devices(fleet):
     audit = json.loads(local(fleet, "audit", "--json").stdout)
     actors = {e["action"]: e["actor"] for e in audit}
     assert actors["model.add"] == "api:admin-1" and actors["rollout.create"] == "api:operator-1"
+
+
+def test_device_variants_says_which_variant_a_device_got_and_why(fleet):
+    out = json.loads(_same(fleet, "device", "variants", "cam-1", "--json").stdout)
+    (m,) = out["models"]
+    assert (m["model"], m["version"], m["rollout_id"], m["variant"], m["chosen_now"]) == \
+        ("detector", "v1", fleet["rollout"], "default", "default")
+    assert m["why"] == "by format (no --prefer): the variant it runs"
+    assert m["delivery"].startswith("no version of the model on the device: full sent")
 
 
 def test_model_add_through_the_api_uploads_and_prints_what_local_add_prints(fleet):

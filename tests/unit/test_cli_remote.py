@@ -38,6 +38,7 @@ print("HEAVY", ",".join(heavy), file=sys.stderr)
     ["rollout", "plan", "d:v1", "-g", "cams"], ["model", "add", "d", "v1", "/nonexistent.onnx"],
     ["rollout", "model", "d:v1", "-g", "cams", "--wait"], ["delta", "list"],
     ["delta", "show", "1", "--json"], ["delta", "build", "d:v1", "d:v2"],
+    ["device", "variants", "cam-1"],
 ])
 def test_the_api_path_loads_no_database_or_model_library(args, tmp_path: Path):
     env = {"FLEET_API_URL": "http://127.0.0.1:9", "FLEET_API_TOKEN": "dft_x",
