@@ -71,8 +71,8 @@ def _load(model: str | None = None, delta_id: int | None = None) -> list[dict[st
 def list_deltas(
     model: Annotated[str | None, typer.Option(
         "--model", help="Only deltas from or to a version of this model.")] = None,
-    wide: Annotated[bool, typer.Option("--wide", help="Show base and target sha256 in full.")
-                    ] = False,
+    wide: Annotated[bool, typer.Option(
+        "--wide", help="Show base and target sha256 in full, and the build seconds.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """List deltas: cached ones (base, target, codec, size vs the target's full artifact, the
@@ -81,15 +81,17 @@ def list_deltas(
     if json_out:
         print_json(rows)
         return
-    table = Table("id", "base", "target", "state", "codec", "size", "%full", "secs", wide=wide)
-    table.add_column("reason", overflow="below")
+    table = Table("id", "base", "target", "state", "codec", "size", "%full",
+                  *(["secs"] if wide else []), wide=wide)
+    table.add_column("reason", overflow="below")  # under its row: 80 columns hold the rest
     n = 64 if wide else 12
     for r in rows:
+        secs = "-" if r["build_seconds"] is None else f"{r['build_seconds']:.1f}"
         table.add_row("-" if r["id"] is None else str(r["id"]),
                       r["base"] or r["base_sha256"][:n], r["target"] or r["target_sha256"][:n],
                       r["state"], r["codec"] or "-", fmt_bytes(r["size_bytes"]),
                       f"{100 * r['ratio']:.1f}" if r["ratio"] is not None else "-",
-                      "-" if r["build_seconds"] is None else f"{r['build_seconds']:.1f}",
+                      *([secs] if wide else []),
                       r["reason"] or ("" if r["worth_sending"] is not False
                                       else "not worth sending: the full artifact is used"))
     console.print(table if rows else "no deltas")
