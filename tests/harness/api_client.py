@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,3 +86,39 @@ class ApiClient:
         parts.append(f"--{boundary}--\r\n".encode())
         return self.request("POST", path, body=b"".join(parts),
                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def events(self, path: str, *, last_event_id: int | None = None,
+               timeout_s: float = 120) -> Iterator[ServerEvent]:
+        """The server-sent events of ``path`` as they arrive, until the server ends the
+        stream (a non-200 answer raises, with the problem)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+        h = {"Accept": "text/event-stream"}
+        if self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        if last_event_id is not None:
+            h["Last-Event-ID"] = str(last_event_id)
+        try:
+            conn.request("GET", path, headers=h)
+            res = conn.getresponse()
+            if res.status != 200:
+                raise AssertionError(f"{path}: {res.status} {res.read()!r}")
+            fields: dict[str, str] = {}
+            while line := res.readline():
+                text = line.decode().rstrip("\r\n")
+                if text:
+                    key, _, value = text.partition(": ")
+                    fields[key] = value
+                    continue
+                if "event" in fields:
+                    yield ServerEvent(fields["event"], json.loads(fields.get("data", "null")),
+                                      int(fields["id"]) if "id" in fields else None)
+                fields = {}
+        finally:
+            conn.close()
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    event: str
+    data: Any
+    id: int | None = None

@@ -59,6 +59,7 @@ MACHINE = mc.MachineConfig(download_timeout_s=600.0, chunk_retry_s=2.0, disk_ret
 @dataclass
 class Knobs:
     fail_apply: bool = False
+    apply_error: str = "injected apply failure"  # the reason a failed apply reports
     fail_health: bool = False
     disk_full: bool = False  # report "waiting" (as the agent does) and go on once it is False
 
@@ -310,7 +311,7 @@ class SimDevice:
         if sha256_bytes(artifact) != m.artifact.sha256:
             return mc.ApplyFailed(m.model, m.manifest_id, "artifact hash mismatch")
         if self.knobs.fail_apply:
-            return mc.ApplyFailed(m.model, m.manifest_id, "injected apply failure")
+            return mc.ApplyFailed(m.model, m.manifest_id, self.knobs.apply_error)
         current = self.models.get(m.model)
         base = self.fleet.model_file(current) if current is not None else None
         try:  # every codec, target sha256 and size verified

@@ -10,7 +10,10 @@
   session's broker, closed after the test;
 - ``secure_fleet``: enrolled devices and a Mosquitto on the generated TLS config;
 - ``empty_store``: a migrated, empty store, once on SQLite and once on PostgreSQL;
-- ``lab_db_url``: the database a ``rollout_lab`` runs on, once SQLite, once PostgreSQL.
+- ``lab_db_url``: the database a ``rollout_lab`` runs on, once SQLite, once PostgreSQL;
+- ``api_fleet``: a `fleetctl server` with its HTTPS API and two agents, for comparing
+  fleetctl on the server's host with fleetctl through FLEET_API_URL (``harness.remote_cli``),
+  one per module (its topic prefix named after it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tests.harness.fleetlab import Lab
 from tests.harness.modelgen import make_onnx_pair
 from tests.harness.mqtt_peer import Peer
 from tests.harness.need import missing
+from tests.harness.remote_cli import api_fleet as start_api_fleet
 from tests.harness.rollout_lab import RolloutLab
 from tests.harness.tls_broker import TlsBroker
 
@@ -139,3 +143,13 @@ def secure_fleet(tmp_path: Path) -> Iterator[tuple[ServerConfig, TlsBroker]]:
     broker = TlsBroker(cfg, tmp_path / "broker")
     yield cfg, broker
     broker.stop()
+
+
+@pytest.fixture(scope="module")
+def api_fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, broker
+              ) -> Iterator[dict]:
+    """``harness.remote_cli.api_fleet`` for the module: tokens, detector:v1 rolled out to
+    cam-1 and cam-2 through the API (``local``, ``remote``, ``same`` compare the two paths)."""
+    name = request.module.__name__.rsplit(".", 1)[-1].replace("test_", "").replace("_", "-")
+    with start_api_fleet(tmp_path_factory.mktemp(name), broker.url, f"{name}/v1") as fleet:
+        yield fleet

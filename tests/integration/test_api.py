@@ -11,7 +11,7 @@ import pytest
 from deltafleet.server.api.app import ROUTES
 from deltafleet.shared import sha256_file
 from tests.harness.api_client import ApiClient
-from tests.harness.fleetlab import Lab, free_port, wait_for, wait_port
+from tests.harness.fleetlab import Lab, free_port, wait_for
 from tests.harness.modelgen import make_onnx_pair
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -28,13 +28,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, broker):
     lab.env["FLEET_API_LISTEN"] = f"127.0.0.1:{port}"
     try:
         v1, v2 = make_onnx_pair(root / "models", size_mb=0.5)
-        lab.fleetctl("init")
-        tokens = {role: lab.fleetctl_json("token", "create", f"{role}-1", "--role", role)["token"]
-                  for role in ("viewer", "operator", "admin")}
-        lab.start_server()
-        wait_port(port, 30)
-        for device_id, hw in DEVICES.items():
-            lab.start_agent(device_id, {"hw": hw, "site": "lab"})
+        tokens = lab.serve_api(port, DEVICES)
         admin = ApiClient(port, tokens["admin"])
         ops = ApiClient(port, tokens["operator"])
         uploaded = admin.upload("/api/v1/models/detector/versions", {"version": "v1"},
@@ -235,12 +229,13 @@ def test_a_rollout_streams_its_status_as_server_sent_events_until_it_ends(fleet)
                  headers={"Authorization": f"Bearer {fleet['tokens']['viewer']}"})
     res = conn.getresponse()
     assert res.status == 200 and res.headers["content-type"].startswith("text/event-stream")
-    text = res.read().decode()  # a completed rollout: one event, then the stream ends
+    text = res.read().decode()  # a completed rollout: its device events, its status, the end
     conn.close()
-    (event,) = [b for b in text.split("\n\n") if b.strip()]
+    *moves, event = [b for b in text.split("\n\n") if b.strip()]
     name, data = event.split("\n", 1)
     assert name == "event: status"
     assert json.loads(data.removeprefix("data: "))["state"] == "completed"
+    assert moves and all(m.startswith("id: ") and "\nevent: device\n" in m for m in moves)
     assert client(fleet).get(f"/api/v1/rollouts/{rid}/stream").status == 401
 
 

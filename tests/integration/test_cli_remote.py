@@ -8,49 +8,23 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 
 import pytest
 
 from deltafleet.shared import sha256_file
 from tests.harness.fleetlab import free_port, wait_for
-from tests.harness.modelgen import make_onnx_pair
-from tests.harness.remote_fleet import api_fleet, local, remote, same_as
+from tests.harness.remote_cli import DEVICES, local, remote, same, same_as
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-DEVICES = {"cam-1": "jetson", "cam-2": "jetson"}
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, broker):
-    root = tmp_path_factory.mktemp("cli-remote")
-    fleet = api_fleet(root, broker.url, "cli-remote/v1")
-    lab = fleet["lab"]
-    try:
-        v1, v2 = make_onnx_pair(root / "models", size_mb=0.5)
-        for device_id, hw in DEVICES.items():
-            lab.start_agent(device_id, {"hw": hw, "site": "lab"})
-        fleet.update({"v1": v1, "v2": v2})
-        added = remote(fleet, "model", "add", "detector", "v1", str(v1), role="admin")
-        assert added.returncode == 0, added.stderr
-        fleet["added"] = added.stdout
-        grouped = remote(fleet, "group", "create", "cams", "--match", "hw=jetson")
-        assert grouped.returncode == 0, grouped.stderr
-        wait_for(lambda: lab.online_devices() == set(DEVICES), 60, "agents online")
-        rolled = remote(fleet, "rollout", "model", "detector:v1", "-g", "cams",
-                        "--health-window", "1s", "--wait", "--timeout", "90s")
-        fleet["rolled"] = rolled
-        fleet["rollout"] = int(re.match(r"rollout (\d+) started", rolled.stdout).group(1))
-        yield fleet
-    finally:
-        lab.close()
+def fleet(api_fleet):
+    return api_fleet
 
 
-def _same(fleet, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``args`` locally and through the API: the same exit code, stdout and stderr
-    (ages and ``last_seen`` aside: the agents keep reporting in between)."""
-    return same_as(fleet, "operator", *args)
+_same, _same_as = same, same_as
 
 
 READS = [
@@ -59,6 +33,8 @@ READS = [
     ("device", "show", "cam-1"), ("device", "show", "cam-1", "--json"),
     ("device", "history", "cam-1", "--wide"), ("device", "history", "cam-2", "--json"),
     ("device", "labels", "cam-1"), ("device", "labels", "cam-1", "--json"),
+    ("device", "variants", "cam-1"), ("device", "variants", "cam-2", "--wide"),
+    ("device", "variants", "cam-1", "--json"),
     ("group", "list"), ("group", "list", "--json"), ("group", "show", "cams", "--wide"),
     ("group", "show", "cams", "--json"),
     ("model", "list"), ("model", "list", "--wide", "--json"), ("model", "show", "detector"),
@@ -76,7 +52,8 @@ def test_a_read_command_prints_the_same_through_the_api(fleet, args):
 
 
 ERRORS = [
-    ("device", "show", "nope"), ("device", "history", "nope"), ("group", "show", "nope"), ("model", "show", "nope"),
+    ("device", "show", "nope"), ("device", "history", "nope"), ("device", "variants", "nope"),
+    ("group", "show", "nope"), ("model", "show", "nope"),
     ("rollout", "status", "999"), ("rollout", "plan", "detector:v9", "-g", "cams"),
     ("rollout", "pause", "999"), ("audit", "--since", "yesterday"),
     ("rollout", "model", "detector:v1", "-g", "cams", "--waves", "lots"),
@@ -108,6 +85,15 @@ def test_a_rollout_started_through_the_api_reaches_the_devices(fleet):
     audit = json.loads(local(fleet, "audit", "--json").stdout)
     actors = {e["action"]: e["actor"] for e in audit}
     assert actors["model.add"] == "api:admin-1" and actors["rollout.create"] == "api:operator-1"
+
+
+def test_device_variants_says_which_variant_a_device_got_and_why(fleet):
+    out = json.loads(_same(fleet, "device", "variants", "cam-1", "--json").stdout)
+    (m,) = out["models"]
+    assert (m["model"], m["version"], m["rollout_id"], m["variant"], m["chosen_now"]) == \
+        ("detector", "v1", fleet["rollout"], "default", "default")
+    assert m["why"] == "by format (no --prefer): the variant it runs"
+    assert m["delivery"].startswith("no version of the model on the device: full sent")
 
 
 def test_model_add_through_the_api_uploads_and_prints_what_local_add_prints(fleet):
@@ -201,7 +187,7 @@ def test_an_unknown_ca_exits_1_with_one_line(fleet):
 
 LOCAL_ONLY = [
     ("init",), ("db", "upgrade"), ("keys", "init"), ("broker", "config"), ("server",),
-    ("delta", "list"), ("store", "verify"),
+    ("delta", "build", "detector:v1", "detector:v2"), ("store", "verify"),
     ("profile", "list"), ("profile", "show", "x86_64/cpu/8GiB"),
 ]
 

@@ -35,7 +35,7 @@ def report(store: Store, sha: str, what: str, at: datetime = T0) -> None:
 
 
 def test_the_column_exists_at_head(store: Store, db_url: str) -> None:
-    assert head_revision() == "0007"
+    assert int(head_revision()) >= 7  # the column came in 0007
     cols = {c["name"]: c for c in inspect(store.engine).get_columns("device_models")}
     assert cols["state"]["nullable"] is True
 

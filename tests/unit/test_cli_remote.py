@@ -46,7 +46,9 @@ print("HEAVY", ",".join(heavy), file=sys.stderr)
     ["keys", "show"], ["keys", "rotate"], ["keys", "export", "--out", "/nonexistent/x"],
     ["device", "enroll", "cam-9", "--out", "/nonexistent/x"], ["device", "revoke", "cam-1"],
     ["model", "inspect", "d:v1", "--json"], ["model", "optimize", "d:v1", "--int8"],
-    ["model", "compress"],
+    ["model", "compress"], ["delta", "list"],
+    ["delta", "show", "1", "--json"], ["delta", "build", "d:v1", "d:v2"],
+    ["device", "variants", "cam-1"],
 ])
 def test_the_api_path_loads_no_database_or_model_library(args, tmp_path: Path):
     env = {"FLEET_API_URL": "http://127.0.0.1:9", "FLEET_API_TOKEN": "dft_x",

@@ -5,6 +5,10 @@ Every candidate is round-tripped (decode(base, delta) == target sha256, streamed
 agent's own decoder) before it can win; a pair where no delta beats the full artifact (the
 compressed model) ends in ``failed`` with the reason, and the daemon then sends the full
 artifact.
+
+The builder's pairs in progress and its failures live in its memory (a restart tries them
+again); it mirrors them to ``BUILDS_FILE`` in its work directory after every change, so that
+``fleetctl delta list`` and ``GET /api/v1/deltas`` can say "building" or "failed, because".
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
-from deltafleet.shared import sha256_file
+from deltafleet.shared import atomic_write_json, sha256_file
 
 from .codecs import DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_TIME_BUDGET_S, Attempt, Budget, choose
 
 log = logging.getLogger(__name__)
+
+BUILDS_FILE = "delta-builds.json"  # {"building": [{base, target}], "failed": [{..., reason, at}]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,24 @@ class DeltaBuilder:
         )
         self._futures: dict[tuple[str, str], cf.Future[BuiltDelta | NoDelta]] = {}
         self.failed: dict[tuple[str, str], str] = {}
+        self._failed_at: dict[tuple[str, str], str] = {}
+        self._publish()
+
+    def _publish(self) -> None:
+        """Mirror the pairs building and failed to ``BUILDS_FILE`` (a failed write is logged:
+        the listing is for operators, the builder goes on)."""
+        doc = {"building": [{"base_sha256": b, "target_sha256": t} for b, t in self._futures],
+               "failed": [{"base_sha256": b, "target_sha256": t, "reason": reason,
+                           "at": self._failed_at.get((b, t))}
+                          for (b, t), reason in self.failed.items()]}
+        try:
+            atomic_write_json(self.work_dir / BUILDS_FILE, doc)
+        except OSError as e:
+            log.warning("cannot record the delta builds in %s: %s", self.work_dir, e)
+
+    def _fail(self, key: tuple[str, str], reason: str) -> None:
+        self.failed[key] = reason
+        self._failed_at[key] = datetime.now(UTC).isoformat()
 
     def building(self, base: str, target: str) -> bool:
         return (base, target) in self._futures
@@ -121,25 +146,30 @@ class DeltaBuilder:
             build_best_delta, str(base_path), str(target_path), target, str(self.work_dir),
             self.memory_budget_bytes, self.time_budget_s, reference_bytes,
         )
+        self._publish()
 
     def finished(self) -> list[BuiltDelta]:
         done: list[BuiltDelta] = []
+        changed = False
         for key, fut in list(self._futures.items()):
             if not fut.done():
                 continue
             del self._futures[key]
+            changed = True
             try:
                 result = fut.result()
             except Exception as e:  # noqa: BLE001 - a failed build means "send the full model"
                 log.error("delta %s -> %s failed: %s", key[0][:12], key[1][:12], e)
-                self.failed[key] = str(e)
+                self._fail(key, str(e))
                 continue
             if isinstance(result, NoDelta):
                 log.info("no delta for %s -> %s, the full model will be sent: %s",
                          key[0][:12], key[1][:12], result.reason)
-                self.failed[key] = result.reason
+                self._fail(key, result.reason)
             else:
                 done.append(result)
+        if changed:
+            self._publish()
         return done
 
     def shutdown(self) -> None:

@@ -49,13 +49,15 @@ from .store.models import (
     Model,
     ModelVersion,
     Rollout,
+    RolloutEvent,
     RolloutTarget,
     Variant,
 )
 
 __all__ = ["FINAL_ROLLOUT_STATES", "WAIT_ENDS", "Overlap", "Started", "act_on_rollout",
-           "create_rollout", "get_rollout", "list_rollouts", "plan_rollout", "rollout_json",
-           "start_rollout"]
+           "create_rollout", "device_selection", "get_rollout", "list_rollouts", "plan_rollout",
+           "rollout_events",
+           "rollout_json", "start_rollout"]
 
 # Targets an old rollout still covers (a takeover moves them): all but those it let go.
 _LET_GO = (TargetState.CANCELLED.value, TargetState.SKIPPED.value, TargetState.REVERTED.value)
@@ -397,6 +399,66 @@ def rollout_json(s: Session, r: Rollout, *, with_targets: bool = True) -> dict[s
     """A rollout as ``fleetctl rollout status --json`` prints it (``reads.rollout_json``: the
     same statements fleetctl runs on the store without SQLAlchemy)."""
     return reads.rollout_json(reads.SessionReader(s), r.id, with_targets=with_targets)
+
+
+def device_selection(s: Session, device_id: str) -> dict[str, Any]:
+    """Why the device gets the variant it does: per model, its newest rollout target (the
+    variant recorded at dispatch, ``delivery``: why delta or full) and what the rollout's rule
+    picks for it now, with why (``--variant`` pin, ``--prefer`` selection on today's portrait
+    and benchmarks, else by format: the variant it runs, then "default")."""
+    d = fleet.get_device(s, device_id)
+    newest: dict[int, RolloutTarget] = {}
+    rows = s.execute(select(RolloutTarget, Rollout.model_id)
+                     .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+                     .where(RolloutTarget.device_id == d.id)
+                     .order_by(RolloutTarget.rollout_id.desc())).all()
+    for t, model_id in rows:
+        newest.setdefault(model_id, t)
+    out = []
+    for model_id, t in sorted(newest.items()):
+        r = get_rollout(s, t.rollout_id)
+        model, version = s.get(Model, model_id), s.get(ModelVersion, r.version_id)
+        assert model is not None and version is not None
+        policy = RolloutPolicy.from_json(r.policy)
+        options = catalog.variant_options(s, version.id)
+        running = running_models(s, model.name, [d.id]).get(d.id)
+        if policy.variant is not None:
+            choice = choose_variant(dict(d.runtimes or {}), None, options, policy.variant)
+            why = choice.reason or f"pinned by the rollout (--variant {policy.variant})"
+        elif policy.prefer is not None:
+            choice = select_choice(select_for(s, version.id, options, [d], policy.prefer)[d.id],
+                                   options)
+            why = f"--prefer {policy.prefer}: {choice.reason}"
+        else:
+            runs = running.variant if running else None
+            choice = choose_variant(dict(d.runtimes or {}), runs, options)
+            name = choice.variant.name if choice.variant else None
+            why = choice.reason or "by format (no --prefer): " + (
+                "the variant it runs" if name == runs else "the default variant"
+                if name == "default" else "the first variant it can load")
+        recorded = s.get(Variant, t.variant_id) if t.variant_id is not None else None
+        out.append({"model": model.name, "version": version.version, "rollout_id": r.id,
+                    "rollout_state": r.state, "state": t.state,
+                    "variant": recorded.name if recorded else None,
+                    "chosen_now": choice.variant.name if choice.variant else None, "why": why,
+                    "delivery": t.delivery or "", "prefer": policy.prefer,
+                    "pinned": policy.variant})
+    return {"device": d.id, "models": out}
+
+
+def rollout_events(s: Session, rollout_id: int, *, after: int | None = None,
+                   limit: int = 500) -> list[dict[str, Any]]:
+    """A rollout's device events (each target's state move, ``rollout_events``), oldest first:
+    those after event id ``after``, or the last ``limit`` when ``after`` is None."""
+    q = select(RolloutEvent).where(RolloutEvent.rollout_id == rollout_id)
+    if after is None:
+        rows = list(reversed(s.scalars(q.order_by(RolloutEvent.id.desc()).limit(limit)).all()))
+    else:
+        rows = list(s.scalars(q.where(RolloutEvent.id > after).order_by(RolloutEvent.id)
+                              .limit(limit)).all())
+    return [{"id": e.id, "rollout_id": e.rollout_id, "device": e.device_id,
+             "from": e.from_state, "to": e.to_state, "reason": e.reason,
+             "at": e.at.astimezone(UTC).isoformat()} for e in rows]
 
 
 def list_rollouts(s: Session) -> list[Rollout]:

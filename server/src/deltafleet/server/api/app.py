@@ -88,6 +88,8 @@ ROUTES: tuple[ApiRoute, ...] = (
              "One device: profile, labels, what it runs, what it was asked to run and why."),
     ApiRoute("GET", "/devices/{device_id}/history", h.device_history, "viewer",
              "A device's rollouts and reported update events, newest first.", ("limit",)),
+    ApiRoute("GET", "/devices/{device_id}/variants", h.device_variants, "viewer",
+             "Why the device gets the variant it does, per model (selection's reason)."),
     ApiRoute("GET", "/devices/{device_id}/labels", h.device_labels, "viewer",
              "A device's labels (as it reported them)."),
     # ``:path``: an id holding a "/" (%2F) reaches the handler, which refuses it as the CLI does
@@ -121,6 +123,11 @@ ROUTES: tuple[ApiRoute, ...] = (
     ApiRoute("GET", "/models/{name}/versions/{version}/inspect", h.version_inspect, "viewer",
              "What a registered variant's file is (IO, ops, runtimes, memory, figures).",
              ("variant",)),
+    ApiRoute("GET", "/deltas", h.deltas_list, "viewer",
+             "Deltas: built (size, ratio to the full artifact), building, failed (paged).",
+             ("model", "state", "limit", "offset")),
+    ApiRoute("GET", "/deltas/{delta_id:int}", h.delta_show, "viewer",
+             "One built delta: base -> target, codec, size, ratio to the full artifact."),
     ApiRoute("GET", "/rollouts", h.rollouts_list, "viewer", "Rollouts, newest first (paged).",
              ("state", "limit", "offset")),
     ApiRoute("POST", "/rollouts", h.rollout_create, "operator",
@@ -304,17 +311,41 @@ async def _read_multipart(request: Request, call: h.Call, into: Path) -> None:
 
 
 STREAM_POLL_S = 1.0
+STREAM_BACKLOG = 100  # device events a client that names no Last-Event-ID gets first
+STREAM_BATCH = 500  # device events read per poll at most (a big wave takes a few polls)
+
+
+def _last_event_id(request: Request) -> int | None:
+    """Where a client resumes: the ``Last-Event-ID`` header (an EventSource sends it when it
+    reconnects) or ``?last_event_id=``; None: from the last ``STREAM_BACKLOG`` events."""
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise ApiProblem(400, f"invalid Last-Event-ID {raw[:40]!r}: use the id of an event "
+                         "this stream sent", kind="invalid-input")
+    return int(raw)
+
+
+def _sse(event: str, data: Any, event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, sort_keys=True)}\n\n"
 
 
 def _stream(ctx: ApiContext) -> Callable[[Request], Any]:
-    """``GET /rollouts/{id}/stream``: server-sent events, one ``status`` event (the rollout's
-    JSON, as ``GET /rollouts/{id}``) each time it changes, checked every second; the stream
-    ends after the event of a final state, or when the token is revoked."""
+    """``GET /rollouts/{id}/stream``: server-sent events. ``device`` events (``id:`` the
+    event's id; data: device, from, to, reason, at), each target's state move as the
+    reconciler made it, oldest first; and a ``status`` event (the rollout's JSON, as ``GET
+    /rollouts/{id}``) each time it changes, after the device events that led to it; checked
+    every second. A client resumes after the last event it saw (``Last-Event-ID``); without
+    one it gets the last ``STREAM_BACKLOG`` device events first. The stream ends after the
+    event of a final state, or when the token is revoked."""
 
     async def stream(request: Request) -> Response:
         try:
             principal = await _principal(ctx, request, write=False)
             rollout_id = request.path_params["rollout_id"]
+            after = _last_event_id(request)
             call = h.Call(principal, ctx.cfg, ctx.store, ctx.blobs,
                           params={"rollout_id": rollout_id})
             first = await run_in_threadpool(h.rollout_show, call)  # 404 before streaming
@@ -332,18 +363,27 @@ def _stream(ctx: ApiContext) -> Callable[[Request], Any]:
         async def events() -> Any:
             import anyio  # noqa: PLC0415 - starlette's own dependency
 
-            data: dict[str, Any] | None = first
+            seen = after
+            data: dict[str, Any] = first
             last = None
-            while data is not None:
+            while True:
+                moves = await run_in_threadpool(h.rollout_device_events, call, seen,
+                                                STREAM_BACKLOG if seen is None else STREAM_BATCH)
+                seen = moves[-1]["id"] if moves else (seen or 0)
+                for move in moves:
+                    yield _sse("device", move, move["id"])
                 text = json.dumps(data, sort_keys=True)
                 if text != last:
                     yield f"event: status\ndata: {text}\n\n"
                     last = text
-                if data["state"] in FINAL_ROLLOUT_STATES or await request.is_disconnected():
+                caught_up = len(moves) < STREAM_BATCH
+                if (data["state"] in FINAL_ROLLOUT_STATES and caught_up) \
+                        or await request.is_disconnected():
                     return
-                await anyio.sleep(STREAM_POLL_S)
+                if caught_up:
+                    await anyio.sleep(STREAM_POLL_S)
                 if not await still_allowed():
-                    yield "event: end\ndata: {\"reason\": \"token revoked\"}\n\n"
+                    yield _sse("end", {"reason": "token revoked"})
                     return
                 data = await run_in_threadpool(h.rollout_show, call)
 
@@ -439,9 +479,15 @@ def openapi_schema() -> dict[str, Any]:
                 r.form)}}}
         paths.setdefault(path, {})[r.method.lower()] = op
     paths[f"{PREFIX}/rollouts/{{rollout_id}}/stream"] = {"get": {
-        "summary": "Server-sent events: the rollout's status each time it changes, until it ends.",
-        "x-role": "viewer", "parameters": [{"name": "rollout_id", "in": "path", "required": True,
-                                            "schema": {"type": "integer"}}],
+        "summary": "Server-sent events: each device's state move (`device`, with an id to "
+                   "resume after: Last-Event-ID) and the rollout's status each time it "
+                   "changes (`status`), until it ends.",
+        "x-role": "viewer", "parameters": [
+            {"name": "rollout_id", "in": "path", "required": True, "schema": {"type": "integer"}},
+            {"name": "Last-Event-ID", "in": "header", "required": False,
+             "schema": {"type": "string"}},
+            {"name": "last_event_id", "in": "query", "required": False,
+             "schema": {"type": "string"}}],
         "responses": {"200": {"description": "text/event-stream"}, "default": problem}}}
     paths[f"{PREFIX}/health"] = {"get": {"summary": "Liveness (no token needed).", "security": [],
                                          "responses": {"200": {"description": "OK"}}}}

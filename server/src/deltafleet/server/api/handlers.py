@@ -29,9 +29,11 @@ from ..errors import UsageError
 from ..rollout.states import ACTIONS, ACTIVE_ROLLOUT_STATES
 from ..rollouts import (
     act_on_rollout,
+    device_selection,
     get_rollout,
     list_rollouts,
     plan_rollout,
+    rollout_events,
     rollout_json,
     start_rollout,
 )
@@ -196,6 +198,14 @@ def devices_list(c: Call) -> dict[str, Any]:
 def device_show(c: Call) -> dict[str, Any]:
     with c.store.read() as s:
         return views.device_detail_json(s, c.params["device_id"])
+
+
+def device_variants(c: Call) -> dict[str, Any]:
+    """Per model, the device's newest rollout: the variant it was sent, why delta or full
+    (``delivery``) and the variant the rollout's rule picks for it now, with why (pin,
+    ``--prefer`` selection on its portrait and benchmarks, or by format)."""
+    with c.store.read() as s:
+        return device_selection(s, c.params["device_id"])
 
 
 def device_labels(c: Call) -> dict[str, Any]:
@@ -439,6 +449,28 @@ def remove_upload(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# -- deltas ----------------------------------------------------------------------------------
+def deltas_list(c: Call) -> dict[str, Any]:
+    """As `fleetctl delta list --json`, paged: built deltas (by id), then the pairs the server
+    is building or failed to build (``state``, ``reason``); ``model``: from or to a version of
+    it; ``state``: built, building or failed."""
+    from ..delta_views import list_deltas  # noqa: PLC0415
+
+    limit, offset = c.page()
+    with c.store.read() as s:
+        rows = list_deltas(s, c.cfg.home, model=c.q("model") or None, state=c.q("state") or None)
+    return _paged(rows, limit, offset)
+
+
+def delta_show(c: Call) -> dict[str, Any]:
+    """As `fleetctl delta show --json`: base -> target, codec, size, ratio to the target's
+    full artifact (the compressed model when the catalog has one)."""
+    from ..delta_views import show_delta  # noqa: PLC0415
+
+    with c.store.read() as s:
+        return show_delta(s, c.params["delta_id"])
+
+
 # -- rollouts --------------------------------------------------------------------------------
 POLICY_TEXT = ("canary", "waves", "max_failure", "on_failure", "health_window", "max_error_rate",
                "max_p95_ratio", "retry_backoff", "state_timeout", "bandwidth", "variant", "prefer",
@@ -489,6 +521,12 @@ def rollout_show(c: Call) -> dict[str, Any]:
         out = rollout_json(s, get_rollout(s, c.params["rollout_id"]))
     out["actions"] = [a for a, act in ACTIONS.items() if out["state"] in act.allowed]
     return out
+
+
+def rollout_device_events(c: Call, after: int | None, limit: int) -> list[dict[str, Any]]:
+    """The rollout's device events after event id ``after`` (None: its last ``limit``)."""
+    with c.store.read() as s:
+        return rollout_events(s, c.params["rollout_id"], after=after, limit=limit)
 
 
 def rollout_plan(c: Call) -> dict[str, Any]:

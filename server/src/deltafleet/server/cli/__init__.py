@@ -60,7 +60,7 @@ _COMMANDS: list[tuple[str, str, str | None, str]] = [
 ]
 _BY_NAME = {c[0]: c for c in _COMMANDS}
 # commands without an API endpoint: refused while FLEET_API_URL is set (``remote``)
-LOCAL_ONLY = frozenset({"init", "server", "db", "delta", "broker", "store", "profile"})
+LOCAL_ONLY = frozenset({"init", "server", "db", "broker", "store", "profile"})
 
 
 def one_line(e: BaseException) -> str:

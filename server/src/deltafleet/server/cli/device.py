@@ -268,6 +268,41 @@ def history(
         console.print("", events)
 
 
+@app.command("variants")
+def variants(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="Device id.")],
+    wide: WideOpt = False,
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Why the device gets the variant it does: per model its newest rollout, the variant it
+    was sent, and what the rollout's rule (--variant pin, --prefer selection on its portrait
+    and benchmarks, else by format) picks for it now, with why."""
+    from . import remote  # noqa: PLC0415
+
+    if remote.active():
+        out = remote.client().get(f"/devices/{remote.quote_part(device_id)}/variants")
+    else:
+        from ..rollouts import device_selection  # noqa: PLC0415
+
+        with open_store() as store, store.read() as s:
+            out = device_selection(s, device_id)
+    if json_:
+        print_json(out)
+        return
+    if not out["models"]:
+        console.print(f"device {out['device']}: in no rollout yet")
+        return
+    table = Table("model", "version", "rollout", "state", "sent", "picked now",
+                  *(["delta or full"] if wide else []),
+                  title=f"device {out['device']}: variants", wide=wide)
+    table.add_column("why", overflow="below")
+    for m in out["models"]:
+        table.add_row(m["model"], m["version"], str(m["rollout_id"]), m["state"],
+                      m["variant"] or "-", m["chosen_now"] or "none",
+                      *([m["delivery"] or "-"] if wide else []), m["why"])
+    console.print(table)
+
+
 @app.command("labels")
 def labels(
     device_id: Annotated[str, typer.Argument(metavar="ID", help="Device id.")],

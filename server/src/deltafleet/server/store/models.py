@@ -1,13 +1,16 @@
 """ORM schema (SQLAlchemy 2.0 typed). Alembic migrations are the only thing that creates it.
 
 Tables: devices, device_models, groups, models, model_versions, variants, artifacts, deltas,
-rollouts, rollout_targets, rollout_counts, device_telemetry, device_telemetry_models, audit_log,
-api_tokens, device_portraits, device_benchmarks, bench_requests (docs/portraits.md).
+rollouts, rollout_targets, rollout_counts, rollout_events, device_telemetry,
+device_telemetry_models, audit_log, api_tokens, device_portraits, device_benchmarks,
+bench_requests (docs/portraits.md).
 
 ``rollout_counts`` holds, per rollout, wave and state, how many targets are in it. It is kept
 by one flush hook (``count_target_moves``) in the same transaction as every insert, move or
 delete of a ``RolloutTarget`` made through the ORM, so it always equals a recount (a bulk
 ``update(RolloutTarget)`` of ``state`` or ``wave`` would bypass it: there is none, keep it so).
+The same hook appends each target's state move to ``rollout_events`` (what the live rollout
+stream sends, by id), and drops a rollout's events ``ROLLOUT_EVENTS_KEPT_DAYS`` after it ended.
 
 Rollout and rollout target (per device) states, and the moves between them, are the tables
 at the top of ``deltafleet.server.rollout.states``; the columns hold their string values.
@@ -15,7 +18,7 @@ at the top of ``deltafleet.server.rollout.states``; the columns hold their strin
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -40,7 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from ..rollout.states import RolloutState, TargetState
+from ..rollout.states import FINAL_ROLLOUT_STATES, RolloutState, TargetState
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -292,6 +295,26 @@ class RolloutCount(Base):
     n: Mapped[int] = mapped_column(Integer, default=0)
 
 
+ROLLOUT_EVENTS_KEPT_DAYS = 7
+
+
+class RolloutEvent(Base):
+    """One target's state move (``from_state`` None: the target was created), appended by
+    ``count_target_moves`` in the transaction that made it; ``id`` orders them (the stream's
+    event id: a client resumes after the last one it saw)."""
+
+    __tablename__ = "rollout_events"
+    __table_args__ = (Index("ix_rollout_events_rollout_id", "rollout_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(Integer)
+    device_id: Mapped[str] = mapped_column(String(64))
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class DeviceEvent(Base):
     """Events already applied, by the id the agent gave them: agents deliver at least once
     (on-disk outbox), the server applies each event once, across restarts and replicas."""
@@ -455,10 +478,18 @@ def _old_value(session: Session, target: RolloutTarget, name: str) -> Any:
 
 @event.listens_for(Session, "before_flush")
 def count_target_moves(session: Session, _context: Any, _instances: Any) -> None:
-    """Add every target move of this flush to ``rollout_counts`` (one upsert per flush)."""
+    """Add every target move of this flush to ``rollout_counts`` (one upsert per flush) and
+    each state move to ``rollout_events`` (one insert per flush)."""
     if session.info.get("read_only") and (session.new or session.dirty or session.deleted):
         raise RuntimeError("a read-only session was asked to write")
     delta: dict[tuple[int, int, str], int] = {}
+    moves: list[dict[str, Any]] = []
+
+    def moved(t: RolloutTarget, old: str | None, new: str) -> None:
+        if old != new:
+            moves.append({"rollout_id": t.rollout_id, "device_id": t.device_id,
+                          "from_state": old, "to_state": str(new), "reason": t.reason or "",
+                          "at": t.updated_at or utcnow()})
 
     def add(rollout_id: int, wave: int, state: str, n: int) -> None:
         key = (rollout_id, wave, str(state))
@@ -470,6 +501,7 @@ def count_target_moves(session: Session, _context: Any, _instances: Any) -> None
                 raise RuntimeError("a rollout target is flushed without its rollout_id")
             state = obj.state if obj.state is not None else TargetState.PENDING.value
             add(obj.rollout_id, obj.wave or 0, state, 1)
+            moved(obj, None, state)
     for obj in session.dirty:
         if not isinstance(obj, RolloutTarget) or inspect(obj).persistent is False:
             continue
@@ -477,13 +509,16 @@ def count_target_moves(session: Session, _context: Any, _instances: Any) -> None
         if not (attrs.state.history.has_changes() or attrs.wave.history.has_changes()
                 or attrs.rollout_id.history.has_changes()):
             continue
+        old_state = _old_value(session, obj, "state")
         add(_old_value(session, obj, "rollout_id"), _old_value(session, obj, "wave"),
-            _old_value(session, obj, "state"), -1)
+            old_state, -1)
         add(obj.rollout_id, obj.wave, obj.state, 1)
+        moved(obj, old_state, obj.state)
     for obj in session.deleted:
         if isinstance(obj, RolloutTarget):
             add(_old_value(session, obj, "rollout_id"), _old_value(session, obj, "wave"),
                 _old_value(session, obj, "state"), -1)
+    _record_moves(session, moves)
     rows = [{"rollout_id": r, "wave": w, "state": st, "n": n}
             for (r, w, st), n in sorted(delta.items()) if n]
     if not rows:
@@ -503,6 +538,23 @@ def count_target_moves(session: Session, _context: Any, _instances: Any) -> None
     conn.execute(stmt.on_conflict_do_update(
         index_elements=[table.c.rollout_id, table.c.wave, table.c.state],
         set_={"n": table.c.n + stmt.excluded.n}), rows)
+
+
+def _record_moves(session: Session, moves: list[dict[str, Any]]) -> None:
+    """Append ``moves`` to ``rollout_events``; when a rollout of this flush ends, drop the
+    events of rollouts that ended more than ``ROLLOUT_EVENTS_KEPT_DAYS`` ago."""
+    conn = None
+    if moves:
+        conn = session.connection()
+        conn.execute(cast(Table, RolloutEvent.__table__).insert(), moves)
+    ended = any(isinstance(obj, Rollout) and obj.state in FINAL_ROLLOUT_STATES
+                and inspect(obj).attrs.state.history.has_changes() for obj in session.dirty)
+    if ended:
+        conn = conn or session.connection()
+        old = select(Rollout.id).where(
+            Rollout.finished_at < utcnow() - timedelta(days=ROLLOUT_EVENTS_KEPT_DAYS))
+        events = cast(Table, RolloutEvent.__table__)
+        conn.execute(events.delete().where(events.c.rollout_id.in_(old)))
 
 
 def recount(session: Session, rollout_id: int) -> dict[tuple[int, str], int]:

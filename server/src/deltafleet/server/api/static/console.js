@@ -7,10 +7,11 @@
 "use strict";
 
 const API = "/api/v1";
-const POLL_MS = 1000;
 const ROLES = ["viewer", "operator", "admin"];
 let me = null;       // {name, role}
-let timer = null;    // the live page's poll
+let live = null;     // the live page's event stream (closed when the page changes)
+const FINAL = ["completed", "aborted", "rolled_back", "superseded"];
+const EVENTS_SHOWN = 200;  // device events kept on the live page, newest first
 
 // -- DOM helpers (text only) ---------------------------------------------------------------
 function el(tag, attrs, ...children) {
@@ -162,8 +163,10 @@ function pager(q, page) {
 }
 
 async function devicePage(id) {
-  const [d, h] = await Promise.all([api("/devices/" + encodeURIComponent(id)),
-                                    api("/devices/" + encodeURIComponent(id) + "/history")]);
+  const base = "/devices/" + encodeURIComponent(id);
+  const [d, h, v, models] = await Promise.all([api(base), api(base + "/history"),
+                                               api(base + "/variants"), api("/models")]);
+  const names = variantNames(models);
   const p = d.profile;
   const facts = [["online", d.online ? "yes" : "no"], ["last seen", when(d.last_seen)],
     ["hardware id", d.hardware_id || "-"], ["agent", d.agent_version || "-"], ["arch", p.arch || "-"],
@@ -178,8 +181,21 @@ async function devicePage(id) {
     table(["model", "version", "variant", "since", "sha256"], d.running.map((m) =>
       row(m.model, m.version || "?", m.variant || "-", when(m.updated_at), el("span", {class: "mono"}, m.sha256.slice(0, 12)))), {id: "running"}),
     el("h2", {}, "Asked to run (not running yet)"),
-    table(["model", "version", "rollout", "state", "why"], d.desired.map((x) =>
-      row(x.model, x.version || "?", link("r" + x.rollout_id, "/rollout/" + x.rollout_id), stateSpan(x.state), x.why)), {id: "desired"}),
+    table(["model", "version", "variant", "rollout", "state", "why"], d.desired.map((x) =>
+      row(x.model, x.version || "?", x.variant || "-", link("r" + x.rollout_id, "/rollout/" + x.rollout_id), stateSpan(x.state), x.why)), {id: "desired"}),
+    el("h2", {}, "Why this variant (newest rollout per model)"),
+    table(["model", "version", "rollout", "state", "sent", "picked now", "why", "delta or full"], v.models.map((x) =>
+      row(x.model, x.version, link("r" + x.rollout_id, "/rollout/" + x.rollout_id), stateSpan(x.state),
+        x.variant || "-", x.chosen_now || "none", x.why, x.delivery || "-")), {id: "variants"}),
+    el("h2", {}, "Portrait"), portrait(d.portrait),
+    el("h2", {}, "Own benchmarks"),
+    table(["model:version/variant", "runtime", {t: "load", num: true}, {t: "p50", num: true}, {t: "p95", num: true},
+           {t: "model memory", num: true}, {t: "energy/inf", num: true}, {t: "runs", num: true}, "measured", "error"],
+      (d.benchmarks || []).map((b) => row(names[b.sha256] || `${b.variant} (${b.sha256.slice(0, 12)})`,
+        `${b.runtime} ${b.runtime_version}`, num(b.load_ms === null ? "-" : `${b.load_ms} ms`),
+        num(b.p50_us === null ? "-" : `${b.p50_us} µs`), num(b.p95_us === null ? "-" : `${b.p95_us} µs`),
+        num(bytes(b.model_rss_bytes)), num(b.energy_uj === null ? "-" : `${b.energy_uj} µJ`),
+        num(b.runs === null ? "-" : b.runs), when(b.measured_at), b.error || "")), {id: "benchmarks"}),
     el("h2", {}, "History"),
     table(["rollout", "model", "version", "state", "attempts", "artifact", "sent", "reason", "updated"],
       h.rollouts.map((t) => row(link("r" + t.rollout_id, "/rollout/" + t.rollout_id), t.model, t.version,
@@ -188,8 +204,35 @@ async function devicePage(id) {
     table(["at", "state"], h.events.map((e) => row(when(e.at), stateSpan(e.state)))));
 }
 
+// model sha256 -> "model:version/variant", from GET /models
+function variantNames(models) {
+  const out = {};
+  for (const m of models) for (const v of m.versions) for (const x of v.variants) {
+    if (!(x.sha256 in out)) out[x.sha256] = `${m.name}:${v.version}/${x.name}`;
+  }
+  return out;
+}
+
+// what the device can use (docs/portraits.md): every field as text
+function portrait(p) {
+  if (!p) return el("p", {class: "muted", id: "portrait"}, "no portrait yet (the agent sends one after its hello)");
+  const doc = p.portrait || {};
+  const probes = (xs) => (xs || []).map((x) => `${x.name}${x.ok ? "" : " (failed" + (x.error ? ": " + x.error : "") + ")"}`).join(", ") || "-";
+  const cpu = doc.cpu || {}, mem = doc.memory || {}, disk = doc.disk || {};
+  const rows = [["device type", p.device_type], ["updated", when(p.updated_at)],
+    ["accelerators", (doc.accelerators || []).join(", ") || "-"],
+    ["providers", probes(doc.providers)], ["delegates", probes(doc.delegates)],
+    ["cpu", [cpu.count ? `${cpu.count} ×` : "", cpu.model || "", (cpu.flags || []).length ? `(${cpu.flags.join(", ")})` : ""].filter(Boolean).join(" ") || "-"],
+    ["memory", `${bytes(mem.available_bytes)} available of ${bytes(mem.total_bytes)}` +
+      (mem.cgroup_headroom_bytes !== undefined && mem.cgroup_headroom_bytes !== null ? `, cgroup headroom ${bytes(mem.cgroup_headroom_bytes)}` : "")],
+    ["disk", `${bytes(disk.free_bytes)} free of ${bytes(disk.total_bytes)}`],
+    ["runtimes", Object.entries(doc.runtimes || {}).map(([k, v]) => `${k} ${v}`).join(", ") || "-"],
+    ["power sensors", (doc.power || []).map((x) => `${x.name} (${x.kind})`).join(", ") || "-"]];
+  return table(["field", "value"], rows.map(([k, v]) => row(k, v)), {id: "portrait"});
+}
+
 async function modelsPage() {
-  const models = await api("/models");
+  const [models, deltas] = await Promise.all([api("/models"), api("/deltas?limit=500")]);
   const rows = [];
   for (const m of models) for (const v of m.versions) for (const x of v.variants) {
     rows.push(row(m.name, v.version, x.name, x.format, x.precision, num(bytes(x.size_bytes)),
@@ -198,7 +241,16 @@ async function modelsPage() {
   }
   const nodes = [el("h1", {}, "Model catalog"),
     table(["model", "version", "variant", "format", "precision", {t: "size", num: true},
-           {t: "full install (zstd)", num: true}, "sha256", "added"], rows, {id: "models"})];
+           {t: "full install (zstd)", num: true}, "sha256", "added"], rows, {id: "models"}),
+    el("h2", {}, "Deltas"),
+    el("p", {class: "muted"}, `${deltas.total} delta(s): built ones are shipped instead of the full install when worth it`),
+    table(["from", "to", "state", "codec", {t: "size", num: true}, {t: "full install", num: true},
+           {t: "% of full", num: true}, "reason", "built"],
+      deltas.items.map((x) => row(x.base || x.base_sha256.slice(0, 12), x.target || x.target_sha256.slice(0, 12),
+        stateSpan(x.state), x.codec || "-", num(bytes(x.size_bytes)), num(bytes(x.full_artifact_bytes)),
+        num(x.ratio === null ? "-" : `${(100 * x.ratio).toFixed(1)}%`),
+        x.reason || (x.worth_sending === false ? "not worth sending: the full install is used" : ""),
+        when(x.created_at))), {id: "deltas"})];
   if (can("admin")) nodes.push(el("h2", {}, "Register a version"), uploadForm());
   show(...nodes);
 }
@@ -244,7 +296,7 @@ async function rolloutPage(id) {
     for (const [action, cls] of [["pause", "secondary"], ["resume", "secondary"], ["abort", "danger"], ["rollback", "danger"]]) {
       actions.append(el("button", {type: "button", id: "btn-" + action, class: cls, onclick: async () => {
         msg.textContent = "";
-        try { await api(`/rollouts/${id}/${action}`, {method: "POST", json: {}}); await refresh(); }
+        try { await api(`/rollouts/${id}/${action}`, {method: "POST", json: {}}); render(await api("/rollouts/" + id)); }
         catch (e) { msg.textContent = e.message; }
       }}, action));
     }
@@ -256,11 +308,14 @@ async function rolloutPage(id) {
   const waves = el("div", {id: "waves"});
   const devices = el("div", {id: "targets"});
   const total = el("p", {id: "bytes"});
+  const events = el("tbody", {});
+  const streamNote = el("span", {class: "muted", id: "stream-state"}, "connecting…");
   show(el("h1", {}, "Rollout ", String(id)), head, actions, msg, el("h2", {}, "Waves"), waves,
-       el("h2", {}, "Devices"), devices, total);
+       el("h2", {}, "Devices"), devices, total,
+       el("h2", {}, "Device events ", streamNote),
+       el("table", {id: "events"}, el("thead", {}, el("tr", {}, ["at", "device", "move", "reason"].map((t) => el("th", {}, t)))), events));
 
-  async function refresh() {
-    const r = await api("/rollouts/" + id);
+  function render(r) {
     head.replaceChildren(el("p", {}, `${r.model} ${r.version} → group ${r.group} · `,
       el("span", {id: "rollout-state", class: "state state-" + r.state}, r.state),
       ` · wave ${r.current_wave + 1}`, r.state_reason ? ` · ${r.state_reason}` : ""));
@@ -273,18 +328,44 @@ async function rolloutPage(id) {
       Object.keys(byWave).sort((a, b) => a - b).map((w) => row(String(+w + 1),
         num(Object.values(byWave[w]).reduce((a, b) => a + b, 0)),
         Object.entries(byWave[w]).sort().map(([k, n]) => `${k} ${n}`).join(", ")))));
-    devices.replaceChildren(table(["device", "wave", "state", "artifact", {t: "sent", num: true}, {t: "full", num: true}, "reason"],
+    devices.replaceChildren(table(["device", "wave", "state", "variant", "artifact", {t: "sent", num: true}, {t: "full", num: true}, "reason"],
       r.targets.map((t) => row(link(t.device, "/device/" + encodeURIComponent(t.device)), String(t.wave + 1),
-        stateSpan(t.state), t.artifact || "-", num(bytes(t.bytes_sent)), num(bytes(t.full_bytes)), t.reason || ""))));
+        stateSpan(t.state), t.variant || "-", t.artifact || "-", num(bytes(t.bytes_sent)), num(bytes(t.full_bytes)), t.reason || ""))));
     total.textContent = r.full_bytes ? `bytes sent ${bytes(r.bytes_sent)} of ${bytes(r.full_bytes)} full ` +
       `(${(100 * r.bytes_sent / r.full_bytes).toFixed(1)}%)` : "";
     for (const b of actions.querySelectorAll("button")) {
       b.disabled = !r.actions.includes(b.id.slice("btn-".length));  // what the state allows now
     }
-    return r;
   }
-  await refresh();
-  timer = setInterval(() => refresh().catch((e) => { msg.textContent = e.message; }), POLL_MS);
+
+  function addEvent(e) {  // newest first; every field as text
+    events.prepend(el("tr", {"data-id": e.id}, el("td", {}, when(e.at)),
+      el("td", {}, link(e.device, "/device/" + encodeURIComponent(e.device))),
+      el("td", {}, e.from ? stateSpan(e.from) : "new", " → ", stateSpan(e.to)),
+      el("td", {}, e.reason || "")));
+    while (events.children.length > EVENTS_SHOWN) events.lastChild.remove();
+  }
+
+  render(await api("/rollouts/" + id));
+  // device events and status changes as server-sent events; the browser resumes after the
+  // last event it saw (Last-Event-ID) when the connection drops
+  const source = new EventSource(`${API}/rollouts/${id}/stream`);
+  live = source;
+  source.addEventListener("open", () => { streamNote.textContent = "live"; });
+  source.addEventListener("device", (ev) => addEvent(JSON.parse(ev.data)));
+  source.addEventListener("status", (ev) => {
+    const r = JSON.parse(ev.data);
+    render(r);
+    if (FINAL.includes(r.state)) { source.close(); streamNote.textContent = `ended: ${r.state}`; }
+  });
+  source.addEventListener("end", (ev) => {
+    source.close();
+    streamNote.textContent = "ended: " + JSON.parse(ev.data).reason;
+  });
+  source.addEventListener("error", () => {
+    if (source.readyState === EventSource.CLOSED) streamNote.textContent = "disconnected (reload the page)";
+    else if (streamNote.textContent === "live") streamNote.textContent = "reconnecting…";
+  });
 }
 
 // -- router ------------------------------------------------------------------------------------
@@ -295,7 +376,7 @@ function chrome() {
 }
 
 async function route() {
-  if (timer) { clearInterval(timer); timer = null; }
+  if (live) { live.close(); live = null; }
   const hash = location.hash.replace(/^#/, "") || "/";
   const [path, query] = hash.split("?");
   if (path === "/login") { me = null; chrome(); loginPage(); return; }
