@@ -72,18 +72,28 @@ def agent(lab, key, peer, digits) -> Iterator:
         c.close()
 
 
-def test_a_model_that_disagrees_is_rolled_back_by_the_gate_under_live_traffic(
-        lab, peer, digits, agent):
-    client = agent("gate-rotated")
-    m = peer.offer("gate-rotated", "detector", "v2-rotated", digits["rotated"], serial=2,
-                   trial_window_s=30, health_policy=GATE, golden_inputs=golden(digits["x"], 4))
+def _gated_under_traffic(agent, peer, digits, device: str, version: str, model: str, *,
+                        window_s: int):
+    """Offer ``digits[model]`` as ``version`` to a new agent running v1, under live traffic,
+    with the agreement gate on; its verdict event and the traffic seen."""
+    client = agent(device)
+    m = peer.offer(device, "detector", version, digits[model], serial=2,
+                   trial_window_s=window_s, health_policy=GATE,
+                   golden_inputs=golden(digits["x"], 4))
     with Traffic(client.port, digits["x"]) as traffic:
         ev = _verdict(peer, m.manifest_id)
+    return ev, traffic
+
+
+def test_a_model_that_disagrees_is_rolled_back_by_the_gate_under_live_traffic(
+        lab, peer, digits, agent):
+    ev, traffic = _gated_under_traffic(agent, peer, digits, "gate-rotated", "v2-rotated",
+                                       "rotated", window_s=30)
     assert ev.state == "rolled_back", ev
     assert ev.reason.startswith("output agreement "), ev.reason
     assert "< 98% required" in ev.reason and "shadowed live requests" in ev.reason
     # about 30% of digits answered differently: judged early, well before the 30 s window
-    assert 500_000 < ev.health["agreement_ppm"] < 900_000, ev.health
+    assert 400_000 <= ev.health["agreement_ppm"] < 900_000, ev.health  # 20+ samples of ~70%
     assert ev.health["agreement_samples"] >= 20
     assert ev.health["errors"] == 0  # not an error-rate verdict: every answer was well formed
     assert not traffic.failures
@@ -92,11 +102,8 @@ def test_a_model_that_disagrees_is_rolled_back_by_the_gate_under_live_traffic(
 
 
 def test_a_faithful_int8_variant_passes_the_gate(lab, peer, digits, agent):
-    client = agent("gate-int8")
-    m = peer.offer("gate-int8", "detector", "v1-int8", digits["int8"], serial=2,
-                   trial_window_s=4, health_policy=GATE, golden_inputs=golden(digits["x"], 4))
-    with Traffic(client.port, digits["x"]) as traffic:
-        ev = _verdict(peer, m.manifest_id)
+    ev, traffic = _gated_under_traffic(agent, peer, digits, "gate-int8", "v1-int8", "int8",
+                                       window_s=4)
     assert ev.state == "healthy", ev
     assert ev.health["agreement_ppm"] >= 980_000, ev.health
     assert ev.health["agreement_samples"] >= 20

@@ -53,6 +53,14 @@ def lab(fresh_lab) -> Iterator:
 
 
 @pytest.fixture
+def peer(lab, key) -> Iterator[Peer]:
+    """The test-side server on the lab's own broker (the conftest's is on the shared one)."""
+    p = Peer(lab.mqtt_url, key[0])
+    yield p
+    p.close()
+
+
+@pytest.fixture
 def fillers(lab) -> Iterator[list[Path]]:
     """The filler files a test appends; removed after it, before its lab goes."""
     made: list[Path] = []
@@ -128,115 +136,103 @@ def offer_v2_on_v1(lab, peer: Peer, pub: Path, v1: Path, v2: Path,
 
 
 def test_update_that_does_not_fit_is_refused_with_a_reason_then_installs_once_space_is_back(
-        lab, key, models) -> None:
-    signing, pub = key
+        lab, key, models, peer) -> None:
+    _, pub = key
     v1, v2 = models
     state = lab.agent_dir("dev-1")
     stray = state / "downloads" / ("e" * 64)  # chunks of an artifact nobody wants any more
     stray.mkdir(parents=True)
     (stray / "0").write_bytes(b"old chunk")
     (stray / ".1.abc.tmp").write_bytes(b"half a chunk")
-    peer = Peer(lab.mqtt_url, signing)
-    try:
-        proc = start_on_v1(lab, peer, pub, v1)
-        assert not stray.exists()  # removed at start
-        port = lab.api_ports["dev-1"]
-        # room for the artifact, but not for artifact + target + margin
-        filler = fill(state, leave_bytes=v2.stat().st_size + MARGIN_BYTES)
-        m2 = peer.offer("dev-1", "detector", "v2", v2, serial=2)
-        ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id, 60)
-        assert ev.state == "waiting"  # not a failure: the device goes on by itself
-        assert ev.reason.startswith("not enough disk: ") and "retrying" in ev.reason
-        assert ev.sha256 == sha256_file(v1)
-        assert not [r for r in peer.requests if r[0] == m2.artifact.sha256]  # nothing fetched
-        assert proc.poll() is None
-        assert serves(port, "v1")
-        heartbeats = len(peer.statuses)
-        wait_for(lambda: len(peer.statuses) > heartbeats + 1, 30, "online heartbeats")
-        assert peer.statuses[-1][1] != b"" and b"false" not in peer.statuses[-1][1].lower()
+    proc = start_on_v1(lab, peer, pub, v1)
+    assert not stray.exists()  # removed at start
+    port = lab.api_ports["dev-1"]
+    # room for the artifact, but not for artifact + target + margin
+    filler = fill(state, leave_bytes=v2.stat().st_size + MARGIN_BYTES)
+    m2 = peer.offer("dev-1", "detector", "v2", v2, serial=2)
+    ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id, 60)
+    assert ev.state == "waiting"  # not a failure: the device goes on by itself
+    assert ev.reason.startswith("not enough disk: ") and "retrying" in ev.reason
+    assert ev.sha256 == sha256_file(v1)
+    assert not [r for r in peer.requests if r[0] == m2.artifact.sha256]  # nothing fetched
+    assert proc.poll() is None
+    assert serves(port, "v1")
+    heartbeats = len(peer.statuses)
+    wait_for(lambda: len(peer.statuses) > heartbeats + 1, 30, "online heartbeats")
+    assert peer.statuses[-1][1] != b"" and b"false" not in peer.statuses[-1][1].lower()
 
-        filler.unlink()  # space is back: the same manifest goes on, nobody re-sends anything
-        ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
-                             and e.state in ("healthy", "failed", "rolled_back"), 90)
-        assert ev.state == "healthy", ev.reason
-        wait_for(lambda: serves(port, "v2"), 30, "v2 to answer")
-        assert lab.agent_status("dev-1")[0]["sha256"] == sha256_file(v2)
-        assert leftovers(state) == []
-        assert proc.poll() is None
-    finally:
-        peer.close()
+    filler.unlink()  # space is back: the same manifest goes on, nobody re-sends anything
+    ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
+                         and e.state in ("healthy", "failed", "rolled_back"), 90)
+    assert ev.state == "healthy", ev.reason
+    wait_for(lambda: serves(port, "v2"), 30, "v2 to answer")
+    assert lab.agent_status("dev-1")[0]["sha256"] == sha256_file(v2)
+    assert leftovers(state) == []
+    assert proc.poll() is None
 
 
 def test_disk_filled_mid_download_is_survived_and_the_update_finishes_when_space_is_back(
-        lab, key, models, fillers: list[Path]) -> None:
-    signing, pub = key
+        lab, key, models, peer, fillers: list[Path]) -> None:
+    _, pub = key
     v1, v2 = models
     state = lab.agent_dir("dev-1")
-    peer = Peer(lab.mqtt_url, signing)
     # the disk is full from chunk 5 on
     fill_before_chunk_5 = fill_before_chunk(state, 5, "chunks 0-4 on the device", fillers)
-    try:
-        proc, port, m2 = offer_v2_on_v1(lab, peer, pub, v1, v2, fill_before_chunk_5)
-        wait_for(lambda: "held back: disk full writing chunk" in lab.log("agent-dev-1"), 60,
-                 "the agent to hit the full disk")
-        assert proc.poll() is None
-        assert serves(port, "v1")  # local inference goes on, on the current model
-        # the outbox could not store the report either: it waits in memory, said in the log
-        wait_for(lambda: "kept in memory, not in the outbox" in lab.log("agent-dev-1"), 30,
-                 "the agent to say it holds the report in memory")
-        fetched = len(peer.requests)
-        time.sleep(2)  # (no progress is expected; the download waits for space)
-        assert len(peer.requests) == fetched
+    proc, port, m2 = offer_v2_on_v1(lab, peer, pub, v1, v2, fill_before_chunk_5)
+    wait_for(lambda: "held back: disk full writing chunk" in lab.log("agent-dev-1"), 60,
+             "the agent to hit the full disk")
+    assert proc.poll() is None
+    assert serves(port, "v1")  # local inference goes on, on the current model
+    # the outbox could not store the report either: it waits in memory, said in the log
+    wait_for(lambda: "kept in memory, not in the outbox" in lab.log("agent-dev-1"), 30,
+             "the agent to say it holds the report in memory")
+    fetched = len(peer.requests)
+    time.sleep(2)  # (no progress is expected; the download waits for space)
+    assert len(peer.requests) == fetched
 
-        fillers[0].unlink()
-        ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
-                             and e.state in ("healthy", "rolled_back"), 90)
-        assert ev.state == "healthy", ev.reason
-        said = [e for e in peer.events if e.manifest_id == m2.manifest_id]
-        # first the chunk write, then (retries while the disk is still full) the space check;
-        # once each (a re-send before the ack keeps its id; the server applies an id once)
-        waited = list({e.event_id: e for e in said if e.state == "waiting"}.values())
-        assert 1 <= len(waited) <= 2, [(e.event_id, e.reason) for e in waited]
-        assert waited[0].reason.startswith("disk full writing chunk")
-        assert all("retrying when space is back" in e.reason for e in waited)
-        assert not [e for e in said if e.state in ("failed", "rejected")]
-        resumed = [e for e in said if e.state == "downloading"][-1]
-        assert resumed.chunks_reused >= 5  # the chunks written before the disk filled
-        assert proc.poll() is None
-        wait_for(lambda: serves(port, "v2"), 30, "v2 to answer")
-        assert leftovers(state) == []
-    finally:
-        peer.close()
+    fillers[0].unlink()
+    ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
+                         and e.state in ("healthy", "rolled_back"), 90)
+    assert ev.state == "healthy", ev.reason
+    said = [e for e in peer.events if e.manifest_id == m2.manifest_id]
+    # first the chunk write, then (retries while the disk is still full) the space check;
+    # once each (a re-send before the ack keeps its id; the server applies an id once)
+    waited = list({e.event_id: e for e in said if e.state == "waiting"}.values())
+    assert 1 <= len(waited) <= 2, [(e.event_id, e.reason) for e in waited]
+    assert waited[0].reason.startswith("disk full writing chunk")
+    assert all("retrying when space is back" in e.reason for e in waited)
+    assert not [e for e in said if e.state in ("failed", "rejected")]
+    resumed = [e for e in said if e.state == "downloading"][-1]
+    assert resumed.chunks_reused >= 5  # the chunks written before the disk filled
+    assert proc.poll() is None
+    wait_for(lambda: serves(port, "v2"), 30, "v2 to answer")
+    assert leftovers(state) == []
 
 
 def test_disk_filled_before_the_target_is_written_keeps_the_chunks_and_installs_later(
-        lab, key, models, fillers: list[Path]) -> None:
-    signing, pub = key
+        lab, key, models, peer, fillers: list[Path]) -> None:
+    _, pub = key
     v1, v2 = models
     state = lab.agent_dir("dev-1")
     total = -(-v2.stat().st_size // CHUNK)
     last = v2.stat().st_size - (total - 1) * CHUNK
-    peer = Peer(lab.mqtt_url, signing)
     # room for the last chunk, the journal and a report; not for the 1 MB target
     fill_before_the_last_chunk = fill_before_chunk(
         state, total - 1, "all but one chunk", fillers,
         leave_bytes=-(-last // 4096) * 4096 + (64 << 10))
-    try:
-        proc, port, m2 = offer_v2_on_v1(lab, peer, pub, v1, v2, fill_before_the_last_chunk)
-        ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
-                             and e.state == "waiting", 60)
-        assert ev.reason.startswith("disk full writing the target"), ev.reason
-        assert ev.sha256 == sha256_file(v1)
-        assert proc.poll() is None and serves(port, "v1")
-        assert len(chunk_files(state)) == total  # the verified artifact waits on disk
-        asked = len(peer.requests)
+    proc, port, m2 = offer_v2_on_v1(lab, peer, pub, v1, v2, fill_before_the_last_chunk)
+    ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
+                         and e.state == "waiting", 60)
+    assert ev.reason.startswith("disk full writing the target"), ev.reason
+    assert ev.sha256 == sha256_file(v1)
+    assert proc.poll() is None and serves(port, "v1")
+    assert len(chunk_files(state)) == total  # the verified artifact waits on disk
+    asked = len(peer.requests)
 
-        fillers[0].unlink()
-        ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
-                             and e.state in ("healthy", "rolled_back"), 90)
-        assert ev.state == "healthy", ev.reason
-        assert len(peer.requests) == asked  # nothing fetched again
-        wait_for(lambda: serves(port, "v2"), 30, "v2 to answer")
-        assert leftovers(state) == []
-    finally:
-        peer.close()
+    fillers[0].unlink()
+    ev = peer.wait_event(lambda e: e.manifest_id == m2.manifest_id
+                         and e.state in ("healthy", "rolled_back"), 90)
+    assert ev.state == "healthy", ev.reason
+    assert len(peer.requests) == asked  # nothing fetched again
+    wait_for(lambda: serves(port, "v2"), 30, "v2 to answer")
+    assert leftovers(state) == []

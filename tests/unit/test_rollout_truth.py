@@ -10,17 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from deltafleet.server.planner import (
-    DeltaOption,
-    FullArtifact,
-    PlanKind,
-    RunningModel,
-    VariantOption,
-    choose_variant,
-    plan_target,
-    share_text,
-    size_text,
-)
+from deltafleet.server import planner
 from deltafleet.server.policy import RolloutPolicy
 from deltafleet.server.rollout import engine
 from deltafleet.server.rollout.engine import (
@@ -39,17 +29,17 @@ from deltafleet.server.rollout.states import TargetState as T
 NOW = datetime(2026, 12, 2, 5, 0, tzinfo=UTC)
 KIB = 1024
 V1, V2, DELTA = "1" * 64, "2" * 64, "4" * 64
-FULL = VariantOption(1, "default", "onnx", "fp32", V2, 2000 * KIB,
-                     compressed=FullArtifact("zstd", "3" * 64, 1900 * KIB))
-SLIM = VariantOption(2, "slim", "onnx", "fp16", "5" * 64, 900 * KIB)
-LITE = VariantOption(3, "lite", "tflite", "int8", "6" * 64, 500 * KIB)
+FULL = planner.VariantOption(1, "default", "onnx", "fp32", V2, 2000 * KIB,
+                     compressed=planner.FullArtifact("zstd", "3" * 64, 1900 * KIB))
+SLIM = planner.VariantOption(2, "slim", "onnx", "fp16", "5" * 64, 900 * KIB)
+LITE = planner.VariantOption(3, "lite", "tflite", "int8", "6" * 64, 500 * KIB)
 ONNX = {"onnxruntime": "1.20"}
-RUNS_V1 = RunningModel(V1, "default", "v1")
+RUNS_V1 = planner.RunningModel(V1, "default", "v1")
 POLICY = RolloutPolicy(max_attempts=3, retry_backoff_s=30, state_timeout_s=600)
 
 
 def plan(running, deltas=None, failed=None, bad=frozenset(), pinned=None, runtimes=None):
-    return plan_target(ONNX if runtimes is None else runtimes, running, [FULL, SLIM, LITE],
+    return planner.plan_target(ONNX if runtimes is None else runtimes, running, [FULL, SLIM, LITE],
                        deltas=deltas or {}, failed_deltas=failed or {},
                        blob_problem=lambda sha: "missing" if sha in bad else None,
                        pinned=pinned)
@@ -57,20 +47,20 @@ def plan(running, deltas=None, failed=None, bad=frozenset(), pinned=None, runtim
 
 # -- the planner explains itself ---------------------------------------------------------------
 def test_sizes_and_shares_read_as_an_operator_reads_them():
-    assert (size_text(512), size_text(120 * KIB), size_text(int(1.7 * KIB * KIB))) == (
+    assert (planner.size_text(512), planner.size_text(120 * KIB), planner.size_text(int(1.7 * KIB * KIB))) == (
         "512 B", "120.0 KiB", "1.7 MiB")
-    assert (share_text(120, 2000), share_text(1, 10_000), share_text(0, 10)) == ("6%", "1%", "0%")
+    assert (planner.share_text(120, 2000), planner.share_text(1, 10_000), planner.share_text(0, 10)) == ("6%", "1%", "0%")
 
 
 def test_a_delta_worth_sending_says_its_size_and_share_of_the_full_artifact():
-    p = plan(RUNS_V1, {(V1, V2): DeltaOption("bsdiff4", DELTA, 120 * KIB)})
-    assert p.kind == PlanKind.DELTA
+    p = plan(RUNS_V1, {(V1, V2): planner.DeltaOption("bsdiff4", DELTA, 120 * KIB)})
+    assert p.kind == planner.PlanKind.DELTA
     assert p.reason == "delta 120.0 KiB from v1 (6% of full, 1.9 MiB compressed)"
 
 
 def test_a_delta_not_worth_it_says_why_the_full_artifact_went():
-    p = plan(RUNS_V1, {(V1, V2): DeltaOption("bsdiff4", DELTA, 1750 * KIB)})
-    assert p.kind == PlanKind.FULL and p.bytes == 1900 * KIB
+    p = plan(RUNS_V1, {(V1, V2): planner.DeltaOption("bsdiff4", DELTA, 1750 * KIB)})
+    assert p.kind == planner.PlanKind.FULL and p.bytes == 1900 * KIB
     assert p.reason == "delta 1.7 MiB is 92% of full (1.9 MiB compressed): not worth it, full sent"
 
 
@@ -80,31 +70,31 @@ def test_a_delta_not_worth_it_says_why_the_full_artifact_went():
      "no delta from v1 (base not in the server's store): full sent (1.9 MiB compressed)"),
     (RUNS_V1, {(V1, V2): "bsdiff4 gave 2.0 MiB"}, set(),
      "no delta from v1 (bsdiff4 gave 2.0 MiB): full sent (1.9 MiB compressed)"),
-    (RunningModel(V1), {}, {V1},
+    (planner.RunningModel(V1), {}, {V1},
      f"no delta from {V1[:12]} (base not in the server's store): full sent (1.9 MiB "
      "compressed)"),
 ])
 def test_a_full_install_names_why_there_is_no_delta(running, failed, bad, reason):
     p = plan(running, failed=failed, bad=bad)
-    assert (p.kind, p.reason) == (PlanKind.FULL, reason)
+    assert (p.kind, p.reason) == (planner.PlanKind.FULL, reason)
 
 
 # -- a pinned variant --------------------------------------------------------------------------
 def test_a_pinned_variant_wins_over_the_one_the_device_runs():
-    assert choose_variant(ONNX, "default", [FULL, SLIM], "slim").variant == SLIM
+    assert planner.choose_variant(ONNX, "default", [FULL, SLIM], "slim").variant == SLIM
     p = plan(RUNS_V1, pinned="slim")
     # deltas stay within a variant's lineage: a device moving to another variant gets it whole
-    assert p.variant == SLIM and p.kind == PlanKind.FULL
+    assert p.variant == SLIM and p.kind == planner.PlanKind.FULL
     assert "no delta across variants" in p.reason
 
 
 def test_a_device_that_cannot_load_the_pinned_variant_is_told_why():
-    choice = choose_variant(ONNX, None, [FULL, LITE], "lite")
+    choice = planner.choose_variant(ONNX, None, [FULL, LITE], "lite")
     assert choice.variant is None
     assert choice.reason == "cannot load pinned variant lite (tflite): it has runtimes " \
                             "[onnxruntime]"
-    assert plan(RUNS_V1, pinned="lite").kind == PlanKind.SKIP
-    assert "no variant 'gone'" in choose_variant(ONNX, None, [FULL], "gone").reason
+    assert plan(RUNS_V1, pinned="lite").kind == planner.PlanKind.SKIP
+    assert "no variant 'gone'" in planner.choose_variant(ONNX, None, [FULL], "gone").reason
 
 
 def test_the_pin_travels_in_the_policy():
@@ -114,7 +104,7 @@ def test_the_pin_travels_in_the_policy():
 
 
 # -- the engine --------------------------------------------------------------------------------
-def device(i: str, *, online: bool = True, runs: RunningModel | None = RUNS_V1,
+def device(i: str, *, online: bool = True, runs: planner.RunningModel | None = RUNS_V1,
            seen: datetime | None = None) -> DeviceView:
     return DeviceView(i, online, ONNX, runs, True, seen)
 
@@ -122,7 +112,7 @@ def device(i: str, *, online: bool = True, runs: RunningModel | None = RUNS_V1,
 def snap(targets, devices, *, state: R = R.RUNNING, policy: RolloutPolicy = POLICY) -> Snapshot:
     return Snapshot(engine.RolloutView(1, state, policy, "v2"), tuple(targets),
                     {d.device_id: d for d in devices}, (FULL,),
-                    {(V1, V2): DeltaOption("bsdiff4", DELTA, 120 * KIB)})
+                    {(V1, V2): planner.DeltaOption("bsdiff4", DELTA, 120 * KIB)})
 
 
 def of(kind, decisions):

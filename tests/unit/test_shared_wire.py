@@ -5,13 +5,6 @@ from __future__ import annotations
 import pytest
 
 from deltafleet.shared import (
-    Ack,
-    ArtifactRef,
-    ChunkRequest,
-    Event,
-    Hello,
-    Manifest,
-    ModelState,
     SigningKey,
     Topics,
     VerificationError,
@@ -22,6 +15,7 @@ from deltafleet.shared import (
     sha256_bytes,
     verify_envelope,
 )
+from deltafleet.shared import messages as msgs
 from deltafleet.shared.messages import MAX_ACK_BYTES, MAX_ACK_IDS
 from tests import factories
 
@@ -29,11 +23,11 @@ SHA_A = sha256_bytes(b"a")
 SHA_B = sha256_bytes(b"b")
 
 
-def manifest(**overrides) -> Manifest:
+def manifest(**overrides) -> msgs.Manifest:
     fields = dict(
         serial=3, issued_at=100, expires_at=10**10, rollout_id=7, model="detector",
         target_sha256=SHA_B, target_size_bytes=10, base_sha256=SHA_A,
-        artifact=ArtifactRef("delta", "bsdiff4", SHA_A, 5, 65536, (SHA_A,)),
+        artifact=msgs.ArtifactRef("delta", "bsdiff4", SHA_A, 5, 65536, (SHA_A,)),
     )
     return factories.manifest(**{**fields, **overrides})
 
@@ -49,13 +43,13 @@ def test_canonical_json_refuses_floats():
 
 def test_manifest_round_trips_through_the_wire():
     m = manifest()
-    assert Manifest.from_wire(m.to_wire()) == m
+    assert msgs.Manifest.from_wire(m.to_wire()) == m
 
 
 def test_signed_manifest_verifies_with_the_signing_key():
     key = SigningKey.generate()
     payload = verify_envelope(key.sign_bytes(manifest().to_wire()), [key.public_key])
-    assert Manifest.from_wire(payload) == manifest()
+    assert msgs.Manifest.from_wire(payload) == manifest()
 
 
 def test_manifest_signed_by_another_key_is_refused():
@@ -81,32 +75,32 @@ def test_malformed_envelopes_raise_wire_error(data):
 def test_delta_manifest_without_base_is_malformed():
     wire = manifest(base_sha256=None).to_wire()
     with pytest.raises(WireError, match="base"):
-        Manifest.from_wire(wire)
+        msgs.Manifest.from_wire(wire)
 
 
 def test_chunk_list_must_match_artifact_size():
     wire = manifest().to_wire()
     wire["artifact"]["size_bytes"] = 65537
     with pytest.raises(WireError, match="chunk"):
-        Manifest.from_wire(wire)
+        msgs.Manifest.from_wire(wire)
 
 
 def test_device_messages_round_trip():
-    hello = Hello("dev-1", "0.1.0", {"arch": "x86_64"}, {"hw": "jetson"},
-                  (ModelState("detector", "v1", SHA_A),), sent_at=5)
-    assert decode(Hello, encode(hello)) == hello
-    ev = Event("e1", "dev-1", "m1", 7, "detector", "v2", "healthy", sha256=SHA_B,
+    hello = msgs.Hello("dev-1", "0.1.0", {"arch": "x86_64"}, {"hw": "jetson"},
+                  (msgs.ModelState("detector", "v1", SHA_A),), sent_at=5)
+    assert decode(msgs.Hello, encode(hello)) == hello
+    ev = msgs.Event("e1", "dev-1", "m1", 7, "detector", "v2", "healthy", sha256=SHA_B,
                health={"p95_us": 900}, at=9)
-    assert decode(Event, encode(ev)) == ev
-    req = ChunkRequest("dev-1", SHA_A, (0, 3))
-    assert decode(ChunkRequest, encode(req)) == req
+    assert decode(msgs.Event, encode(ev)) == ev
+    req = msgs.ChunkRequest("dev-1", SHA_A, (0, 3))
+    assert decode(msgs.ChunkRequest, encode(req)) == req
 
 
 def test_an_ack_round_trips_and_a_full_one_fits_the_size_cap():
-    ack = Ack("dev-1", ("e1", "e2"))
-    assert decode(Ack, encode(ack)) == ack
-    full = Ack("dev-1", tuple(f"{i:064d}" for i in range(MAX_ACK_IDS)))
-    assert decode(Ack, encode(full), max_bytes=MAX_ACK_BYTES) == full
+    ack = msgs.Ack("dev-1", ("e1", "e2"))
+    assert decode(msgs.Ack, encode(ack)) == ack
+    full = msgs.Ack("dev-1", tuple(f"{i:064d}" for i in range(MAX_ACK_IDS)))
+    assert decode(msgs.Ack, encode(full), max_bytes=MAX_ACK_BYTES) == full
     assert Topics("df/v1").ack("dev-1") == "df/v1/dev/dev-1/ack"
 
 
@@ -123,7 +117,7 @@ def test_an_ack_round_trips_and_a_full_one_fits_the_size_cap():
 ])
 def test_invalid_acks_are_refused(payload):
     with pytest.raises(WireError):
-        decode(Ack, payload)
+        decode(msgs.Ack, payload)
 
 
 @pytest.mark.parametrize("payload", [
@@ -134,7 +128,7 @@ def test_invalid_acks_are_refused(payload):
 ])
 def test_invalid_chunk_requests_are_refused(payload):
     with pytest.raises(WireError):
-        decode(ChunkRequest, payload)
+        decode(msgs.ChunkRequest, payload)
 
 
 def test_topics_confine_devices_to_their_subtree():

@@ -29,7 +29,6 @@ checks it in tests.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import threading
@@ -66,15 +65,10 @@ def rss_bytes() -> int:
 
 @dataclass
 class _Counts:
-    requests: int = 0
-    errors: int = 0
-    fallbacks: int = 0
-    swaps: int = 0
-    trials_passed: int = 0
-    trials_failed: int = 0
-    agreement_ppm_sum: int = 0
-    agreement_trials: int = 0
-    latency_sum_us: int = 0
+    """One (model, version)'s cumulative counters: ``n`` by the names of the wire's
+    ``TELEMETRY_COUNTERS`` (one list of them), the latency buckets, the last trial's figures."""
+
+    n: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TELEMETRY_COUNTERS, 0))
     buckets: list[int] = field(default_factory=lambda: [0] * (len(TELEMETRY_LATENCY_BOUNDS_US) + 1))
     trial_figures: dict[str, int] = field(default_factory=dict)
 
@@ -127,11 +121,11 @@ class TelemetryRecorder:
             if version:
                 self._last_version[model] = version
             c = self._entry(model, version or self._last_version.get(model, ""))
-            c.requests += 1
-            c.errors += int(error)
-            c.fallbacks += int(fallback)
+            c.n["requests"] += 1
+            c.n["errors"] += int(error)
+            c.n["fallbacks"] += int(fallback)
             if latency_us is not None:
-                c.latency_sum_us += max(0, latency_us)
+                c.n["latency_sum_us"] += max(0, latency_us)
                 c.buckets[_bucket(latency_us)] += 1
 
     def on_report(self, event: Event) -> None:
@@ -141,24 +135,23 @@ class TelemetryRecorder:
         state = event.state.value
         with self._lock:
             if state == "trial":
-                self._entry(event.model, event.version).swaps += 1
+                self._entry(event.model, event.version).n["swaps"] += 1
                 self._last_version[event.model] = event.version
             elif (state == "healthy" and event.health) or state == "rolled_back":
                 c = self._entry(event.model, event.version)
                 if state == "healthy":
-                    c.trials_passed += 1
+                    c.n["trials_passed"] += 1
                 else:
-                    c.trials_failed += 1
+                    c.n["trials_failed"] += 1
                 c.trial_figures = dict(event.health)
                 if "agreement_ppm" in event.health:
-                    c.agreement_ppm_sum += max(0, min(1_000_000, event.health["agreement_ppm"]))
-                    c.agreement_trials += 1
+                    c.n["agreement_ppm_sum"] += max(0, min(1_000_000, event.health["agreement_ppm"]))
+                    c.n["agreement_trials"] += 1
 
     # -- reading (agent thread, /metrics) ---------------------------------------------------
     def snapshot(self) -> dict[tuple[str, str], _Counts]:
         with self._lock:
-            return {k: dataclasses.replace(c, buckets=list(c.buckets),
-                                           trial_figures=dict(c.trial_figures))
+            return {k: _Counts(dict(c.n), list(c.buckets), dict(c.trial_figures))
                     for k, c in self._counts.items()}
 
     def summary(self, variant_of: Callable[[str, str], str] | None = None) -> Telemetry:
@@ -169,11 +162,7 @@ class TelemetryRecorder:
             acked = dict(self._acked)
         models = tuple(
             ModelTelemetry(model=m, version=v, variant=(variant_of(m, v) if variant_of else ""),
-                           requests=c.requests, errors=c.errors, fallbacks=c.fallbacks,
-                           swaps=c.swaps, trials_passed=c.trials_passed,
-                           trials_failed=c.trials_failed, agreement_ppm_sum=c.agreement_ppm_sum,
-                           agreement_trials=c.agreement_trials, latency_sum_us=c.latency_sum_us,
-                           latency_buckets=tuple(c.buckets))
+                           **c.n, latency_buckets=tuple(c.buckets))
             for (m, v), c in self.snapshot().items() if acked.get((m, v)) != _vector(c))
         with self._lock:
             self.seq += 1
@@ -199,8 +188,9 @@ class TelemetryRecorder:
 
 def _vector(c: _Counts | ModelTelemetry) -> tuple[int, ...]:
     """An entry's counters as one comparable tuple."""
-    buckets = c.buckets if isinstance(c, _Counts) else c.latency_buckets
-    return (*(getattr(c, k) for k in TELEMETRY_COUNTERS), *buckets)
+    if isinstance(c, _Counts):
+        return (*(c.n[k] for k in TELEMETRY_COUNTERS), *c.buckets)
+    return (*(getattr(c, k) for k in TELEMETRY_COUNTERS), *c.latency_buckets)
 
 
 # -- text exposition (format 0.0.4) ----------------------------------------------------------
@@ -283,14 +273,14 @@ def render_exposition(rec: TelemetryRecorder, *, agent_version: str,
     ):
         t.family(name, "counter", doc)
         for (m, v), c in counts.items():
-            t.sample(name, key_labels(m, v), getattr(c, attr))
+            t.sample(name, key_labels(m, v), c.n[attr])
     t.family("deltafleet_agent_trial_verdicts_total", "counter",
              "Trial verdicts of a version: passed (healthy) or failed (rolled back).")
     for (m, v), c in counts.items():
         t.sample("deltafleet_agent_trial_verdicts_total", [*key_labels(m, v), ("verdict", "passed")],
-                 c.trials_passed)
+                 c.n["trials_passed"])
         t.sample("deltafleet_agent_trial_verdicts_total", [*key_labels(m, v), ("verdict", "failed")],
-                 c.trials_failed)
+                 c.n["trials_failed"])
     for name, figure, scale, doc in TRIAL_GAUGES:
         t.family(name, "gauge", doc)
         for (m, v), c in counts.items():
@@ -305,6 +295,6 @@ def render_exposition(rec: TelemetryRecorder, *, agent_version: str,
             acc += n
             le = "+Inf" if bound is None else repr(bound / 1e6)
             t.sample(f"{name}_bucket", [*labels, ("le", le)], acc)
-        t.sample(f"{name}_sum", labels, c.latency_sum_us / 1e6)
+        t.sample(f"{name}_sum", labels, c.n["latency_sum_us"] / 1e6)
         t.sample(f"{name}_count", labels, acc)
     return ("\n".join(t.lines) + "\n").encode()

@@ -152,17 +152,17 @@ def device_health() -> _Board:
     def rate(name: str) -> str:
         return fleet(f"rate({name}{{{m}}}[{RATE}])")
 
-    b.panel("Requests/s by version", "timeseries",
-            [(f"sum by (model, version) ({rate('deltafleet_fleet_inference_requests_total')})",
-              "{{model}} {{version}}")], unit="reqps")
+    def by_version(name: str) -> str:
+        return f"sum by (model, version) ({rate(name)})"
+
+    requests = by_version("deltafleet_fleet_inference_requests_total")
+    each = "{{model}} {{version}}"
+    b.panel("Requests/s by version", "timeseries", [(requests, each)], unit="reqps")
     b.panel("Errors by version", "timeseries",
-            [(f"sum by (model, version) ({rate('deltafleet_fleet_inference_errors_total')}) / "
-              f"sum by (model, version) ({rate('deltafleet_fleet_inference_requests_total')})",
-              "{{model}} {{version}}")], unit="percentunit",
-            description="Share of requests the primary model did not answer.")
+            [(f"{by_version('deltafleet_fleet_inference_errors_total')} / {requests}", each)],
+            unit="percentunit", description="Share of requests the primary model did not answer.")
     b.panel("Fallback answers", "timeseries",
-            [(f"sum by (model, version) ({rate('deltafleet_fleet_fallback_answers_total')})",
-              "{{model}} {{version}}")], unit="reqps")
+            [(by_version("deltafleet_fleet_fallback_answers_total"), each)], unit="reqps")
     b.panel("Latency p50 / p95 by version", "timeseries",
             [(f"histogram_quantile(0.5, sum by (le, model, version) "
               f"({rate('deltafleet_fleet_inference_latency_seconds_bucket')}))",
