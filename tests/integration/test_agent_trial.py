@@ -14,6 +14,7 @@ import pytest
 from deltafleet.agent.client import AgentClient
 from deltafleet.agent.daemon import PAIR_BUDGET_S
 from deltafleet.shared import sha256_file
+from tests.harness.fleetlab import wait_for
 from tests.harness.mqtt_peer import (
     make_linear_model,
     make_nan_on_negative_model,
@@ -86,7 +87,9 @@ def test_erroring_model_is_rolled_back_and_the_fallback_answers_meanwhile(lab, k
     try:
         ev = peer.wait_event(lambda e: e.manifest_id == m.manifest_id
                              and e.state in ("healthy", "rolled_back"), 30)
-        time.sleep(0.3)
+        after = len(answered)  # then requests begun after the verdict, answered by v1 again
+        wait_for(lambda: failures or (len(answered) >= after + 2 and answered[-1] == ("v1", None)),
+                 30, "the kept version to answer again after the rollback")
     finally:
         stop.set()
         worker.join(10)

@@ -89,7 +89,7 @@ def test_devices_asking_over_12_s_are_served_by_rounds_bounded_by_time(rollout_l
     sha, chunks, size = artifact(lab, ids[0])
     started = time.monotonic()
     for device_id in ids[5:]:
-        time.sleep(0.4)
+        time.sleep(0.4)  # deliberate: the staggered join times are the scenario
         lab.fleet.devices[device_id].come_online()
     spread_s = time.monotonic() - started
     all_healthy(lab, rid, ids, models)
@@ -157,9 +157,9 @@ def test_retained_devices_asking_late_cost_no_publish_and_the_chunks_are_cleared
     started = time.monotonic()
     lab.wait_for(lambda: lab.server.chunks.stats(sha).published >= chunks, 30, "round 1 sent")
     for device_id in ids[5:25]:
-        time.sleep(0.4)
+        time.sleep(0.4)  # deliberate: the staggered join times are the scenario
         lab.fleet.devices[device_id].come_online()
-    time.sleep(lab.cfg.chunk_round_s + 1)
+    time.sleep(lab.cfg.chunk_round_s + 1)  # deliberate: the last five join after a round ends
     for device_id in ids[25:]:
         lab.fleet.devices[device_id].come_online()
     spread_s = time.monotonic() - started

@@ -100,7 +100,7 @@ class RssSampler:
             self.agent_peak = max(self.agent_peak, agent)
             self.child_peak = max(self.child_peak, child)
             self.total_peak = max(self.total_peak, agent + child)
-            time.sleep(0.01)
+            time.sleep(0.01)  # the memory sampling interval
 
     def stop(self) -> None:
         self._stop.set()
@@ -207,7 +207,7 @@ def wait_decoder(pid: int, timeout_s: float = 60) -> psutil.Process:
                     return c
             except psutil.NoSuchProcess:
                 pass
-        time.sleep(0.02)
+        time.sleep(0.02)  # poll pacing: a process appearing has no event to wait on
     raise TimeoutError("no decoder child started")
 
 

@@ -11,6 +11,7 @@ same port with the same persistence directory. Every device's events end up in
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -84,21 +85,36 @@ def test_no_event_is_lost_and_the_rollout_completes_across_two_broker_sigkills(
         def healthy() -> int:
             return lab.status(rid)["counts"].get("healthy", 0)
 
+        def connected_since(t: float) -> set[str]:
+            """The agents whose connection.json says connected, written at ``t`` or later."""
+            up = set()
+            for d in ids:
+                try:
+                    doc = json.loads((procs.agent_dir(d) / "connection.json").read_text())
+                except (OSError, ValueError):
+                    continue
+                if doc.get("connected") and doc.get("written_at", 0) >= t:
+                    up.add(d)
+            return up
+
         # crash 1: the canary is in its trial. The server stalls (a GC pause, a slow host)
         # and comes back only after the devices: what they report on reconnecting (the
         # verdicts reached during the outage) the broker PUBACKs with nobody subscribed.
         lab.wait_for(lambda: lab.status(rid)["counts"].get("trial", 0) >= 2, 60, "canary trial")
         os.kill(server.pid, signal.SIGSTOP)
         crash_broker.kill()
-        time.sleep(1.5)  # trials end while there is no broker
+        time.sleep(1.5)  # deliberate: an outage long enough for trials to end without a broker
+        restarted = time.time()
         crash_broker.start()
-        time.sleep(3.0)  # the agents reconnect (paho retries every 1-2 s) and report
+        # the agents reconnect (paho retries every 1-2 s) and report to nobody
+        lab.wait_for(lambda: connected_since(restarted) >= set(ids), 60,
+                     "every agent to reconnect while the server is stopped")
         os.kill(server.pid, signal.SIGCONT)
         # crash 2: later waves are downloading and reporting
         lab.wait_for(lambda: 4 <= healthy() < DEVICES and lab.status(rid)["current_wave"] >= 1,
                      60, "wave 2 under way")
         crash_broker.kill()
-        time.sleep(1.5)
+        time.sleep(1.5)  # deliberate: an outage while chunks and reports are in flight
         crash_broker.start()
 
         data = lab.wait_state(rid, {"completed", "paused", "aborted", "failed"}, 60)

@@ -187,7 +187,7 @@ def test_disk_filled_mid_download_is_survived_and_the_update_finishes_when_space
     wait_for(lambda: "kept in memory, not in the outbox" in lab.log("agent-dev-1"), 30,
              "the agent to say it holds the report in memory")
     fetched = len(peer.requests)
-    time.sleep(2)  # (no progress is expected; the download waits for space)
+    time.sleep(2)  # deliberate: no chunk request may go out while the disk is full
     assert len(peer.requests) == fetched
 
     fillers[0].unlink()

@@ -91,7 +91,7 @@ class HeldServer:
             assert time.monotonic() < deadline, "the server never received a probe"
             self.device.publish_wait(self.topics.status("probe"),
                                      encode(Status("probe", True)))
-            time.sleep(0.3)
+            time.sleep(0.3)  # probe pacing: one probe per 0.3 s until one arrives
 
     def send(self, messages: list[tuple[str, bytes]]) -> int:
         """Publish while the loop is held; wait until all are in the server's inbox; let go.
@@ -152,7 +152,7 @@ def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
     while not (value := predicate()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll pacing
     return value
 
 
@@ -321,7 +321,7 @@ def test_fleetctl_server_survives_a_hello_with_a_lone_surrogate(tmp_path: Path, 
             assert time.monotonic() < deadline, lab.log("server")
             client.publish_wait(f"{prefix}/dev/evil/hello", hostile)
             client.publish_wait(f"{prefix}/dev/good/hello", good)
-            time.sleep(0.5)
+            time.sleep(0.5)  # re-send pacing: until the server is subscribed and "good" is in
         assert server.poll() is None
         assert "evil" not in {d["id"] for d in lab.fleetctl_json("device", "list")}
         assert "surrogate" in lab.log("server")

@@ -180,7 +180,7 @@ def test_every_panel_query_of_every_dashboard_returns_data(obs):
     deadline = time.monotonic() + 30
     missing = empty()
     while missing and time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(1)  # poll pacing: one round of queries per scrape
         missing = empty()
     assert not missing, "panels without data:\n" + "\n".join(missing)
 

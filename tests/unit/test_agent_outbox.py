@@ -48,7 +48,7 @@ def wait_until(predicate, timeout_s: float = 20.0) -> bool:
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.01)
+        time.sleep(0.01)  # poll pacing
     return predicate()
 
 
@@ -152,7 +152,7 @@ def test_a_server_that_never_acks_gets_each_entry_at_a_bounded_rate(tmp_path: Pa
     box.put("e1", "t", b"1")
     box.start()
     try:
-        time.sleep(1.0)
+        time.sleep(1.0)  # deliberate: the interval whose re-sends are counted below
     finally:
         box.stop()
     # first send at 0, re-sends after >= 0.01, 0.02, 0.04, 0.08, then every >= 0.08 s

@@ -27,29 +27,52 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return modelgen.make_onnx_pair(tmp_path_factory.mktemp("serving"), size_mb=0.3)
 
 
-def hammer(serving: Serving, stop: threading.Event, seen: list, failures: list) -> None:
-    while not stop.is_set():
-        try:
-            seen.append(serving.predict("m", {"input": X}, record=False).version)
-        except BaseException as e:  # noqa: BLE001
-            failures.append(e)
+class Load:
+    """Request threads hammering one model; ``served[i]``: requests thread ``i`` has answered."""
+
+    def __init__(self, serving: Serving, threads: int) -> None:
+        self.serving, self.stop = serving, threading.Event()
+        self.seen: list = []
+        self.failures: list = []
+        self.served = [0] * threads
+        self.answered = threading.Condition()
+        self.workers = [threading.Thread(target=self.hammer, args=(i,)) for i in range(threads)]
+
+    def hammer(self, i: int) -> None:
+        while not self.stop.is_set():
+            try:
+                self.seen.append(self.serving.predict("m", {"input": X}, record=False).version)
+            except BaseException as e:  # noqa: BLE001
+                self.failures.append(e)
+            else:
+                with self.answered:
+                    self.served[i] += 1
+                    self.answered.notify_all()
+
+    def each_answers(self, more: int, what: str) -> None:
+        """Until every thread has answered ``more`` further requests (or one failed)."""
+        with self.answered:
+            want = [n + more for n in self.served]
+            assert self.answered.wait_for(
+                lambda: self.failures or all(n >= k for n, k in zip(self.served, want, strict=True)),
+                30), \
+                f"request threads did not answer {what} within 30 s: {self.served}"
 
 
 def run_load(serving: Serving, action, threads: int = 4) -> tuple[list, list]:
-    stop, seen, failures = threading.Event(), [], []
-    workers = [threading.Thread(target=hammer, args=(serving, stop, seen, failures))
-               for _ in range(threads)]
-    for w in workers:
+    load = Load(serving, threads)
+    for w in load.workers:
         w.start()
     try:
-        time.sleep(0.05)
+        load.each_answers(1, "before the action")
         action()
-        time.sleep(0.05)
+        # two more each: a request begun before the action ended, then one begun after it
+        load.each_answers(2, "after the action")
     finally:
-        stop.set()
-        for w in workers:
+        load.stop.set()
+        for w in load.workers:
             w.join()
-    return seen, failures
+    return load.seen, load.failures
 
 
 def test_warm_swaps_under_load_fail_no_request_and_close_the_old_session(pair):
@@ -76,7 +99,8 @@ def test_cold_swap_holds_requests_instead_of_failing_them(pair):
     serving.install("m", load_model(v1, "onnx"), "v1", "a" * 64)
 
     def slow_loader():
-        time.sleep(0.3)  # the gap: no model is loaded at all
+        # deliberate: a slow load, so requests arrive while no model is loaded and are held
+        time.sleep(0.3)
         return load_model(v2, "onnx")
 
     seen, failures = run_load(serving, lambda: serving.install_cold("m", slow_loader, "v2", "b" * 64))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from deltafleet.agent.trust import load_trusted_key
 from deltafleet.server.cli import progress
 from deltafleet.shared import SigningKey
 from scripts.demo import DemoFailed, last_problem, step
+from tests.harness.fleetlab import wait_for
 
 
 def rollout(state: str = "running", wave: int = 0, counts: dict[str, int] | None = None,
@@ -112,7 +112,8 @@ def test_a_long_step_piped_says_it_is_still_running() -> None:
     out = io.StringIO()
     with progress.Steps("delta a -> b", stream=out, tty=False, heartbeat_s=0.2) as steps:
         steps.start("encoding bsdiff4")
-        time.sleep(1.5)
+        wait_for(lambda: out.getvalue().count("still encoding") >= 2, 30, "two heartbeat lines",
+                 interval_s=0.02)
         steps.done("bsdiff4 1.0 KiB")
     said = [x[9:] for x in out.getvalue().splitlines()]
     assert re.fullmatch(r"delta a -> b: still encoding bsdiff4, \d\.\d+ s", said[0]), said

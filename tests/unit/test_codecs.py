@@ -179,7 +179,7 @@ def test_delta_builder_returns_one_winner_per_pair(pairs, tmp_path):
         done: list = []
         while not done and time.monotonic() < deadline and not builder.failed:
             done = builder.finished()
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll pacing: the builder's worker has no completion event
     finally:
         builder.shutdown()
     assert not builder.failed and len(done) == 1

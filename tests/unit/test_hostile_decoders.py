@@ -262,7 +262,7 @@ def test_a_decoder_stopped_by_the_service_manager_is_not_a_refusal(tmp_path: Pat
     while not children and time.monotonic() < deadline and t.is_alive():
         children = [c for c in psutil.Process().children()
                     if "_decode_worker" in " ".join(c.cmdline())]
-        time.sleep(0.02)
+        time.sleep(0.02)  # poll pacing: a process appearing has no event to wait on
     assert children, "the decoder child did not start"
     children[0].send_signal(signal.SIGTERM)
     t.join(60)

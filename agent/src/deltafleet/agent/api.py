@@ -341,7 +341,7 @@ def _load_npz(body: bytes, want: str) -> dict[str, np.ndarray]:
     try:
         z = np.load(io.BytesIO(body), allow_pickle=False)
         if isinstance(z, np.ndarray):
-            raise ValueError("not an archive")
+            raise InputMismatch(f"body is not a {NPZ} archive", want)
         with z:
             return {k: z[k] for k in z.files}
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile):

@@ -33,6 +33,24 @@ class ModelRuntimeError(AgentError):
     """A model failed to load or to run in its inference runtime."""
 
 
+class GoldenInputInvalid(AgentError, ValueError):
+    """A golden input sample (of a manifest or a bench request) does not decode into feeds.
+    Also a ``ValueError``, which ``swap.golden_of`` wraps into ``UpdateRejected``."""
+
+
+class JournalError(AgentError):
+    """The update journal was asked for a step its record does not allow: the executor and
+    the journal on disk disagree about where an update stands."""
+
+
+class JournalRecordMissing(JournalError, KeyError):
+    """No journal record for the model (also a ``KeyError``, as before)."""
+
+
+class IllegalJournalStep(JournalError, ValueError):
+    """The step does not follow the recorded one (``machine.JOURNAL_NEXT``; also a ``ValueError``)."""
+
+
 class SignatureRejected(UpdateRejected):
     """A manifest's signature is not made by a currently trusted key."""
 

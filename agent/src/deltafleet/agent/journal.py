@@ -31,7 +31,7 @@ from typing import Any
 from deltafleet.shared import atomic_write_json
 from deltafleet.shared.messages import Manifest
 
-from .errors import UpdateRejected
+from .errors import IllegalJournalStep, JournalRecordMissing, UpdateRejected
 from .machine import JOURNAL_NEXT, STEPS, JournalEntry, Recovery, raw_manifest, reconcile
 
 __all__ = ["STEPS", "Journal", "Recovery", "found_entries", "raw_manifest", "reconcile"]
@@ -76,9 +76,9 @@ class Journal:
     def advance(self, model: str, step: str, **extra: Any) -> dict[str, Any]:
         rec = self.get(model)
         if rec is None:
-            raise KeyError(f"no journal record for {model}")
+            raise JournalRecordMissing(f"no journal record for {model}")
         if step not in _NEXT.get(rec["step"], set()):
-            raise ValueError(f"illegal journal transition {rec['step']} -> {step}")
+            raise IllegalJournalStep(f"illegal journal transition {rec['step']} -> {step}")
         rec.update(extra)
         rec["step"] = step
         rec["updated_at"] = int(time.time())

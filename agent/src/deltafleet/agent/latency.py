@@ -53,6 +53,7 @@ def sample_pairs(old: LoadedModel, new: LoadedModel, feeds_list: list[dict[str, 
     ever adds time to a call, so the fastest of a few interleaved calls is the one least
     disturbed, for both models alike."""
     if not feeds_list:
+        # a caller's bug, not bad input: stays builtin (test_error_root)
         raise ValueError("no inputs to probe with")
     pairs: list[tuple[int, int]] = []
     deadline = time.monotonic() + budget_s

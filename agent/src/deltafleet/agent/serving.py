@@ -34,7 +34,7 @@ import numpy as np
 
 from deltafleet.shared import GoldenInput, IoSignature, TensorSpec, WireError
 
-from .errors import ModelRuntimeError
+from .errors import GoldenInputInvalid, ModelRuntimeError
 from .runtime import LoadedModel, load_model, zero_feeds
 
 log = logging.getLogger(__name__)
@@ -166,14 +166,14 @@ def golden_feeds(golden: GoldenInput) -> dict[str, np.ndarray]:
 
 
 def decode_golden(golden: tuple[GoldenInput | dict[str, Any], ...]) -> list[dict[str, np.ndarray]]:
-    """Feeds for every golden sample, from their wire form (or typed). ValueError (one line)
-    for a sample that does not decode."""
+    """Feeds for every golden sample, from their wire form (or typed). GoldenInputInvalid (a
+    ValueError, one line) for a sample that does not decode."""
     feeds_list = []
     for item in golden:
         try:
             sample = item if isinstance(item, GoldenInput) else GoldenInput.from_wire(item)
         except WireError as e:
-            raise ValueError(str(e)) from e
+            raise GoldenInputInvalid(str(e)) from e
         feeds_list.append(golden_feeds(sample))
     return feeds_list
 

@@ -62,6 +62,7 @@ def median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     n = len(ordered)
     if n == 0:
+        # a caller's bug, not bad input: stays builtin (test_error_root)
         raise ValueError("median of no values")
     mid = n // 2
     return float(ordered[mid]) if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2

@@ -35,3 +35,17 @@ class BlobCorrupt(ServerError):
 
 class BlobMismatch(ServerError, ValueError):
     """A file offered for a blob does not hash to the blob's name; nothing was written."""
+
+
+class BlobNameInvalid(ServerError, ValueError):
+    """A blob was named by something that is not a sha256 (never a path into the store)."""
+
+
+class ObjectiveInvalid(UsageError, ValueError):
+    """A ``--prefer`` objective is not one of ``selection.OBJECTIVES`` or has a bad accuracy
+    budget. Also a ``ValueError``, which the ``--prefer`` parsers reword."""
+
+
+class EncodeFailed(ServerError, ValueError):
+    """An encoder cannot build a delta of this pair (not models it reads, zstd refused or ran
+    out of memory): the build skips that codec. Also a ``ValueError``, as before."""

@@ -110,6 +110,7 @@ class DeviceMessageGuard:
     def invalid(self, device_id: str, reason: str, now: float, *, kind: str = "malformed") -> bool:
         """Count one invalid message; returns True if this made the device suspect."""
         if kind not in REFUSAL_KINDS:
+            # a caller's bug, not bad input: stays builtin (test_error_root)
             raise ValueError(f"unknown refusal kind {kind!r}")
         self.invalid_total += 1
         self.refusals[kind] += 1

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
+from .errors import ObjectiveInvalid
+
 __all__ = [
     "DEFAULT_OBJECTIVE",
     "MEMORY_HEADROOM",
@@ -109,12 +111,13 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.kind not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.kind!r}; use one of {', '.join(OBJECTIVES)}")
+            raise ObjectiveInvalid(f"unknown objective {self.kind!r}; use one of {', '.join(OBJECTIVES)}")
 
     @classmethod
     def parse(cls, text: str) -> Objective:
         """``--prefer KIND[@POINTS]``: ``latency@1`` is the fastest variant losing at most 1
-        accuracy point against the most accurate one that fits (ValueError: not that form)."""
+        accuracy point against the most accurate one that fits (ObjectiveInvalid, a ValueError:
+        not that form)."""
         kind, at, points = text.strip().partition("@")
         if not at:
             return cls(kind)
@@ -123,8 +126,8 @@ class Objective:
         except ValueError:
             budget = -1.0
         if not 0 <= budget <= 100:  # also NaN
-            raise ValueError(f"invalid accuracy budget {points!r} in {text!r}: give accuracy "
-                             "points from 0 to 100, e.g. latency@1")
+            raise ObjectiveInvalid(f"invalid accuracy budget {points!r} in {text!r}: give "
+                                   "accuracy points from 0 to 100, e.g. latency@1")
         return cls(kind, budget / 100)
 
     def text(self) -> str:

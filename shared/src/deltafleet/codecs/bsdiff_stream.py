@@ -17,6 +17,8 @@ from __future__ import annotations
 import bz2
 import struct
 
+from .errors import PatchMalformed
+
 PIECE = 1 << 20
 FEED = 1 << 18
 _MASK = (1 << 63) - 1
@@ -67,7 +69,7 @@ class _Block:
             if self._d.needs_input:
                 n = min(FEED, self._end - self._pos)
                 if n <= 0:
-                    raise ValueError(f"{self._what} block is truncated")
+                    raise PatchMalformed(f"{self._what} block is truncated")
                 data = bytes(self._patch.read_at(self._pos, n))
                 self._pos += n
             else:
@@ -75,11 +77,11 @@ class _Block:
             try:
                 out = self._d.decompress(data, max_length=PIECE)
             except (OSError, EOFError, ValueError) as e:
-                raise ValueError(f"{self._what} block is not valid bz2: {e}") from e
+                raise PatchMalformed(f"{self._what} block is not valid bz2: {e}") from e
             if out:
                 self._produced += len(out)
                 if self._produced > self._limit:
-                    raise ValueError(f"{self._what} block expands beyond {self._limit} bytes "
+                    raise PatchMalformed(f"{self._what} block expands beyond {self._limit} bytes "
                                      "(bz2 bomb)")
                 self._buf, self._off = out, 0
                 return True
@@ -101,7 +103,7 @@ class _Block:
         while got < n:
             more = self.read(n - got)
             if not more:
-                raise ValueError(f"{self._what} block is shorter than the control block says")
+                raise PatchMalformed(f"{self._what} block is shorter than the control block says")
             parts.append(more)
             got += len(more)
         return b"".join(parts)
@@ -117,15 +119,15 @@ class _Bytes:
 
 
 def read_header(patch) -> tuple[int, int, int]:  # noqa: ANN001
-    """(control length, diff length, new size); ValueError when malformed."""
+    """(control length, diff length, new size); PatchMalformed when malformed."""
     if patch.size < 32:
-        raise ValueError("not a BSDIFF40 patch")
+        raise PatchMalformed("not a BSDIFF40 patch")
     head = bytes(patch.read_at(0, 32))
     if head[:8] != b"BSDIFF40":
-        raise ValueError("not a BSDIFF40 patch")
+        raise PatchMalformed("not a BSDIFF40 patch")
     ctrl, diff, new = (_int64(head[i : i + 8]) for i in (8, 16, 24))
     if min(ctrl, diff, new) < 0 or 32 + ctrl + diff > patch.size:
-        raise ValueError("bad lengths in the patch header")
+        raise PatchMalformed("bad lengths in the patch header")
     return ctrl, diff, new
 
 
@@ -135,7 +137,7 @@ def _triples(control: _Block):  # noqa: ANN202
         data = control.read(24 * 4096)
         if not data:
             if rest:
-                raise ValueError("control block is not a list of triples")
+                raise PatchMalformed("control block is not a list of triples")
             return
         data = rest + data
         usable = len(data) - len(data) % 24
@@ -151,7 +153,7 @@ def stream_patch(patch, base, sink, target_size: int | None = None) -> int:  # n
         patch = _Bytes(patch.read())
     ctrl_len, diff_len, new = read_header(patch)
     if target_size is not None and new != target_size:
-        raise ValueError(f"patch declares {new} output bytes, expected {target_size}")
+        raise PatchMalformed(f"patch declares {new} output bytes, expected {target_size}")
     control = _Block(patch, 32, ctrl_len, 24 * (new + 1), "control")
     diff = _Block(patch, 32 + ctrl_len, diff_len, new, "diff")
     extra = _Block(patch, 32 + ctrl_len + diff_len, patch.size - 32 - ctrl_len - diff_len, new,
@@ -161,7 +163,7 @@ def stream_patch(patch, base, sink, target_size: int | None = None) -> int:  # n
     newpos = oldpos = 0
     for x, y, z in _triples(control):
         if x < 0 or y < 0 or newpos + x + y > new:
-            raise ValueError("control triple runs past the declared output size")
+            raise PatchMalformed("control triple runs past the declared output size")
         done = 0
         while done < x:
             piece = diff.read_exactly(min(PIECE, x - done))
@@ -192,7 +194,7 @@ def stream_patch(patch, base, sink, target_size: int | None = None) -> int:  # n
     if out:
         sink(bytes(out))
     if newpos != new:
-        raise ValueError(f"patch produced {newpos} bytes, declared {new}")
+        raise PatchMalformed(f"patch produced {newpos} bytes, declared {new}")
     return newpos
 
 

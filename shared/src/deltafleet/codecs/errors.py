@@ -26,4 +26,9 @@ class TargetMismatch(CodecError):
     """The decoded bytes are not the expected target (sha256 differs)."""
 
 
-__all__ = ["CodecError", "MemoryCapExceeded", "TargetMismatch", "UnknownCodec"]
+class PatchMalformed(CodecError, ValueError):
+    """The delta's own structure does not parse (a BSDIFF40 stream, a tensor-xor header).
+    Also a ``ValueError``: the decoders catch that and wrap it with the codec's name."""
+
+
+__all__ = ["CodecError", "MemoryCapExceeded", "PatchMalformed", "TargetMismatch", "UnknownCodec"]

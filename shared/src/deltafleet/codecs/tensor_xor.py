@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import zstandard as zstd
 
-from .errors import CodecError, MemoryCapExceeded
+from .errors import CodecError, MemoryCapExceeded, PatchMalformed
 from .names import STREAM_PIECE_BYTES
 from .source import Source
 
@@ -116,7 +116,7 @@ def read_tx_header(delta: Source, *, target_size: int | None = None,
         packed = json.loads(raw)
         del raw
         if not isinstance(packed, dict):
-            raise ValueError("not an object")
+            raise PatchMalformed("not an object")
         # v1 (deltas a server built before v2) stored absolute offsets
         header = unpack_tx_header(packed) if version == TX_VERSION else packed
     except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
@@ -255,23 +255,24 @@ def pack_tx_header(header: dict[str, Any]) -> dict[str, Any]:
 
 
 def unpack_tx_header(packed: dict[str, Any]) -> dict[str, Any]:
-    """The stored header -> absolute offsets (see ``pack_tx_header``); ValueError if malformed."""
+    """The stored header -> absolute offsets (see ``pack_tx_header``); PatchMalformed (a
+    ValueError) if malformed."""
     ranges, end = [], 0
     for gap, length in packed["base_ranges"]:
         if gap < 0 or length < 0:
-            raise ValueError("negative base range")
+            raise PatchMalformed("negative base range")
         ranges.append([end + gap, length])
         end = end + gap + length
     segments, end = [], 0
     for gap, length, op, width, index, rel, planes in packed["segments"]:
         if gap < 0 or length < 0 or rel < 0 or not -1 <= index < len(ranges):
-            raise ValueError("malformed segment")
+            raise PatchMalformed("malformed segment")
         if index == -1:
             b_off = 0
         else:
             off, size = ranges[index]
             if rel + length > size:
-                raise ValueError("segment runs past its base range")
+                raise PatchMalformed("segment runs past its base range")
             b_off = off + rel
         segments.append([end + gap, length, op, width, b_off, planes])
         end = end + gap + length

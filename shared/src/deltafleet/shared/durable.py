@@ -103,6 +103,7 @@ def staged_file(
     (an intact copy is already there)."""
     if callable(dest):
         if temp_dir is None:
+            # a caller's bug, not bad input: stays builtin (test_error_root)
             raise TypeError("a dest computed from the content needs temp_dir")
         where = Path(temp_dir)
         prefix = ".incoming-"

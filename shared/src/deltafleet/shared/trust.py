@@ -68,7 +68,7 @@ def decode_public_key(text: Any) -> Ed25519PublicKey:
     try:
         raw = base64.b64decode(text, validate=True)
         if len(raw) != 32:
-            raise ValueError("wrong length")
+            raise WireError("invalid Ed25519 public key: wrong length")
         return Ed25519PublicKey.from_public_bytes(raw)
     except (binascii.Error, ValueError) as e:
         raise WireError(f"invalid Ed25519 public key: {e}") from e
@@ -182,6 +182,7 @@ def sign_payload(payload: dict[str, Any], keys: Iterable[SigningKey]) -> dict[st
     sigs = [{"keyid": k.keyid, "sig": base64.b64encode(k.private_key.sign(message)).decode()}
             for k in keys]
     if not sigs:
+        # a caller's bug, not bad input: stays builtin (test_error_root)
         raise ValueError("sign_payload needs at least one key")
     return {"v": ENVELOPE_VERSION, "payload": payload, "signatures": sigs}
 

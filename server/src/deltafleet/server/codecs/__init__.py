@@ -41,6 +41,7 @@ from deltafleet.codecs import (
 )
 from deltafleet.shared import sha256_file
 
+from ..errors import EncodeFailed
 from ..planner import FullArtifact, full_artifact
 from .layout import model_tensors
 from .tensor import encode_tensor_xor, plane_level
@@ -140,12 +141,12 @@ def _patch_from(base: bytes, target: bytes, level: int, window_log: int) -> byte
 
     def check(code: int) -> int:
         if lib.ZSTD_isError(code):
-            raise ValueError(f"zstd: {ffi.string(lib.ZSTD_getErrorName(code)).decode()}")
+            raise EncodeFailed(f"zstd: {ffi.string(lib.ZSTD_getErrorName(code)).decode()}")
         return code
 
     cctx = lib.ZSTD_createCCtx()
     if cctx == ffi.NULL:
-        raise MemoryError("zstd: cannot create a compression context")
+        raise EncodeFailed("zstd: cannot create a compression context")
     try:
         for param, value in ((lib.ZSTD_c_compressionLevel, level),
                              (lib.ZSTD_c_windowLog, window_log),
@@ -187,7 +188,7 @@ class TensorXorEncoder(Encoder):
 
     def encode(self, base_path: Path, target_path: Path, out_path: Path) -> None:
         if encode_tensor_xor(base_path, target_path, out_path, level=self.level) is None:
-            raise ValueError("not a pair of ONNX or TFLite models")
+            raise EncodeFailed("not a pair of ONNX or TFLite models")
 
 
 def default_encoders() -> list[Encoder]:

@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from deltafleet.shared import StagedMismatch, fsync_dir, is_sha256, sha256_bytes, staged_file
 
-from ..errors import BlobMismatch
+from ..errors import BlobMismatch, BlobNameInvalid
 
 _READ_BYTES = 1 << 20
 
@@ -33,7 +33,7 @@ class BlobStore:
 
     def path(self, sha256: str) -> Path:
         if not is_sha256(sha256):
-            raise ValueError(f"not a sha256: {sha256!r}")
+            raise BlobNameInvalid(f"not a sha256: {sha256!r}")
         return self.root / sha256[:2] / sha256
 
     def has(self, sha256: str) -> bool:

@@ -481,6 +481,7 @@ def count_target_moves(session: Session, _context: Any, _instances: Any) -> None
     """Add every target move of this flush to ``rollout_counts`` (one upsert per flush) and
     each state move to ``rollout_events`` (one insert per flush)."""
     if session.info.get("read_only") and (session.new or session.dirty or session.deleted):
+        # a caller's bug, not bad input: stays builtin (test_error_root)
         raise RuntimeError("a read-only session was asked to write")
     delta: dict[tuple[int, int, str], int] = {}
     moves: list[dict[str, Any]] = []
@@ -498,6 +499,7 @@ def count_target_moves(session: Session, _context: Any, _instances: Any) -> None
     for obj in session.new:
         if isinstance(obj, RolloutTarget):
             if obj.rollout_id is None:
+                # a caller's bug, not bad input: stays builtin (test_error_root)
                 raise RuntimeError("a rollout target is flushed without its rollout_id")
             state = obj.state if obj.state is not None else TargetState.PENDING.value
             add(obj.rollout_id, obj.wave or 0, state, 1)
