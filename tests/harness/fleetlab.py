@@ -175,6 +175,23 @@ class Lab:
     def fleetctl_json(self, *args: str) -> Any:
         return json.loads(self.fleetctl(*args, "--json").stdout)
 
+    def serve_api(self, port: int, devices: dict[str, str], *,
+                  prepare: Callable[[Lab], object] | None = None) -> dict[str, str]:
+        """Initialise the home (then ``prepare(self)``), make a token per role (name
+        ``ROLE-1``), start the server (its API on ``port``; FLEET_API_LISTEN set by the caller)
+        and one agent per device id (label ``hw`` from ``devices``, ``site=lab``); the tokens
+        by role."""
+        self.fleetctl("init")
+        if prepare is not None:
+            prepare(self)
+        tokens = {role: self.fleetctl_json("token", "create", f"{role}-1", "--role", role)["token"]
+                  for role in ("viewer", "operator", "admin")}
+        self.start_server()
+        wait_port(port, 30)
+        for device_id, hw in devices.items():
+            self.start_agent(device_id, {"hw": hw, "site": "lab"})
+        return tokens
+
     def agent_status(self, device_id: str) -> list[dict[str, Any]]:
         res = subprocess.run([str(BIN / "fleet-agent"), "status", "--json", "--state-dir",
                               str(self.agent_dir(device_id))], text=True, capture_output=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deltafleet.server import pki
-from tests.harness.fleetlab import BIN, Lab, free_port, wait_port
+from tests.harness.fleetlab import BIN, Lab, free_port
 
 API_ENV = ("FLEET_API_URL", "FLEET_API_TOKEN", "FLEET_API_TOKEN_FILE", "FLEET_API_CA")
 ROLES = ("viewer", "operator", "admin")
@@ -43,13 +43,7 @@ def api_fleet(root: Path, broker_url: str, prefix: str, *,
         lab.env.update({"FLEET_API_LISTEN": f"127.0.0.1:{port}",
                         "FLEET_API_TLS_CERT": str(root / "api.crt"),
                         "FLEET_API_TLS_KEY": str(root / "api.key")})
-        lab.fleetctl("init")
-        if prepare is not None:
-            prepare(lab)
-        tokens = {role: lab.fleetctl_json("token", "create", f"{role}-1", "--role", role)["token"]
-                  for role in ROLES}
-        lab.start_server()
-        wait_port(port, 30)
+        tokens = lab.serve_api(port, {}, prepare=prepare)
     except BaseException:
         lab.close()
         raise
