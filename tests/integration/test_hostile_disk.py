@@ -55,9 +55,8 @@ def lab(fresh_lab) -> Iterator:
 @pytest.fixture
 def peer(lab, key) -> Iterator[Peer]:
     """The test-side server on the lab's own broker (the conftest's is on the shared one)."""
-    p = Peer(lab.mqtt_url, key[0])
-    yield p
-    p.close()
+    with contextlib.closing(Peer(lab.mqtt_url, key[0])) as p:
+        yield p
 
 
 @pytest.fixture

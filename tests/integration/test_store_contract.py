@@ -220,6 +220,13 @@ class TestGroups:
             assert [g.selector for g in fleet.list_groups(s)] == [{"arch": "aarch64"}]
 
 
+def add_versions(store: Store, blobs: BlobStore, *versions: tuple[str, str, Path]) -> None:
+    """Register (name, version, file) versions in one session."""
+    with store.session() as s:
+        for name, version, path in versions:
+            catalog.add_model_version(s, blobs, name, version, path)
+
+
 class TestModels:
     def test_add_model_version_stores_blob_and_rows(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
@@ -301,8 +308,7 @@ class TestModels:
     def test_second_variant_of_an_existing_version_is_allowed(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
-        with store.session() as s:
-            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+        add_versions(store, blobs, ("det", "v1", onnx_files[0]))
         with store.session() as s:
             catalog.add_model_version(s, blobs, "det", "v1", onnx_files[1],
                                       variant="int8", precision="int8")
@@ -334,9 +340,7 @@ class TestModels:
     def test_resolve_version_by_name_and_version(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
-        with store.session() as s:
-            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
-            catalog.add_model_version(s, blobs, "det", "v2", onnx_files[1])
+        add_versions(store, blobs, ("det", "v1", onnx_files[0]), ("det", "v2", onnx_files[1]))
         with store.session() as s:
             mv = catalog.resolve_version(s, "det:v2")
             assert (mv.model.name, mv.version) == ("det", "v2")
@@ -345,9 +349,7 @@ class TestModels:
     def test_bare_version_is_ambiguous_with_two_models(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
-        with store.session() as s:
-            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
-            catalog.add_model_version(s, blobs, "cls", "v1", onnx_files[1])
+        add_versions(store, blobs, ("det", "v1", onnx_files[0]), ("cls", "v1", onnx_files[1]))
         with store.session() as s:
             with pytest.raises(UsageError, match="NAME:VERSION"):
                 catalog.resolve_version(s, "v1")
@@ -356,8 +358,7 @@ class TestModels:
     def test_unknown_model_or_version_is_not_found(
         self, store: Store, blobs: BlobStore, onnx_files: tuple[Path, Path]
     ) -> None:
-        with store.session() as s:
-            catalog.add_model_version(s, blobs, "det", "v1", onnx_files[0])
+        add_versions(store, blobs, ("det", "v1", onnx_files[0]))
         with store.session() as s:
             for spec in ("det:v9", "nope:v1", "v9"):
                 with pytest.raises(NotFoundError):

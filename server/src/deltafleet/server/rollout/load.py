@@ -37,13 +37,7 @@ from ..store.models import (
     Variant,
 )
 from . import engine
-from .states import (
-    ACTIVE_ROLLOUT_STATES,
-    IN_FLIGHT_STATES,
-    TERMINAL_STATES,
-    VERDICT_STATES,
-    RolloutState,
-)
+from .states import ACTIVE_ROLLOUT_STATES, IN_FLIGHT_STATES, TERMINAL_STATES, VERDICT_STATES, RolloutState
 from .states import TargetState as T
 
 __all__ = ["Seen", "joiners", "load_deltas", "load_targets", "rollback_options",
