@@ -33,7 +33,7 @@ from typing import Any
 from deltafleet import codecs
 from deltafleet.agent import machine as mc
 from deltafleet.agent.errors import UpdateRejected
-from deltafleet.agent.reports import build_event, claimed_manifest_id, rejected_event
+from deltafleet.agent.reports import build_event, manifest_event, rejected_event
 from deltafleet.agent.trial import Verdict
 from deltafleet.agent.update import verify_manifest
 from deltafleet.shared import (
@@ -195,18 +195,19 @@ class SimDevice:
                          self.failed.get(model))
 
     def _manifest_event(self, model: str, payload: bytes) -> Any:
-        dev = self._device(model)
-        try:
-            m = verify_manifest(payload, self.fleet.trusted, device_id=self.device_id,
-                                last_serial=self.serials.get(model),
-                                known_ids=self.machine.known_ids(model, dev))
-        except UpdateRejected as e:
-            self.rejections.append(str(e))
-            return mc.ManifestRejected(model, payload, str(e), claimed_manifest_id(payload), dev)
+        ev = manifest_event(
+            self.machine, model, payload, self._device(model),
+            lambda data, known: verify_manifest(data, self.fleet.trusted, device_id=self.device_id,
+                                                last_serial=self.serials.get(model),
+                                                known_ids=known))
+        if isinstance(ev, mc.ManifestRejected):
+            self.rejections.append(ev.reason)
+            return ev
+        m = ev.manifest
         if m.manifest_id not in self._seen:
             self._seen.add(m.manifest_id)
             self.manifests.append(Received(m))
-        return mc.ManifestVerified(model, m, payload, dev)
+        return ev
 
     def _on_chunk(self, sha: str, index: int, data: bytes) -> None:
         for model, (m, have) in list(self._chunks.items()):

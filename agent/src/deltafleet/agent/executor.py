@@ -30,13 +30,12 @@ from .errors import (
     DecodeLimitHit,
     ModelRuntimeError,
     NoSpace,
-    SignatureRejected,
     UpdateRejected,
     is_no_space,
 )
 from .journal import Journal
 from .outbox import Outbox
-from .reports import build_event, claimed_manifest_id, rejected_event
+from .reports import build_event, manifest_event, rejected_event
 from .store import InstalledModel, LocalStore
 from .swap import Swapper, TrialRunner
 from .trust import RootTrust
@@ -141,17 +140,12 @@ class Executor:
 
     def manifest_event(self, model: str, payload: bytes) -> Any:
         """Verify (update.verify_manifest, steps 1-5): the machine's next event."""
-        dev = self.device(model)
-        try:
-            m = verify_manifest(payload, self.trust, device_id=self.cfg.device_id,
-                                hardware_id=self.hardware_id,
-                                last_serial=self.store.last_serial_of(model),
-                                known_ids=self.machine.known_ids(model, dev))
-        except UpdateRejected as e:
-            hold = isinstance(e, SignatureRejected) and isinstance(self.trust, RootTrust)
-            return mc.ManifestRejected(model, payload, str(e), claimed_manifest_id(payload),
-                                       dev, hold)
-        return mc.ManifestVerified(model, m, payload, dev)
+        return manifest_event(
+            self.machine, model, payload, self.device(model),
+            lambda data, known: verify_manifest(
+                data, self.trust, device_id=self.cfg.device_id, hardware_id=self.hardware_id,
+                last_serial=self.store.last_serial_of(model), known_ids=known),
+            hold_on_signature=isinstance(self.trust, RootTrust))
 
     def on_chunk(self, sha: str, index: int, data: bytes) -> None:
         for model, (m, cs) in list(self.chunks.items()):

@@ -9,9 +9,12 @@ here too.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Collection
 
-from deltafleet.shared import DeltafleetError, Event, parse_json_object
+from deltafleet.shared import DeltafleetError, Event, Manifest, parse_json_object
 
+from . import machine as mc
+from .errors import SignatureRejected, UpdateRejected
 from .machine import Report
 from .update import MAX_MANIFEST_BYTES
 
@@ -52,3 +55,19 @@ def claimed_manifest_id(payload: bytes) -> str | None:
     except (DeltafleetError, AttributeError):
         return None
     return mid if isinstance(mid, str) else None
+
+
+def manifest_event(machine: mc.UpdateMachine, model: str, payload: bytes, device: mc.Device,
+                   verify: Callable[[bytes, Collection[str]], Manifest], *,
+                   hold_on_signature: bool = False) -> mc.ManifestVerified | mc.ManifestRejected:
+    """The machine's event for a manifest on ``desired/<model>``: verified by ``verify``
+    (``update.verify_manifest``, steps 1-5, given the ids the machine knows) or rejected with
+    the reason; a signature refusal is held for the next trust update when
+    ``hold_on_signature`` (a root of trust). The agent and the fleet simulator both use it."""
+    try:
+        m = verify(payload, machine.known_ids(model, device))
+    except UpdateRejected as e:
+        hold = hold_on_signature and isinstance(e, SignatureRejected)
+        return mc.ManifestRejected(model, payload, str(e), claimed_manifest_id(payload), device,
+                                   hold)
+    return mc.ManifestVerified(model, m, payload, device)
