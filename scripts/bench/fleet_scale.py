@@ -87,6 +87,7 @@ from deltafleet.server.store import BlobStore, Store, upgrade
 from deltafleet.server.store.models import Device, Rollout, RolloutTarget
 from deltafleet.shared import Hello, SigningKey, Status, encode, sha256_file
 from deltafleet.shared.mqtt import CONNECTED, MqttClient, MqttSettings
+from tests.harness.background import Background
 from tests.harness.fleetlab import Lab, free_port, wait_for
 from tests.harness.fleetsim import SimDevice, SimFleet
 
@@ -99,23 +100,22 @@ ROLLOUT_FINAL = frozenset({"aborted", "rolled_back", "superseded"})
 SHARD = 250  # paho's select() loop cannot use file descriptors >= 1024: ~300 clients a process
 
 
-class Watch:
+class Watch(Background):
     """Samples a process's CPU time and RSS in the background."""
+
+    interval_s = 0.1
 
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
         self.peak_rss = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        self.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.1)
+    def step(self) -> bool:
+        try:
+            self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+        except psutil.Error:
+            return False
+        return True
 
     def cpu_s(self) -> float:
         try:
@@ -127,9 +127,6 @@ class Watch:
     @property
     def peak_rss_mb(self) -> float:
         return round(self.peak_rss / 2**20, 1)
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 class Watches:

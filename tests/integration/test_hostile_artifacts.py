@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import zstandard as zstd
 
 from deltafleet import codecs
 from deltafleet.shared import SigningKey, TrustBundle, sha256_file
+from tests.harness.background import Background
 from tests.harness.mqtt_peer import Peer
 
 from .test_agent_security import HW, Device, keylist_env, root_env
@@ -73,38 +73,33 @@ def claimed_target(path: Path, size: int) -> Path:
     return path
 
 
-class RssSampler:
+class RssSampler(Background):
     """Peak resident memory of the agent alone, its decoder children alone, and both."""
+
+    interval_s = 0.01  # the memory sampling interval
 
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
         self.agent_peak = self.child_peak = self.total_peak = 0
         self.children_seen: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                agent = self.proc.memory_info().rss
-                child = 0
-                for c in self.proc.children(recursive=True):
-                    try:
-                        child += c.memory_info().rss
-                        self.children_seen.add(c.pid)
-                    except psutil.NoSuchProcess:
-                        pass
-            except psutil.NoSuchProcess:
-                return
-            self.agent_peak = max(self.agent_peak, agent)
-            self.child_peak = max(self.child_peak, child)
-            self.total_peak = max(self.total_peak, agent + child)
-            time.sleep(0.01)  # the memory sampling interval
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    def step(self) -> bool:
+        try:
+            agent = self.proc.memory_info().rss
+            child = 0
+            for c in self.proc.children(recursive=True):
+                try:
+                    child += c.memory_info().rss
+                    self.children_seen.add(c.pid)
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            return False
+        self.agent_peak = max(self.agent_peak, agent)
+        self.child_peak = max(self.child_peak, child)
+        self.total_peak = max(self.total_peak, agent + child)
+        return True
 
 
 @contextlib.contextmanager

@@ -7,14 +7,15 @@ the rollout then completes by itself."""
 from __future__ import annotations
 
 import json
+import queue
 import re
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
 from deltafleet.shared import Topics, chunk_hashes_file, sha256_bytes, sha256_file
+from tests.harness.background import Background
 from tests.harness.mqtt_peer import subscribed_client
 
 pytestmark = pytest.mark.broker
@@ -22,32 +23,26 @@ pytestmark = pytest.mark.broker
 CHUNK = 65536  # ServerConfig.chunk_size_bytes default
 
 
-class ChunkWatcher:
+class ChunkWatcher(Background):
     """Subscribes to every artifact chunk topic of the prefix and records what goes out."""
 
     def __init__(self, broker_url: str, prefix: str) -> None:
         self.topics = Topics(prefix)
         self.seen: list[tuple[str, int, bytes]] = []
         self.client = subscribed_client(broker_url, "watch", f"{prefix}/art/#")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _drain(self) -> None:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                topic, payload = self.client.inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if "/art/" in topic:
-                sha, index = self.topics.parse_chunk(topic)
-                self.seen.append((sha, index, payload))
+    def step(self) -> None:
+        try:
+            topic, payload = self.client.inbox.get(timeout=0.2)
+        except queue.Empty:
+            return
+        if "/art/" in topic:
+            sha, index = self.topics.parse_chunk(topic)
+            self.seen.append((sha, index, payload))
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self.stop()
         self.client.stop()
 
 
